@@ -1,0 +1,66 @@
+"""LoRA adapters on the CogVideoX transformer, saved in the format diffusers loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
+
+
+def add_lora(
+    transformer: torch.nn.Module,
+    rank: int,
+    alpha: float,
+    targets: tuple[str, ...] = DEFAULT_TARGETS,
+    dropout: float = 0.0,
+) -> list[torch.nn.Parameter]:
+    """Freeze the base model, add a LoRA adapter, and return its parameters in float32 (master weights)."""
+    from peft import LoraConfig
+
+    transformer.requires_grad_(False)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout, init_lora_weights=True
+    )
+    transformer.add_adapter(config)
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError(f"No transformer module matches the LoRA targets {list(targets)}.")
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+def lora_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    from peft.utils import get_peft_model_state_dict
+
+    return {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(transformer).items()}
+
+
+def load_lora_state(transformer: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Put saved LoRA weights back into a transformer that already has the same adapter."""
+    from peft.utils import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(transformer, state)
+    if getattr(result, "unexpected_keys", None):
+        raise ValueError(f"LoRA weights do not fit this transformer: {result.unexpected_keys[:3]} ...")
+
+
+def save_lora(transformer: torch.nn.Module, folder: Path) -> Path:
+    """Write ``pytorch_lora_weights.safetensors`` with the adapter config in its metadata.
+
+    The metadata carries rank and alpha, so ``CogVideoXPipeline.load_lora_weights`` applies the same
+    scale as training did, with no manual ``alpha / rank`` on the user's side.
+    """
+    from diffusers import CogVideoXPipeline
+
+    adapter = transformer.peft_config["default"].to_dict()
+    CogVideoXPipeline.save_lora_weights(
+        Path(folder),
+        transformer_lora_layers=lora_state_dict(transformer),
+        transformer_lora_adapter_metadata=adapter,
+        weight_name=WEIGHTS_NAME,
+    )
+    return Path(folder) / WEIGHTS_NAME

@@ -1,0 +1,154 @@
+"""Where a CogVideoX model comes from, and loading each of its components on demand.
+
+A model is named by a hub id (``THUDM/CogVideoX-2b``), a local diffusers-format folder, or one of the
+built-in tiny random models (``tiny``, ``tiny-2b``). Every name resolves to something
+``from_pretrained`` understands, so the tiny models travel exactly the same code path as real ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_MODEL = "THUDM/CogVideoX-2b"
+MAX_TEXT_TOKENS = 226
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+# Config keys that say nothing about what a component computes: left out of fingerprints.
+_VOLATILE_KEYS = {
+    "_name_or_path",
+    "_diffusers_version",
+    "transformers_version",
+    "_class_name",
+    "_commit_hash",
+}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """``bf16`` / ``fp16`` / ``fp32`` to a torch dtype, with a clear error otherwise."""
+    if name not in DTYPES:
+        raise ValueError(f"Unknown dtype {name!r}: use one of {', '.join(DTYPES)}.")
+    return DTYPES[name]
+
+
+def cache_home() -> Path:
+    """Folder for cogvx's own files (the tiny models): $COGVX_HOME, else $XDG_CACHE_HOME/cogvx."""
+    if "COGVX_HOME" in os.environ:
+        return Path(os.environ["COGVX_HOME"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "cogvx"
+
+
+def resolve_model(name: str) -> str:
+    """A model name as given by the user to a path or hub id that ``from_pretrained`` accepts."""
+    from cogvx.pipeline import tiny
+
+    if name in tiny.VARIANTS:
+        return str(tiny.materialise(name, cache_home()))
+    path = Path(name).expanduser()
+    if path.exists():
+        if not (path / "model_index.json").is_file():
+            raise ValueError(
+                f"{path} is not a diffusers model folder (no model_index.json). Point --model at the folder "
+                "that holds model_index.json and the transformer/, vae/, text_encoder/, tokenizer/ and "
+                "scheduler/ subfolders, or pass a hub id such as THUDM/CogVideoX-2b."
+            )
+        return str(path.resolve())
+    if name.count("/") != 1 or name.startswith((".", "/", "~")):
+        raise ValueError(
+            f"--model {name!r} is neither an existing folder nor a hub id of the form owner/name "
+            f"(nor one of the built-in models: {', '.join(tiny.VARIANTS)})."
+        )
+    return name
+
+
+def read_config(source: str, subfolder: str) -> dict[str, Any]:
+    """One component's config.json, without touching its weights."""
+    local = Path(source) / subfolder / "config.json"
+    if local.is_file():
+        return json.loads(local.read_text())
+    from huggingface_hub import hf_hub_download
+
+    return json.loads(Path(hf_hub_download(source, "config.json", subfolder=subfolder)).read_text())
+
+
+def fingerprint(config: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
+    """A short, stable hash of what a config computes."""
+    kept = {k: v for k, v in config.items() if k not in _VOLATILE_KEYS and k not in ignore}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the cache and the trainer need to know about a model, read from configs alone."""
+
+    name: str
+    source: str
+    vae_fingerprint: str
+    text_encoder_fingerprint: str
+    scaling_factor: float
+    latent_channels: int
+    text_embed_dim: int
+    spatial_compression: int
+    temporal_compression: int
+
+    @classmethod
+    def read(cls, name: str) -> ModelInfo:
+        source = resolve_model(name)
+        vae = read_config(source, "vae")
+        text = read_config(source, "text_encoder")
+        # The scaling factor is applied at train time, so caches stay valid across 2b and 5b.
+        return cls(
+            name=name,
+            source=source,
+            vae_fingerprint=fingerprint(vae, ignore=("scaling_factor",)),
+            text_encoder_fingerprint=fingerprint(text),
+            scaling_factor=float(vae["scaling_factor"]),
+            latent_channels=int(vae["latent_channels"]),
+            text_embed_dim=int(text["d_model"]),
+            spatial_compression=2 ** (len(vae["block_out_channels"]) - 1),
+            temporal_compression=int(vae.get("temporal_compression_ratio", 4)),
+        )
+
+    def encoder_identity(self) -> dict[str, Any]:
+        """The part of a model that a cache depends on: the encoders, not the transformer."""
+        return {
+            "vae_fingerprint": self.vae_fingerprint,
+            "text_encoder_fingerprint": self.text_encoder_fingerprint,
+            "latent_channels": self.latent_channels,
+            "text_embed_dim": self.text_embed_dim,
+            "max_text_tokens": MAX_TEXT_TOKENS,
+        }
+
+
+def load_transformer(source: str, dtype: torch.dtype, device: torch.device | str = "cpu"):
+    from diffusers import CogVideoXTransformer3DModel
+
+    model = CogVideoXTransformer3DModel.from_pretrained(source, subfolder="transformer", torch_dtype=dtype)
+    return model.to(device)
+
+
+def load_vae(source: str, dtype: torch.dtype, device: torch.device | str = "cpu"):
+    from diffusers import AutoencoderKLCogVideoX
+
+    return AutoencoderKLCogVideoX.from_pretrained(source, subfolder="vae", torch_dtype=dtype).to(device)
+
+
+def load_text_encoder(source: str, dtype: torch.dtype, device: torch.device | str = "cpu"):
+    from transformers import AutoTokenizer, T5EncoderModel
+
+    tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
+    encoder = T5EncoderModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype).to(device)
+    return tokenizer, encoder.eval()
+
+
+def load_scheduler(source: str):
+    from diffusers import CogVideoXDPMScheduler
+
+    return CogVideoXDPMScheduler.from_pretrained(source, subfolder="scheduler")

@@ -1,0 +1,142 @@
+"""The CogVideoX training objective, as small pure functions.
+
+Layout conventions: cached moments are ``[B, 2C, F, H, W]`` (mean then log-variance on the channel
+axis, exactly as the VAE's posterior parameters); the transformer works on ``[B, F, C, H, W]``.
+Everything the loss touches is computed in float32, whatever precision the transformer runs in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+# diffusers' DiagonalGaussianDistribution clamps the log-variance to this range before sampling.
+LOGVAR_RANGE = (-30.0, 20.0)
+
+
+def draw_latents(moments: torch.Tensor, scaling_factor: float, generator: torch.Generator | None = None):
+    """A fresh posterior sample from cached moments, scaled, in the transformer's ``[B, F, C, H, W]``."""
+    mean, logvar = moments.float().chunk(2, dim=1)
+    std = torch.exp(0.5 * logvar.clamp(*LOGVAR_RANGE))
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=torch.float32)
+    return ((mean + std * eps) * scaling_factor).permute(0, 2, 1, 3, 4).contiguous()
+
+
+def _per_sample(values: torch.Tensor, ndim: int) -> torch.Tensor:
+    return values.float().reshape(-1, *([1] * (ndim - 1)))
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor):
+    """``x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps`` (what the DPM scheduler's add_noise does), in fp32."""
+    a = _per_sample(alphas_cumprod.to(x0.device)[timesteps], x0.ndim)
+    return a.sqrt() * x0.float() + (1 - a).sqrt() * noise.float()
+
+
+def velocity_loss(
+    velocity: torch.Tensor,
+    noisy: torch.Tensor,
+    x0: torch.Tensor,
+    timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+) -> torch.Tensor:
+    """Mean over the batch of ``mean((x0_hat - x0)^2 / (1 - a_t))``, with ``x0_hat`` from the velocity.
+
+    ``x0_hat = sqrt(a_t) x_t - sqrt(1 - a_t) v`` is the scheduler's ``get_velocity(v, x_t, t)``; the
+    weighting turns the error on x0 into plain MSE on the velocity.
+    """
+    a = _per_sample(alphas_cumprod.to(noisy.device)[timesteps], noisy.ndim)
+    x0_hat = a.sqrt() * noisy.float() - (1 - a).sqrt() * velocity.float()
+    per_sample = ((x0_hat - x0.float()) ** 2 / (1 - a)).flatten(1).mean(dim=1)
+    return per_sample.mean()
+
+
+def rotary_embedding(
+    config: Mapping[str, Any],
+    latent_frames: int,
+    latent_height: int,
+    latent_width: int,
+    device: torch.device | str = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """3D rotary embeddings for one latent shape, from the transformer's own config (None when unused)."""
+    if not config.get("use_rotary_positional_embeddings", False):
+        return None
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed
+
+    p = config["patch_size"]
+    p_t = config.get("patch_size_t")
+    grid = (latent_height // p, latent_width // p)
+    base_h, base_w = config["sample_height"] // p, config["sample_width"] // p
+    if p_t is None:
+        # CogVideoX 1.0: the grid is centred in the base grid the model was trained at.
+        from diffusers.pipelines.cogvideo.pipeline_cogvideox import get_resize_crop_region_for_grid
+
+        return get_3d_rotary_pos_embed(
+            embed_dim=config["attention_head_dim"],
+            crops_coords=get_resize_crop_region_for_grid(grid, base_w, base_h),
+            grid_size=grid,
+            temporal_size=latent_frames,
+            device=device,
+        )
+    return get_3d_rotary_pos_embed(
+        embed_dim=config["attention_head_dim"],
+        crops_coords=None,
+        grid_size=grid,
+        temporal_size=(latent_frames + p_t - 1) // p_t,
+        grid_type="slice",
+        max_size=(base_h, base_w),
+        device=device,
+    )
+
+
+def pad_for_temporal_patch(latents: torch.Tensor, patch_size_t: int | None) -> torch.Tensor:
+    """CogVideoX 1.5 packs ``patch_size_t`` latent frames per token: repeat the first frame to fit."""
+    if not patch_size_t or latents.shape[1] % patch_size_t == 0:
+        return latents
+    extra = patch_size_t - latents.shape[1] % patch_size_t
+    return torch.cat([latents[:, :1].expand(-1, extra, -1, -1, -1), latents], dim=1)
+
+
+class Objective:
+    """Loss of one batch for one model: scheduler constants, VAE scaling and rotary cache in one place."""
+
+    def __init__(self, transformer_config: Mapping[str, Any], alphas_cumprod: torch.Tensor, scaling_factor: float):
+        self.config = dict(transformer_config)
+        self.alphas_cumprod = alphas_cumprod.float()
+        self.scaling_factor = scaling_factor
+        self._rotary: dict[tuple, tuple[torch.Tensor, torch.Tensor] | None] = {}
+
+    def rotary(self, frames: int, height: int, width: int, device: torch.device):
+        key = (frames, height, width, str(device))
+        if key not in self._rotary:
+            self._rotary[key] = rotary_embedding(self.config, frames, height, width, device)
+        return self._rotary[key]
+
+    def __call__(
+        self,
+        transformer: torch.nn.Module,
+        moments: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        generator: torch.Generator | None,
+        compute_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """Draw x0, a timestep and noise per sample; predict the velocity; return the fp32 loss."""
+        device = moments.device
+        self.alphas_cumprod = self.alphas_cumprod.to(device)
+        x0 = draw_latents(moments, self.scaling_factor, generator)
+        x0 = pad_for_temporal_patch(x0, self.config.get("patch_size_t"))
+        batch, frames, _, height, width = x0.shape
+        timesteps = torch.randint(
+            0, len(self.alphas_cumprod), (batch,), generator=generator, device=device, dtype=torch.long
+        )
+        noise = torch.randn(x0.shape, generator=generator, device=device, dtype=torch.float32)
+        noisy = add_noise(x0, noise, timesteps, self.alphas_cumprod)
+        velocity = transformer(
+            hidden_states=noisy.to(compute_dtype),
+            encoder_hidden_states=prompt_embeds.to(compute_dtype),
+            timestep=timesteps,
+            image_rotary_emb=self.rotary(frames, height, width, device),
+            return_dict=False,
+        )[0]
+        return velocity_loss(velocity, noisy, x0, timesteps, self.alphas_cumprod)

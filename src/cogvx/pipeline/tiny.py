@@ -1,0 +1,205 @@
+"""Built-in tiny CogVideoX models with random weights, for tests and the CPU quick start.
+
+Each variant is written once as a real diffusers model folder (model_index.json plus transformer/,
+vae/, text_encoder/, tokenizer/, scheduler/) and then loaded like any downloaded model. Weights come
+from fixed seeds, so every machine builds the same model.
+
+- ``tiny``: rotary position embeddings and the 5b scheduler/VAE scaling, like CogVideoX-5b.
+- ``tiny-2b``: sin-cos position embeddings and the 2b scaling, like CogVideoX-2b. Its VAE and text
+  encoder are identical to ``tiny``'s, as the real 2b and 5b share theirs, so one cache serves both.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+# Bump when the construction below changes, so stale folders are rebuilt.
+BUILD_VERSION = 1
+
+_SCHEDULER = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "clip_sample_range": 1.0,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "sample_max_value": 1.0,
+    "set_alpha_to_one": True,
+    "steps_offset": 0,
+    "timestep_spacing": "trailing",
+    "trained_betas": None,
+}
+
+VARIANTS = {
+    "tiny": {"rotary": True, "scaling_factor": 0.7, "snr_shift_scale": 1.0},
+    "tiny-2b": {"rotary": False, "scaling_factor": 1.15258426, "snr_shift_scale": 3.0},
+}
+
+TEXT_DIM = 32
+
+# A small closed vocabulary is enough: captions only need to map to stable token ids.
+_WORDS = [
+    "a",
+    "an",
+    "the",
+    "of",
+    "and",
+    "with",
+    "in",
+    "on",
+    "over",
+    "under",
+    "from",
+    "to",
+    "across",
+    "left",
+    "right",
+    "up",
+    "down",
+    "slides",
+    "moves",
+    "bounces",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "white",
+    "black",
+    "orange",
+    "purple",
+    "disc",
+    "square",
+    "circle",
+    "ball",
+    "box",
+    "gradient",
+    "background",
+    "slowly",
+    "quickly",
+    "video",
+    "clip",
+    "camera",
+    "scene",
+    "light",
+    "dark",
+    "small",
+    "large",
+    "person",
+    "cat",
+    "dog",
+    "car",
+    "tree",
+    "sky",
+    "water",
+]
+
+
+def materialise(variant: str, home: Path) -> Path:
+    """The folder of a tiny variant, building it first if it is not there yet."""
+    folder = home / "models" / f"{variant}-v{BUILD_VERSION}"
+    if (folder / "model_index.json").is_file():
+        return folder
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    # Build beside the target and rename, so a concurrent or interrupted build never leaves half a model.
+    staging = Path(tempfile.mkdtemp(prefix=f".{variant}-", dir=folder.parent))
+    try:
+        build(variant, staging)
+        try:
+            staging.rename(folder)
+        except OSError:
+            if not (folder / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def build(variant: str, folder: Path) -> None:
+    """Write a tiny random CogVideoX of the given variant into ``folder``."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXTransformer3DModel
+    from transformers import T5Config, T5EncoderModel
+
+    spec = VARIANTS[variant]
+    tokenizer = _tokenizer()
+    tokenizer.save_pretrained(folder / "tokenizer")
+
+    torch.manual_seed(0)
+    text_encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=len(tokenizer),
+            d_model=TEXT_DIM,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    text_encoder.save_pretrained(folder / "text_encoder")
+
+    torch.manual_seed(1)
+    vae = AutoencoderKLCogVideoX(
+        down_block_types=("CogVideoXDownBlock3D",) * 4,
+        up_block_types=("CogVideoXUpBlock3D",) * 4,
+        block_out_channels=(8, 8, 8, 8),
+        latent_channels=4,
+        layers_per_block=1,
+        norm_num_groups=2,
+        temporal_compression_ratio=4,
+        sample_height=64,
+        sample_width=96,
+        scaling_factor=spec["scaling_factor"],
+    )
+    vae.save_pretrained(folder / "vae")
+
+    torch.manual_seed(2)
+    transformer = CogVideoXTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=16,
+        text_embed_dim=TEXT_DIM,
+        num_layers=2,
+        sample_height=8,
+        sample_width=12,
+        sample_frames=49,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=226,
+        use_rotary_positional_embeddings=spec["rotary"],
+    )
+    transformer.save_pretrained(folder / "transformer")
+
+    CogVideoXDPMScheduler(**_SCHEDULER, snr_shift_scale=spec["snr_shift_scale"]).save_pretrained(folder / "scheduler")
+    index = {
+        "_class_name": "CogVideoXPipeline",
+        "_diffusers_version": "0.42.1",
+        "scheduler": ["diffusers", "CogVideoXDPMScheduler"],
+        "text_encoder": ["transformers", "T5EncoderModel"],
+        "tokenizer": ["transformers", "T5Tokenizer"],
+        "transformer": ["diffusers", "CogVideoXTransformer3DModel"],
+        "vae": ["diffusers", "AutoencoderKLCogVideoX"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def _tokenizer():
+    from transformers import T5Tokenizer
+
+    pieces = [f"\u2581{w}" for w in _WORDS] + list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
+    pieces += [f"\u2581{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
+    pieces = list(dict.fromkeys(pieces))
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    vocab += [(p, -1.0 - 0.01 * i) for i, p in enumerate(pieces)]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=226)

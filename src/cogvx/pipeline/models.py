@@ -97,12 +97,15 @@ class ModelInfo:
     text_embed_dim: int
     spatial_compression: int
     temporal_compression: int
+    native_size: tuple[int, int]  # (height, width) in pixels the transformer was trained at
 
     @classmethod
     def read(cls, name: str) -> ModelInfo:
         source = resolve_model(name)
         vae = read_config(source, "vae")
         text = read_config(source, "text_encoder")
+        transformer = read_config(source, "transformer")
+        spatial = 2 ** (len(vae["block_out_channels"]) - 1)
         # The scaling factor is applied at train time, so caches stay valid across 2b and 5b.
         return cls(
             name=name,
@@ -112,8 +115,9 @@ class ModelInfo:
             scaling_factor=float(vae["scaling_factor"]),
             latent_channels=int(vae["latent_channels"]),
             text_embed_dim=int(text["d_model"]),
-            spatial_compression=2 ** (len(vae["block_out_channels"]) - 1),
+            spatial_compression=spatial,
             temporal_compression=int(vae.get("temporal_compression_ratio", 4)),
+            native_size=(transformer["sample_height"] * spatial, transformer["sample_width"] * spatial),
         )
 
     def encoder_identity(self) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from cogvx.pipeline import models
 from cogvx.pipeline.encode import encode_prompts, encode_video_moments
 from cogvx.preprocess.sources import Clip, discover
 from cogvx.preprocess.video import FrameSpec, SkipClip, largest_4k1, read_clip
+from cogvx.progress import progress_bar
 from cogvx.shards import CacheError, Manifest, Sample, SampleEntry, ShardRecord, ShardWriter
 from cogvx.shards.io import file_sha256
 
@@ -29,8 +30,8 @@ class PreprocessConfig:
     data: Path
     output: Path = Path("shards")
     model: str = models.DEFAULT_MODEL
-    height: int = 480
-    width: int = 720
+    height: int | None = None  # default: the model's native size, from its transformer config
+    width: int | None = None
     max_frames: int = 49
     min_frames: int = 5
     fps: float = 8.0
@@ -49,7 +50,7 @@ class PreprocessConfig:
     def __post_init__(self):
         self.data, self.output = Path(self.data), Path(self.output)
         models.parse_dtype(self.dtype)
-        if self.height % 16 or self.width % 16:
+        if (self.height or 16) % 16 or (self.width or 16) % 16:
             raise ValueError(f"--height/--width must be multiples of 16 (got {self.height}x{self.width}).")
         if largest_4k1(self.max_frames) != self.max_frames:
             raise ValueError(f"--max-frames must be of the form 4k+1 (got {self.max_frames}; try 49 or 81).")
@@ -160,7 +161,7 @@ def _open_cache(cfg: PreprocessConfig, producer: dict, params: dict) -> Manifest
     return manifest
 
 
-def run(cfg: PreprocessConfig, progress: Callable[[int, int], None] | None = None) -> PreprocessResult:
+def run(cfg: PreprocessConfig, show_progress: bool = False) -> PreprocessResult:
     started = time.time()
     clips = discover(cfg.data, cfg.caption_column, cfg.video_column)
     if not clips:
@@ -169,6 +170,8 @@ def run(cfg: PreprocessConfig, progress: Callable[[int, int], None] | None = Non
         clips = [Clip(c.path, f"{cfg.id_token} {c.caption}".strip() if c.caption else "", c.source) for c in clips]
 
     info = models.ModelInfo.read(cfg.model)
+    cfg.height = cfg.height or info.native_size[0]
+    cfg.width = cfg.width or info.native_size[1]
     producer = {
         "tool": "cogvx",
         "version": __version__,
@@ -207,50 +210,76 @@ def run(cfg: PreprocessConfig, progress: Callable[[int, int], None] | None = Non
         prefetch_factor=4 if cfg.workers else None,
     )
     skipped_log = open(cfg.output / SKIPPED_NAME, "a", encoding="utf-8")
-    try:
-        for position, item in enumerate(loader, 1):
-            clip = clips[item["index"]]
-            if "skip" in item:
-                result.skipped[item["skip"].split(" (")[0].split(":")[0]] += 1
-                skipped_log.write(json.dumps({"source": clip.source, "reason": item["skip"]}) + "\n")
-                skipped_log.flush()
-            elif item.get("done"):
-                result.already_cached += 1
-            else:
-                moments = encode_video_moments(vae, item["frames"][None])[0]
-                embeds, truncated = prompts.get(item["index"])
-                result.truncated_captions += truncated
-                _, frames, height, width = moments.shape
-                meta = {
-                    "source": clip.source,
-                    "content_hash": item["hash"],
-                    "caption": clip.caption,
-                    "caption_truncated": truncated,
-                    "window": 0,
-                    "latent_shape": list(moments.shape),
-                    "frames": len(item["info"]["frame_indices"]),
-                    **item["info"],
-                }
-                bucket = f"{meta['frames']}x{cfg.height}x{cfg.width}"
-                meta["bucket"] = bucket
-                key = sample_key(clip.source, item["hash"], 0)
-                writer.write(
-                    Sample(key, {"moments": moments, "prompt_embeds": embeds}, meta),
-                    SampleEntry(key, clip.source, item["hash"], bucket),
-                )
-                result.encoded += 1
-            if progress:
-                progress(position, len(clips))
-        writer.flush()
-    except BaseException:
-        writer.abandon()
-        raise
-    finally:
-        skipped_log.close()
+    bar = progress_bar(show_progress, "preprocess", len(clips), "{task.fields[rate]:.2f} clips/s", rate=0.0)
+    with bar as update:
+        try:
+            for position, item in enumerate(loader, 1):
+                clip = clips[item["index"]]
+                if "skip" in item:
+                    result.skipped[item["skip"].split(" (")[0].split(":")[0]] += 1
+                    skipped_log.write(json.dumps({"source": clip.source, "reason": item["skip"]}) + "\n")
+                    skipped_log.flush()
+                elif item.get("done"):
+                    result.already_cached += 1
+                else:
+                    moments = encode_video_moments(vae, item["frames"][None])[0]
+                    embeds, truncated = prompts.get(item["index"])
+                    result.truncated_captions += truncated
+                    meta = {
+                        "source": clip.source,
+                        "content_hash": item["hash"],
+                        "caption": clip.caption,
+                        "caption_truncated": truncated,
+                        "window": 0,
+                        "latent_shape": list(moments.shape),
+                        "frames": len(item["info"]["frame_indices"]),
+                        **item["info"],
+                    }
+                    bucket = f"{meta['frames']}x{cfg.height}x{cfg.width}"
+                    meta["bucket"] = bucket
+                    key = sample_key(clip.source, item["hash"], 0)
+                    writer.write(
+                        Sample(key, {"moments": moments, "prompt_embeds": embeds}, meta),
+                        SampleEntry(key, clip.source, item["hash"], bucket),
+                    )
+                    result.encoded += 1
+                update(position, rate=position / max(time.time() - started, 1e-9))
+            writer.flush()
+        except BaseException:
+            writer.abandon()
+            raise
+        finally:
+            skipped_log.close()
     if not manifest.shards:
         manifest.save(cfg.output)
     result.seconds = time.time() - started
+    if show_progress:
+        print_summary(result, cfg.output)
+    if result.encoded + result.already_cached == 0:
+        raise ValueError(
+            f"Nothing usable in {cfg.data}: all {len(clips)} clips were skipped "
+            f"(reasons in {cfg.output / SKIPPED_NAME})."
+        )
     return result
+
+
+def print_summary(result: PreprocessResult, output: Path) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="preprocess summary", show_header=False)
+    table.add_row("encoded now", str(result.encoded))
+    table.add_row("already in cache", str(result.already_cached))
+    for reason, count in result.skipped.most_common():
+        table.add_row(f"skipped: {reason}", str(count))
+    if result.truncated_captions:
+        table.add_row("captions cut at 226 tokens", str(result.truncated_captions))
+    for bucket, count in result.manifest.bucket_counts().items():
+        table.add_row(f"bucket {bucket}", str(count))
+    table.add_row("size on disk", f"{result.manifest.total_bytes / 2**20:.1f} MiB")
+    table.add_row("time", f"{result.seconds:.1f} s")
+    table.add_row("cache", str(output))
+    Console(stderr=True).print(table)
 
 
 def _exts() -> set[str]:

@@ -1,0 +1,80 @@
+"""Every knob of ``cogvx train``: the TOML keys and the CLI flags are these fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from cogvx.pipeline.lora import DEFAULT_TARGETS
+
+OPTIMIZERS = ("adamw", "adam", "prodigy", "adamw8bit")
+SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+PRECISIONS = ("bf16", "fp16", "no")
+REPORTERS = ("none", "tensorboard", "wandb")
+
+
+@dataclass
+class TrainConfig:
+    shards: Path
+    output: Path = Path("runs/default")
+    model: str | None = None  # default: the model recorded in the cache's manifest
+    max_steps: int = 1000
+    batch_size: int = 1
+    gradient_accumulation: int = 1
+    # LoRA (the seed's defaults)
+    rank: int = 128
+    alpha: float = 128.0
+    targets: tuple[str, ...] = DEFAULT_TARGETS
+    lora_dropout: float = 0.0
+    # Optimisation (the seed's defaults)
+    optimizer: str = "adamw"
+    learning_rate: float = 1e-4
+    scale_lr: bool = False
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    lr_num_cycles: int = 1
+    lr_power: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_epsilon: float = 1e-8
+    weight_decay: float = 1e-4
+    max_grad_norm: float = 1.0
+    # Precision and memory
+    mixed_precision: str = "bf16"
+    gradient_checkpointing: bool = True
+    allow_tf32: bool = True
+    # Data
+    seed: int = 0
+    workers: int = 2
+    shuffle_buffer: int = 64
+    # Checkpoints, logging
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    resume: str | None = None  # "auto" or a checkpoint folder
+    report_to: str = "none"
+
+    def __post_init__(self):
+        self.shards, self.output = Path(self.shards), Path(self.output)
+        if isinstance(self.targets, str):
+            self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
+        self.targets = tuple(self.targets)
+        checks = [
+            (self.max_steps >= 1, f"--max-steps must be at least 1 (got {self.max_steps})"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
+            (self.gradient_accumulation >= 1, "--gradient-accumulation must be at least 1"),
+            (self.rank >= 1, f"--rank must be at least 1 (got {self.rank})"),
+            (self.alpha > 0, f"--alpha must be positive (got {self.alpha})"),
+            (0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1) (got {self.lora_dropout})"),
+            (bool(self.targets), "--targets names no module"),
+            (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
+            (self.lr_scheduler in SCHEDULES, f"--lr-scheduler must be one of {', '.join(SCHEDULES)}"),
+            (self.mixed_precision in PRECISIONS, f"--mixed-precision must be one of {', '.join(PRECISIONS)}"),
+            (self.report_to in REPORTERS, f"--report-to must be one of {', '.join(REPORTERS)}"),
+            (self.learning_rate > 0, f"--learning-rate must be positive (got {self.learning_rate})"),
+            (self.workers >= 0, "--workers must be 0 or more"),
+            (self.checkpoint_every >= 0, "--checkpoint-every must be 0 (off) or more"),
+            (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)

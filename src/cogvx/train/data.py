@@ -1,0 +1,103 @@
+"""The training stream: resampled shards, a shuffle buffer and same-shape batches, counted in steps.
+
+Every (rank, DataLoader worker) pair is one independent stream seeded from ``(seed, stream id)``.
+DataLoader hands out worker batches round-robin, so after ``n`` batches were consumed each worker knows
+exactly how many of its own were used: resuming replays the same streams and drops those batches
+without decoding them. Same seed, world size and worker count give the same batches, bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from cogvx.shards import CacheError, ShardRecord, decode_sample, iter_raw_samples, read_verified
+
+
+class ShardStream(IterableDataset):
+    def __init__(
+        self,
+        folder: Path,
+        shards: list[ShardRecord],
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = 64,
+        skip_batches: int = 0,
+    ):
+        if not shards or sum(s.sample_count for s in shards) == 0:
+            raise CacheError(f"The cache in {folder} holds no samples; run `cogvx preprocess` first.")
+        self.folder, self.shards = Path(folder), shards
+        self.batch_size, self.seed = batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.shuffle_buffer, self.skip_batches = shuffle_buffer, skip_batches
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        rng = random.Random(f"cogvx-stream:{self.seed}:{self.rank * workers + worker}:{self.world_size * workers}")
+        # Batches worker w produced that were already consumed: global indices w, w + W, ... below skip.
+        skip = max(0, (self.skip_batches - worker + workers - 1) // workers)
+        raw = self._shuffled(self._raw_samples(rng), rng)
+        for index, group in enumerate(self._bucketed(raw)):
+            if index >= skip:
+                yield collate([decode_sample(r, r["__url__"]) for r in group])
+
+    def _raw_samples(self, rng: random.Random) -> Iterator[dict[str, Any]]:
+        """Endless raw samples from shards drawn with replacement, weighted by their sample counts."""
+        weights = [s.sample_count for s in self.shards]
+        verified: set[str] = set()
+        while True:
+            record = rng.choices(self.shards, weights)[0]
+            if record.name in verified:
+                data = (self.folder / record.name).read_bytes()
+                if len(data) != record.bytes:
+                    data = read_verified(self.folder, record)  # raises with the full explanation
+            else:
+                data = read_verified(self.folder, record)
+                verified.add(record.name)
+            yield from iter_raw_samples(data, str(self.folder / record.name))
+
+    def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
+        from webdataset.filters import shuffle
+
+        if self.shuffle_buffer <= 1:
+            return samples
+        return shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
+
+    def _bucketed(self, samples: Iterator[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+        """Groups of ``batch_size`` raw samples of one bucket (shape), in the order they fill up."""
+        pending: dict[str, list[dict[str, Any]]] = {}
+        for raw in samples:
+            bucket = json.loads(raw["json"])["bucket"]
+            group = pending.setdefault(bucket, [])
+            group.append(raw)
+            if len(group) == self.batch_size:
+                del pending[bucket]
+                yield group
+
+
+def collate(samples: list) -> dict[str, Any]:
+    return {
+        "moments": torch.stack([s.tensors["moments"] for s in samples]),
+        "prompt_embeds": torch.stack([s.tensors["prompt_embeds"] for s in samples]),
+        "keys": [s.key for s in samples],
+    }
+
+
+def make_loader(stream: ShardStream, workers: int, pin_memory: bool, prefetch: int = 2) -> DataLoader:
+    return DataLoader(
+        stream,
+        batch_size=None,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch if workers else None,
+        persistent_workers=False,
+    )

@@ -1,0 +1,43 @@
+"""Shared fixtures: the tiny models are built once per session in a private COGVX_HOME."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CLIPS = ROOT / "examples" / "clips"
+SEED_LAYOUT = ROOT / "examples" / "seed-layout"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def cogvx_home(tmp_path_factory) -> Path:
+    home = tmp_path_factory.mktemp("cogvx-home")
+    previous = os.environ.get("COGVX_HOME")
+    os.environ["COGVX_HOME"] = str(home)
+    yield home
+    if previous is None:
+        os.environ.pop("COGVX_HOME", None)
+    else:
+        os.environ["COGVX_HOME"] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory) -> Path:
+    """The bundled clips preprocessed once with the tiny model (fp32, so tests compare exactly)."""
+    from cogvx.preprocess.run import PreprocessConfig, run
+
+    out = tmp_path_factory.mktemp("cache") / "shards"
+    run(PreprocessConfig(data=CLIPS, output=out, model="tiny", dtype="fp32", workers=0))
+    return out
+
+
+@pytest.fixture
+def clips_copy(tmp_path) -> Path:
+    """A writable copy of the sample clips, for tests that add broken files."""
+    target = tmp_path / "clips"
+    shutil.copytree(CLIPS, target)
+    return target

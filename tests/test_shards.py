@@ -1,0 +1,134 @@
+"""The cache format: nothing in a shard is ever unpickled, and changed shards are refused."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import pickle
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save as save_tensors
+
+from cogvx.shards import CacheError, Manifest, Sample, SampleEntry, ShardRecord, ShardWriter, read_shard, verify
+from cogvx.train.data import ShardStream
+
+
+class _Exploit:
+    """Unpickling this writes a marker file: if the marker appears, something unpickled shard data."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (self.marker, "unpickled!"))
+
+
+def _tar(members: list[tuple[str, bytes]], path: Path) -> ShardRecord:
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    data = path.read_bytes()
+    return ShardRecord(path.name, 1, len(data), hashlib.sha256(data).hexdigest(), [SampleEntry("k", "s", "h", "b")])
+
+
+def _manifest(folder: Path, records: list[ShardRecord]) -> Manifest:
+    manifest = Manifest(producer={"model": "test"}, params={}, schema={}, shards=records)
+    manifest.save(folder)
+    return manifest
+
+
+@pytest.mark.parametrize("ext", ["pth", "pyd", "pickle", "pkl", "npy", "bin", "cls"])
+def test_pickle_payload_under_any_extension_is_never_executed(tmp_path: Path, ext: str):
+    marker = tmp_path / "marker"
+    payload = pickle.dumps(_Exploit(marker))
+    tensors = save_tensors({"moments": torch.zeros(2, 1, 1, 1), "prompt_embeds": torch.zeros(2, 2)})
+    meta = json.dumps({"bucket": "b"}).encode()
+    record = _tar([("k.safetensors", tensors), ("k.json", meta), (f"k.{ext}", payload)], tmp_path / "s.tar")
+    _manifest(tmp_path, [record])
+
+    samples = list(read_shard(tmp_path, record))
+    assert samples[0].extras == {ext: payload}, "unknown members must stay raw bytes"
+    batch = next(iter(ShardStream(tmp_path, [record], batch_size=1, seed=0)))
+    assert batch["keys"] == ["k"]
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("member", ["safetensors", "json"])
+def test_pickle_disguised_as_tensors_or_metadata_is_refused_not_run(tmp_path: Path, member: str):
+    marker = tmp_path / "marker"
+    payload = pickle.dumps(_Exploit(marker))
+    good = {"safetensors": save_tensors({"moments": torch.zeros(1)}), "json": b"{}"}
+    good[member] = payload
+    record = _tar([(f"k.{name}", data) for name, data in good.items()], tmp_path / "s.tar")
+    with pytest.raises(CacheError, match="cannot be parsed"):
+        list(read_shard(tmp_path, record))
+    assert not marker.exists()
+
+
+def _written_cache(folder: Path, samples: int = 3) -> Manifest:
+    records: list[ShardRecord] = []
+    writer = ShardWriter(folder, "shard-r00", records.append, max_samples=2)
+    for i in range(samples):
+        tensors = {"moments": torch.full((2, 1, 2, 2), float(i)), "prompt_embeds": torch.ones(3, 4)}
+        writer.write(Sample(f"k{i}", tensors, {"bucket": "1x16x16", "i": i}), SampleEntry(f"k{i}", f"v{i}", "h", "b"))
+    writer.flush()
+    return _manifest(folder, records)
+
+
+def test_round_trip_and_atomic_names(tmp_path: Path):
+    manifest = _written_cache(tmp_path)
+    assert [r.sample_count for r in manifest.shards] == [2, 1]
+    assert not list(tmp_path.glob("*.tmp")), "temporary shard names must be gone after a flush"
+    loaded = Manifest.load(tmp_path)
+    values = [s.tensors["moments"][0, 0, 0, 0].item() for r in loaded.shards for s in read_shard(tmp_path, r)]
+    assert values == [0.0, 1.0, 2.0]
+    assert verify(tmp_path, loaded.shards) == []
+
+
+def test_a_changed_shard_is_refused_with_its_name(tmp_path: Path):
+    manifest = _written_cache(tmp_path)
+    target = tmp_path / manifest.shards[0].name
+    data = bytearray(target.read_bytes())
+    data[700] ^= 0xFF  # same size, different bytes
+    target.write_bytes(bytes(data))
+    with pytest.raises(CacheError, match=f"{target.name}.*does not match the manifest"):
+        list(read_shard(tmp_path, manifest.shards[0]))
+    with pytest.raises(CacheError, match="does not match the manifest"):
+        next(iter(ShardStream(tmp_path, manifest.shards[:1], batch_size=1, seed=0)))
+    problems = verify(tmp_path, manifest.shards)
+    assert len(problems) == 1 and target.name in problems[0]
+
+
+def test_missing_shard_and_bad_manifest_give_clear_errors(tmp_path: Path):
+    manifest = _written_cache(tmp_path)
+    os.remove(tmp_path / manifest.shards[1].name)
+    with pytest.raises(CacheError, match="missing"):
+        list(read_shard(tmp_path, manifest.shards[1]))
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(CacheError, match="not valid JSON"):
+        Manifest.load(tmp_path)
+    with pytest.raises(CacheError, match="cogvx preprocess"):
+        Manifest.load(tmp_path / "nowhere")
+
+
+def test_abandoned_shard_is_never_published(tmp_path: Path):
+    records: list[ShardRecord] = []
+    writer = ShardWriter(tmp_path, "shard-r00", records.append, max_samples=10)
+    writer.write(Sample("k0", {"moments": torch.zeros(1)}, {"bucket": "b"}), SampleEntry("k0", "v", "h", "b"))
+    assert list(tmp_path.glob("*.tar.tmp")) and not list(tmp_path.glob("*.tar"))
+    writer.abandon()
+    assert records == [] and not list(tmp_path.iterdir())
+
+
+def test_the_exploit_payload_is_live(tmp_path: Path):
+    """Guards the tests above: unpickling the payload really does write the marker."""
+    marker = tmp_path / "marker"
+    pickle.loads(pickle.dumps(_Exploit(marker)))
+    assert marker.read_text() == "unpickled!"

@@ -41,12 +41,16 @@ def preprocess(
     dtype: str = typer.Option(None, help="bf16, fp16 or fp32 for the VAE and T5 [default: bf16]."),
     device: str = typer.Option(None, help="cuda, cuda:1, cpu [default: cuda if available]."),
     workers: int = typer.Option(None, help="Video decoding processes [default: 2]."),
+    validation_prompt: list[str] = typer.Option(
+        None, help="Store this prompt's embedding for validation during training (repeatable)."
+    ),
     config: Path = typer.Option(None, help="TOML file with any of these settings (flags win)."),
 ) -> None:
     """Encode videos and captions once into a reusable cache of latent moments and prompt embeddings."""
     from cogvx.preprocess.run import PreprocessConfig, run
 
-    flags = {k: v for k, v in locals().items() if k not in ("config", "PreprocessConfig", "run")}
+    flags = {k: v for k, v in locals().items() if k not in ("config", "PreprocessConfig", "run", "validation_prompt")}
+    flags["validation_prompts"] = tuple(validation_prompt) if validation_prompt else None
     _guard(lambda: run(configfile.build(PreprocessConfig, config, **flags), show_progress=True))
 
 

@@ -23,6 +23,7 @@ from cogvx.shards import CacheError, Manifest, Sample, SampleEntry, ShardRecord,
 from cogvx.shards.io import file_sha256
 
 SKIPPED_NAME = "skipped.jsonl"
+VALIDATION_NAME = "validation_prompts.safetensors"
 
 
 @dataclass
@@ -46,6 +47,7 @@ class PreprocessConfig:
     text_batch_size: int = 16
     workers: int = 2
     shard_max_mb: int = 512
+    validation_prompts: tuple[str, ...] = ()
 
     def __post_init__(self):
         self.data, self.output = Path(self.data), Path(self.output)
@@ -194,6 +196,8 @@ def run(cfg: PreprocessConfig, show_progress: bool = False) -> PreprocessResult:
         encoding = encode_prompts(tokenizer, text_encoder, texts)
         return encoding.embeds, encoding.truncated
 
+    if cfg.validation_prompts:
+        save_validation_prompts(cfg.output, manifest, list(cfg.validation_prompts), encode_text)
     prompts = _PromptBank([c.caption for c in clips], encode_text, cfg.text_batch_size)
     result = PreprocessResult(manifest=manifest)
 
@@ -280,6 +284,26 @@ def print_summary(result: PreprocessResult, output: Path) -> None:
     table.add_row("time", f"{result.seconds:.1f} s")
     table.add_row("cache", str(output))
     Console(stderr=True).print(table)
+
+
+def save_validation_prompts(folder: Path, manifest: Manifest, prompts: list[str], encode) -> None:
+    """Store the embeddings of validation prompts, and of the empty prompt (for guidance), in the cache.
+
+    Training samples validation latents from these without loading T5.
+    """
+    from safetensors.torch import save_file
+
+    embeds, _ = encode([*prompts, ""])
+    path = Path(folder) / VALIDATION_NAME
+    tmp = path.with_suffix(".tmp")
+    tensors = {
+        "prompt_embeds": embeds[:-1].contiguous().cpu(),
+        "negative_prompt_embeds": embeds[-1:].contiguous().cpu(),
+    }
+    save_file(tensors, tmp, metadata={"prompts": json.dumps(prompts)})
+    os.replace(tmp, path)
+    manifest.extras["validation"] = {"file": VALIDATION_NAME, "prompts": prompts, "sha256": file_sha256(path)}
+    manifest.save(folder)
 
 
 def _exts() -> set[str]:

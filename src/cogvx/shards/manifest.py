@@ -55,6 +55,7 @@ class Manifest:
     params: dict[str, Any]
     schema: dict[str, Any]
     shards: list[ShardRecord] = field(default_factory=list)
+    extras: dict[str, Any] = field(default_factory=dict)  # named side files, e.g. validation prompts
     created: float = field(default_factory=time.time)
     updated: float = field(default_factory=time.time)
     format: str = FORMAT_NAME
@@ -99,6 +100,7 @@ class Manifest:
             params=data["params"],
             schema=data["schema"],
             shards=[ShardRecord.from_dict(s) for s in data["shards"]],
+            extras=data.get("extras", {}),
             created=data["created"],
             updated=data["updated"],
         )

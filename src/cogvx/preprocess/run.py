@@ -1,13 +1,16 @@
-"""``cogvx preprocess``: videos and captions in, a cache of latent moments and prompt embeddings out."""
+"""``cogvx preprocess``: videos and captions in, a cache of latent moments and prompt embeddings out.
+
+See docs/preprocess.md for what happens to each clip, and docs/cache-format.md for what is written.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -15,15 +18,26 @@ import torch
 
 from cogvx import __version__
 from cogvx.pipeline import models
-from cogvx.pipeline.encode import encode_prompts, encode_video_moments
-from cogvx.preprocess.sources import Clip, discover
-from cogvx.preprocess.video import FrameSpec, SkipClip, largest_4k1, read_clip
+from cogvx.pipeline.encode import encode_prompts
+from cogvx.preprocess import cachedir
+from cogvx.preprocess.cachedir import SKIPPED_NAME
+from cogvx.preprocess.encoding import ClipReader, Encoded, Job, PromptBank, SampleSink, VaeBatcher, caption_hash
+from cogvx.preprocess.ranks import Ranks
+from cogvx.preprocess.sources import VIDEO_EXTENSIONS, Clip, discover
+from cogvx.preprocess.video import FrameSpec, largest_4k1
 from cogvx.progress import progress_bar
-from cogvx.shards import CacheError, Manifest, Sample, SampleEntry, ShardRecord, ShardWriter
+from cogvx.shards import Manifest, Sample, SampleEntry, ShardRecord, ShardWriter, write_json_atomic
 from cogvx.shards.io import file_sha256
 
-SKIPPED_NAME = "skipped.jsonl"
+log = logging.getLogger("cogvx.preprocess")
+
 VALIDATION_NAME = "validation_prompts.safetensors"
+SCHEMA = {
+    "moments": "VAE posterior [2C, F, H, W]: mean then log-variance on axis 0, unscaled",
+    "prompt_embeds": f"T5 last hidden state [{models.MAX_TEXT_TOKENS}, D], pads included",
+    "json": "source, content_hash, caption, window, frame_indices, fps, size, bucket, ...",
+    "jpg": "JPEG strip of up to 8 of the sampled frames, side by side, 64 px high",
+}
 
 
 @dataclass
@@ -33,255 +47,389 @@ class PreprocessConfig:
     model: str = models.DEFAULT_MODEL
     height: int | None = None  # default: the model's native size, from its transformer config
     width: int | None = None
+    resolutions: tuple[str, ...] = ()  # several "HxW" buckets instead of --height/--width
     max_frames: int = 49
+    frame_buckets: tuple[int, ...] = ()  # several frame counts instead of --max-frames
     min_frames: int = 5
     fps: float = 8.0
     skip_frames_start: int = 0
     skip_frames_end: int = 0
     resize: str = "crop"
+    windows: int = 1
+    max_upscale: float = 4.0
     id_token: str | None = None
-    caption_column: str = "prompts.txt"
-    video_column: str = "videos.txt"
+    caption_column: str | None = None  # seed layout: prompts.txt; metadata file: caption, text or prompt
+    video_column: str | None = None  # seed layout: videos.txt; metadata file: video, file_name, path, ...
     dtype: str = "bf16"
     device: str | None = None
     text_batch_size: int = 16
+    vae_batch: int = 1
+    vae_tiling: bool = False
+    vae_slicing: bool = False
     workers: int = 2
     shard_max_mb: int = 512
+    shard_max_samples: int = 1000
     validation_prompts: tuple[str, ...] = ()
 
     def __post_init__(self):
         self.data, self.output = Path(self.data), Path(self.output)
         models.parse_dtype(self.dtype)
+        self.resolutions = tuple(_parse_resolution(r) for r in self.resolutions)
+        self.frame_buckets = tuple(sorted({int(f) for f in self.frame_buckets}))
+        self.validation_prompts = tuple(self.validation_prompts)
+        if self.resolutions and (self.height or self.width):
+            raise ValueError("Give either --height/--width or --resolution (repeatable), not both.")
         if (self.height or 16) % 16 or (self.width or 16) % 16:
             raise ValueError(f"--height/--width must be multiples of 16 (got {self.height}x{self.width}).")
-        if largest_4k1(self.max_frames) != self.max_frames:
-            raise ValueError(f"--max-frames must be of the form 4k+1 (got {self.max_frames}; try 49 or 81).")
-        if not 1 <= self.min_frames <= self.max_frames:
-            raise ValueError(f"--min-frames must be between 1 and --max-frames (got {self.min_frames}).")
+        for frames in (self.max_frames, *self.frame_buckets):
+            if frames < 1 or largest_4k1(frames) != frames:
+                raise ValueError(f"Frame counts must be of the form 4k+1 (got {frames}; try 49 or 81).")
+        if not 1 <= self.min_frames <= max(self.frame_counts):
+            raise ValueError(
+                f"--min-frames must be between 1 and the largest frame count {max(self.frame_counts)} "
+                f"(got {self.min_frames})."
+            )
         if self.resize not in ("crop", "stretch"):
             raise ValueError(f"--resize must be 'crop' or 'stretch' (got {self.resize!r}).")
         if self.fps <= 0:
             raise ValueError(f"--fps must be positive (got {self.fps}).")
+        if self.skip_frames_start < 0 or self.skip_frames_end < 0:
+            raise ValueError("--skip-frames-start/--skip-frames-end cannot be negative.")
+        if self.windows < 1:
+            raise ValueError(f"--windows must be at least 1 (got {self.windows}).")
+        if self.max_upscale <= 0:
+            raise ValueError(f"--max-upscale must be positive (got {self.max_upscale}).")
+        for name in ("text_batch_size", "vae_batch", "shard_max_mb", "shard_max_samples"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)}).")
+        if self.workers < 0:
+            raise ValueError(f"--workers cannot be negative (got {self.workers}).")
 
     @property
-    def frame_spec(self) -> FrameSpec:
+    def frame_counts(self) -> tuple[int, ...]:
+        """The frame buckets: --frame-bucket values if given, else just --max-frames."""
+        return self.frame_buckets or (self.max_frames,)
+
+    def frame_spec(self, native_size: tuple[int, int] = (480, 720)) -> FrameSpec:
+        if self.resolutions:
+            resolutions = tuple((int(h), int(w)) for h, w in (r.split("x") for r in self.resolutions))
+        else:
+            resolutions = ((self.height or native_size[0], self.width or native_size[1]),)
         return FrameSpec(
-            self.height,
-            self.width,
-            self.max_frames,
-            self.min_frames,
-            self.fps,
-            self.skip_frames_start,
-            self.skip_frames_end,
-            self.resize,
+            resolutions=resolutions,
+            frame_buckets=self.frame_counts,
+            min_frames=self.min_frames,
+            fps=float(self.fps),
+            skip_frames_start=self.skip_frames_start,
+            skip_frames_end=self.skip_frames_end,
+            resize=self.resize,
+            windows=self.windows,
+            max_upscale=float(self.max_upscale),
         )
 
-    def cache_params(self) -> dict:
+    def cache_params(self, native_size: tuple[int, int] = (480, 720)) -> dict:
         """Everything that changes what a sample holds: a cache is made with exactly one set."""
-        return {**asdict(self.frame_spec), "id_token": self.id_token, "dtype": self.dtype}
+        params = {**asdict(self.frame_spec(native_size)), "id_token": self.id_token, "dtype": self.dtype}
+        return json.loads(json.dumps(params))  # tuples as lists, exactly as the manifest stores them
+
+
+def _parse_resolution(value) -> str:
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        value = f"{value[0]}x{value[1]}"
+    try:
+        height, width = (int(part) for part in str(value).lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--resolution {value!r} must look like HEIGHTxWIDTH, e.g. 480x720.") from None
+    if height < 16 or width < 16 or height % 16 or width % 16:
+        raise ValueError(f"--resolution {value!r}: height and width must be positive multiples of 16.")
+    return f"{height}x{width}"
 
 
 @dataclass
 class PreprocessResult:
-    encoded: int = 0
+    encoded: int = 0  # clips encoded by this run
+    samples: int = 0  # samples written by this run (one per window)
     already_cached: int = 0
     skipped: Counter = field(default_factory=Counter)
     truncated_captions: int = 0
+    truncated_sources: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    ranks: int = 1
     manifest: Manifest | None = None
 
+    def counts(self) -> dict:
+        data = {k: v for k, v in asdict(self).items() if k != "manifest"}
+        data["skipped"] = dict(self.skipped)
+        return data
 
-class _ClipReader(torch.utils.data.Dataset):
-    """Hashes and decodes one clip per item in DataLoader workers; failures come back as values."""
-
-    def __init__(self, clips: list[Clip], spec: FrameSpec, done: set[tuple[str, str]]):
-        self.clips, self.spec, self.done = clips, spec, done
-
-    def __len__(self) -> int:
-        return len(self.clips)
-
-    def __getitem__(self, index: int) -> dict:
-        clip = self.clips[index]
-        try:
-            content_hash = file_sha256(clip.path)
-        except OSError as err:
-            return {"index": index, "skip": f"cannot read file ({err.strerror or err})"}
-        if (clip.source, content_hash) in self.done:
-            return {"index": index, "done": True}
-        if not clip.caption:
-            return {"index": index, "skip": "missing or empty caption"}
-        try:
-            frames, info = read_clip(str(clip.path), self.spec)
-        except SkipClip as err:
-            return {"index": index, "skip": str(err)}
-        return {"index": index, "hash": content_hash, "frames": torch.from_numpy(frames), "info": info}
+    def add(self, other: dict) -> None:
+        self.encoded += other["encoded"]
+        self.samples += other["samples"]
+        self.already_cached += other["already_cached"]
+        self.skipped.update(other["skipped"])
+        self.truncated_captions += other["truncated_captions"]
+        self.truncated_sources += other["truncated_sources"]
 
 
-class _PromptBank:
-    """Encodes captions in de-duplicated batches, a little ahead of the clips that need them."""
-
-    def __init__(self, captions: list[str], encode: Callable[[list[str]], tuple[torch.Tensor, list[bool]]], batch: int):
-        self.captions, self.encode, self.batch = captions, encode, batch
-        self.cache: dict[str, tuple[torch.Tensor, bool]] = {}
-
-    def get(self, index: int) -> tuple[torch.Tensor, bool]:
-        caption = self.captions[index]
-        if caption not in self.cache:
-            upcoming = list(dict.fromkeys(c for c in self.captions[index : index + 4 * self.batch]))
-            todo = [c for c in upcoming if c not in self.cache][: self.batch]
-            embeds, truncated = self.encode(todo)
-            for text, emb, cut in zip(todo, embeds, truncated, strict=True):
-                self.cache[text] = (emb.cpu(), cut)
-            while len(self.cache) > 8 * self.batch:
-                self.cache.pop(next(iter(self.cache)))
-        return self.cache[caption]
-
-
-def sample_key(source: str, content_hash: str, window: int) -> str:
-    return hashlib.sha256(f"{source}\0{content_hash}\0{window}".encode()).hexdigest()[:24]
-
-
-def _open_cache(cfg: PreprocessConfig, producer: dict, params: dict) -> Manifest:
-    """The existing manifest when it was made the same way, a fresh one otherwise; refuse a mismatch."""
-    try:
-        manifest = Manifest.load(cfg.output)
-    except CacheError:
-        if (cfg.output / "manifest.json").exists():
-            raise
-        schema = {
-            "moments": "VAE posterior [2C, F, H, W]: mean then log-variance on axis 0, unscaled",
-            "prompt_embeds": f"T5 last hidden state [{models.MAX_TEXT_TOKENS}, D], pads included",
-            "json": "source, content_hash, caption, frame_indices, fps, size, bucket, ...",
-        }
-        return Manifest(producer=producer, params=params, schema=schema)
-    if manifest.params != params or manifest.producer["encoders"] != producer["encoders"]:
-        raise ValueError(
-            f"{cfg.output} already holds a cache made with other settings "
-            f"(stored: model {manifest.producer.get('model')}, {manifest.params}; now: model {cfg.model}, {params}). "
-            "Write to a new --output folder, or re-run with the stored settings to add to it."
-        )
-    return manifest
+def sample_key(source: str, content_hash: str, window: int, caption: str = "") -> str:
+    return hashlib.sha256(f"{source}\0{content_hash}\0{window}\0{caption}".encode()).hexdigest()[:24]
 
 
 def run(cfg: PreprocessConfig, show_progress: bool = False) -> PreprocessResult:
+    """Encode every usable clip under ``cfg.data`` that the cache in ``cfg.output`` does not hold yet.
+
+    Under torchrun / accelerate launch each rank encodes its share; rank 0 returns the totals.
+    Raises ValueError when nothing usable exists (every clip skipped and the cache empty).
+    """
+    ranks = Ranks.from_env()
+    try:
+        return _run(cfg, ranks, show_progress and ranks.is_main)
+    finally:
+        ranks.close()
+
+
+def _run(cfg: PreprocessConfig, ranks: Ranks, show_progress: bool) -> PreprocessResult:
     started = time.time()
     clips = discover(cfg.data, cfg.caption_column, cfg.video_column)
     if not clips:
-        raise ValueError(f"No videos found under {cfg.data} (looked for {', '.join(sorted(_exts()))}).")
+        raise ValueError(
+            f"No videos found under {cfg.data} (looked for {', '.join(sorted(VIDEO_EXTENSIONS))}, recursively)."
+        )
     if cfg.id_token:
-        clips = [Clip(c.path, f"{cfg.id_token} {c.caption}".strip() if c.caption else "", c.source) for c in clips]
+        clips = [Clip(c.path, f"{cfg.id_token} {c.caption}" if c.caption else c.caption, c.source) for c in clips]
 
     info = models.ModelInfo.read(cfg.model)
-    cfg.height = cfg.height or info.native_size[0]
-    cfg.width = cfg.width or info.native_size[1]
-    producer = {
-        "tool": "cogvx",
-        "version": __version__,
-        "model": cfg.model,
-        "encoders": info.encoder_identity(),
-    }
-    params = cfg.cache_params()
-    cfg.output.mkdir(parents=True, exist_ok=True)
-    manifest = _open_cache(cfg, producer, params)
-    for stale in cfg.output.glob("*.tar.tmp"):
-        stale.unlink()  # left by an interrupted run; never listed, so never read
-    done = {(s.source, s.content_hash) for shard in manifest.shards for s in shard.samples}
+    spec = cfg.frame_spec(info.native_size)
+    producer = {"tool": "cogvx", "version": __version__, "model": cfg.model, "encoders": info.encoder_identity()}
+    params = cfg.cache_params(info.native_size)
+    existing = cachedir.check_existing(cfg.output, producer, params)  # every rank refuses the same way
 
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(cfg.device, ranks)
     dtype = models.parse_dtype(cfg.dtype)
     vae = models.load_vae(info.source, dtype, device).eval()
+    if cfg.vae_tiling:
+        vae.enable_tiling()
+    if cfg.vae_slicing:
+        vae.enable_slicing()
     tokenizer, text_encoder = models.load_text_encoder(info.source, dtype, device)
 
     def encode_text(texts: list[str]):
         encoding = encode_prompts(tokenizer, text_encoder, texts)
         return encoding.embeds, encoding.truncated
 
-    if cfg.validation_prompts:
-        save_validation_prompts(cfg.output, manifest, list(cfg.validation_prompts), encode_text)
-    prompts = _PromptBank([c.caption for c in clips], encode_text, cfg.text_batch_size)
-    result = PreprocessResult(manifest=manifest)
+    cfg.output.mkdir(parents=True, exist_ok=True)
+    with cachedir.writer_lock(cfg.output) if ranks.is_main else _nothing():
+        if ranks.is_main:
+            manifest = existing or Manifest(producer=producer, params=params, schema=SCHEMA)
+            cachedir.recover(cfg.output, manifest)
+            if cfg.validation_prompts:
+                save_validation_prompts(cfg.output, manifest, list(cfg.validation_prompts), encode_text)
+        ranks.barrier()  # the folder is tidy and the manifest final for this run's start
+        if not ranks.is_main:
+            manifest = Manifest.load(cfg.output)
+
+        jobs, cached = _todo(clips, manifest)
+        mine = jobs[ranks.rank :: ranks.world]
+        result = PreprocessResult(already_cached=cached if ranks.is_main else 0, ranks=ranks.world, manifest=manifest)
+        _encode(cfg, ranks, spec, mine, len(clips), manifest, vae, encode_text, device, result, show_progress)
+
+        if ranks.world > 1:
+            write_json_atomic(cachedir.result_part(cfg.output, ranks.rank), result.counts())
+        ranks.barrier()  # every rank has finished its shards
+        if ranks.is_main:
+            if ranks.world > 1:
+                for rank in range(1, ranks.world):
+                    result.add(json.loads(cachedir.result_part(cfg.output, rank).read_text()))
+                cachedir.merge_shard_parts(cfg.output, manifest)
+            cachedir.merge_skipped(cfg.output)
+            cachedir.clear_parts(cfg.output, keep_folder=False)
+            manifest.save(cfg.output)
+        ranks.barrier()  # the manifest is final before any rank returns
+
+    result.seconds = time.time() - started
+    if ranks.is_main:
+        if result.truncated_captions:
+            log.warning(
+                "%d caption(s) were longer than %d tokens and were cut to fit: %s",
+                result.truncated_captions,
+                models.MAX_TEXT_TOKENS,
+                ", ".join(result.truncated_sources[:5]) + (" ..." if result.truncated_captions > 5 else ""),
+            )
+        if show_progress:
+            print_summary(result, cfg.output)
+        if result.encoded + result.already_cached == 0:
+            raise ValueError(
+                f"Nothing usable in {cfg.data}: all {len(clips)} clips were skipped "
+                f"(reasons in {cfg.output / SKIPPED_NAME})."
+            )
+    return result
+
+
+def _todo(clips: list[Clip], manifest: Manifest) -> tuple[list[Job], int]:
+    """Clips the cache does not hold yet, and how many it does. Same answer on every rank.
+
+    A clip whose size, mtime and caption match its cached samples is done without reading it; any other
+    clip with cached samples is hashed in a worker and skipped there if its content did not change.
+    """
+    known: dict[str, SampleEntry] = {}
+    for entry in manifest.live_entries():
+        known.setdefault(entry.source, entry)
+    jobs, cached = [], 0
+    for clip in clips:
+        entry = known.get(clip.source)
+        if entry is None:
+            jobs.append(Job(clip))
+            continue
+        caption = caption_hash(clip.caption) if clip.caption else None
+        try:
+            stat = os.stat(clip.path)
+            unchanged = (stat.st_size, stat.st_mtime_ns) == (entry.size, entry.mtime_ns)
+        except OSError:
+            unchanged = False
+        if unchanged and caption is not None and caption == entry.caption_hash:
+            cached += 1
+        else:
+            jobs.append(Job(clip, entry.content_hash, entry.caption_hash))
+    return jobs, cached
+
+
+def _encode(cfg, ranks, spec, jobs, total, manifest, vae, encode_text, device, result, show_progress) -> None:
+    """Decode (workers) -> encode (GPU) -> write (thread) this rank's clips; fills ``result``."""
+    records: list[ShardRecord] = []
 
     def commit(record: ShardRecord) -> None:
-        manifest.shards.append(record)
-        manifest.save(cfg.output)
+        if ranks.world == 1:
+            manifest.add_shard(record)  # listed at once: a kill keeps every finished shard
+            manifest.save(cfg.output)
+        else:
+            records.append(record)
+            cachedir.save_shard_part(cfg.output, ranks.rank, records)
 
-    writer = ShardWriter(cfg.output, "shard-r00", commit, max_bytes=cfg.shard_max_mb * 2**20)
+    writer = ShardWriter(
+        cfg.output,
+        f"shard-r{ranks.rank:02d}",
+        commit,
+        max_bytes=cfg.shard_max_mb * 2**20,
+        max_samples=cfg.shard_max_samples,
+    )
+    prompts = PromptBank([job.clip.caption or "" for job in jobs], encode_text, cfg.text_batch_size)
+
+    def write(encoded: Encoded) -> None:
+        item = encoded.item
+        clip = jobs[item["index"]].clip
+        group = []
+        for window, (indices, moments, strip) in enumerate(
+            zip(item["windows"], encoded.moments, item["strips"], strict=True)
+        ):
+            key = sample_key(clip.source, item["hash"], window, clip.caption)
+            meta = {
+                "source": clip.source,
+                "content_hash": item["hash"],
+                "caption": clip.caption,
+                "caption_truncated": item["truncated"],
+                "window": window,
+                "windows": len(item["windows"]),
+                "frame_indices": indices,
+                "frames": len(indices),
+                "latent_shape": list(moments.shape),
+                "bucket": item["bucket"],
+                **item["info"],
+            }
+            tensors = {"moments": moments, "prompt_embeds": item["embeds"]}
+            entry = SampleEntry(key, clip.source, item["hash"], item["bucket"], item["size"], item["mtime_ns"])
+            entry.caption_hash = caption_hash(clip.caption)
+            group.append((Sample(key, tensors, meta, {"jpg": strip}), entry))
+        writer.write_group(group)
+
+    sink = SampleSink(write)
+    batcher = VaeBatcher(vae, device, cfg.vae_batch, sink.put)
     loader = torch.utils.data.DataLoader(
-        _ClipReader(clips, cfg.frame_spec, done),
+        ClipReader(jobs, spec),
         batch_size=None,
         num_workers=cfg.workers,
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if cfg.workers else None,
     )
-    skipped_log = open(cfg.output / SKIPPED_NAME, "a", encoding="utf-8")
-    bar = progress_bar(show_progress, "preprocess", len(clips), "{task.fields[rate]:.2f} clips/s", rate=0.0)
-    with bar as update:
-        try:
+    skipped_log = open(cachedir.skipped_part(cfg.output, ranks.rank), "a", encoding="utf-8")
+    started = time.time()
+    base = result.already_cached  # rank 0 counts the clips found done before the loop
+    bar = progress_bar(show_progress, "preprocess", total, "{task.fields[rate]:.2f} clips/s", rate=0.0)
+    benchmark = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # a few shapes, each seen many times
+    try:
+        with bar as update:
+            update(base)
             for position, item in enumerate(loader, 1):
-                clip = clips[item["index"]]
+                clip = jobs[item["index"]].clip
                 if "skip" in item:
-                    result.skipped[item["skip"].split(" (")[0].split(":")[0]] += 1
-                    skipped_log.write(json.dumps({"source": clip.source, "reason": item["skip"]}) + "\n")
+                    result.skipped[item["skip"]] += 1
+                    row = {"source": clip.source, "reason": item["skip"], "detail": item["detail"]}
+                    skipped_log.write(json.dumps(row, ensure_ascii=False) + "\n")
                     skipped_log.flush()
                 elif item.get("done"):
                     result.already_cached += 1
                 else:
-                    moments = encode_video_moments(vae, item["frames"][None])[0]
-                    embeds, truncated = prompts.get(item["index"])
-                    result.truncated_captions += truncated
-                    meta = {
-                        "source": clip.source,
-                        "content_hash": item["hash"],
-                        "caption": clip.caption,
-                        "caption_truncated": truncated,
-                        "window": 0,
-                        "latent_shape": list(moments.shape),
-                        "frames": len(item["info"]["frame_indices"]),
-                        **item["info"],
-                    }
-                    bucket = f"{meta['frames']}x{cfg.height}x{cfg.width}"
-                    meta["bucket"] = bucket
-                    key = sample_key(clip.source, item["hash"], 0)
-                    writer.write(
-                        Sample(key, {"moments": moments, "prompt_embeds": embeds}, meta),
-                        SampleEntry(key, clip.source, item["hash"], bucket),
-                    )
+                    item["embeds"], item["truncated"] = prompts.get(item["index"])
+                    if item["truncated"]:
+                        result.truncated_captions += 1
+                        result.truncated_sources.append(clip.source)
+                    batcher.add(item)
                     result.encoded += 1
-                update(position, rate=position / max(time.time() - started, 1e-9))
+                    result.samples += len(item["windows"])
+                # Other ranks' progress is not known here; rank 0's bar shows its own share scaled up.
+                done = base + position * ranks.world
+                update(min(done, total), rate=position * ranks.world / max(time.time() - started, 1e-9))
+            batcher.flush()
+            sink.close()
             writer.flush()
-        except BaseException:
-            writer.abandon()
-            raise
-        finally:
-            skipped_log.close()
-    if not manifest.shards:
-        manifest.save(cfg.output)
-    result.seconds = time.time() - started
-    if show_progress:
-        print_summary(result, cfg.output)
-    if result.encoded + result.already_cached == 0:
-        raise ValueError(
-            f"Nothing usable in {cfg.data}: all {len(clips)} clips were skipped "
-            f"(reasons in {cfg.output / SKIPPED_NAME})."
-        )
-    return result
+    except BaseException:
+        sink.error = sink.error or RuntimeError("interrupted")
+        if sink.thread.is_alive():
+            sink.queue.put(None)
+            sink.thread.join()
+        writer.abandon()
+        raise
+    finally:
+        torch.backends.cudnn.benchmark = benchmark
+        skipped_log.close()
+
+
+def _device(name: str | None, ranks: Ranks) -> torch.device:
+    if name is None:
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and ranks.world > 1:
+        name = f"cuda:{ranks.local_rank}"  # one GPU per rank
+    return torch.device(name)
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
 
 
 def print_summary(result: PreprocessResult, output: Path) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    manifest = result.manifest
     table = Table(title="preprocess summary", show_header=False)
-    table.add_row("encoded now", str(result.encoded))
+    table.add_row("encoded now", f"{result.encoded} clips, {result.samples} samples")
     table.add_row("already in cache", str(result.already_cached))
+    skipped = sum(result.skipped.values())
+    table.add_row("skipped", f"{skipped} (listed in {output / SKIPPED_NAME})" if skipped else "0")
     for reason, count in result.skipped.most_common():
-        table.add_row(f"skipped: {reason}", str(count))
+        table.add_row(f"  {reason}", str(count))
     if result.truncated_captions:
         table.add_row("captions cut at 226 tokens", str(result.truncated_captions))
-    for bucket, count in result.manifest.bucket_counts().items():
-        table.add_row(f"bucket {bucket}", str(count))
-    table.add_row("size on disk", f"{result.manifest.total_bytes / 2**20:.1f} MiB")
-    table.add_row("time", f"{result.seconds:.1f} s")
+    table.add_row("samples in cache", str(manifest.sample_count))
+    for bucket, count in manifest.bucket_counts().items():
+        table.add_row(f"  bucket {bucket}", str(count))
+    table.add_row("size on disk", f"{manifest.total_bytes / 2**20:.1f} MiB in {len(manifest.shards)} shards")
+    rate = f", {result.encoded / result.seconds:.2f} clips/s" if result.seconds and result.encoded else ""
+    table.add_row("time", f"{result.seconds:.1f} s{rate}" + (f" on {result.ranks} ranks" if result.ranks > 1 else ""))
     table.add_row("cache", str(output))
     Console(stderr=True).print(table)
 
@@ -304,12 +452,6 @@ def save_validation_prompts(folder: Path, manifest: Manifest, prompts: list[str]
     os.replace(tmp, path)
     manifest.extras["validation"] = {"file": VALIDATION_NAME, "prompts": prompts, "sha256": file_sha256(path)}
     manifest.save(folder)
-
-
-def _exts() -> set[str]:
-    from cogvx.preprocess.sources import VIDEO_EXTENSIONS
-
-    return VIDEO_EXTENSIONS
 
 
 def default_workers() -> int:

@@ -14,7 +14,7 @@ import os
 import re
 import tarfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -94,18 +94,27 @@ class ShardWriter:
         return self.folder / f"{self.prefix}-{index:06d}.tar"
 
     def write(self, sample: Sample, entry: SampleEntry) -> None:
-        members = encode_sample(sample)
+        self.write_group([(sample, entry)])
+
+    def write_group(self, group: list[tuple[Sample, SampleEntry]]) -> None:
+        """Write samples that must land in the same shard (e.g. all windows of one clip).
+
+        A shard is finished only between groups, so a run killed at any moment publishes either all of
+        a group or none of it, and the next run can tell "done" by the source alone.
+        """
+        encoded = [encode_sample(sample) for sample, _ in group]  # fails before anything is written
         if self._tar is None:
             while self._path(self.index).exists():
                 self.index += 1
             self._tar = tarfile.open(self._path(self.index).with_suffix(".tar.tmp"), "w", format=tarfile.GNU_FORMAT)
         now = time.time()
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode = len(data), now, 0o644
-            self._tar.addfile(info, io.BytesIO(data))
-            self._bytes += len(data) + 1024
-        self._entries.append(entry)
+        for members, (_, entry) in zip(encoded, group, strict=True):
+            for name, data in members:
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode = len(data), now, 0o644
+                self._tar.addfile(info, io.BytesIO(data))
+                self._bytes += len(data) + 1024
+            self._entries.append(entry)
         if self._bytes >= self.max_bytes or len(self._entries) >= self.max_samples:
             self.flush()
 
@@ -160,31 +169,59 @@ def read_verified(folder: Path, record: ShardRecord) -> bytes:
     return data
 
 
-def iter_raw_samples(data: bytes, origin: str) -> Iterator[dict[str, Any]]:
-    """Group the members of an in-memory tar into raw webdataset samples (suffix -> bytes)."""
+def iter_raw_samples(data: bytes, origin: str, exclude: Iterable[str] = ()) -> Iterator[dict[str, Any]]:
+    """Group the members of an in-memory tar into raw webdataset samples (suffix -> bytes).
+
+    ``exclude``: keys not to yield -- pass ``record.excluded``, the samples a later shard replaced.
+    """
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
+    skip = set(exclude)
     try:
-        yield from group_by_keys(tar_file_expander([{"url": origin, "stream": io.BytesIO(data)}]))
+        for raw in group_by_keys(tar_file_expander([{"url": origin, "stream": io.BytesIO(data)}])):
+            if raw["__key__"] not in skip:
+                yield raw
     except (tarfile.TarError, ValueError) as err:
         raise CacheError(f"Shard {origin} is not a readable tar file ({err}).") from err
 
 
-def read_shard(folder: Path, record: ShardRecord) -> Iterator[Sample]:
-    """Every sample of one verified shard, decoded."""
+def iter_record_samples(data: bytes, record: ShardRecord, origin: str) -> Iterator[dict[str, Any]]:
+    """The raw samples of one shard that readers should serve (its replaced samples left out)."""
+    return iter_raw_samples(data, origin, exclude=record.excluded)
+
+
+def read_shard(folder: Path, record: ShardRecord, include_excluded: bool = False) -> Iterator[Sample]:
+    """Every live sample of one verified shard, decoded (``include_excluded`` adds the replaced ones)."""
     origin = str(Path(folder) / record.name)
-    for raw in iter_raw_samples(read_verified(folder, record), origin):
+    exclude = () if include_excluded else record.excluded
+    for raw in iter_raw_samples(read_verified(folder, record), origin, exclude=exclude):
         yield decode_sample(raw, origin)
 
 
-def verify(folder: Path, records: list[ShardRecord]) -> list[str]:
-    """Check every shard against the manifest; return one message per bad shard (empty when all good)."""
+def verify(folder: Path, records: list[ShardRecord], deep: bool = True) -> list[str]:
+    """Check every shard against the manifest; return one message per problem (empty when all good).
+
+    Size and sha256 always; the sample count and keys against the manifest's index; with ``deep``,
+    also that every sample's tensors and metadata parse (safetensors and json, never pickle).
+    """
     problems = []
     for record in records:
+        origin = str(Path(folder) / record.name)
         try:
-            count = sum(1 for _ in iter_raw_samples(read_verified(folder, record), record.name))
-            if count != record.sample_count:
-                problems.append(f"{record.name}: {count} samples, manifest says {record.sample_count}")
+            raws = list(iter_raw_samples(read_verified(folder, record), origin))
+            keys = [raw["__key__"] for raw in raws]
+            if len(keys) != record.sample_count:
+                problems.append(f"{record.name}: {len(keys)} samples, manifest says {record.sample_count}")
+            indexed = [entry.key for entry in record.samples]
+            if indexed and keys != indexed:
+                missing = sorted(set(indexed) - set(keys))[:3]
+                problems.append(f"{record.name}: sample keys differ from the manifest index (missing {missing})")
+            unknown = sorted(set(record.excluded) - set(keys))
+            if unknown:
+                problems.append(f"{record.name}: excluded keys not in the shard: {unknown[:3]}")
+            if deep:
+                for raw in raws:
+                    decode_sample(raw, origin)
         except CacheError as err:
             problems.append(str(err))
     return problems

@@ -31,6 +31,12 @@ class SampleEntry:
     source: str
     content_hash: str
     bucket: str
+    # The source file's size and mtime when it was hashed: a later run that sees the same pair trusts
+    # content_hash without reading the file again (None in caches written before these were recorded).
+    size: int | None = None
+    mtime_ns: int | None = None
+    # Hash of the caption the sample was encoded with: a changed caption is a changed input too.
+    caption_hash: str | None = None
 
 
 @dataclass
@@ -40,11 +46,24 @@ class ShardRecord:
     bytes: int
     sha256: str
     samples: list[SampleEntry] = field(default_factory=list)
+    # Keys of samples in this shard that a later shard replaced (their source file changed). Shards are
+    # never rewritten once published, so readers skip these keys instead (missing field = none).
+    excluded: list[str] = field(default_factory=list)
+
+    @property
+    def live_count(self) -> int:
+        """Samples a reader serves from this shard: all of them but the excluded ones."""
+        return self.sample_count - len(self.excluded)
+
+    def live_samples(self) -> list[SampleEntry]:
+        excluded = set(self.excluded)
+        return [s for s in self.samples if s.key not in excluded]
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ShardRecord:
         samples = [SampleEntry(**s) for s in data.get("samples", [])]
-        return cls(data["name"], data["sample_count"], data["bytes"], data["sha256"], samples)
+        excluded = list(data.get("excluded", []))
+        return cls(data["name"], data["sample_count"], data["bytes"], data["sha256"], samples, excluded)
 
 
 @dataclass
@@ -63,7 +82,12 @@ class Manifest:
 
     @property
     def sample_count(self) -> int:
-        return sum(s.sample_count for s in self.shards)
+        """Samples readers serve (replaced ones not counted)."""
+        return sum(s.live_count for s in self.shards)
+
+    @property
+    def excluded_count(self) -> int:
+        return sum(len(s.excluded) for s in self.shards)
 
     @property
     def total_bytes(self) -> int:
@@ -72,15 +96,33 @@ class Manifest:
     def bucket_counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
         for shard in self.shards:
-            for sample in shard.samples:
+            for sample in shard.live_samples():
                 counts[sample.bucket] = counts.get(sample.bucket, 0) + 1
         return dict(sorted(counts.items()))
+
+    def live_entries(self) -> list[SampleEntry]:
+        return [entry for shard in self.shards for entry in shard.live_samples()]
+
+    def add_shard(self, record: ShardRecord) -> None:
+        """List a finished shard; samples of the same sources in earlier shards stop being served.
+
+        A source is re-encoded only when its file changed, so an older sample of it is stale. Marking
+        it excluded (rather than rewriting its shard) keeps published shards byte-for-byte unchanged.
+        """
+        if any(shard.name == record.name for shard in self.shards):
+            return  # already merged (a merge interrupted after saving the manifest)
+        replaced = {entry.source for entry in record.samples}
+        for shard in self.shards:
+            stale = [e.key for e in shard.samples if e.source in replaced and e.key not in shard.excluded]
+            shard.excluded.extend(stale)
+        self.shards.append(record)
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["totals"] = {
             "shards": len(self.shards),
             "samples": self.sample_count,
+            "excluded": self.excluded_count,
             "bytes": self.total_bytes,
             "buckets": self.bucket_counts(),
         }
@@ -133,6 +175,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
             json.dump(data, f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is shared like the shards beside it
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

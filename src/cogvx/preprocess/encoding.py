@@ -1,0 +1,190 @@
+"""The three stages of the preprocessing hot loop, arranged so the GPU never waits for the CPU.
+
+1. ``ClipReader`` (DataLoader worker processes): hash, decode, resize, and make the JPEG strips.
+   Frames leave the workers as pinned uint8 (4x less to copy than floats).
+2. ``VaeBatcher`` (main thread): copies frames to the GPU without blocking, encodes clips of one shape
+   together, and starts the copy of the moments back into pinned memory, marked by a CUDA event.
+   Nothing here waits for the GPU, so the next clip's kernels queue behind the current one's.
+3. ``SampleSink`` (a background thread): waits for each clip's event, then serialises, writes the tar
+   shards and commits them. Serialisation and sha256 release the GIL for most of their time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cogvx.pipeline.encode import encode_video_moments
+from cogvx.preprocess.sources import Clip
+from cogvx.preprocess.video import FrameSpec, SkipClip, jpeg_strip, read_clip
+from cogvx.shards.io import file_sha256
+
+
+def caption_hash(caption: str) -> str:
+    return hashlib.sha256(caption.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class Job:
+    """A clip to look at, and what the cache already knows about its source (None: nothing)."""
+
+    clip: Clip
+    known_hash: str | None = None
+    known_caption: str | None = None
+
+
+class ClipReader(torch.utils.data.Dataset):
+    """One clip per item, in DataLoader workers; a clip that cannot be used comes back as a skip record."""
+
+    def __init__(self, jobs: list[Job], spec: FrameSpec, strip_frames: int = 8):
+        self.jobs, self.spec, self.strip_frames = jobs, spec, strip_frames
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        job = self.jobs[index]
+        try:
+            return {"index": index, **self._read(job)}
+        except SkipClip as err:
+            return {"index": index, "skip": err.reason, "detail": err.detail}
+
+    def _read(self, job: Job) -> dict[str, Any]:
+        clip = job.clip
+        if clip.caption is None:
+            raise SkipClip("missing caption", "no caption file or column value for this video")
+        if not clip.caption.strip():
+            raise SkipClip("empty caption", "the caption is empty")
+        try:
+            stat = os.stat(clip.path)
+            content_hash = file_sha256(clip.path)
+        except OSError as err:
+            raise SkipClip("cannot read file", err.strerror or str(err)) from err
+        if stat.st_size == 0:
+            raise SkipClip("unreadable video", "empty file (0 bytes)")
+        if content_hash == job.known_hash and caption_hash(clip.caption) == job.known_caption:
+            return {"done": True}  # touched but unchanged: already in the cache
+        frames, plan, info = read_clip(str(clip.path), self.spec)
+        return {
+            "hash": content_hash,
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "frames": torch.from_numpy(frames),  # [windows, F, H, W, 3] uint8
+            "bucket": plan.bucket.name,
+            "windows": plan.windows,
+            "info": info,
+            "strips": [jpeg_strip(window, self.strip_frames) for window in frames],
+        }
+
+
+class PromptBank:
+    """Encodes captions in de-duplicated batches, a little ahead of the clips that need them."""
+
+    def __init__(self, captions: list[str], encode: Callable[[list[str]], tuple[torch.Tensor, list[bool]]], batch: int):
+        self.captions, self.encode, self.batch = captions, encode, batch
+        self.cache: dict[str, tuple[torch.Tensor, bool]] = {}
+
+    def get(self, index: int) -> tuple[torch.Tensor, bool]:
+        caption = self.captions[index]
+        if caption not in self.cache:
+            upcoming = list(dict.fromkeys(self.captions[index : index + 4 * self.batch]))
+            todo = [c for c in upcoming if c not in self.cache][: self.batch]
+            embeds, truncated = self.encode(todo)
+            embeds = embeds.cpu()  # one copy per batch of captions, not one per clip
+            for text, emb, cut in zip(todo, embeds, truncated, strict=True):
+                self.cache[text] = (emb.clone(), cut)
+            while len(self.cache) > 8 * self.batch:
+                self.cache.pop(next(iter(self.cache)))
+        return self.cache[caption]
+
+
+@dataclass
+class Encoded:
+    """A clip's moments on their way to the host: valid once ``ready`` has completed."""
+
+    item: dict[str, Any]
+    moments: torch.Tensor  # [windows, 2C, F', H', W'] on the host
+    ready: torch.cuda.Event | None
+
+
+class VaeBatcher:
+    """Encodes clips of the same shape together (up to ``batch`` windows per VAE call)."""
+
+    def __init__(self, vae, device: torch.device, batch: int, emit: Callable[[Encoded], None]):
+        self.vae, self.device, self.batch, self.emit = vae, device, batch, emit
+        self.pending: list[tuple[dict[str, Any], torch.Tensor]] = []
+        self.count = 0
+
+    def add(self, item: dict[str, Any]) -> None:
+        frames = item.pop("frames")
+        if self.pending and (frames.shape[1:] != self.pending[0][1].shape[1:] or self.count + len(frames) > self.batch):
+            self.flush()
+        self.pending.append((item, frames.to(self.device, non_blocking=True)))
+        self.count += len(frames)
+        if self.count >= self.batch:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        frames = torch.cat([f for _, f in self.pending]) if len(self.pending) > 1 else self.pending[0][1]
+        moments = torch.cat([encode_video_moments(self.vae, chunk) for chunk in frames.split(self.batch)])
+        ready = None
+        if moments.is_cuda:
+            host = torch.empty(moments.shape, dtype=moments.dtype, pin_memory=True)
+            host.copy_(moments, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+        else:
+            host = moments
+        offset = 0
+        for item, clip_frames in self.pending:
+            self.emit(Encoded(item, host[offset : offset + len(clip_frames)], ready))
+            offset += len(clip_frames)
+        self.pending, self.count = [], 0
+
+
+class SampleSink:
+    """Runs ``write(encoded)`` on a background thread, in order, at most ``depth`` clips behind."""
+
+    def __init__(self, write: Callable[[Encoded], None], depth: int = 8):
+        self.write = write
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._loop, name="cogvx-shard-writer", daemon=True)
+        self.thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            encoded = self.queue.get()
+            if encoded is None:
+                return
+            if self.error is not None:
+                continue  # drain without writing: the main thread will raise
+            try:
+                if encoded.ready is not None:
+                    encoded.ready.synchronize()  # waits on this thread only; the main one keeps queueing
+                self.write(encoded)
+            except BaseException as err:  # handed to the main thread, which re-raises it
+                self.error = err
+
+    def put(self, encoded: Encoded) -> None:
+        self._raise()
+        self.queue.put(encoded)
+
+    def close(self) -> None:
+        """Wait until everything queued is written; re-raise a writing error here."""
+        self.queue.put(None)
+        self.thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error

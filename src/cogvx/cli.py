@@ -24,23 +24,41 @@ USER_ERRORS = (ValueError, FileNotFoundError, ImportError)
 
 @app.command()
 def preprocess(
-    data: Path = typer.Option(..., help="Folder of videos with .txt captions, or a root with prompts.txt/videos.txt."),
+    data: Path = typer.Option(
+        ..., help="Folder of videos with .txt captions, a root with prompts.txt/videos.txt, or a .csv/.jsonl file."
+    ),
     output: Path = typer.Option(None, help="Cache folder to write [default: shards]."),
     model: str = typer.Option(None, help="Hub id, local diffusers folder, or tiny [default: THUDM/CogVideoX-2b]."),
     height: int = typer.Option(None, help="Frame height in pixels [default: the model's native size, 480 for 2b/5b]."),
     width: int = typer.Option(None, help="Frame width in pixels [default: the model's native size, 720 for 2b/5b]."),
+    resolution: list[str] = typer.Option(
+        None, help="A HEIGHTxWIDTH bucket, repeatable; each clip goes to the closest aspect ratio."
+    ),
     max_frames: int = typer.Option(None, help="Frames per sample, 4k+1 [default: 49]."),
+    frame_bucket: list[int] = typer.Option(
+        None, help="A frame count (4k+1) bucket, repeatable, instead of --max-frames; clips take the longest that fits."
+    ),
     min_frames: int = typer.Option(None, help="Skip clips shorter than this after sampling [default: 5]."),
     fps: float = typer.Option(None, help="Sample frames at this rate, from each clip's real rate [default: 8]."),
     skip_frames_start: int = typer.Option(None, help="Source frames to drop at the start [default: 0]."),
     skip_frames_end: int = typer.Option(None, help="Source frames to drop at the end [default: 0]."),
     resize: str = typer.Option(None, help="crop (cover, centre crop) or stretch [default: crop]."),
+    windows: int = typer.Option(None, help="Up to this many evenly spaced windows from a long clip [default: 1]."),
+    max_upscale: float = typer.Option(None, help="Skip clips that need more enlarging than this [default: 4]."),
     id_token: str = typer.Option(None, help="Prepended to every caption with a space."),
-    caption_column: str = typer.Option(None, help="Caption file in the seed layout [default: prompts.txt]."),
-    video_column: str = typer.Option(None, help="Video list file in the seed layout [default: videos.txt]."),
+    caption_column: str = typer.Option(
+        None, help="Caption file (seed layout) or column (.csv/.jsonl) [default: prompts.txt / caption]."
+    ),
+    video_column: str = typer.Option(
+        None, help="Video list file (seed layout) or column (.csv/.jsonl) [default: videos.txt / video]."
+    ),
     dtype: str = typer.Option(None, help="bf16, fp16 or fp32 for the VAE and T5 [default: bf16]."),
-    device: str = typer.Option(None, help="cuda, cuda:1, cpu [default: cuda if available]."),
-    workers: int = typer.Option(None, help="Video decoding processes [default: 2]."),
+    device: str = typer.Option(None, help="cuda, cuda:1, cpu [default: cuda if available, one GPU per rank]."),
+    workers: int = typer.Option(None, help="Video decoding processes per rank [default: 2]."),
+    vae_batch: int = typer.Option(None, help="Clips of one shape per VAE call [default: 1]."),
+    vae_tiling: bool = typer.Option(None, "--vae-tiling/--no-vae-tiling", help="Encode in tiles (less memory)."),
+    vae_slicing: bool = typer.Option(None, "--vae-slicing/--no-vae-slicing", help="Encode a batch one clip at a time."),
+    shard_max_mb: int = typer.Option(None, help="Shard size limit in MiB [default: 512]."),
     validation_prompt: list[str] = typer.Option(
         None, help="Store this prompt's embedding for validation during training (repeatable)."
     ),
@@ -49,8 +67,12 @@ def preprocess(
     """Encode videos and captions once into a reusable cache of latent moments and prompt embeddings."""
     from cogvx.preprocess.run import PreprocessConfig, run
 
-    flags = {k: v for k, v in locals().items() if k not in ("config", "PreprocessConfig", "run", "validation_prompt")}
-    flags["validation_prompts"] = tuple(validation_prompt) if validation_prompt else None
+    flags = {k: v for k, v in locals().items() if k not in ("config", "PreprocessConfig", "run")}
+    # Repeatable flags arrive as lists (empty when not given) and map to the config's plural fields.
+    for flag, name in (("validation_prompt", "validation_prompts"), ("resolution", "resolutions"),
+                       ("frame_bucket", "frame_buckets")):  # fmt: skip
+        values = flags.pop(flag)
+        flags[name] = tuple(values) if values else None
     _guard(lambda: run(configfile.build(PreprocessConfig, config, **flags), show_progress=True))
 
 
@@ -93,43 +115,132 @@ def train(
 
 
 @shards_app.command("verify")
-def shards_verify(folder: Path = typer.Argument(..., help="Cache folder.")) -> None:
-    """Check every shard's size, sha256 and sample count against the manifest."""
-    from cogvx.shards import Manifest, verify
+def shards_verify(
+    folder: Path = typer.Argument(..., help="Cache folder."),
+    deep: bool = typer.Option(True, "--deep/--quick", help="Also parse every sample (default) or only hash shards."),
+) -> None:
+    """Check every shard's size, sha256, sample count and keys against the manifest."""
+    from cogvx.shards.tools import VerifyConfig, verify_cache
 
     def check():
-        manifest = Manifest.load(folder)
-        problems = verify(folder, manifest.shards)
-        for problem in problems:
+        report = verify_cache(VerifyConfig(folder, deep=deep))
+        for problem in report.problems:
             console.print(f"[red]bad[/red] {problem}")
-        if problems:
-            raise ValueError(f"{len(problems)} of {len(manifest.shards)} shards in {folder} failed verification.")
-        console.print(f"[green]ok[/green] {len(manifest.shards)} shards, {manifest.sample_count} samples verified.")
+        for name in report.unlisted:
+            console.print(f"[yellow]unlisted[/yellow] {name} (not in the manifest, never read)")
+        if not report.ok:
+            raise ValueError(f"{len(report.problems)} problem(s) in {folder}; re-run `cogvx preprocess` to repair.")
+        console.print(f"[green]ok[/green] {report.shards} shards, {report.samples} samples verified.")
 
     _guard(check)
 
 
 @shards_app.command("inspect")
-def shards_inspect(folder: Path = typer.Argument(..., help="Cache folder.")) -> None:
+def shards_inspect(
+    folder: Path = typer.Argument(..., help="Cache folder."),
+    contact_sheet: Path = typer.Option(None, help="Also write a PNG of the samples' frame strips here."),
+    max_strips: int = typer.Option(64, help="Samples on the contact sheet."),
+) -> None:
     """Summarise a cache: samples, buckets, size, model and parameters."""
     from rich.table import Table
 
-    from cogvx.shards import Manifest
+    from cogvx.shards.tools import InspectConfig, inspect
 
     def show():
-        manifest = Manifest.load(folder)
+        summary = inspect(InspectConfig(folder, contact_sheet, max_strips))
         table = Table(title=f"cache {folder}", show_header=False)
-        table.add_row("model", str(manifest.producer.get("model")))
-        table.add_row("shards", str(len(manifest.shards)))
-        table.add_row("samples", str(manifest.sample_count))
-        table.add_row("size on disk", f"{manifest.total_bytes / 2**20:.1f} MiB")
-        for bucket, count in manifest.bucket_counts().items():
-            table.add_row(f"bucket {bucket}", str(count))
-        for key, value in manifest.params.items():
-            table.add_row(key, str(value))
+        for name, value in summary.rows():
+            table.add_row(name, value)
         Console().print(table)
 
     _guard(show)
+
+
+@app.command()
+def sample(
+    prompt: list[str] = typer.Option(None, help="Text to render; repeat for several (one mp4 each)."),
+    lora: Path = typer.Option(None, help="Run folder written by `cogvx train` (or its .safetensors file)."),
+    output: Path = typer.Option(None, help="mp4 file; NAME-KK.mp4 for several prompts [default: samples/lora.mp4]."),
+    model: str = typer.Option(None, help="Base model [default: the one recorded in the LoRA's run folder]."),
+    no_lora: bool = typer.Option(None, "--no-lora", help="Render the base model alone, same seed (to compare)."),
+    lora_scale: float = typer.Option(None, help="Multiplies the LoRA's trained scale; 0 = base model [default: 1]."),
+    steps: int = typer.Option(None, help="Denoising steps [default: 50]."),
+    guidance: float = typer.Option(None, help="Classifier-free guidance scale [default: 6]."),
+    dynamic_cfg: bool = typer.Option(None, "--dynamic-cfg", help="Ramp the guidance over the steps (5b-style)."),
+    negative_prompt: str = typer.Option(None, help="[default: none]"),
+    seed: int = typer.Option(None, help="Noise seed, the same for every prompt [default: 0]."),
+    frames: int = typer.Option(None, help="Frames, 4k+1 [default: 49]."),
+    height: int = typer.Option(None, help="Pixels [default: the model's native size, 480 for 2b/5b]."),
+    width: int = typer.Option(None, help="Pixels [default: the model's native size, 720 for 2b/5b]."),
+    fps: int = typer.Option(None, help="Frame rate written into the mp4 [default: 8]."),
+    dtype: str = typer.Option(None, help="bf16, fp16 or fp32 [default: bf16 on a GPU, fp32 on a CPU]."),
+    device: str = typer.Option(None, help="cuda, cuda:1, cpu [default: cuda if available]."),
+    cpu_offload: bool = typer.Option(None, "--cpu-offload", help="Keep idle components in CPU memory (GPU only)."),
+    vae_tiling: bool = typer.Option(None, "--vae-tiling", help="Decode in tiles: less GPU memory."),
+    vae_slicing: bool = typer.Option(None, "--vae-slicing", help="Decode one video at a time: less GPU memory."),
+    config: Path = typer.Option(None, help="TOML file with any of these settings (flags win)."),
+) -> None:
+    """Generate videos with a trained LoRA (or the base model) and a PNG contact sheet."""
+    from cogvx.pipeline.generate import SampleConfig, run_sample
+
+    flags = {k: v for k, v in locals().items() if k not in ("config", "prompt", "SampleConfig", "run_sample")}
+    flags["prompts"] = tuple(prompt) if prompt else None
+
+    def go():
+        result = run_sample(configfile.build(SampleConfig, config, **flags))
+        for path in result.videos:
+            console.print(f"[green]wrote[/green] {path}")
+        console.print(f"[green]wrote[/green] {result.sheet} (contact sheet)")
+
+    _guard(go)
+
+
+@app.command()
+def render(
+    run: Path = typer.Argument(..., help="Run folder with validation/step-NNNNNN/sample-KK.safetensors."),
+    model: str = typer.Option(None, help="Model whose VAE decodes [default: the run's model]."),
+    fps: int = typer.Option(None, help="Frame rate written into the mp4 [default: 8]."),
+    dtype: str = typer.Option(None, help="bf16, fp16 or fp32 [default: bf16 on a GPU, fp32 on a CPU]."),
+    device: str = typer.Option(None, help="cuda, cuda:1, cpu [default: cuda if available]."),
+    vae_tiling: bool = typer.Option(None, "--vae-tiling", help="Decode in tiles: less GPU memory."),
+    vae_slicing: bool = typer.Option(None, "--vae-slicing", help="Decode one video at a time: less GPU memory."),
+    force: bool = typer.Option(None, "--force", help="Render steps again that already have videos."),
+) -> None:
+    """Decode the validation latents saved by training into mp4s and contact sheets (VAE only)."""
+    from cogvx.pipeline.generate import RenderConfig, run_render
+
+    flags = {k: v for k, v in locals().items() if k not in ("RenderConfig", "run_render") and v is not None}
+
+    def go():
+        result = run_render(RenderConfig(**flags), show_progress=True)
+        for step in result.rendered:
+            console.print(f"[green]rendered[/green] step {step.step}: {len(step.samples)} video(s) in {step.folder}")
+        if result.skipped:
+            console.print(f"skipped {len(result.skipped)} step(s) already rendered (--force renders them again)")
+
+    _guard(go)
+
+
+@app.command()
+def report(
+    run: Path = typer.Argument(..., help="Run folder written by `cogvx train`."),
+    output: Path = typer.Option(None, help="HTML file [default: RUN/report.html]."),
+    render: bool = typer.Option(None, "--render/--no-render", help="Decode validation videos not yet rendered."),
+    model: str = typer.Option(None, help="Model whose VAE renders [default: the run's model]."),
+) -> None:
+    """Write a self-contained HTML page: config, data, training curves, validation videos (prompts x steps)."""
+    from cogvx.report import ReportConfig
+    from cogvx.report import run as write_report
+
+    flags = {k: v for k, v in locals().items() if k not in ("ReportConfig", "write_report") and v is not None}
+
+    def go():
+        result = write_report(ReportConfig(**flags))
+        for note in result.notes:
+            console.print(f"[yellow]note:[/yellow] {note}")
+        console.print(f"[green]wrote[/green] {result.path}")
+
+    _guard(go)
 
 
 def _guard(action) -> None:

@@ -1,0 +1,411 @@
+"""``cogvx report``: one self-contained HTML page per run (no network, no CDN, no JS library).
+
+It shows the resolved config, a summary of the cache the run trained on, loss / learning-rate /
+gradient-norm curves drawn as inline SVG, and the validation videos as a grid of prompts x steps.
+Videos are referenced by relative path (they sit in the run folder), so the page and the run folder
+travel together.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cogvx.pipeline import generate
+
+REPORT_NAME = "report.html"
+METRICS_NAME = "metrics.jsonl"
+
+
+@dataclass
+class ReportConfig:
+    run: Path
+    output: Path | None = None  # default: RUN/report.html
+    render: bool = True  # decode validation latents that have no videos yet (VAE only)
+    model: str | None = None  # for rendering; default: the run's model
+
+    def __post_init__(self):
+        self.run = Path(self.run)
+        self.output = Path(self.output) if self.output is not None else self.run / REPORT_NAME
+        if self.output.suffix.lower() not in (".html", ".htm"):
+            raise ValueError(f"--output must name an .html file (got {self.output})")
+
+
+@dataclass
+class ReportResult:
+    path: Path
+    metrics: int  # optimizer steps with a metrics line
+    validation_steps: list[int]
+    prompts: list[str]
+    cells: int  # video cells in the grid (prompts x steps)
+    rendered: list[int] = field(default_factory=list)  # steps decoded by this call
+    notes: list[str] = field(default_factory=list)  # what the page says is missing
+
+
+def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """The metrics lines, and how many lines were unreadable (a run still writing its last line)."""
+    records, bad = [], 0
+    if not path.is_file():
+        return records, bad
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
+            records.append(record)
+        else:
+            bad += 1
+    return records, bad
+
+
+def find_cache(run: Path, shards: str | None) -> Path | None:
+    """The cache a run trained on: its recorded path, as given or relative to the run's folders."""
+    if not shards:
+        return None
+    given = Path(shards)
+    candidates = [given] if given.is_absolute() else [given, run / given, run.parent / given, run.parent.parent / given]
+    return next((c for c in candidates if (c / "manifest.json").is_file()), None)
+
+
+# --------------------------------------------------------------------------- SVG charts
+
+
+def _nice_ticks(low: float, high: float, count: int = 5, integer: bool = False) -> list[float]:
+    if not (math.isfinite(low) and math.isfinite(high)):
+        return []
+    if high <= low:
+        pad = abs(low) * 0.1 or 1.0
+        low, high = low - pad, high + pad
+    raw = (high - low) / max(count - 1, 1)
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
+    if integer:  # optimizer steps: no tick at step 1.5
+        step = max(1, math.ceil(step))
+    first = math.floor(low / step) * step
+    ticks, value = [], first
+    while value <= high + step * 1e-9:
+        ticks.append(round(value, 12))
+        value += step
+    if ticks[-1] < high:
+        ticks.append(ticks[-1] + step)
+    return ticks
+
+
+def _fmt(value: float) -> str:
+    if value == 0:
+        return "0"
+    if abs(value) >= 1e4 or abs(value) < 1e-3:
+        return f"{value:.1e}"
+    return f"{value:.4g}"
+
+
+def ema(values: list[float], weight: float = 0.9) -> list[float]:
+    """Exponential moving average with bias correction (as TensorBoard smooths)."""
+    out, acc, norm = [], 0.0, 0.0
+    for v in values:
+        acc, norm = weight * acc + (1 - weight) * v, weight * norm + (1 - weight)
+        out.append(acc / norm)
+    return out
+
+
+def _finite_pairs(xs: list[float], ys: list[float]) -> list[tuple[float, float]]:
+    return [(x, y) for x, y in zip(xs, ys, strict=True) if math.isfinite(x) and math.isfinite(y)]
+
+
+def line_chart(title: str, xs: list[float], series: list[tuple[str, list[float], str]], width: int = 520) -> str:
+    """An inline SVG line chart; ``series`` are (label, values, css class). Non-finite values are left out."""
+    height, left, right, top, bottom = 240, 64, 12, 28, 36
+    points = [pair for _, ys, _ in series for pair in _finite_pairs(xs, ys)]
+    head = f'<svg class="chart" role="img" viewBox="0 0 {width} {height}" width="{width}" height="{height}">'
+    head += f"<title>{html.escape(title)}</title>"
+    head += f'<text class="chart-title" x="{left}" y="18">{html.escape(title)}</text>'
+    if not points:
+        return head + f'<text x="{left}" y="{height // 2}">no finite values</text></svg>'
+    x_ticks = _nice_ticks(min(p[0] for p in points), max(p[0] for p in points), integer=True)
+    y_ticks = _nice_ticks(min(p[1] for p in points), max(p[1] for p in points))
+    x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def sx(x: float) -> float:
+        return left + (x - x0) / ((x1 - x0) or 1) * plot_w
+
+    def sy(y: float) -> float:
+        return top + plot_h - (y - y0) / ((y1 - y0) or 1) * plot_h
+
+    parts = [head]
+    for y in y_ticks:
+        parts.append(f'<line class="grid" x1="{left}" x2="{left + plot_w}" y1="{sy(y):.1f}" y2="{sy(y):.1f}"/>')
+        parts.append(f'<text class="tick" x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{_fmt(y)}</text>')
+    for x in x_ticks:
+        parts.append(f'<line class="grid" x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{top}" y2="{top + plot_h}"/>')
+        label = _fmt(x)
+        parts.append(f'<text class="tick" x="{sx(x):.1f}" y="{top + plot_h + 16}" text-anchor="middle">{label}</text>')
+    parts.append(f'<text class="tick" x="{left + plot_w}" y="{height - 4}" text-anchor="end">step</text>')
+    for label, ys, css in series:
+        coords = [f"{sx(x):.1f},{sy(y):.1f}" for x, y in _finite_pairs(xs, ys)]
+        if len(coords) == 1:
+            cx, cy = coords[0].split(",")
+            name = html.escape(label)
+            parts.append(f'<circle class="{css}" cx="{cx}" cy="{cy}" r="3"><title>{name}</title></circle>')
+        elif coords:
+            parts.append(
+                f'<polyline class="{css}" fill="none" points="{" ".join(coords)}"><title>{html.escape(label)}</title>'
+                "</polyline>"
+            )
+    legend_x = left + plot_w
+    for i, (label, _, css) in enumerate(reversed(series)):
+        parts.append(
+            f'<text class="legend {css}" x="{legend_x}" y="{18}" dx="{-i * 110}" text-anchor="end">'
+            f"{html.escape(label)}</text>"
+        )
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+# --------------------------------------------------------------------------- page parts
+
+
+def _table(rows: list[tuple[str, Any]], css: str = "kv") -> str:
+    body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_plain(v))}</td></tr>" for k, v in rows)
+    return f'<table class="{css}">{body}</table>'
+
+
+def _plain(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ", ".join(str(v) for v in value)
+    if isinstance(value, dict):
+        return json.dumps(value, sort_keys=True)
+    return str(value)
+
+
+def _data_section(run: Path, config: dict[str, Any], notes: list[str]) -> str:
+    from cogvx.shards import CacheError, Manifest
+
+    cache = find_cache(run, config.get("shards"))
+    if cache is None:
+        where = config.get("shards", "(config.json names none)")
+        notes.append(f"cache not found at {where}")
+        return f'<p class="note">The cache this run trained on was not found ({html.escape(str(where))}).</p>'
+    try:
+        manifest = Manifest.load(cache)
+    except CacheError as err:
+        notes.append(str(err))
+        return f'<p class="note">{html.escape(str(err))}</p>'
+    rows: list[tuple[str, Any]] = [
+        ("cache", cache.resolve()),
+        ("encoded with", manifest.producer.get("model")),
+        ("samples", manifest.sample_count),
+        ("shards", len(manifest.shards)),
+        ("size on disk", f"{manifest.total_bytes / 2**20:.1f} MiB"),
+    ]
+    buckets = manifest.bucket_counts()
+    rows.append(("buckets (frames x h x w)", ", ".join(f"{bucket}: {count}" for bucket, count in buckets.items())))
+    rows += list(manifest.params.items())
+    validation = manifest.extras.get("validation", {})
+    if validation.get("prompts"):
+        rows.append(("validation prompts", " | ".join(validation["prompts"])))
+    sources = [s.source for shard in manifest.shards for s in shard.samples]
+    shown = ", ".join(sources[:12]) + (f", ... ({len(sources) - 12} more)" if len(sources) > 12 else "")
+    rows.append(("sources", shown))
+    return _table(rows)
+
+
+def _video_grid(page_dir: Path, steps: list[generate.ValidationStep]) -> tuple[str, list[str], int]:
+    """Table of prompts (rows, by sample index) x steps (columns); returns (html, prompts, cells)."""
+    prompts: dict[int, str] = {}
+    for step in steps:
+        for sample in step.samples:
+            index = int(sample.stem.split("-")[-1])
+            if index not in prompts:
+                prompts[index] = generate.read_latents(sample)[1].get("prompt", sample.stem)
+    head = "".join(f'<th class="step">step {s.step}</th>' for s in steps)
+    rows, cells = [], 0
+    for index in sorted(prompts):
+        tds = []
+        for step in steps:
+            sample = next((p for p in step.samples if int(p.stem.split("-")[-1]) == index), None)
+            video = step.video(sample) if sample is not None else None
+            if video is not None and video.is_file():
+                src = html.escape(Path(os.path.relpath(video, page_dir)).as_posix())
+                label = html.escape(f"step {step.step}: {prompts[index]}")
+                tds.append(
+                    f'<td class="cell" data-step="{step.step}" data-sample="{index}"><video src="{src}" '
+                    f'title="{label}" controls loop muted playsinline preload="auto"></video></td>'
+                )
+                cells += 1
+            elif sample is not None:
+                tds.append(f'<td class="cell missing" data-step="{step.step}">not rendered: run cogvx render</td>')
+                cells += 1
+            else:
+                tds.append('<td class="empty"></td>')
+        rows.append(f'<tr><th class="prompt">{html.escape(prompts[index])}</th>{"".join(tds)}</tr>')
+    table = (
+        f'<table id="grid" class="grid"><thead><tr><th>prompt \\ step</th>{head}</tr></thead>'
+        f"<tbody>{''.join(rows)}</tbody></table>"
+    )
+    return table, [prompts[i] for i in sorted(prompts)], cells
+
+
+# The only script on the page: it records load errors (a missing video, a broken image, a script
+# error) and marks the page ready once every video has its metadata or failed, so a headless
+# browser test can read both from the DOM. "Play all" restarts every video together.
+_SCRIPT = """
+(function () {
+  var errors = [];
+  window.addEventListener("error", function (e) {
+    var t = e.target;
+    errors.push(e.message ? String(e.message) : "failed to load " + (t && (t.currentSrc || t.src) || "?"));
+  }, true);
+  function finish() {
+    var videos = document.querySelectorAll("video");
+    for (var i = 0; i < videos.length; i++) {
+      videos[i].setAttribute("data-size", videos[i].videoWidth + "x" + videos[i].videoHeight);
+    }
+    document.body.setAttribute("data-errors", JSON.stringify(errors));
+    document.body.setAttribute("data-ready", "1");
+  }
+  window.addEventListener("load", function () {
+    var started = Date.now();
+    (function poll() {
+      var videos = document.querySelectorAll("video"), settled = 0;
+      for (var i = 0; i < videos.length; i++) {
+        if (videos[i].readyState >= 1 || videos[i].error) settled++;
+      }
+      if (settled === videos.length || Date.now() - started > 10000) finish(); else setTimeout(poll, 50);
+    })();
+    var button = document.getElementById("play-all");
+    if (button) button.addEventListener("click", function () {
+      var videos = document.querySelectorAll("video");
+      for (var i = 0; i < videos.length; i++) { videos[i].currentTime = 0; videos[i].play(); }
+    });
+  });
+})();
+"""
+
+_STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; }
+h1 { font-size: 20px; } h2 { font-size: 16px; margin-top: 28px; border-bottom: 1px solid #ddd; }
+table.kv th { text-align: left; padding: 2px 12px 2px 0; font-weight: 600; vertical-align: top; }
+table.kv td { font-family: ui-monospace, monospace; word-break: break-all; }
+.charts { display: flex; flex-wrap: wrap; gap: 12px; }
+svg.chart { border: 1px solid #eee; background: #fff; }
+svg .grid { stroke: #eee; } svg .tick { font-size: 10px; fill: #666; }
+svg .chart-title { font-size: 12px; font-weight: 600; } svg .legend { font-size: 11px; }
+svg .raw { stroke: #9ab; stroke-width: 1; } svg .smooth { stroke: #c33; stroke-width: 2; }
+svg .lr { stroke: #26a; stroke-width: 2; } svg .gn { stroke: #385; stroke-width: 1.5; }
+svg text.raw, svg text.smooth, svg text.lr, svg text.gn { stroke: none; }
+svg text.raw { fill: #9ab; } svg text.smooth { fill: #c33; } svg text.lr { fill: #26a; } svg text.gn { fill: #385; }
+svg circle { fill: currentColor; }
+.scroll { overflow-x: auto; }
+table.grid { border-collapse: collapse; }
+table.grid th, table.grid td { border: 1px solid #ddd; padding: 4px; vertical-align: top; }
+table.grid th.prompt { max-width: 220px; text-align: left; font-weight: normal; }
+table.grid video { display: block; width: 192px; background: #000; }
+td.missing { color: #a60; font-size: 12px; }
+.note { color: #a60; }
+"""
+
+
+def run(cfg: ReportConfig) -> ReportResult:
+    """Write the report page; render validation videos first when some are missing (``render=True``)."""
+    if not cfg.run.is_dir():
+        raise ValueError(f"Run folder {cfg.run} does not exist.")
+    config = generate.read_run_config(cfg.run)
+    metrics, bad_lines = read_metrics(cfg.run / METRICS_NAME)
+    if not config and not metrics:
+        raise ValueError(
+            f"{cfg.run} holds neither config.json nor {METRICS_NAME}: it is not a `cogvx train` run folder."
+        )
+    notes: list[str] = []
+    rendered: list[int] = []
+    steps = generate.find_validation(cfg.run)
+    if steps and cfg.render and any(not s.rendered for s in steps):
+        result = generate.run_render(generate.RenderConfig(cfg.run, model=cfg.model))
+        rendered = [s.step for s in result.rendered]
+    page_dir = cfg.output.resolve().parent
+
+    # --- summary and curves ---
+    xs = [float(m["step"]) for m in metrics]
+
+    def column(key: str) -> list[float]:
+        return [float(m[key]) if isinstance(m.get(key), (int, float)) else math.nan for m in metrics]
+
+    losses = column("loss")
+    summary: list[tuple[str, Any]] = [
+        ("run", cfg.run.resolve()),
+        ("base model", config.get("model", "?")),
+        ("steps trained", f"{int(xs[-1]) if xs else 0} of {config.get('max_steps', '?')}"),
+    ]
+    if losses:
+        summary.append(("last loss (EMA 0.9)", f"{_fmt(losses[-1])} ({_fmt(ema(losses)[-1])})"))
+    targets = _plain(config.get("targets", "?"))
+    summary += [
+        ("LoRA", f"rank {config.get('rank', '?')}, alpha {config.get('alpha', '?')}, on {targets}"),
+        ("written", time.strftime("%Y-%m-%d %H:%M:%S")),
+    ]
+    metrics_note = ""
+    if bad_lines:
+        notes.append(f"{bad_lines} unreadable line(s) in {METRICS_NAME} left out")
+        metrics_note = f'<p class="note">{html.escape(notes[-1])}</p>'
+    if metrics:
+        charts = [
+            line_chart("loss", xs, [("loss", losses, "raw"), ("EMA 0.9", ema(losses), "smooth")]),
+            line_chart("learning rate", xs, [("lr", column("lr"), "lr")]),
+        ]
+        if any(math.isfinite(v) for v in column("grad_norm")):
+            charts.append(line_chart("gradient norm (before clipping)", xs, [("grad norm", column("grad_norm"), "gn")]))
+        curves = f'<div class="charts">{"".join(charts)}</div>'
+    else:
+        curves = f'<p class="note">No {METRICS_NAME} in this run yet.</p>'
+        notes.append(f"no {METRICS_NAME}")
+
+    # --- validation grid ---
+    prompts, cells = [], 0
+    if steps:
+        grid, prompts, cells = _video_grid(page_dir, steps)
+        validation = '<p><button id="play-all" type="button">play all from the start</button></p>'
+        validation += f'<div class="scroll">{grid}</div>'
+    else:
+        notes.append("no validation latents")
+        validation = (
+            f'<p class="note" id="no-validation">This run has no validation samples '
+            f"({generate.VALIDATION_DIR}/step-NNNNNN/sample-KK.safetensors). "
+            f"{html.escape(generate.NO_VALIDATION_HINT)}</p>"
+        )
+
+    title = f"cogvx run {cfg.run.resolve().name}"
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{html.escape(title)}</title>
+<style>{_STYLE}</style>
+<script>{_SCRIPT}</script>
+</head><body>
+<h1>{html.escape(title)}</h1>
+{_table(summary)}
+{metrics_note}
+<h2>Training curves</h2>
+{curves}
+<h2>Validation videos (prompts x steps)</h2>
+{validation}
+<h2>Data</h2>
+{_data_section(cfg.run, config, notes)}
+<h2>Config</h2>
+{_table(sorted(config.items())) if config else '<p class="note">No config.json in this run.</p>'}
+</body></html>
+"""
+    cfg.output.parent.mkdir(parents=True, exist_ok=True)
+    partial = cfg.output.with_name(f".{cfg.output.name}.partial")
+    partial.write_text(page, encoding="utf-8")
+    os.replace(partial, cfg.output)
+    return ReportResult(cfg.output, len(metrics), [s.step for s in steps], prompts, cells, rendered, notes)

@@ -132,3 +132,31 @@ def test_the_exploit_payload_is_live(tmp_path: Path):
     marker = tmp_path / "marker"
     pickle.loads(pickle.dumps(_Exploit(marker)))
     assert marker.read_text() == "unpickled!"
+
+
+def test_excluded_samples_are_not_served_and_old_manifests_still_load(tmp_path: Path):
+    from cogvx.shards import iter_raw_samples, iter_record_samples
+
+    manifest = _written_cache(tmp_path)
+    first = manifest.shards[0]
+    replacement = ShardRecord("r.tar", 1, 1, "x", [SampleEntry("k9", "v0", "h2", "b")])
+    manifest.add_shard(replacement)  # a newer sample of source v0 replaces k0
+    assert first.excluded == ["k0"] and manifest.sample_count == 3 - 1 + 1
+    manifest.shards.pop()  # keep only real shards on disk for reading
+    manifest.save(tmp_path)
+    loaded = Manifest.load(tmp_path)
+    assert loaded.shards[0].excluded == ["k0"] and loaded.bucket_counts() == {"b": 2}
+    assert [s.key for s in read_shard(tmp_path, loaded.shards[0])] == ["k1"]
+    data = (tmp_path / first.name).read_bytes()
+    assert [r["__key__"] for r in iter_raw_samples(data, "x", exclude=["k0"])] == ["k1"]
+    assert [r["__key__"] for r in iter_record_samples(data, loaded.shards[0], "x")] == ["k1"]
+    assert verify(tmp_path, loaded.shards) == []
+    # A manifest written before exclusions (and stat fields) existed reads as "nothing excluded".
+    raw = json.loads((tmp_path / "manifest.json").read_text())
+    for shard in raw["shards"]:
+        del shard["excluded"]
+        for sample in shard["samples"]:
+            for key in ("size", "mtime_ns", "caption_hash"):
+                del sample[key]
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    assert Manifest.load(tmp_path).sample_count == 3

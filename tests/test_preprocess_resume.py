@@ -1,0 +1,129 @@
+"""Preprocessing killed with SIGKILL and run again, and preprocessing split over ranks with torchrun.
+
+Both run real subprocesses: the guarantees under test (atomic shards, a manifest replaced atomically,
+per-rank parts merged once) are about what survives a process, not about functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from cogvx.preprocess.run import run
+from cogvx.shards import Manifest, read_shard, verify
+
+from .test_preprocess import make_clip, tiny
+
+CLIP_COUNT = 12
+
+
+@pytest.fixture
+def twelve(tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    for i in range(CLIP_COUNT):
+        make_clip(data, f"clip {i:02d}.mp4", frames=15, seed=i)
+    return data
+
+
+def _sources_once(out: Path) -> list[str]:
+    manifest = Manifest.load(out)
+    sources = [s.meta["source"] for record in manifest.shards for s in read_shard(out, record)]
+    assert len(sources) == len(set(sources)), "a clip is served twice"
+    assert verify(out, manifest.shards) == []
+    assert not list(out.glob("*.tmp")) and not (out / ".parts").exists()
+    listed = {r.name for r in manifest.shards}
+    assert {p.name for p in out.glob("*.tar")} == listed, "only listed shards remain"
+    return sorted(sources)
+
+
+def _spawn(data: Path, out: Path) -> subprocess.Popen:
+    code = (
+        "from cogvx.preprocess.run import PreprocessConfig, run\n"
+        f"run(PreprocessConfig(data={str(data)!r}, output={str(out)!r}, model='tiny', dtype='fp32', workers=0,"
+        " frame_buckets=(9,), shard_max_samples=2))\n"
+    )
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _wait_for(condition, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail("the run ended (or hung) before the moment this test kills it at")
+        time.sleep(0.005)
+
+
+def _listed(out: Path) -> int:
+    try:
+        return len(json.loads((out / "manifest.json").read_text())["shards"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError):
+        return 0
+
+
+@pytest.mark.parametrize("moment", ["first shard half written", "after the second shard was listed"])
+def test_kill_9_then_rerun_gives_every_clip_exactly_once(twelve: Path, tmp_path: Path, moment: str):
+    out = tmp_path / "out"
+    proc = _spawn(twelve, out)
+    if moment == "first shard half written":
+        _wait_for(lambda: any(out.glob("*.tar.tmp")), proc)
+    else:
+        _wait_for(lambda: _listed(out) >= 2, proc)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    before = Manifest.load(out).sample_count if (out / "manifest.json").exists() else 0
+    assert before < CLIP_COUNT, "the killed run finished: nothing was tested"
+    if before:
+        assert verify(out, Manifest.load(out).shards) == [], "what a killed run left listed must be whole"
+
+    result = run(tiny(twelve, out, shard_max_samples=2))
+    assert result.encoded == CLIP_COUNT - before and result.already_cached == before
+    assert _sources_once(out) == sorted(f"clip {i:02d}.mp4" for i in range(CLIP_COUNT))
+
+
+def test_torchrun_two_ranks_write_their_own_shards_and_one_manifest(twelve: Path, tmp_path: Path):
+    (twelve / "broken.mp4").write_bytes(b"not a video")
+    (twelve / "broken.txt").write_text("a ball")
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "cogvx", "preprocess", "--data", str(twelve), "--output", str(out), "--model", "tiny",
+        "--dtype", "fp32", "--workers", "0", "--frame-bucket", "9",
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = Manifest.load(out)
+    assert {r.name.split("-")[1] for r in manifest.shards} == {"r00", "r01"}, "each rank writes its own shards"
+    assert _sources_once(out) == sorted(f"clip {i:02d}.mp4" for i in range(CLIP_COUNT))
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert [row["source"] for row in skipped] == ["broken.mp4"]
+    assert "encoded now" in done.stderr and "12 clips" in done.stderr, "rank 0 prints the totals of all ranks"
+
+    again = run(tiny(twelve, out))
+    assert (again.encoded, again.already_cached) == (0, CLIP_COUNT)
+
+
+def test_shards_a_killed_rank_finished_are_adopted_not_encoded_again(twelve: Path, tmp_path: Path):
+    """A distributed run killed before its final merge leaves finished shards in part files only."""
+    from dataclasses import asdict
+
+    from cogvx.shards import write_json_atomic
+
+    out = tmp_path / "out"
+    run(tiny(twelve, out, shard_max_samples=5))
+    manifest = Manifest.load(out)
+    records, manifest.shards = manifest.shards, []
+    manifest.save(out)
+    write_json_atomic(out / ".parts" / "shards.r01.json", [asdict(r) for r in records])
+    (out / "shard-r01-000099.tar").write_bytes(b"renamed into place, never listed")  # an orphan: deleted
+    result = run(tiny(twelve, out, shard_max_samples=5))
+    assert (result.encoded, result.already_cached) == (0, CLIP_COUNT)
+    assert _sources_once(out) == sorted(f"clip {i:02d}.mp4" for i in range(CLIP_COUNT))

@@ -124,6 +124,28 @@ def test_a_prompt_over_the_text_limit_is_truncated_with_a_warning(lora_run: Path
     assert all(p.is_file() for p in result.videos)
 
 
+def test_settings_from_a_toml_file_with_flags_winning(lora_run: Path, tmp_path: Path):
+    config = tmp_path / "sample.toml"
+    config.write_text(
+        'prompts = ["a cat on a car"]\nsteps = 2\nframes = 9\nheight = 32\nwidth = 64\nseed = 1\nlora_scale = 0.5\n'
+    )
+    out = tmp_path / "toml.mp4"
+    args = ["sample", "--config", str(config), "--lora", str(lora_run), "--output", str(out), "--seed", "7"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    settings = json.loads(out.with_suffix(".json").read_text())
+    assert settings["prompts"] == ["a cat on a car"] and settings["steps"] == 2 and settings["lora_scale"] == 0.5
+    assert settings["seed"] == 7
+    assert read_video(out).shape == (9, 32, 64, 3)
+
+
+def test_a_frame_count_the_vae_rounds_up_is_reported(lora_run: Path, tmp_path: Path, capsys):
+    # 13 frames = 4 latent frames; CogVideoX's VAE (and so the diffusers pipeline) decodes those to 16.
+    result = run_sample(SampleConfig(("a cat",), lora=lora_run, output=tmp_path / "f.mp4", **(FAST | {"frames": 13})))
+    assert len(result.frames[0]) == len(read_video(tmp_path / "f.mp4")) == 16
+    assert "decoded 16 frames for --frames 13" in capsys.readouterr().err
+
+
 def test_vae_tiling_never_writes_a_video_of_the_wrong_size(lora_run: Path, tmp_path: Path):
     # diffusers' tiled decode assumes tiles of real CogVideoX size; the tiny VAE's tiles are 32x48 pixels,
     # for which its overlap arithmetic returns extra pixels. cogvx refuses rather than write a wrong video.

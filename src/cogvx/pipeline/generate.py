@@ -116,13 +116,12 @@ def _device_and_dtype(device: str | None, dtype: str | None) -> tuple[torch.devi
     return dev, models.parse_dtype(dtype or ("bf16" if dev.type == "cuda" else "fp32"))
 
 
-def _check_size(frames: np.ndarray, wanted: tuple[int, int, int], tiling: bool) -> None:
+def _check_size(frames: np.ndarray, height: int, width: int, tiling: bool) -> None:
     """Refuse to write a video of another size than asked (diffusers' VAE tiling miscounts with tiny tiles)."""
-    if tuple(frames.shape[:3]) != tuple(wanted):
+    if tuple(frames.shape[1:3]) != (height, width):
         hint = " VAE tiling assumes tiles of real CogVideoX size; drop --vae-tiling for this model." if tiling else ""
         raise ValueError(
-            f"Decoding gave {frames.shape[0]} frames of {frames.shape[2]}x{frames.shape[1]} instead of "
-            f"{wanted[0]} of {wanted[2]}x{wanted[1]}.{hint}"
+            f"Decoding gave frames of {frames.shape[2]}x{frames.shape[1]} instead of {width}x{height}.{hint}"
         )
 
 
@@ -326,7 +325,7 @@ def run_sample(cfg: SampleConfig) -> SampleResult:
         pipe.to(device)
 
     truncated = _warn_truncated(pipe.tokenizer, cfg.prompts, pipe.transformer.config.max_text_seq_length)
-    videos, all_frames = cfg.video_paths(), []
+    videos, all_frames, warned_frames = cfg.video_paths(), [], False
     for prompt, path in zip(cfg.prompts, videos, strict=True):
         # One generator per prompt, seeded alike: a prompt's video does not depend on the others,
         # and --no-lora starts from exactly the same noise.
@@ -346,7 +345,15 @@ def run_sample(cfg: SampleConfig) -> SampleResult:
                 max_sequence_length=pipe.transformer.config.max_text_seq_length,
             ).frames[0]
         frames = to_uint8(np.asarray(out))
-        _check_size(frames, (cfg.frames, height, width), cfg.vae_tiling)
+        _check_size(frames, height, width, cfg.vae_tiling)
+        if len(frames) != cfg.frames and not warned_frames:
+            # CogVideoX 1.0 VAEs decode an even number of latent frames to 4 frames each (13 -> 16): the
+            # pipeline does the same. 8k+1 frames (9, 17, 25, 49) give an odd latent count and exact lengths.
+            console.print(
+                f"[yellow]warning:[/yellow] the VAE decoded {len(frames)} frames for --frames {cfg.frames}, as the "
+                "diffusers pipeline does; ask for 8k+1 frames (9, 17, 25, 49) to get exactly that many."
+            )
+            warned_frames = True
         write_mp4(path, frames, cfg.fps)
         all_frames.append(frames)
     sheet = write_sheet(cfg.sheet_path, list(zip(cfg.prompts, all_frames, strict=True)), cfg.sheet_columns)
@@ -530,8 +537,7 @@ def run_render(cfg: RenderConfig, show_progress: bool = False) -> RenderResult:
                     latents = latents[:, max(latents.shape[1] - wanted, 0) :]
                 frames = decode_latents(vae, latents, scaling)
                 size = latents.shape[3] * info.spatial_compression, latents.shape[4] * info.spatial_compression
-                frames_wanted = (latents.shape[1] - 1) * info.temporal_compression + 1
-                _check_size(frames, (frames_wanted, *size), cfg.vae_tiling)
+                _check_size(frames, *size, cfg.vae_tiling)
                 result.videos.append(write_mp4(step.video(sample), frames, cfg.fps))
                 rows.append((meta.get("prompt", sample.stem), frames))
                 done += 1

@@ -39,19 +39,53 @@ def save(
     info: dict[str, Any],
     keep: int,
 ) -> Path:
-    final = Path(output) / f"checkpoint-{step:06d}"
-    staging = Path(output) / f".checkpoint-{step:06d}.partial"
+    """Write ``checkpoint-NNNNNN/`` beside the old ones, then drop all but the newest ``keep``.
+
+    Files are written into a hidden staging folder, fsynced, and the folder is renamed into place: a
+    crash at any moment leaves either the complete checkpoint or none (``find`` ignores the rest).
+    """
+    output = Path(output)
+    final = output / f"checkpoint-{step:06d}"
+    staging = output / f".checkpoint-{step:06d}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     save_file(lora, staging / LORA_FILE)
     for name, state in states.items():
         torch.save(state, staging / f"{name}.pt")
     (staging / STATE_FILE).write_text(json.dumps({"step": step, **info}, indent=1))
-    shutil.rmtree(final, ignore_errors=True)
+    for path in staging.iterdir():
+        _fsync(path)
+    _fsync(staging)
+    if final.exists():
+        _discard(final)
     os.replace(staging, final)
+    _fsync(output)
     for old in checkpoint_dirs(output)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     return final
+
+
+def clean_stale(output: Path) -> None:
+    """Remove what a killed run left half-written or half-deleted (never a complete checkpoint)."""
+    if Path(output).is_dir():
+        for path in Path(output).glob(".checkpoint-*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _discard(path: Path) -> None:
+    # Rename first: a half-deleted folder must never look like a checkpoint.
+    doomed = path.parent / f".{path.name}.deleting"
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def find(output: Path, resume: str) -> Path | None:

@@ -47,6 +47,13 @@ class TrainConfig:
     seed: int = 0
     workers: int = 2
     shuffle_buffer: int = 64
+    # Validation: latents sampled from the cache's validation prompts (transformer only), decoded later
+    validation_every: int = 0  # steps; 0 for none
+    validation_steps: int = 50  # sampler steps
+    validation_guidance: float = 6.0
+    validation_frames: int | None = None  # default: the cache's first bucket
+    validation_height: int | None = None
+    validation_width: int | None = None
     # Checkpoints, logging
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
@@ -74,6 +81,20 @@ class TrainConfig:
             (self.workers >= 0, "--workers must be 0 or more"),
             (self.checkpoint_every >= 0, "--checkpoint-every must be 0 (off) or more"),
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
+            (self.lr_warmup_steps >= 0, "--lr-warmup-steps must be 0 or more"),
+            (self.max_grad_norm > 0, f"--max-grad-norm must be positive (got {self.max_grad_norm})"),
+            (self.shuffle_buffer >= 0, "shuffle_buffer must be 0 (off) or more"),
+            (self.validation_every >= 0, "--validation-every must be 0 (off) or more"),
+            (self.validation_steps >= 1, "--validation-steps must be at least 1"),
+            (self.validation_guidance >= 0, "--validation-guidance must be 0 or more (1 or less: no guidance)"),
+            (
+                self.validation_frames is None or (self.validation_frames >= 1 and self.validation_frames % 4 == 1),
+                f"--validation-frames must be 4k+1, like 13 or 49 (got {self.validation_frames})",
+            ),
+            (
+                all(v is None or (v > 0 and v % 8 == 0) for v in (self.validation_height, self.validation_width)),
+                "--validation-height and --validation-width must be positive multiples of 8",
+            ),
         ]
         for ok, message in checks:
             if not ok:

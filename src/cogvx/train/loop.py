@@ -1,7 +1,8 @@
 """``cogvx train``: the LoRA loop, setup -> build -> fit, in one readable function.
 
 It reads only the transformer's weights: the VAE and the text encoder stay on disk (their configs
-are read to check that the cache fits the model).
+are read to check that the cache fits the model). ``train_step`` is one optimizer step on its own,
+so benchmarks time exactly what training runs.
 """
 
 from __future__ import annotations
@@ -10,8 +11,9 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,12 +25,15 @@ from cogvx.pipeline import lora, models
 from cogvx.pipeline.objective import Objective
 from cogvx.progress import progress_bar
 from cogvx.shards import Manifest
-from cogvx.train import checkpoint
+from cogvx.train import checkpoint, report
 from cogvx.train.config import TrainConfig
 from cogvx.train.data import ShardStream, make_loader
+from cogvx.train.validation import load_validation_set, run_validation
 
 WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
-METRICS_NAME = "metrics.jsonl"
+METRICS_NAME = report.METRICS_NAME
+# Settings that decide which samples each step sees: changing them on resume changes the data order.
+DATA_ORDER_KEYS = ("seed", "batch_size", "gradient_accumulation", "shuffle_buffer")
 
 
 class TrainingDiverged(RuntimeError):
@@ -42,6 +47,14 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     resumed_from: int = 0
     model: torch.nn.Module | None = None  # the trained transformer with its LoRA, unwrapped
+    validation: list[Path] = field(default_factory=list)  # latents this process wrote
+
+
+@dataclass
+class StepOutput:
+    loss: float  # mean over micro-batches and processes
+    grad_norm: float  # before clipping
+    skipped: bool = False  # fp16 only: the loss scaler found inf gradients and skipped the update
 
 
 def check_cache_fits(manifest: Manifest, info: models.ModelInfo, shards: Path) -> None:
@@ -81,39 +94,88 @@ def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], lr: floa
     return prodigyopt.Prodigy(params, lr=lr, betas=betas, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
 
 
-def _keep_metrics_until(path: Path, step: int) -> None:
-    """On resume, drop the lines of steps after the checkpoint: they will be trained again."""
-    if path.is_file():
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in kept))
+def train_step(
+    accelerator: Any,
+    model: torch.nn.Module,
+    objective: Objective,
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[torch.nn.Parameter],
+    micro_batches: Sequence[dict[str, Any]],
+    *,
+    seed: int,
+    step: int,
+    compute_dtype: torch.dtype,
+    max_grad_norm: float,
+    schedule: Any = None,
+) -> StepOutput:
+    """One optimizer step over ``micro_batches`` (gradient accumulation): forward, backward, clip, update.
+
+    ``model`` and ``optimizer`` come from ``accelerator.prepare``. Noise, timesteps and LoRA dropout are
+    seeded from (seed, step, micro-batch, rank), so a step gives the same numbers whenever it runs.
+    Raises ``TrainingDiverged`` before touching the weights when the loss or the gradients are not finite.
+    """
+    device, rank, count = accelerator.device, accelerator.process_index, len(micro_batches)
+    total = torch.zeros((), device=device)
+    for micro, batch in enumerate(micro_batches):
+        generator = torch.Generator(device).manual_seed(step_seed(seed, step, micro, rank))
+        torch.manual_seed(step_seed(seed, step, micro, rank, 1))  # LoRA dropout
+        moments = batch["moments"].to(device, non_blocking=True)
+        embeds = batch["prompt_embeds"].to(device, non_blocking=True)
+        # Gradients are all-reduced once per step, on the last micro-batch.
+        sync = contextlib.nullcontext() if micro == count - 1 else accelerator.no_sync(model)
+        with sync:
+            with accelerator.autocast():
+                loss = objective(model, moments, embeds, generator, compute_dtype)
+            accelerator.backward(loss / count)
+        total += loss.detach() / count
+    grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
+    grad_norm = float(grad_norm) if grad_norm is not None else math.nan
+    mean_loss = accelerator.reduce(total, "mean").item()
+    overflow = not math.isfinite(grad_norm) and accelerator.scaler is not None  # fp16: the scaler's business
+    if not math.isfinite(mean_loss) or (not math.isfinite(grad_norm) and not overflow):
+        what = f"loss {mean_loss}" if not math.isfinite(mean_loss) else f"gradient norm {grad_norm}"
+        keys = [k for batch in micro_batches for k in batch.get("keys", [])]
+        raise TrainingDiverged(
+            f"Training diverged at step {step}: {what} (samples on process {rank}: {', '.join(keys) or '?'}). "
+            "No weights were updated or written for this step; the checkpoints in the run folder are intact. "
+            "Try a lower --learning-rate, more --lr-warmup-steps, --mixed-precision bf16 instead of fp16, or "
+            "check the cache with `cogvx shards verify`."
+        )
+    optimizer.step()
+    if schedule is not None:
+        schedule.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepOutput(mean_loss, grad_norm, skipped=bool(overflow and accelerator.optimizer_step_was_skipped))
 
 
 def run(
     cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = None, show_progress: bool = False
 ) -> TrainResult:
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
+    from accelerate.utils import gather_object
     from diffusers.optimization import get_scheduler
 
     # --- setup ---
-    # Accelerate keeps its settings process-wide; a second run in one process (tests, notebooks) may differ.
-    AcceleratorState._reset_state()
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision,
-        log_with=None if cfg.report_to == "none" else cfg.report_to,
-        project_dir=str(cfg.output),
-    )
-    rank, world = accelerator.process_index, accelerator.num_processes
+    accelerator = _accelerator(cfg)
+    rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     manifest = Manifest.load(cfg.shards)
     model_name = cfg.model or manifest.producer["model"]
     info = models.ModelInfo.read(model_name)
     check_cache_fits(manifest, info, cfg.shards)
     torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
     torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
-    cfg.output.mkdir(parents=True, exist_ok=True)
+    if main:
+        cfg.output.mkdir(parents=True, exist_ok=True)
+        checkpoint.clean_stale(cfg.output)
+    accelerator.wait_for_everyone()
 
     # --- build ---
-    transformer = models.load_transformer(info.source, WEIGHT_DTYPES[cfg.mixed_precision], accelerator.device)
+    compute_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
+    transformer = models.load_transformer(info.source, compute_dtype, accelerator.device)
+    validation = None
+    if cfg.validation_every:
+        patch = transformer.config.patch_size
+        sizes = (cfg.validation_frames, cfg.validation_height, cfg.validation_width)
+        validation = load_validation_set(cfg.shards, manifest, info, patch, *sizes)
     if cfg.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     torch.manual_seed(cfg.seed)  # LoRA A matrices start random: same seed, same start
@@ -128,24 +190,19 @@ def run(
         num_cycles=cfg.lr_num_cycles,
         power=cfg.lr_power,
     )
-    objective = Objective(transformer.config, models.load_scheduler(info.source).alphas_cumprod, info.scaling_factor)
+    noise_scheduler = models.load_scheduler(info.source)
+    objective = Objective(transformer.config, noise_scheduler.alphas_cumprod, info.scaling_factor)
 
-    start_step, batches_consumed = 0, 0
+    start_step, batches_consumed, saved_states = 0, 0, {}
     found = checkpoint.find(cfg.output, cfg.resume) if cfg.resume else None
-    saved_states: dict[str, Any] = {}
     if found is not None:
         state, lora_weights, saved_states = checkpoint.load(found)
-        if (state["world_size"], state["workers"]) != (world, cfg.workers):
-            accelerator.print(
-                f"[warning] {found} was written with {state['world_size']} process(es) x {state['workers']} "
-                f"data worker(s); now {world} x {cfg.workers}. Training resumes, but the data order differs."
-            )
+        _warn_if_data_order_changes(accelerator, found, state, cfg, world)
         lora.load_lora_state(transformer, lora_weights)
         optimizer.load_state_dict(saved_states["optimizer"])
         schedule.load_state_dict(saved_states["lr_schedule"])
         start_step, batches_consumed = state["step"], state["batches_consumed"]
-    elif cfg.resume and cfg.resume != "auto":
-        raise ValueError(f"--resume {cfg.resume}: no checkpoint found.")
+        accelerator.print(f"Resuming from {found} (step {start_step}).")
 
     model, optimizer = accelerator.prepare(transformer, optimizer)
     if "scaler" in saved_states and accelerator.scaler is not None:
@@ -155,20 +212,19 @@ def run(
     )
     batches = iter(make_loader(stream, cfg.workers, pin_memory=accelerator.device.type == "cuda"))
     metrics_path = cfg.output / METRICS_NAME
-    if accelerator.is_main_process:
-        _keep_metrics_until(metrics_path, start_step)
-        resolved = configfile.as_dict(cfg) | {"model": model_name}
+    resolved = configfile.as_dict(cfg) | {"model": model_name}
+    if main:
+        report.keep_metrics_until(metrics_path, start_step)
         (cfg.output / "config.json").write_text(json.dumps(resolved, indent=1))
         (cfg.output / "config.toml").write_text(configfile.to_toml(TrainConfig(**resolved)))
     if cfg.report_to != "none":
-        accelerator.init_trackers("cogvx", config={k: str(v) for k, v in configfile.as_dict(cfg).items()})
+        accelerator.init_trackers("cogvx", config={k: str(v) for k, v in resolved.items()})
 
     # --- fit ---
-    compute_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
     result = TrainResult(cfg.output, start_step, resumed_from=start_step)
     model.train()
     bar = progress_bar(
-        show_progress and accelerator.is_main_process,
+        show_progress and main,
         "train",
         cfg.max_steps,
         "loss {task.fields[loss]:.4f}  {task.fields[rate]:.2f} steps/s",
@@ -179,62 +235,141 @@ def run(
         update(start_step)
         for step in range(start_step + 1, cfg.max_steps + 1):
             started = time.perf_counter()
-            total_loss = torch.zeros((), device=accelerator.device)
-            for micro in range(cfg.gradient_accumulation):
-                batch = next(batches)
-                batches_consumed += 1
-                generator = torch.Generator(accelerator.device).manual_seed(step_seed(cfg.seed, step, micro, rank))
-                torch.manual_seed(step_seed(cfg.seed, step, micro, rank, 1))  # LoRA dropout
-                moments = batch["moments"].to(accelerator.device, non_blocking=True)
-                embeds = batch["prompt_embeds"].to(accelerator.device, non_blocking=True)
-                last = micro == cfg.gradient_accumulation - 1
-                with accelerator.no_sync(model) if not last else contextlib.nullcontext(), accelerator.autocast():
-                    loss = objective(model, moments, embeds, generator, compute_dtype)
-                    accelerator.backward(loss / cfg.gradient_accumulation)
-                total_loss += loss.detach() / cfg.gradient_accumulation
-            grad_norm = accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
-            mean_loss = accelerator.reduce(total_loss, "mean").item()
-            if not math.isfinite(mean_loss) or not torch.isfinite(torch.as_tensor(grad_norm)).item():
-                what = f"loss {mean_loss}" if not math.isfinite(mean_loss) else f"gradient norm {float(grad_norm)}"
-                raise TrainingDiverged(
-                    f"Training diverged at step {step}: {what}. No weights were written for this step; the last "
-                    f"checkpoint in {cfg.output} is intact. Try a lower --learning-rate, --mixed-precision bf16 "
-                    "instead of fp16, or check the cache with `cogvx shards verify`."
-                )
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-
+            micro_batches = [next(batches) for _ in range(cfg.gradient_accumulation)]
+            batches_consumed += cfg.gradient_accumulation
+            out = train_step(
+                accelerator,
+                model,
+                objective,
+                optimizer,
+                params,
+                micro_batches,
+                seed=cfg.seed,
+                step=step,
+                compute_dtype=compute_dtype,
+                max_grad_norm=cfg.max_grad_norm,
+                schedule=schedule,
+            )
             seconds = time.perf_counter() - started
+            keys = [k for batch in micro_batches for k in batch["keys"]]
             record = {
                 "step": step,
-                "loss": mean_loss,
+                "loss": out.loss,
                 "lr": schedule.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
+                "grad_norm": out.grad_norm,
                 "samples_per_s": cfg.batch_size * cfg.gradient_accumulation * world / seconds,
                 "step_seconds": seconds,
                 "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0,
+                "samples": gather_object([keys]) if world > 1 else [keys],  # per process
             }
-            result.losses.append(mean_loss)
+            if out.skipped:
+                record["skipped"] = True
+            result.losses.append(out.loss)
             result.steps = step
-            if accelerator.is_main_process:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps(record) + "\n")
+            if main:
+                report.append_metrics(metrics_path, record)
             if cfg.report_to != "none":
-                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=step)
-            update(step, loss=mean_loss, rate=1.0 / seconds)
+                scalars = ("loss", "lr", "grad_norm", "samples_per_s", "peak_memory_gb")
+                accelerator.log({f"train/{k}": record[k] for k in scalars}, step=step)
+            update(step, loss=out.loss, rate=1.0 / seconds)
+            last = step == cfg.max_steps
+            if validation is not None and (step % cfg.validation_every == 0 or last):
+                result.validation += run_validation(
+                    accelerator.unwrap_model(model),
+                    validation,
+                    output=cfg.output,
+                    step=step,
+                    seed=cfg.seed,
+                    model_name=model_name,
+                    info=info,
+                    scheduler_config=dict(noise_scheduler.config),
+                    num_inference_steps=cfg.validation_steps,
+                    guidance_scale=cfg.validation_guidance,
+                    dtype=compute_dtype,
+                    autocast=accelerator.autocast,
+                    rank=rank,
+                    world_size=world,
+                )
+                accelerator.wait_for_everyone()
+            if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or last):
+                _save_checkpoint(accelerator, cfg, model, optimizer, schedule, step, batches_consumed, world)
             if on_step:
                 on_step(record)
-            if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.max_steps:
-                _save_checkpoint(accelerator, cfg, model, optimizer, schedule, step, batches_consumed, world)
 
     # --- finish ---
     accelerator.wait_for_everyone()
     result.model = accelerator.unwrap_model(model)
-    if accelerator.is_main_process:
-        lora.save_lora(result.model, cfg.output)
+    _check_replicas_agree(accelerator, params)
+    if main:
+        weights = lora.save_lora(result.model, cfg.output)
+        records = report.read_metrics(metrics_path)
+        report.draw_loss_curve(records, cfg.output / report.LOSS_CURVE_NAME)
+        card = report.model_card(
+            model_name=model_name,
+            model_source=info.source,
+            config=resolved,
+            steps=result.steps,
+            records=records,
+            manifest=manifest,
+            weights_name=weights.name,
+            world_size=world,
+        )
+        (cfg.output / report.MODEL_CARD_NAME).write_text(card)
     accelerator.end_training()
     return result
+
+
+def _accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import ProjectConfiguration, is_tensorboard_available, is_wandb_available
+
+    if cfg.report_to == "tensorboard" and not is_tensorboard_available():
+        raise ImportError("--report-to tensorboard needs tensorboard: pip install tensorboard")
+    if cfg.report_to == "wandb" and not is_wandb_available():
+        raise ImportError("--report-to wandb needs wandb: pip install wandb, then `wandb login`")
+    # Accelerate keeps its settings process-wide; a second run in one process (tests, notebooks) may differ.
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(
+        # Without a GPU, accelerate joins torchrun's processes (gloo) only when told to run on the CPU.
+        cpu=not torch.cuda.is_available(),
+        mixed_precision=cfg.mixed_precision,
+        log_with=None if cfg.report_to == "none" else cfg.report_to,
+        project_config=ProjectConfiguration(project_dir=str(cfg.output), logging_dir=str(cfg.output / "logs")),
+    )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != launched:
+        raise RuntimeError(
+            f"The launcher started {launched} processes but accelerate sees {accelerator.num_processes}: each would "
+            "train alone and overwrite the others' files. Launch with `torchrun` or `accelerate launch`."
+        )
+    return accelerator
+
+
+def _warn_if_data_order_changes(accelerator, found: Path, state: dict, cfg: TrainConfig, world: int) -> None:
+    saved = state.get("config", {})
+    changed = [k for k in DATA_ORDER_KEYS if k in saved and saved[k] != getattr(cfg, k)]
+    if (state["world_size"], state["workers"]) != (world, cfg.workers):
+        changed.append(f"processes x data workers {state['world_size']}x{state['workers']} -> {world}x{cfg.workers}")
+    if changed:
+        accelerator.print(
+            f"[warning] {found} was written with other settings ({', '.join(changed)}). Training resumes, but "
+            "the data order differs from an uninterrupted run."
+        )
+
+
+def _check_replicas_agree(accelerator, params: Sequence[torch.nn.Parameter]) -> None:
+    """Data-parallel processes must end with the same LoRA; a mismatch means a silent desync."""
+    if accelerator.num_processes == 1:
+        return
+    with torch.no_grad():
+        summary = torch.stack([sum(p.double().sum() for p in params), sum(p.double().square().sum() for p in params)])
+    everyone = accelerator.gather(summary.to(accelerator.device).unsqueeze(0))
+    if not torch.equal(everyone, everyone[:1].expand_as(everyone)):
+        raise RuntimeError(
+            f"The LoRA weights differ between processes at the end of training ({everyone.tolist()}); "
+            "data-parallel training went out of sync. Please report this with the run's config.toml."
+        )
 
 
 def _save_checkpoint(accelerator, cfg, model, optimizer, schedule, step, batches_consumed, world) -> None:
@@ -251,4 +386,5 @@ def _save_checkpoint(accelerator, cfg, model, optimizer, schedule, step, batches
         }
         lora_weights = lora.lora_state_dict(accelerator.unwrap_model(model))
         checkpoint.save(cfg.output, step, lora_weights, states, info, cfg.keep_checkpoints)
+        report.draw_loss_curve(report.read_metrics(cfg.output / METRICS_NAME), cfg.output / report.LOSS_CURVE_NAME)
     accelerator.wait_for_everyone()

@@ -1,0 +1,104 @@
+"""Transformer-only sampling: latents from prompt embeddings, with no T5 and no VAE in memory.
+
+``sample_latents`` runs the same denoising loop as diffusers' ``CogVideoXPipeline`` (CogVideoX DPM
+sampler, classifier-free guidance against the empty prompt) and returns what the pipeline returns with
+``output_type="latent"``: ``[B, F, C, H, W]`` in the model's scaled latent space, padding frames of
+CogVideoX 1.5 included. Same seed, same embeddings, same latents as the pipeline.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from cogvx.pipeline.objective import rotary_embedding
+
+
+def latent_shape(
+    transformer_config: dict[str, Any],
+    num_frames: int,
+    height: int,
+    width: int,
+    spatial_compression: int = 8,
+    temporal_compression: int = 4,
+) -> tuple[int, int, int, int]:
+    """``(F, C, H, W)`` of the latents the pipeline denoises for a video of this size (1.5 padding included)."""
+    frames = (num_frames - 1) // temporal_compression + 1
+    patch_t = transformer_config.get("patch_size_t")
+    if patch_t and frames % patch_t:
+        frames += patch_t - frames % patch_t
+    channels = transformer_config["in_channels"]
+    return frames, channels, height // spatial_compression, width // spatial_compression
+
+
+@torch.no_grad()
+def sample_latents(
+    transformer: torch.nn.Module,
+    scheduler_config: dict[str, Any],
+    prompt_embeds: torch.Tensor,
+    negative_prompt_embeds: torch.Tensor | None,
+    *,
+    num_frames: int,
+    height: int,
+    width: int,
+    num_inference_steps: int = 50,
+    guidance_scale: float = 6.0,
+    generator: torch.Generator | None = None,
+    spatial_compression: int = 8,
+    temporal_compression: int = 4,
+) -> torch.Tensor:
+    """Denoise fresh noise into latents for ``prompt_embeds`` ``[B, 226, D]``, like the diffusers pipeline.
+
+    The latents live in ``prompt_embeds.dtype`` (as in the pipeline); the guidance is computed in fp32.
+    ``negative_prompt_embeds`` ``[B, 226, D]`` (or ``[1, ...]``, broadcast) is needed when guidance > 1.
+    """
+    from diffusers import CogVideoXDPMScheduler
+
+    config = dict(transformer.config)
+    device, dtype = prompt_embeds.device, prompt_embeds.dtype
+    batch = prompt_embeds.shape[0]
+    guided = guidance_scale > 1.0
+    if guided:
+        if negative_prompt_embeds is None:
+            raise ValueError("Guidance above 1 needs negative_prompt_embeds (the empty prompt's embedding).")
+        negative = negative_prompt_embeds.to(device, dtype).expand(batch, -1, -1)
+        prompt_embeds = torch.cat([negative, prompt_embeds], dim=0)
+
+    scheduler = CogVideoXDPMScheduler.from_config(scheduler_config)
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    timesteps = scheduler.timesteps
+
+    shape = (batch, *latent_shape(config, num_frames, height, width, spatial_compression, temporal_compression))
+    # diffusers' randn_tensor: a CPU generator draws on the CPU, then the noise moves to the device.
+    noise_device = generator.device if generator is not None else device
+    latents = torch.randn(shape, generator=generator, device=noise_device, dtype=dtype).to(device)
+    latents = latents * scheduler.init_noise_sigma
+    rotary = rotary_embedding(config, shape[1], shape[3], shape[4], device)
+
+    old_pred_original_sample = None
+    for i, t in enumerate(timesteps):
+        model_input = torch.cat([latents] * 2) if guided else latents
+        model_input = scheduler.scale_model_input(model_input, t)
+        velocity = transformer(
+            hidden_states=model_input,
+            encoder_hidden_states=prompt_embeds,
+            timestep=t.expand(model_input.shape[0]),
+            image_rotary_emb=rotary,
+            return_dict=False,
+        )[0].float()
+        if guided:
+            uncond, cond = velocity.chunk(2)
+            velocity = uncond + guidance_scale * (cond - uncond)
+        latents, old_pred_original_sample = scheduler.step(
+            velocity,
+            old_pred_original_sample,
+            t,
+            timesteps[i - 1] if i > 0 else None,
+            latents,
+            eta=0.0,
+            generator=generator,
+            return_dict=False,
+        )
+        latents = latents.to(dtype)
+    return latents

@@ -1,0 +1,164 @@
+"""What a run leaves for people: metrics.jsonl, a loss-curve PNG and a model card README.md."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+METRICS_NAME = "metrics.jsonl"
+LOSS_CURVE_NAME = "loss.png"
+MODEL_CARD_NAME = "README.md"
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl``; a line cut short by a killed process is ignored."""
+    if not Path(path).is_file():
+        return []
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """On resume, keep one line per step up to the checkpoint: later steps will be trained again."""
+    if Path(path).is_file():
+        kept = {r["step"]: r for r in read_metrics(path) if r.get("step", math.inf) <= step}
+        Path(path).write_text("".join(json.dumps(kept[s]) + "\n" for s in sorted(kept)))
+
+
+def append_metrics(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def draw_loss_curve(records: list[dict[str, Any]], path: Path, size: tuple[int, int] = (800, 450)) -> Path | None:
+    """Loss per step (grey) and its moving average (blue) as a PNG, drawn with Pillow."""
+    from PIL import Image, ImageDraw
+
+    points = [(r["step"], r["loss"]) for r in records if math.isfinite(r.get("loss", math.nan))]
+    if not points:
+        return None
+    width, height = size
+    left, right, top, bottom = 70, 20, 30, 50
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    steps = [s for s, _ in points]
+    losses = [v for _, v in points]
+    smooth, average = [], losses[0]
+    for value in losses:
+        average = 0.9 * average + 0.1 * value
+        smooth.append(average)
+    x0, x1 = min(steps), max(max(steps), min(steps) + 1)
+    y0, y1 = min(losses), max(losses)
+    if y1 - y0 < 1e-12:
+        y0, y1 = y0 - 0.5, y1 + 0.5
+
+    def xy(step: float, loss: float) -> tuple[float, float]:
+        x = left + (step - x0) / (x1 - x0) * (width - left - right)
+        y = height - bottom - (loss - y0) / (y1 - y0) * (height - top - bottom)
+        return x, y
+
+    draw.rectangle([left, top, width - right, height - bottom], outline="black")
+    for i in range(5):
+        loss = y0 + (y1 - y0) * i / 4
+        _, y = xy(x0, loss)
+        draw.line([left - 4, y, left, y], fill="black")
+        draw.text((4, y - 6), f"{loss:.4g}", fill="black")
+        step = x0 + (x1 - x0) * i / 4
+        x, _ = xy(step, y0)
+        draw.line([x, height - bottom, x, height - bottom + 4], fill="black")
+        draw.text((x - 10, height - bottom + 8), f"{step:.0f}", fill="black")
+    draw.text((width // 2 - 15, height - 20), "step", fill="black")
+    draw.text((left, 8), f"training loss ({len(points)} steps; blue: moving average)", fill="black")
+    if len(points) > 1:
+        draw.line([xy(s, v) for s, v in points], fill=(170, 170, 170), width=1)
+        draw.line([xy(s, v) for s, v in zip(steps, smooth, strict=True)], fill=(30, 90, 200), width=2)
+    else:
+        x, y = xy(*points[0])
+        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(30, 90, 200))
+    tmp = Path(path).with_suffix(".tmp.png")
+    image.save(tmp)
+    tmp.replace(path)
+    return Path(path)
+
+
+def model_card(
+    *,
+    model_name: str,
+    model_source: str,
+    config: dict[str, Any],
+    steps: int,
+    records: list[dict[str, Any]],
+    manifest: Any,
+    weights_name: str,
+    world_size: int,
+) -> str:
+    """The run folder's README.md: what was trained on what, and how to load it in diffusers."""
+    final = [r["loss"] for r in records[-50:] if math.isfinite(r.get("loss", math.nan))]
+    mean_loss = f"{sum(final) / len(final):.4f} (mean of the last {len(final)} steps)" if final else "n/a"
+    buckets = ", ".join(f"{b} x{n}" for b, n in manifest.bucket_counts().items()) or "none"
+    hub_like = "/" in model_name and not Path(model_name).exists()
+    base = model_name if hub_like else model_source
+    total_batch = config["batch_size"] * config["gradient_accumulation"] * world_size
+    params = manifest.params
+    lines = [
+        "---",
+        f"base_model: {model_name}" if hub_like else "base_model: null",
+        "library_name: diffusers",
+        "tags: [cogvideox, text-to-video, lora, cogvx]",
+        "---",
+        "",
+        f"# LoRA for {model_name}",
+        "",
+        "Trained with `cogvx train`. The resolved settings are in "
+        "`config.toml` (reusable with `cogvx train --config config.toml`), the per-step metrics in "
+        f"`{METRICS_NAME}` and the loss curve in `{LOSS_CURVE_NAME}`.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base model | `{model_name}` |",
+        f"| LoRA rank / alpha | {config['rank']} / {config['alpha']:g} |",
+        f"| target modules | {', '.join(config['targets'])} |",
+        f"| LoRA dropout | {config['lora_dropout']:g} |",
+        f"| steps | {steps} of {config['max_steps']} |",
+        f"| batch | {config['batch_size']} per process x {config['gradient_accumulation']} accumulation x "
+        f"{world_size} process(es) = {total_batch} |",
+        f"| optimizer | {config['optimizer']}, LR {config['learning_rate']:g} ({config['lr_scheduler']}, "
+        f"{config['lr_warmup_steps']} warm-up steps) |",
+        f"| mixed precision | {config['mixed_precision']} |",
+        f"| seed | {config['seed']} |",
+        f"| final loss | {mean_loss} |",
+        "",
+        "## Data",
+        "",
+        f"{manifest.sample_count} samples in {len(manifest.shards)} shard(s), encoded with "
+        f"`{manifest.producer.get('model')}`; buckets (frames x height x width): {buckets}. "
+        f"Frames sampled at {params.get('fps')} fps, resize `{params.get('resize')}`"
+        + (f", id token `{params['id_token']}`" if params.get("id_token") else "")
+        + ".",
+        "",
+        "## Use it with diffusers",
+        "",
+        "```python",
+        "import torch",
+        "from diffusers import CogVideoXPipeline",
+        "from diffusers.utils import export_to_video",
+        "",
+        f'pipe = CogVideoXPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")',
+        f'pipe.load_lora_weights("path/to/this/folder", weight_name="{weights_name}", adapter_name="cogvx")',
+        'video = pipe("your prompt", num_frames=49, guidance_scale=6.0, num_inference_steps=50).frames[0]',
+        'export_to_video(video, "output.mp4", fps=8)',
+        "```",
+        "",
+        "The adapter's rank and alpha are stored in the weights' metadata, so diffusers applies the trained "
+        "scale by itself: no `fuse_lora(lora_scale=...)` or `alpha / rank` correction is needed. "
+        '`pipe.set_adapters(["cogvx"], [0.8])` weakens it.',
+        "",
+    ]
+    return "\n".join(lines)

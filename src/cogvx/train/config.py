@@ -15,7 +15,7 @@ REPORTERS = ("none", "tensorboard", "wandb")
 
 @dataclass
 class TrainConfig:
-    shards: Path
+    shards: Path | None = None  # required: a flag or a `shards = ...` line in the --config file
     output: Path = Path("runs/default")
     model: str | None = None  # default: the model recorded in the cache's manifest
     max_steps: int = 1000
@@ -61,6 +61,8 @@ class TrainConfig:
     report_to: str = "none"
 
     def __post_init__(self):
+        if self.shards is None:
+            raise ValueError("cogvx train needs --shards (the cache folder), or `shards = ...` in the --config file.")
         self.shards, self.output = Path(self.shards), Path(self.output)
         if isinstance(self.targets, str):
             self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())

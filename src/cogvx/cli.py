@@ -100,6 +100,14 @@ def train(
     ),
     seed: int = typer.Option(None, help="Seed for LoRA init, data order and noise [default: 0]."),
     workers: int = typer.Option(None, help="DataLoader worker processes [default: 2]."),
+    validation_every: int = typer.Option(
+        None, help="Steps between validation samples of the cache's validation prompts, 0 for none [default: 0]."
+    ),
+    validation_steps: int = typer.Option(None, help="Sampler steps for validation [default: 50]."),
+    validation_guidance: float = typer.Option(None, help="Classifier-free guidance for validation [default: 6]."),
+    validation_frames: int = typer.Option(None, help="Validation video frames, 4k+1 [default: the first bucket's]."),
+    validation_height: int = typer.Option(None, help="Validation height in pixels [default: the first bucket's]."),
+    validation_width: int = typer.Option(None, help="Validation width in pixels [default: the first bucket's]."),
     checkpoint_every: int = typer.Option(None, help="Steps between checkpoints, 0 for none [default: 500]."),
     keep_checkpoints: int = typer.Option(None, help="Checkpoints to keep [default: 3]."),
     resume: str = typer.Option(None, help="auto (newest checkpoint in --output) or a checkpoint folder."),

@@ -197,3 +197,11 @@ def test_a_nan_loss_stops_the_run_and_writes_no_nan_weights(reference, tiny_cach
         assert all(torch.isfinite(t).all() for t in load_file(folder / "lora.safetensors").values())
     if saved:
         assert json.loads((saved[-1] / "state.json").read_text())["step"] == first - 1
+
+
+def test_a_new_run_refuses_a_folder_with_checkpoints(tiny_cache: Path, tmp_path: Path):
+    train(_config(tiny_cache, tmp_path, max_steps=2))
+    with pytest.raises(ValueError, match="already holds checkpoints.*--resume auto"):
+        train(_config(tiny_cache, tmp_path, max_steps=2))
+    with pytest.raises(ValueError, match="not a complete cogvx checkpoint"):
+        train(_config(tiny_cache, tmp_path, resume=str(tmp_path / "nowhere")))

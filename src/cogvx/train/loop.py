@@ -195,6 +195,11 @@ def run(
 
     start_step, batches_consumed, saved_states = 0, 0, {}
     found = checkpoint.find(cfg.output, cfg.resume) if cfg.resume else None
+    if not cfg.resume and checkpoint.checkpoint_dirs(cfg.output):
+        raise ValueError(
+            f"{cfg.output} already holds checkpoints of a run. Continue it with --resume auto, or start a new run "
+            "with another --output."
+        )
     if found is not None:
         state, lora_weights, saved_states = checkpoint.load(found)
         _warn_if_data_order_changes(accelerator, found, state, cfg, world)

@@ -69,13 +69,14 @@ def resolve_model(name: str) -> str:
 
 
 def read_config(source: str, subfolder: str) -> dict[str, Any]:
-    """One component's config.json, without touching its weights."""
-    local = Path(source) / subfolder / "config.json"
+    """One component's config file, without touching its weights."""
+    name = "scheduler_config.json" if subfolder == "scheduler" else "config.json"
+    local = Path(source) / subfolder / name
     if local.is_file():
         return json.loads(local.read_text())
     from huggingface_hub import hf_hub_download
 
-    return json.loads(Path(hf_hub_download(source, "config.json", subfolder=subfolder)).read_text())
+    return json.loads(Path(hf_hub_download(source, name, subfolder=subfolder)).read_text())
 
 
 def fingerprint(config: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:

@@ -95,8 +95,12 @@ def train(
     lr_warmup_steps: int = typer.Option(None, help="[default: 0]"),
     max_grad_norm: float = typer.Option(None, help="[default: 1.0]"),
     mixed_precision: str = typer.Option(None, help="bf16, fp16 or no [default: bf16]."),
-    gradient_checkpointing: bool = typer.Option(
-        None, "--gradient-checkpointing/--no-gradient-checkpointing", help="[default: on]"
+    checkpointing: str = typer.Option(
+        None, help="full, selective (faster, more memory), offload (least memory) or none [default: full]."
+    ),
+    compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the blocks [default: off]."),
+    fp8_base: bool = typer.Option(
+        None, "--fp8-base/--no-fp8-base", help="Store frozen base weights in float8 [default: off]."
     ),
     seed: int = typer.Option(None, help="Seed for LoRA init, data order and noise [default: 0]."),
     workers: int = typer.Option(None, help="DataLoader worker processes [default: 2]."),

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cogvx.pipeline.lora import DEFAULT_TARGETS
+from cogvx.train.speed import CHECKPOINTING
 
 OPTIMIZERS = ("adamw", "adam", "prodigy", "adamw8bit")
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -41,7 +42,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     # Precision and memory
     mixed_precision: str = "bf16"
-    gradient_checkpointing: bool = True
+    checkpointing: str = "full"  # full, selective (keeps attention outputs), offload (inputs in CPU RAM), none
     allow_tf32: bool = True
     # Data
     seed: int = 0
@@ -59,6 +60,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     resume: str | None = None  # "auto" or a checkpoint folder
     report_to: str = "none"
+    # Speed and memory (see BENCHMARKS.md for what each costs and saves)
+    compile: bool = False  # torch.compile of the transformer blocks (one graph, reused by every block)
+    fp8_base: bool = False  # frozen base weights stored in float8 with per-channel scales (half of bf16)
 
     def __post_init__(self):
         if self.shards is None:
@@ -78,6 +82,7 @@ class TrainConfig:
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (self.lr_scheduler in SCHEDULES, f"--lr-scheduler must be one of {', '.join(SCHEDULES)}"),
             (self.mixed_precision in PRECISIONS, f"--mixed-precision must be one of {', '.join(PRECISIONS)}"),
+            (self.checkpointing in CHECKPOINTING, f"--checkpointing must be one of {', '.join(CHECKPOINTING)}"),
             (self.report_to in REPORTERS, f"--report-to must be one of {', '.join(REPORTERS)}"),
             (self.learning_rate > 0, f"--learning-rate must be positive (got {self.learning_rate})"),
             (self.workers >= 0, "--workers must be 0 or more"),

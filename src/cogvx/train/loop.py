@@ -25,7 +25,7 @@ from cogvx.pipeline import lora, models
 from cogvx.pipeline.objective import Objective
 from cogvx.progress import progress_bar
 from cogvx.shards import Manifest
-from cogvx.train import checkpoint, report
+from cogvx.train import checkpoint, report, speed
 from cogvx.train.config import TrainConfig
 from cogvx.train.data import ShardStream, make_loader
 from cogvx.train.validation import load_validation_set, run_validation
@@ -176,10 +176,11 @@ def run(
         patch = transformer.config.patch_size
         sizes = (cfg.validation_frames, cfg.validation_height, cfg.validation_width)
         validation = load_validation_set(cfg.shards, manifest, info, patch, *sizes)
-    if cfg.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
     torch.manual_seed(cfg.seed)  # LoRA A matrices start random: same seed, same start
     params = lora.add_lora(transformer, cfg.rank, cfg.alpha, cfg.targets, cfg.lora_dropout)
+    if cfg.fp8_base:  # after add_lora: the adapters wrap the linear layers whose base weights shrink
+        speed.store_base_weights_in_fp8(transformer)
+    speed.configure(transformer, cfg.checkpointing, cfg.compile)
     lr = cfg.learning_rate * (cfg.batch_size * cfg.gradient_accumulation * world if cfg.scale_lr else 1)
     optimizer = build_optimizer(cfg, params, lr)
     schedule = get_scheduler(

@@ -1,0 +1,78 @@
+"""Speed and memory levers compute the same thing as the plain path (issue 5's guard rails)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from cogvx.pipeline import lora, models
+from cogvx.pipeline.objective import Objective
+from cogvx.train import speed
+from cogvx.train.config import TrainConfig
+from cogvx.train.loop import run as train
+
+
+def _loss_and_grads(levers: str) -> tuple[float, torch.Tensor]:
+    """One loss and LoRA gradient on fixed inputs, with the given ``+``-joined levers."""
+    source = models.resolve_model("tiny")
+    transformer = models.load_transformer(source, torch.float32)
+    torch.manual_seed(0)
+    params = lora.add_lora(transformer, 4, 8)
+    with torch.no_grad():  # non-zero B matrices, so the LoRA path carries gradient and signal
+        for name, p in transformer.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    options = set(levers.split("+"))
+    if "fp8" in options:
+        assert speed.store_base_weights_in_fp8(transformer) > 0
+    mode = next((o for o in options if o in speed.CHECKPOINTING), "full")
+    speed.configure(transformer, mode, compile="compile" in options)
+    objective = Objective(transformer.config, models.load_scheduler(source).alphas_cumprod, 0.7)
+    g = torch.Generator().manual_seed(3)
+    moments, embeds = torch.randn(1, 8, 4, 8, 12, generator=g), torch.randn(1, 226, 32, generator=g)
+    loss = objective(transformer, moments, embeds, torch.Generator().manual_seed(1), torch.float32)
+    loss.backward()
+    return loss.item(), torch.cat([p.grad.flatten() for p in params])
+
+
+@pytest.fixture(scope="module")
+def plain():
+    return _loss_and_grads("none")
+
+
+@pytest.mark.parametrize("levers", ["full", "selective", "offload", "selective+compile"])
+def test_checkpointing_modes_and_compile_match_the_plain_path(plain, levers: str):
+    torch._dynamo.reset()
+    loss, grads = _loss_and_grads(levers)
+    ref_loss, ref_grads = plain
+    assert loss == pytest.approx(ref_loss, rel=1e-5)
+    assert ((grads - ref_grads).norm() / ref_grads.norm()).item() < 1e-4
+
+
+def test_fp8_base_weights_stay_within_one_percent_and_halve_the_bytes(plain):
+    loss, grads = _loss_and_grads("full+fp8")
+    ref_loss, ref_grads = plain
+    assert loss == pytest.approx(ref_loss, rel=1e-2)
+    assert ((grads - ref_grads).norm() / ref_grads.norm()).item() < 0.1  # quantised base, as in QLoRA
+    linear = torch.nn.Linear(64, 32).requires_grad_(False)
+    stored = speed.Float8Linear(linear)
+    assert stored.weight_fp8.element_size() == 1 and stored.weight_fp8.dtype == torch.float8_e4m3fn
+    x = torch.randn(5, 64)
+    torch.testing.assert_close(stored(x), linear(x), rtol=0.1, atol=0.05)
+
+
+def test_the_training_loop_with_levers_tracks_the_plain_run(tiny_cache: Path, tmp_path: Path):
+    def losses(name: str, **levers) -> list[float]:
+        cfg = TrainConfig(
+            shards=tiny_cache, output=tmp_path / name, max_steps=3, rank=4, mixed_precision="no", workers=0,
+            checkpoint_every=0, **levers,
+        )  # fmt: skip
+        return train(cfg).losses
+
+    reference = losses("plain", checkpointing="none")
+    assert losses("selective", checkpointing="selective") == pytest.approx(reference, rel=1e-5)
+    assert losses("lean", checkpointing="offload", fp8_base=True) == pytest.approx(reference, rel=1e-2)
+    with pytest.raises(ValueError, match="--checkpointing must be one of"):
+        TrainConfig(shards=tiny_cache, checkpointing="sometimes")

@@ -32,7 +32,7 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int = 64,
         skip_batches: int = 0,
     ):
-        if not shards or sum(s.sample_count for s in shards) == 0:
+        if not shards or sum(s.live_count for s in shards) == 0:
             raise CacheError(f"The cache in {folder} holds no samples; run `cogvx preprocess` first.")
         self.folder, self.shards = Path(folder), shards
         self.batch_size, self.seed = batch_size, seed
@@ -52,7 +52,7 @@ class ShardStream(IterableDataset):
 
     def _raw_samples(self, rng: random.Random) -> Iterator[dict[str, Any]]:
         """Endless raw samples from shards drawn with replacement, weighted by their sample counts."""
-        weights = [s.sample_count for s in self.shards]
+        weights = [s.live_count for s in self.shards]  # a fully replaced shard is never drawn
         verified: set[str] = set()
         while True:
             record = rng.choices(self.shards, weights)[0]
@@ -63,7 +63,7 @@ class ShardStream(IterableDataset):
             else:
                 data = read_verified(self.folder, record)
                 verified.add(record.name)
-            yield from iter_raw_samples(data, str(self.folder / record.name))
+            yield from iter_raw_samples(data, str(self.folder / record.name), exclude=record.excluded)
 
     def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
         from webdataset.filters import shuffle

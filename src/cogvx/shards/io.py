@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors.torch import load as load_tensors
@@ -150,35 +150,56 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _missing(path: Path) -> CacheError:
+    return CacheError(
+        f"Shard {path} is listed in the manifest but missing. Restore it, or re-run `cogvx preprocess` "
+        "on the same data into this folder to rebuild what is missing."
+    )
+
+
+def _mismatch(path: Path, size: int, record: ShardRecord) -> CacheError:
+    return CacheError(
+        f"Shard {path} does not match the manifest ({size} bytes, expected {record.bytes}; "
+        "sha256 differs). It was changed or damaged after it was written. Delete it and re-run "
+        "`cogvx preprocess` to re-encode its samples, or run `cogvx shards verify` to list every bad shard."
+    )
+
+
 def read_verified(folder: Path, record: ShardRecord) -> bytes:
     """A shard's bytes, refused unless they match the manifest's size and sha256."""
     path = Path(folder) / record.name
     try:
         data = path.read_bytes()
     except FileNotFoundError as err:
-        raise CacheError(
-            f"Shard {path} is listed in the manifest but missing. Restore it, or re-run `cogvx preprocess` "
-            "on the same data into this folder to rebuild what is missing."
-        ) from err
+        raise _missing(path) from err
     if len(data) != record.bytes or hashlib.sha256(data).hexdigest() != record.sha256:
-        raise CacheError(
-            f"Shard {path} does not match the manifest ({len(data)} bytes, expected {record.bytes}; "
-            "sha256 differs). It was changed or damaged after it was written. Delete it and re-run "
-            "`cogvx preprocess` to re-encode its samples, or run `cogvx shards verify` to list every bad shard."
-        )
+        raise _mismatch(path, len(data), record)
     return data
 
 
-def iter_raw_samples(data: bytes, origin: str, exclude: Iterable[str] = ()) -> Iterator[dict[str, Any]]:
-    """Group the members of an in-memory tar into raw webdataset samples (suffix -> bytes).
+def check_shard(folder: Path, record: ShardRecord, full: bool = True) -> Path:
+    """Refuse a shard unless its size (and, with ``full``, its sha256, hashed while streaming) match."""
+    path = Path(folder) / record.name
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError as err:
+        raise _missing(path) from err
+    if size != record.bytes or (full and file_sha256(path) != record.sha256):
+        raise _mismatch(path, size, record)
+    return path
+
+
+def iter_raw_samples(data: bytes | BinaryIO, origin: str, exclude: Iterable[str] = ()) -> Iterator[dict[str, Any]]:
+    """Group the members of a tar (bytes or an open file) into raw webdataset samples (suffix -> bytes).
 
     ``exclude``: keys not to yield -- pass ``record.excluded``, the samples a later shard replaced.
     """
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     skip = set(exclude)
+    stream = io.BytesIO(data) if isinstance(data, bytes | bytearray) else data
     try:
-        for raw in group_by_keys(tar_file_expander([{"url": origin, "stream": io.BytesIO(data)}])):
+        for raw in group_by_keys(tar_file_expander([{"url": origin, "stream": stream}])):
             if raw["__key__"] not in skip:
                 yield raw
     except (tarfile.TarError, ValueError) as err:

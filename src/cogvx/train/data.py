@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cogvx.shards import CacheError, ShardRecord, decode_sample, iter_raw_samples, read_verified
+from cogvx.shards import CacheError, ShardRecord, decode_sample, iter_raw_samples
+from cogvx.shards.io import check_shard
 
 
 class ShardStream(IterableDataset):
@@ -56,14 +57,12 @@ class ShardStream(IterableDataset):
         verified: set[str] = set()
         while True:
             record = rng.choices(self.shards, weights)[0]
-            if record.name in verified:
-                data = (self.folder / record.name).read_bytes()
-                if len(data) != record.bytes:
-                    data = read_verified(self.folder, record)  # raises with the full explanation
-            else:
-                data = read_verified(self.folder, record)
-                verified.add(record.name)
-            yield from iter_raw_samples(data, str(self.folder / record.name), exclude=record.excluded)
+            # The sha256 is checked the first time this process draws a shard (hashing as it streams,
+            # before any of its samples is served); later draws check the size and stream the file.
+            path = check_shard(self.folder, record, full=record.name not in verified)
+            verified.add(record.name)
+            with open(path, "rb") as stream:
+                yield from iter_raw_samples(stream, str(path), exclude=record.excluded)
 
     def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
         from webdataset.filters import shuffle
@@ -85,11 +84,11 @@ class ShardStream(IterableDataset):
 
 
 def collate(samples: list) -> dict[str, Any]:
-    return {
-        "moments": torch.stack([s.tensors["moments"] for s in samples]),
-        "prompt_embeds": torch.stack([s.tensors["prompt_embeds"] for s in samples]),
-        "keys": [s.key for s in samples],
-    }
+    def join(name: str) -> torch.Tensor:
+        tensors = [s.tensors[name] for s in samples]
+        return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)  # no copy for one
+
+    return {"moments": join("moments"), "prompt_embeds": join("prompt_embeds"), "keys": [s.key for s in samples]}
 
 
 def make_loader(stream: ShardStream, workers: int, pin_memory: bool, prefetch: int = 2) -> DataLoader:

@@ -1,0 +1,152 @@
+"""Write the result tables of BENCHMARKS.md from bench/results/*.json (numbers are never typed by hand).
+
+python bench/tables.py          # rewrites the blocks between <!-- table:NAME --> markers
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from train_step import load_config, useful_tflop  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+DOC = ROOT / "BENCHMARKS.md"
+
+# Runs made before the pinned-buffer pool (speed.py's first offload allocated pinned memory every step).
+FIRST_OFFLOAD = {"train_step_2b_h100.json", "train_step_5b_h100.json"}
+
+
+def load(name: str) -> dict:
+    return json.loads((RESULTS / name).read_text())
+
+
+def train_rows(model: str, variants: list[str], seed_variant: str) -> str:
+    runs = {}
+    for name in ("train_step_2b_h100.json", "train_step_5b_h100.json", "train_step_offload_h100.json"):
+        for r in load(name)["results"]:
+            if r["model"] == model:
+                label = r["variant"] + (
+                    " (first offload)" if "offload" in r["variant"] and name in FIRST_OFFLOAD else ""
+                )
+                runs[label] = r
+    seed = runs[seed_variant]
+    plain = runs.get("full" if seed_variant == "seed" else "none")
+    header = (
+        "| step | s/step | vs seed | useful TFLOP/s | peak allocated GB | peak reserved GB | probe loss (vs plain) |"
+    )
+    lines = [header, "|---|---|---|---|---|---|---|"]
+    for variant in variants:
+        r = runs[variant]
+        tflops = useful_tflop(load_config(model), *r["latent"]) / r["s_per_step"]
+        if "probe_loss" in r and plain:
+            probe = f"{r['probe_loss']:.5f} ({abs(r['probe_loss'] - plain['probe_loss']) / plain['probe_loss']:.1e})"
+        else:
+            probe = "-"
+        name = "seed-style" if variant.startswith("seed") else f"cogvx {variant}"
+        lines.append(
+            f"| {name} | {r['s_per_step']:.3f} | {seed['s_per_step'] / r['s_per_step']:.2f}x | {tflops:.0f} | "
+            f"{r['peak_allocated_gb']:.2f} | {r['peak_reserved_gb']:.2f} | {probe} |"
+        )
+    return "\n".join(lines)
+
+
+def table_train_2b() -> str:
+    order = ["seed", "full", "full+compile", "selective", "selective+compile", "selective+compile+fp8",
+             "offload+fp8", "offload+fp8+adam8 (first offload)"]  # fmt: skip
+    return train_rows("2b", order, "seed")
+
+
+def table_train_2b_nockpt() -> str:
+    return train_rows("2b", ["seed-nockpt", "none", "none+compile"], "seed-nockpt")
+
+
+def table_train_5b() -> str:
+    order = ["seed", "full", "selective+compile", "selective+compile+fp8", "full+fp8+adam8", "offload+fp8",
+             "offload+fp8+adam8 (first offload)"]  # fmt: skip
+    return train_rows("5b", order, "seed")
+
+
+def table_preprocess() -> str:
+    r = load("preprocess_2b_h100.json")
+    pure, ours = r["pure"], r["cogvx"]
+    return "\n".join([
+        "| measurement | s per 49x480x720 clip | clips/min |",
+        "|---|---|---|",
+        f"| pure encode: VAE {pure['vae_s_per_clip']:.3f} s + T5 {pure['t5_s_per_clip']:.3f} s (frames decoded before) "
+        f"| {pure['pure_s_per_clip']:.3f} | {60 / pure['pure_s_per_clip']:.1f} |",
+        f"| `cogvx preprocess`, {ours['clips']} clips, {ours['workers']} decode workers (after model load) "
+        f"| {ours['wall_s_per_clip']:.3f} | {60 / ours['wall_s_per_clip']:.1f} |",
+        f"| **ratio wall / pure** | **{r['ratio_wall_to_pure']:.2f}** | |",
+        f"| decord decode of one clip on one core (for reference) | {pure['decode_s_per_clip_one_core']:.3f} | |",
+    ])  # fmt: skip
+
+
+def table_reuse() -> str:
+    r = load("cache_reuse_2b_h100.json")["reuse"]
+    return "\n".join([
+        "| start of training, 100 clips, CogVideoX-2b | seconds to the first optimizer step |",
+        "|---|---|",
+        f"| `cogvx train` on the cache (model load, LoRA, loader, step 1) | {r['cogvx_start_to_first_step_s']:.1f} |",
+        f"| seed-style: decode + VAE-encode all 100 clips, T5 all prompts ({r['seed_encode_everything_s']:.1f} s), "
+        f"then the same start | {r['seed_start_to_first_step_s']:.1f} |",
+        f"| **speed-up** | **{r['seed_start_to_first_step_s'] / r['cogvx_start_to_first_step_s']:.1f}x** |",
+    ])  # fmt: skip
+
+
+def table_loader() -> str:
+    lines = ["| reader | 0 workers (samples/s) | 2 workers (samples/s) |", "|---|---|---|"]
+    for label, name in (("v1 (whole shard read into memory)", "loader_cpu_v1_whole_shard_in_memory.json"),
+                        ("now", "loader_cpu.json")):  # fmt: skip
+        r = load(name)["results"]
+        lines.append(f"| bare webdataset + safetensors ({label} run) | {r['bare-0w']['samples_per_s']:.0f} | "
+                     f"{r['bare-2w']['samples_per_s']:.0f} |")  # fmt: skip
+        ours = (r["cogvx-0w"]["samples_per_s"], r["ratio-0w"], r["cogvx-2w"]["samples_per_s"], r["ratio-2w"])
+        lines.append(f"| cogvx reader, {label} | {ours[0]:.0f} ({ours[1]:.2f}x) | {ours[2]:.0f} ({ours[3]:.2f}x) |")
+    return "\n".join(lines)
+
+
+def table_multi_gpu() -> str:
+    ddp = load("ddp_2b_2xh100.json")
+    one, two = ddp["runs"]
+    lines = [
+        "| workload | 1 GPU | 2 GPUs | scaling |",
+        "|---|---|---|---|",
+        f"| `cogvx train`, CogVideoX-2b, full checkpointing (samples/s, median of steps 4-10) "
+        f"| {one['samples_per_s']:.3f} | {two['samples_per_s']:.3f} | **{ddp['scaling']:.2f}x** |",
+    ]
+    for name in ("preprocess_2gpu_48clips_2xh100.json", "preprocess_2gpu_96clips_2xh100.json"):
+        m = load(name)["multi"]
+        runs = m["runs"]
+        lines.append(
+            f"| `torchrun -m cogvx preprocess`, {m['clips']} clips (clips/min, wall incl. start-up) "
+            f"| {runs['1']['clips_per_min']:.1f} | {runs['2']['clips_per_min']:.1f} | **{m['scaling']:.2f}x** |"
+        )
+    return "\n".join(lines)
+
+
+def table_environment() -> str:
+    seen = {}
+    for path in sorted(RESULTS.glob("*.json")):
+        env = json.loads(path.read_text()).get("environment", {})
+        seen[path.name] = ", ".join(f"{k} {v}" for k, v in env.items())
+    return "\n".join(["| result file | environment |", "|---|---|"] + [f"| `{k}` | {v} |" for k, v in seen.items()])
+
+
+def main() -> None:
+    text = DOC.read_text()
+    for name, build in {k[6:]: v for k, v in globals().items() if k.startswith("table_")}.items():
+        pattern = re.compile(rf"(<!-- table:{name} -->\n)(?:(?!<!-- table:).)*?(<!-- /table -->)", re.S)
+        text, count = pattern.subn(lambda m, b=build: m.group(1) + b() + "\n" + m.group(2), text)
+        if not count:
+            print(f"no <!-- table:{name} --> block in {DOC.name}")
+    DOC.write_text(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -13,9 +13,10 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts say "[default: ...]": plain text, not rich markup
     help="Fine-tune CogVideoX with LoRA from a latent cache.",
 )
-shards_app = typer.Typer(no_args_is_help=True, help="Look into a cache folder.")
+shards_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Look into a cache folder.")
 app.add_typer(shards_app, name="shards")
 console = Console(stderr=True)
 

@@ -21,6 +21,18 @@ import torch
 # Bump when the construction below changes, so stale folders are rebuilt.
 BUILD_VERSION = 1
 
+REQUIRED_FILES = (
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "text_encoder/config.json",
+    "text_encoder/model.safetensors",
+    "tokenizer/tokenizer_config.json",
+    "transformer/config.json",
+    "transformer/diffusion_pytorch_model.safetensors",
+    "vae/config.json",
+    "vae/diffusion_pytorch_model.safetensors",
+)
+
 _SCHEDULER = {
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
@@ -111,6 +123,9 @@ def materialise(variant: str, home: Path) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=f".{variant}-", dir=folder.parent))
     try:
         build(variant, staging)
+        missing = [name for name in REQUIRED_FILES if not (staging / name).is_file()]
+        if missing:
+            raise RuntimeError(f"Building the {variant} model left out {missing}; nothing was published.")
         try:
             staging.rename(folder)
         except OSError:
@@ -145,7 +160,7 @@ def build(variant: str, folder: Path) -> None:
             eos_token_id=1,
         )
     )
-    text_encoder.save_pretrained(folder / "text_encoder")
+    _save_text_encoder(text_encoder, folder / "text_encoder")
 
     torch.manual_seed(1)
     vae = AutoencoderKLCogVideoX(
@@ -192,6 +207,19 @@ def build(variant: str, folder: Path) -> None:
         "vae": ["diffusers", "AutoencoderKLCogVideoX"],
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def _save_text_encoder(model, folder: Path) -> None:
+    """What ``save_pretrained`` writes, on every rank.
+
+    transformers 5 writes model files only on rank 0 once torch.distributed is initialised, so under
+    torchrun or accelerate launch a rank that builds the tiny model would publish it without them.
+    """
+    from safetensors.torch import save_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(folder)
+    save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
 def _tokenizer():

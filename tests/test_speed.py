@@ -73,6 +73,7 @@ def test_the_training_loop_with_levers_tracks_the_plain_run(tiny_cache: Path, tm
 
     reference = losses("plain", checkpointing="none")
     assert losses("selective", checkpointing="selective") == pytest.approx(reference, rel=1e-5)
+    assert losses("compiled", checkpointing="full", compile=True) == pytest.approx(reference, rel=1e-4)
     assert losses("lean", checkpointing="offload", fp8_base=True) == pytest.approx(reference, rel=1e-2)
     with pytest.raises(ValueError, match="--checkpointing must be one of"):
         TrainConfig(shards=tiny_cache, checkpointing="sometimes")

@@ -99,7 +99,9 @@ def train(
     checkpointing: str = typer.Option(
         None, help="full, selective (faster, more memory), offload (least memory) or none [default: full]."
     ),
-    compile: bool = typer.Option(None, "--compile/--no-compile", help="torch.compile the blocks [default: off]."),
+    compile: bool = typer.Option(
+        None, "--compile/--no-compile", help="torch.compile the blocks [default: on with a GPU, off on a CPU]."
+    ),
     fp8_base: bool = typer.Option(
         None, "--fp8-base/--no-fp8-base", help="Store frozen base weights in float8 [default: off]."
     ),

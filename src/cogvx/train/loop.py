@@ -180,7 +180,8 @@ def run(
     params = lora.add_lora(transformer, cfg.rank, cfg.alpha, cfg.targets, cfg.lora_dropout)
     if cfg.fp8_base:  # after add_lora: the adapters wrap the linear layers whose base weights shrink
         speed.store_base_weights_in_fp8(transformer)
-    speed.configure(transformer, cfg.checkpointing, cfg.compile)
+    compile_blocks = cfg.compile if cfg.compile is not None else accelerator.device.type == "cuda"
+    speed.configure(transformer, cfg.checkpointing, compile_blocks)
     lr = cfg.learning_rate * (cfg.batch_size * cfg.gradient_accumulation * world if cfg.scale_lr else 1)
     optimizer = build_optimizer(cfg, params, lr)
     schedule = get_scheduler(

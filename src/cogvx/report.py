@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from cogvx.pipeline import generate
+from cogvx.train.report import METRICS_NAME, read_metrics_counted
 
 REPORT_NAME = "report.html"
-METRICS_NAME = "metrics.jsonl"
 
 
 @dataclass
@@ -46,26 +46,6 @@ class ReportResult:
     cells: int  # video cells in the grid (prompts x steps)
     rendered: list[int] = field(default_factory=list)  # steps decoded by this call
     notes: list[str] = field(default_factory=list)  # what the page says is missing
-
-
-def read_metrics(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """The metrics lines, and how many lines were unreadable (a run still writing its last line)."""
-    records, bad = [], 0
-    if not path.is_file():
-        return records, bad
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
-            records.append(record)
-        else:
-            bad += 1
-    return records, bad
 
 
 def find_cache(run: Path, shards: str | None) -> Path | None:
@@ -321,7 +301,7 @@ def run(cfg: ReportConfig) -> ReportResult:
     if not cfg.run.is_dir():
         raise ValueError(f"Run folder {cfg.run} does not exist.")
     config = generate.read_run_config(cfg.run)
-    metrics, bad_lines = read_metrics(cfg.run / METRICS_NAME)
+    metrics, bad_lines = read_metrics_counted(cfg.run / METRICS_NAME)
     if not config and not metrics:
         raise ValueError(
             f"{cfg.run} holds neither config.json nor {METRICS_NAME}: it is not a `cogvx train` run folder."

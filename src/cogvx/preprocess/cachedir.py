@@ -16,10 +16,10 @@ from dataclasses import asdict
 from pathlib import Path
 
 from cogvx.shards import MANIFEST_NAME, CacheError, Manifest, ShardRecord, write_json_atomic
+from cogvx.shards.manifest import SKIPPED_NAME
 
 PARTS_DIR = ".parts"
 LOCK_NAME = ".lock"
-SKIPPED_NAME = "skipped.jsonl"
 SHARD_NAME = re.compile(r"^shard-r\d+-\d+\.tar$")
 
 

@@ -185,6 +185,13 @@ class SampleSink:
         self.thread.join()
         self._raise()
 
+    def abort(self) -> None:
+        """Stop without writing what is still queued (the caller is failing and abandons the shard)."""
+        self.error = self.error or RuntimeError("interrupted")
+        if self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+
     def _raise(self) -> None:
         if self.error is not None:
             raise self.error

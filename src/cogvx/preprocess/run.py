@@ -5,6 +5,7 @@ See docs/preprocess.md for what happens to each clip, and docs/cache-format.md f
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -218,7 +219,7 @@ def _run(cfg: PreprocessConfig, ranks: Ranks, show_progress: bool) -> Preprocess
         return encoding.embeds, encoding.truncated
 
     cfg.output.mkdir(parents=True, exist_ok=True)
-    with cachedir.writer_lock(cfg.output) if ranks.is_main else _nothing():
+    with cachedir.writer_lock(cfg.output) if ranks.is_main else contextlib.nullcontext():
         if ranks.is_main:
             manifest = existing or Manifest(producer=producer, params=params, schema=SCHEMA)
             cachedir.recover(cfg.output, manifest)
@@ -383,10 +384,7 @@ def _encode(cfg, ranks, spec, jobs, total, manifest, vae, encode_text, device, r
             sink.close()
             writer.flush()
     except BaseException:
-        sink.error = sink.error or RuntimeError("interrupted")
-        if sink.thread.is_alive():
-            sink.queue.put(None)
-            sink.thread.join()
+        sink.abort()
         writer.abandon()
         raise
     finally:
@@ -400,14 +398,6 @@ def _device(name: str | None, ranks: Ranks) -> torch.device:
     if name == "cuda" and ranks.world > 1:
         name = f"cuda:{ranks.local_rank}"  # one GPU per rank
     return torch.device(name)
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def print_summary(result: PreprocessResult, output: Path) -> None:
@@ -452,7 +442,3 @@ def save_validation_prompts(folder: Path, manifest: Manifest, prompts: list[str]
     os.replace(tmp, path)
     manifest.extras["validation"] = {"file": VALIDATION_NAME, "prompts": prompts, "sha256": file_sha256(path)}
     manifest.save(folder)
-
-
-def default_workers() -> int:
-    return min(4, os.cpu_count() or 1)

@@ -17,6 +17,7 @@ from typing import Any
 FORMAT_NAME = "cogvx-cache"
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+SKIPPED_NAME = "skipped.jsonl"  # inputs preprocessing could not use: {"source", "reason", "detail"}
 
 
 class CacheError(ValueError):

@@ -9,9 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cogvx.shards.io import file_sha256, read_shard, verify
-from cogvx.shards.manifest import MANIFEST_NAME, CacheError, Manifest
+from cogvx.shards.manifest import MANIFEST_NAME, SKIPPED_NAME, CacheError, Manifest
 
-SKIPPED_NAME = "skipped.jsonl"
 STRIP_MEMBER = "jpg"  # the extra member holding a JPEG strip of a sample's sampled frames
 
 
@@ -92,6 +91,8 @@ def write_contact_sheet(folder: Path, manifest: Manifest, path: Path, max_strips
     row_height, label_width, pad = 64, 320, 4
     rows: list[tuple[str, Image.Image]] = []
     for record in manifest.shards:
+        if len(rows) >= max_strips:
+            break  # enough rows: never read (and hash) the rest of a large cache
         for sample in read_shard(folder, record):
             if len(rows) >= max_strips:
                 break

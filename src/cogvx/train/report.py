@@ -12,17 +12,29 @@ LOSS_CURVE_NAME = "loss.png"
 MODEL_CARD_NAME = "README.md"
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of ``metrics.jsonl``; a line cut short by a killed process is ignored."""
+def read_metrics_counted(path: Path) -> tuple[list[dict[str, Any]], int]:
+    """The records of ``metrics.jsonl``, and how many lines were unreadable (cut short by a killed process)."""
+    records, bad = [], 0
     if not Path(path).is_file():
-        return []
-    records = []
+        return records, bad
     for line in Path(path).read_text().splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+        if not line.strip():
             continue
-    return records
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
+            records.append(record)
+        else:
+            bad += 1
+    return records, bad
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The readable records of ``metrics.jsonl``."""
+    return read_metrics_counted(path)[0]
 
 
 def keep_metrics_until(path: Path, step: int) -> None:

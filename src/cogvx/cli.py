@@ -68,11 +68,11 @@ def preprocess(
     """Encode videos and captions once into a reusable cache of latent moments and prompt embeddings."""
     from cogvx.preprocess.run import PreprocessConfig, run
 
-    flags = {k: v for k, v in locals().items() if k not in ("config", "PreprocessConfig", "run")}
+    flags = _given(locals(), "config", "PreprocessConfig", "run")
     # Repeatable flags arrive as lists (empty when not given) and map to the config's plural fields.
     for flag, name in (("validation_prompt", "validation_prompts"), ("resolution", "resolutions"),
                        ("frame_bucket", "frame_buckets")):  # fmt: skip
-        values = flags.pop(flag)
+        values = flags.pop(flag, None)
         flags[name] = tuple(values) if values else None
     _guard(lambda: run(configfile.build(PreprocessConfig, config, **flags), show_progress=True))
 
@@ -125,7 +125,7 @@ def train(
     from cogvx.train.config import TrainConfig
     from cogvx.train.loop import run
 
-    flags = {k: v for k, v in locals().items() if k not in ("config", "TrainConfig", "run")}
+    flags = _given(locals(), "config", "TrainConfig", "run")
     _guard(lambda: run(configfile.build(TrainConfig, config, **flags), show_progress=True))
 
 
@@ -198,7 +198,7 @@ def sample(
     """Generate videos with a trained LoRA (or the base model) and a PNG contact sheet."""
     from cogvx.pipeline.generate import SampleConfig, run_sample
 
-    flags = {k: v for k, v in locals().items() if k not in ("config", "prompt", "SampleConfig", "run_sample")}
+    flags = _given(locals(), "config", "prompt", "SampleConfig", "run_sample")
     flags["prompts"] = tuple(prompt) if prompt else None
 
     def go():
@@ -224,7 +224,7 @@ def render(
     """Decode the validation latents saved by training into mp4s and contact sheets (VAE only)."""
     from cogvx.pipeline.generate import RenderConfig, run_render
 
-    flags = {k: v for k, v in locals().items() if k not in ("RenderConfig", "run_render") and v is not None}
+    flags = _given(locals(), "RenderConfig", "run_render")
 
     def go():
         result = run_render(RenderConfig(**flags), show_progress=True)
@@ -247,7 +247,7 @@ def report(
     from cogvx.report import ReportConfig
     from cogvx.report import run as write_report
 
-    flags = {k: v for k, v in locals().items() if k not in ("ReportConfig", "write_report") and v is not None}
+    flags = _given(locals(), "ReportConfig", "write_report")
 
     def go():
         result = write_report(ReportConfig(**flags))
@@ -256,6 +256,11 @@ def report(
         console.print(f"[green]wrote[/green] {result.path}")
 
     _guard(go)
+
+
+def _given(values: dict, *drop: str) -> dict:
+    """The options the user gave (typer leaves the others None), without ``drop``: a config's fields."""
+    return {k: v for k, v in values.items() if k not in drop and v is not None}
 
 
 def _guard(action) -> None:

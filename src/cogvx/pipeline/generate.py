@@ -222,14 +222,7 @@ def lora_file(lora: Path) -> Path:
 
 def lora_base_model(lora: Path) -> str | None:
     """The model a LoRA was trained on, from the run's config.json, if there is one."""
-    folder = Path(lora) if Path(lora).is_dir() else Path(lora).parent
-    config = folder / "config.json"
-    if not config.is_file():
-        return None
-    try:
-        return json.loads(config.read_text()).get("model")
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config} is not valid JSON ({err}); pass --model explicitly.") from err
+    return read_run_config(Path(lora) if Path(lora).is_dir() else Path(lora).parent).get("model")
 
 
 def check_lora_fits(transformer: torch.nn.Module, weights: Path, trained_on: str | None, model: str) -> None:
@@ -473,7 +466,7 @@ def read_run_config(run: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err}).") from err
+        raise ValueError(f"{path} is not valid JSON ({err}); fix it, or pass --model explicitly.") from err
 
 
 @torch.no_grad()

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,3 +43,21 @@ def clips_copy(tmp_path) -> Path:
     target = tmp_path / "clips"
     shutil.copytree(CLIPS, target)
     return target
+
+
+def run_launcher(command: list[str], timeout: float = 150, **kwargs) -> subprocess.CompletedProcess:
+    """Run a multi-process launcher; on a hang, kill its whole process tree and fail with its output.
+
+    torch's launcher may start its workers in sessions of their own, so killing the launcher alone
+    would leave a hung rank holding the pipes, and the test waiting on them.
+    """
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kwargs)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        launcher = psutil.Process(process.pid)
+        for proc in [*launcher.children(recursive=True), launcher]:
+            proc.kill()
+        stdout, stderr = process.communicate(timeout=60)
+        pytest.fail(f"{' '.join(command[:8])} ... still ran after {timeout} s:\n{stdout[-2000:]}{stderr[-4000:]}")
+    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)

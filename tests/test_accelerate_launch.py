@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
-import subprocess
 import sys
 from pathlib import Path
 
 from cogvx.shards import Manifest
 
-from .conftest import CLIPS
+from .conftest import CLIPS, run_launcher
 
 
 def _free_port() -> int:
@@ -27,16 +25,8 @@ def _launch(*args: str, cwd: Path) -> None:
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     options = ["--num_machines", "1", "--main_process_port", str(_free_port()), "--mixed_precision", "no"]
     command = [*launcher, *options, "--dynamo_backend", "no", "-m", "cogvx", *args]
-    process = subprocess.Popen(
-        command, cwd=cwd, env=os.environ.copy(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        start_new_session=True,
-    )  # fmt: skip
-    try:
-        stdout, stderr = process.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # the launcher and both ranks, so nothing is left waiting
-        stdout, stderr = process.communicate()
-    assert process.returncode == 0, stdout[-2000:] + stderr[-4000:]
+    done = run_launcher(command, cwd=cwd)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
 
 
 def test_accelerate_launch_preprocesses_and_trains_on_two_processes(tmp_path: Path):
@@ -68,7 +58,7 @@ def test_tiny_model_built_by_two_ranks_at_once_is_complete(tmp_path: Path):
     )
     env = os.environ | {"COGVX_HOME": str(tmp_path / "home")}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    done = run_launcher(command, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     from cogvx.pipeline.tiny import REQUIRED_FILES
 

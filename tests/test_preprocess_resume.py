@@ -19,6 +19,7 @@ import pytest
 from cogvx.preprocess.run import run
 from cogvx.shards import Manifest, read_shard, verify
 
+from .conftest import run_launcher
 from .test_preprocess import make_clip, tiny
 
 CLIP_COUNT = 12
@@ -98,7 +99,7 @@ def test_torchrun_two_ranks_write_their_own_shards_and_one_manifest(twelve: Path
         "--dtype", "fp32", "--workers", "0", "--frame-bucket", "9",
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    done = run_launcher(command, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     manifest = Manifest.load(out)
     assert {r.name.split("-")[1] for r in manifest.shards} == {"r00", "r01"}, "each rank writes its own shards"

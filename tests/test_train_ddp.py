@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,6 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from cogvx.train.report import read_metrics
+
+from .conftest import run_launcher
 
 # `python -m cogvx` under torchrun, with each rank's final LoRA captured for the comparison.
 _LAUNCH = """
@@ -46,7 +47,7 @@ def test_torchrun_two_cpu_processes(tiny_cache: Path, tmp_path: Path):
         "--checkpoint-every", "2", "--lora-dropout", "0.1",
     ]  # fmt: skip
     env = os.environ | {"OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    done = run_launcher(command, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     # One metrics file, each step once, and each step trained one sample on each of the two processes.

@@ -322,6 +322,13 @@ def run(
             world_size=world,
         )
         (cfg.output / report.MODEL_CARD_NAME).write_text(card)
+    # torch frees a gloo process group holding the GIL and joins gloo's worker threads, which may still
+    # need the GIL to drop the last gather's tensors: one rank deadlocked in a few CPU runs. The barrier
+    # lets those threads finish; dropping the DDP wrapper first means its reducer does not hold the last
+    # reference, so end_training frees the group once, with idle workers.
+    accelerator.wait_for_everyone()
+    del model, optimizer
+    accelerator.free_memory()
     accelerator.end_training()
     return result
 

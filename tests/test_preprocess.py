@@ -250,6 +250,16 @@ def test_bad_inputs_are_skipped_listed_and_counted(messy: Path, tmp_path: Path, 
     assert verify(out, Manifest.load(out).shards) == []
 
 
+def test_the_timeline_says_where_the_time_went(tmp_path: Path):
+    result = run(tiny(CLIPS, tmp_path / "out", workers=1))
+    line = dict(result.timeline)
+    assert 0 < line["encoders"] <= line["first_written"] <= line["encoded"] <= result.seconds
+    other = {**result.counts(), "timeline": {"encoders": 1e6, "first_written": 0.0, "encoded": 2e6}}
+    result.add(other)  # a slower rank sets the merged timeline; a faster one does not
+    assert result.timeline["encoders"] == 1e6 and result.timeline["encoded"] == 2e6
+    assert result.timeline["first_written"] == line["first_written"]
+
+
 def test_cli_exit_code_is_nonzero_only_when_nothing_usable(messy: Path, tmp_path: Path):
     runner = CliRunner(env={"COLUMNS": "200"})
     bad = tmp_path / "bad"

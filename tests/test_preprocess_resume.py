@@ -107,6 +107,7 @@ def test_torchrun_two_ranks_write_their_own_shards_and_one_manifest(twelve: Path
     skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
     assert [row["source"] for row in skipped] == ["broken.mp4"]
     assert "encoded now" in done.stderr and "12 clips" in done.stderr, "rank 0 prints the totals of all ranks"
+    assert "on 2 ranks" in done.stderr and "loading the encoders" in done.stderr
 
     again = run(tiny(twelve, out))
     assert (again.encoded, again.already_cached) == (0, CLIP_COUNT)

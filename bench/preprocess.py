@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -144,10 +145,7 @@ def pure_encode(source: str, clips, spec: FrameSpec, device: torch.device) -> di
 
 
 def cogvx_preprocess(source: str, data: Path, out: Path, workers: int, vae_batch: int) -> dict:
-    began = time.perf_counter()
-    models.load_vae(source, torch.bfloat16, "cpu")
-    models.load_text_encoder(source, torch.bfloat16, "cpu")
-    load_s = time.perf_counter() - began  # what run() spends loading before its first clip (page cache warm)
+    """One in-process run; per clip counts from the encoders on the GPU to the last sample written."""
     cfg = PreprocessConfig(data=data, output=out, model=source, fps=FPS, workers=workers, vae_batch=vae_batch)
     began = time.perf_counter()
     result = preprocess(cfg)
@@ -157,38 +155,59 @@ def cogvx_preprocess(source: str, data: Path, out: Path, workers: int, vae_batch
         "workers": workers,
         "vae_batch": vae_batch,
         "wall_s": total,
-        "model_load_s": load_s,
-        "wall_s_per_clip": (total - load_s) / max(result.encoded, 1),
+        "timeline": result.timeline,
+        "wall_s_per_clip": _encoding_seconds(result.counts()) / max(result.encoded, 1),
     }
 
 
+def _encoding_seconds(counts: dict) -> float:
+    """From the encoders on the device to the last sample written (the slowest rank's)."""
+    return counts["timeline"]["encoded"] - counts["timeline"]["encoders"]
+
+
 def multi_gpu(source: str, data: Path, work: Path, gpus: int, workers: int) -> dict:
-    """`torchrun -m cogvx preprocess` on 1 and on ``gpus`` GPUs over the same clips (model load subtracted)."""
-    import os
+    """`torchrun ... preprocess` on 1 and on ``gpus`` GPUs over the same clips.
+
+    Two rates: whole launches (interpreter start to exit), and the encoding phase of the run's own
+    timeline, which leaves out what every launch pays once whatever its GPU count (imports, loading
+    the encoders); the difference between the two is that fixed cost, reported per launch.
+    """
     import subprocess
 
-    began = time.perf_counter()
-    models.load_vae(source, torch.bfloat16, "cpu")
-    models.load_text_encoder(source, torch.bfloat16, "cpu")
-    load_s = time.perf_counter() - began
-    clips = len(discover(data))
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
                                                       os.environ.get("PYTHONPATH", "")])}  # fmt: skip
     runs = {}
     for n in (1, gpus):
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m",
-                   "cogvx", "preprocess", "--data", str(data), "--output", str(work / f"cache-{n}gpu"), "--model",
-                   source, "--fps", str(FPS), "--workers", str(workers)]  # fmt: skip
+        counts_file = work / f"counts-{n}gpu.json"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+                   __file__, "rank", str(data), str(work / f"cache-{n}gpu"), source, str(workers),
+                   str(counts_file)]  # fmt: skip
         began = time.perf_counter()
         subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - began
-        runs[n] = {"wall_s": wall, "clips_per_min": 60 * clips / (wall - load_s)}
+        counts = json.loads(counts_file.read_text())
+        clips, encoding = counts["encoded"], _encoding_seconds(counts)
+        runs[n] = {
+            "launch_wall_s": wall,
+            "run_seconds": counts["seconds"],
+            "timeline": counts["timeline"],
+            "clips_per_min_launch": 60 * clips / wall,
+            "clips_per_min_encoding": 60 * clips / encoding,
+            "fixed_s": wall - encoding,
+        }
     return {
-        "clips": clips,
-        "model_load_s": load_s,
+        "clips": counts["encoded"],
         "runs": runs,
-        "scaling": runs[gpus]["clips_per_min"] / runs[1]["clips_per_min"],
+        "scaling_launch": runs[gpus]["clips_per_min_launch"] / runs[1]["clips_per_min_launch"],
+        "scaling_encoding": runs[gpus]["clips_per_min_encoding"] / runs[1]["clips_per_min_encoding"],
     }
+
+
+def rank_run(data: Path, out: Path, source: str, workers: int, counts_file: Path) -> None:
+    """One process of a torchrun launch; rank 0 writes the merged counts and timeline."""
+    result = preprocess(PreprocessConfig(data=data, output=out, model=source, fps=FPS, workers=workers))
+    if int(os.environ.get("RANK", "0")) == 0:
+        counts_file.write_text(json.dumps(result.counts()))
 
 
 def cache_reuse(source: str, clips, spec: FrameSpec, device: torch.device, count: int, workdir: Path) -> dict:
@@ -260,9 +279,15 @@ def main() -> None:
     bench.add_argument("--parts", default="pure,cogvx,reuse", help="which measurements to run (also: multi)")
     bench.add_argument("--gpus", type=int, default=2, help="for the multi part")
     bench.add_argument("--out", type=Path, required=True)
+    rank = sub.add_parser("rank", help="internal: one process of the multi part's torchrun launch")
+    for name in ("data", "out", "source", "workers", "counts_file"):
+        rank.add_argument(name)
     args = parser.parse_args()
     if args.command == "make-clips":
         make_clips(args.folder, args.count)
+        return
+    if args.command == "rank":
+        rank_run(Path(args.data), Path(args.out), args.source, int(args.workers), Path(args.counts_file))
         return
 
     import diffusers
@@ -312,7 +337,8 @@ def main() -> None:
     if "multi" in parts:
         multi = report["multi"] = multi_gpu(source, data, work, args.gpus, args.workers)
         print(json.dumps(multi), flush=True)
-        print(f"preprocess on {args.gpus} GPUs: {multi['scaling']:.2f}x the clips/min of one")
+        print(f"preprocess on {args.gpus} GPUs: {multi['scaling_launch']:.2f}x the clips/min of one (whole launches), "
+              f"{multi['scaling_encoding']:.2f}x (encoding phase)")  # fmt: skip
     if "reuse" in parts:
         reuse = report["reuse"] = cache_reuse(source, clips, spec, device, args.reuse_count, work)
         print(json.dumps(reuse), flush=True)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import statistics
 import sys
@@ -267,6 +268,7 @@ def environment(device: torch.device) -> dict:
     env = {"torch": torch.__version__, "diffusers": diffusers.__version__, "python": platform.python_version()}
     env["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     env["date"] = time.strftime("%Y-%m-%d")
+    env["cuda_alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "default")
     return env
 
 

@@ -156,13 +156,13 @@ def cogvx_preprocess(source: str, data: Path, out: Path, workers: int, vae_batch
         "vae_batch": vae_batch,
         "wall_s": total,
         "timeline": result.timeline,
-        "wall_s_per_clip": _encoding_seconds(result.counts()) / max(result.encoded, 1),
+        "wall_s_per_clip": _encoding_seconds(result.timeline) / max(result.encoded, 1),
     }
 
 
-def _encoding_seconds(counts: dict) -> float:
+def _encoding_seconds(timeline: dict[str, float]) -> float:
     """From the encoders on the device to the last sample written (the slowest rank's)."""
-    return counts["timeline"]["encoded"] - counts["timeline"]["encoders"]
+    return timeline["encoded"] - timeline["encoders"]
 
 
 def multi_gpu(source: str, data: Path, work: Path, gpus: int, workers: int) -> dict:
@@ -186,19 +186,19 @@ def multi_gpu(source: str, data: Path, work: Path, gpus: int, workers: int) -> d
         subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
         wall = time.perf_counter() - began
         counts = json.loads(counts_file.read_text())
-        clips, encoding = counts["encoded"], _encoding_seconds(counts)
+        clips, encoding = counts["encoded"], _encoding_seconds(counts["timeline"])
         runs[n] = {
-            "launch_wall_s": wall,
+            "wall_s": wall,
             "run_seconds": counts["seconds"],
             "timeline": counts["timeline"],
-            "clips_per_min_launch": 60 * clips / wall,
+            "clips_per_min": 60 * clips / wall,
             "clips_per_min_encoding": 60 * clips / encoding,
             "fixed_s": wall - encoding,
         }
     return {
         "clips": counts["encoded"],
         "runs": runs,
-        "scaling_launch": runs[gpus]["clips_per_min_launch"] / runs[1]["clips_per_min_launch"],
+        "scaling": runs[gpus]["clips_per_min"] / runs[1]["clips_per_min"],
         "scaling_encoding": runs[gpus]["clips_per_min_encoding"] / runs[1]["clips_per_min_encoding"],
     }
 
@@ -337,7 +337,7 @@ def main() -> None:
     if "multi" in parts:
         multi = report["multi"] = multi_gpu(source, data, work, args.gpus, args.workers)
         print(json.dumps(multi), flush=True)
-        print(f"preprocess on {args.gpus} GPUs: {multi['scaling_launch']:.2f}x the clips/min of one (whole launches), "
+        print(f"preprocess on {args.gpus} GPUs: {multi['scaling']:.2f}x the clips/min of one (whole launches), "
               f"{multi['scaling_encoding']:.2f}x (encoding phase)")  # fmt: skip
     if "reuse" in parts:
         reuse = report["reuse"] = cache_reuse(source, clips, spec, device, args.reuse_count, work)

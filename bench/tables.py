@@ -133,7 +133,7 @@ def table_multi_gpu() -> str:
         runs = m["runs"]
         launches[m["clips"]] = {gpus: runs[gpus]["wall_s"] for gpus in ("1", "2")}
         lines.append(
-            f"| `torchrun -m cogvx preprocess`, {m['clips']} clips (clips/min, wall incl. start-up) "
+            f"| `torchrun -m cogvx preprocess`, {m['clips']} clips (clips/min; wall less a CPU-timed model load) "
             f"| {runs['1']['clips_per_min']:.1f} | {runs['2']['clips_per_min']:.1f} | **{m['scaling']:.2f}x** |"
         )
     # A straight line through the two launches of each GPU count: wall = fixed + clips * per_clip.

@@ -9,6 +9,25 @@ from pathlib import Path
 
 import psutil
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property tests search the space users live in; CI runs a bounded number of cases per property, and
+# COGVX_PROPERTY_EXAMPLES=N (e.g. 200) searches further. No deadline: a case may launch a subprocess.
+PROPERTY_EXAMPLES = int(os.environ.get("COGVX_PROPERTY_EXAMPLES", "0"))
+settings.register_profile(
+    "cogvx",
+    max_examples=PROPERTY_EXAMPLES or 10,
+    deadline=None,
+    derandomize=not PROPERTY_EXAMPLES,  # CI: the same cases on every run; a deeper search explores
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+    print_blob=True,
+)
+settings.load_profile("cogvx")
+
+
+def property_examples(ci: int) -> int:
+    """Cases for one property: ``ci`` by default, COGVX_PROPERTY_EXAMPLES when that is set."""
+    return PROPERTY_EXAMPLES or ci
 
 ROOT = Path(__file__).resolve().parents[1]
 CLIPS = ROOT / "examples" / "clips"

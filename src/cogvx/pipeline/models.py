@@ -17,18 +17,35 @@ from typing import Any
 import torch
 
 DEFAULT_MODEL = "THUDM/CogVideoX-2b"
-MAX_TEXT_TOKENS = 226
+# Prompt length in T5 tokens when a transformer config does not say (every published CogVideoX says 226);
+# the model's own `max_text_seq_length` decides it everywhere else.
+DEFAULT_TEXT_TOKENS = 226
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
-# Config keys that say nothing about what a component computes: left out of fingerprints.
-_VOLATILE_KEYS = {
-    "_name_or_path",
-    "_diffusers_version",
-    "transformers_version",
-    "_class_name",
-    "_commit_hash",
-}
+# The T5 fields that change what the encoder computes from token ids. Everything else in its config file
+# (storage dtype, spelled `torch_dtype` by transformers 4 and `dtype` by 5, `architectures`, library
+# versions, decoder and generation settings, dropout, initialisation) leaves the embeddings unchanged.
+# Values are read through T5Config, so defaults and derived fields (`feed_forward_proj` ->
+# `dense_act_fn`, `is_gated_act`) count whether or not a file spells them out.
+T5_COMPUTE_FIELDS = (
+    "vocab_size",
+    "d_model",
+    "d_kv",
+    "d_ff",
+    "num_layers",
+    "num_heads",
+    "relative_attention_num_buckets",
+    "relative_attention_max_distance",
+    "dense_act_fn",
+    "is_gated_act",
+    "layer_norm_epsilon",
+)
+
+# VAE constructor arguments that do not change the latents it encodes: the scaling factor is applied at
+# train time from the training model's own config (2b and 5b differ only there); `force_upcast` and
+# `invert_scale_latents` tell pipelines how to decode in fp16 and how to scale image latents.
+VAE_NON_COMPUTE_FIELDS = ("scaling_factor", "force_upcast", "invert_scale_latents")
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -79,10 +96,38 @@ def read_config(source: str, subfolder: str) -> dict[str, Any]:
     return json.loads(Path(hf_hub_download(source, name, subfolder=subfolder)).read_text())
 
 
-def fingerprint(config: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
-    """A short, stable hash of what a config computes."""
-    kept = {k: v for k, v in config.items() if k not in _VOLATILE_KEYS and k not in ignore}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+def _digest(fields: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def text_encoder_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """The T5 settings that decide the embeddings, normalised through T5Config (defaults filled in)."""
+    from transformers import T5Config
+
+    normalised = T5Config.from_dict(config)
+    return {name: getattr(normalised, name) for name in T5_COMPUTE_FIELDS}
+
+
+def vae_fields(config: dict[str, Any]) -> dict[str, Any]:
+    """The VAE's constructor arguments that decide its latents, defaults filled in; file-only keys dropped."""
+    import inspect
+
+    from diffusers import AutoencoderKLCogVideoX
+
+    arguments = inspect.signature(AutoencoderKLCogVideoX.__init__).parameters
+    fields = {name: config.get(name, arg.default) for name, arg in arguments.items() if name != "self"}
+    # JSON round trip: tuples (the class's defaults) and lists (a file's values) hash alike.
+    return {k: json.loads(json.dumps(v)) for k, v in fields.items() if k not in VAE_NON_COMPUTE_FIELDS}
+
+
+def text_encoder_fingerprint(config: dict[str, Any]) -> str:
+    """A short, stable hash of what a T5 encoder config computes: equal for the same encoder in any spelling."""
+    return _digest(text_encoder_fields(config))
+
+
+def vae_fingerprint(config: dict[str, Any]) -> str:
+    """A short, stable hash of what a VAE config computes (its scaling factor left out: applied at train time)."""
+    return _digest(vae_fields(config))
 
 
 @dataclass(frozen=True)
@@ -99,6 +144,7 @@ class ModelInfo:
     spatial_compression: int
     temporal_compression: int
     native_size: tuple[int, int]  # (height, width) in pixels the transformer was trained at
+    max_text_tokens: int  # T5 tokens per prompt: the transformer's max_text_seq_length
 
     @classmethod
     def read(cls, name: str) -> ModelInfo:
@@ -111,24 +157,25 @@ class ModelInfo:
         return cls(
             name=name,
             source=source,
-            vae_fingerprint=fingerprint(vae, ignore=("scaling_factor",)),
-            text_encoder_fingerprint=fingerprint(text),
+            vae_fingerprint=vae_fingerprint(vae),
+            text_encoder_fingerprint=text_encoder_fingerprint(text),
             scaling_factor=float(vae["scaling_factor"]),
             latent_channels=int(vae["latent_channels"]),
             text_embed_dim=int(text["d_model"]),
             spatial_compression=spatial,
             temporal_compression=int(vae.get("temporal_compression_ratio", 4)),
             native_size=(transformer["sample_height"] * spatial, transformer["sample_width"] * spatial),
+            max_text_tokens=int(transformer.get("max_text_seq_length", DEFAULT_TEXT_TOKENS)),
         )
 
     def encoder_identity(self) -> dict[str, Any]:
-        """The part of a model that a cache depends on: the encoders, not the transformer."""
+        """The part of a model that a cache depends on: the encoders, and the prompt length it reads."""
         return {
             "vae_fingerprint": self.vae_fingerprint,
             "text_encoder_fingerprint": self.text_encoder_fingerprint,
             "latent_channels": self.latent_channels,
             "text_embed_dim": self.text_embed_dim,
-            "max_text_tokens": MAX_TEXT_TOKENS,
+            "max_text_tokens": self.max_text_tokens,
         }
 
 

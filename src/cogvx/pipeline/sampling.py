@@ -48,10 +48,11 @@ def sample_latents(
     spatial_compression: int = 8,
     temporal_compression: int = 4,
 ) -> torch.Tensor:
-    """Denoise fresh noise into latents for ``prompt_embeds`` ``[B, 226, D]``, like the diffusers pipeline.
+    """Denoise fresh noise into latents for ``prompt_embeds`` ``[B, L, D]``, like the diffusers pipeline.
 
     The latents live in ``prompt_embeds.dtype`` (as in the pipeline); the guidance is computed in fp32.
-    ``negative_prompt_embeds`` ``[B, 226, D]`` (or ``[1, ...]``, broadcast) is needed when guidance > 1.
+    ``L`` is the transformer's ``max_text_seq_length`` (226 for every published CogVideoX).
+    ``negative_prompt_embeds`` ``[B, L, D]`` (or ``[1, ...]``, broadcast) is needed when guidance > 1.
     """
     from diffusers import CogVideoXDPMScheduler
 

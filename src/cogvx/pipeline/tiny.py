@@ -136,13 +136,33 @@ def materialise(variant: str, home: Path) -> Path:
     return folder
 
 
-def build(variant: str, folder: Path) -> None:
-    """Write a tiny random CogVideoX of the given variant into ``folder``."""
+def build(variant: str, folder: Path, transformer_config: dict | None = None) -> None:
+    """Write a tiny random CogVideoX of the given variant into ``folder``.
+
+    ``transformer_config`` overrides the transformer's settings (tests build e.g. a model that reads
+    prompts of 30 tokens with ``{"max_text_seq_length": 30}``); VAE and text encoder stay the variant's.
+    """
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXTransformer3DModel
     from transformers import T5Config, T5EncoderModel
 
     spec = VARIANTS[variant]
-    tokenizer = _tokenizer()
+    transformer_settings = {
+        "num_attention_heads": 2,
+        "attention_head_dim": 16,
+        "in_channels": 4,
+        "out_channels": 4,
+        "time_embed_dim": 16,
+        "text_embed_dim": TEXT_DIM,
+        "num_layers": 2,
+        "sample_height": 8,
+        "sample_width": 12,
+        "sample_frames": 49,
+        "patch_size": 2,
+        "temporal_compression_ratio": 4,
+        "max_text_seq_length": 226,
+        "use_rotary_positional_embeddings": spec["rotary"],
+    } | (transformer_config or {})
+    tokenizer = _tokenizer(transformer_settings["max_text_seq_length"])
     tokenizer.save_pretrained(folder / "tokenizer")
 
     torch.manual_seed(0)
@@ -178,22 +198,7 @@ def build(variant: str, folder: Path) -> None:
     vae.save_pretrained(folder / "vae")
 
     torch.manual_seed(2)
-    transformer = CogVideoXTransformer3DModel(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=4,
-        time_embed_dim=16,
-        text_embed_dim=TEXT_DIM,
-        num_layers=2,
-        sample_height=8,
-        sample_width=12,
-        sample_frames=49,
-        patch_size=2,
-        temporal_compression_ratio=4,
-        max_text_seq_length=226,
-        use_rotary_positional_embeddings=spec["rotary"],
-    )
+    transformer = CogVideoXTransformer3DModel(**transformer_settings)
     transformer.save_pretrained(folder / "transformer")
 
     CogVideoXDPMScheduler(**_SCHEDULER, snr_shift_scale=spec["snr_shift_scale"]).save_pretrained(folder / "scheduler")
@@ -222,7 +227,7 @@ def _save_text_encoder(model, folder: Path) -> None:
     save_model(model, str(folder / "model.safetensors"), metadata={"format": "pt"})
 
 
-def _tokenizer():
+def _tokenizer(max_length: int):
     from transformers import T5Tokenizer
 
     pieces = [f"\u2581{w}" for w in _WORDS] + list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
@@ -230,4 +235,4 @@ def _tokenizer():
     pieces = list(dict.fromkeys(pieces))
     vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
     vocab += [(p, -1.0 - 0.01 * i) for i, p in enumerate(pieces)]
-    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=226)
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)

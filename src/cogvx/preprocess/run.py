@@ -35,7 +35,7 @@ log = logging.getLogger("cogvx.preprocess")
 VALIDATION_NAME = "validation_prompts.safetensors"
 SCHEMA = {
     "moments": "VAE posterior [2C, F, H, W]: mean then log-variance on axis 0, unscaled",
-    "prompt_embeds": f"T5 last hidden state [{models.MAX_TEXT_TOKENS}, D], pads included",
+    "prompt_embeds": "T5 last hidden state [L, D], pads included (L: the transformer's max_text_seq_length)",
     "json": "source, content_hash, caption, window, frame_indices, fps, size, bucket, ...",
     "jpg": "JPEG strip of up to 8 of the sampled frames, side by side, 64 px high",
 }
@@ -258,7 +258,7 @@ def _run(cfg: PreprocessConfig, ranks: Ranks, show_progress: bool) -> Preprocess
             log.warning(
                 "%d caption(s) were longer than %d tokens and were cut to fit: %s",
                 result.truncated_captions,
-                models.MAX_TEXT_TOKENS,
+                info.max_text_tokens,
                 ", ".join(result.truncated_sources[:5]) + (" ..." if result.truncated_captions > 5 else ""),
             )
         if show_progress:
@@ -310,7 +310,7 @@ def _load_encoders(cfg: PreprocessConfig, info: models.ModelInfo, device: torch.
     tokenizer, text_encoder = models.load_text_encoder(info.source, dtype, device)
 
     def encode_text(texts: list[str]):
-        encoding = encode_prompts(tokenizer, text_encoder, texts)
+        encoding = encode_prompts(tokenizer, text_encoder, texts, info.max_text_tokens)
         return encoding.embeds, encoding.truncated
 
     return vae, encode_text
@@ -444,7 +444,8 @@ def print_summary(result: PreprocessResult, output: Path) -> None:
     for reason, count in result.skipped.most_common():
         table.add_row(f"  {reason}", str(count))
     if result.truncated_captions:
-        table.add_row("captions cut at 226 tokens", str(result.truncated_captions))
+        length = manifest.producer["encoders"]["max_text_tokens"]
+        table.add_row(f"captions cut at {length} tokens", str(result.truncated_captions))
     table.add_row("samples in cache", str(manifest.sample_count))
     for bucket, count in manifest.bucket_counts().items():
         table.add_row(f"  bucket {bucket}", str(count))

@@ -58,14 +58,15 @@ class StepOutput:
 
 
 def check_cache_fits(manifest: Manifest, info: models.ModelInfo, shards: Path) -> None:
-    """Refuse a cache whose latents or prompt embeddings another VAE or text encoder made."""
+    """Refuse a cache whose latents or prompt embeddings another VAE, text encoder or prompt length made."""
     stored, wanted = manifest.producer.get("encoders", {}), info.encoder_identity()
     differs = [k for k in wanted if stored.get(k) != wanted[k]]
     if differs:
         details = "; ".join(f"{k}: cache {stored.get(k)!r}, model {wanted[k]!r}" for k in differs)
         raise ValueError(
-            f"The cache {shards} was encoded for {manifest.producer.get('model')!r}, whose VAE/text encoder "
-            f"differ from {info.name!r} ({details}). Preprocess the videos again with --model {info.name}."
+            f"The cache {shards} was encoded for {manifest.producer.get('model')!r}, whose VAE, text encoder or "
+            f"prompt length differ from {info.name!r} ({details}). Preprocess the videos again with "
+            f"--model {info.name}."
         )
 
 

@@ -31,8 +31,8 @@ FOLDER = "validation"
 @dataclass
 class ValidationSet:
     prompts: list[str]
-    prompt_embeds: torch.Tensor  # [N, 226, D]
-    negative_prompt_embeds: torch.Tensor  # [1, 226, D], the empty prompt
+    prompt_embeds: torch.Tensor  # [N, L, D], L: the model's max_text_tokens
+    negative_prompt_embeds: torch.Tensor  # [1, L, D], the empty prompt
     num_frames: int
     height: int
     width: int

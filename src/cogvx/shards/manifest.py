@@ -7,7 +7,10 @@ place, and the manifest itself is replaced atomically, so a reader never sees a 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
+import stat
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,8 +23,52 @@ MANIFEST_NAME = "manifest.json"
 SKIPPED_NAME = "skipped.jsonl"  # inputs preprocessing could not use: {"source", "reason", "detail"}
 
 
+KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # sample keys: webdataset splits member names at a dot
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+# What each tensor of one bucket looks like: {bucket: {tensor name: {"dtype": "bfloat16", "shape": [...]}}}.
+Layouts = dict[str, dict[str, dict[str, Any]]]
+
+
 class CacheError(ValueError):
     """A cache folder that cannot be used as it is; the message says which file and what to do."""
+
+
+def is_plain_name(name: object) -> bool:
+    """A file name inside the cache folder: no folder part, no ``..``, nothing hidden or absolute."""
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= 255
+        and name not in (".", "..")
+        and not name.startswith(".")
+        and "/" not in name
+        and "\\" not in name
+        and "\0" not in name
+        and name.isprintable()
+    )
+
+
+def merge_layouts(into: Layouts, layouts: Layouts, origin: str) -> None:
+    """Add ``layouts`` to ``into``; a bucket laid out differently in both is a CacheError naming ``origin``."""
+    for bucket, layout in layouts.items():
+        known = into.setdefault(bucket, layout)
+        if known != layout:
+            raise CacheError(
+                f"{origin} stores bucket {bucket} as {describe_layout(layout)}, but other shards of the cache as "
+                f"{describe_layout(known)}; one cache holds one layout per bucket. Write it to a new folder."
+            )
+
+
+def merged_layouts(records: list[ShardRecord]) -> Layouts:
+    """The bucket layouts the shards recorded, as one dict (a bucket laid out two ways is a CacheError)."""
+    merged: Layouts = {}
+    for record in records:
+        merge_layouts(merged, record.layouts, record.name)
+    return merged
+
+
+def describe_layout(layout: dict[str, dict[str, Any]]) -> str:
+    return ", ".join(f"{name} {spec['dtype']} {list(spec['shape'])}" for name, spec in sorted(layout.items()))
 
 
 @dataclass
@@ -50,6 +97,9 @@ class ShardRecord:
     # Keys of samples in this shard that a later shard replaced (their source file changed). Shards are
     # never rewritten once published, so readers skip these keys instead (missing field = none).
     excluded: list[str] = field(default_factory=list)
+    # The tensors of each bucket in this shard (names, dtypes, shapes), as its writer saw them; empty in
+    # caches written before layouts were recorded (readers then check that a bucket's samples agree).
+    layouts: Layouts = field(default_factory=dict)
 
     @property
     def live_count(self) -> int:
@@ -61,10 +111,29 @@ class ShardRecord:
         return [s for s in self.samples if s.key not in excluded]
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ShardRecord:
-        samples = [SampleEntry(**s) for s in data.get("samples", [])]
-        excluded = list(data.get("excluded", []))
-        return cls(data["name"], data["sample_count"], data["bytes"], data["sha256"], samples, excluded)
+    def from_dict(cls, data: dict[str, Any], origin: Path | str = "the manifest") -> ShardRecord:
+        """A record from its JSON form; any wrongly typed field is a CacheError naming ``origin``."""
+        fields_ = _Fields(data, origin, "a shard entry")
+        name = fields_.get("name", str)
+        where = f"shard {name!r}"
+        if not is_plain_name(name):
+            raise CacheError(
+                f"{origin} lists a shard named {name!r}: shard names must be plain file names inside the cache "
+                "folder (no '/', '..' or absolute paths). The manifest was edited or damaged; rebuild it with "
+                "`cogvx shards rebuild-manifest`."
+            )
+        fields_ = _Fields(data, origin, where)
+        sample_count = fields_.get("sample_count", int, minimum=0)
+        size = fields_.get("bytes", int, minimum=0)
+        sha256 = fields_.get("sha256", str)
+        if not _SHA256.match(sha256):
+            raise CacheError(f"{origin}: {where} has sha256 {sha256!r}, not 64 lowercase hex digits.")
+        samples = [_sample_entry(s, origin, where) for s in fields_.get("samples", list, default=[])]
+        excluded = fields_.get("excluded", list, default=[])
+        if not all(isinstance(key, str) for key in excluded):
+            raise CacheError(f"{origin}: {where} has an `excluded` entry that is not a key string.")
+        layouts = _layouts(fields_.get("layouts", dict, default={}), origin, where)
+        return cls(name, sample_count, size, sha256, samples, list(excluded), layouts)
 
 
 @dataclass
@@ -104,6 +173,10 @@ class Manifest:
     def live_entries(self) -> list[SampleEntry]:
         return [entry for shard in self.shards for entry in shard.live_samples()]
 
+    def layouts(self) -> Layouts:
+        """Every bucket's tensor layout, merged from the shards that recorded one."""
+        return merged_layouts(self.shards)
+
     def add_shard(self, record: ShardRecord) -> None:
         """List a finished shard; samples of the same sources in earlier shards stop being served.
 
@@ -112,6 +185,7 @@ class Manifest:
         """
         if any(shard.name == record.name for shard in self.shards):
             return  # already merged (a merge interrupted after saving the manifest)
+        merge_layouts(self.layouts(), record.layouts, record.name)  # refuses a shard that disagrees
         replaced = {entry.source for entry in record.samples}
         for shard in self.shards:
             stale = [e.key for e in shard.samples if e.source in replaced and e.key not in shard.excluded]
@@ -130,42 +204,166 @@ class Manifest:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], origin: Path) -> Manifest:
-        if data.get("format") != FORMAT_NAME:
-            raise CacheError(f"{origin} is not a cogvx cache manifest (format is {data.get('format')!r}).")
-        if data.get("version") != FORMAT_VERSION:
+    def from_dict(cls, data: Any, origin: Path) -> Manifest:
+        """A manifest from its JSON form; anything missing or wrongly typed is a CacheError naming ``origin``."""
+        if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise CacheError(f"{origin} is not a cogvx cache manifest (format is {found!r}).")
+        version = data.get("version")
+        if type(version) is not int or version != FORMAT_VERSION:  # 1.0, True and "1" are not version 1
             raise CacheError(
-                f"{origin} uses cache format version {data.get('version')}, this cogvx reads version "
+                f"{origin} uses cache format version {version!r}, this cogvx reads version "
                 f"{FORMAT_VERSION}. Re-run `cogvx preprocess` into a new folder, or install the matching cogvx."
             )
+        fields_ = _Fields(data, origin, "the manifest")
+        shards = [ShardRecord.from_dict(s, origin) for s in fields_.get("shards", list)]
+        names = [s.name for s in shards]
+        if len(set(names)) != len(names):
+            twice = sorted({n for n in names if names.count(n) > 1})
+            raise CacheError(f"{origin} lists shard {twice[0]} more than once; rebuild it with "
+                             "`cogvx shards rebuild-manifest`.")  # fmt: skip
+        extras = fields_.get("extras", dict, default={})
+        for label, extra in extras.items():
+            if isinstance(extra, dict) and "file" in extra and not is_plain_name(extra["file"]):
+                raise CacheError(
+                    f"{origin} names side file {extra['file']!r} for {label!r}: side files must be plain file names "
+                    "inside the cache folder. The manifest was edited or damaged."
+                )
         return cls(
-            producer=data["producer"],
-            params=data["params"],
-            schema=data["schema"],
-            shards=[ShardRecord.from_dict(s) for s in data["shards"]],
-            extras=data.get("extras", {}),
-            created=data["created"],
-            updated=data["updated"],
+            producer=fields_.get("producer", dict),
+            params=fields_.get("params", dict),
+            schema=fields_.get("schema", dict),
+            shards=shards,
+            extras=extras,
+            created=fields_.get("created", float),
+            updated=fields_.get("updated", float),
         )
 
     @classmethod
     def load(cls, folder: Path) -> Manifest:
         path = Path(folder) / MANIFEST_NAME
-        if not path.is_file():
+        if not path.exists():
+            shards = sorted(Path(folder).glob("*.tar")) if Path(folder).is_dir() else []
+            if shards:
+                raise CacheError(
+                    f"No {MANIFEST_NAME} in {folder}, but it holds {len(shards)} shard file(s): re-create the manifest "
+                    f"from them with `cogvx shards rebuild-manifest {folder}`."
+                )
             raise CacheError(
                 f"No {MANIFEST_NAME} in {folder}: this is not a finished cogvx cache. "
                 "Create one with `cogvx preprocess --data VIDEOS --output FOLDER`."
             )
+        with open_regular(path, what="The manifest") as f:
+            text = f.read(MAX_MANIFEST_BYTES + 1)
+        if len(text) > MAX_MANIFEST_BYTES:
+            raise CacheError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; it is not a cogvx manifest.")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
-            raise CacheError(f"{path} is not valid JSON ({err}); re-run `cogvx preprocess`.") from err
+            data = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise CacheError(
+                f"{path} is not valid JSON ({err}); move it away and rebuild it with "
+                f"`cogvx shards rebuild-manifest {path.parent}`."
+            ) from err
         return cls.from_dict(data, path)
 
     def save(self, folder: Path) -> None:
         """Replace the manifest atomically: readers see the old one or the new one, never a mix."""
         self.updated = time.time()
         write_json_atomic(Path(folder) / MANIFEST_NAME, self.to_dict())
+
+
+MAX_MANIFEST_BYTES = 1 << 30  # about 2 million samples' index lines
+
+
+def open_regular(path: Path, what: str = "File"):
+    """Open ``path`` for reading only if it is a regular file (or a link to one), without ever blocking.
+
+    O_NONBLOCK makes opening a FIFO return at once; fstat on the opened file then refuses FIFOs, devices
+    (``/dev/zero``) and folders, so nothing here can hang or read forever.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise  # the caller says what a missing file means
+    except OSError as err:
+        raise CacheError(f"{what} {path} cannot be opened ({err.strerror}).") from err
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CacheError(f"{what} {path} is not a regular file (a device, FIFO or folder); cogvx reads only files.")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class _Fields:
+    """Typed access to one JSON object of the manifest: a missing or wrongly typed field is a CacheError."""
+
+    _MISSING = object()
+
+    def __init__(self, data: Any, origin: Path | str, where: str):
+        if not isinstance(data, dict):
+            raise CacheError(f"{origin}: {where} is a {type(data).__name__}, not an object. The manifest is damaged.")
+        self.data, self.origin, self.where = data, origin, where
+
+    def get(self, name: str, kind: type, default: Any = _MISSING, minimum: int | None = None) -> Any:
+        value = self.data.get(name, default)
+        if value is self._MISSING:
+            raise CacheError(f"{self.origin}: {self.where} has no `{name}`. The manifest is damaged.")
+        if value is default and default is not self._MISSING:
+            return value
+        if not _is(value, kind):
+            raise CacheError(
+                f"{self.origin}: {self.where} has `{name}` = {_short(value)}, not {kind.__name__}. "
+                "The manifest is damaged."
+            )
+        if minimum is not None and value < minimum:
+            raise CacheError(f"{self.origin}: {self.where} has `{name}` = {value}, below {minimum}.")
+        return float(value) if kind is float else value
+
+
+def _is(value: Any, kind: type) -> bool:
+    if kind is int:
+        return type(value) is int  # bool is not a count
+    if kind is float:
+        return type(value) in (int, float) and math.isfinite(value)
+    return isinstance(value, kind)
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value) if not isinstance(value, float) or math.isfinite(value) else str(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _sample_entry(data: Any, origin: Path | str, where: str) -> SampleEntry:
+    fields_ = _Fields(data, origin, f"a sample of {where}")
+    key = fields_.get("key", str)
+    if not KEY_PATTERN.match(key):
+        raise CacheError(f"{origin}: {where} has a sample key {key!r} that is not [A-Za-z0-9_-]+.")
+    fields_ = _Fields(data, origin, f"sample {key} of {where}")
+    return SampleEntry(
+        key,
+        source=fields_.get("source", str),
+        content_hash=fields_.get("content_hash", str),
+        bucket=fields_.get("bucket", str),
+        size=fields_.get("size", int, default=None),
+        mtime_ns=fields_.get("mtime_ns", int, default=None),
+        caption_hash=fields_.get("caption_hash", str, default=None),
+    )
+
+
+def _layouts(data: dict, origin: Path | str, where: str) -> Layouts:
+    for bucket, layout in data.items():
+        tensors = _Fields(layout, origin, f"layout {bucket!r} of {where}")
+        for name in tensors.data:
+            spec = _Fields(tensors.data[name], origin, f"tensor {name!r} of layout {bucket!r} of {where}")
+            spec.get("dtype", str)
+            shape = spec.get("shape", list)
+            if not all(type(n) is int and n >= 0 for n in shape):
+                raise CacheError(f"{origin}: {where} gives tensor {name!r} of bucket {bucket!r} the shape {shape}.")
+    return data
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

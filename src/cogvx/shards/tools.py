@@ -1,17 +1,26 @@
-"""``cogvx shards inspect`` and ``cogvx shards verify``: look into a cache folder without a model."""
+"""``cogvx shards inspect``, ``verify`` and ``rebuild-manifest``: look into a cache folder without a model."""
 
 from __future__ import annotations
 
 import io
 import json
+import shlex
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cogvx.shards.io import file_sha256, read_shard, verify
-from cogvx.shards.manifest import MANIFEST_NAME, SKIPPED_NAME, CacheError, Manifest
+from cogvx.shards.io import check_shards, file_sha256, read_indexed_shard, read_shard
+from cogvx.shards.manifest import (
+    MANIFEST_NAME,
+    SKIPPED_NAME,
+    CacheError,
+    Manifest,
+    is_plain_name,
+    open_regular,
+)
 
 STRIP_MEMBER = "jpg"  # the extra member holding a JPEG strip of a sample's sampled frames
+MAX_STRIP_PIXELS = 64 * 1 << 18  # 64 px high and up to 262144 px wide
 
 
 @dataclass
@@ -73,14 +82,26 @@ def inspect(cfg: InspectConfig) -> CacheSummary:
     return summary
 
 
+MAX_SKIPPED_LINE = 1 << 20
+
+
 def read_skipped(folder: Path) -> Counter:
-    """Skipped inputs of the last finished preprocessing run, counted by reason."""
+    """Skipped inputs of the last finished preprocessing run, counted by reason (streamed, line by line)."""
     path = Path(folder) / SKIPPED_NAME
     counts: Counter = Counter()
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                counts[json.loads(line).get("reason", "unknown")] += 1
+    if not path.exists():
+        return counts
+    with open_regular(path) as f:
+        for number, line in enumerate(iter(lambda: f.readline(MAX_SKIPPED_LINE + 1), b""), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line) if len(line) <= MAX_SKIPPED_LINE else None
+            except ValueError:
+                row = None
+            if not isinstance(row, dict):
+                raise CacheError(f"{path} line {number} is not a JSON object; delete it (preprocess writes it anew).")
+            counts[str(row.get("reason", "unknown"))] += 1
     return counts
 
 
@@ -99,7 +120,13 @@ def write_contact_sheet(folder: Path, manifest: Manifest, path: Path, max_strips
             data = sample.extras.get(STRIP_MEMBER)
             if data is None:
                 continue
-            strip = Image.open(io.BytesIO(data)).convert("RGB")
+            strip = Image.open(io.BytesIO(data))
+            if strip.width * strip.height > MAX_STRIP_PIXELS:  # checked before the pixels are decoded
+                raise CacheError(
+                    f"Sample {sample.key} in {folder / record.name} has a {strip.width}x{strip.height} frame strip, "
+                    f"more than {MAX_STRIP_PIXELS} pixels; cogvx writes 64 px high strips. The shard was changed."
+                )
+            strip = strip.convert("RGB")
             scale = row_height / strip.height
             strip = strip.resize((max(1, round(strip.width * scale)), row_height))
             label = f"{sample.meta.get('source', sample.key)}\n{sample.meta.get('bucket', '')}"
@@ -136,31 +163,145 @@ class VerifyConfig:
 
 @dataclass
 class VerifyReport:
+    folder: Path
     shards: int
     samples: int
     problems: list[str]
     unlisted: list[str]  # shard files in the folder that the manifest does not list (never read)
+    damaged: list[str] = field(default_factory=list)  # shards missing or changed since they were written
+    unusable: list[str] = field(default_factory=list)  # intact shards holding samples training cannot use
+    data: str | None = None  # the videos the cache was made from, when the manifest records them
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
+    def repair_command(self) -> str:
+        data = shlex.quote(self.data) if self.data else "VIDEOS"
+        return f"cogvx preprocess --data {data} --output {shlex.quote(str(self.folder))} --repair"
+
+    def advice(self) -> str:
+        """One line: how many problems, and exactly what to run."""
+        said = f"{len(self.problems)} problem(s) in {self.folder}."
+        command = f"`{self.repair_command()}`"
+        unknown = "" if self.data else " (VIDEOS: the folder or metadata file the cache was made from)"
+        if self.unusable:
+            names = ", ".join(self.unusable[:3]) + (" ..." if len(self.unusable) > 3 else "")
+            damaged = f" and the {len(self.damaged)} missing or changed one(s)" if self.damaged else ""
+            return (
+                f"{said} {len(self.unusable)} shard(s) hold samples training cannot use ({names}): move them out "
+                f"of the folder, then run {command}{unknown} to re-encode their samples{damaged}."
+            )
+        if self.damaged:
+            return f"{said} Run {command}{unknown} to re-encode the samples of the missing or changed shard(s)."
+        return f"{said} Fix or remove the files named above, then run `cogvx shards verify {self.folder}` again."
+
 
 def verify_cache(cfg: VerifyConfig) -> VerifyReport:
-    """Every shard against the manifest, and the side files the manifest names."""
+    """Every shard and sample against the manifest (``check_shards``), and the side files it names."""
     manifest = Manifest.load(cfg.folder)
-    problems = verify(cfg.folder, manifest.shards, deep=cfg.deep)
+    found = check_shards(cfg.folder, manifest.shards, deep=cfg.deep)
+    problems = [problem.message for problem in found]
     for name, extra in sorted(manifest.extras.items()):
         if not isinstance(extra, dict) or "file" not in extra:
             continue
-        path = cfg.folder / extra["file"]
-        if not path.is_file():
+        path = cfg.folder / extra["file"]  # a plain name: Manifest.load refuses any other
+        try:
+            if extra.get("sha256") and file_sha256(path) != extra["sha256"]:
+                problems.append(f"{path} ({name}) does not match its sha256 in {MANIFEST_NAME}")
+        except FileNotFoundError:
             problems.append(f"{path} ({name}) is listed in {MANIFEST_NAME} but missing")
-        elif extra.get("sha256") and file_sha256(path) != extra["sha256"]:
-            problems.append(f"{path} ({name}) does not match its sha256 in {MANIFEST_NAME}")
+        except CacheError as err:
+            problems.append(str(err))
     listed = {record.name for record in manifest.shards}
     unlisted = sorted(p.name for p in cfg.folder.glob("*.tar") if p.name not in listed)
-    return VerifyReport(len(manifest.shards), manifest.sample_count, problems, unlisted)
+    damaged = sorted({p.shard for p in found if p.damaged})
+    unusable = sorted({p.shard for p in found if not p.damaged} - set(damaged))
+    data = manifest.producer.get("data")
+    return VerifyReport(
+        cfg.folder,
+        len(manifest.shards),
+        manifest.sample_count,
+        problems,
+        unlisted,
+        damaged,
+        unusable,
+        data if isinstance(data, str) and data else None,
+    )
+
+
+@dataclass
+class RebuildResult:
+    manifest: Manifest
+    dropped_extras: list[str]  # side files named in the header that are gone or changed (not listed)
+
+
+def rebuild_manifest(folder: Path) -> RebuildResult:
+    """Re-create a lost ``manifest.json`` from the shard files in ``folder`` and save it.
+
+    Every ``*.tar`` file is read completely and checked (as ``verify`` checks a listed shard); all must
+    carry the same writer header (producer, params, schema). Shards are listed in the order their
+    writers opened them, so, as when they were written, a later shard's samples replace earlier samples
+    of the same source. Side files named in the header's ``extras`` are kept when they match their
+    sha256. Refused when the folder has a manifest.
+    """
+    folder = Path(folder)
+    if (folder / MANIFEST_NAME).exists() or (folder / MANIFEST_NAME).is_symlink():
+        raise CacheError(
+            f"{folder / MANIFEST_NAME} exists; rebuild-manifest never replaces one. Run `cogvx shards verify "
+            f"{folder}` to check it, or move it away first if it is damaged."
+        )
+    names = sorted(p.name for p in folder.glob("*.tar") if is_plain_name(p.name)) if folder.is_dir() else []
+    if not names:
+        raise CacheError(f"No shard files (*.tar) in {folder}; nothing to rebuild a manifest from.")
+    shards = []
+    for name in names:
+        try:
+            shards.append(read_indexed_shard(folder, name))
+        except CacheError as err:
+            raise CacheError(f"Cannot rebuild the manifest of {folder}: {err}") from err
+    first = shards[0]
+    for shard in shards:
+        if shard.header is None:
+            raise CacheError(
+                f"Shard {folder / shard.record.name} records no cogvx header (written before shards carried "
+                "one, or not by cogvx), so the manifest cannot be rebuilt from it. Move it out of the folder, "
+                "or re-run `cogvx preprocess` into a new folder."
+            )
+        if shard.header != first.header:
+            raise CacheError(
+                f"Shards {first.record.name} and {shard.record.name} in {folder} were written with different "
+                "settings (their headers differ); one cache holds one set. Move the shards of one of them away."
+            )
+    header = first.header
+    parts = {key: header.get(key) for key in ("producer", "params", "schema")}
+    bad = [key for key, value in parts.items() if not isinstance(value, dict)]
+    if bad:
+        raise CacheError(f"The header of {folder / first.record.name} has no {bad[0]} object; it was not written by "
+                         "cogvx preprocess.")  # fmt: skip
+    manifest = Manifest(**parts)
+    for shard in sorted(shards, key=lambda s: (s.opened, s.record.name)):
+        manifest.add_shard(shard.record)
+    dropped = []
+    extras = header.get("extras")
+    for label, extra in (extras if isinstance(extras, dict) else {}).items():
+        if _side_file_matches(folder, extra):
+            manifest.extras[label] = extra
+        else:
+            dropped.append(label)
+    if (folder / MANIFEST_NAME).exists():
+        raise CacheError(f"{folder / MANIFEST_NAME} appeared while rebuilding; left as it is.")
+    manifest.save(folder)
+    return RebuildResult(Manifest.load(folder), dropped)  # loaded: what readers will see, checked as they check it
+
+
+def _side_file_matches(folder: Path, extra: object) -> bool:
+    if not isinstance(extra, dict) or not is_plain_name(extra.get("file")):
+        return False
+    try:
+        return file_sha256(folder / extra["file"]) == extra.get("sha256")
+    except FileNotFoundError:
+        return False
 
 
 def _fit(text: str, width: int) -> str:
@@ -173,6 +314,8 @@ def _mib(n: int) -> str:
 
 __all__ = [
     "CacheError",
+    "RebuildResult",
+    "rebuild_manifest",
     "CacheSummary",
     "InspectConfig",
     "VerifyConfig",

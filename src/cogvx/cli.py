@@ -134,20 +134,39 @@ def shards_verify(
     folder: Path = typer.Argument(..., help="Cache folder."),
     deep: bool = typer.Option(True, "--deep/--quick", help="Also parse every sample (default) or only hash shards."),
 ) -> None:
-    """Check every shard's size, sha256, sample count and keys against the manifest."""
+    """Check every shard and sample against the manifest; say exactly what to run to repair a cache."""
     from cogvx.shards.tools import VerifyConfig, verify_cache
 
     def check():
         report = verify_cache(VerifyConfig(folder, deep=deep))
         for problem in report.problems:
-            console.print(f"[red]bad[/red] {problem}")
+            console.print(f"[red]bad[/red] {problem}", soft_wrap=True)
         for name in report.unlisted:
-            console.print(f"[yellow]unlisted[/yellow] {name} (not in the manifest, never read)")
+            console.print(f"[yellow]unlisted[/yellow] {name} (not in the manifest, never read)", soft_wrap=True)
         if not report.ok:
-            raise ValueError(f"{len(report.problems)} problem(s) in {folder}; re-run `cogvx preprocess` to repair.")
+            raise ValueError(report.advice())
         console.print(f"[green]ok[/green] {report.shards} shards, {report.samples} samples verified.")
 
     _guard(check)
+
+
+@shards_app.command("rebuild-manifest")
+def shards_rebuild_manifest(folder: Path = typer.Argument(..., help="Cache folder without manifest.json.")) -> None:
+    """Re-create a lost manifest.json from the shards' own headers and metadata (every shard is checked)."""
+    from cogvx.shards.tools import rebuild_manifest
+
+    def rebuild():
+        result = rebuild_manifest(folder)
+        m = result.manifest
+        for label in result.dropped_extras:
+            console.print(f"[yellow]not listed[/yellow] side file {label!r}: missing or changed", soft_wrap=True)
+        console.print(
+            f"[green]rebuilt[/green] {folder / 'manifest.json'}: {len(m.shards)} shards, {m.sample_count} samples "
+            f"({m.excluded_count} replaced).",
+            soft_wrap=True,
+        )
+
+    _guard(rebuild)
 
 
 @shards_app.command("inspect")

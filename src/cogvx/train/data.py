@@ -17,8 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cogvx.shards import CacheError, ShardRecord, decode_sample, iter_raw_samples
-from cogvx.shards.io import check_shard
+from cogvx.shards import CacheError, ShardRecord, decode_sample, iter_record_samples, merged_layouts, open_shard
 
 
 class ShardStream(IterableDataset):
@@ -55,14 +54,16 @@ class ShardStream(IterableDataset):
         """Endless raw samples from shards drawn with replacement, weighted by their sample counts."""
         weights = [s.live_count for s in self.shards]  # a fully replaced shard is never drawn
         verified: set[str] = set()
+        # Each sample is checked against its index line here and against its bucket's layout when decoded
+        # (a cache without recorded layouts: the first sample of each bucket sets it for the others).
+        layouts = merged_layouts(self.shards)
         while True:
             record = rng.choices(self.shards, weights)[0]
             # The sha256 is checked the first time this process draws a shard (hashing as it streams,
             # before any of its samples is served); later draws check the size and stream the file.
-            path = check_shard(self.folder, record, full=record.name not in verified)
-            verified.add(record.name)
-            with open(path, "rb") as stream:
-                yield from iter_raw_samples(stream, str(path), exclude=record.excluded)
+            with open_shard(self.folder, record, full=record.name not in verified) as stream:
+                verified.add(record.name)
+                yield from iter_record_samples(stream, record, str(self.folder / record.name), layouts)
 
     def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
         from webdataset.filters import shuffle

@@ -37,7 +37,8 @@ def write_shards(folder: Path, samples: int, per_shard: int):
             "moments": torch.randn(32, 13, 60, 90, generator=g).to(torch.bfloat16),
             "prompt_embeds": torch.randn(226, 4096, generator=g).to(torch.bfloat16),
         }
-        writer.write(Sample(f"s{i:05d}", tensors, {"bucket": "49x480x720"}), SampleEntry(f"s{i}", "b", "h", "b"))
+        key = f"s{i:05d}"  # the index line must name the sample's own key and bucket (the writer checks)
+        writer.write(Sample(key, tensors, {"bucket": "49x480x720"}), SampleEntry(key, "b", "h", "49x480x720"))
     writer.flush()
     return records
 

@@ -15,6 +15,7 @@ import hashlib
 import os
 import queue
 import threading
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -40,6 +41,14 @@ class Job:
     known_caption: str | None = None
 
 
+def _failure(err: Exception) -> str:
+    """``Type: message (at file.py:line)`` of an unexpected error, the line being where it was raised."""
+    where = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
+    place = f" (at {os.path.basename(where.filename)}:{where.lineno})" if where else ""
+    message = str(err).strip().splitlines()[-1][:300] if str(err).strip() else ""
+    return f"{type(err).__name__}: {message}{place}"
+
+
 class ClipReader(torch.utils.data.Dataset):
     """One clip per item, in DataLoader workers; a clip that cannot be used comes back as a skip record."""
 
@@ -55,6 +64,10 @@ class ClipReader(torch.utils.data.Dataset):
             return {"index": index, **self._read(job)}
         except SkipClip as err:
             return {"index": index, "skip": err.reason, "detail": err.detail}
+        except Exception as err:
+            # Whatever else goes wrong with one clip (a decoder or library failure no check foresaw) must not
+            # end a run of thousands in a DataLoader worker: it is recorded with where it was raised.
+            return {"index": index, "skip": "reading failed", "detail": _failure(err)}
 
     def _read(self, job: Job) -> dict[str, Any]:
         clip = job.clip

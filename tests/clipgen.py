@@ -1,0 +1,176 @@
+"""Generated test clips: any size, frame rate, pixel format, display rotation, or a variable frame rate.
+
+Clips are written with the ffmpeg binary that imageio-ffmpeg ships (raw RGB frames piped in), so the
+tests need no system ffmpeg. ``content(...)`` gives the frames a clip shows: smooth gradients (red
+along x, green along y) so that resizing kernels agree within a few levels, and a blue level that
+changes by 53 per frame so that taking a neighbouring frame is a large error.
+"""
+
+from __future__ import annotations
+
+import struct
+import subprocess
+from pathlib import Path
+
+import numpy as np
+
+# libx264 stores these; odd sizes in 4:2:0 go to FFV1 in a .mov (libx264 cannot store them).
+PIXEL_FORMATS = ("yuv420p", "yuv444p", "yuv420p10le")
+
+
+def ffmpeg() -> str:
+    import imageio_ffmpeg
+
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def content(frames: int, height: int, width: int) -> np.ndarray:
+    """What a clip shows, ``[frames, height, width, 3]`` uint8, in display orientation."""
+    x = np.linspace(16, 235, width) if width > 1 else np.full(1, 128.0)
+    y = np.linspace(16, 235, height) if height > 1 else np.full(1, 128.0)
+    out = np.empty((frames, height, width, 3), np.uint8)
+    out[..., 0] = np.round(x)[None, None, :]
+    out[..., 1] = np.round(y)[None, :, None]
+    out[..., 2] = (40 + 53 * np.arange(frames) % 180)[:, None, None]
+    return out
+
+
+def write_clip(
+    path: Path,
+    frames: np.ndarray,
+    fps: float = 24.0,
+    pix_fmt: str = "yuv420p",
+    rotation: int = 0,
+    times: list[float] | None = None,
+    codec: str | None = None,
+) -> Path:
+    """Encode ``frames`` (display orientation) so that a player shows exactly them.
+
+    ``rotation`` (0, 90, 180, 270: degrees counter-clockwise, as ffmpeg's ``-display_rotation``)
+    stores the frames turned the other way plus the display matrix that turns them back, as a phone
+    does. ``times`` (seconds, increasing) makes a variable frame rate clip with those timestamps.
+    ``codec`` "ffv1" stores any size (libx264 stops at 16384 px and at odd 4:2:0 sizes).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stored = np.ascontiguousarray(np.rot90(frames, k=-rotation // 90, axes=(1, 2)))
+    count, height, width = stored.shape[:3]
+    lossless = codec == "ffv1" or ((height % 2 or width % 2) and pix_fmt != "yuv444p")
+    encoder = ["-c:v", "ffv1"] if lossless else ["-c:v", "libx264", "-preset", "ultrafast", "-qp", "4"]
+    container = path.with_suffix(".mov") if lossless else path
+    timing = []
+    if times is not None:
+        # Frames come in at 1000 fps (timestamps in ms) and setpts moves each to its own time.
+        if len(times) != count or any(b <= a for a, b in zip(times[:-1], times[1:], strict=False)):
+            raise ValueError("times must give one increasing timestamp per frame")
+        table = "+".join(f"eq(N,{i})*{round(t * 1000)}" for i, t in enumerate(times))
+        timing = ["-vf", f"setpts='({table})/(1000*TB)'", "-fps_mode", "passthrough", "-video_track_timescale", "1000"]
+    plain = container if rotation == 0 else container.with_name(f"unrotated-{container.name}")
+    command = [ffmpeg(), "-hide_banner", "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24",
+               "-s", f"{width}x{height}", "-r", "1000" if times is not None else f"{fps}", "-i", "-",
+               *timing, *encoder, "-pix_fmt", pix_fmt, str(plain)]  # fmt: skip
+    subprocess.run(command, input=stored.tobytes(), check=True, capture_output=True)
+    if rotation:
+        # -display_rotation is an input option: it tags the stream, and a stream copy keeps the tag.
+        subprocess.run(
+            [ffmpeg(), "-hide_banner", "-loglevel", "error", "-y", "-display_rotation", str(rotation),
+             "-i", str(plain), "-c", "copy", str(container)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        plain.unlink()
+    return container
+
+
+def make_clip(
+    path: Path,
+    frames: int = 10,
+    height: int = 48,
+    width: int = 64,
+    fps: float = 24.0,
+    pix_fmt: str = "yuv420p",
+    rotation: int = 0,
+    times: list[float] | None = None,
+    codec: str | None = None,
+) -> Path:
+    """A clip of ``content(frames, height, width)``; the path becomes .mov where FFV1 stores it."""
+    return write_clip(path, content(frames, height, width), fps, pix_fmt, rotation, times, codec)
+
+
+def regions(frames: int, height: int, width: int, edges: list[int], colours: list[tuple[int, int, int]]) -> np.ndarray:
+    """Vertical bands: columns ``edges[i] .. edges[i+1]`` in ``colours[i]`` (edges start at 0, end at width)."""
+    out = np.empty((frames, height, width, 3), np.uint8)
+    for start, end, colour in zip(edges[:-1], edges[1:], colours, strict=True):
+        out[:, :, start:end] = colour
+    return out
+
+
+def pyav_frames(path: Path) -> tuple[np.ndarray, list[float]]:
+    """Every frame decoded by PyAV (independent of decord), upright, and its time in seconds."""
+    import av
+
+    frames, times = [], []
+    with av.open(str(path)) as container:
+        for frame in container.decode(video=0):
+            # PyAV reports the display rotation (degrees counter-clockwise) but does not apply it.
+            frames.append(np.rot90(frame.to_ndarray(format="rgb24"), k=round(frame.rotation / 90) % 4))
+            times.append(float(frame.time))
+    return np.stack(frames), times
+
+
+def sized(frames: np.ndarray, height: int, width: int, resize: str = "crop") -> np.ndarray:
+    """``frames`` at a bucket's size as docs/preprocess.md says: cover and centre-crop, or stretch."""
+    from PIL import Image
+
+    src_h, src_w = frames.shape[1:3]
+    if resize == "stretch":
+        cover = (height, width)
+    else:
+        scale = max(height / src_h, width / src_w)
+        cover = (max(height, round(src_h * scale)), max(width, round(src_w * scale)))
+    top, left = (cover[0] - height) // 2, (cover[1] - width) // 2
+    return np.stack([
+        np.asarray(Image.fromarray(np.ascontiguousarray(f)).resize(cover[::-1], Image.BILINEAR))[
+            top : top + height, left : left + width
+        ]
+        for f in frames
+    ])  # fmt: skip
+
+
+def ffmpeg_frames(path: Path, height: int, width: int) -> np.ndarray:
+    """Every frame as the ffmpeg command line shows it (display rotation applied), ``[N, H, W, 3]``."""
+    raw = subprocess.run(
+        [ffmpeg(), "-loglevel", "error", "-i", str(path), "-fps_mode", "passthrough", "-f", "rawvideo",
+         "-pix_fmt", "rgb24", "-"],
+        check=True, capture_output=True,
+    ).stdout  # fmt: skip
+    return np.frombuffer(raw, np.uint8).reshape(-1, height, width, 3)
+
+
+def zero_frame_rate(source: Path, target: Path) -> Path:
+    """A copy of an MP4 whose samples and track last no time: the container gives no frame rate."""
+    data = bytearray(source.read_bytes())
+
+    def walk(start: int, end: int):
+        while start + 8 <= end:
+            size, kind = struct.unpack(">I4s", data[start : start + 8])
+            if size < 8:
+                return
+            yield start, size, kind
+            if kind in (b"moov", b"trak", b"mdia", b"minf", b"stbl"):
+                yield from walk(start + 8, start + size)
+            start += size
+
+    found = False
+    for start, _size, kind in walk(0, len(data)):
+        if kind == b"stts":  # (count, delta) pairs: every delta becomes 0
+            (entries,) = struct.unpack(">I", data[start + 12 : start + 16])
+            for k in range(entries):
+                offset = start + 16 + 8 * k + 4
+                data[offset : offset + 4] = bytes(4)
+            found = True
+        if kind == b"mdhd":  # and the track lasts no time: version 0 keeps the duration at 24, version 1 at 32
+            offset, width = (start + 24, 4) if data[start + 8] == 0 else (start + 32, 8)
+            data[offset : offset + width] = bytes(width)
+    if not found:
+        raise ValueError(f"{source} has no stts box (not an MP4?)")
+    target.write_bytes(bytes(data))
+    return target

@@ -1,0 +1,193 @@
+"""Reading clips: pixels, frames and metadata as the clip is, for sizes, rates and rotations users have.
+
+Clips are generated with ffmpeg (tests/clipgen.py); expected pixels come from what the clip was made
+to show, or from PyAV, a decoder independent of decord.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cogvx.preprocess.encoding import ClipReader, Job
+from cogvx.preprocess.run import PreprocessConfig, run
+from cogvx.preprocess.sources import Clip
+from cogvx.preprocess.video import FrameSpec, SkipClip, read_clip
+from cogvx.shards import Manifest, read_shard
+
+from .clipgen import content, make_clip, pyav_frames, regions, sized, write_clip, zero_frame_rate
+
+RED, GREEN, BLUE = (220, 30, 30), (30, 220, 30), (30, 30, 220)
+
+
+def mean_diff(a: np.ndarray, b: np.ndarray) -> float:
+    assert a.shape == b.shape
+    return float(np.abs(a.astype(np.float64) - b).mean())
+
+
+def reader_item(path: Path, spec: FrameSpec) -> dict:
+    return ClipReader([Job(Clip(path=path, source=path.name, caption="a clip"))], spec)[0]
+
+
+# --- issue 9.1: decord pads the rows of some output widths ------------------------------------------
+
+
+@pytest.mark.parametrize("height, width, tolerance", [(36, 48, 3), (18, 24, 3), (54, 72, 3), (2, 2, 6)])
+def test_padded_widths_decode_right(tmp_path: Path, height: int, width: int, tolerance: float):
+    # decord returns (36, 48, 4) for a 64x48 clip decoded to 48x36: 144 RGB bytes and 48 zero bytes a row.
+    # Before the fix these frames went on to jpeg_strip, which raised "cannot write mode RGBA as JPEG".
+    path = make_clip(tmp_path / "clip.mp4", frames=10, height=48, width=64)
+    spec = FrameSpec(resolutions=((height, width),), frame_buckets=(5,), fps=24, max_upscale=100)
+    frames, plan, _ = read_clip(str(path), spec)
+    assert frames.shape == (1, 5, height, width, 3) and frames.dtype == np.uint8
+    expected = sized(pyav_frames(path)[0][plan.windows[0]], height, width)
+    assert mean_diff(frames[0], expected) < tolerance  # decord's and PIL's kernels differ most at 2x2
+    item = reader_item(path, spec)
+    assert "skip" not in item, item
+    assert Image.open(io.BytesIO(item["strips"][0])).mode == "RGB"
+
+
+def test_rotated_clips_come_out_upright(tmp_path: Path):
+    # A phone stores portrait video as landscape frames plus a display rotation; players turn it upright.
+    shown = content(10, 96, 64)  # portrait, as it should appear
+    spec = FrameSpec(resolutions=((48, 32), (32, 48)), frame_buckets=(5,), fps=24)
+    for rotation in (90, 180, 270):
+        path = write_clip(tmp_path / f"r{rotation}.mp4", shown, rotation=rotation)
+        frames, plan, info = read_clip(str(path), spec)
+        assert info["source_size"] == [96, 64] and info["size"] == [48, 32], rotation
+        assert mean_diff(frames[0], sized(shown[plan.windows[0]], 48, 32)) < 3, rotation
+
+
+def test_any_exception_while_reading_a_clip_is_a_skip_record(tmp_path: Path):
+    path = make_clip(tmp_path / "clip.mp4", frames=40)
+    broken = FrameSpec(resolutions=((0, 0),))  # never passes PreprocessConfig; here it makes reading fail
+    item = reader_item(path, broken)
+    assert item["skip"] == "reading failed"
+    assert item["detail"].startswith("ZeroDivisionError: ") and "video.py:" in item["detail"]
+
+
+# --- issue 10.7: decode memory per clip ------------------------------------------------------------
+
+
+def test_extreme_aspect_ratio_decodes_in_bounded_memory(tmp_path: Path):
+    # 120x32768 into the default 480x720 needs 4x enlarging: the cover is 480x131072, 189 MB a frame.
+    # Decoding at that size took 2.6 GB for 5 frames (6.1 GB in the issue); cropping first takes ~150 MB.
+    path = make_clip(tmp_path / "wide.mp4", frames=5, height=120, width=32768, codec="ffv1")
+    script = (
+        "import resource, sys, json\n"
+        "from cogvx.preprocess.video import FrameSpec, read_clip\n"
+        "frames, plan, info = read_clip(sys.argv[1], FrameSpec(frame_buckets=(5,), fps=24))\n"
+        "print(json.dumps({'shape': frames.shape, 'peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss"
+        " / 1024, 'centre': frames[0, 0, 240, 360].tolist()}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout)
+    assert result["shape"] == [1, 5, 480, 720, 3]
+    assert result["peak_mb"] < 500, result
+    # The centre crop of a red ramp 16..235 along x sits at its middle.
+    assert abs(result["centre"][0] - 125.5) < 3 and abs(result["centre"][1] - 125.5) < 3
+
+
+def test_frames_above_the_pixel_limit_are_refused(tmp_path: Path):
+    from cogvx.preprocess import video
+
+    path = make_clip(tmp_path / "big.mp4", frames=2, height=64, width=64)
+    limit = video.MAX_SOURCE_PIXELS
+    video.MAX_SOURCE_PIXELS = 64 * 64 - 1  # the real limit (40 M pixels) would need a 40 MB test clip
+    try:
+        with pytest.raises(SkipClip, match="64x64 frames are above the 0.004095-megapixel limit") as err:
+            read_clip(str(path), FrameSpec(resolutions=((64, 64),), frame_buckets=(1,), min_frames=1))
+    finally:
+        video.MAX_SOURCE_PIXELS = limit
+    assert err.value.reason == "too large"
+
+
+# --- issue 10.9: frame rates -----------------------------------------------------------------------
+
+
+def test_zero_frame_rate_is_skipped_with_a_reason(tmp_path: Path):
+    path = zero_frame_rate(make_clip(tmp_path / "clip.mp4", frames=10), tmp_path / "zero.mp4")
+    spec = FrameSpec(resolutions=((48, 64),), frame_buckets=(5,))
+    with pytest.raises(SkipClip, match="gives nan frames per second") as err:
+        read_clip(str(path), spec)
+    assert err.value.reason == "no frame rate"
+    item = reader_item(path, spec)
+    assert item["skip"] == "no frame rate" and "ffmpeg" in item["detail"]
+
+
+def test_variable_frame_rate_is_sampled_by_time(tmp_path: Path):
+    # 10 frames 0.1 s apart, then 20 frames 0.025 s apart: 1.475 s. Sampling by index at the average
+    # rate (20 fps) would take frames 0.5 s apart in the first second and 0.125 s apart after it.
+    times = [0.1 * i for i in range(10)] + [1.0 + 0.025 * i for i in range(20)]
+    path = make_clip(tmp_path / "vfr.mp4", frames=30, times=times)
+    spec = FrameSpec(resolutions=((48, 64),), frame_buckets=(5,), fps=4)
+    frames, plan, info = read_clip(str(path), spec)
+    (window,) = plan.windows
+    taken = [times[i] for i in window]
+    assert all(0.15 < b - a < 0.35 for a, b in zip(taken[:-1], taken[1:], strict=False)), taken
+    assert info["source_fps"] == round(29 / 1.475, 4) and info["fps"] == 4.0
+    # The pixels are those frames (the blue level names the frame).
+    assert mean_diff(frames[0], content(30, 48, 64)[window]) < 3
+
+
+def test_constant_frame_rates_keep_index_sampling(tmp_path: Path):
+    path = make_clip(tmp_path / "clip.mp4", frames=40, fps=12)
+    frames, plan, info = read_clip(str(path), FrameSpec(resolutions=((48, 64),), frame_buckets=(9,)))
+    assert plan.windows == [[0, 2, 3, 5, 6, 8, 9, 11, 12]]  # every 1.5 source frames, rounded
+    assert info == {"fps": 8.0, "source_fps": 12.0, "source_frames": 40, "source_size": [48, 64], "size": [48, 64]}
+    assert mean_diff(frames[0], content(40, 48, 64)[plan.windows[0]]) < 3
+
+
+# --- issue 16: crop, stretch and the sample's metadata, by value -------------------------------------
+
+
+def test_crop_takes_the_centre(tmp_path: Path):
+    # Red | green | blue bands; the bucket is square, so crop keeps exactly the green band.
+    clip = write_clip(tmp_path / "bands.mp4", regions(5, 64, 192, [0, 64, 128, 192], [RED, GREEN, BLUE]))
+    spec = FrameSpec(resolutions=((64, 64),), frame_buckets=(5,), fps=24)
+    frames, _, _ = read_clip(str(clip), spec)
+    assert np.abs(frames[0, :, :, 2:-2].astype(int) - GREEN).max() <= 12
+    # A cover over 4x the bucket is cropped in the source first (another code path), to the same result.
+    wide = write_clip(tmp_path / "wide.mp4", regions(5, 32, 320, [0, 144, 176, 320], [RED, GREEN, BLUE]))
+    frames, _, _ = read_clip(str(wide), FrameSpec(resolutions=((32, 32),), frame_buckets=(5,), fps=24))
+    assert np.abs(frames[0, :, :, 2:-2].astype(int) - GREEN).max() <= 12
+
+
+def test_stretch_scales_each_axis(tmp_path: Path):
+    clip = write_clip(tmp_path / "bands.mp4", regions(5, 64, 192, [0, 64, 128, 192], [RED, GREEN, BLUE]))
+    spec = FrameSpec(resolutions=((32, 48),), frame_buckets=(5,), fps=24, resize="stretch")
+    frames, _, info = read_clip(str(clip), spec)
+    assert frames.shape == (1, 5, 32, 48, 3) and info["size"] == [32, 48]
+    thirds = frames[0].astype(int)
+    for columns, colour in ((slice(0, 12), RED), (slice(19, 29), GREEN), (slice(36, 48), BLUE)):  # bands' edges blend
+        assert np.abs(thirds[:, :, columns] - colour).max() <= 12, colour
+
+
+def test_sample_metadata_says_what_the_clip_is(tmp_path: Path):
+    data = tmp_path / "data"
+    make_clip(data / "a.mp4", frames=40, height=64, width=96, fps=12)
+    (data / "a.txt").write_text("a ramp")
+    write_clip(data / "bands.mp4", regions(9, 64, 192, [0, 48, 144, 192], [RED, GREEN, BLUE]), fps=8)
+    (data / "bands.txt").write_text("bands")
+    out = tmp_path / "out"
+    cfg = PreprocessConfig(data=data, output=out, model="tiny", dtype="fp32", workers=1, frame_buckets=(9,),
+                           resolutions=("64x96",))  # fmt: skip
+    result = run(cfg)
+    assert result.encoded == 2 and sum(result.skipped.values()) == 0
+    samples = {s.meta["source"]: s for record in Manifest.load(out).shards for s in read_shard(out, record)}
+    meta = samples["a.mp4"].meta
+    assert meta["frame_indices"] == [0, 2, 3, 5, 6, 8, 9, 11, 12] and meta["frames"] == 9
+    assert meta["fps"] == 8.0 and meta["source_fps"] == 12.0 and meta["source_frames"] == 40
+    assert meta["size"] == [64, 96] and meta["source_size"] == [64, 96] and meta["bucket"] == "9x64x96"
+    # The cover of 64x192 for 64x96 keeps columns 48..144: the green band, as the JPEG strip shows.
+    bands = samples["bands.mp4"].meta
+    assert bands["frame_indices"] == list(range(9)) and bands["fps"] == 8.0 and bands["size"] == [64, 96]
+    strip = np.asarray(Image.open(io.BytesIO(samples["bands.mp4"].extras["jpg"])).convert("RGB")).astype(int)
+    assert np.abs(strip[4:-4, 4:-4].mean(axis=(0, 1)) - GREEN).max() <= 12

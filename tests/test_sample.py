@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,15 @@ from typer.testing import CliRunner
 
 from cogvx.cli import app
 from cogvx.pipeline import models
-from cogvx.pipeline.generate import SampleConfig, run_sample, to_uint8
+from cogvx.pipeline.generate import (
+    LORA_ADAPTER,
+    SampleConfig,
+    VideoWriteError,
+    load_pipeline,
+    plan_sample,
+    run_sample,
+    to_uint8,
+)
 from cogvx.train.config import TrainConfig
 from cogvx.train.loop import run as train
 
@@ -67,9 +76,48 @@ def test_cli_writes_one_mp4_per_prompt_and_a_contact_sheet(lora_run: Path, tmp_p
     assert settings["model"] == "tiny" and settings["seed"] == 3 and settings["lora_scale"] == 1.0
 
 
-def test_lora_changes_the_video_and_scale_zero_is_the_base_model(lora_run: Path, tmp_path: Path):
-    from diffusers import CogVideoXPipeline
+def lora_matrices(run: Path, module: str) -> tuple[torch.Tensor, torch.Tensor]:
+    from safetensors.torch import load_file
 
+    state = load_file(str(run / "pytorch_lora_weights.safetensors"))
+    return state[f"transformer.{module}.lora_A.weight"], state[f"transformer.{module}.lora_B.weight"]
+
+
+def merged_pipeline(run: Path, scale: float):
+    """The base pipeline with W + scale * B @ A written into every LoRA target by hand: no peft, no diffusers LoRA."""
+    from diffusers import CogVideoXPipeline
+    from safetensors.torch import load_file
+
+    pipe = CogVideoXPipeline.from_pretrained(models.resolve_model("tiny"), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    modules = dict(pipe.transformer.named_modules())
+    state = load_file(str(run / "pytorch_lora_weights.safetensors"))
+    names = {k.removeprefix("transformer.").split(".lora_")[0] for k in state}
+    with torch.no_grad():
+        for name in names:
+            down, up = lora_matrices(run, name)
+            modules[name].weight += scale * up @ down
+    return pipe
+
+
+def test_lora_scale_is_alpha_over_rank_times_the_flag_applied_once(lora_run: Path, tmp_path: Path):
+    """Every LoRA layer scales by alpha / rank * --lora-scale (128 / 4 * 0.5), and computes W x + that * B A x."""
+    cfg = SampleConfig(("a cat",), lora=lora_run, lora_scale=0.5, output=tmp_path / "x.mp4", **FAST)
+    pipe = load_pipeline(cfg, plan_sample(cfg))
+    layers = {n: m for n, m in pipe.transformer.named_modules() if hasattr(m, "scaling") and LORA_ADAPTER in m.scaling}
+    assert len(layers) == 2 * 4  # 2 blocks x to_q, to_k, to_v, to_out.0
+    assert {m.scaling[LORA_ADAPTER] for m in layers.values()} == {128 / 4 * 0.5}
+
+    name = "transformer_blocks.0.attn1.to_q"
+    down, up = lora_matrices(lora_run, name)
+    base = layers[name].base_layer
+    x = torch.randn(3, base.in_features, generator=torch.Generator().manual_seed(0))
+    expected = torch.nn.functional.linear(x, base.weight + 16.0 * up @ down, base.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(layers[name](x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_scale_gives_the_video_of_a_manual_merge_and_zero_the_base_model(lora_run: Path, tmp_path: Path):
     prompt = ("a green square moves up",)
     with_lora = run_sample(SampleConfig(prompt, lora=lora_run, output=tmp_path / "lora.mp4", **FAST))
     scale_zero = run_sample(SampleConfig(prompt, lora=lora_run, lora_scale=0.0, output=tmp_path / "zero.mp4", **FAST))
@@ -80,10 +128,19 @@ def test_lora_changes_the_video_and_scale_zero_is_the_base_model(lora_run: Path,
     assert difference.mean() > 1.0, "the LoRA did not change the video: the comparison is vacuous"
     np.testing.assert_array_equal(scale_zero.frames[0], base.frames[0])
     np.testing.assert_array_equal(read_video(tmp_path / "zero.mp4"), read_video(tmp_path / "base.mp4"))
-    assert not np.array_equal(half.frames[0], with_lora.frames[0])
-    assert not np.array_equal(half.frames[0], base.frames[0])
+
+    # --lora-scale 0.5 is the base weights plus 0.5 * alpha / rank * B A, merged by hand (up to uint8 rounding).
+    reference = merged_pipeline(lora_run, 128 / 4 * 0.5)(
+        prompt[0], num_inference_steps=2, num_frames=9, height=32, width=64, guidance_scale=6.0,
+        generator=torch.Generator().manual_seed(0), output_type="np",
+    ).frames[0]  # fmt: skip
+    gap = np.abs(half.frames[0].astype(int) - to_uint8(np.asarray(reference)).astype(int))
+    assert gap.max() <= 1, gap.max()
+    assert np.abs(half.frames[0].astype(int) - with_lora.frames[0].astype(int)).max() > 1
 
     # Scale 1 is exactly what a user gets from diffusers alone: no hidden alpha / rank factor.
+    from diffusers import CogVideoXPipeline
+
     pipe = CogVideoXPipeline.from_pretrained(models.resolve_model("tiny"), torch_dtype=torch.float32)
     pipe.load_lora_weights(str(lora_run))
     reference = pipe(
@@ -177,3 +234,124 @@ def test_bad_settings_are_refused_before_loading_anything(changes, message):
 def test_missing_lora_weights_say_where_to_point(tmp_path: Path):
     with pytest.raises(ValueError, match="pytorch_lora_weights.safetensors"):
         run_sample(SampleConfig(("a cat",), lora=tmp_path, output=tmp_path / "x.mp4"))
+
+
+def test_memory_flags_set_the_pipeline_state(lora_run: Path, tmp_path: Path, capsys):
+    plain = SampleConfig(("a cat",), lora=lora_run, output=tmp_path / "x.mp4", **FAST)
+    pipe = load_pipeline(plain, plan_sample(plain))
+    assert (pipe.vae.use_tiling, pipe.vae.use_slicing) == (False, False)
+
+    flagged = SampleConfig(
+        ("a cat",), lora=lora_run, output=tmp_path / "x.mp4", vae_tiling=True, vae_slicing=True, cpu_offload=True,
+        device="cpu", **FAST,
+    )  # fmt: skip
+    pipe = load_pipeline(flagged, plan_sample(flagged))
+    assert (pipe.vae.use_tiling, pipe.vae.use_slicing) == (True, True)
+    # On a CPU, offload is a no-op with a note: no accelerate hooks on any component, all on the CPU.
+    assert "--cpu-offload only saves GPU memory" in capsys.readouterr().err
+    components = (pipe.transformer, pipe.vae, pipe.text_encoder)
+    assert not any(hasattr(c, "_hf_hook") for c in components)
+    assert {p.device.type for c in components for p in c.parameters()} == {"cpu"}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cpu_offload_on_a_gpu_installs_offload_hooks(lora_run: Path, tmp_path: Path):
+    cfg = SampleConfig(("a cat",), lora=lora_run, output=tmp_path / "x.mp4", cpu_offload=True, device="cuda", **FAST)
+    pipe = load_pipeline(cfg, plan_sample(cfg))
+    components = (pipe.transformer, pipe.vae, pipe.text_encoder)
+    assert all(hasattr(c, "_hf_hook") for c in components)
+    assert pipe._offload_device == torch.device("cuda:0")
+    # Idle components wait in CPU memory until their turn.
+    assert {p.device.type for c in components for p in c.parameters()} == {"cpu"}
+    result = run_sample(cfg)
+    assert result.frames[0].shape == (9, 32, 64, 3)
+
+
+def test_sample_without_a_prompt_says_so_in_one_line(lora_run: Path):
+    out = CliRunner(env={"COLUMNS": "1000"}).invoke(app, ["sample", "--lora", str(lora_run)])
+    assert out.exit_code == 1
+    assert out.output.strip().splitlines() == [
+        'error: give at least one --prompt "..." (or prompts = ["..."] in a --config file)'
+    ]
+
+
+def fake_ffmpeg(folder: Path, lists_libx264: bool) -> Path:
+    """An ffmpeg that answers `-encoders` (with or without libx264) and fails at any real work."""
+    exe = folder / "ffmpeg"
+    listing = " V....D libx264              libx264 H.264 / AVC" if lists_libx264 else " V....D mpeg4   MPEG-4"
+    exe.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = -encoders ] && echo \'{listing}\' && exit 0; done\nexit 1\n')
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    return exe
+
+
+@pytest.fixture
+def weightless_model(tmp_path: Path) -> Path:
+    """The tiny model without its transformer weights: loading the pipeline would fail, so a check that
+    fires on it provably ran before the pipeline was loaded."""
+    model = tmp_path / "weightless"
+    shutil.copytree(models.resolve_model("tiny"), model)
+    (model / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    return model
+
+
+@pytest.mark.parametrize("problem", ["no ffmpeg", "no libx264", "folder is a file", "output is a folder", "size"])
+def test_sample_checks_it_can_write_before_loading_the_pipeline(problem, weightless_model, tmp_path, monkeypatch):
+    output, size = tmp_path / "out" / "clip.mp4", ["--height", "32", "--width", "64"]
+    expected = {
+        "no ffmpeg": "No usable ffmpeg",
+        "no libx264": "cannot encode H.264",
+        "folder is a file": f"Cannot write into {tmp_path / 'file'}",
+        "output is a folder": f"{output} is a folder",
+        "size": "--height/--width must be multiples of 16",
+    }[problem]
+    if problem == "no ffmpeg":
+        monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(tmp_path / "missing" / "ffmpeg"))
+    elif problem == "no libx264":
+        monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(fake_ffmpeg(tmp_path, lists_libx264=False)))
+    elif problem == "folder is a file":
+        (tmp_path / "file").write_text("not a folder")
+        output = tmp_path / "file" / "clip.mp4"
+    elif problem == "output is a folder":
+        output.mkdir(parents=True)
+    else:
+        size = ["--height", "40", "--width", "64"]
+    args = ["sample", "--no-lora", "--model", str(weightless_model), "--prompt", "a cat", "--output", str(output)]
+    out = CliRunner(env={"COLUMNS": "1000"}).invoke(app, [*args, "--steps", "1", "--frames", "9", *size])
+    assert out.exit_code == 1
+    [line] = out.output.strip().splitlines()
+    assert line.startswith("error: ") and expected in line, line
+
+
+def test_frames_are_saved_when_the_mp4_cannot_be_written_after_generation(lora_run, tmp_path, monkeypatch):
+    from safetensors.numpy import load_file
+
+    prompts = ("a red ball", "a dog")
+    good = run_sample(SampleConfig(prompts, lora=lora_run, output=tmp_path / "good" / "clip.mp4", **FAST))
+
+    # An ffmpeg that passes the check (it lists libx264) but fails when asked to encode.
+    monkeypatch.setenv("IMAGEIO_FFMPEG_EXE", str(fake_ffmpeg(tmp_path, lists_libx264=True)))
+    output = tmp_path / "bad" / "clip.mp4"
+    with pytest.raises(VideoWriteError) as err:
+        run_sample(SampleConfig(prompts, lora=lora_run, output=output, **FAST))
+    saved = [output.with_name(f"clip-{k:02d}.frames.safetensors") for k in range(2)]
+    message = str(err.value)
+    assert "\n" not in message and "could not write 2 mp4 file(s)" in message
+    assert all(str(path) in message for path in saved) and str(output.with_suffix(".png")) in message
+    for path, frames in zip(saved, good.frames, strict=True):
+        np.testing.assert_array_equal(load_file(str(path))["frames"], frames)  # exactly the generated frames
+    assert not list(output.parent.glob("*.mp4")) and not list(output.parent.glob(".*partial*"))
+    assert output.with_suffix(".png").is_file()
+    settings = json.loads(output.with_suffix(".json").read_text())
+    assert settings["frames_files"] == {"clip-00.mp4": saved[0].name, "clip-01.mp4": saved[1].name}
+
+    # The CLI says the same in one line and exits 1.
+    args = ["sample", "--lora", str(lora_run), "--prompt", "a dog", "--output", str(tmp_path / "cli" / "one.mp4")]
+    out = CliRunner(env={"COLUMNS": "2000"}).invoke(
+        app, [*args, "--steps", "2", "--frames", "9", "--height", "32", "--width", "64"]
+    )
+    assert out.exit_code == 1 and "Traceback" not in out.output
+    # The error is the last line printed (after the pipeline's loading bars), and one line.
+    [line] = [text for text in out.output.splitlines() if text.startswith("error:")]
+    assert out.output.strip().splitlines()[-1] == line
+    assert str(tmp_path / "cli" / "one.frames.safetensors") in line

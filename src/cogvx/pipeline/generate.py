@@ -14,6 +14,8 @@ import logging
 import math
 import os
 import re
+import subprocess
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -71,11 +73,15 @@ def write_mp4(path: Path, frames: np.ndarray, fps: int = DEFAULT_FPS) -> Path:
         ffmpeg_log_level="error",
     )
     try:
-        for frame in frames:
-            writer.append_data(frame)
-    finally:
-        writer.close()
-    os.replace(partial, path)
+        try:
+            for frame in frames:
+                writer.append_data(frame)
+        finally:
+            writer.close()
+        os.replace(partial, path)
+    except BaseException:
+        partial.unlink(missing_ok=True)  # no half-written file left beside the outputs
+        raise
     return path
 
 
@@ -139,7 +145,7 @@ def _check_common(fps: int, sheet_columns: int, dtype: str | None) -> None:
 
 @dataclass
 class SampleConfig:
-    prompts: tuple[str, ...]
+    prompts: tuple[str, ...] = ()
     lora: Path | None = None  # a run folder (or its pytorch_lora_weights.safetensors)
     output: Path | None = None  # default: samples/lora.mp4, or samples/base.mp4 with --no-lora
     model: str | None = None  # default: the model recorded in the LoRA's run folder
@@ -170,7 +176,7 @@ class SampleConfig:
             self.output = Path("samples") / ("base.mp4" if self.no_lora else "lora.mp4")
         self.output = Path(self.output)
         checks = [
-            (bool(self.prompts), "give at least one --prompt"),
+            (bool(self.prompts), 'give at least one --prompt "..." (or prompts = ["..."] in a --config file)'),
             (all(p.strip() for p in self.prompts), "a --prompt is empty"),
             (self.lora is not None or (self.no_lora and self.model), "pass --lora RUN_FOLDER (or --no-lora --model M)"),
             (not (self.no_lora and self.lora_scale != 1.0), "--lora-scale has no effect with --no-lora; drop one"),
@@ -196,6 +202,10 @@ class SampleConfig:
     @property
     def sheet_path(self) -> Path:
         return self.output.with_suffix(".png")
+
+
+class VideoWriteError(ValueError):
+    """Generation finished but an mp4 could not be written; the frames were saved another way."""
 
 
 @dataclass
@@ -281,10 +291,75 @@ def _quiet(name: str):
         logger.setLevel(level)
 
 
-def run_sample(cfg: SampleConfig) -> SampleResult:
-    """Generate one video per prompt with the base model plus the LoRA (or without it, ``--no-lora``)."""
-    from diffusers import CogVideoXPipeline
+def check_mp4_writer() -> str:
+    """The ffmpeg that ``write_mp4`` will use, checked to list the H.264 encoder; a clear error otherwise."""
+    try:
+        import imageio.v2  # noqa: F401
+        import imageio_ffmpeg
+    except ImportError as err:
+        raise ValueError(
+            f"Writing mp4 needs imageio and imageio-ffmpeg ({err}): pip install imageio imageio-ffmpeg"
+        ) from err
+    try:
+        exe = imageio_ffmpeg.get_ffmpeg_exe()
+        listed = subprocess.run([exe, "-hide_banner", "-encoders"], capture_output=True, text=True, timeout=60)
+    except (RuntimeError, OSError, subprocess.SubprocessError) as err:
+        raise ValueError(
+            f"No usable ffmpeg to write mp4 ({err}): pip install imageio-ffmpeg, or point IMAGEIO_FFMPEG_EXE at an "
+            "ffmpeg with libx264. Nothing was generated."
+        ) from err
+    if listed.returncode != 0 or "libx264" not in listed.stdout:
+        raise ValueError(
+            f"{exe} cannot encode H.264 (libx264 is not among its encoders): pip install imageio-ffmpeg, or point "
+            "IMAGEIO_FFMPEG_EXE at an ffmpeg with libx264. Nothing was generated."
+        )
+    return exe
 
+
+def check_outputs_writable(cfg: SampleConfig) -> None:
+    """Every file ``sample`` writes can be created, before any minute goes into generating."""
+    folder = cfg.output.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".cogvx-write-test-"):
+            pass
+    except OSError as err:
+        raise ValueError(f"Cannot write into {folder} ({err.strerror or err}): pick another --output.") from err
+    for path in [*cfg.video_paths(), cfg.sheet_path, cfg.output.with_suffix(".json")]:
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder, so the sample cannot be written there: pick another --output.")
+
+
+def save_frames(video: Path, frames: np.ndarray, prompt: str, fps: int) -> Path:
+    """Frames whose mp4 could not be written: ``NAME.frames.safetensors``, tensor ``frames`` uint8 [F, H, W, 3]."""
+    from safetensors.numpy import save_file
+
+    path = video.with_suffix(".frames.safetensors")
+    save_file({"frames": np.ascontiguousarray(frames)}, str(path), metadata={"prompt": prompt, "fps": str(fps)})
+    return path
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+@dataclass
+class SamplePlan:
+    """What ``sample`` will do, settled from configs and the file system before any weight is read."""
+
+    model_name: str
+    info: models.ModelInfo
+    weights: Path | None  # the LoRA file, None for --no-lora without --lora
+    trained_on: str | None  # the LoRA's base model, from its run's config.json
+    height: int
+    width: int
+    device: torch.device
+    dtype: torch.dtype
+
+
+def plan_sample(cfg: SampleConfig) -> SamplePlan:
+    """Check everything that can be checked without loading the pipeline: LoRA, model, size, mp4 writer, folder."""
     weights = lora_file(cfg.lora) if cfg.lora is not None else None
     trained_on = lora_base_model(cfg.lora) if cfg.lora is not None else None
     model_name = cfg.model or trained_on
@@ -292,33 +367,54 @@ def run_sample(cfg: SampleConfig) -> SampleResult:
         raise ValueError(f"{cfg.lora} has no config.json naming its base model: pass --model.")
     info = models.ModelInfo.read(model_name)
     height, width = cfg.height or info.native_size[0], cfg.width or info.native_size[1]
-    device, dtype = _device_and_dtype(cfg.device, cfg.dtype)
-
-    pipe = CogVideoXPipeline.from_pretrained(info.source, torch_dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
-    multiple = info.spatial_compression * (pipe.transformer.config.patch_size or 1)
+    multiple = info.spatial_compression * (models.read_config(info.source, "transformer").get("patch_size") or 1)
     if height % multiple or width % multiple:
         raise ValueError(f"--height/--width must be multiples of {multiple} for {model_name} (got {height}x{width}).")
     if (cfg.frames - 1) % info.temporal_compression:
         raise ValueError(f"--frames must be {info.temporal_compression}k+1 for {model_name} (got {cfg.frames}).")
-    if weights is not None and not cfg.no_lora:
-        check_lora_fits(pipe.transformer, weights, trained_on, model_name)
-        pipe.load_lora_weights(str(weights.parent), weight_name=weights.name, adapter_name=LORA_ADAPTER)
+    check_mp4_writer()
+    check_outputs_writable(cfg)
+    device, dtype = _device_and_dtype(cfg.device, cfg.dtype)
+    return SamplePlan(model_name, info, weights, trained_on, height, width, device, dtype)
+
+
+def load_pipeline(cfg: SampleConfig, plan: SamplePlan):
+    """The diffusers ``CogVideoXPipeline`` with the LoRA at ``--lora-scale`` and the memory options set."""
+    from diffusers import CogVideoXPipeline
+
+    pipe = CogVideoXPipeline.from_pretrained(plan.info.source, torch_dtype=plan.dtype)
+    pipe.set_progress_bar_config(disable=True)
+    if plan.weights is not None and not cfg.no_lora:
+        check_lora_fits(pipe.transformer, plan.weights, plan.trained_on, plan.model_name)
+        pipe.load_lora_weights(str(plan.weights.parent), weight_name=plan.weights.name, adapter_name=LORA_ADAPTER)
         # The saved alpha and rank already set the trained scale; this multiplies it.
         pipe.set_adapters([LORA_ADAPTER], [cfg.lora_scale])
     if cfg.vae_tiling:
         pipe.vae.enable_tiling()
     if cfg.vae_slicing:
         pipe.vae.enable_slicing()
-    if cfg.cpu_offload and device.type == "cuda":
-        pipe.enable_model_cpu_offload(device=device)
+    if cfg.cpu_offload and plan.device.type == "cuda":
+        pipe.enable_model_cpu_offload(device=plan.device)
     else:
         if cfg.cpu_offload:
             console.print("[yellow]note:[/yellow] --cpu-offload only saves GPU memory; on the CPU it does nothing.")
-        pipe.to(device)
+        pipe.to(plan.device)
+    return pipe
+
+
+def run_sample(cfg: SampleConfig) -> SampleResult:
+    """Generate one video per prompt with the base model plus the LoRA (or without it, ``--no-lora``).
+
+    If an mp4 cannot be written after generation, the frames go to ``NAME.frames.safetensors`` instead,
+    the other prompts still run, and a ``VideoWriteError`` at the end says where everything is.
+    """
+    plan = plan_sample(cfg)
+    pipe = load_pipeline(cfg, plan)
+    model_name, weights, height, width, dtype = plan.model_name, plan.weights, plan.height, plan.width, plan.dtype
 
     truncated = _warn_truncated(pipe.tokenizer, cfg.prompts, pipe.transformer.config.max_text_seq_length)
     videos, all_frames, warned_frames = cfg.video_paths(), [], False
+    unwritten: list[tuple[Path, Path, Exception]] = []  # (mp4, frames file, error)
     for prompt, path in zip(cfg.prompts, videos, strict=True):
         # One generator per prompt, seeded alike: a prompt's video does not depend on the others,
         # and --no-lora starts from exactly the same noise.
@@ -347,7 +443,10 @@ def run_sample(cfg: SampleConfig) -> SampleResult:
                 "diffusers pipeline does; ask for 8k+1 frames (9, 17, 25, 49) to get exactly that many."
             )
             warned_frames = True
-        write_mp4(path, frames, cfg.fps)
+        try:
+            write_mp4(path, frames, cfg.fps)
+        except Exception as err:  # the writer failed after generation: keep the frames, report at the end
+            unwritten.append((path, save_frames(path, frames, prompt, cfg.fps), err))
         all_frames.append(frames)
     sheet = write_sheet(cfg.sheet_path, list(zip(cfg.prompts, all_frames, strict=True)), cfg.sheet_columns)
     settings = {
@@ -368,7 +467,17 @@ def run_sample(cfg: SampleConfig) -> SampleResult:
         "fps": cfg.fps,
         "dtype": str(dtype).removeprefix("torch."),
     }
+    if unwritten:
+        settings["frames_files"] = {mp4.name: saved.name for mp4, saved, _ in unwritten}
     cfg.output.with_suffix(".json").write_text(json.dumps(settings, indent=1))
+    if unwritten:
+        mp4, _, first = unwritten[0]
+        raise VideoWriteError(
+            f"Generated {len(videos)} video(s) but could not write {len(unwritten)} mp4 file(s) ({mp4.name}: "
+            f"{_one_line(first)}); their frames are saved in {', '.join(str(s) for _, s, _ in unwritten)} "
+            f"(tensor 'frames', uint8 [F, H, W, 3]) and the contact sheet in {sheet}. Fix the mp4 writer (ffmpeg "
+            "with libx264, disk space) and write them with cogvx.pipeline.generate.write_mp4."
+        ) from first
     return SampleResult(model_name, videos, sheet, all_frames, truncated)
 
 

@@ -149,14 +149,33 @@ def train_step(
     return StepOutput(mean_loss, grad_norm, skipped=bool(overflow and accelerator.optimizer_step_was_skipped))
 
 
+def build_schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+    """The learning-rate schedule of ``--lr-scheduler``, stepped once per optimizer step."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(
+        cfg.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=cfg.lr_warmup_steps,
+        num_training_steps=cfg.max_steps,
+        num_cycles=cfg.lr_num_cycles,
+        power=cfg.lr_power,
+    )
+
+
 def run(
     cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = None, show_progress: bool = False
 ) -> TrainResult:
+    """Train a LoRA as ``cfg`` says, holding the run folder against other runs from start to end."""
+    accelerator = _accelerator(cfg)
+    with _hold_run_folder(accelerator, cfg.output):
+        return _run(accelerator, cfg, on_step, show_progress)
+
+
+def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainResult:
     from accelerate.utils import gather_object
-    from diffusers.optimization import get_scheduler
 
     # --- setup ---
-    accelerator = _accelerator(cfg)
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     manifest = Manifest.load(cfg.shards)
     model_name = cfg.model or manifest.producer["model"]
@@ -164,8 +183,7 @@ def run(
     check_cache_fits(manifest, info, cfg.shards)
     torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
     torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
-    if main:
-        cfg.output.mkdir(parents=True, exist_ok=True)
+    if main:  # the folder exists: _hold_run_folder made it
         checkpoint.clean_stale(cfg.output)
     accelerator.wait_for_everyone()
 
@@ -185,14 +203,7 @@ def run(
     speed.configure(transformer, cfg.checkpointing, compile_blocks)
     lr = cfg.learning_rate * (cfg.batch_size * cfg.gradient_accumulation * world if cfg.scale_lr else 1)
     optimizer = build_optimizer(cfg, params, lr)
-    schedule = get_scheduler(
-        cfg.lr_scheduler,
-        optimizer=optimizer,
-        num_warmup_steps=cfg.lr_warmup_steps,
-        num_training_steps=cfg.max_steps,
-        num_cycles=cfg.lr_num_cycles,
-        power=cfg.lr_power,
-    )
+    schedule = build_schedule(cfg, optimizer)
     noise_scheduler = models.load_scheduler(info.source)
     objective = Objective(transformer.config, noise_scheduler.alphas_cumprod, info.scaling_factor)
 
@@ -334,6 +345,29 @@ def run(
     return result
 
 
+@contextlib.contextmanager
+def _hold_run_folder(accelerator, output: Path):
+    """The main process locks the run folder (it alone writes there); every process learns the outcome.
+
+    Under DDP the other processes wait for the answer instead of a barrier the refused main process
+    would never reach, and all of them stop with the same one-line message.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    with contextlib.ExitStack() as held:
+        refusal = None
+        if accelerator.is_main_process:
+            try:
+                held.enter_context(checkpoint.lock_run_folder(output))
+            except ValueError as err:
+                refusal = str(err)
+        if accelerator.num_processes > 1:
+            refusal = broadcast_object_list([refusal])[0]
+        if refusal:
+            raise ValueError(refusal)
+        yield
+
+
 def _accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
@@ -343,6 +377,13 @@ def _accelerator(cfg: TrainConfig):
         raise ImportError("--report-to tensorboard needs tensorboard: pip install tensorboard")
     if cfg.report_to == "wandb" and not is_wandb_available():
         raise ImportError("--report-to wandb needs wandb: pip install wandb, then `wandb login`")
+    asked = _processes_asked_of_accelerate()
+    if asked > 1:
+        raise ValueError(
+            f"`accelerate launch` was asked for {asked} processes but started one (without several GPUs its plain "
+            f"launcher runs a single process). Add --multi-gpu, which starts them through torch's launcher (gloo on "
+            f"CPUs): accelerate launch --multi-gpu --num-processes {asked} -m cogvx train ..."
+        )
     # Accelerate keeps its settings process-wide; a second run in one process (tests, notebooks) may differ.
     AcceleratorState._reset_state()
     accelerator = Accelerator(
@@ -359,6 +400,28 @@ def _accelerator(cfg: TrainConfig):
             "train alone and overwrite the others' files. Launch with `torchrun` or `accelerate launch`."
         )
     return accelerator
+
+
+def _processes_asked_of_accelerate() -> int:
+    """The --num-processes of an `accelerate launch` that started this process alone (1 when none did).
+
+    accelerate's plain launcher (chosen without --multi-gpu when fewer than two GPUs are visible) runs
+    one process and tells it nothing of --num-processes: only the launcher's command line says it.
+    """
+    if "ACCELERATE_USE_CPU" not in os.environ or "WORLD_SIZE" in os.environ:
+        return 1  # not started by accelerate's plain launcher
+    import psutil
+
+    launcher = psutil.Process().parent()
+    args = launcher.cmdline() if launcher is not None else []
+    if not any("accelerate" in arg for arg in args[:3]):
+        return 1
+    for index, arg in enumerate(args):
+        name, _, value = arg.partition("=")
+        if name in ("--num-processes", "--num_processes"):
+            value = value or (args[index + 1] if index + 1 < len(args) else "")
+            return int(value) if value.isdigit() else 1
+    return 1
 
 
 def _warn_if_data_order_changes(accelerator, found: Path, state: dict, cfg: TrainConfig, world: int) -> None:

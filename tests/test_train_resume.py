@@ -1,14 +1,14 @@
 """Exact resume: a run stopped after step k and resumed gives the uninterrupted run's losses for k+1...
 
-Also: a killed process (SIGKILL) resumes the same way, metrics.jsonl holds every step once, and a
-non-finite loss stops the run without writing non-finite weights.
+Also: a process killed (SIGKILL) in the middle of a checkpoint write resumes the same way,
+metrics.jsonl holds every step once, a resume with other data settings warns, and a non-finite loss
+stops the run without writing non-finite weights. tests/test_resume_property.py searches the space.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -102,55 +102,95 @@ def test_resume_after_an_exception_repeats_the_uninterrupted_run(data, reference
     assert _metric_steps(tmp_path) == [1, 2, 3, 4, 5, 6]
 
 
-_KILLABLE = """
-import sys, time
+# A run in its own process that SIGKILLs itself at a chosen point: after step N ("step", N) or at the
+# N-th durable write into the run folder ("write", N: each fsync or rename there, counted before it
+# happens), which lands inside a checkpoint write. The kill is the real signal: no cleanup runs.
+_KILLED_RUN = """
+import os, signal, sys
 from cogvx import config as configfile
 from cogvx.train.config import TrainConfig
 from cogvx.train.loop import run
 
-def hold(record):
-    if record["step"] == 5:
-        print("at step 5", flush=True)
-        time.sleep(600)
+cfg = configfile.build(TrainConfig, sys.argv[1])
+kind, at = sys.argv[2], int(sys.argv[3])
+folder = os.path.realpath(cfg.output)
+writes = [0]
 
-run(configfile.build(TrainConfig, sys.argv[1]), on_step=hold)
+def die():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+def counted(real, path_of):
+    def call(*args, **kwargs):
+        path = os.path.realpath(path_of(*args))
+        if path == folder or path.startswith(folder + os.sep):
+            writes[0] += 1
+            if kind == "write" and writes[0] == at:
+                die()
+        return real(*args, **kwargs)
+    return call
+
+os.fsync = counted(os.fsync, lambda fd: os.readlink(f"/proc/self/fd/{fd}"))
+os.replace = counted(os.replace, lambda source, target: source)
+run(cfg, on_step=lambda record: die() if kind == "step" and record["step"] == at else None)
 """
 
 
-def test_resume_after_sigkill(reference, tiny_cache: Path, tmp_path: Path):
-    full, _ = reference()
-    output = tmp_path / "run"
-    (tmp_path / "run.toml").write_text(configfile.to_toml(_config(tiny_cache, output)))
-    (tmp_path / "killable.py").write_text(_KILLABLE)
-    child = subprocess.Popen(
-        [sys.executable, str(tmp_path / "killable.py"), str(tmp_path / "run.toml")],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        line = child.stdout.readline()
-        assert line.strip() == "at step 5", child.stderr.read()
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        child.kill()
-        child.wait(timeout=30)
-    assert child.returncode == -signal.SIGKILL
-    assert (output / "checkpoint-000004").is_dir() and not (output / "pytorch_lora_weights.safetensors").exists()
-    # A line cut short by the kill must not break the resume either.
-    with open(output / "metrics.jsonl", "a") as f:
-        f.write('{"step": 6, "loss": 0.')
+def train_until_killed(cfg: TrainConfig, kind: str, at: int, folder: Path) -> int:
+    """Run ``cfg`` in a child process that SIGKILLs itself at ("step"|"write", at); its return code."""
+    (folder / "killed.toml").write_text(configfile.to_toml(cfg))
+    (folder / "killed.py").write_text(_KILLED_RUN)
+    command = [sys.executable, str(folder / "killed.py"), str(folder / "killed.toml"), kind, str(at)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode in (0, -signal.SIGKILL), done.stderr[-3000:]
+    return done.returncode
 
-    resumed = train(_config(tiny_cache, output, resume="auto"))
-    assert resumed.resumed_from == 4
-    assert resumed.losses == pytest.approx(full.losses[4:], rel=1e-6, abs=0)
+
+def test_resume_after_sigkill_in_the_middle_of_a_checkpoint_write(reference, tiny_cache: Path, tmp_path: Path):
+    # The default 2 data workers, and a checkpoint after an odd number of batches (issue 9.2).
+    data = {"workers": 2, "checkpoint_every": 3}
+    full, _ = reference(**data)
+    output = tmp_path / "run"
+    # checkpoint-000003 takes durable writes 1-7 (4 files, the staging folder, the rename, the run
+    # folder); write 13 is checkpoint-000006's rename: its staging folder is complete, not yet in place.
+    assert train_until_killed(_config(tiny_cache, output, **data), "write", 13, tmp_path) == -signal.SIGKILL
+    assert [p.name for p in output.glob("checkpoint-*")] == ["checkpoint-000003"]
+    (staging,) = output.glob(".checkpoint-000006.*.partial")
+    assert sorted(p.name for p in staging.iterdir()) == ["lora.safetensors", "lr_schedule.pt", "optimizer.pt",
+                                                         "state.json"]  # fmt: skip
+    assert not (output / "pytorch_lora_weights.safetensors").exists()
+    assert _metric_steps(output) == [1, 2, 3, 4, 5, 6]
+    # A line cut short by a kill must not break the resume either.
+    with open(output / "metrics.jsonl", "a") as f:
+        f.write('{"step": 7, "loss": 0.')
+
+    resumed = train(_config(tiny_cache, output, resume="auto", **data))
+    assert resumed.resumed_from == 3
+    assert resumed.losses == pytest.approx(full.losses[3:], rel=1e-6, abs=0)
     records = read_metrics(output / "metrics.jsonl")
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in records] == pytest.approx(full.losses, rel=1e-6, abs=0)
+    assert not list(output.glob(".checkpoint-*"))  # the killed run's staging folder is gone
+
+
+def test_resume_with_other_data_settings_warns_that_the_order_changes(tiny_cache: Path, tmp_path: Path, capsys):
+    train(_config(tiny_cache, tmp_path, max_steps=2))
+    capsys.readouterr()
+    train(_config(tiny_cache, tmp_path, max_steps=3, resume="auto"))
+    assert "[warning]" not in capsys.readouterr().out  # same settings: no warning
+
+    train(_config(tiny_cache, tmp_path, max_steps=4, resume="auto", seed=1, workers=2))
+    out = capsys.readouterr().out
+    (line,) = [line for line in out.splitlines() if "[warning]" in line]
+    assert str(tmp_path / "checkpoint-000003") in line
+    assert "seed" in line and "processes x data workers 1x0 -> 1x2" in line and "data order differs" in line
+    assert "batch_size" not in line and "gradient_accumulation" not in line
 
 
 def _poison(cache: Path, key: str) -> None:
-    """Put a NaN into one sample's moments, rewriting its shard and the manifest's size and sha256."""
+    """Make one sample's moments overflow the loss, rewriting its shard and the manifest's size and sha256.
+
+    The value is finite (the reader refuses NaN and Inf in a cache), but its square is not in float32.
+    """
     import hashlib
 
     manifest = Manifest.load(cache)
@@ -162,7 +202,7 @@ def _poison(cache: Path, key: str) -> None:
                 data = tar.extractfile(member).read()
                 if member.name == f"{key}.safetensors":
                     tensors = load_tensors(data)
-                    tensors["moments"][0, 0, 0, 0] = float("nan")
+                    tensors["moments"][:, :, 0, 0] = 1e30
                     data = save_tensors(tensors)
                 members.append((member.name, data))
         with tarfile.open(path, "w", format=tarfile.GNU_FORMAT) as tar:
@@ -175,7 +215,7 @@ def _poison(cache: Path, key: str) -> None:
     manifest.save(cache)
 
 
-def test_a_nan_loss_stops_the_run_and_writes_no_nan_weights(reference, tiny_cache: Path, tmp_path: Path):
+def test_a_non_finite_loss_stops_the_run_and_writes_no_non_finite_weights(reference, tiny_cache: Path, tmp_path: Path):
     import shutil
 
     _, full_dir = reference()
@@ -187,7 +227,7 @@ def test_a_nan_loss_stops_the_run_and_writes_no_nan_weights(reference, tiny_cach
     _poison(cache, key)
 
     output = tmp_path / "run"
-    with pytest.raises(TrainingDiverged, match=rf"step {first}\b.*loss nan.*{key}.*learning-rate"):
+    with pytest.raises(TrainingDiverged, match=rf"step {first}\b.*loss (nan|inf).*{key}.*learning-rate"):
         train(_config(cache, output, checkpoint_every=1, keep_checkpoints=10))
     assert _metric_steps(output) == list(range(1, first))
     assert not (output / "pytorch_lora_weights.safetensors").exists()

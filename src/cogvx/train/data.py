@@ -1,9 +1,13 @@
 """The training stream: resampled shards, a shuffle buffer and same-shape batches, counted in steps.
 
 Every (rank, DataLoader worker) pair is one independent stream seeded from ``(seed, stream id)``.
-DataLoader hands out worker batches round-robin, so after ``n`` batches were consumed each worker knows
-exactly how many of its own were used: resuming replays the same streams and drops those batches
-without decoding them. Same seed, world size and worker count give the same batches, bit for bit.
+DataLoader hands out worker batches round-robin, starting at worker 0. After ``n`` consumed batches the
+next one is stream ``n % W``'s, so a resumed loader's worker ``w`` plays stream ``(w + n) % W`` and drops
+that stream's batches already used, without decoding them. Same seed, world size and worker count give
+the same batches, bit for bit, from any position.
+
+An error a worker meets with the cache (``CacheError``, any ``ValueError``) reaches the caller as the
+same one-line exception the in-process stream raises, not as DataLoader's wrapped traceback.
 """
 
 from __future__ import annotations
@@ -42,9 +46,12 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        rng = random.Random(f"cogvx-stream:{self.seed}:{self.rank * workers + worker}:{self.world_size * workers}")
-        # Batches worker w produced that were already consumed: global indices w, w + W, ... below skip.
-        skip = max(0, (self.skip_batches - worker + workers - 1) // workers)
+        # A fresh DataLoader starts its round-robin at worker 0 whatever was consumed, and the next batch
+        # (global index n) belongs to stream n % W: worker w continues stream (w + n) % W, whose batches
+        # were the global indices stream, stream + W, ...; those below n were consumed.
+        stream = (worker + self.skip_batches) % workers
+        rng = random.Random(f"cogvx-stream:{self.seed}:{self.rank * workers + stream}:{self.world_size * workers}")
+        skip = (self.skip_batches - stream + workers - 1) // workers
         raw = self._shuffled(self._raw_samples(rng), rng)
         for index, group in enumerate(self._bucketed(raw)):
             if index >= skip:
@@ -92,12 +99,50 @@ def collate(samples: list) -> dict[str, Any]:
     return {"moments": join("moments"), "prompt_embeds": join("prompt_embeds"), "keys": [s.key for s in samples]}
 
 
-def make_loader(stream: ShardStream, workers: int, pin_memory: bool, prefetch: int = 2) -> DataLoader:
-    return DataLoader(
-        stream,
+def make_loader(stream: ShardStream, workers: int, pin_memory: bool, prefetch: int = 2) -> Loader:
+    loader = DataLoader(
+        _ReportingErrors(stream) if workers else stream,
         batch_size=None,
         num_workers=workers,
         pin_memory=pin_memory,
         prefetch_factor=prefetch if workers else None,
         persistent_workers=False,
     )
+    return Loader(loader)
+
+
+class Loader:
+    """Batches of a DataLoader; a worker's user error is raised here as itself, with its one-line message."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        for batch in self.loader:
+            if isinstance(batch, _WorkerError):
+                raise batch.kind(batch.message)
+            yield batch
+
+
+class _WorkerError:
+    """A user error met in a worker. DataLoader would re-raise it as "Caught CacheError in DataLoader
+    worker process 0. Original Traceback ..."; this carries the type and message instead."""
+
+    def __init__(self, error: ValueError):
+        self.kind, self.message = type(error), str(error)
+
+
+class _ReportingErrors(IterableDataset):
+    """The stream as a DataLoader worker runs it: a user error ends the worker's batches with a _WorkerError.
+
+    Anything else (a bug) keeps DataLoader's handling, traceback included.
+    """
+
+    def __init__(self, stream: ShardStream):
+        self.stream = stream
+
+    def __iter__(self) -> Iterator[dict[str, Any] | _WorkerError]:
+        try:
+            yield from self.stream
+        except ValueError as err:  # CacheError is a ValueError
+            yield _WorkerError(err)

@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -17,7 +18,9 @@ from typer.testing import CliRunner
 from cogvx.cli import app
 from cogvx.report import ReportConfig, line_chart
 from cogvx.report import run as write_report
+from cogvx.shards import Manifest, read_shard
 
+from .conftest import CLIPS
 from .test_render import PROMPTS, make_validation
 from .test_sample import train_lora
 
@@ -81,6 +84,47 @@ class Elements(HTMLParser):
         ]
 
 
+class KeyValueTables(HTMLParser):
+    """Every ``<table class="kv">`` of a page as {row header: cell text}, in page order."""
+
+    def __init__(self, page: str):
+        super().__init__()
+        self.tables: list[dict[str, str]] = []
+        self._cell: str | None = None  # "th" or "td" while inside one of a kv table
+        self._row: dict[str, str] = {}
+        self._in_kv = False
+        self.feed(page)
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "table":
+            self._in_kv = "kv" in (dict(attrs).get("class") or "").split()
+            if self._in_kv:
+                self.tables.append({})
+        elif self._in_kv and tag in ("th", "td"):
+            self._cell, self._row[tag] = tag, ""
+
+    def handle_endtag(self, tag):
+        if tag in ("th", "td"):
+            self._cell = None
+        elif tag == "tr" and self._in_kv and "th" in self._row:
+            self.tables[-1][self._row["th"]] = self._row.get("td", "")
+            self._row = {}
+        elif tag == "table":
+            self._in_kv = False
+
+    def handle_data(self, data):
+        if self._cell:
+            self._row[self._cell] += data
+
+
+def smoothed(values: list[float], weight: float = 0.9) -> float:
+    """TensorBoard's bias-corrected exponential moving average, last value."""
+    acc = norm = 0.0
+    for value in values:
+        acc, norm = weight * acc + (1 - weight) * value, weight * norm + (1 - weight)
+    return acc / norm
+
+
 @pytest.fixture(scope="module")
 def trained_run(tiny_cache: Path, tmp_path_factory) -> Path:
     return train_lora(tiny_cache, tmp_path_factory.mktemp("report") / "run", steps=4)
@@ -126,8 +170,40 @@ def test_report_shows_curves_and_the_video_grid_in_a_browser(trained_run: Path, 
     lines = dom.find("polyline")
     assert {line["class"] for line in lines} == {"raw", "smooth", "lr", "gn"}
     assert all(len(line["points"].split()) == 4 for line in lines)
-    # The data summary comes from the cache manifest.
-    assert "6" in "".join(dom.text) and "17x64x96" in "".join(dom.text)
+    # The data summary comes from the cache manifest: the six bundled clips, in three frame buckets.
+    _, data, _ = KeyValueTables(dump_dom(page)).tables
+    assert data["samples"] == "6" and data["buckets (frames x h x w)"] == "13x64x96: 2, 17x64x96: 2, 21x64x96: 2"
+
+
+def test_report_puts_the_runs_and_the_caches_values_in_their_rows(trained_run: Path, tiny_cache: Path, tmp_path):
+    page = tmp_path / "page.html"
+    write_report(ReportConfig(trained_run, output=page, render=False))
+    summary, data, config = KeyValueTables(page.read_text()).tables
+
+    losses = [json.loads(line)["loss"] for line in (trained_run / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 4
+    assert summary["base model"] == "tiny"
+    assert summary["steps trained"] == "4 of 4"
+    assert summary["last loss (EMA 0.9)"] == f"{losses[-1]:.4g} ({smoothed(losses):.4g})"
+    assert summary["LoRA"] == "rank 4, alpha 128.0, on to_q, to_k, to_v, to_out.0"
+
+    manifest = Manifest.load(tiny_cache)
+    assert data["cache"] == str(tiny_cache.resolve())
+    assert data["encoded with"] == "tiny"
+    assert data["samples"] == "6"  # the six bundled clips, one window each
+    assert data["shards"] == str(len(manifest.shards))
+    assert data["size on disk"] == f"{manifest.total_bytes / 2**20:.1f} MiB"
+    # Buckets as the samples themselves record them, read from the shards.
+    samples = [s for record in manifest.shards for s in read_shard(tiny_cache, record)]
+    buckets = Counter(s.meta["bucket"] for s in samples)
+    assert len(samples) == 6 and len(buckets) > 1
+    assert data["buckets (frames x h x w)"] == ", ".join(f"{b}: {n}" for b, n in sorted(buckets.items()))
+    assert sorted(data["sources"].split(", ")) == sorted(p.name for p in CLIPS.glob("*.mp4"))
+    for key, value in manifest.params.items():
+        assert data[key] == (", ".join(map(str, value)) if isinstance(value, list) else str(value)), key
+
+    assert (config["model"], config["rank"], config["alpha"], config["max_steps"]) == ("tiny", "4", "128.0", "4")
+    assert config["targets"] == "to_q, to_k, to_v, to_out.0"
 
 
 def test_report_of_a_run_without_validation_says_how_to_get_videos(trained_run: Path, tmp_path: Path):

@@ -153,29 +153,29 @@ def check_sample(
 
     Checks its .json against its manifest index line (``entry``; None when the manifest has no index)
     and its tensors against its bucket's ``layout`` (names, dtypes, shapes); floating tensors must be
-    finite (no NaN or Inf). ``fix`` ends the message (default: run `cogvx shards verify`).
+    finite (no NaN or Inf). ``fix``, a sentence, ends the message (default: run `cogvx shards verify`).
     """
     where = f"Sample {sample.key} in {origin}"
-    fix = fix or f"run `cogvx shards verify {Path(origin).parent}` for how to repair it"
+    fix = fix or _verify_hint(origin)
     check_index(sample.meta, entry, where, fix)
     found = layout_of(sample)
     if found != layout:
         bucket = sample.meta.get("bucket")
         raise CacheError(
             f"{where} holds {describe_layout(found) or 'no tensors'}, but bucket {bucket} is "
-            f"{describe_layout(layout) or 'empty'}; training cannot batch it. The shard is unusable: {fix}."
+            f"{describe_layout(layout) or 'empty'}; training cannot batch it. {fix}."
         )
     for name, tensor in sample.tensors.items():
         if not _all_finite(tensor):
-            raise CacheError(f"{where}: tensor {name} holds NaN or Inf. The shard is unusable: {fix}.")
+            raise CacheError(f"{where}: tensor {name} holds NaN or Inf. {fix}.")
 
 
 def check_index(meta: Any, entry: SampleEntry | None, where: str, fix: str) -> None:
     """The .json of a sample must be an object that agrees with its manifest index line."""
     if not isinstance(meta, dict):
-        raise CacheError(f"{where}: its .json is a {type(meta).__name__}, not an object. The shard is unusable: {fix}.")
+        raise CacheError(f"{where}: its .json is a {type(meta).__name__}, not an object. {fix}.")
     if not isinstance(meta.get("bucket"), str):
-        raise CacheError(f"{where}: its .json has no bucket. The shard is unusable: {fix}.")
+        raise CacheError(f"{where}: its .json has no bucket. {fix}.")
     if entry is None:
         return
     expected = {name: getattr(entry, name) for name in INDEX_FIELDS}
@@ -185,7 +185,7 @@ def check_index(meta: Any, entry: SampleEntry | None, where: str, fix: str) -> N
         if meta.get(name) != value:
             raise CacheError(
                 f"{where}: its .json says {name} {_short(meta.get(name))}, the manifest's index says "
-                f"{_short(value)}. The shard or the manifest was changed: {fix}."
+                f"{_short(value)}: the shard or the manifest was changed. {fix}."
             )
 
 
@@ -208,6 +208,10 @@ def entry_from_meta(key: str, meta: dict[str, Any]) -> SampleEntry:
     if missing:
         raise CacheError(f"Sample {key}: its .json index line has no {missing[0]}.")
     return SampleEntry(key, **line)
+
+
+def _verify_hint(origin: str) -> str:
+    return f"The shard is unusable; run `cogvx shards verify {Path(origin).parent}` for how to repair it"
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
@@ -589,20 +593,21 @@ def iter_record_samples(
     index = {entry.key: entry for entry in record.samples}
     layouts = dict(record.layouts) if layouts is None else layouts
     exclude = () if include_excluded else record.excluded
-    fix = f"run `cogvx shards verify {Path(origin).parent}` for how to repair it"
+    fix = _verify_hint(origin)
     for raw in iter_raw_samples(data, origin, exclude, MemberLimits.for_layouts(record.layouts)):
         key = raw["__key__"]
         where = f"Sample {key} in {origin}"
         entry = index.get(key)
         if index and entry is None:
-            raise CacheError(f"{where} is not in the manifest's index of that shard: {fix}.")
+            raise CacheError(f"{where} is not in the manifest's index of that shard. {fix}.")
         if META not in raw or TENSORS not in raw:
-            raise CacheError(f"{where} has no .{META if META not in raw else TENSORS} member: {fix}.")
+            raise CacheError(f"{where} has no .{META if META not in raw else TENSORS} member. {fix}.")
         try:
             meta = json.loads(raw[META])
         except ValueError as err:
-            raise CacheError(f"{where}: its .json cannot be parsed ({err}): {fix}.") from err
+            raise CacheError(f"{where}: its .json cannot be parsed ({err}). {fix}.") from err
         check_index(meta, entry, where, fix)
+        _check_recorded(meta["bucket"], record, where, fix)
         raw["__entry__"], raw["__layouts__"] = entry, layouts
         yield raw
 
@@ -653,7 +658,8 @@ def check_shards(folder: Path, records: list[ShardRecord], deep: bool = True) ->
         found: list[ShardProblem] = []
         keys: list[str] = []
         index = {entry.key: entry for entry in record.samples}
-        fix = f"run `cogvx shards verify {folder}` for how to repair it"
+        fix = "The shard is unusable"  # verify's last line says how to repair it
+        readable = True
         try:
             with stream:
                 raws = iter_raw_samples(stream, origin, limits=MemberLimits.for_layouts(record.layouts))
@@ -662,12 +668,15 @@ def check_shards(folder: Path, records: list[ShardRecord], deep: bool = True) ->
                     if len(found) >= 3 or (index and raw["__key__"] not in index):
                         continue  # enough said about this shard / reported below as a key mismatch
                     try:
-                        _check_raw(raw, index.get(raw["__key__"]), layouts, origin, deep, fix)
+                        _check_raw(raw, index.get(raw["__key__"]), record, layouts, origin, deep, fix)
                     except CacheError as err:
                         found.append(ShardProblem(record.name, str(err)))
         except CacheError as err:
             found.append(ShardProblem(record.name, str(err)))
+            readable = False  # the keys read so far are not the shard's keys
         problems += found
+        if not readable:
+            continue
         if len(keys) != record.sample_count:
             problems.append(ShardProblem(record.name, f"{record.name}: {len(keys)} samples, manifest says "
                                          f"{record.sample_count}"))  # fmt: skip
@@ -691,15 +700,22 @@ def check_shards(folder: Path, records: list[ShardRecord], deep: bool = True) ->
     return problems
 
 
-def _check_raw(raw, entry, layouts: Layouts, origin: str, deep: bool, fix: str) -> None:
+def _check_recorded(bucket: str, record: ShardRecord, where: str, fix: str) -> None:
+    """A shard that recorded its layouts recorded every bucket it holds."""
+    if record.layouts and bucket not in record.layouts:
+        raise CacheError(f"{where}: its bucket {bucket} has no layout in the manifest's record of the shard. {fix}.")
+
+
+def _check_raw(raw, entry, record: ShardRecord, layouts: Layouts, origin: str, deep: bool, fix: str) -> None:
     where = f"Sample {raw['__key__']} in {origin}"
     if META not in raw:
-        raise CacheError(f"{where} has no .{META} member: {fix}.")
+        raise CacheError(f"{where} has no .{META} member. {fix}.")
     try:
         meta = json.loads(raw[META])
     except ValueError as err:
-        raise CacheError(f"{where}: its .json cannot be parsed ({err}): {fix}.") from err
+        raise CacheError(f"{where}: its .json cannot be parsed ({err}). {fix}.") from err
     check_index(meta, entry, where, fix)
+    _check_recorded(meta["bucket"], record, where, fix)
     if deep:
         decode_sample({**raw, "__entry__": entry, "__layouts__": layouts}, origin)
 
@@ -737,13 +753,13 @@ def read_indexed_shard(folder: Path, name: str) -> IndexedShard:
         reader.size = size
         entries: list[SampleEntry] = []
         layouts: Layouts = {}
-        fix = f"move it out of {folder} (a later `cogvx preprocess` re-encodes its clips)"
+        fix = f"Move it out of {folder} (a later `cogvx preprocess` re-encodes its clips)"
         for raw in reader.samples():
             sample = decode_sample(raw, origin)
             try:
                 entry = entry_from_meta(sample.key, sample.meta)
             except CacheError as err:
-                raise CacheError(f"{err} The shard is {origin}: {fix}.") from err
+                raise CacheError(f"{err} (shard {origin}) {fix}.") from err
             check_sample(sample, entry, layouts.setdefault(entry.bucket, layout_of(sample)), origin, fix)
             entries.append(entry)
         sha256 = hashing.finish()

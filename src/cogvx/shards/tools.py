@@ -193,7 +193,8 @@ class VerifyReport:
                 f"of the folder, then run {command}{unknown} to re-encode their samples{damaged}."
             )
         if self.damaged:
-            return f"{said} Run {command}{unknown} to re-encode the samples of the missing or changed shard(s)."
+            names = ", ".join(self.damaged[:3]) + (" ..." if len(self.damaged) > 3 else "")
+            return f"{said} Run {command}{unknown} to re-encode the samples of the missing or changed {names}."
         return f"{said} Fix or remove the files named above, then run `cogvx shards verify {self.folder}` again."
 
 

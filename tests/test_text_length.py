@@ -81,6 +81,8 @@ def test_preprocess_encodes_prompts_as_the_pipeline_does_at_the_models_length(sh
             sample.meta["caption"], do_classifier_free_guidance=False, max_sequence_length=TEXT_TOKENS
         )
         torch.testing.assert_close(embeds, expected[0])
+    truncated = {Path(s.meta["source"]).stem: s.meta["caption_truncated"] for s in samples}
+    assert truncated == {LONG_CAPTION_CLIP: True, SHORT_CAPTION_CLIP: False}
 
     with safe_open(str(short_cache / "validation_prompts.safetensors"), framework="pt") as f:
         assert f.get_tensor("prompt_embeds").shape == (1, TEXT_TOKENS, tiny.TEXT_DIM)

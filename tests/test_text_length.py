@@ -89,10 +89,17 @@ def test_preprocess_encodes_prompts_as_the_pipeline_does_at_the_models_length(sh
         assert f.get_tensor("negative_prompt_embeds").shape == (1, TEXT_TOKENS, tiny.TEXT_DIM)
 
 
-def test_training_with_validation_sampling_runs_at_the_models_length(short_cache: Path, tmp_path: Path):
+@pytest.mark.parametrize("variant", ["tiny", "tiny-2b"])
+def test_training_with_validation_sampling_runs_at_the_models_length(variant, short_model, short_cache, tmp_path):
+    # tiny (rotary) made the cache; tiny-2b adds sin-cos position embeddings over text and video tokens,
+    # whose table has max_text_seq_length text positions. Both share the cache's VAE, T5 and length.
+    model = short_model
+    if variant == "tiny-2b":
+        model = tmp_path / "tiny-2b-text30"
+        tiny.build("tiny-2b", model, {"max_text_seq_length": TEXT_TOKENS})
     cfg = TrainConfig(
-        shards=short_cache, output=tmp_path / "run", max_steps=2, rank=4, mixed_precision="no", workers=0,
-        checkpoint_every=0, validation_every=2, validation_steps=2, validation_frames=9,
+        shards=short_cache, output=tmp_path / "run", model=str(model), max_steps=2, rank=4, mixed_precision="no",
+        workers=0, checkpoint_every=0, validation_every=2, validation_steps=2, validation_frames=9,
     )  # fmt: skip
     result = train(cfg)
     assert result.steps == 2 and len(result.losses) == 2

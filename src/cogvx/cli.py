@@ -63,6 +63,12 @@ def preprocess(
     validation_prompt: list[str] = typer.Option(
         None, help="Store this prompt's embedding for validation during training (repeatable)."
     ),
+    repair: bool = typer.Option(
+        None, "--repair", help="Also check every listed shard's sha256 and re-encode damaged ones' samples."
+    ),
+    allow_outside_paths: bool = typer.Option(
+        None, "--allow-outside-paths", help="Let a metadata or videos.txt file name videos outside its folder."
+    ),
     config: Path = typer.Option(None, help="TOML file with any of these settings (flags win)."),
 ) -> None:
     """Encode videos and captions once into a reusable cache of latent moments and prompt embeddings."""

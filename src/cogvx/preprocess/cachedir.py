@@ -10,26 +10,41 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import re
 from collections.abc import Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cogvx.shards import MANIFEST_NAME, CacheError, Manifest, ShardRecord, write_json_atomic
+from cogvx.shards.io import check_shard, read_indexed_shard
 from cogvx.shards.manifest import SKIPPED_NAME
+
+log = logging.getLogger("cogvx.preprocess")
 
 PARTS_DIR = ".parts"
 LOCK_NAME = ".lock"
 SHARD_NAME = re.compile(r"^shard-r\d+-\d+\.tar$")
+TMP_NAME = re.compile(r"^shard-r\d+-\d+\.tar\.tmp$")  # what ShardWriter writes before the rename
 
 
 def check_existing(folder: Path, producer: dict, params: dict) -> Manifest | None:
-    """The cache already in ``folder`` if it was made the same way, None if there is none; else refuse."""
-    try:
-        manifest = Manifest.load(folder)
-    except CacheError:
-        if (Path(folder) / MANIFEST_NAME).exists():
-            raise
+    """The cache already in ``folder`` if it was made the same way, None if there is none; else refuse.
+
+    The manifest is read once: ranks that start together see either no manifest or a whole one (it is
+    replaced atomically), never "none" at one look and "there" at the next. A folder that holds shards
+    but no manifest is refused: its shards may be all that is left of their videos.
+    """
+    manifest = _read_manifest(Path(folder))
+    if manifest is None:
+        shards = sorted(p.name for p in Path(folder).glob("*.tar")) if Path(folder).is_dir() else []
+        if shards:
+            named = ", ".join(shards[:3]) + (" ..." if len(shards) > 3 else "")
+            raise ValueError(
+                f"{folder} holds {len(shards)} shard file(s) ({named}) but no {MANIFEST_NAME}. Re-create it from "
+                f"the shards with `cogvx shards rebuild-manifest {folder}`, or write to another --output folder "
+                "(preprocess never deletes shards it did not write)."
+            )
         return None
     stored_encoders = manifest.producer.get("encoders")
     if manifest.params != params or stored_encoders != producer["encoders"]:
@@ -42,6 +57,19 @@ def check_existing(folder: Path, producer: dict, params: dict) -> Manifest | Non
             f"{params}). Write to a new --output folder, or re-run with the stored settings to add to it."
         )
     return manifest
+
+
+def _read_manifest(folder: Path) -> Manifest | None:
+    path = folder / MANIFEST_NAME
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        return None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CacheError(f"{path} is not valid JSON ({err}); restore it, or write to another --output.") from err
+    return Manifest.from_dict(data, path)
 
 
 @contextlib.contextmanager
@@ -99,21 +127,103 @@ def merge_shard_parts(folder: Path, manifest: Manifest) -> int:
     return added
 
 
-def recover(folder: Path, manifest: Manifest) -> int:
-    """Tidy what an interrupted run left (rank 0, before any rank writes); returns shards adopted.
+@dataclass
+class Recovery:
+    """What preprocessing found in the folder before encoding, and did about it."""
 
-    Finished shards of a killed distributed run are merged from their part files. Then half-written
-    ``.tar.tmp`` files, and shard files that no manifest or part lists (renamed into place just before a
-    kill), are deleted: readers never saw them, and their clips are encoded again.
+    adopted: list[str] = field(default_factory=list)  # finished shards listed now (parts, or indexed orphans)
+    set_aside: list[str] = field(default_factory=list)  # files renamed to NAME.damaged, never deleted
+    foreign: list[str] = field(default_factory=list)  # unlisted shards made with other settings: left alone
+    dropped: list[ShardRecord] = field(default_factory=list)  # listed shards that were missing or damaged
+
+
+def cache_header(manifest: Manifest) -> dict:
+    """What every shard of this cache records about how it was made (``ShardWriter(header=...)``): the
+    manifest's producer (less the data path, which may change between runs), params and schema."""
+    producer = {key: value for key, value in manifest.producer.items() if key != "data"}
+    header = {"producer": producer, "params": manifest.params, "schema": manifest.schema}
+    return json.loads(json.dumps(header, sort_keys=True))  # as a shard stores and returns it
+
+
+def recover(folder: Path, manifest: Manifest, check_hashes: bool = False) -> Recovery:
+    """Tidy what an interrupted run left, and drop damaged shards (rank 0, before any rank writes).
+
+    Finished shards of a killed distributed run are merged from their part files. A complete shard that
+    nothing lists (renamed into place just before a kill) is adopted from its own contents if it was made
+    with this cache's header; one that cannot be read is renamed to ``NAME.damaged``; one made with other
+    settings is left as it is. Half-written ``.tar.tmp`` files of our writers are deleted:
+    they are never complete. Listed shards that are missing or have the wrong size (with
+    ``check_hashes``, also the wrong sha256) leave the manifest, so their samples are encoded again; a
+    damaged file is renamed to ``NAME.damaged``. Nothing else is ever deleted.
     """
-    adopted = merge_shard_parts(folder, manifest)
-    listed = {s.name for s in manifest.shards}
-    for path in Path(folder).iterdir():
-        if path.name.endswith(".tar.tmp") or (SHARD_NAME.match(path.name) and path.name not in listed):
+    done = Recovery()
+    folder = Path(folder)
+    header = cache_header(manifest)
+    before = {s.name for s in manifest.shards}
+    merge_shard_parts(folder, manifest)
+    done.adopted += [s.name for s in manifest.shards if s.name not in before]
+    for path in sorted(folder.iterdir()):
+        if TMP_NAME.match(path.name):
             path.unlink()
+    done.dropped = _drop_damaged(folder, manifest, check_hashes, done)
+    listed = {s.name for s in manifest.shards}
+    for path in sorted(folder.glob("*.tar")):
+        if path.name in listed or not SHARD_NAME.match(path.name):
+            continue  # a .tar of someone else's is left alone
+        try:
+            indexed = read_indexed_shard(folder, path.name)
+        except CacheError as err:
+            log.warning("%s is not listed and cannot be read (%s); renamed to .damaged", path, err)
+            done.set_aside.append(_set_aside(path))
+            continue
+        if indexed.header != header:
+            log.warning("%s is not listed and was made with other settings than this cache; left as it is", path)
+            done.foreign.append(path.name)
+            continue
+        manifest.add_shard(indexed.record)
+        done.adopted.append(path.name)
     clear_parts(folder)
     manifest.save(folder)
-    return adopted
+    return done
+
+
+def _drop_damaged(folder: Path, manifest: Manifest, check_hashes: bool, done: Recovery) -> list[ShardRecord]:
+    dropped = []
+    for record in list(manifest.shards):
+        path = folder / record.name
+        try:
+            check_shard(folder, record, full=check_hashes)
+            continue
+        except CacheError:
+            pass  # missing, or not what the manifest says: drop it below
+        if path.exists():
+            done.set_aside.append(_set_aside(path))
+        manifest.shards.remove(record)
+        dropped.append(record)
+    return dropped
+
+
+def _set_aside(path: Path) -> str:
+    """Rename a shard that cannot be used to ``NAME.damaged`` (``NAME.damaged.N`` if taken); never delete it."""
+    target, n = path.with_name(path.name + ".damaged"), 1
+    while target.exists():
+        target, n = path.with_name(f"{path.name}.damaged.{n}"), n + 1
+    path.rename(target)
+    return target.name
+
+
+def next_shard_index(folder: Path, rank: int) -> int:
+    """The first shard number of ``rank`` that no file in the folder uses, set-aside ones included, so a
+    new shard never takes the name of one that was damaged."""
+    used = re.compile(rf"^shard-r{rank:02d}-(\d+)\.tar")
+    numbers = [int(m.group(1)) for p in Path(folder).iterdir() if (m := used.match(p.name))]
+    return max(numbers, default=-1) + 1
+
+
+def remove_temporary(folder: Path, rank: int) -> None:
+    """Delete the half-written shards of this rank (after a failure; they are never complete)."""
+    for path in Path(folder).glob(f"shard-r{rank:02d}-*.tar.tmp"):
+        path.unlink(missing_ok=True)
 
 
 def clear_parts(folder: Path, keep_folder: bool = True) -> None:

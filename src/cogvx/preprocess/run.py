@@ -6,6 +6,8 @@ See docs/preprocess.md for what happens to each clip, and docs/cache-format.md f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import hashlib
 import json
 import logging
@@ -24,7 +26,7 @@ from cogvx.preprocess import cachedir
 from cogvx.preprocess.cachedir import SKIPPED_NAME
 from cogvx.preprocess.encoding import ClipReader, Encoded, Job, PromptBank, SampleSink, VaeBatcher, caption_hash
 from cogvx.preprocess.ranks import Ranks
-from cogvx.preprocess.sources import VIDEO_EXTENSIONS, Clip, discover
+from cogvx.preprocess.sources import CLIPPED, INVALID_UTF8, VIDEO_EXTENSIONS, Clip, Sources, find_sources
 from cogvx.preprocess.video import FrameSpec, largest_4k1
 from cogvx.progress import progress_bar
 from cogvx.shards import Manifest, Sample, SampleEntry, ShardRecord, ShardWriter, write_json_atomic
@@ -71,6 +73,8 @@ class PreprocessConfig:
     shard_max_mb: int = 512
     shard_max_samples: int = 1000
     validation_prompts: tuple[str, ...] = ()
+    repair: bool = False  # also check every listed shard's sha256 (size is always checked)
+    allow_outside_paths: bool = False  # let a metadata or video-list file name videos outside its folder
 
     def __post_init__(self):
         self.data, self.output = Path(self.data), Path(self.output)
@@ -154,6 +158,10 @@ class PreprocessResult:
     skipped: Counter = field(default_factory=Counter)
     truncated_captions: int = 0
     truncated_sources: list[str] = field(default_factory=list)
+    # Listed shards found missing or damaged at the start (dropped from the manifest, their samples
+    # encoded again), and the sources of their samples that no longer exist in the data: lost.
+    dropped_shards: list[str] = field(default_factory=list)
+    lost_sources: list[str] = field(default_factory=list)
     seconds: float = 0.0
     # Seconds from the start to: the encoders on the device ("encoders"), the first clip's samples
     # written ("first_written") and every sample written ("encoded"). Across ranks: the slowest.
@@ -195,19 +203,41 @@ def run(cfg: PreprocessConfig, show_progress: bool = False) -> PreprocessResult:
     ranks = Ranks.from_env()
     try:
         return _run(cfg, ranks, show_progress and ranks.is_main)
+    except OSError as err:
+        problem = _write_problem(err, cfg.output)
+        if problem is None:
+            raise
+        raise ValueError(problem) from err
     finally:
         ranks.close()
 
 
+def _write_problem(err: OSError, output: Path) -> str | None:
+    """One line for a cache folder that cannot be written (full, read-only, no permission), else None."""
+    path = err.filename or output
+    if err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (
+            f"No space left on the device to write {path}. Free some space (or use another --output) and run "
+            "again: the cache keeps every shard its manifest lists, and the next run encodes the rest."
+        )
+    inside = Path(os.path.abspath(path)).is_relative_to(os.path.abspath(output))
+    if err.errno == errno.EROFS or (err.errno in (errno.EACCES, errno.EPERM) and inside):
+        return f"Cannot write {path} ({err.strerror}). Make the folder writable, or choose another --output."
+    return None
+
+
 def _run(cfg: PreprocessConfig, ranks: Ranks, show_progress: bool) -> PreprocessResult:
     started = time.time()
-    clips = discover(cfg.data, cfg.caption_column, cfg.video_column)
+    sources = find_sources(cfg.data, cfg.caption_column, cfg.video_column, cfg.allow_outside_paths)
+    clips = sources.clips
     if not clips:
+        unusable = f"; {len(sources.skipped)} entries named like videos are not usable files" if sources.skipped else ""
         raise ValueError(
-            f"No videos found under {cfg.data} (looked for {', '.join(sorted(VIDEO_EXTENSIONS))}, recursively)."
+            f"No videos found under {cfg.data} (looked for {', '.join(sorted(VIDEO_EXTENSIONS))}, "
+            f"recursively{unusable})."
         )
     if cfg.id_token:
-        clips = [Clip(c.path, f"{cfg.id_token} {c.caption}" if c.caption else c.caption, c.source) for c in clips]
+        clips = [dataclasses.replace(c, caption=f"{cfg.id_token} {c.caption}") if c.caption else c for c in clips]
 
     info = models.ModelInfo.read(cfg.model)
     spec = cfg.frame_spec(info.native_size)
@@ -220,7 +250,8 @@ def _run(cfg: PreprocessConfig, ranks: Ranks, show_progress: bool) -> Preprocess
     with cachedir.writer_lock(cfg.output) if ranks.is_main else contextlib.nullcontext():
         if ranks.is_main:
             manifest = existing or Manifest(producer=producer, params=params, schema=SCHEMA)
-            cachedir.recover(cfg.output, manifest)
+            manifest.producer["data"] = str(cfg.data.resolve())  # where the last run read its videos
+            recovery = cachedir.recover(cfg.output, manifest, check_hashes=cfg.repair)
         ranks.barrier()  # the folder is tidy and the manifest final for this run's start
         if not ranks.is_main:
             manifest = Manifest.load(cfg.output)
@@ -230,6 +261,8 @@ def _run(cfg: PreprocessConfig, ranks: Ranks, show_progress: bool) -> Preprocess
         result = PreprocessResult(
             already_cached=cached if ranks.is_main else 0, ranks=ranks.world, manifest=manifest, started=started
         )
+        if ranks.is_main:
+            _report_found(cfg, sources, recovery, result)
         # The workers start decoding now, while the encoders load (seconds for T5's 4.8 B parameters).
         items = iter(_clip_loader(mine, spec, cfg.workers, device))
         vae, encode_text = _load_encoders(cfg, info, device)
@@ -269,6 +302,48 @@ def _run(cfg: PreprocessConfig, ranks: Ranks, show_progress: bool) -> Preprocess
                 f"(reasons in {cfg.output / SKIPPED_NAME})."
             )
     return result
+
+
+def _report_found(
+    cfg: PreprocessConfig, sources: Sources, recovery: cachedir.Recovery, result: PreprocessResult
+) -> None:
+    """Say what was found before encoding: unusable entries, odd captions, and shards that were repaired."""
+    with open(cachedir.skipped_part(cfg.output, 0), "a", encoding="utf-8") as skipped_log:
+        for row in sources.skipped:
+            skipped_log.write(json.dumps(row, ensure_ascii=False) + "\n")
+            result.skipped[row["reason"]] += 1
+    invalid = [clip.source for clip in sources.clips if INVALID_UTF8 in clip.caption_notes]
+    if invalid:
+        log.warning(
+            "%d caption(s) are not valid UTF-8; their undecodable bytes were replaced by U+FFFD "
+            "(marked caption_invalid_utf8 in the samples): %s",
+            len(invalid),
+            ", ".join(invalid[:5]) + (" ..." if len(invalid) > 5 else ""),
+        )
+    if recovery.adopted:
+        log.warning(
+            "Listed %d finished shard(s) an interrupted run left: %s",
+            len(recovery.adopted),
+            ", ".join(recovery.adopted),
+        )
+    if recovery.dropped:
+        result.dropped_shards = [record.name for record in recovery.dropped]
+        held = {entry.source for record in recovery.dropped for entry in record.live_samples()}
+        result.lost_sources = sorted(held - {clip.source for clip in sources.clips})
+        log.warning(
+            "%d listed shard(s) were missing or damaged and left the manifest: %s; their %d source(s) are "
+            "encoded again where they still exist.",
+            len(recovery.dropped),
+            ", ".join(result.dropped_shards),
+            len(held),
+        )
+    if result.lost_sources:
+        log.warning(
+            "%d sample source(s) of those shards are no longer in %s, so their samples are lost: %s",
+            len(result.lost_sources),
+            cfg.data,
+            ", ".join(result.lost_sources[:20]) + (" ..." if len(result.lost_sources) > 20 else ""),
+        )
 
 
 def _todo(clips: list[Clip], manifest: Manifest) -> tuple[list[Job], int]:
@@ -344,6 +419,8 @@ def _encode(cfg, ranks, jobs, items, total, manifest, vae, encode_text, device, 
         commit,
         max_bytes=cfg.shard_max_mb * 2**20,
         max_samples=cfg.shard_max_samples,
+        first_index=cachedir.next_shard_index(cfg.output, ranks.rank),
+        header=cachedir.cache_header(manifest),  # so a lost manifest can be rebuilt from the shards alone
     )
     prompts = PromptBank([job.clip.caption or "" for job in jobs], encode_text, cfg.text_batch_size)
 
@@ -355,11 +432,15 @@ def _encode(cfg, ranks, jobs, items, total, manifest, vae, encode_text, device, 
             zip(item["windows"], encoded.moments, item["strips"], strict=True)
         ):
             key = sample_key(clip.source, item["hash"], window, clip.caption)
+            entry = SampleEntry(key, clip.source, item["hash"], item["bucket"], item["size"], item["mtime_ns"])
+            entry.caption_hash = caption_hash(clip.caption)
             meta = {
                 "source": clip.source,
                 "content_hash": item["hash"],
                 "caption": clip.caption,
                 "caption_truncated": item["truncated"],
+                INVALID_UTF8: INVALID_UTF8 in clip.caption_notes,
+                CLIPPED: CLIPPED in clip.caption_notes,
                 "window": window,
                 "windows": len(item["windows"]),
                 "frame_indices": indices,
@@ -369,8 +450,6 @@ def _encode(cfg, ranks, jobs, items, total, manifest, vae, encode_text, device, 
                 **item["info"],
             }
             tensors = {"moments": moments, "prompt_embeds": item["embeds"]}
-            entry = SampleEntry(key, clip.source, item["hash"], item["bucket"], item["size"], item["mtime_ns"])
-            entry.caption_hash = caption_hash(clip.caption)
             group.append((Sample(key, tensors, meta, {"jpg": strip}), entry))
         writer.write_group(group)
         result.mark("first_written")
@@ -411,7 +490,10 @@ def _encode(cfg, ranks, jobs, items, total, manifest, vae, encode_text, device, 
             writer.flush()
     except BaseException:
         sink.abort()
-        writer.abandon()
+        try:
+            writer.abandon()
+        finally:  # a full disk can fail the abandon too: this rank's half-written shard goes either way
+            cachedir.remove_temporary(cfg.output, ranks.rank)
         raise
     finally:
         torch.backends.cudnn.benchmark = benchmark
@@ -446,6 +528,10 @@ def print_summary(result: PreprocessResult, output: Path) -> None:
     if result.truncated_captions:
         length = manifest.producer["encoders"]["max_text_tokens"]
         table.add_row(f"captions cut at {length} tokens", str(result.truncated_captions))
+    if result.dropped_shards:
+        table.add_row("damaged shards dropped", f"{len(result.dropped_shards)}: {', '.join(result.dropped_shards)}")
+    if result.lost_sources:
+        table.add_row("sources lost (gone from the data)", str(len(result.lost_sources)))
     table.add_row("samples in cache", str(manifest.sample_count))
     for bucket, count in manifest.bucket_counts().items():
         table.add_row(f"  bucket {bucket}", str(count))

@@ -125,7 +125,75 @@ def test_shards_a_killed_rank_finished_are_adopted_not_encoded_again(twelve: Pat
     records, manifest.shards = manifest.shards, []
     manifest.save(out)
     write_json_atomic(out / ".parts" / "shards.r01.json", [asdict(r) for r in records])
-    (out / "shard-r01-000099.tar").write_bytes(b"renamed into place, never listed")  # an orphan: deleted
+    (out / "shard-r01-000099.tar").write_bytes(b"renamed into place, never listed")  # unreadable: set aside
+    (out / "shard-r01-000100.tar.tmp").write_bytes(b"half written")  # never complete: deleted
     result = run(tiny(twelve, out, shard_max_samples=5))
     assert (result.encoded, result.already_cached) == (0, CLIP_COUNT)
     assert _sources_once(out) == sorted(f"clip {i:02d}.mp4" for i in range(CLIP_COUNT))
+    assert (out / "shard-r01-000099.tar.damaged").read_bytes() == b"renamed into place, never listed"
+
+
+# Injected into both ranks (as sitecustomize): rank 1 pauses right after it first finds no manifest.json,
+# until rank 0 has created it; rank 0 creates it only once rank 1 has looked. Without the pause the
+# window is microseconds wide; with it, a check that looks twice sees "none" and then "there" every time.
+RACE_HOOK = """
+import os, time
+from pathlib import Path
+
+MARK = os.environ["COGVX_TEST_RACE_MARK"]
+
+
+def _wait(condition):
+    deadline = time.time() + 10
+    while not condition() and time.time() < deadline:
+        time.sleep(0.01)
+
+
+if os.environ.get("RANK") == "1":
+    def _slowed(method):
+        def probe(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except FileNotFoundError:
+                if self.name == "manifest.json" and not os.path.exists(MARK):
+                    open(MARK, "w").close()
+                    _wait(lambda: os.path.exists(self))
+                    time.sleep(0.5)
+                raise
+        return probe
+
+    Path.stat = _slowed(Path.stat)  # is_file() and exists() look through stat()
+    Path.open = _slowed(Path.open)  # read_text() and read_bytes() open through this
+elif os.environ.get("RANK") == "0":
+    _replace = os.replace
+
+    def replace(src, dst, *args, **kwargs):
+        if os.path.basename(dst) == "manifest.json":
+            _wait(lambda: os.path.exists(MARK))
+        return _replace(src, dst, *args, **kwargs)
+
+    os.replace = replace
+"""
+
+
+def test_two_ranks_starting_on_a_fresh_folder_agree_whether_a_cache_exists(tmp_path: Path):
+    """Rank 1 looking for the manifest while rank 0 creates it must not fail with "No manifest.json"."""
+    data = tmp_path / "data"
+    for i in range(4):
+        make_clip(data, f"clip {i}.mp4", frames=15, seed=i)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(RACE_HOOK)
+    mark = tmp_path / "rank1-looked"
+    out = tmp_path / "out"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "cogvx", "preprocess", "--data", str(data), "--output", str(out), "--model", "tiny",
+        "--dtype", "fp32", "--workers", "0", "--frame-bucket", "9",
+    ]  # fmt: skip
+    path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "COGVX_TEST_RACE_MARK": str(mark)}
+    done = run_launcher(command, env=env)
+    assert mark.exists(), "rank 1 never looked for the manifest before rank 0 created it: the race was not run"
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _sources_once(out) == [f"clip {i}.mp4" for i in range(4)]

@@ -12,10 +12,24 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save as save_tensors
 
-from cogvx.shards import CacheError, Manifest, Sample, SampleEntry, ShardRecord, ShardWriter, read_shard, verify
+from cogvx.shards import (
+    CacheError,
+    Manifest,
+    Sample,
+    SampleEntry,
+    ShardRecord,
+    ShardWriter,
+    decode_sample,
+    read_shard,
+    verify,
+)
 from cogvx.train.data import ShardStream
+
+from .conftest import property_examples
 
 
 class _Exploit:
@@ -211,3 +225,230 @@ def test_excluded_samples_are_not_served_and_old_manifests_still_load(tmp_path: 
     old = Manifest.load(tmp_path)
     assert old.sample_count == 3 and old.layouts() == {} and old.shards[0].excluded == []
     assert old.shards[0].samples[0] == SampleEntry("k0", "v0", "h0", BUCKET)
+
+
+# --- hostile input: every failure is a CacheError (one line, naming the file), never another exception ---
+
+
+@settings(max_examples=property_examples(15))
+@given(data=st.data())
+def test_any_corruption_of_a_shard_is_a_cache_error_or_reads_the_same(tmp_path_factory, data):
+    """Flipped, cut or inserted bytes anywhere in a shard: the reader raises CacheError or yields samples
+    (it never crashes with another exception, never hangs, never reads past the file)."""
+    from cogvx.shards import iter_record_samples
+
+    folder = tmp_path_factory.mktemp("fuzz")
+    record = _written_cache(folder, samples=2).shards[0]
+    shard = (folder / record.name).read_bytes()
+    position = data.draw(st.integers(0, len(shard) - 1))
+    kind = data.draw(st.sampled_from(["flip", "cut", "insert", "zero-block"]))
+    if kind == "flip":
+        shard = shard[:position] + bytes([shard[position] ^ data.draw(st.integers(1, 255))]) + shard[position + 1 :]
+    elif kind == "cut":
+        shard = shard[:position]
+    elif kind == "insert":
+        shard = shard[:position] + data.draw(st.binary(min_size=1, max_size=600)) + shard[position:]
+    else:
+        start = position // 512 * 512
+        shard = shard[:start] + bytes(512) + shard[start + 512 :]
+    try:
+        for raw in iter_record_samples(shard, record, str(folder / record.name)):
+            decode_sample(raw, raw["__url__"])
+    except CacheError as err:
+        assert record.name in str(err) and "\n" not in str(err)
+
+
+@settings(max_examples=property_examples(15))
+@given(data=st.data())
+def test_any_mistyped_manifest_field_is_a_cache_error_naming_the_manifest(tmp_path_factory, data):
+    folder = tmp_path_factory.mktemp("manifest")
+    raw = _written_cache(folder).to_dict()
+    # Pick any field, at any depth, and give it a value of another JSON type.
+    target, path = raw, []
+    while isinstance(target, dict | list) and target and (not path or data.draw(st.booleans())):
+        keys = list(target) if isinstance(target, dict) else list(range(len(target)))
+        key = data.draw(st.sampled_from(keys))
+        parent, target = target, target[key]
+        path.append(key)
+    json_values = st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(),
+        st.floats(allow_nan=False),
+        st.text(max_size=5),
+        st.lists(st.integers(), max_size=2),
+        st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    )
+    parent[path[-1]] = data.draw(json_values)
+    (folder / "manifest.json").write_text(json.dumps(raw))
+    try:
+        Manifest.load(folder)
+    except CacheError as err:
+        assert str(folder / "manifest.json") in str(err)
+
+
+@pytest.mark.parametrize("version", [1.0, True, "1", 2, None])
+def test_the_version_must_be_the_integer_1(tmp_path: Path, version):
+    raw = _written_cache(tmp_path).to_dict()
+    raw["version"] = version
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(CacheError, match=f"version {version!r}, this cogvx reads version 1"):
+        Manifest.load(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["../x.tar", "/etc/passwd", "a/b.tar", "..", ".hidden.tar", "", "a\\b.tar", "x\0.tar"])
+def test_shard_names_must_be_plain_file_names(tmp_path: Path, name: str):
+    raw = _written_cache(tmp_path).to_dict()
+    raw["shards"][0]["name"] = name
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    with pytest.raises(CacheError) as err:
+        Manifest.load(tmp_path)
+    assert str(tmp_path / "manifest.json") in str(err.value) and repr(name) in str(err.value)
+
+
+def test_fifo_and_device_shards_are_refused_without_reading(tmp_path: Path):
+    manifest = _written_cache(tmp_path)
+    record = manifest.shards[0]
+    (tmp_path / record.name).unlink()
+    os.mkfifo(tmp_path / record.name)  # nobody writes: a plain open() would block forever
+    with pytest.raises(CacheError, match=f"{record.name} is not a regular file"):
+        list(read_shard(tmp_path, record))
+    (tmp_path / record.name).unlink()
+    (tmp_path / record.name).symlink_to("/dev/zero")
+    problems = verify(tmp_path, [record])
+    assert len(problems) == 1 and f"{record.name} is not a regular file" in problems[0]
+
+
+def test_member_sizes_are_bounded_by_the_layout_and_the_file(tmp_path: Path):
+    from cogvx.shards.io import TENSOR_HEADER_ALLOWANCE, MemberLimits, layout_bytes
+
+    manifest = _written_cache(tmp_path)
+    record = manifest.shards[0]
+    assert MemberLimits.for_layouts(record.layouts).tensors == layout_bytes(LAYOUT) + TENSOR_HEADER_ALLOWANCE
+    assert layout_bytes(LAYOUT) == (2 * 1 * 2 * 2 + 3 * 4) * 4
+    # A safetensors member larger than its bucket's layout allows is refused before it is read.
+    big = save_tensors({"moments": torch.zeros(2, 1, 2, 2), "pad": torch.zeros(TENSOR_HEADER_ALLOWANCE // 4 + 64)})
+    meta = json.dumps({"bucket": BUCKET, "source": "s", "content_hash": "h"}).encode()
+    bomb = _tar([("k.safetensors", big), ("k.json", meta)], tmp_path / "big.tar")
+    bomb.layouts, bomb.samples = record.layouts, [SampleEntry("k", "s", "h", BUCKET)]
+    with pytest.raises(CacheError, match="over the .*-byte limit for its kind"):
+        list(read_shard(tmp_path, bomb))
+    # A member claiming more bytes than the file holds is refused without allocating them.
+    header = tarfile.TarInfo("k.json")
+    header.size = 3 << 30
+    path = tmp_path / "claims.tar"
+    path.write_bytes(header.tobuf(tarfile.GNU_FORMAT) + bytes(1024))
+    with pytest.raises(CacheError, match="more than the file holds"):
+        list(iter_raw_samples_of(path))
+
+
+def iter_raw_samples_of(path: Path):
+    from cogvx.shards import iter_raw_samples
+    from cogvx.shards.io import MemberLimits
+
+    with open(path, "rb") as f:
+        yield from iter_raw_samples(f, str(path), limits=MemberLimits(meta=4 << 30))
+
+
+# --- samples training cannot use ---
+
+
+def test_writer_records_layouts_and_refuses_what_readers_would(tmp_path: Path):
+    records: list[ShardRecord] = []
+    writer = ShardWriter(tmp_path, "s", records.append)
+    sample, entry = _sample(0)
+    with pytest.raises(ValueError, match="index line of k9"):
+        writer.write(sample, SampleEntry("k9", "v", "h", BUCKET))
+    with pytest.raises(ValueError, match="says bucket '1x16x16', its index line 'other'"):
+        writer.write(sample, SampleEntry("k0", "v", "h", "other"))
+    writer.write(sample, entry)
+    wide = Sample("k1", {**sample.tensors, "moments": torch.zeros(4, 1, 2, 2)}, {}, {})
+    with pytest.raises(ValueError, match="bucket 1x16x16 holds moments float32 \\[4, 1, 2, 2\\]"):
+        writer.write(wide, SampleEntry("k1", "v1", "h", BUCKET))
+    writer.write(Sample("k2", {"x": torch.ones(1, dtype=torch.int8)}, {}, {}), SampleEntry("k2", "v2", "h", "b2"))
+    writer.flush()
+    assert [e.key for e in records[0].samples] == ["k0", "k2"]
+    assert records[0].layouts == {BUCKET: LAYOUT, "b2": {"x": {"dtype": "int8", "shape": [1]}}}
+    # A shard laid out differently from the cache cannot join its manifest.
+    manifest = _manifest(tmp_path, records)
+    other = ShardRecord("o.tar", 1, 1, "0" * 64, [], layouts={"b2": {"x": {"dtype": "int16", "shape": [1]}}})
+    with pytest.raises(CacheError, match="o.tar stores bucket b2 as x int16 \\[1\\]"):
+        manifest.add_shard(other)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda s: s.tensors.update(moments=torch.zeros(2, 1, 2, 3)), "moments float32 \\[2, 1, 2, 3\\]"),
+        (lambda s: s.tensors.update(moments=torch.zeros(2, 1, 2, 2, dtype=torch.float16)), "moments float16"),
+        (lambda s: s.tensors.pop("prompt_embeds"), "holds moments float32 \\[2, 1, 2, 2\\], but bucket"),
+        (lambda s: s.tensors["moments"].view(-1).__setitem__(3, float("nan")), "tensor moments holds NaN or Inf"),
+        (lambda s: s.tensors["prompt_embeds"].view(-1).__setitem__(0, float("-inf")), "prompt_embeds holds NaN"),
+        (lambda s: s.meta.update(bucket="9x9x9"), "says bucket '9x9x9', the manifest's index says '1x16x16'"),
+        (lambda s: s.meta.update(source="other.mp4"), "says source 'other.mp4'"),
+        (lambda s: s.meta["index"].update(size=1), "says index"),
+        (lambda s: s.meta.pop("bucket"), "its .json has no bucket"),
+    ],
+)
+def test_check_sample_names_what_is_wrong(change, message):
+    from cogvx.shards import check_sample
+    from cogvx.shards.io import _with_index
+
+    sample, entry = _sample(0)
+    sample.meta = _with_index(sample, entry)
+    check_sample(sample, entry, LAYOUT, "/c/s.tar")  # as written: fine
+    change(sample)
+    with pytest.raises(CacheError, match=message) as err:
+        check_sample(sample, entry, LAYOUT, "/c/s.tar")
+    assert str(err.value).startswith("Sample k0 in /c/s.tar") and "cogvx shards verify /c" in str(err.value)
+
+
+def test_huge_finite_values_are_not_mistaken_for_inf():
+    from cogvx.shards import check_sample
+
+    sample, entry = _sample(0)
+    sample.tensors["moments"] = torch.full((2, 1, 2, 2), 3e38)  # the float32 sum overflows; no element does
+    sample.meta.update(source=entry.source, content_hash=entry.content_hash)
+    check_sample(sample, entry, LAYOUT, "s.tar")
+
+
+def test_a_cache_without_recorded_layouts_checks_that_a_bucket_agrees_with_itself(tmp_path: Path):
+    manifest = _written_cache(tmp_path, samples=2)
+    record = manifest.shards[0]
+    # An older cache: no layouts in the manifest; the second sample's moments are wider than the first's.
+    tensors = [{"moments": torch.zeros(2, 1, 2, 2), "prompt_embeds": torch.zeros(3, 4)},
+               {"moments": torch.zeros(4, 1, 2, 2), "prompt_embeds": torch.zeros(3, 4)}]  # fmt: skip
+    members = []
+    for i, t in enumerate(tensors):
+        meta = {"bucket": BUCKET, "source": f"v{i}", "content_hash": f"h{i}"}
+        members += [(f"k{i}.safetensors", save_tensors(t)), (f"k{i}.json", json.dumps(meta).encode())]
+    old = _tar(members, tmp_path / record.name)
+    old.sample_count, old.samples = 2, [SampleEntry(f"k{i}", f"v{i}", f"h{i}", BUCKET) for i in range(2)]
+    with pytest.raises(CacheError, match="Sample k1 .* holds moments float32 \\[4, 1, 2, 2\\]"):
+        list(read_shard(tmp_path, old))
+    problems = verify(tmp_path, [old])
+    assert len(problems) == 1 and "Sample k1" in problems[0]
+    stream = ShardStream(tmp_path, [old], batch_size=1, seed=0, shuffle_buffer=1)
+    with pytest.raises(CacheError, match="holds moments float32 \\[4, 1, 2, 2\\]"):
+        for _ in zip(range(10), stream, strict=False):
+            pass
+
+
+# --- rebuilding a lost manifest ---
+
+
+def test_index_shard_rebuilds_the_writers_record_and_checks_the_header(tmp_path: Path):
+    from cogvx.shards import index_shard
+
+    header = {"producer": {"model": "m"}, "params": {"fps": 8.0}, "schema": {"moments": "…"}}
+    manifest = _written_cache(tmp_path, header=header)
+    for record in manifest.shards:
+        assert index_shard(tmp_path, record.name) == record
+        assert index_shard(tmp_path, record.name, header=header) == record
+    with pytest.raises(CacheError, match="written with other settings"):
+        index_shard(tmp_path, manifest.shards[0].name, header={**header, "params": {"fps": 4.0}})
+    data = bytearray((tmp_path / manifest.shards[0].name).read_bytes())
+    data[-3000] ^= 0xFF  # inside the last sample's tensors
+    (tmp_path / "bad.tar").write_bytes(bytes(data))
+    with pytest.raises(CacheError, match="bad.tar"):
+        index_shard(tmp_path, "bad.tar")

@@ -400,7 +400,8 @@ def mount_tmpfs(tmp_path: Path):
         subprocess.run(["umount", "-l", str(folder)], check=False)
 
 
-def test_a_full_disk_ends_with_one_line_and_leaves_a_valid_cache(tmp_path: Path, mount_tmpfs):
+@pytest.mark.parametrize("per_shard", [1, 1000], ids=["between shards", "inside a shard"])
+def test_a_full_disk_ends_with_one_line_and_leaves_a_valid_cache(tmp_path: Path, mount_tmpfs, per_shard: int):
     data = tmp_path / "data"
     for i in range(12):
         make_clip(data, f"clip {i:02d}.mp4", frames=15, seed=i)
@@ -410,7 +411,7 @@ def test_a_full_disk_ends_with_one_line_and_leaves_a_valid_cache(tmp_path: Path,
     free = shutil.disk_usage(disk).free
     ballast.write_bytes(b"\0" * (free - 160 * 1024))  # room for the manifest and a few 40 KB shards
     with pytest.raises(ValueError) as failed:
-        run(tiny(data, out, shard_max_samples=1))
+        run(tiny(data, out, shard_max_samples=per_shard))
     line = str(failed.value)
     assert "\n" not in line and "No space left on the device" in line and str(out) in line and "Free some" in line
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp")), "no temporary file is left"

@@ -8,8 +8,11 @@ changes by 53 per frame so that taking a neighbouring frame is a large error.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import struct
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -49,26 +52,34 @@ def write_clip(
     ``rotation`` (0, 90, 180, 270: degrees counter-clockwise, as ffmpeg's ``-display_rotation``)
     stores the frames turned the other way plus the display matrix that turns them back, as a phone
     does. ``times`` (seconds, increasing) makes a variable frame rate clip with those timestamps.
-    ``codec`` "ffv1" stores any size (libx264 stops at 16384 px and at odd 4:2:0 sizes).
+    ``codec`` "ffv1" (lossless, .mov) or "mjpeg" (.mkv) store sizes libx264 cannot (above 16384 px).
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     stored = np.ascontiguousarray(np.rot90(frames, k=-rotation // 90, axes=(1, 2)))
     count, height, width = stored.shape[:3]
-    lossless = codec == "ffv1" or ((height % 2 or width % 2) and pix_fmt != "yuv444p")
+    lossless = codec == "ffv1" or (codec is None and (height % 2 or width % 2) and pix_fmt != "yuv444p")
     encoder = ["-c:v", "ffv1"] if lossless else ["-c:v", "libx264", "-preset", "ultrafast", "-qp", "4"]
     container = path.with_suffix(".mov") if lossless else path
+    if codec == "mjpeg":  # quick to write and to read at any size up to 65535 px
+        encoder, pix_fmt = ["-c:v", "mjpeg", "-q:v", "2"], "yuvj420p" if pix_fmt == "yuv420p" else pix_fmt
+        container = path.with_suffix(".mkv")
     timing = []
     if times is not None:
         # Frames come in at 1000 fps (timestamps in ms) and setpts moves each to its own time.
         if len(times) != count or any(b <= a for a, b in zip(times[:-1], times[1:], strict=False)):
             raise ValueError("times must give one increasing timestamp per frame")
-        table = "+".join(f"eq(N,{i})*{round(t * 1000)}" for i, t in enumerate(times))
+        table = _balanced_sum([f"eq(N,{i})*{round(t * 1000)}" for i, t in enumerate(times)])
         timing = ["-vf", f"setpts='({table})/(1000*TB)'", "-fps_mode", "passthrough", "-video_track_timescale", "1000"]
     plain = container if rotation == 0 else container.with_name(f"unrotated-{container.name}")
     command = [ffmpeg(), "-hide_banner", "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24",
                "-s", f"{width}x{height}", "-r", "1000" if times is not None else f"{fps}", "-i", "-",
                *timing, *encoder, "-pix_fmt", pix_fmt, str(plain)]  # fmt: skip
-    subprocess.run(command, input=stored.tobytes(), check=True, capture_output=True)
+    done = subprocess.run(command, input=stored.tobytes(), capture_output=True)
+    if done.returncode and lossless:  # FFV1 picks no slice count for some small frames: one slice does
+        command[command.index("ffv1") + 1 : command.index("ffv1") + 1] = ["-slices", "1"]
+        done = subprocess.run(command, input=stored.tobytes(), capture_output=True)
+    if done.returncode:
+        raise RuntimeError(f"ffmpeg could not write {plain}: {done.stderr.decode(errors='replace')[-2000:]}")
     if rotation:
         # -display_rotation is an input option: it tags the stream, and a stream copy keeps the tag.
         subprocess.run(
@@ -78,6 +89,14 @@ def write_clip(
         )  # fmt: skip
         plain.unlink()
     return container
+
+
+def _balanced_sum(terms: list[str]) -> str:
+    """``a+b+c+...`` nested as a balanced tree: ffmpeg's expression parser fails on a flat chain of 300."""
+    if len(terms) == 1:
+        return terms[0]
+    half = len(terms) // 2
+    return f"({_balanced_sum(terms[:half])}+{_balanced_sum(terms[half:])})"
 
 
 def make_clip(
@@ -127,10 +146,12 @@ def sized(frames: np.ndarray, height: int, width: int, resize: str = "crop") -> 
         scale = max(height / src_h, width / src_w)
         cover = (max(height, round(src_h * scale)), max(width, round(src_w * scale)))
     top, left = (cover[0] - height) // 2, (cover[1] - width) // 2
+    # Resizing the box of the source that becomes the crop gives the same pixels as resizing the whole
+    # frame to the cover and cropping it (PIL weighs the same source pixels), without a 480x131072 cover.
+    sy, sx = cover[0] / src_h, cover[1] / src_w
+    box = (left / sx, top / sy, (left + width) / sx, (top + height) / sy)
     return np.stack([
-        np.asarray(Image.fromarray(np.ascontiguousarray(f)).resize(cover[::-1], Image.BILINEAR))[
-            top : top + height, left : left + width
-        ]
+        np.asarray(Image.fromarray(np.ascontiguousarray(f)).resize((width, height), Image.BILINEAR, box=box))
         for f in frames
     ])  # fmt: skip
 
@@ -143,6 +164,33 @@ def ffmpeg_frames(path: Path, height: int, width: int) -> np.ndarray:
         check=True, capture_output=True,
     ).stdout  # fmt: skip
     return np.frombuffer(raw, np.uint8).reshape(-1, height, width, 3)
+
+
+READ_IN_A_CHILD = """
+import json, sys
+from cogvx.preprocess.video import FrameSpec, SkipClip, read_clip
+fields = json.loads(sys.argv[2])
+fields["resolutions"] = tuple(map(tuple, fields["resolutions"]))
+fields["frame_buckets"] = tuple(fields["frame_buckets"])
+try:
+    frames, _, _ = read_clip(sys.argv[1], FrameSpec(**fields))
+    result = {"shape": list(frames.shape), "centre": frames[0, 0, frames.shape[2] // 2, frames.shape[3] // 2].tolist()}
+except SkipClip as err:
+    result = {"skip": err.reason}
+# VmHWM: this process's own high-water mark (ru_maxrss would include a large parent's, passed on by fork).
+status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+print(json.dumps({**result, "peak_mb": int(status["VmHWM"].split()[0]) / 1024}))
+"""
+
+
+def read_in_a_child(path: Path, spec) -> dict:
+    """``read_clip`` in a fresh process: the frames' shape and centre pixel (or the skip reason), and
+    the process's peak resident memory in MB."""
+    fields = json.dumps(dataclasses.asdict(spec))
+    done = subprocess.run([sys.executable, "-c", READ_IN_A_CHILD, str(path), fields], capture_output=True, text=True)
+    if done.returncode:
+        raise AssertionError(f"reading {path} in a child process failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout)
 
 
 def zero_frame_rate(source: Path, target: Path) -> Path:

@@ -148,29 +148,32 @@ def _rgb(frames: np.ndarray, height: int, width: int) -> np.ndarray:
 
 
 def _frame_times(reader, total: int, container_fps: float) -> tuple[float, np.ndarray | None]:
-    """The rate to sample at, and for a variable frame rate clip the real frame nearest each step of it.
+    """The clip's frame rate, and for a variable frame rate clip the real frame nearest each step of it.
 
-    A clip is variable-rate when some frame's timestamp is more than half a frame away from an even
-    grid between its first and last timestamps; it is then sampled on that grid (its average rate),
-    each grid step taking the frame nearest in time.
+    The rate comes from the frames' timestamps: the container's own figure where its grid ends within
+    half a frame of the last timestamp (timestamps in ms are not exact), else the timestamps' average
+    (some muxers count the last frame's duration oddly). A clip is variable-rate when a frame's
+    timestamp is more than half a frame away from the even grid between its first and last
+    timestamps; it is then sampled on that grid (its average rate), each step taking the frame nearest
+    in time. Without usable timestamps the container's rate is used, and a clip with neither is skipped.
     """
-    if not math.isfinite(container_fps) or container_fps <= 0:
-        raise SkipClip(
-            "no frame rate",
-            f"the container gives {container_fps:g} frames per second; re-encode it with one (ffmpeg -i IN -r 24 OUT)",
-        )
-    if total < 3:
+    stamps = reader.get_frame_timestamp(range(total))[:, 0].astype(np.float64) if total >= 2 else np.zeros(0)
+    if len(stamps) < 2 or not np.isfinite(stamps).all() or (np.diff(stamps) <= 0).any():
+        if not math.isfinite(container_fps) or container_fps <= 0:
+            raise SkipClip(
+                "no frame rate",
+                f"the container gives {container_fps:g} frames per second and no usable timestamps; re-encode it "
+                "with a frame rate (ffmpeg -i IN -r 24 OUT)",
+            )
         return container_fps, None
-    stamps = reader.get_frame_timestamp(range(total))[:, 0].astype(np.float64)
-    if not np.isfinite(stamps).all() or (np.diff(stamps) <= 0).any():
-        return container_fps, None  # no usable timestamps: trust the container's rate
     step = (stamps[-1] - stamps[0]) / (total - 1)
     grid = stamps[0] + step * np.arange(total)
     if np.abs(stamps - grid).max() <= step / 2:
-        return container_fps, None
+        span = (total - 1) / container_fps if math.isfinite(container_fps) and container_fps > 0 else math.inf
+        return (container_fps if abs(span - (stamps[-1] - stamps[0])) <= step / 2 else float(1.0 / step)), None
     after = np.clip(np.searchsorted(stamps, grid), 1, total - 1)
     nearest = np.where(grid - stamps[after - 1] <= stamps[after] - grid, after - 1, after)
-    return 1.0 / step, nearest
+    return float(1.0 / step), nearest
 
 
 def read_clip(path: str, spec: FrameSpec) -> tuple[np.ndarray, Plan, dict]:

@@ -219,6 +219,28 @@ def test_paths_leaving_the_data_folder_are_refused_unless_allowed(tmp_path: Path
     assert done.exit_code == 1 and "row 2" in _error_line(done.output)
 
 
+def test_layout_order_duplicates_rows_linked_folders_and_utf8_lists(tmp_path: Path):
+    data = tmp_path / "data"
+    make_video(data / "a.mp4")
+    (data / "videos.txt").write_text("a.mp4\n")
+    (data / "prompts.txt").write_text("from the seed layout\n")
+    (data / "metadata.csv").write_text("video,caption\na.mp4,from metadata\n")
+    assert [c.caption for c in discover(data)] == ["from the seed layout"], "videos.txt is tried before metadata.csv"
+    (data / "videos.txt").unlink()
+    (data / "metadata.csv").write_text("video,caption\na.mp4,one\n./a.mp4,two\n")
+    found = find_sources(data)
+    assert [c.caption for c in found.clips] == ["one"]
+    assert found.skipped == [{"source": "./a.mp4", "reason": "duplicate", "detail": "same file as a.mp4"}]
+    (data / "metadata.csv").write_bytes(b"video,caption\na.mp4,caf\xe9\n")
+    with pytest.raises(ValueError, match=r"metadata.csv, line 2 is not UTF-8 text; save the file as UTF-8"):
+        discover(data)
+    folder = tmp_path / "folder"
+    make_video(tmp_path / "elsewhere" / "b.mp4")
+    folder.mkdir()
+    (folder / "linked").symlink_to(tmp_path / "elsewhere")
+    assert [c.source for c in discover(folder)] == ["linked/b.mp4"], "a symlinked folder is searched"
+
+
 def test_captions_are_utf8_with_replacement_and_bounded():
     assert read_caption("a ball été".encode()) == ("a ball été", ())
     assert read_caption(b"a \xff\xfe ball") == ("a \ufffd\ufffd ball", ("caption_invalid_utf8",))
@@ -241,6 +263,7 @@ def test_hostile_folder_entries_are_listed_never_dropped_or_fatal(tmp_path: Path
     (data / "loop.mp4").symlink_to("loop.mp4")
     (data / "gone.mp4").symlink_to("nowhere.mp4")
     (data / "folder.mp4").mkdir()
+    os.mkfifo(data / "pipe.mp4")
     (data / "sub").mkdir()
     (data / "sub" / "up").symlink_to("..")
     with caplog.at_level(logging.WARNING, logger="cogvx.preprocess"):
@@ -252,10 +275,11 @@ def test_hostile_folder_entries_are_listed_never_dropped_or_fatal(tmp_path: Path
         "loop.mp4": "symlink loop",
         "gone.mp4": "broken link",
         "folder.mp4": "not a file",
+        "pipe.mp4": "not a file",
         "sub/up": "symlink loop",
     }
     assert skipped["b hardlink.mp4"]["detail"] == "same file as a.mp4"
-    assert result.skipped["duplicate"] == 2 and sum(result.skipped.values()) == 6
+    assert result.skipped["duplicate"] == 2 and sum(result.skipped.values()) == 7
     samples = _samples(out)
     assert sorted(samples) == ["a.mp4", "huge caption.mp4", "latin1.mp4"]
     latin = samples["latin1.mp4"].meta

@@ -294,9 +294,8 @@ def test_samples_training_cannot_use_are_found_by_verify(cache: Path, tmp_path: 
     line = verify.error_line()
     bad = [line for line in verify.stderr.splitlines() if line.startswith("bad")]
     assert len(bad) == 1 and name in bad[0] and key in bad[0]
-    # The repair: move the shard out, re-encode its clips (DATA is recorded in the manifest).
-    data = _manifest(cache)["producer"]["data"]
-    assert f"move them out of the folder, then run `cogvx preprocess --data {data} --output {cache} --repair`" in line
+    # The repair: move the shard out, then re-encode its clips.
+    assert "move them out of the folder, then run `cogvx preprocess --data " in line and f"{cache} --repair`" in line
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -61,3 +62,34 @@ def test_verify_checks_keys_against_the_index(tiny_cache: Path, tmp_path: Path):
     out = RUNNER.invoke(app, ["shards", "verify", str(cache), "--quick"])
     assert out.exit_code == 1 and "sample keys differ" in out.output
     assert "unlisted" in out.output and "shard-r00-000777.tar" in out.output
+
+
+def test_verify_names_the_command_that_repairs_a_missing_shard(tiny_cache: Path, tmp_path: Path):
+    cache = _copy(tiny_cache, tmp_path)
+    raw = json.loads((cache / "manifest.json").read_text())
+    raw["producer"]["data"] = data = "/videos/my clips"  # as preprocess records it: the command is complete
+    (cache / "manifest.json").write_text(json.dumps(raw))
+    manifest = Manifest.load(cache)
+    (cache / manifest.shards[0].name).unlink()
+    out = RUNNER.invoke(app, ["shards", "verify", str(cache), "--quick"])
+    assert out.exit_code == 1 and "listed in the manifest but missing" in out.output
+    said = " ".join(out.output.split())  # the console wraps at 200 columns
+    assert said.endswith(
+        f"error: 1 problem(s) in {cache}. Run `cogvx preprocess --data '{data}' --output {cache} --repair` to "
+        f"re-encode the samples of the missing or changed {manifest.shards[0].name}."
+    )
+    # Without the data folder recorded, the command says what to fill in.
+    raw = json.loads((cache / "manifest.json").read_text())
+    del raw["producer"]["data"]
+    (cache / "manifest.json").write_text(json.dumps(raw))
+    out = RUNNER.invoke(app, ["shards", "verify", str(cache), "--quick"])
+    said = " ".join(out.output.split())
+    assert f"`cogvx preprocess --data VIDEOS --output {cache} --repair` (VIDEOS: the folder" in said
+
+
+def test_inspect_refuses_a_fifo_for_skipped_jsonl_without_blocking(tiny_cache: Path, tmp_path: Path):
+    cache = _copy(tiny_cache, tmp_path)
+    (cache / "skipped.jsonl").unlink(missing_ok=True)
+    os.mkfifo(cache / "skipped.jsonl")
+    out = RUNNER.invoke(app, ["shards", "inspect", str(cache)])
+    assert out.exit_code == 1 and "skipped.jsonl is not a regular file" in out.output

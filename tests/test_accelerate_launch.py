@@ -1,31 +1,35 @@
-"""`accelerate launch` runs both stages data-parallel, as torchrun does (two CPU processes, gloo)."""
+"""`accelerate launch` runs both stages data-parallel, as torchrun does (two CPU processes, gloo).
+
+The commands are the ones docs/training.md gives for a machine without GPUs, as a user types them.
+"""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
+import shutil
 import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 from cogvx.shards import Manifest
 
 from .conftest import CLIPS, run_launcher
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+def _accelerate() -> list[str]:
+    """The `accelerate` command of this environment."""
+    script = Path(sys.executable).parent / "accelerate"
+    return [str(script)] if script.is_file() else [shutil.which("accelerate") or "accelerate"]
 
 
 def _launch(*args: str, cwd: Path) -> None:
-    # --multi_gpu is accelerate's flag for "several processes through torch's launcher"; on a machine
-    # without GPUs they run on the CPU with gloo. A free port keeps concurrent runs from meeting.
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    options = ["--num_machines", "1", "--main_process_port", str(_free_port()), "--mixed_precision", "no"]
-    command = [*launcher, *options, "--dynamo_backend", "no", "-m", "cogvx", *args]
-    done = run_launcher(command, cwd=cwd)
+    # docs/training.md: without GPUs, --multi-gpu (accelerate's flag for "several processes through
+    # torch's launcher") starts the processes, which then run on the CPU with gloo.
+    command = [*_accelerate(), "launch", "--multi-gpu", "--num-processes", "2", "-m", "cogvx", *args]
+    done = run_launcher(command, cwd=cwd, env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
 
 
@@ -44,6 +48,22 @@ def test_accelerate_launch_preprocesses_and_trains_on_two_processes(tmp_path: Pa
     # but their sequences differ.
     assert [m["samples"][0] for m in lines] != [m["samples"][1] for m in lines]
     assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 1, reason="with several GPUs accelerate starts the processes itself")
+def test_accelerate_launch_without_multi_gpu_on_a_cpu_machine_says_what_to_add(tiny_cache: Path, tmp_path: Path):
+    """accelerate's plain launcher would train one process for --num-processes 2: refused, with the fix."""
+    args = ["--shards", str(tiny_cache), "--output", "run", "--max-steps", "1", "--rank", "4", "--workers", "0"]
+    command = [*_accelerate(), "launch", "--num-processes", "2", "-m", "cogvx", "train", *args]
+    done = run_launcher(command, cwd=tmp_path, env=os.environ | {"COLUMNS": "1000"})
+    assert done.returncode == 1
+    expected = (
+        "error: `accelerate launch` was asked for 2 processes but started one (without several GPUs its plain "
+        "launcher runs a single process). Add --multi-gpu, which starts them through torch's launcher (gloo on "
+        "CPUs): accelerate launch --multi-gpu --num-processes 2 -m cogvx train ..."
+    )
+    assert expected in done.stderr.splitlines(), done.stderr[-3000:]
+    assert not (tmp_path / "run").exists()
 
 
 def test_tiny_model_built_by_two_ranks_at_once_is_complete(tmp_path: Path):

@@ -68,3 +68,59 @@ def test_torchrun_two_cpu_processes(tiny_cache: Path, tmp_path: Path):
     assert any(w.abs().sum() > 0 for k, w in weights[0].items() if "lora_B" in k)  # training moved lora_B
     assert all(torch.equal(saved[f"transformer.{k}"], w) for k, w in weights[0].items())
     assert (output / "checkpoint-000002" / "state.json").is_file()
+
+
+# Each report is one write of a whole line: the two processes share the pipe, and print() writes the
+# text and its newline apart, so lines of both could interleave.
+_DIVERGED = """
+import sys
+import torch
+from accelerate import Accelerator
+from cogvx.train.loop import _check_replicas_agree
+
+accelerator = Accelerator(cpu=True)
+rank = accelerator.process_index
+_check_replicas_agree(accelerator, [torch.nn.Parameter(torch.ones(3))])  # the same on both: no error
+sys.stdout.write(f"rank {rank}: equal ok\\n"); sys.stdout.flush()
+differ = torch.ones(3)
+differ[1] += rank * 1e-6  # one weight a little off on process 1
+try:
+    _check_replicas_agree(accelerator, [torch.nn.Parameter(differ)])
+except RuntimeError as err:
+    sys.stdout.write(f"rank {rank}: {err}\\n"); sys.stdout.flush()
+accelerator.wait_for_everyone()
+accelerator.end_training()
+"""
+
+
+@pytest.mark.slow
+def test_replicas_whose_lora_differs_stop_with_an_error_on_every_process(tmp_path: Path):
+    script = tmp_path / "diverged.py"
+    script.write_text(_DIVERGED)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script)]
+    done = run_launcher(command, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert sum("equal ok" in line for line in lines) == 2, done.stdout[-3000:]
+    for rank in (0, 1):
+        found = [line for line in lines if f"rank {rank}: The LoRA weights differ between processes" in line]
+        assert len(found) == 1 and "data-parallel training went out of sync" in found[0], done.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_a_data_parallel_run_into_a_busy_folder_stops_every_process_at_once(tiny_cache: Path, tmp_path: Path):
+    """The main process is refused the run folder's lock; the others learn it instead of waiting forever."""
+    from cogvx.train.checkpoint import lock_run_folder
+
+    output = tmp_path / "run"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "cogvx",
+        "train", "--shards", str(tiny_cache), "--output", str(output), "--max-steps", "2", "--rank", "4",
+        "--mixed-precision", "no", "--workers", "0",
+    ]  # fmt: skip
+    with lock_run_folder(output):  # another run holds the folder
+        done = run_launcher(command, env=os.environ | {"OMP_NUM_THREADS": "1", "COLUMNS": "1000"})
+    assert done.returncode != 0
+    refusal = f"error: Another `cogvx train` is running in {output}. Wait for it to finish, or use another --output."
+    assert done.stderr.count(refusal) == 2, done.stderr[-3000:]  # both processes, one line each
+    assert sorted(p.name for p in output.iterdir()) == [".lock"]  # nothing written

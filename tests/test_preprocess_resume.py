@@ -69,70 +69,6 @@ def _listed(out: Path) -> int:
         return 0
 
 
-@pytest.mark.parametrize("moment", ["first shard half written", "after the second shard was listed"])
-def test_kill_9_then_rerun_gives_every_clip_exactly_once(twelve: Path, tmp_path: Path, moment: str):
-    out = tmp_path / "out"
-    proc = _spawn(twelve, out)
-    if moment == "first shard half written":
-        _wait_for(lambda: any(out.glob("*.tar.tmp")), proc)
-    else:
-        _wait_for(lambda: _listed(out) >= 2, proc)
-    proc.send_signal(signal.SIGKILL)
-    assert proc.wait() == -signal.SIGKILL
-    before = Manifest.load(out).sample_count if (out / "manifest.json").exists() else 0
-    assert before < CLIP_COUNT, "the killed run finished: nothing was tested"
-    if before:
-        assert verify(out, Manifest.load(out).shards) == [], "what a killed run left listed must be whole"
-
-    result = run(tiny(twelve, out, shard_max_samples=2))
-    assert result.encoded == CLIP_COUNT - before and result.already_cached == before
-    assert _sources_once(out) == sorted(f"clip {i:02d}.mp4" for i in range(CLIP_COUNT))
-
-
-def test_torchrun_two_ranks_write_their_own_shards_and_one_manifest(twelve: Path, tmp_path: Path):
-    (twelve / "broken.mp4").write_bytes(b"not a video")
-    (twelve / "broken.txt").write_text("a ball")
-    out = tmp_path / "out"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "cogvx", "preprocess", "--data", str(twelve), "--output", str(out), "--model", "tiny",
-        "--dtype", "fp32", "--workers", "0", "--frame-bucket", "9",
-    ]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = run_launcher(command, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    manifest = Manifest.load(out)
-    assert {r.name.split("-")[1] for r in manifest.shards} == {"r00", "r01"}, "each rank writes its own shards"
-    assert _sources_once(out) == sorted(f"clip {i:02d}.mp4" for i in range(CLIP_COUNT))
-    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
-    assert [row["source"] for row in skipped] == ["broken.mp4"]
-    assert "encoded now" in done.stderr and "12 clips" in done.stderr, "rank 0 prints the totals of all ranks"
-    assert "on 2 ranks" in done.stderr and "loading the encoders" in done.stderr
-
-    again = run(tiny(twelve, out))
-    assert (again.encoded, again.already_cached) == (0, CLIP_COUNT)
-
-
-def test_shards_a_killed_rank_finished_are_adopted_not_encoded_again(twelve: Path, tmp_path: Path):
-    """A distributed run killed before its final merge leaves finished shards in part files only."""
-    from dataclasses import asdict
-
-    from cogvx.shards import write_json_atomic
-
-    out = tmp_path / "out"
-    run(tiny(twelve, out, shard_max_samples=5))
-    manifest = Manifest.load(out)
-    records, manifest.shards = manifest.shards, []
-    manifest.save(out)
-    write_json_atomic(out / ".parts" / "shards.r01.json", [asdict(r) for r in records])
-    (out / "shard-r01-000099.tar").write_bytes(b"renamed into place, never listed")  # unreadable: set aside
-    (out / "shard-r01-000100.tar.tmp").write_bytes(b"half written")  # never complete: deleted
-    result = run(tiny(twelve, out, shard_max_samples=5))
-    assert (result.encoded, result.already_cached) == (0, CLIP_COUNT)
-    assert _sources_once(out) == sorted(f"clip {i:02d}.mp4" for i in range(CLIP_COUNT))
-    assert (out / "shard-r01-000099.tar.damaged").read_bytes() == b"renamed into place, never listed"
-
-
 # Injected into both ranks (as sitecustomize): rank 1 pauses right after it first finds no manifest.json,
 # until rank 0 has created it; rank 0 creates it only once rank 1 has looked. Without the pause the
 # window is microseconds wide; with it, a check that looks twice sees "none" and then "there" every time.
@@ -176,24 +112,72 @@ elif os.environ.get("RANK") == "0":
 """
 
 
-def test_two_ranks_starting_on_a_fresh_folder_agree_whether_a_cache_exists(tmp_path: Path):
-    """Rank 1 looking for the manifest while rank 0 creates it must not fail with "No manifest.json"."""
-    data = tmp_path / "data"
-    for i in range(4):
-        make_clip(data, f"clip {i}.mp4", frames=15, seed=i)
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(RACE_HOOK)
-    mark = tmp_path / "rank1-looked"
+@pytest.mark.parametrize("moment", ["first shard half written", "after the second shard was listed"])
+def test_kill_9_then_rerun_gives_every_clip_exactly_once(twelve: Path, tmp_path: Path, moment: str):
+    out = tmp_path / "out"
+    proc = _spawn(twelve, out)
+    if moment == "first shard half written":
+        _wait_for(lambda: any(out.glob("*.tar.tmp")), proc)
+    else:
+        _wait_for(lambda: _listed(out) >= 2, proc)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL
+    before = Manifest.load(out).sample_count if (out / "manifest.json").exists() else 0
+    assert before < CLIP_COUNT, "the killed run finished: nothing was tested"
+    if before:
+        assert verify(out, Manifest.load(out).shards) == [], "what a killed run left listed must be whole"
+
+    result = run(tiny(twelve, out, shard_max_samples=2))
+    assert result.encoded == CLIP_COUNT - before and result.already_cached == before
+    assert _sources_once(out) == sorted(f"clip {i:02d}.mp4" for i in range(CLIP_COUNT))
+
+
+def test_torchrun_two_ranks_write_their_own_shards_and_one_manifest(twelve: Path, tmp_path: Path):
+    """Also the race of two ranks starting on a fresh folder: rank 1 looks for the manifest while rank 0
+    creates it (paused there by RACE_HOOK), and must not fail with "No manifest.json"."""
+    (twelve / "broken.mp4").write_bytes(b"not a video")
+    (twelve / "broken.txt").write_text("a ball")
     out = tmp_path / "out"
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "cogvx", "preprocess", "--data", str(data), "--output", str(out), "--model", "tiny",
+        "-m", "cogvx", "preprocess", "--data", str(twelve), "--output", str(out), "--model", "tiny",
         "--dtype", "fp32", "--workers", "0", "--frame-bucket", "9",
     ]  # fmt: skip
+    hook, mark = tmp_path / "hook", tmp_path / "rank1-looked"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(RACE_HOOK)
     path = os.pathsep.join(p for p in (str(hook), os.environ.get("PYTHONPATH")) if p)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path, "COGVX_TEST_RACE_MARK": str(mark)}
     done = run_launcher(command, env=env)
     assert mark.exists(), "rank 1 never looked for the manifest before rank 0 created it: the race was not run"
     assert done.returncode == 0, done.stderr[-3000:]
-    assert _sources_once(out) == [f"clip {i}.mp4" for i in range(4)]
+    manifest = Manifest.load(out)
+    assert {r.name.split("-")[1] for r in manifest.shards} == {"r00", "r01"}, "each rank writes its own shards"
+    assert _sources_once(out) == sorted(f"clip {i:02d}.mp4" for i in range(CLIP_COUNT))
+    skipped = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
+    assert [row["source"] for row in skipped] == ["broken.mp4"]
+    assert "encoded now" in done.stderr and "12 clips" in done.stderr, "rank 0 prints the totals of all ranks"
+    assert "on 2 ranks" in done.stderr and "loading the encoders" in done.stderr
+
+    again = run(tiny(twelve, out))
+    assert (again.encoded, again.already_cached) == (0, CLIP_COUNT)
+
+
+def test_shards_a_killed_rank_finished_are_adopted_not_encoded_again(twelve: Path, tmp_path: Path):
+    """A distributed run killed before its final merge leaves finished shards in part files only."""
+    from dataclasses import asdict
+
+    from cogvx.shards import write_json_atomic
+
+    out = tmp_path / "out"
+    run(tiny(twelve, out, shard_max_samples=5))
+    manifest = Manifest.load(out)
+    records, manifest.shards = manifest.shards, []
+    manifest.save(out)
+    write_json_atomic(out / ".parts" / "shards.r01.json", [asdict(r) for r in records])
+    (out / "shard-r01-000099.tar").write_bytes(b"renamed into place, never listed")  # unreadable: set aside
+    (out / "shard-r01-000100.tar.tmp").write_bytes(b"half written")  # never complete: deleted
+    result = run(tiny(twelve, out, shard_max_samples=5))
+    assert (result.encoded, result.already_cached) == (0, CLIP_COUNT)
+    assert _sources_once(out) == sorted(f"clip {i:02d}.mp4" for i in range(CLIP_COUNT))
+    assert (out / "shard-r01-000099.tar.damaged").read_bytes() == b"renamed into place, never listed"

@@ -1,17 +1,43 @@
-"""The objective against the seed's formula, computed independently with the scheduler's own methods."""
+"""The objective against the seed's formula, computed independently with diffusers' own parts.
+
+No test here builds a model folder: each runs in well under a second, so mutation testing can afford them.
+"""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 
-from cogvx.pipeline import models
-from cogvx.pipeline.objective import Objective, add_noise, draw_latents, rotary_embedding, velocity_loss
+from cogvx.pipeline.objective import (
+    Objective,
+    add_noise,
+    draw_latents,
+    pad_for_temporal_patch,
+    rotary_embedding,
+    velocity_loss,
+)
+
+# CogVideoX-2b's published scheduler config (the tiny-2b model ships the same).
+SCHEDULER_2B = {
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "num_train_timesteps": 1000,
+    "prediction_type": "v_prediction",
+    "rescale_betas_zero_snr": True,
+    "set_alpha_to_one": True,
+    "snr_shift_scale": 3.0,
+    "timestep_spacing": "trailing",
+}
 
 
 @pytest.fixture(scope="module")
 def scheduler():
-    return models.load_scheduler(models.resolve_model("tiny-2b"))
+    from diffusers import CogVideoXDPMScheduler
+
+    return CogVideoXDPMScheduler(**SCHEDULER_2B)
 
 
 def test_objective_equals_the_seed_formula(scheduler):
@@ -76,10 +102,15 @@ class SpyTransformer(torch.nn.Module):
 
     def forward(self, hidden_states, encoder_hidden_states, timestep, image_rotary_emb, return_dict):
         self.calls.append(
-            {"hidden_states": hidden_states, "encoder_hidden_states": encoder_hidden_states, "timestep": timestep}
+            {
+                "hidden_states": hidden_states,
+                "encoder_hidden_states": encoder_hidden_states,
+                "timestep": timestep,
+                "image_rotary_emb": image_rotary_emb,
+            }
         )
         g = torch.Generator().manual_seed(99)
-        return (torch.randn(hidden_states.shape, generator=g).to(self.dtype),)
+        return (torch.randn(hidden_states.shape, generator=g, device=hidden_states.device).to(self.dtype),)
 
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
@@ -112,6 +143,49 @@ def test_the_transformer_is_fed_the_noisy_latents_and_the_loss_is_fp32(scheduler
     torch.testing.assert_close(loss.double(), reference_loss(velocity, expected, x0, t, scheduler), rtol=1e-5, atol=0)
 
 
+def test_cogvideox_15_latents_are_padded_and_fed_with_the_rotary_of_the_padded_shape(scheduler):
+    """Three latent frames, two per token: the first frame is repeated in front, as the pipeline does."""
+    g = torch.Generator().manual_seed(6)
+    moments = torch.cat([torch.randn(2, 4, 3, 4, 6, generator=g), torch.full((2, 4, 3, 4, 6), -3.0)], dim=1)
+    prompt_embeds = torch.randn(2, 7, 32, generator=g)
+    objective = Objective(ROTARY_15, scheduler.alphas_cumprod.double(), scaling_factor=1.15)
+    spy = SpyTransformer(torch.float32)
+    loss = objective(spy, moments, prompt_embeds, torch.Generator().manual_seed(12), torch.float32)
+
+    replay = torch.Generator().manual_seed(12)
+    x0 = draw_latents(moments, 1.15, replay)
+    x0 = torch.cat([x0[:, :1], x0], dim=1)
+    t = torch.randint(0, 1000, (2,), generator=replay)
+    noise = torch.randn(x0.shape, generator=replay)
+    expected = scheduler.add_noise(x0.double(), noise.double(), t)
+
+    [call] = spy.calls
+    assert call["hidden_states"].shape == (2, 4, 4, 4, 6)
+    assert torch.equal(call["timestep"], t)
+    torch.testing.assert_close(call["hidden_states"].double(), expected, rtol=1e-5, atol=1e-5)
+    for a, b in zip(call["image_rotary_emb"], pipeline_rotary(ROTARY_15, 4, 32, 48), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    velocity = SpyTransformer(torch.float32)(call["hidden_states"], None, None, None, False)[0]
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), reference_loss(velocity, expected, x0, t, scheduler), rtol=1e-5, atol=0)
+
+
+def test_the_objective_draws_and_computes_on_the_batch_device(scheduler):
+    """Every draw and constant follows the batch ("meta" stands in for a GPU: a CPU tensor would show)."""
+    moments = torch.zeros(2, 8, 3, 4, 6, device="meta")
+    prompt_embeds = torch.zeros(2, 7, 32, device="meta")
+    objective = Objective(ROTARY_10, scheduler.alphas_cumprod, scaling_factor=0.7)
+    spy = SpyTransformer(torch.bfloat16)
+    loss = objective(spy, moments, prompt_embeds, None, torch.bfloat16)
+
+    [call] = spy.calls
+    assert loss.device.type == "meta" and loss.dtype == torch.float32 and loss.shape == ()
+    assert call["hidden_states"].device.type == "meta" and call["timestep"].device.type == "meta"
+    assert call["timestep"].dtype == torch.long
+    assert {t.device.type for t in call["image_rotary_emb"]} == {"meta"}
+    assert objective.alphas_cumprod.device.type == "meta"  # moved once, not at every step
+
+
 def test_latents_are_fresh_draws_from_the_moments():
     mean = torch.randn(1, 4, 2, 3, 3)
     logvar = torch.full_like(mean, -2.0)
@@ -126,14 +200,93 @@ def test_latents_are_fresh_draws_from_the_moments():
     torch.testing.assert_close(draws.std(0).mean(), torch.tensor(0.7 * torch.e**-1.0), atol=0.02, rtol=0)
 
 
-@pytest.mark.parametrize("size", [(64, 96), (96, 64), (48, 160)])
-def test_rotary_matches_the_diffusers_pipeline_at_any_size(size):
-    from diffusers import CogVideoXPipeline
+# Transformer configs as the pipeline reads them: CogVideoX 1.0 and 1.5 (two latent frames per token, the
+# base grid as a maximum size). Base sizes are odd so that the integer divisions matter.
+ROTARY_10 = {
+    "use_rotary_positional_embeddings": True,
+    "patch_size": 2,
+    "patch_size_t": None,
+    "attention_head_dim": 16,
+    "sample_height": 9,
+    "sample_width": 13,
+}
+ROTARY_15 = ROTARY_10 | {"patch_size_t": 2, "sample_height": 13, "sample_width": 21}
 
-    pipe = CogVideoXPipeline.from_pretrained(models.resolve_model("tiny"))
+
+def pipeline_rotary(config: dict, latent_frames: int, height: int, width: int, device="cpu"):
+    """CogVideoXPipeline's own rotary embeddings, for a transformer with this config."""
+    from diffusers import CogVideoXPipeline
+    from diffusers.configuration_utils import FrozenDict
+
+    pipeline = SimpleNamespace(transformer=SimpleNamespace(config=FrozenDict(config)), vae_scale_factor_spatial=8)
+    return CogVideoXPipeline._prepare_rotary_positional_embeddings(pipeline, height, width, latent_frames, device)
+
+
+@pytest.mark.parametrize("config", [ROTARY_10, ROTARY_15], ids=["1.0", "1.5"])
+@pytest.mark.parametrize("frames", [3, 4, 13])
+@pytest.mark.parametrize("size", [(64, 96), (96, 64), (56, 88), (48, 160)])
+def test_rotary_matches_the_diffusers_pipeline_at_any_size(config, frames, size):
     height, width = size
-    expected = pipe._prepare_rotary_positional_embeddings(height, width, 5, torch.device("cpu"))
-    ours = rotary_embedding(pipe.transformer.config, 5, height // 8, width // 8)
+    expected = pipeline_rotary(config, frames, height, width)
+    ours = rotary_embedding(config, frames, height // 8, width // 8)
     for a, b in zip(ours, expected, strict=True):
-        torch.testing.assert_close(a, b)
-    assert rotary_embedding(pipe.transformer.config | {"use_rotary_positional_embeddings": False}, 5, 8, 12) is None
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_rotary_is_none_for_sincos_models_and_built_on_the_given_device():
+    assert rotary_embedding(ROTARY_10 | {"use_rotary_positional_embeddings": False}, 5, 8, 12) is None
+    assert rotary_embedding({"patch_size": 2}, 5, 8, 12) is None  # a config without the key: sin-cos
+    # "meta" stands in for a GPU here: a tensor left on the CPU would show.
+    for config in (ROTARY_10, ROTARY_15):
+        assert {t.device.type for t in rotary_embedding(config, 4, 8, 12, device="meta")} == {"meta"}
+
+
+def test_objective_caches_rotary_embeddings_per_shape_and_device(scheduler):
+    objective = Objective(ROTARY_10, scheduler.alphas_cumprod, scaling_factor=0.7)
+    first = objective.rotary(4, 8, 12, torch.device("cpu"))
+    assert objective.rotary(4, 8, 12, torch.device("cpu")) is first
+    for a, b in zip(first, rotary_embedding(ROTARY_10, 4, 8, 12), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for other in [(5, 8, 12), (4, 6, 12), (4, 8, 10)]:
+        for a, b in zip(
+            objective.rotary(*other, torch.device("cpu")), rotary_embedding(ROTARY_10, *other), strict=True
+        ):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert {t.device.type for t in objective.rotary(4, 8, 12, torch.device("meta"))} == {"meta"}
+
+
+def test_latents_are_the_vae_posterior_sample_scaled_and_transposed():
+    """Exactly diffusers' DiagonalGaussianDistribution.sample (log-variance clamped to [-30, 20]), times scaling."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+    g = torch.Generator().manual_seed(4)
+    mean = torch.randn(2, 4, 3, 5, 6, generator=g)
+    logvar = torch.randn(2, 4, 3, 5, 6, generator=g) * 2
+    logvar[0, 0, 0, 0, :3] = torch.tensor([-40.0, 21.0, 25.0])  # outside the clamp range
+    moments = torch.cat([mean, logvar], dim=1).to(torch.bfloat16)
+
+    ours = draw_latents(moments, 0.7, torch.Generator().manual_seed(9))
+    posterior = DiagonalGaussianDistribution(moments.float()).sample(torch.Generator().manual_seed(9))
+    assert ours.dtype == torch.float32 and ours.shape == (2, 3, 4, 5, 6)  # [B, F, C, H, W]
+    torch.testing.assert_close(ours, (posterior * 0.7).permute(0, 2, 1, 3, 4), rtol=1e-6, atol=0)
+
+
+def test_latents_are_drawn_on_the_moments_device():
+    moments = torch.zeros(1, 8, 2, 3, 3, device="meta")
+    assert draw_latents(moments, 0.7).device.type == "meta"
+
+
+@pytest.mark.parametrize("patch_size_t", [None, 0, 1])
+def test_no_temporal_patch_leaves_latents_as_they_are(patch_size_t):
+    latents = torch.randn(2, 3, 4, 2, 2)
+    assert pad_for_temporal_patch(latents, patch_size_t) is latents
+
+
+@pytest.mark.parametrize(("frames", "patch_size_t", "padded"), [(3, 2, 1), (4, 2, 0), (4, 3, 2), (5, 3, 1), (6, 3, 0)])
+def test_temporal_padding_repeats_the_first_frame_in_front(frames, patch_size_t, padded):
+    """As CogVideoXPipeline pads 1.5's latents: copies of the first frame before the clip, up to a multiple."""
+    latents = torch.randn(2, frames, 4, 2, 3)
+    out = pad_for_temporal_patch(latents, patch_size_t)
+    expected = torch.cat([latents[:, :1]] * padded + [latents], dim=1)
+    assert out.shape[1] % patch_size_t == 0
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)

@@ -452,3 +452,50 @@ def test_index_shard_rebuilds_the_writers_record_and_checks_the_header(tmp_path:
     (tmp_path / "bad.tar").write_bytes(bytes(data))
     with pytest.raises(CacheError, match="bad.tar"):
         index_shard(tmp_path, "bad.tar")
+
+
+def test_a_member_twice_and_too_many_members_are_refused(tmp_path: Path):
+    from cogvx.shards import iter_raw_samples
+
+    twice = _tar([("k.json", META), ("k.json", META)], tmp_path / "twice.tar")
+    with pytest.raises(CacheError, match="twice.tar holds member k.json twice"):
+        list(iter_raw_samples((tmp_path / twice.name).read_bytes(), str(tmp_path / twice.name)))
+    many = _tar([(f"k.x{i}", b"") for i in range(65)], tmp_path / "many.tar")
+    with pytest.raises(CacheError, match="more than 64 members for sample k"):
+        list(iter_raw_samples((tmp_path / many.name).read_bytes(), str(tmp_path / many.name)))
+
+
+def test_rebuild_lists_side_files_of_the_header_only_when_they_match(tmp_path: Path):
+    from cogvx.shards import rebuild_manifest
+
+    side = tmp_path / "validation_prompts.safetensors"
+    side.write_bytes(b"prompts")
+    extras = {
+        "validation": {"file": side.name, "sha256": hashlib.sha256(b"prompts").hexdigest(), "prompts": ["a"]},
+        "changed": {"file": side.name, "sha256": "0" * 64},
+        "gone": {"file": "gone.safetensors", "sha256": "0" * 64},
+    }
+    header = {"producer": {"model": "m"}, "params": {}, "schema": {}, "extras": extras}
+    written = _written_cache(tmp_path, header=header)
+    (tmp_path / "manifest.json").unlink()
+    result = rebuild_manifest(tmp_path)
+    assert result.manifest.extras == {"validation": extras["validation"]}
+    assert sorted(result.dropped_extras) == ["changed", "gone"]
+    assert result.manifest.shards == written.shards and result.manifest.producer == {"model": "m"}
+
+
+def test_contact_sheet_refuses_a_huge_strip_before_decoding_it(tmp_path: Path):
+    from PIL import Image
+
+    from cogvx.shards.tools import write_contact_sheet
+
+    strip = io.BytesIO()
+    Image.new("L", (65_000, 300)).save(strip, "JPEG")  # 19.5 Mpixels, a few hundred KB on disk
+    records: list[ShardRecord] = []
+    writer = ShardWriter(tmp_path, "s", records.append)
+    sample, entry = _sample(0)
+    writer.write(Sample(sample.key, sample.tensors, sample.meta, {"jpg": strip.getvalue()}), entry)
+    writer.flush()
+    manifest = _manifest(tmp_path, records)
+    with pytest.raises(CacheError, match="has a 65000x300 frame strip"):
+        write_contact_sheet(tmp_path, manifest, tmp_path / "sheet.png")

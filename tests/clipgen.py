@@ -21,6 +21,10 @@ import numpy as np
 PIXEL_FORMATS = ("yuv420p", "yuv444p", "yuv420p10le")
 
 
+class CannotStore(ValueError):
+    """No codec here stores this size in this pixel format (odd 4:2:0 frames a few pixels thin)."""
+
+
 def ffmpeg() -> str:
     import imageio_ffmpeg
 
@@ -77,9 +81,14 @@ def write_clip(
                "-s", f"{width}x{height}", "-r", "1000" if times is not None else f"{fps}", "-i", "-",
                *timing, *encoder, "-pix_fmt", pix_fmt, str(plain)]  # fmt: skip
     done = subprocess.run(command, input=stored.tobytes(), capture_output=True)
-    if done.returncode and lossless:  # FFV1 picks no slice count for some small frames: one slice does
-        command[command.index("ffv1") + 1 : command.index("ffv1") + 1] = ["-slices", "1"]
-        done = subprocess.run(command, input=stored.tobytes(), capture_output=True)
+    # FFV1 finds no slice count of its own for some sizes; one of these fits each size it can store.
+    for slices in ("1", "4", "6", "9", "12", "16", "24", "30") if lossless else ():
+        if not done.returncode:
+            break
+        retry = [*command[: command.index("ffv1") + 1], "-slices", slices, *command[command.index("ffv1") + 1 :]]
+        done = subprocess.run(retry, input=stored.tobytes(), capture_output=True)
+    if done.returncode and lossless and b"slices" in done.stderr:
+        raise CannotStore(f"FFV1 stores no {width}x{height} frames in {pix_fmt} (too thin for any slice count)")
     if done.returncode:
         raise RuntimeError(f"ffmpeg could not write {plain}: {done.stderr.decode(errors='replace')[-2000:]}")
     if rotation:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import example, given, settings
+from hypothesis import example, given, reject, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -24,7 +24,7 @@ from cogvx.preprocess.encoding import ClipReader, Job
 from cogvx.preprocess.sources import Clip
 from cogvx.preprocess.video import FrameSpec, SkipClip, closest_resolution, plan_frames
 
-from .clipgen import PIXEL_FORMATS, make_clip, pyav_frames, read_in_a_child, sized
+from .clipgen import PIXEL_FORMATS, CannotStore, make_clip, pyav_frames, read_in_a_child, sized
 from .conftest import property_examples
 
 # Mean absolute difference, in levels of 255, allowed between our frames and PyAV's resized with PIL:
@@ -122,8 +122,11 @@ def expected_sampling(case: Case, times: list[float]) -> tuple[float, list[list[
 
 
 def check_clip(case: Case, folder: Path) -> None:
-    path = make_clip(folder / "clip.mp4", case.frames, case.height, case.width, case.fps, case.pix_fmt,
-                     case.rotation, case.times(), case.codec)  # fmt: skip
+    try:
+        path = make_clip(folder / "clip.mp4", case.frames, case.height, case.width, case.fps, case.pix_fmt,
+                         case.rotation, case.times(), case.codec)  # fmt: skip
+    except CannotStore:
+        reject()  # no encoder here makes this clip (odd 4:2:0 a few pixels thin): nothing to read
     spec = case.spec()
     shown, times = pyav_frames(path)
     assert shown.shape[1:3] == (case.height, case.width)  # the generator makes what it is asked for

@@ -468,7 +468,7 @@ class ShardReader:
     than what is left of the shard. ``header`` holds the pax global header once reading has started.
     """
 
-    def __init__(self, data: bytes | BinaryIO, origin: str, limits: MemberLimits | None = None):
+    def __init__(self, data: bytes | BinaryIO, origin: str, limits: MemberLimits | None = None, fix: str | None = None):
         if isinstance(data, bytes | bytearray):
             self.size: int | None = len(data)
             self.stream: BinaryIO = io.BytesIO(data)
@@ -479,6 +479,7 @@ class ShardReader:
             except (AttributeError, OSError, io.UnsupportedOperation):
                 self.size = None
         self.origin, self.limits = origin, limits or MemberLimits()
+        self.fix = fix or f"Run `cogvx shards verify {Path(origin).parent}`"
         self.header: dict[str, str] = {}
         self.position = 0
 
@@ -492,7 +493,7 @@ class ShardReader:
     def _refuse(self, what: str) -> CacheError:
         return CacheError(
             f"Shard {self.origin} {what}. cogvx shards are plain uncompressed tars of regular KEY.ext members; "
-            f"this one was not written by cogvx or was changed. Run `cogvx shards verify {Path(self.origin).parent}`."
+            f"this one was not written by cogvx or was changed. {self.fix}."
         )
 
     def _payload(self, size: int, limit: int | None, name: str) -> bytes:
@@ -579,13 +580,18 @@ def _pax_records(data: bytes, reader: ShardReader) -> dict[str, str]:
 
 
 def iter_raw_samples(
-    data: bytes | BinaryIO, origin: str, exclude: Iterable[str] = (), limits: MemberLimits | None = None
+    data: bytes | BinaryIO,
+    origin: str,
+    exclude: Iterable[str] = (),
+    limits: MemberLimits | None = None,
+    fix: str | None = None,
 ) -> Iterator[dict[str, Any]]:
     """Group the members of a tar (bytes or an open file) into raw webdataset samples (suffix -> bytes).
 
     ``exclude``: keys not to yield -- pass ``record.excluded``, the samples a later shard replaced.
+    ``fix`` ends a refusal's message (default: run `cogvx shards verify`).
     """
-    return ShardReader(data, origin, limits).samples(exclude)
+    return ShardReader(data, origin, limits, fix).samples(exclude)
 
 
 def iter_record_samples(
@@ -675,7 +681,7 @@ def check_shards(folder: Path, records: list[ShardRecord], deep: bool = True) ->
         readable = True
         try:
             with stream:
-                raws = iter_raw_samples(stream, origin, limits=MemberLimits.for_layouts(record.layouts))
+                raws = iter_raw_samples(stream, origin, limits=MemberLimits.for_layouts(record.layouts), fix=fix)
                 for raw in raws:
                     keys.append(raw["__key__"])
                     if len(found) >= 3 or (index and raw["__key__"] not in index):
@@ -762,11 +768,11 @@ def read_indexed_shard(folder: Path, name: str) -> IndexedShard:
     with open_regular(path, what="Shard") as f:
         size = os.fstat(f.fileno()).st_size
         hashing = _HashingReader(f, size)
-        reader = ShardReader(hashing, origin)
+        fix = f"Move it out of {folder} (a later `cogvx preprocess` re-encodes its clips)"
+        reader = ShardReader(hashing, origin, fix=fix)
         reader.size = size
         entries: list[SampleEntry] = []
         layouts: Layouts = {}
-        fix = f"Move it out of {folder} (a later `cogvx preprocess` re-encodes its clips)"
         for raw in reader.samples():
             sample = decode_sample(raw, origin)
             try:

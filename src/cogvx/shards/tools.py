@@ -189,7 +189,7 @@ class VerifyReport:
             names = ", ".join(self.unusable[:3]) + (" ..." if len(self.unusable) > 3 else "")
             damaged = f" and the {len(self.damaged)} missing or changed one(s)" if self.damaged else ""
             return (
-                f"{said} {len(self.unusable)} shard(s) hold samples training cannot use ({names}): move them out "
+                f"{said} {len(self.unusable)} intact shard(s) hold what training cannot use ({names}): move them out "
                 f"of the folder, then run {command}{unknown} to re-encode their samples{damaged}."
             )
         if self.damaged:

@@ -136,9 +136,9 @@ def _unreadable(err: Exception) -> str:
 def _rgb(frames: np.ndarray, height: int, width: int) -> np.ndarray:
     """decord's frames as ``[..., height, width, 3]``.
 
-    For some output widths (48 px of a 64x48 clip, 2-24 px, 72 px; any width of a rotated clip) decord
-    hands back each row padded to its line size and calls the padding extra channels: ``(36, 48, 4)``
-    is 36 rows of 144 RGB bytes plus 48 zero bytes. The RGB bytes are the first ``3 * width`` of a row.
+    For some output widths (seen: 2-24, 48 and 72 px, scaled or after a display rotation) decord hands
+    back each row padded to its line size and calls the padding extra channels: ``(36, 48, 4)`` is 36
+    rows of 144 RGB bytes plus 48 zero bytes. The RGB bytes are the first ``3 * width`` of a row.
     """
     if frames.shape[-3:] == (height, width, 3):
         return frames

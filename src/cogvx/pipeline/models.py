@@ -120,6 +120,17 @@ def vae_fields(config: dict[str, Any]) -> dict[str, Any]:
     return {k: json.loads(json.dumps(v)) for k, v in fields.items() if k not in VAE_NON_COMPUTE_FIELDS}
 
 
+# How cogvx 0.1 caches fingerprinted encoders: the whole config file minus these keys (and the VAE's scaling
+# factor). Such a fingerprint changes with storage details, but where it matches, the encoder is the same one,
+# so those caches keep working without being encoded again.
+_LEGACY_VOLATILE_KEYS = ("_name_or_path", "_diffusers_version", "transformers_version", "_class_name", "_commit_hash")
+
+
+def legacy_fingerprint(config: dict[str, Any], ignore: tuple[str, ...] = ()) -> str:
+    """The fingerprint caches written before fingerprints hashed what encoders compute carry."""
+    return _digest({k: v for k, v in config.items() if k not in _LEGACY_VOLATILE_KEYS and k not in ignore})
+
+
 def text_encoder_fingerprint(config: dict[str, Any]) -> str:
     """A short, stable hash of what a T5 encoder config computes: equal for the same encoder in any spelling."""
     return _digest(text_encoder_fields(config))
@@ -145,6 +156,8 @@ class ModelInfo:
     temporal_compression: int
     native_size: tuple[int, int]  # (height, width) in pixels the transformer was trained at
     max_text_tokens: int  # T5 tokens per prompt: the transformer's max_text_seq_length
+    # The same encoders' fingerprints as older caches recorded them (see legacy_fingerprint).
+    legacy_fingerprints: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def read(cls, name: str) -> ModelInfo:
@@ -166,6 +179,10 @@ class ModelInfo:
             temporal_compression=int(vae.get("temporal_compression_ratio", 4)),
             native_size=(transformer["sample_height"] * spatial, transformer["sample_width"] * spatial),
             max_text_tokens=int(transformer.get("max_text_seq_length", DEFAULT_TEXT_TOKENS)),
+            legacy_fingerprints=(
+                ("vae_fingerprint", legacy_fingerprint(vae, ignore=("scaling_factor",))),
+                ("text_encoder_fingerprint", legacy_fingerprint(text)),
+            ),
         )
 
     def encoder_identity(self) -> dict[str, Any]:
@@ -177,6 +194,19 @@ class ModelInfo:
             "text_embed_dim": self.text_embed_dim,
             "max_text_tokens": self.max_text_tokens,
         }
+
+    def identity_mismatch(self, stored: dict[str, Any]) -> list[str]:
+        """The encoder-identity keys in which a cache's recorded ``stored`` identity differs from this model's.
+
+        A fingerprint in the older form (whole config files hashed) counts as equal when it is this model's
+        in that form: the same encoders, so the cache fits.
+        """
+        legacy = dict(self.legacy_fingerprints)
+        return [
+            key
+            for key, value in self.encoder_identity().items()
+            if stored.get(key) != value and (key not in legacy or stored.get(key) != legacy[key])
+        ]
 
 
 def load_transformer(source: str, dtype: torch.dtype, device: torch.device | str = "cpu"):

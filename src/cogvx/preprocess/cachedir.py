@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cogvx.pipeline import models
 from cogvx.shards import MANIFEST_NAME, CacheError, Manifest, ShardRecord, write_json_atomic
 from cogvx.shards.io import check_shard, read_indexed_shard
 from cogvx.shards.manifest import SKIPPED_NAME
@@ -28,7 +29,7 @@ SHARD_NAME = re.compile(r"^shard-r\d+-\d+\.tar$")
 TMP_NAME = re.compile(r"^shard-r\d+-\d+\.tar\.tmp$")  # what ShardWriter writes before the rename
 
 
-def check_existing(folder: Path, producer: dict, params: dict) -> Manifest | None:
+def check_existing(folder: Path, producer: dict, params: dict, info: models.ModelInfo) -> Manifest | None:
     """The cache already in ``folder`` if it was made the same way, None if there is none; else refuse.
 
     The manifest is read once: ranks that start together see either no manifest or a whole one (it is
@@ -46,10 +47,10 @@ def check_existing(folder: Path, producer: dict, params: dict) -> Manifest | Non
                 "(preprocess never deletes shards it did not write)."
             )
         return None
-    stored_encoders = manifest.producer.get("encoders")
-    if manifest.params != params or stored_encoders != producer["encoders"]:
+    encoders_differ = bool(info.identity_mismatch(manifest.producer.get("encoders") or {}))
+    if manifest.params != params or encoders_differ:
         changed = sorted(k for k in {*manifest.params, *params} if manifest.params.get(k) != params.get(k))
-        if stored_encoders != producer["encoders"]:
+        if encoders_differ:
             changed.append("model encoders (VAE / text encoder)")
         raise ValueError(
             f"{folder} already holds a cache made with other settings: {', '.join(changed)} differ "

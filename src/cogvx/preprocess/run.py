@@ -243,7 +243,7 @@ def _run(cfg: PreprocessConfig, ranks: Ranks, show_progress: bool) -> Preprocess
     spec = cfg.frame_spec(info.native_size)
     producer = {"tool": "cogvx", "version": __version__, "model": cfg.model, "encoders": info.encoder_identity()}
     params = cfg.cache_params(info.native_size)
-    existing = cachedir.check_existing(cfg.output, producer, params)  # every rank refuses the same way
+    existing = cachedir.check_existing(cfg.output, producer, params, info)  # every rank refuses the same way
 
     device = _device(cfg.device, ranks)
     cfg.output.mkdir(parents=True, exist_ok=True)
@@ -296,7 +296,9 @@ def _run(cfg: PreprocessConfig, ranks: Ranks, show_progress: bool) -> Preprocess
             )
         if show_progress:
             print_summary(result, cfg.output)
-        if result.encoded + result.already_cached == 0:
+        # Fatal only when the cache ends up empty: a cache that still serves samples (of sources this run
+        # did not touch, or earlier encodings of a clip that no longer decodes) stays usable.
+        if result.encoded + result.already_cached == 0 and result.manifest.sample_count == 0:
             raise ValueError(
                 f"Nothing usable in {cfg.data}: all {len(clips)} clips were skipped "
                 f"(reasons in {cfg.output / SKIPPED_NAME})."

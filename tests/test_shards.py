@@ -499,3 +499,14 @@ def test_contact_sheet_refuses_a_huge_strip_before_decoding_it(tmp_path: Path):
     manifest = _manifest(tmp_path, records)
     with pytest.raises(CacheError, match="has a 65000x300 frame strip"):
         write_contact_sheet(tmp_path, manifest, tmp_path / "sheet.png")
+
+
+def test_deeply_nested_json_is_a_cache_error(tmp_path: Path):
+    deep = b"[" * 200_000  # json.loads raises RecursionError, not ValueError, on this
+    record = _tar([("k.safetensors", save_tensors({"x": torch.zeros(1)})), ("k.json", deep)], tmp_path / "s.tar")
+    with pytest.raises(CacheError, match="its .json cannot be parsed"):
+        list(read_shard(tmp_path, record))
+    assert any("its .json cannot be parsed" in problem for problem in verify(tmp_path, [record]))
+    (tmp_path / "manifest.json").write_bytes(deep)
+    with pytest.raises(CacheError, match="is not valid JSON"):
+        Manifest.load(tmp_path)

@@ -623,7 +623,7 @@ def iter_record_samples(
             raise CacheError(f"{where} has no .{META if META not in raw else TENSORS} member. {fix}.")
         try:
             meta = json.loads(raw[META])
-        except ValueError as err:
+        except (ValueError, RecursionError) as err:  # RecursionError: nested too deep
             raise CacheError(f"{where}: its .json cannot be parsed ({err}). {fix}.") from err
         check_index(meta, entry, where, fix)
         _check_recorded(meta["bucket"], record, where, fix)
@@ -731,7 +731,7 @@ def _check_raw(raw, entry, record: ShardRecord, layouts: Layouts, origin: str, d
         raise CacheError(f"{where} has no .{META} member. {fix}.")
     try:
         meta = json.loads(raw[META])
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         raise CacheError(f"{where}: its .json cannot be parsed ({err}). {fix}.") from err
     check_index(meta, entry, where, fix)
     _check_recorded(meta["bucket"], record, where, fix)
@@ -786,8 +786,10 @@ def read_indexed_shard(folder: Path, name: str) -> IndexedShard:
     try:
         header = json.loads(header) if header is not None else None
         opened = int(reader.header.get(OPENED_KEY, 0))
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         raise CacheError(f"Shard {origin} has an unreadable cogvx header ({err}).") from err
+    if header is not None and not isinstance(header, dict):
+        raise CacheError(f"Shard {origin} has a cogvx header that is a {type(header).__name__}, not an object.")
     record = ShardRecord(name, len(entries), size, sha256, entries, [], layouts)
     return IndexedShard(record, header, opened)
 

@@ -259,7 +259,7 @@ class Manifest:
             raise CacheError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; it is not a cogvx manifest.")
         try:
             data = json.loads(text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        except (ValueError, RecursionError) as err:  # bad JSON or UTF-8; RecursionError: nested too deep
             raise CacheError(
                 f"{path} is not valid JSON ({err}); move it away and rebuild it with "
                 f"`cogvx shards rebuild-manifest {path.parent}`."

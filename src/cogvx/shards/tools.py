@@ -97,8 +97,8 @@ def read_skipped(folder: Path) -> Counter:
                 continue
             try:
                 row = json.loads(line) if len(line) <= MAX_SKIPPED_LINE else None
-            except ValueError:
-                row = None
+            except (ValueError, RecursionError):
+                row = None  # refused just below, with the line's number
             if not isinstance(row, dict):
                 raise CacheError(f"{path} line {number} is not a JSON object; delete it (preprocess writes it anew).")
             counts[str(row.get("reason", "unknown"))] += 1

@@ -28,6 +28,9 @@ from cogvx.train.report import read_metrics
 from .conftest import property_examples
 from .test_train_resume import Stop, _config, _stop_after, train_until_killed
 
+# 3 workers on a 2-core machine are a tested setting here, not a mistake torch needs to warn about.
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
+
 
 def _keys(cache: Path, workers: int, batch_size: int, rank: int, world: int, skip: int, count: int) -> list:
     stream = ShardStream(

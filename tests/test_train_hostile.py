@@ -158,10 +158,9 @@ def test_a_checkpoint_on_a_full_disk_is_one_line_and_keeps_the_earlier_ones(tiny
                 return
             reserve = disk / "reserve"
             reserve.write_bytes(b"\0" * 8192)  # two pages: room for a metrics line, not for a checkpoint
-            with open(disk / "filler", "wb") as filler, contextlib.suppress(OSError):
-                while True:
+            with open(disk / "filler", "wb", buffering=0) as filler, contextlib.suppress(OSError):
+                while True:  # until ENOSPC (unbuffered: nothing is left to flush at close)
                     filler.write(b"\0" * 65536)
-                    filler.flush()
             reserve.unlink()
 
         with pytest.raises(ValueError) as failed:

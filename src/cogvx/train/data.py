@@ -120,7 +120,7 @@ class Loader:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         for batch in self.loader:
             if isinstance(batch, _WorkerError):
-                raise batch.kind(batch.message)
+                raise batch.error()
             yield batch
 
 
@@ -130,6 +130,12 @@ class _WorkerError:
 
     def __init__(self, error: ValueError):
         self.kind, self.message = type(error), str(error)
+
+    def error(self) -> ValueError:
+        try:
+            return self.kind(self.message)
+        except TypeError:  # a type that wants more than a message (UnicodeDecodeError): the message is what counts
+            return ValueError(self.message)
 
 
 class _ReportingErrors(IterableDataset):

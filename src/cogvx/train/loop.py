@@ -60,7 +60,7 @@ class StepOutput:
 def check_cache_fits(manifest: Manifest, info: models.ModelInfo, shards: Path) -> None:
     """Refuse a cache whose latents or prompt embeddings another VAE, text encoder or prompt length made."""
     stored, wanted = manifest.producer.get("encoders", {}), info.encoder_identity()
-    differs = [k for k in wanted if stored.get(k) != wanted[k]]
+    differs = info.identity_mismatch(stored)
     if differs:
         details = "; ".join(f"{k}: cache {stored.get(k)!r}, model {wanted[k]!r}" for k in differs)
         raise ValueError(
@@ -355,16 +355,20 @@ def _hold_run_folder(accelerator, output: Path):
     from accelerate.utils import broadcast_object_list
 
     with contextlib.ExitStack() as held:
-        refusal = None
+        failure: BaseException | None = None
         if accelerator.is_main_process:
             try:
                 held.enter_context(checkpoint.lock_run_folder(output))
-            except ValueError as err:
-                refusal = str(err)
+            except Exception as err:  # told to the others first, then raised here as it is
+                failure = err
+        outcome = None if failure is None else (isinstance(failure, ValueError), str(failure))
         if accelerator.num_processes > 1:
-            refusal = broadcast_object_list([refusal])[0]
-        if refusal:
-            raise ValueError(refusal)
+            outcome = broadcast_object_list([outcome])[0]
+        if failure is not None:
+            raise failure
+        if outcome is not None:
+            user_error, message = outcome
+            raise (ValueError if user_error else RuntimeError)(message)
         yield
 
 

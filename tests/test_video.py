@@ -19,7 +19,7 @@ from cogvx.preprocess.sources import Clip
 from cogvx.preprocess.video import FrameSpec, SkipClip, read_clip
 from cogvx.shards import Manifest, read_shard
 
-from .clipgen import content, make_clip, pyav_frames, regions, sized, write_clip, zero_frame_rate
+from .clipgen import content, ffmpeg_frames, make_clip, pyav_frames, regions, sized, write_clip, zero_frame_rate
 
 RED, GREEN, BLUE = (220, 30, 30), (30, 220, 30), (30, 30, 220)
 
@@ -57,6 +57,7 @@ def test_rotated_clips_come_out_upright(tmp_path: Path):
     spec = FrameSpec(resolutions=((48, 32), (32, 48)), frame_buckets=(5,), fps=24)
     for rotation in (90, 180, 270):
         path = write_clip(tmp_path / f"r{rotation}.mp4", shown, rotation=rotation)
+        assert mean_diff(ffmpeg_frames(path, 96, 64), shown) < 3  # the ffmpeg player shows it upright
         frames, plan, info = read_clip(str(path), spec)
         assert info["source_size"] == [96, 64] and info["size"] == [48, 32], rotation
         assert mean_diff(frames[0], sized(shown[plan.windows[0]], 48, 32)) < 3, rotation

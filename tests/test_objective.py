@@ -271,6 +271,43 @@ def test_latents_are_the_vae_posterior_sample_scaled_and_transposed():
     torch.testing.assert_close(ours, (posterior * 0.7).permute(0, 2, 1, 3, 4), rtol=1e-6, atol=0)
 
 
+def test_noise_and_loss_follow_the_batch_device_whatever_the_constants_device():
+    """add_noise and velocity_loss move the scheduler constants to the batch ("meta" stands in for a GPU)."""
+    alphas = torch.linspace(0.9, 0.1, 1000)  # on the CPU, as a scheduler holds them
+    x0, noise, velocity = (torch.zeros(2, 3, 4, 2, 2, device="meta") for _ in range(3))
+    t = torch.tensor([3, 700], device="meta")
+    noisy = add_noise(x0, noise, t, alphas)
+    assert noisy.device.type == "meta" and noisy.shape == x0.shape
+    loss = velocity_loss(velocity, noisy, x0, t, alphas)
+    assert loss.device.type == "meta" and loss.shape == ()
+
+
+def test_draws_are_fp32_whatever_the_default_dtype(scheduler):
+    """The explicit float32 draws hold under torch.set_default_dtype(torch.float64): same values, same dtype."""
+    g = torch.Generator().manual_seed(7)
+    moments = torch.cat([torch.randn(2, 4, 3, 4, 6, generator=g), torch.full((2, 4, 3, 4, 6), -2.0)], dim=1)
+    prompt_embeds = torch.randn(2, 7, 32, generator=g)
+    replay = torch.Generator().manual_seed(13)
+    x0 = draw_latents(moments, 0.7, replay)
+    t = torch.randint(0, 1000, (2,), generator=replay)
+    noise = torch.randn(x0.shape, generator=replay)
+    expected = add_noise(x0, noise, t, scheduler.alphas_cumprod)
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        latents = draw_latents(moments, 0.7, torch.Generator().manual_seed(13))
+        spy = SpyTransformer(torch.float32)
+        Objective({"patch_size": 2}, scheduler.alphas_cumprod, 0.7)(
+            spy, moments, prompt_embeds, torch.Generator().manual_seed(13), torch.float32
+        )
+    finally:
+        torch.set_default_dtype(previous)
+    assert latents.dtype == torch.float32
+    torch.testing.assert_close(latents, x0, rtol=0, atol=0)
+    torch.testing.assert_close(spy.calls[0]["hidden_states"], expected, rtol=0, atol=0)
+
+
 def test_latents_are_drawn_on_the_moments_device():
     moments = torch.zeros(1, 8, 2, 3, 3, device="meta")
     assert draw_latents(moments, 0.7).device.type == "meta"

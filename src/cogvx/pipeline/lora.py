@@ -17,14 +17,16 @@ def add_lora(
     targets: tuple[str, ...] = DEFAULT_TARGETS,
     dropout: float = 0.0,
 ) -> list[torch.nn.Parameter]:
-    """Freeze the base model, add a LoRA adapter, and return its parameters in float32 (master weights)."""
+    """Add a LoRA adapter and return its parameters in float32 (master weights); the base model is frozen.
+
+    peft itself marks only the adapter trainable, and refuses targets that match no module with a
+    ValueError naming them.
+    """
     from peft import LoraConfig
 
-    transformer.requires_grad_(False)
     config = LoraConfig(
         r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout, init_lora_weights=True
     )
-    # peft refuses targets that match no module with a ValueError naming them, so params is never empty.
     transformer.add_adapter(config)
     params = [p for p in transformer.parameters() if p.requires_grad]
     for p in params:
@@ -43,7 +45,7 @@ def load_lora_state(transformer: torch.nn.Module, state: dict[str, torch.Tensor]
     from peft.utils import set_peft_model_state_dict
 
     result = set_peft_model_state_dict(transformer, state)
-    if getattr(result, "unexpected_keys", None):
+    if result.unexpected_keys:
         raise ValueError(f"LoRA weights do not fit this transformer: {result.unexpected_keys[:3]} ...")
 
 

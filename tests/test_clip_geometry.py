@@ -170,6 +170,8 @@ def check_clip(case: Case, folder: Path) -> None:
 # Issue 10.7: 120x32768 into 480x720 (4x enlarging): a 480x131072 cover took 6.1 GB.
 @example(case=Case(height=120, width=32768, frames=5, codec="mjpeg", resolutions=((480, 720),), frame_buckets=(5,),
                    sample_fps=24.0))  # fmt: skip
+# 16:9 into a square bucket: the centre crop drops 12 of the cover's 57 columns on each side.
+@example(case=Case(height=90, width=160, frames=12, resolutions=((32, 32),), frame_buckets=(5,), sample_fps=24.0))
 # A phone's portrait clip, 10-bit, odd sizes, and a variable frame rate.
 @example(case=Case(height=97, width=61, frames=40, rotation=90, pix_fmt="yuv420p10le", gaps=(1.0, 3.0) * 150))
 def test_every_clip_decodes_to_what_it_shows_or_is_skipped(case: Case, tmp_path_factory):

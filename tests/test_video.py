@@ -74,6 +74,18 @@ def test_any_exception_while_reading_a_clip_is_a_skip_record(tmp_path: Path):
 # --- issue 10.7: decode memory per clip (120x32768: an @example in test_clip_geometry.py) -------------
 
 
+def test_decoding_in_several_calls_gives_the_same_frames(tmp_path: Path, monkeypatch):
+    from cogvx.preprocess import video
+
+    path = make_clip(tmp_path / "clip.mp4", frames=60, height=48, width=64)
+    spec = FrameSpec(resolutions=((32, 32),), frame_buckets=(9,), fps=24, windows=3)
+    whole, plan, _ = read_clip(str(path), spec)
+    monkeypatch.setattr(video, "DECODE_CHUNK_BYTES", 5 * 32 * 43 * 3)  # 5 frames of the 32x43 cover a call
+    chunked, _, _ = read_clip(str(path), spec)
+    assert len(plan.windows) == 3 and np.array_equal(whole, chunked)
+    assert mean_diff(chunked, np.stack([sized(content(60, 48, 64)[w], 32, 32) for w in plan.windows])) < 3
+
+
 def test_frames_above_the_pixel_limit_are_refused(tmp_path: Path, monkeypatch):
     from cogvx.preprocess import video
 

@@ -181,3 +181,28 @@ def test_a_checkpoint_on_a_full_disk_is_one_line_and_keeps_the_earlier_ones(tiny
         resumed = train(_config(tiny_cache, output, max_steps=6, checkpoint_every=2, resume="auto"))
         assert resumed.resumed_from == 2
         assert [r["step"] for r in read_metrics(output / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_disk_that_fills_between_checkpoints_is_one_line_too(tiny_cache: Path, tmp_path: Path):
+    with _tmpfs(tmp_path / "small", "size=2m") as disk:
+        output = disk / "run"
+
+        def fill_the_disk_after_step_3(record):
+            if record["step"] != 3:
+                return
+            metrics = output / "metrics.jsonl"
+            with open(metrics, "a") as f:  # blank lines (readers skip them) up to a page boundary
+                f.write("\n" * (-metrics.stat().st_size % 4096))
+            with open(disk / "filler", "wb", buffering=0) as filler, contextlib.suppress(OSError):
+                while True:  # until ENOSPC: step 4's metrics line finds no room
+                    filler.write(b"\0" * 65536)
+
+        with pytest.raises(ValueError) as failed:
+            train(_config(tiny_cache, output, max_steps=6, checkpoint_every=2), on_step=fill_the_disk_after_step_3)
+        message = str(failed.value)
+        assert message.startswith(f"Could not write into the run folder {output}: No space left on device.")
+        assert "--resume auto" in message and "\n" not in message
+        (disk / "filler").unlink()
+        resumed = train(_config(tiny_cache, output, max_steps=6, checkpoint_every=2, resume="auto"))
+        assert resumed.resumed_from == 2
+        assert [r["step"] for r in read_metrics(output / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]

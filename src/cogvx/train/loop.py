@@ -8,6 +8,7 @@ so benchmarks time exactly what training runs.
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -168,7 +169,7 @@ def run(
 ) -> TrainResult:
     """Train a LoRA as ``cfg`` says, holding the run folder against other runs from start to end."""
     accelerator = _accelerator(cfg)
-    with _hold_run_folder(accelerator, cfg.output):
+    with _hold_run_folder(accelerator, cfg.output), _disk_errors_in_one_line(cfg.output):
         return _run(accelerator, cfg, on_step, show_progress)
 
 
@@ -370,6 +371,24 @@ def _hold_run_folder(accelerator, output: Path):
             user_error, message = outcome
             raise (ValueError if user_error else RuntimeError)(message)
         yield
+
+
+@contextlib.contextmanager
+def _disk_errors_in_one_line(output: Path):
+    """A disk that fills up or turns read-only under a run (metrics, loss curve, weights): one line, no traceback.
+
+    Checkpoints say it themselves (checkpoint.save); what is written between them goes through here.
+    """
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        where = err.filename or f"into the run folder {output}"
+        raise ValueError(
+            f"Could not write {where}: {err.strerror}. Free space there (or choose a writable --output) and "
+            "continue with --resume auto: the checkpoints already written are intact."
+        ) from err
 
 
 def _accelerator(cfg: TrainConfig):

@@ -2,8 +2,8 @@
 
 Clips are written with the ffmpeg binary that imageio-ffmpeg ships (raw RGB frames piped in), so the
 tests need no system ffmpeg. ``content(...)`` gives the frames a clip shows: smooth gradients (red
-along x, green along y, at most 8 levels a pixel) so that scalers agree within a few levels, and a blue level that
-changes by 53 per frame so that taking a neighbouring frame is a large error.
+along x, green along y, at most 8 levels a pixel) so that scalers agree within a few levels, and a
+blue level that changes by 53 per frame so that taking a neighbouring frame is a large error.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Clip geometry, searched with hypothesis: every clip either decodes to the frames it shows, or is skipped.
 
-Sizes 2..1920 (odd, prime, portrait, landscape), display rotations, frame rates 1..120 and variable
-ones, 4:2:0 / 4:4:4 / 10-bit, 1..300 frames. For each generated clip, the ClipReader item (what
-preprocess runs: ``read_clip``, then the JPEG strips) never raises, and either holds the frames an
-independent decoder (PyAV) gives, resized as docs/preprocess.md says, at the times the sampling rule
-picks, or is a skip for a reason the clip really has.
+Sizes 2..1920 (odd, prime, portrait, landscape), display rotations (MP4, MOV, MKV), frame rates
+1..120 and variable ones, 4:2:0 / 4:4:4 / 10-bit, 1..300 frames. For each generated clip, the
+ClipReader item (what preprocess runs: ``read_clip``, then the JPEG strips) never raises, and either
+holds the frames an independent decoder (PyAV) gives, resized as docs/preprocess.md says, at the
+times the sampling rule picks, or is a skip for a reason the clip really has.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ class Case:
     rotation: int = 0
     pix_fmt: str = "yuv420p"
     codec: str | None = None
+    container: str = ".mp4"  # odd 4:2:0 sizes go to .mov (FFV1)
     resolutions: tuple[tuple[int, int], ...] = ((32, 48), (48, 32), (32, 32))
     frame_buckets: tuple[int, ...] = (5, 9)
     sample_fps: float = 8.0
@@ -86,6 +87,7 @@ def cases(draw) -> Case:
         fps=fps,
         gaps=gaps,
         rotation=draw(st.sampled_from([0, 0, 90, 180, 270])),
+        container=draw(st.sampled_from([".mp4", ".mp4", ".mov", ".mkv"])),
         pix_fmt=draw(st.sampled_from(PIXEL_FORMATS)),
         sample_fps=sample_fps,
         resize=draw(st.sampled_from(["crop", "crop", "stretch"])),
@@ -123,8 +125,8 @@ def expected_sampling(case: Case, times: list[float]) -> tuple[float, list[list[
 
 def check_clip(case: Case, folder: Path) -> None:
     try:
-        path = make_clip(folder / "clip.mp4", case.frames, case.height, case.width, case.fps, case.pix_fmt,
-                         case.rotation, case.times(), case.codec)  # fmt: skip
+        path = make_clip((folder / "clip").with_suffix(case.container), case.frames, case.height, case.width,
+                         case.fps, case.pix_fmt, case.rotation, case.times(), case.codec)  # fmt: skip
     except CannotStore:
         reject()  # no encoder here makes this clip (odd 4:2:0 a few pixels thin): nothing to read
     spec = case.spec()

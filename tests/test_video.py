@@ -51,12 +51,13 @@ def test_padded_widths_decode_right(tmp_path: Path, height: int, width: int, tol
     assert Image.open(io.BytesIO(item["strips"][0])).mode == "RGB"
 
 
-def test_rotated_clips_come_out_upright(tmp_path: Path):
+@pytest.mark.parametrize("suffix", [".mp4", ".mov", ".mkv"])  # decord turns MP4/MOV itself, not Matroska
+def test_rotated_clips_come_out_upright(tmp_path: Path, suffix: str):
     # A phone stores portrait video as landscape frames plus a display rotation; players turn it upright.
     shown = content(10, 96, 64)  # portrait, as it should appear
     spec = FrameSpec(resolutions=((48, 32), (32, 48)), frame_buckets=(5,), fps=24)
     for rotation in (90, 180, 270):
-        path = write_clip(tmp_path / f"r{rotation}.mp4", shown, rotation=rotation)
+        path = write_clip((tmp_path / f"r{rotation}").with_suffix(suffix), shown, rotation=rotation)
         assert mean_diff(ffmpeg_frames(path, 96, 64), shown) < 3  # the ffmpeg player shows it upright
         frames, plan, info = read_clip(str(path), spec)
         assert info["source_size"] == [96, 64] and info["size"] == [48, 32], rotation

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import re
+import subprocess
 from dataclasses import dataclass
 
 import numpy as np
@@ -177,11 +180,27 @@ def _frame_times(reader, total: int, container_fps: float) -> tuple[float, np.nd
     return float(1.0 / step), nearest
 
 
+def matroska_rotation(path: str) -> int:
+    """The display rotation of a Matroska/WebM clip, 0/90/180/270 degrees counter-clockwise (0: none).
+
+    decord applies the rotation of MP4/MOV clips itself but not this one; the ffmpeg binary that
+    imageio-ffmpeg ships reads it (``ffmpeg -i`` prints "rotation of -90.00 degrees"). Other angles: 0.
+    """
+    import imageio_ffmpeg
+
+    done = subprocess.run(
+        [imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", path], capture_output=True, text=True, timeout=60
+    )  # exits 1 ("At least one output file must be specified") after describing the file
+    found = re.search(r"rotation of (-?[0-9.]+) degrees", done.stderr)
+    quarter = float(found.group(1)) / 90 if found else 0.0
+    return round(quarter) % 4 * 90 if abs(quarter - round(quarter)) < 1e-3 else 0
+
+
 def read_clip(path: str, spec: FrameSpec) -> tuple[np.ndarray, Plan, dict]:
     """uint8 frames ``[windows, F, H, W, 3]`` at the bucket's size, the plan, and what was sampled.
 
-    Frames are upright as a player shows them: decord applies a 90/180/270 degree display rotation
-    (MP4/MOV), and sizes here are display sizes.
+    Frames are upright as a player shows them: a 90/180/270 degree display rotation is applied (by
+    decord for MP4/MOV, here for Matroska/WebM), and sizes here are display sizes.
     """
     import decord
 
@@ -189,8 +208,11 @@ def read_clip(path: str, spec: FrameSpec) -> tuple[np.ndarray, Plan, dict]:
         reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
         total, container_fps = len(reader), float(reader.get_avg_fps())
         src_h, src_w = reader[0].shape[:2] if total else (0, 0)
+        rotation = matroska_rotation(path) if os.path.splitext(path)[1].lower() in (".mkv", ".webm") else 0
     except Exception as err:
         raise SkipClip("unreadable video", _unreadable(err)) from err
+    if rotation in (90, 270):
+        src_h, src_w = src_w, src_h
     if total < 1 or src_h < 1 or src_w < 1:
         raise SkipClip("unreadable video", "no decodable frames")
     if src_h * src_w > MAX_SOURCE_PIXELS:
@@ -211,8 +233,8 @@ def read_clip(path: str, spec: FrameSpec) -> tuple[np.ndarray, Plan, dict]:
     wanted = sorted({i for window in plan.windows for i in window})
     cover = decode_size(src_h, src_w, target, spec.resize)
     try:
-        if cover[0] * cover[1] > CROP_FIRST * target[0] * target[1]:
-            decoded = _decode_cropping_first(reader, wanted, (src_h, src_w), cover, target)
+        if rotation or cover[0] * cover[1] > CROP_FIRST * target[0] * target[1]:
+            decoded = _decode_cropping_first(reader, wanted, (src_h, src_w), cover, target, rotation)
         else:
             del reader  # a second live reader would halve decoding speed
             decoded = _decode_scaled(path, wanted, cover, target)
@@ -236,20 +258,24 @@ def read_clip(path: str, spec: FrameSpec) -> tuple[np.ndarray, Plan, dict]:
     return frames, plan, info
 
 
-def _decode_cropping_first(reader, wanted: list[int], source: tuple[int, int], cover, target) -> np.ndarray:
+def _decode_cropping_first(reader, wanted: list[int], source, cover, target, rotation: int = 0) -> np.ndarray:
     """Frames ``wanted`` scaled to ``cover`` and centre-cropped to ``target``, without ever holding a cover.
 
     The box of the source that becomes the crop is scaled on its own: the same pixels as scaling the
-    whole frame and cropping (PIL weighs the same source pixels). ``reader`` decodes at full size.
+    whole frame and cropping (PIL weighs the same source pixels). ``reader`` decodes at full size, as
+    stored: ``rotation`` (degrees counter-clockwise) turns each frame upright first, ``source`` is the
+    upright size.
     """
     from PIL import Image
 
+    stored = source[::-1] if rotation in (90, 270) else source
     top, left = (cover[0] - target[0]) // 2, (cover[1] - target[1]) // 2
     sy, sx = cover[0] / source[0], cover[1] / source[1]
     box = (left / sx, top / sy, (left + target[1]) / sx, (top + target[0]) / sy)
     out = np.empty((len(wanted), *target, 3), np.uint8)
     for row, index in enumerate(wanted):
-        frame = Image.fromarray(_rgb(reader[index].asnumpy(), *source))
+        upright = np.rot90(_rgb(reader[index].asnumpy(), *stored), k=rotation // 90)
+        frame = Image.fromarray(np.ascontiguousarray(upright))
         out[row] = np.asarray(frame.resize((target[1], target[0]), Image.BILINEAR, box=box))
     return out
 

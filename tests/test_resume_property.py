@@ -60,11 +60,11 @@ def test_a_resumed_stream_serves_the_uninterrupted_batches(tiny_cache: Path, wor
 _references: dict[tuple, list[dict]] = {}
 
 
-def _reference(cache: Path, data: dict) -> list[dict]:
+def _reference(cache: Path, data: dict, folders) -> list[dict]:
     """metrics.jsonl of the uninterrupted run with these settings (one run per setting)."""
     key = tuple(sorted(data.items()))
     if key not in _references:
-        output = Path(tempfile.mkdtemp(prefix="reference-"))
+        output = folders.mktemp("reference")
         train(_config(cache, output, **data))
         _references[key] = read_metrics(output / "metrics.jsonl")
     return _references[key]
@@ -93,10 +93,10 @@ def _runs(draw):
 # 3 workers, accumulation 2, stopped after step 3: the checkpoint at step 2 holds 4 batches, 4 % 3 = 1.
 @example(case=({"workers": 3, "batch_size": 2, "gradient_accumulation": 2, "checkpoint_every": 2, "max_steps": 5},
                "exception", 3))  # fmt: skip
-def test_a_run_interrupted_anywhere_resumes_to_the_uninterrupted_losses(tiny_cache: Path, case):
+def test_a_run_interrupted_anywhere_resumes_to_the_uninterrupted_losses(tiny_cache: Path, tmp_path_factory, case):
     data, how, at = case
     note(f"{data}, {how} at {at}")
-    full = _reference(tiny_cache, data)
+    full = _reference(tiny_cache, data, tmp_path_factory)
     with tempfile.TemporaryDirectory(prefix="interrupted-") as folder:
         output = Path(folder) / "run"
         cfg = _config(tiny_cache, output, **data)

@@ -13,6 +13,7 @@ import stat
 from pathlib import Path
 
 import pytest
+import torch
 
 from cogvx.shards import CacheError, Manifest, SampleEntry, ShardRecord
 from cogvx.shards.manifest import describe_layout, is_plain_name, merge_layouts, write_json_atomic
@@ -427,3 +428,102 @@ def test_merge_skipped_sorts_every_ranks_rows_by_source_as_utf8(tmp_path: Path):
     text = (tmp_path / "skipped.jsonl").read_text(encoding="utf-8")
     assert text == '{"source": "a.mp4"}\n{"source": "b.mp4", "reason": "r"}\n{"source": "é.mp4", "reason": "r"}\n'
     assert sorted(p.name for p in tmp_path.iterdir()) == [".parts", "skipped.jsonl"]
+
+
+# --- shards/io.py ---------------------------------------------------------------------------------
+
+
+def test_layout_bytes_counts_each_dtypes_itemsize_and_refuses_an_unknown_dtype():
+    from cogvx.shards.io import layout_bytes
+
+    layout = {
+        "a": {"dtype": "bfloat16", "shape": [3, 5]},
+        "b": {"dtype": "float64", "shape": [2]},
+        "c": {"dtype": "int8", "shape": []},
+    }
+    assert layout_bytes(layout) == 3 * 5 * 2 + 2 * 8 + 1
+    assert layout_bytes({}) == 0
+    for bad in ("nope", "Tensor"):  # not an attribute of torch / not a dtype
+        with pytest.raises(CacheError) as err:
+            layout_bytes({"a": {"dtype": bad, "shape": [1]}})
+        assert str(err.value) == f"The manifest names an unknown tensor dtype {bad!r}."
+
+
+@pytest.mark.parametrize(
+    "key, extras, message",
+    [
+        ("a.b", {}, "Sample key 'a.b' must use only letters, digits, '-' and '_' (at most 64)."),
+        ("x" * 65, {}, "must use only letters"),
+        ("k", {"json": b""}, "Sample k: extra member name 'json' is reserved or not [A-Za-z0-9_.]+."),
+        ("k", {"safetensors": b""}, "extra member name 'safetensors' is reserved"),
+        ("k", {"a/b": b""}, "extra member name 'a/b' is reserved"),
+    ],
+)
+def test_encode_sample_refuses_keys_and_member_names_readers_would(key: str, extras: dict, message: str):
+    from cogvx.shards import Sample
+    from cogvx.shards.io import encode_sample
+
+    with pytest.raises(ValueError) as err:
+        encode_sample(Sample(key, {"x": torch.zeros(1)}, {}, extras))
+    assert message in str(err.value)
+
+
+def test_encode_sample_writes_tensors_then_sorted_json_then_sorted_extras():
+    from safetensors.torch import load
+
+    from cogvx.shards import Sample
+    from cogvx.shards.io import encode_sample
+
+    members = encode_sample(Sample("k-1", {"x": torch.arange(4.0)[::2]}, {"b": 1, "a": 2}, {"z": b"1", "a.b": b"2"}))
+    assert [name for name, _ in members] == ["k-1.safetensors", "k-1.json", "k-1.a.b", "k-1.z"]
+    assert torch.equal(load(members[0][1])["x"], torch.tensor([0.0, 2.0]))
+    assert members[1][1] == b'{"a": 2, "b": 1}' and members[3][1] == b"1"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_nan_and_inf_are_found_in_every_float_dtype_and_the_largest_finite_is_not(dtype):
+    from cogvx.shards.io import _all_finite
+
+    largest = torch.finfo(dtype).max
+    assert _all_finite(torch.tensor([0.0, -largest, largest], dtype=dtype))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        assert not _all_finite(torch.tensor([1.0, bad, 2.0], dtype=dtype)), (dtype, bad)
+    assert _all_finite(torch.zeros(0, dtype=dtype))
+
+
+def test_finiteness_of_rare_and_integer_dtypes():
+    from cogvx.shards.io import _all_finite
+
+    assert _all_finite(torch.tensor([-1, 2**31 - 1], dtype=torch.int32))
+    assert _all_finite(torch.tensor([448.0], dtype=torch.float8_e4m3fn))
+    assert not _all_finite(torch.tensor([float("nan")], dtype=torch.float8_e4m3fn))
+    assert not _all_finite(torch.tensor([float("inf")], dtype=torch.float8_e5m2))
+
+
+def test_entry_from_meta_reads_the_index_line_or_the_top_level_fields():
+    from cogvx.shards.io import entry_from_meta
+
+    line = {"source": "v", "content_hash": "h", "bucket": "b", "size": 1, "mtime_ns": 2, "caption_hash": None}
+    assert entry_from_meta("k", {"index": line}) == SampleEntry("k", "v", "h", "b", 1, 2, None)
+    old = {"source": "v", "content_hash": "h", "bucket": "b", "size": 9}
+    assert entry_from_meta("k", old) == SampleEntry("k", "v", "h", "b")  # only the fields it had
+    assert entry_from_meta("k", {**old, "index": "not a dict"}) == SampleEntry("k", "v", "h", "b")
+    cases = [
+        ({**line, "size": "1"}, "Sample k: its .json index line has an unusable size ('1')."),
+        ({**line, "size": True}, "has an unusable size (True)."),
+        ({**line, "source": None}, "has an unusable source (None)."),
+        ({**line, "extra": 1}, "has an unusable extra (1)."),
+        ({"source": "v", "bucket": "b"}, "Sample k: its .json index line has no content_hash."),
+    ]
+    for bad, message in cases:
+        with pytest.raises(CacheError) as err:
+            entry_from_meta("k", {"index": bad})
+        assert str(err.value).startswith("Sample k: its .json index line") and message in str(err.value)
+
+
+def test_short_values_are_cut_at_60_characters():
+    from cogvx.shards.io import _short
+
+    assert _short("x" * 58) == repr("x" * 58)
+    assert _short("x" * 59) == "'" + "x" * 56 + "..."
+    assert len(_short(list(range(100)))) == 60

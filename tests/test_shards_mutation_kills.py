@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cogvx.shards import CacheError, Manifest, SampleEntry, ShardRecord
+from cogvx.shards import CacheError, Manifest, Sample, SampleEntry, ShardRecord
 from cogvx.shards.manifest import describe_layout, is_plain_name, merge_layouts, write_json_atomic
 
 from .test_shards import BUCKET, LAYOUT, _written_cache
@@ -527,3 +527,127 @@ def test_short_values_are_cut_at_60_characters():
     assert _short("x" * 58) == repr("x" * 58)
     assert _short("x" * 59) == "'" + "x" * 56 + "..."
     assert len(_short(list(range(100)))) == 60
+
+
+def _one_sample_bytes() -> int:
+    """What the writer counts for one ``_sample`` (each member's bytes plus 1024 for its headers)."""
+    from cogvx.shards.io import _with_index, encode_sample
+
+    from .test_shards import _sample
+
+    sample, entry = _sample(0)
+    members = encode_sample(type(sample)(sample.key, sample.tensors, _with_index(sample, entry), sample.extras))
+    return sum(len(data) + 1024 for _, data in members)
+
+
+@pytest.mark.parametrize("extra, per_shard", [(0, [1, 1]), (1, [2])])
+def test_a_shard_is_finished_when_it_reaches_max_bytes(tmp_path: Path, extra: int, per_shard: list[int]):
+    from cogvx.shards import ShardWriter
+
+    from .test_shards import _sample
+
+    records: list[ShardRecord] = []
+    writer = ShardWriter(tmp_path, "s", records.append, max_bytes=_one_sample_bytes() + extra)
+    for i in range(2):
+        writer.write(*_sample(i))
+    writer.flush()
+    writer.flush()  # nothing open: nothing more
+    assert [r.sample_count for r in records] == per_shard
+
+
+def test_the_writer_never_takes_an_existing_name_and_resets_after_abandon(tmp_path: Path):
+    import tarfile
+
+    from cogvx.shards import ShardWriter
+    from cogvx.shards.io import HEADER_KEY, OPENED_KEY, file_sha256
+
+    from .test_shards import _sample
+
+    (tmp_path / "s-000003.tar").write_bytes(b"someone's")
+    records: list[ShardRecord] = []
+    writer = ShardWriter(tmp_path, "s", records.append, max_samples=2, first_index=3)
+    writer.write(*_sample(0))
+    writer.abandon()
+    writer.abandon()  # nothing open: nothing to do
+    other = Sample("k9", {"x": torch.ones(2, dtype=torch.int16)}, {}, {})
+    writer.write(other, SampleEntry("k9", "v9", "h9", "b9"))
+    writer.write(*_sample(1))
+    assert [r.name for r in records] == ["s-000004.tar"]
+    (record,) = records
+    assert [e.key for e in record.samples] == ["k9", "k1"] and sorted(record.layouts) == [BUCKET, "b9"]
+    path = tmp_path / record.name
+    assert (record.bytes, record.sha256) == (path.stat().st_size, file_sha256(path))
+    with tarfile.open(path) as tar:
+        assert HEADER_KEY not in tar.pax_headers and int(tar.pax_headers[OPENED_KEY]) > 1.7e18
+        members = tar.getmembers()
+    assert {(m.mode, type(m.mtime)) for m in members} == {(0o644, int)}
+    assert writer.index == 5 and sorted(p.name for p in tmp_path.iterdir()) == ["s-000003.tar", "s-000004.tar"]
+
+
+def test_metadata_that_contradicts_its_index_line_is_refused_by_the_writer():
+    from cogvx.shards.io import _with_index
+
+    from .test_shards import _sample
+
+    sample, entry = _sample(0)
+    sample.meta["content_hash"] = "other"
+    with pytest.raises(ValueError) as err:
+        _with_index(sample, entry)
+    assert str(err.value) == "Sample k0: its metadata says content_hash 'other', its index line 'h0'."
+
+
+def test_hashes_stop_at_the_limit_and_refusals_name_the_shard_and_the_fix(tmp_path: Path):
+    import hashlib
+
+    from cogvx.shards import open_shard, read_verified
+    from cogvx.shards.io import check_shard, file_sha256
+
+    data = bytes(range(256)) * 40000  # 10 MB: more than one 4 MiB block
+    (tmp_path / "f").write_bytes(data)
+    assert file_sha256(tmp_path / "f") == hashlib.sha256(data).hexdigest()
+    for limit in (0, 5, 5 << 20, len(data) + 1):
+        assert file_sha256(tmp_path / "f", limit) == hashlib.sha256(data[:limit]).hexdigest()
+    record = ShardRecord("f", 0, len(data), hashlib.sha256(data).hexdigest())
+    assert read_verified(tmp_path, record) == data
+    with open_shard(tmp_path, record) as f:
+        assert f.tell() == 0 and f.read(3) == data[:3]
+    assert check_shard(tmp_path, record) == tmp_path / "f"
+    changed = bytes([data[0] ^ 1]) + data[1:]
+    (tmp_path / "f").write_bytes(changed)
+    assert check_shard(tmp_path, record, full=False) == tmp_path / "f"  # size only
+    mismatch = (
+        f"Shard {tmp_path / 'f'} does not match the manifest ({len(data)} bytes, expected {len(data)}; "
+        f"sha256 differs). It was changed or damaged after it was written. Run `cogvx shards verify {tmp_path}` "
+        "to list every bad shard and the command that re-encodes their samples."
+    )
+    for read in (lambda: read_verified(tmp_path, record), lambda: check_shard(tmp_path, record)):
+        with pytest.raises(CacheError) as err:
+            read()
+        assert str(err.value) == mismatch
+    (tmp_path / "f").write_bytes(data + b"x")
+    with pytest.raises(CacheError, match=f"\\({len(data) + 1} bytes, expected {len(data)};"):
+        read_verified(tmp_path, record)
+    with pytest.raises(CacheError, match=f"\\({len(data) + 1} bytes, expected"):
+        check_shard(tmp_path, record, full=False)
+    (tmp_path / "f").unlink()
+    missing = (
+        f"Shard {tmp_path / 'f'} is listed in the manifest but missing. Restore it, or run `cogvx shards verify "
+        f"{tmp_path}` for the command that re-encodes its samples."
+    )
+    for read in (lambda: read_verified(tmp_path, record), lambda: check_shard(tmp_path, record)):
+        with pytest.raises(CacheError) as err:
+            read()
+        assert str(err.value) == missing
+    with pytest.raises(CacheError, match="Shard name '../f' is not a plain file name inside"):
+        check_shard(tmp_path, ShardRecord("../f", 0, 0, "0" * 64))
+
+
+def test_member_limits_by_kind():
+    from cogvx.shards.io import MAX_EXTRA_BYTES, MAX_META_BYTES, TENSOR_HEADER_ALLOWANCE, MemberLimits
+
+    assert (MAX_META_BYTES, MAX_EXTRA_BYTES, TENSOR_HEADER_ALLOWANCE) == (1 << 20, 16 << 20, 1 << 20)
+    limits = MemberLimits.for_layouts(
+        {"a": {"x": {"dtype": "int8", "shape": [10]}}, "b": {"x": {"dtype": "int8", "shape": [30]}}}
+    )
+    assert (limits.of("safetensors"), limits.of("json"), limits.of("jpg")) == (30 + (1 << 20), 1 << 20, 16 << 20)
+    assert MemberLimits.for_layouts({}).of("safetensors") is None

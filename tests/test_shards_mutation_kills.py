@@ -651,3 +651,133 @@ def test_member_limits_by_kind():
     )
     assert (limits.of("safetensors"), limits.of("json"), limits.of("jpg")) == (30 + (1 << 20), 1 << 20, 16 << 20)
     assert MemberLimits.for_layouts({}).of("safetensors") is None
+
+
+def _tar_bytes(members: list[tuple[str, bytes]], pax: dict[str, str] | None = None, kind=None) -> bytes:
+    import io
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT, pax_headers=pax or {}) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def _raw(data: bytes, **kwargs) -> list[dict]:
+    from cogvx.shards import iter_raw_samples
+
+    return list(iter_raw_samples(data, "/c/s.tar", **kwargs))
+
+
+def test_the_reader_groups_members_and_reads_the_global_header():
+    from cogvx.shards.io import ShardReader
+
+    data = _tar_bytes([("a.json", b"{}"), ("a.x.y", b"1"), ("b.json", b"[]")], pax={"cogvx.opened": "5", "k": "é"})
+    assert _raw(data) == [
+        {"__key__": "a", "__url__": "/c/s.tar", "json": b"{}", "x.y": b"1"},
+        {"__key__": "b", "__url__": "/c/s.tar", "json": b"[]"},
+    ]
+    assert _raw(data, exclude=["a"]) == [{"__key__": "b", "__url__": "/c/s.tar", "json": b"[]"}]
+    assert _raw(data, exclude=["b"])[-1]["__key__"] == "a"
+    reader = ShardReader(data, "/c/s.tar")
+    list(reader.samples())
+    assert (
+        reader.header == {"cogvx.opened": "5", "k": "é"} and reader.position == 9 * 512
+    )  # 8 blocks and the end marker
+    assert _raw(b"") == [] and _raw(bytes(1024)) == []
+
+
+def test_a_member_exactly_at_its_limit_is_read_and_one_byte_more_is_refused():
+    from cogvx.shards.io import MemberLimits
+
+    data = _tar_bytes([("k.json", b"12345"), ("k.jpg", b"123"), ("k.safetensors", b"1234567")])
+    assert len(_raw(data, limits=MemberLimits(tensors=7, meta=5, extra=3))) == 1
+    for limits, name in [((6, 5, 3), "k.safetensors"), ((7, 4, 3), "k.json"), ((7, 5, 2), "k.jpg")]:
+        tensors, meta, extra = limits
+        with pytest.raises(CacheError) as err:
+            _raw(data, limits=MemberLimits(tensors=tensors, meta=meta, extra=extra))
+        size = {"k.safetensors": 7, "k.json": 5, "k.jpg": 3}[name]
+        assert str(err.value) == (
+            f"Shard /c/s.tar has a member {name!r} of {size} bytes, over the {size - 1}-byte limit for its kind. "
+            "cogvx shards are plain uncompressed tars of regular KEY.ext members; this one was not written by cogvx "
+            "or was changed. Run `cogvx shards verify /c`."
+        )
+
+
+def test_64_members_per_sample_are_read():
+    assert len(_raw(_tar_bytes([(f"k.x{i}", b"") for i in range(64)]))[0]) == 66
+
+
+def test_a_truncated_tar_and_a_stream_without_a_size_are_refused_at_the_cut(tmp_path: Path):
+    import io
+
+    from cogvx.shards.io import ShardReader
+
+    data = _tar_bytes([("k.json", b"x" * 700)])
+    cut = data[: 512 + 600]  # the member header and part of its data
+    with pytest.raises(CacheError, match="has a member 'k.json' of 700 bytes, more than the file holds"):
+        _raw(cut)
+    reader = ShardReader(io.BufferedReader(io.BytesIO(cut)), "/c/s.tar")  # no file number: size unknown
+    assert reader.size is None
+    with pytest.raises(CacheError) as err:
+        list(reader.samples())
+    assert str(err.value) == f"Shard /c/s.tar ends inside a tar member (byte {len(cut)}); it is truncated."
+    (tmp_path / "s.tar").write_bytes(b"12345" + data)
+    with open(tmp_path / "s.tar", "rb") as f:
+        f.read(5)
+        assert ShardReader(f, "x").size == len(data)  # what is left from where the stream is
+
+
+def test_pax_headers_name_and_size_members_and_malformed_ones_are_refused():
+    import io
+    import tarfile
+
+    from cogvx.shards.io import _pax_records
+
+    info = tarfile.TarInfo("x" * 60 + "." + "j" * 60)  # over 100 characters: tarfile writes a pax path record
+    info.size = 2
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(info, io.BytesIO(b"{}"))
+    assert _raw(buffer.getvalue())[0] == {"__key__": "x" * 60, "__url__": "/c/s.tar", "j" * 60: b"{}"}
+    reader = type("R", (), {"position": 7, "_refuse": lambda self, what: CacheError(what)})()
+    assert _pax_records(b"11 a=bcdef\n8 c=d=e\n\0\0", reader) == {"a": "bcdef", "c": "d=e"}
+    for bad in (b"11 a=bcdef\n8 c=de\n", b"x a=b\n", b"5 ab\n", b"99 a=b\n", b"6 a=bc", b"0 a=b\n"):
+        with pytest.raises(CacheError, match="has a malformed pax header at byte 7"):
+            _pax_records(bad, reader)
+
+
+def test_pax_size_records_and_unknown_member_types():
+    import io
+    import tarfile
+
+    def tar_with(info: tarfile.TarInfo, data: bytes, pax: dict | None = None) -> bytes:
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            info.pax_headers = pax or {}
+            tar.addfile(info, io.BytesIO(data))
+        return buffer.getvalue()
+
+    info = tarfile.TarInfo("k.json")
+    info.size = 3
+    assert _raw(tar_with(info, b"abc", {"size": "3"}))[0]["json"] == b"abc"
+    data = tar_with(info, b"abc", {"comment": "x"}).replace(b"comment=x", b"size=zzzz")  # the same length
+    with pytest.raises(CacheError, match="has a pax header with size 'zzzz'"):
+        _raw(data)
+    odd = tarfile.TarInfo("k.json")
+    odd.type = b"Z"
+    with pytest.raises(CacheError, match="holds 'k.json', a member of type b'Z'"):
+        _raw(tar_with(odd, b""))
+    for name in ("k", ".json", "k.j/s"):
+        with pytest.raises(CacheError, match="not KEY.ext with a plain key"):
+            _raw(_tar_bytes([(name, b"")]))
+    gz = bytes([0x1F, 0x8B]) + bytes(510)
+    with pytest.raises(
+        CacheError, match="is not an uncompressed tar \\(it is gzip-compressed\\): bad header at byte 0"
+    ):
+        _raw(gz)
+    with pytest.raises(CacheError, match="is not an uncompressed tar: bad header at byte 512"):
+        _raw(_tar_bytes([("k.json", b"")])[:512] + b"\1" * 512)

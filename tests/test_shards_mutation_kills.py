@@ -781,3 +781,141 @@ def test_pax_size_records_and_unknown_member_types():
         _raw(gz)
     with pytest.raises(CacheError, match="is not an uncompressed tar: bad header at byte 512"):
         _raw(_tar_bytes([("k.json", b"")])[:512] + b"\1" * 512)
+
+
+def test_check_shards_reports_each_kind_of_problem_once_with_its_shard(tmp_path: Path):
+    import shutil
+
+    from cogvx.shards import check_shards
+
+    manifest = _written_cache(tmp_path, samples=3)
+    first, second = manifest.shards
+    assert check_shards(tmp_path, manifest.shards) == []
+    # The count, the keys and the excluded keys the manifest says, against what the shard holds.
+    wrong = ShardRecord(first.name, 3, first.bytes, first.sha256, first.samples[::-1], ["k7"], first.layouts)
+    messages = [p.message for p in check_shards(tmp_path, [wrong])]
+    assert messages == [
+        f"{first.name}: 2 samples, manifest says 3",
+        f"{first.name}: sample keys differ from the manifest index (missing [], not indexed [])",
+        f"{first.name}: excluded keys not in the shard: ['k7']",
+    ]
+    unindexed = ShardRecord(first.name, 2, first.bytes, first.sha256, first.samples[:1], [], first.layouts)
+    (problem,) = check_shards(tmp_path, [unindexed])
+    assert (
+        problem.message == f"{first.name}: sample keys differ from the manifest index (missing [], not indexed ['k1'])"
+    )
+    assert problem.shard == first.name and not problem.damaged
+    # The same shard twice: every key is served twice; excluded keys are not.
+    shutil.copy(tmp_path / first.name, tmp_path / "copy.tar")
+    copy = ShardRecord("copy.tar", 2, first.bytes, first.sha256, first.samples, ["k0"], first.layouts)
+    messages = [p.message for p in check_shards(tmp_path, [first, copy])]
+    assert messages == [f"copy.tar: sample key k1 is also served by {first.name}; every key must be unique in a cache"]
+    # A missing shard is damaged (re-encoding repairs it); a layout conflict between records is not.
+    (tmp_path / second.name).unlink()
+    other = {BUCKET: {"moments": {"dtype": "int8", "shape": [1]}}}
+    clash = ShardRecord("copy.tar", 2, first.bytes, first.sha256, first.samples, ["k0", "k1"], other)
+    problems = check_shards(tmp_path, [first, clash, second], deep=False)
+    assert [(p.shard, p.damaged) for p in problems] == [("copy.tar", False), (second.name, True)]
+    assert problems[0].message.startswith(f"copy.tar stores bucket {BUCKET} as moments int8 [1]")
+    assert problems[1].message.startswith(f"Shard {tmp_path / second.name} is listed in the manifest but missing.")
+
+
+def test_check_shards_stops_at_three_sample_problems_and_deep_decodes_tensors(tmp_path: Path):
+    from cogvx.shards import ShardWriter, check_shards
+
+    from .test_shards import _manifest, _sample
+
+    records: list[ShardRecord] = []
+    writer = ShardWriter(tmp_path, "s", records.append)
+    for i in range(5):
+        sample, entry = _sample(i)
+        sample.tensors["moments"][0, 0, 0, 0] = float("nan")
+        writer.write(sample, entry)
+    writer.flush()
+    _manifest(tmp_path, records)
+    messages = [p.message for p in check_shards(tmp_path, records)]
+    assert [m.split(":")[0] for m in messages] == [f"Sample k{i} in {tmp_path / 's-000000.tar'}" for i in range(3)]
+    hint = f"The shard is unusable; run `cogvx shards verify {tmp_path}` for how to repair it."
+    assert all(m.endswith(f"tensor moments holds NaN or Inf. {hint}") for m in messages)
+    assert check_shards(tmp_path, records, deep=False) == []
+    # An index entry whose bucket has no recorded layout in the shard's record.
+    (record,) = records
+    record.layouts = {"other": record.layouts[BUCKET]}
+    messages = [p.message for p in check_shards(tmp_path, [record], deep=False)]
+    assert messages[0] == (
+        f"Sample k0 in {tmp_path / 's-000000.tar'}: its bucket {BUCKET} has no layout in the manifest's record of the "
+        "shard. The shard is unusable."
+    )
+    assert len(messages) == 3
+
+
+def test_iter_record_samples_checks_each_raw_sample_against_the_index(tmp_path: Path):
+    from cogvx.shards import iter_record_samples
+
+    manifest = _written_cache(tmp_path, samples=2)
+    record = manifest.shards[0]
+    data = (tmp_path / record.name).read_bytes()
+    origin = str(tmp_path / record.name)
+    record.excluded = ["k0"]
+    assert [r["__key__"] for r in iter_record_samples(data, record, origin)] == ["k1"]
+    raws = list(iter_record_samples(data, record, origin, include_excluded=True))
+    assert [r["__key__"] for r in raws] == ["k0", "k1"] and raws[1]["__entry__"] == record.samples[1]
+    assert raws[0]["__layouts__"] == {BUCKET: LAYOUT}
+    shared: dict = {}
+    raws = list(iter_record_samples(data, record, origin, layouts=shared))
+    assert raws[0]["__layouts__"] is shared
+    fix = f"The shard is unusable; run `cogvx shards verify {tmp_path}` for how to repair it."
+    record.samples = record.samples[1:]
+    with pytest.raises(CacheError) as err:
+        list(iter_record_samples(data, record, origin, include_excluded=True))
+    assert str(err.value) == f"Sample k0 in {origin} is not in the manifest's index of that shard. {fix}"
+    members = [("k.json", b"{}")]
+    bare = ShardRecord("b.tar", 1, 0, "0" * 64)
+    for member_list, message in [
+        (members, f"Sample k in {origin} has no .safetensors member. {fix}"),
+        ([("k.safetensors", b"")], f"Sample k in {origin} has no .json member. {fix}"),
+        ([("k.safetensors", b""), ("k.json", b"{")], f"Sample k in {origin}: its .json cannot be parsed ("),
+    ]:
+        with pytest.raises(CacheError) as err:
+            list(iter_record_samples(_tar_bytes(member_list), bare, origin))
+        assert str(err.value).startswith(message)
+
+
+def test_read_indexed_shard_rebuilds_the_record_and_refuses_what_it_cannot_use(tmp_path: Path):
+    from cogvx.shards.io import index_shard, read_indexed_shard
+
+    manifest = _written_cache(tmp_path, samples=2)
+    record = manifest.shards[0]
+    indexed = read_indexed_shard(tmp_path, record.name)
+    assert indexed.record == record and indexed.header is None and indexed.opened > 1.7e18
+    # Bytes after the tar's end marker are part of the file, so of its sha256.
+    with open(tmp_path / record.name, "ab") as f:
+        f.write(b"trailing" * 100_000)
+    again = read_indexed_shard(tmp_path, record.name).record
+    assert again.bytes == record.bytes + 800_000
+    assert again.sha256 == __import__("hashlib").sha256((tmp_path / record.name).read_bytes()).hexdigest()
+    with pytest.raises(CacheError) as err:
+        index_shard(tmp_path, record.name, header={"a": 1})
+    assert str(err.value) == (
+        f"Shard {tmp_path / record.name} was written with other settings than this run's (none recorded); it "
+        "cannot join this cache."
+    )
+    with pytest.raises(CacheError, match="Shard name '../x.tar' is not a plain file name inside"):
+        read_indexed_shard(tmp_path, "../x.tar")
+    for pax, message in [
+        ({"cogvx.header": "[1]"}, "has a cogvx header that is a list, not an object."),
+        ({"cogvx.header": "{"}, "has an unreadable cogvx header ("),
+        ({"cogvx.opened": "soon"}, "has an unreadable cogvx header ("),
+    ]:
+        (tmp_path / "h.tar").write_bytes(_tar_bytes([], pax=pax))
+        with pytest.raises(CacheError) as err:
+            read_indexed_shard(tmp_path, "h.tar")
+        assert str(err.value).startswith(f"Shard {tmp_path / 'h.tar'} {message}")
+    (tmp_path / "h.tar").write_bytes(_tar_bytes([], pax={"cogvx.header": '{"b": 1, "a": 2}', "cogvx.opened": "12"}))
+    assert read_indexed_shard(tmp_path, "h.tar").header == {"a": 2, "b": 1}
+    assert read_indexed_shard(tmp_path, "h.tar").opened == 12
+    assert index_shard(tmp_path, "h.tar", header={"a": 2, "b": 1}).sample_count == 0
+    (tmp_path / "h.tar").write_bytes(_tar_bytes([("k.safetensors", b""), ("k.json", b"{}")]))
+    with pytest.raises(CacheError) as err:
+        read_indexed_shard(tmp_path, "h.tar")
+    assert "cannot be parsed" in str(err.value)

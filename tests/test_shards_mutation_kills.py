@@ -919,3 +919,51 @@ def test_read_indexed_shard_rebuilds_the_record_and_refuses_what_it_cannot_use(t
     with pytest.raises(CacheError) as err:
         read_indexed_shard(tmp_path, "h.tar")
     assert "cannot be parsed" in str(err.value)
+
+
+# --- survivors of the first manifest.py run ---
+
+
+def test_manifest_layouts_merge_across_shards_and_name_the_one_that_disagrees():
+    one = ShardRecord("a.tar", 0, 0, "0" * 64, layouts={"b1": {"x": {"dtype": "int8", "shape": [1]}}})
+    two = ShardRecord("b.tar", 0, 0, "0" * 64, layouts={"b1": {"x": {"dtype": "int8", "shape": [2]}}})
+    three = ShardRecord("c.tar", 0, 0, "0" * 64, layouts={"b2": {"x": {"dtype": "int8", "shape": [0]}}})
+    assert Manifest({}, {}, {}, [one, three]).layouts() == {**one.layouts, **three.layouts}
+    with pytest.raises(CacheError, match="^b.tar stores bucket b1 as x int8 \\[2\\], but other shards"):
+        Manifest({}, {}, {}, [one, three, two]).layouts()
+
+
+def test_a_shard_entry_outside_a_manifest_file_is_named_as_the_manifests():
+    with pytest.raises(CacheError) as err:
+        ShardRecord.from_dict({"name": "../x.tar"})
+    assert str(err.value) == (
+        "the manifest lists a shard named '../x.tar': shard names must be plain file names inside the cache folder "
+        "(no '/', '..' or absolute paths). The manifest was edited or damaged; rebuild it with "
+        "`cogvx shards rebuild-manifest`."
+    )
+    with pytest.raises(CacheError, match="^the manifest: a shard entry has no `name`. The manifest is damaged.$"):
+        ShardRecord.from_dict({})
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda r: r.update(updated="x" * 38), 'has `updated` = "' + "x" * 38 + '", not float.'),
+        (lambda r: r.update(updated="x" * 39), 'has `updated` = "' + "x" * 36 + "..., not float."),
+        (lambda r: r["shards"][0]["samples"].append(3), "a sample of shard 'shard-r00-000000.tar' is a int, not an"),
+        (
+            lambda r: r["shards"][0]["layouts"][BUCKET].update(moments=3),
+            f"tensor 'moments' of layout '{BUCKET}' of shard 'shard-r00-000000.tar' is a int, not an object.",
+        ),
+    ],
+)
+def test_more_damaged_fields_named_exactly(tmp_path: Path, change, message: str):
+    err = _load_with(tmp_path, change)
+    assert str(err).startswith(f"{tmp_path / 'manifest.json'}: ") and message in str(err), str(err)
+
+
+def test_a_layout_may_have_an_empty_dimension(tmp_path: Path):
+    raw = _written_cache(tmp_path).to_dict()
+    raw["shards"][0]["layouts"][BUCKET]["moments"]["shape"] = [0, 2]
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    assert Manifest.load(tmp_path).shards[0].layouts[BUCKET]["moments"]["shape"] == [0, 2]

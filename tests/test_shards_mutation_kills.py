@@ -967,3 +967,11 @@ def test_a_layout_may_have_an_empty_dimension(tmp_path: Path):
     raw["shards"][0]["layouts"][BUCKET]["moments"]["shape"] = [0, 2]
     (tmp_path / "manifest.json").write_text(json.dumps(raw))
     assert Manifest.load(tmp_path).shards[0].layouts[BUCKET]["moments"]["shape"] == [0, 2]
+
+
+def test_a_shard_entry_without_an_index_loads_with_no_samples(tmp_path: Path):
+    raw = _written_cache(tmp_path).to_dict()
+    del raw["shards"][0]["samples"]
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    loaded = Manifest.load(tmp_path)
+    assert loaded.shards[0].samples == [] and loaded.shards[0].sample_count == 2

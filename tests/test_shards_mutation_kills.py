@@ -975,3 +975,65 @@ def test_a_shard_entry_without_an_index_loads_with_no_samples(tmp_path: Path):
     (tmp_path / "manifest.json").write_text(json.dumps(raw))
     loaded = Manifest.load(tmp_path)
     assert loaded.shards[0].samples == [] and loaded.shards[0].sample_count == 2
+
+
+def test_decode_sample_names_a_missing_or_unparsable_member_and_learns_an_unrecorded_layout():
+    from safetensors.torch import save
+
+    from cogvx.shards import decode_sample
+
+    blob = save({"x": torch.ones(2)})
+    meta = json.dumps({"bucket": "b", "source": "v", "content_hash": "h"}).encode()
+    with pytest.raises(CacheError) as err:
+        decode_sample({"__key__": "k", "safetensors": blob}, "o.tar")
+    assert str(err.value) == "Sample k in o.tar has no .json member; the shard is damaged."
+    with pytest.raises(CacheError) as err:
+        decode_sample({"__key__": "k", "json": meta}, "o.tar")
+    assert str(err.value) == "Sample k in o.tar has no .safetensors member; the shard is damaged."
+    with pytest.raises(CacheError, match="^Sample k in o.tar cannot be parsed \\(.*\\); the shard is damaged.$"):
+        decode_sample({"__key__": "k", "safetensors": b"xx", "json": meta}, "o.tar")
+    with pytest.raises(CacheError) as err:
+        decode_sample({"__key__": "k", "safetensors": blob, "json": b"[1]"}, "o.tar")
+    assert str(err.value) == "Sample k in o.tar: its .json is a list, not an object."
+    layouts: dict = {}
+    raw = {"__key__": "k", "__url__": "u", "safetensors": blob, "json": meta, "jpg": b"j", "__entry__": None}
+    sample = decode_sample({**raw, "__layouts__": layouts}, "o.tar")
+    assert layouts == {"b": {"x": {"dtype": "float32", "shape": [2]}}} and sample.extras == {"jpg": b"j"}
+    assert sample.meta == {"bucket": "b", "source": "v", "content_hash": "h"} and torch.equal(
+        sample.tensors["x"], torch.ones(2)
+    )
+    entry = SampleEntry("k", "v", "h", "b2")  # the index line's bucket wins over the .json's
+    with pytest.raises(CacheError, match="its .json says bucket 'b', the manifest's index says 'b2'"):
+        decode_sample({**raw, "__entry__": entry, "__layouts__": {}}, "o.tar")
+    other = {"x": {"dtype": "float32", "shape": [3]}}
+    with pytest.raises(CacheError, match="holds x float32 \\[2\\], but bucket b is x float32 \\[3\\]"):
+        decode_sample({**raw, "__layouts__": {"b": other}}, "o.tar")
+    no_bucket = {**raw, "json": b"{}", "__layouts__": {}}
+    with pytest.raises(CacheError, match="its .json has no bucket"):
+        decode_sample(no_bucket, "o.tar")
+
+
+def test_an_index_field_in_the_json_must_equal_the_whole_index_line():
+    from cogvx.shards.io import check_index
+
+    entry = SampleEntry("k", "v", "h", "b", 1, 2, "c")
+    line = {"source": "v", "content_hash": "h", "bucket": "b", "size": 1, "mtime_ns": 2, "caption_hash": "c"}
+    meta = {"source": "v", "content_hash": "h", "bucket": "b"}
+    check_index(meta, entry, "S", "F")  # written before index lines: the top-level fields only
+    check_index({**meta, "index": line}, entry, "S", "F")
+    check_index({"bucket": "b"}, None, "S", "F")  # no manifest index: only the bucket is needed
+    with pytest.raises(CacheError) as err:
+        check_index({**meta, "index": {**line, "mtime_ns": 3}}, entry, "S", "F")
+    assert str(err.value).startswith("S: its .json says index {'source': 'v', ")
+    assert str(err.value).endswith(": the shard or the manifest was changed. F.")
+    with pytest.raises(CacheError) as err:
+        check_index({**meta, "content_hash": "x"}, entry, "S", "F")
+    assert str(err.value) == (
+        "S: its .json says content_hash 'x', the manifest's index says 'h': the shard or the manifest was changed. F."
+    )
+    with pytest.raises(CacheError) as err:
+        check_index([], entry, "S", "F")
+    assert str(err.value) == "S: its .json is a list, not an object. F."
+    with pytest.raises(CacheError) as err:
+        check_index({"bucket": 1}, None, "S", "F")
+    assert str(err.value) == "S: its .json has no bucket. F."

@@ -1037,3 +1037,18 @@ def test_an_index_field_in_the_json_must_equal_the_whole_index_line():
     with pytest.raises(CacheError) as err:
         check_index({"bucket": 1}, None, "S", "F")
     assert str(err.value) == "S: its .json has no bucket. F."
+
+
+def test_empty_members_and_members_of_whole_blocks_are_read_through_the_hash(tmp_path: Path):
+    from cogvx.shards import ShardWriter
+    from cogvx.shards.io import read_indexed_shard
+
+    from .test_shards import _sample
+
+    records: list[ShardRecord] = []
+    writer = ShardWriter(tmp_path, "s", records.append)
+    sample, entry = _sample(0)
+    writer.write(Sample("k0", sample.tensors, sample.meta, {"empty": b"", "block": bytes(512)}), entry)
+    writer.flush()
+    indexed = read_indexed_shard(tmp_path, records[0].name)
+    assert indexed.record == records[0]

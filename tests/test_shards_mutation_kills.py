@@ -1052,3 +1052,49 @@ def test_empty_members_and_members_of_whole_blocks_are_read_through_the_hash(tmp
     writer.flush()
     indexed = read_indexed_shard(tmp_path, records[0].name)
     assert indexed.record == records[0]
+
+
+def test_manifest_refusals_in_full(tmp_path: Path):
+    def second_twice(raw):
+        raw["shards"].append(raw["shards"][1])
+
+    err = _load_with(tmp_path, second_twice)
+    assert str(err) == (
+        f"{tmp_path / 'manifest.json'} lists shard shard-r00-000001.tar more than once; rebuild it with "
+        "`cogvx shards rebuild-manifest`."
+    )
+    other = tmp_path / "other"
+    err = _load_with(other, lambda r: r["shards"][0].update(bytes="1"))
+    assert str(err) == (
+        f"{other / 'manifest.json'}: shard 'shard-r00-000000.tar' has `bytes` = \"1\", not int. "
+        "The manifest is damaged."
+    )
+    (tmp_path / "manifest.json").write_text("[1]")
+    with pytest.raises(CacheError) as error:
+        Manifest.load(tmp_path)
+    assert str(error.value) == f"{tmp_path / 'manifest.json'} is not a cogvx cache manifest (format is 'list')."
+
+
+def test_an_empty_shard_entry_is_valid(tmp_path: Path):
+    raw = _written_cache(tmp_path).to_dict()
+    raw["shards"][0].update(sample_count=0, bytes=0, samples=[])
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    assert Manifest.load(tmp_path).shards[0].sample_count == 0
+
+
+def test_an_oversized_manifest_is_refused_after_reading_only_up_to_the_limit(tmp_path: Path, monkeypatch):
+    import tracemalloc
+
+    from cogvx.shards import manifest as module
+
+    monkeypatch.setattr(module, "MAX_MANIFEST_BYTES", 3 << 20)
+    with open(tmp_path / "manifest.json", "wb") as f:
+        f.truncate(200 << 20)  # sparse: 200 MB that take no disk
+    tracemalloc.start()
+    try:
+        with pytest.raises(CacheError, match="manifest.json is larger than 3 MiB; it is not a cogvx manifest.$"):
+            Manifest.load(tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 20 << 20, f"read {peak} bytes of a manifest over the limit"

@@ -1098,3 +1098,63 @@ def test_an_oversized_manifest_is_refused_after_reading_only_up_to_the_limit(tmp
     finally:
         tracemalloc.stop()
     assert peak < 20 << 20, f"read {peak} bytes of a manifest over the limit"
+
+
+# --- survivors of the first io.py run ---
+
+
+def test_abandon_tolerates_a_vanished_temporary_and_counts_bytes_from_zero_again(tmp_path: Path):
+    from cogvx.shards import ShardWriter
+
+    from .test_shards import _sample
+
+    records: list[ShardRecord] = []
+    writer = ShardWriter(tmp_path, "s", records.append, max_bytes=_one_sample_bytes() + 1)
+    writer.write(*_sample(0))
+    (tmp_path / "s-000000.tar.tmp").unlink()  # e.g. removed by a cleanup after a failure
+    writer.abandon()
+    writer.write(*_sample(1))
+    assert records == [], "one sample after an abandon is still under max_bytes"
+    writer.write(*_sample(2))
+    assert [[e.key for e in r.samples] for r in records] == [["k1", "k2"]]
+
+
+def test_read_verified_refuses_a_fifo_as_a_shard(tmp_path: Path):
+    from cogvx.shards import read_verified, verify
+
+    os.mkfifo(tmp_path / "p.tar")
+    with pytest.raises(CacheError) as err:
+        read_verified(tmp_path, ShardRecord("p.tar", 0, 0, "0" * 64))
+    assert str(err.value).startswith(f"Shard {tmp_path / 'p.tar'} is not a regular file")
+    assert verify(tmp_path / "none", []) == []
+
+
+def test_verify_decodes_tensors_only_when_deep(tmp_path: Path):
+    from cogvx.shards import ShardWriter, verify
+
+    from .test_shards import _sample
+
+    records: list[ShardRecord] = []
+    writer = ShardWriter(tmp_path, "s", records.append)
+    sample, entry = _sample(0)
+    sample.tensors["moments"][0, 0, 0, 0] = float("inf")
+    writer.write(sample, entry)
+    writer.flush()
+    assert verify(tmp_path, records, deep=False) == []
+    assert [m.split(": ")[1] for m in verify(tmp_path, records)] == [
+        f"tensor moments holds NaN or Inf. The shard is unusable; run `cogvx shards verify {tmp_path}` for how to "
+        "repair it."
+    ]
+
+
+def test_index_shard_says_when_the_header_differs(tmp_path: Path):
+    from cogvx.shards.io import index_shard
+
+    _written_cache(tmp_path, samples=1, header={"b": 1, "a": {"d": 2, "c": 3}})
+    assert index_shard(tmp_path, "shard-r00-000000.tar", header={"a": {"c": 3, "d": 2}, "b": 1}).sample_count == 1
+    with pytest.raises(CacheError) as err:
+        index_shard(tmp_path, "shard-r00-000000.tar", header={"a": 1})
+    assert str(err.value) == (
+        f"Shard {tmp_path / 'shard-r00-000000.tar'} was written with other settings than this run's (its header "
+        "differs); it cannot join this cache."
+    )

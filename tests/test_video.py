@@ -6,6 +6,7 @@ to show, or from PyAV, a decoder independent of decord.
 
 from __future__ import annotations
 
+import hashlib
 import io
 from pathlib import Path
 
@@ -176,6 +177,8 @@ def test_sample_metadata_says_what_the_clip_is(tmp_path: Path):
     assert meta["frame_indices"] == [0, 2, 3, 5, 6, 8, 9, 11, 12] and meta["frames"] == 9
     assert meta["fps"] == 8.0 and meta["source_fps"] == 12.0 and meta["source_frames"] == 40
     assert meta["size"] == [32, 48] and meta["source_size"] == [64, 96] and meta["bucket"] == "9x32x48"
+    assert meta["content_hash"] == hashlib.sha256((data / "a.mp4").read_bytes()).hexdigest()
+    assert meta["caption"] == "a ramp" and (meta["window"], meta["windows"]) == (0, 1)
     # The 32x96 cover of 64x192 keeps its columns 24..72, the source's 48..144: the green band, as the
     # JPEG strip shows.
     bands = samples["bands.mp4"].meta

@@ -1158,3 +1158,16 @@ def test_index_shard_says_when_the_header_differs(tmp_path: Path):
         f"Shard {tmp_path / 'shard-r00-000000.tar'} was written with other settings than this run's (its header "
         "differs); it cannot join this cache."
     )
+
+
+def test_read_verified_refuses_a_file_longer_than_an_empty_record(tmp_path: Path):
+    import hashlib
+
+    from cogvx.shards import read_verified
+
+    empty = ShardRecord("e.tar", 0, 0, hashlib.sha256(b"").hexdigest())
+    (tmp_path / "e.tar").write_bytes(b"")
+    assert read_verified(tmp_path, empty) == b""
+    (tmp_path / "e.tar").write_bytes(b"grown")
+    with pytest.raises(CacheError, match="\\(5 bytes, expected 0; sha256 differs\\)"):
+        read_verified(tmp_path, empty)

@@ -815,9 +815,6 @@ class _HashingReader(io.RawIOBase):
     def __init__(self, f: BinaryIO, size: int):
         self.f, self.left, self.digest = f, size, hashlib.sha256()
 
-    def readable(self) -> bool:
-        return True
-
     def read(self, n: int = -1) -> bytes:
         n = self.left if n < 0 else min(n, self.left)
         data = self.f.read(n)

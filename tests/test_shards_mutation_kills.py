@@ -1171,3 +1171,15 @@ def test_read_verified_refuses_a_file_longer_than_an_empty_record(tmp_path: Path
     (tmp_path / "e.tar").write_bytes(b"grown")
     with pytest.raises(CacheError, match="\\(5 bytes, expected 0; sha256 differs\\)"):
         read_verified(tmp_path, empty)
+
+
+def test_a_manifest_without_extras_loads_and_a_side_file_outside_the_folder_is_refused(tmp_path: Path):
+    raw = _written_cache(tmp_path).to_dict()
+    del raw["extras"]
+    (tmp_path / "manifest.json").write_text(json.dumps(raw))
+    assert Manifest.load(tmp_path).extras == {}
+    err = _load_with(tmp_path / "side", lambda r: r.update(extras={"v": {"file": "/etc/passwd"}}))
+    assert str(err) == (
+        f"{tmp_path / 'side' / 'manifest.json'} names side file '/etc/passwd' for 'v': side files must be plain file "
+        "names inside the cache folder. The manifest was edited or damaged."
+    )

@@ -39,8 +39,7 @@ def is_plain_name(name: object) -> bool:
     return (
         isinstance(name, str)
         and 0 < len(name) <= 255
-        and name not in (".", "..")
-        and not name.startswith(".")
+        and not name.startswith(".")  # hidden, "." and ".."
         and "/" not in name
         and "\\" not in name
         and "\0" not in name

@@ -1183,3 +1183,28 @@ def test_a_manifest_without_extras_loads_and_a_side_file_outside_the_folder_is_r
         f"{tmp_path / 'side' / 'manifest.json'} names side file '/etc/passwd' for 'v': side files must be plain file "
         "names inside the cache folder. The manifest was edited or damaged."
     )
+
+
+def test_check_shards_names_a_missing_json_and_a_lying_one_without_decoding(tmp_path: Path):
+    import hashlib
+
+    from cogvx.shards import check_shards
+    from cogvx.shards.io import read_indexed_shard
+
+    def listed(name: str, members: list[tuple[str, bytes]]) -> ShardRecord:
+        data = _tar_bytes(members)
+        (tmp_path / name).write_bytes(data)
+        return ShardRecord(name, 1, len(data), hashlib.sha256(data).hexdigest(), [SampleEntry("k", "s", "h", "b")])
+
+    lying = json.dumps({"bucket": "b", "source": "x", "content_hash": "h"}).encode()
+    records = [listed("a.tar", [("k.safetensors", b"")]), listed("b.tar", [("k.safetensors", b""), ("k.json", lying)])]
+    messages = [p.message for p in check_shards(tmp_path, records, deep=False)]
+    assert messages[:2] == [
+        f"Sample k in {tmp_path / 'a.tar'} has no .json member. The shard is unusable.",
+        f"Sample k in {tmp_path / 'b.tar'}: its .json says source 'x', the manifest's index says 's': the shard or the "
+        "manifest was changed. The shard is unusable.",
+    ]
+    os.mkfifo(tmp_path / "p.tar")
+    with pytest.raises(CacheError) as err:
+        read_indexed_shard(tmp_path, "p.tar")
+    assert str(err.value).startswith(f"Shard {tmp_path / 'p.tar'} is not a regular file")

@@ -18,7 +18,7 @@ import torch
 
 from cogvx.shards import CacheError, Manifest, Sample, SampleEntry, ShardRecord, ShardWriter
 from cogvx.train import checkpoint
-from cogvx.train.data import ShardStream, _WorkerError, collate, make_loader
+from cogvx.train.data import ShardStream, _ReportingErrors, _WorkerError, collate, make_loader
 
 # ---------------------------------------------------------------- checkpoint.py
 
@@ -89,6 +89,20 @@ def test_keep_last_leaves_the_newest_checkpoints_and_nothing_else(tmp_path: Path
     assert _names(tmp_path) == expected, "no older checkpoint and no .deleting folder may remain"
 
 
+def test_save_creates_a_missing_run_folder(tmp_path: Path):
+    final = _save(tmp_path / "new" / "run", 4)
+    assert final == tmp_path / "new" / "run" / "checkpoint-000004" and (final / "state.json").is_file()
+
+
+def test_keep_last_deletes_through_a_leftover_half_deleted_folder(tmp_path: Path):
+    _save(tmp_path, 1)
+    leftover = tmp_path / ".checkpoint-000001.deleting"  # a run killed while deleting an older checkpoint-000001
+    leftover.mkdir()
+    (leftover / "lora.safetensors").write_text("half deleted")
+    _save(tmp_path, 2, keep=1)
+    assert _names(tmp_path) == ["checkpoint-000002"]
+
+
 def test_saving_a_step_again_replaces_its_checkpoint(tmp_path: Path):
     _save(tmp_path, 3, value=1.0)
     final = _save(tmp_path, 3, value=5.0)
@@ -119,6 +133,7 @@ def test_checkpoint_dirs_lists_complete_checkpoints_oldest_first_by_number(tmp_p
 def test_find_auto_takes_the_newest_and_a_path_must_be_complete(tmp_path: Path):
     assert checkpoint.find(tmp_path, "auto") is None
     assert checkpoint.find(tmp_path / "missing", "auto") is None
+    _save(tmp_path, 8)
     _save(tmp_path, 9)
     _save(tmp_path, 10)
     assert checkpoint.find(tmp_path, "auto") == tmp_path / "checkpoint-000010"
@@ -142,6 +157,13 @@ def test_clean_stale_removes_staging_and_half_deleted_folders_only(tmp_path: Pat
     (tmp_path / ".lock").write_text("")
     checkpoint.clean_stale(tmp_path)
     assert _names(tmp_path) == [".lock", "checkpoint-000001", "metrics.jsonl"]
+
+
+def test_clean_stale_never_stops_a_run_on_what_it_cannot_remove(tmp_path: Path):
+    _save(tmp_path, 1)
+    (tmp_path / ".checkpoint-odd").write_text("a file, not a staging folder: rmtree cannot remove it")
+    checkpoint.clean_stale(tmp_path)  # best effort: the run goes on
+    assert [p.name for p in checkpoint.checkpoint_dirs(tmp_path)] == ["checkpoint-000001"]
 
 
 def test_a_failed_write_is_one_line_and_leaves_the_earlier_checkpoints(tmp_path: Path):
@@ -309,6 +331,7 @@ def test_collate_of_one_sample_is_a_batch_of_one(tmp_path: Path):
     batch = collate(samples)
     assert batch["keys"] == ["a"] and batch["moments"].shape == (1, 2, 1, 2, 2)
     assert batch["prompt_embeds"].shape == (1, 3, 4)
+    assert batch["moments"].data_ptr() == samples[0].tensors["moments"].data_ptr(), "one sample is not copied"
     two = collate([_sample("a", "b0", 1.0, 1)[0], _sample("b", "b0", 2.0, 1)[0]])
     assert two["keys"] == ["a", "b"] and torch.equal(two["moments"][1], torch.full((2, 1, 2, 2), 2.0))
 
@@ -345,6 +368,62 @@ def test_the_stream_order_is_fixed_by_seed_rank_and_world_size(tmp_path: Path, s
     assert keys == GOLDEN[settings]
 
 
+def test_the_stream_defaults_are_rank_0_of_1_with_a_64_sample_shuffle_buffer(tmp_path: Path):
+    records = _cache(tmp_path)
+    keys = [k for batch in _keys(ShardStream(tmp_path, records, batch_size=1, seed=0), 8) for k in batch]
+    assert keys == GOLDEN[(0, 0, 1, 64)]
+
+
+# Two workers, seed 2, buffer 4: the first 8 batches of a DataLoader (workers alternate, starting at worker 0).
+GOLDEN_WORKERS = {
+    0: ["s0k2", "s1k1", "s0k0", "s0k1", "s0k0", "s1k0", "s0k3", "s0k2"],
+    1: ["s1k0", "s0k0", "s1k0", "s0k2", "s1k1", "s0k1", "s1k1", "s0k1"],
+}
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_the_loader_order_is_fixed_for_each_rank_and_worker(tmp_path: Path, rank: int):
+    records = _cache(tmp_path)
+    stream = ShardStream(tmp_path, records, batch_size=1, seed=2, rank=rank, world_size=2, shuffle_buffer=4)
+    next(iter(stream))  # in-process as well: mutmut maps the functions a test calls in this process
+    keys = [k for batch in _keys(make_loader(stream, workers=2, pin_memory=False), 8) for k in batch]
+    assert keys == GOLDEN_WORKERS[rank]
+
+
+def test_make_loader_settings(tmp_path: Path):
+    stream = ShardStream(tmp_path, _cache(tmp_path), batch_size=1, seed=0)
+    default = make_loader(stream, workers=2, pin_memory=False).loader
+    assert (default.num_workers, default.prefetch_factor, default.pin_memory) == (2, 2, False)
+    assert default.persistent_workers is False and default.batch_size is None
+    assert default.dataset.stream is stream  # workers report user errors as themselves
+    tuned = make_loader(stream, workers=3, pin_memory=True, prefetch=5).loader
+    assert (tuned.num_workers, tuned.prefetch_factor, tuned.pin_memory) == (3, 5, True)
+    assert tuned.persistent_workers is False
+    in_process = make_loader(stream, workers=0, pin_memory=False, prefetch=5).loader
+    assert in_process.dataset is stream and in_process.prefetch_factor is None and in_process.num_workers == 0
+
+
+def test_a_sample_that_does_not_fit_its_recorded_layout_is_refused_with_its_shard(tmp_path: Path):
+    records = _cache(tmp_path, (3,))
+    recorded = records[0].layouts["b0"]
+    records[0].layouts = {"b0": {**recorded, "moments": {**recorded["moments"], "shape": [4, 1, 2, 2]}}}
+    with pytest.raises(CacheError) as err:
+        next(iter(ShardStream(tmp_path, records, batch_size=1, seed=0, shuffle_buffer=1)))
+    assert str(err.value).startswith(f"Sample s0k0 in {tmp_path / records[0].name} holds moments float32 [2, 1, 2, 2]")
+
+
+def test_a_cache_without_layouts_refuses_a_sample_unlike_the_first_of_its_bucket(tmp_path: Path):
+    records: list[ShardRecord] = []
+    for shard, frames in ((0, 1), (1, 2)):  # same bucket name, other shape (one writer would refuse it)
+        writer = ShardWriter(tmp_path, f"shard-{shard}", records.append, max_samples=1)
+        writer.write(*_sample(f"k{shard}", "b0", 1.0, frames=frames))
+        writer.flush()
+    for record in records:
+        record.layouts = {}  # an older cache: no recorded layouts
+    with pytest.raises(CacheError, match=rf"^Sample k[01] in {tmp_path}/shard-[01]-000000.tar holds moments"):
+        _keys(ShardStream(tmp_path, records, batch_size=1, seed=0, shuffle_buffer=1), 30)
+
+
 @pytest.mark.parametrize("skip", [0, 1, 2, 5])
 def test_a_resumed_in_process_stream_continues_after_the_consumed_batches(tmp_path: Path, skip: int):
     records = _cache(tmp_path, buckets=2)
@@ -361,6 +440,7 @@ def test_a_resumed_loader_continues_the_round_robin_of_its_workers(tmp_path: Pat
         stream = ShardStream(tmp_path, records, batch_size=1, seed=2, shuffle_buffer=4, skip_batches=skip)
         return _keys(make_loader(stream, workers=workers, pin_memory=False), count)
 
+    next(iter(ShardStream(tmp_path, records, batch_size=1, seed=2)))  # in-process too, for mutmut's test mapping
     whole = batches(0, 10)
     assert whole != batches(0, 1) * 10
     for skip in range(1, workers + 2):
@@ -375,7 +455,8 @@ def test_a_changed_shard_is_refused_before_any_of_its_samples_is_served(tmp_path
     data[one : one + 4] = b"\x00\x00\x00\x40"
     path.write_bytes(bytes(data))
     with pytest.raises(CacheError, match="does not match the manifest"):
-        next(iter(ShardStream(tmp_path, records, batch_size=1, seed=0)))
+        # buffer 1: the first sample would be served at once, were the shard not hashed on its first draw
+        next(iter(ShardStream(tmp_path, records, batch_size=1, seed=0, shuffle_buffer=1)))
 
 
 def test_a_worker_cache_error_is_raised_as_itself_in_one_line(tmp_path: Path):
@@ -384,6 +465,9 @@ def test_a_worker_cache_error_is_raised_as_itself_in_one_line(tmp_path: Path):
     stream = ShardStream(tmp_path, records, batch_size=1, seed=0)
     with pytest.raises(CacheError) as in_process:
         next(iter(stream))
+    reported = list(_ReportingErrors(stream))  # what a worker sends: the error's type and message, then no more
+    assert len(reported) == 1 and type(reported[0].error()) is CacheError
+    assert str(reported[0].error()) == str(in_process.value)
     with pytest.raises(CacheError) as from_worker:
         next(iter(make_loader(stream, workers=2, pin_memory=False)))
     assert type(from_worker.value) is CacheError

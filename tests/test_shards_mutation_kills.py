@@ -1208,3 +1208,45 @@ def test_check_shards_names_a_missing_json_and_a_lying_one_without_decoding(tmp_
     with pytest.raises(CacheError) as err:
         read_indexed_shard(tmp_path, "p.tar")
     assert str(err.value).startswith(f"Shard {tmp_path / 'p.tar'} is not a regular file")
+
+
+def test_read_indexed_shard_refusals_name_the_shard_and_say_to_move_it_out(tmp_path: Path):
+    import tarfile
+
+    from safetensors.torch import save
+
+    from cogvx.shards.io import read_indexed_shard
+
+    path = tmp_path / "s.tar"
+    fix = f"Move it out of {tmp_path} (a later `cogvx preprocess` re-encodes its clips)."
+    blob = save({"x": torch.ones(2)})
+
+    def refusal(members: list[tuple[str, bytes]]) -> str:
+        path.write_bytes(_tar_bytes(members))
+        with pytest.raises(CacheError) as err:
+            read_indexed_shard(tmp_path, "s.tar")
+        return str(err.value)
+
+    line = {"source": "y", "content_hash": "h", "bucket": "b"}
+    meta = {"bucket": "b", "source": "x", "content_hash": "h", "index": line}
+    assert refusal([("k.safetensors", blob), ("k.json", json.dumps(meta).encode())]) == (
+        f"Sample k in {path}: its .json says source 'x', the manifest's index says 'y': the shard or the manifest "
+        f"was changed. {fix}"
+    )
+    meta = {"bucket": "b", "index": {"source": "y", "bucket": "b"}}
+    assert refusal([("k.safetensors", blob), ("k.json", json.dumps(meta).encode())]) == (
+        f"Sample k: its .json index line has no content_hash. (shard {path}) {fix}"
+    )
+    meta = {"bucket": "b", "source": "y", "content_hash": "h"}
+    wide = save({"x": torch.ones(3)})
+    members = [("a.safetensors", blob), ("a.json", json.dumps(meta).encode())]
+    assert refusal(members + [("c.safetensors", wide), ("c.json", json.dumps(meta).encode())]) == (
+        f"Sample c in {path} holds x float32 [3], but bucket b is x float32 [2]; training cannot batch it. {fix}"
+    )
+    assert refusal([("k.safetensors", b"xx"), ("k.json", b"{}")]).startswith(f"Sample k in {path} cannot be parsed")
+    assert refusal([("k.j/son", b"")]).endswith(f"this one was not written by cogvx or was changed. {fix}")
+    header = tarfile.TarInfo("k.safetensors")  # no layout recorded here: only the file's size bounds it
+    header.size = 3 << 30
+    path.write_bytes(header.tobuf(tarfile.GNU_FORMAT) + bytes(1024))
+    with pytest.raises(CacheError, match="has a member 'k.safetensors' of 3221225472 bytes, more than the file holds"):
+        read_indexed_shard(tmp_path, "s.tar")

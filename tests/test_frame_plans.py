@@ -263,3 +263,10 @@ def test_jpeg_strip_shows_evenly_spaced_frames_side_by_side():
     assert few.size == (3 * 24, 16) and few.mode == "RGB"
     assert jpeg_strip(frames) == jpeg_strip(frames, count=8, height=64, quality=85)
     assert len(jpeg_strip(frames, quality=95)) > len(jpeg_strip(frames, quality=20))
+
+
+def test_jpeg_strip_of_very_tall_frames_is_one_pixel_wide_a_frame():
+    tall = np.full((3, 128, 2, 3), 200, np.uint8)  # 2 * 64 / 128 = 1 pixel wide at 64 high
+    assert Image.open(io.BytesIO(jpeg_strip(tall))).size == (3, 64)
+    thread = np.full((2, 200, 1, 3), 200, np.uint8)  # 0.32 rounds to 0: still 1 pixel
+    assert Image.open(io.BytesIO(jpeg_strip(thread))).size == (2, 64)

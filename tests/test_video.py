@@ -20,7 +20,7 @@ from cogvx.preprocess.sources import Clip
 from cogvx.preprocess.video import FrameSpec, SkipClip, read_clip
 from cogvx.shards import Manifest, read_shard
 
-from .clipgen import content, ffmpeg_frames, make_clip, pyav_frames, regions, sized, write_clip, zero_frame_rate
+from .clipgen import content, ffmpeg, ffmpeg_frames, make_clip, pyav_frames, regions, sized, write_clip, zero_frame_rate
 
 RED, GREEN, BLUE = (220, 30, 30), (30, 220, 30), (30, 30, 220)
 
@@ -185,3 +185,71 @@ def test_sample_metadata_says_what_the_clip_is(tmp_path: Path):
     assert bands["frame_indices"] == list(range(9)) and bands["fps"] == 8.0 and bands["size"] == [32, 48]
     strip = np.asarray(Image.open(io.BytesIO(samples["bands.mp4"].extras["jpg"])).convert("RGB")).astype(int)
     assert np.abs(strip[4:-4, 4:-4].mean(axis=(0, 1)) - GREEN).max() <= 12
+
+
+def test_crop_takes_the_centre_of_tall_clips_on_both_decoding_paths(tmp_path: Path):
+    # Red / green / blue rows: a square bucket keeps the green band, whichever path decodes it.
+    tall = regions(5, 64, 192, [0, 64, 128, 192], [RED, GREEN, BLUE]).transpose(0, 2, 1, 3)  # 192x64
+    frames, _, _ = read_clip(
+        str(write_clip(tmp_path / "tall.mp4", tall)), FrameSpec(resolutions=((64, 64),), frame_buckets=(5,), fps=24)
+    )
+    assert np.abs(frames[0, :, 2:-2].astype(int) - GREEN).max() <= 12  # a 192x64 cover: decord scales
+    taller = regions(5, 32, 320, [0, 144, 176, 320], [RED, GREEN, BLUE]).transpose(0, 2, 1, 3)  # 320x32
+    frames, _, _ = read_clip(
+        str(write_clip(tmp_path / "taller.mp4", taller)), FrameSpec(resolutions=((32, 32),), frame_buckets=(5,), fps=24)
+    )
+    assert np.abs(frames[0, :, 2:-2].astype(int) - GREEN).max() <= 12  # a 320x32 cover: cropped first
+
+
+def test_frames_at_the_pixel_limit_are_read(tmp_path: Path, monkeypatch):
+    from cogvx.preprocess import video
+
+    path = make_clip(tmp_path / "clip.mp4", frames=5, height=64, width=64)
+    monkeypatch.setattr(video, "MAX_SOURCE_PIXELS", 64 * 64)
+    frames, _, info = read_clip(str(path), FrameSpec(resolutions=((64, 64),), frame_buckets=(5,), fps=24))
+    assert frames.shape == (1, 5, 64, 64, 3) and info["source_size"] == [64, 64]
+
+
+class StoredFrames:
+    """decord's reader as _decode_cropping_first uses it: ``reader[i].asnumpy()`` is frame i as stored."""
+
+    def __init__(self, frames: np.ndarray):
+        self.frames = frames
+
+    def __getitem__(self, index: int):
+        frame = self.frames[index]
+        return type("Frame", (), {"asnumpy": lambda _: frame})()
+
+
+@pytest.mark.parametrize("source, target", [((45, 299), (20, 30)), ((299, 45), (30, 20))])  # odd margins
+@pytest.mark.parametrize("rotation", [0, 90, 180, 270])
+def test_cropping_first_gives_the_pixels_of_scaling_the_whole_frame(source, target, rotation: int):
+    # The promise in _decode_cropping_first: the box of the source that becomes the crop, scaled on its
+    # own, is the same pixels as scaling the whole upright frame to the cover (bilinear) and cropping its
+    # centre, within a level of rounding. Noise makes any shift of the box or change of filter visible.
+    from cogvx.preprocess import video
+
+    upright = np.random.default_rng(rotation).integers(0, 256, (3, *source, 3), dtype=np.uint8)
+    stored = np.rot90(upright, k=-rotation // 90, axes=(1, 2))
+    cover = video.decode_size(*source, target, "crop")
+    out = video._decode_cropping_first(StoredFrames(stored), [0, 2], source, cover, target, rotation)
+    top, left = (cover[0] - target[0]) // 2, (cover[1] - target[1]) // 2
+    assert (top, left) in ((0, 51), (51, 0))
+    whole = [np.asarray(Image.fromarray(frame).resize(cover[::-1], Image.BILINEAR)) for frame in upright[[0, 2]]]
+    assert out.dtype == np.uint8
+    diff = np.abs(out.astype(int) - np.stack(whole)[:, top : top + target[0], left : left + target[1]])
+    assert diff.max() <= 1, diff.max()  # rounding; shifting the box half a pixel differs by tens of levels
+
+
+def test_matroska_rotation_reads_quarter_turns_only(tmp_path: Path):
+    import subprocess
+
+    from cogvx.preprocess.video import matroska_rotation
+
+    plain = make_clip(tmp_path / "plain.mkv", frames=3)
+    assert matroska_rotation(str(plain)) == 0  # no rotation tag at all
+    for tagged, expected in ((90, 90), (-90, 270), (450, 90), (60, 0)):  # 60 degrees is no quarter turn: upright
+        path = tmp_path / f"r{tagged}.mkv"
+        subprocess.run([ffmpeg(), "-loglevel", "error", "-y", "-display_rotation", str(tagged), "-i", str(plain),
+                        "-c", "copy", str(path)], check=True)  # fmt: skip
+        assert matroska_rotation(str(path)) == expected, tagged

@@ -258,7 +258,7 @@ def read_clip(path: str, spec: FrameSpec) -> tuple[np.ndarray, Plan, dict]:
     return frames, plan, info
 
 
-def _decode_cropping_first(reader, wanted: list[int], source, cover, target, rotation: int = 0) -> np.ndarray:
+def _decode_cropping_first(reader, wanted: list[int], source, cover, target, rotation: int) -> np.ndarray:
     """Frames ``wanted`` scaled to ``cover`` and centre-cropped to ``target``, without ever holding a cover.
 
     The box of the source that becomes the crop is scaled on its own: the same pixels as scaling the

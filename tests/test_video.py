@@ -82,10 +82,30 @@ def test_decoding_in_several_calls_gives_the_same_frames(tmp_path: Path, monkeyp
     path = make_clip(tmp_path / "clip.mp4", frames=60, height=48, width=64)
     spec = FrameSpec(resolutions=((32, 32),), frame_buckets=(9,), fps=24, windows=3)
     whole, plan, _ = read_clip(str(path), spec)
-    monkeypatch.setattr(video, "DECODE_CHUNK_BYTES", 5 * 32 * 43 * 3)  # 5 frames of the 32x43 cover a call
+    calls = record_batches(monkeypatch)
+    monkeypatch.setattr(video, "DECODE_CHUNK_BYTES", 5 * 32 * 43 * 3 + 10)  # 5 frames of the 32x43 cover a call
     chunked, _, _ = read_clip(str(path), spec)
     assert len(plan.windows) == 3 and np.array_equal(whole, chunked)
     assert mean_diff(chunked, np.stack([sized(content(60, 48, 64)[w], 32, 32) for w in plan.windows])) < 3
+    wanted = sorted({i for w in plan.windows for i in w})
+    assert len(wanted) == 27 and calls == [wanted[i : i + 5] for i in range(0, 27, 5)]  # 5, 5, 5, 5, 5, 2
+    calls.clear()
+    monkeypatch.setattr(video, "DECODE_CHUNK_BYTES", 1)  # less than a frame: one frame a call, never none
+    assert np.array_equal(read_clip(str(path), spec)[0], whole) and calls == [[i] for i in wanted]
+
+
+def record_batches(monkeypatch) -> list[list[int]]:
+    """The frame indices of each ``get_batch`` call decord gets from here on."""
+    import decord
+
+    calls, get_batch = [], decord.VideoReader.get_batch
+
+    def recording(reader, indices):
+        calls.append(list(indices))
+        return get_batch(reader, indices)
+
+    monkeypatch.setattr(decord.VideoReader, "get_batch", recording)
+    return calls
 
 
 def test_frames_above_the_pixel_limit_are_refused(tmp_path: Path, monkeypatch):

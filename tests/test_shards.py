@@ -306,13 +306,36 @@ def test_shard_names_must_be_plain_file_names(tmp_path: Path, name: str):
     assert str(tmp_path / "manifest.json") in str(err.value) and repr(name) in str(err.value)
 
 
+def refusal_without_blocking(fifo: Path, call, seconds: float = 5.0) -> BaseException:
+    """What ``call`` raises for a FIFO nobody writes to; fails (instead of hanging) if it blocks opening it."""
+    import threading
+
+    raised: list[BaseException] = []
+
+    def target():
+        try:
+            call()
+        except BaseException as err:  # handed to the test below
+            raised.append(err)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # a writer appears: the blocked open returns
+        thread.join(seconds)
+        pytest.fail(f"opening {fifo} blocked")
+    assert raised, f"{fifo} was read as if it were a file"
+    return raised[0]
+
+
 def test_fifo_and_device_shards_are_refused_without_reading(tmp_path: Path):
     manifest = _written_cache(tmp_path)
     record = manifest.shards[0]
     (tmp_path / record.name).unlink()
     os.mkfifo(tmp_path / record.name)  # nobody writes: a plain open() would block forever
-    with pytest.raises(CacheError, match=f"{record.name} is not a regular file"):
-        list(read_shard(tmp_path, record))
+    err = refusal_without_blocking(tmp_path / record.name, lambda: list(read_shard(tmp_path, record)))
+    assert isinstance(err, CacheError) and f"{record.name} is not a regular file" in str(err)
     (tmp_path / record.name).unlink()
     (tmp_path / record.name).symlink_to("/dev/zero")
     problems = verify(tmp_path, [record])

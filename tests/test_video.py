@@ -273,3 +273,20 @@ def test_matroska_rotation_reads_quarter_turns_only(tmp_path: Path):
         subprocess.run([ffmpeg(), "-loglevel", "error", "-y", "-display_rotation", str(tagged), "-i", str(plain),
                         "-c", "copy", str(path)], check=True)  # fmt: skip
         assert matroska_rotation(str(path)) == expected, tagged
+
+
+def test_rotated_webm_comes_out_upright(tmp_path: Path):
+    # WebM is Matroska: decord does not apply its display rotation either (VP8, as browsers record it).
+    import subprocess
+
+    shown = content(10, 96, 64)
+    stored = np.ascontiguousarray(np.rot90(shown, k=-1, axes=(1, 2)))  # 64x96, shown turned 90 degrees
+    plain, path = tmp_path / "plain.webm", tmp_path / "rotated.webm"
+    subprocess.run([ffmpeg(), "-loglevel", "error", "-y", "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", "96x64",
+                    "-r", "24", "-i", "-", "-c:v", "libvpx", "-crf", "4", "-b:v", "20M", str(plain)],
+                   input=stored.tobytes(), check=True)  # fmt: skip
+    subprocess.run([ffmpeg(), "-loglevel", "error", "-y", "-display_rotation", "90", "-i", str(plain), "-c", "copy",
+                    str(path)], check=True)  # fmt: skip
+    frames, plan, info = read_clip(str(path), FrameSpec(resolutions=((48, 32), (32, 48)), frame_buckets=(5,), fps=24))
+    assert info["source_size"] == [96, 64] and info["size"] == [48, 32]
+    assert mean_diff(frames[0], sized(shown[plan.windows[0]], 48, 32)) < 4

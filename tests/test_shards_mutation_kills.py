@@ -1249,3 +1249,18 @@ def test_read_indexed_shard_refusals_name_the_shard_and_say_to_move_it_out(tmp_p
     path.write_bytes(header.tobuf(tarfile.GNU_FORMAT) + bytes(1024))
     with pytest.raises(CacheError, match="has a member 'k.safetensors' of 3221225472 bytes, more than the file holds"):
         read_indexed_shard(tmp_path, "s.tar")
+
+
+def test_the_hashing_reader_never_reads_past_its_size():
+    import hashlib
+    import io
+
+    from cogvx.shards.io import _HashingReader
+
+    reader = _HashingReader(io.BytesIO(b"0123456789"), 4)
+    assert (reader.read(3), reader.read(3), reader.read(3)) == (b"012", b"3", b"")
+    assert reader.finish() == hashlib.sha256(b"0123").hexdigest()
+    whole = _HashingReader(io.BytesIO(b"0123456789"), 6)
+    assert whole.read() == b"012345" and whole.finish() == hashlib.sha256(b"012345").hexdigest()
+    rest = _HashingReader(io.BytesIO(b"0123456789"), 7)
+    assert rest.read(2) == b"01" and rest.finish() == hashlib.sha256(b"0123456").hexdigest()

@@ -290,3 +290,42 @@ def test_rotated_webm_comes_out_upright(tmp_path: Path):
     frames, plan, info = read_clip(str(path), FrameSpec(resolutions=((48, 32), (32, 48)), frame_buckets=(5,), fps=24))
     assert info["source_size"] == [96, 64] and info["size"] == [48, 32]
     assert mean_diff(frames[0], sized(shown[plan.windows[0]], 48, 32)) < 4
+
+
+def test_a_frame_taken_twice_is_decoded_once_and_placed_twice(tmp_path: Path):
+    # 0.4 s of frames, a 0.8 s gap, 0.4 s of frames: on the even 5.625 fps grid over 1.6 s the frames
+    # nearest in time are 0, 2, 4, 4, 4, 5, 5, 5, 7 (in the gap the last frame before it is shown on).
+    times = [0.0, 0.1, 0.2, 0.3, 0.4, 1.2, 1.3, 1.4, 1.5, 1.6]
+    path = make_clip(tmp_path / "gap.mp4", frames=10, times=times)
+    frames, plan, info = read_clip(str(path), FrameSpec(resolutions=((48, 64),), frame_buckets=(9,), fps=24))
+    assert plan.windows == [[0, 2, 4, 4, 4, 5, 5, 5, 7]] and info["source_fps"] == info["fps"] == 5.625
+    assert mean_diff(frames[0], content(10, 48, 64)[plan.windows[0]]) < 3
+
+
+def test_a_one_frame_clip_is_one_frame(tmp_path: Path):
+    path = make_clip(tmp_path / "one.mp4", frames=1)
+    frames, plan, info = read_clip(str(path), FrameSpec(resolutions=((48, 64),), frame_buckets=(1,), min_frames=1))
+    assert plan.windows == [[0]] and info["source_frames"] == 1 and info["source_fps"] == 24.0
+    assert mean_diff(frames[0], content(1, 48, 64)) < 3
+
+
+def test_a_file_that_is_no_video_is_skipped_as_unreadable(tmp_path: Path):
+    path = tmp_path / "junk.mp4"
+    path.write_bytes(b"not a video" * 100)
+    with pytest.raises(SkipClip) as err:
+        read_clip(str(path), FrameSpec())
+    assert err.value.reason == "unreadable video" and err.value.detail.startswith("RuntimeError: Error reading ")
+
+
+@pytest.mark.parametrize("width, scaled_by_decord", [(128, True), (160, False)])
+def test_covers_above_crop_first_times_the_bucket_are_cropped_before_scaling(
+    tmp_path: Path, monkeypatch, width, scaled_by_decord
+):
+    # A 32x128 clip into 32x32 needs a cover of exactly CROP_FIRST (4) times the bucket: decord scales it
+    # (get_batch). 32x160 needs 5 times: each frame is cropped from the source first (reader[i], no batch).
+    calls = record_batches(monkeypatch)
+    path = write_clip(tmp_path / "wide.mp4", content(5, 32, width))
+    frames, _, _ = read_clip(str(path), FrameSpec(resolutions=((32, 32),), frame_buckets=(5,), fps=24))
+    assert bool(calls) == scaled_by_decord
+    centre = (width - 32) // 2
+    assert mean_diff(frames[0], content(5, 32, width)[:, :, centre : centre + 32]) < 3

@@ -8,6 +8,7 @@ names the file and the fix), so a changed comparison, constant or string in `sha
 from __future__ import annotations
 
 import json
+import logging
 import os
 import stat
 from pathlib import Path
@@ -339,7 +340,7 @@ def test_part_files_are_named_by_rank_and_merged_in_rank_order_when_complete(tmp
     assert cachedir.merge_shard_parts(tmp_path, manifest) == 0
 
 
-def test_recover_adopts_tidies_and_sets_aside_and_never_deletes_a_shard(tmp_path: Path):
+def test_recover_adopts_tidies_and_sets_aside_and_never_deletes_a_shard(tmp_path: Path, caplog):
     from cogvx.preprocess import cachedir
 
     manifest = _cache_dir(tmp_path)
@@ -358,14 +359,23 @@ def test_recover_adopts_tidies_and_sets_aside_and_never_deletes_a_shard(tmp_path
     (tmp_path / "shard-r02-000000.tar.tmp").write_bytes(b"half")
     (tmp_path / "keep.tmp").write_bytes(b"not ours")
     cachedir.skipped_part(tmp_path, 0).write_text("")
-    done = cachedir.recover(tmp_path, manifest)  # sizes only: the changed bytes are not seen
-    assert done.adopted == [parted[0].name, orphan.name]
+    late = _shards(tmp_path, manifest, 7, 1)[0]  # after the unreadable one: still adopted
+    with caplog.at_level(logging.WARNING, logger="cogvx.preprocess"):
+        done = cachedir.recover(tmp_path, manifest)  # sizes only: the changed bytes are not seen
+    assert done.adopted == [parted[0].name, orphan.name, late.name]
+    other, unreadable = (r.getMessage() for r in caplog.records)
+    assert unreadable.startswith(f"{tmp_path / 'shard-r00-000006.tar'} is not listed and cannot be read (Shard ")
+    assert unreadable.endswith("re-encodes its clips).); renamed to .damaged")
+    assert (
+        other
+        == f"{tmp_path / foreign.name} is not listed and was made with other settings than this cache; left as it is"
+    )
     assert done.set_aside == ["shard-r00-000006.tar.damaged.1"] and done.foreign == [foreign.name]
     assert [r.name for r in done.dropped] == [listed[2].name]
     assert not (tmp_path / "shard-r02-000000.tar.tmp").exists() and (tmp_path / "keep.tmp").exists()
     assert (tmp_path / "mine.tar").read_bytes() == b"someone else's" and (tmp_path / foreign.name).is_file()
     assert list((tmp_path / ".parts").iterdir()) == []
-    names = [listed[0].name, listed[1].name, parted[0].name, orphan.name]
+    names = [listed[0].name, listed[1].name, parted[0].name, orphan.name, late.name]
     assert [s.name for s in Manifest.load(tmp_path).shards] == names
     assert Manifest.load(tmp_path).producer["data"] == "/videos"
     again = cachedir.recover(tmp_path, manifest, check_hashes=True)
@@ -1264,3 +1274,22 @@ def test_the_hashing_reader_never_reads_past_its_size():
     assert whole.read() == b"012345" and whole.finish() == hashlib.sha256(b"012345").hexdigest()
     rest = _HashingReader(io.BytesIO(b"0123456789"), 7)
     assert rest.read(2) == b"01" and rest.finish() == hashlib.sha256(b"0123456").hexdigest()
+
+
+def test_set_aside_takes_the_next_free_damaged_name(tmp_path: Path):
+    from cogvx.preprocess.cachedir import _set_aside
+
+    for name in ("s.tar", "s.tar.damaged", "s.tar.damaged.1"):
+        (tmp_path / name).write_bytes(name.encode())
+    assert _set_aside(tmp_path / "s.tar") == "s.tar.damaged.2"
+    assert (tmp_path / "s.tar.damaged.2").read_bytes() == b"s.tar" and not (tmp_path / "s.tar").exists()
+    assert (tmp_path / "s.tar.damaged.1").read_bytes() == b"s.tar.damaged.1"
+
+
+def test_check_existing_names_the_manifest_it_cannot_use(tmp_path: Path):
+    from cogvx.preprocess.cachedir import check_existing
+
+    (tmp_path / "manifest.json").write_text('{"format": "other"}')
+    with pytest.raises(CacheError) as err:
+        check_existing(tmp_path, {"model": "m"}, {}, _info())
+    assert str(err.value) == f"{tmp_path / 'manifest.json'} is not a cogvx cache manifest (format is 'other')."

@@ -1293,3 +1293,23 @@ def test_check_existing_names_the_manifest_it_cannot_use(tmp_path: Path):
     with pytest.raises(CacheError) as err:
         check_existing(tmp_path, {"model": "m"}, {}, _info())
     assert str(err.value) == f"{tmp_path / 'manifest.json'} is not a cogvx cache manifest (format is 'other')."
+
+
+def test_check_shards_goes_on_after_a_missing_shard_and_names_an_unreadable_one(tmp_path: Path):
+    import hashlib
+
+    from cogvx.shards import check_shards
+
+    manifest = _written_cache(tmp_path, samples=3)
+    first, second = manifest.shards
+    (tmp_path / first.name).unlink()
+    data = _tar_bytes([("k.j/son", b"")])
+    (tmp_path / "odd.tar").write_bytes(data)
+    odd = ShardRecord("odd.tar", 1, len(data), hashlib.sha256(data).hexdigest())
+    problems = check_shards(tmp_path, [first, odd, second])
+    assert [(p.shard, p.damaged) for p in problems] == [(first.name, True), ("odd.tar", False)]
+    assert problems[1].message == (
+        f"Shard {tmp_path / 'odd.tar'} holds a member named 'k.j/son', not KEY.ext with a plain key. cogvx shards are "
+        "plain uncompressed tars of regular KEY.ext members; this one was not written by cogvx or was changed. The "
+        "shard is unusable."
+    )

@@ -1313,3 +1313,32 @@ def test_check_shards_goes_on_after_a_missing_shard_and_names_an_unreadable_one(
         "plain uncompressed tars of regular KEY.ext members; this one was not written by cogvx or was changed. The "
         "shard is unusable."
     )
+
+
+def test_the_manifest_is_written_to_a_hidden_temporary_beside_it_then_renamed(tmp_path: Path):
+    seen: list[list[str]] = []
+
+    class Watched(dict):
+        def items(self):  # json.dump (indented) asks for the items while the temporary is open
+            seen.append(sorted(os.listdir(tmp_path)))
+            return super().items()
+
+    (tmp_path / "manifest.json").write_text("old")
+    write_json_atomic(tmp_path / "manifest.json", Watched(a=1))
+    (during,) = seen
+    assert len(during) == 2 and "manifest.json" in during
+    temporary = next(name for name in during if name != "manifest.json")
+    assert temporary.startswith(".manifest.json.")
+    assert sorted(os.listdir(tmp_path)) == ["manifest.json"] and json.loads(
+        (tmp_path / "manifest.json").read_text()
+    ) == {"a": 1}
+
+
+def test_file_hashing_refuses_a_fifo_as_a_file(tmp_path: Path):
+    from cogvx.shards.io import file_sha256
+
+    os.mkfifo(tmp_path / "p")
+    err = refusal_without_blocking(tmp_path / "p", lambda: file_sha256(tmp_path / "p"))
+    assert (
+        str(err) == f"File {tmp_path / 'p'} is not a regular file (a device, FIFO or folder); cogvx reads only files."
+    )

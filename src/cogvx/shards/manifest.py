@@ -42,8 +42,7 @@ def is_plain_name(name: object) -> bool:
         and not name.startswith(".")  # hidden, "." and ".."
         and "/" not in name
         and "\\" not in name
-        and "\0" not in name
-        and name.isprintable()
+        and name.isprintable()  # no NUL or other control character
     )
 
 

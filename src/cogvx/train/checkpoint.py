@@ -89,7 +89,8 @@ def lock_run_folder(output: Path) -> Iterator[None]:
 
     A POSIX record lock (``lockf``) rather than ``flock``: DataLoader workers forked by the run would
     share an ``flock`` and keep it after the run is killed; a record lock belongs to this process only,
-    so the kernel releases it the moment the process ends, kill -9 included.
+    so the kernel releases it the moment the process ends, kill -9 included. The price: closing ANY
+    handle of ``.lock`` in this process drops the lock, so nothing else may open that file while it is held.
     """
     import fcntl
 

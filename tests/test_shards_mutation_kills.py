@@ -1342,3 +1342,12 @@ def test_file_hashing_refuses_a_fifo_as_a_file(tmp_path: Path):
     assert (
         str(err) == f"File {tmp_path / 'p'} is not a regular file (a device, FIFO or folder); cogvx reads only files."
     )
+
+
+def test_a_shard_that_cannot_be_opened_says_why(tmp_path: Path):
+    from cogvx.shards import read_verified
+
+    (tmp_path / "loop.tar").symlink_to(tmp_path / "loop.tar")  # a link to itself
+    with pytest.raises(CacheError) as err:
+        read_verified(tmp_path, ShardRecord("loop.tar", 0, 0, "0" * 64))
+    assert str(err.value) == f"Shard {tmp_path / 'loop.tar'} cannot be opened (Too many levels of symbolic links)."

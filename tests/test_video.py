@@ -329,3 +329,19 @@ def test_covers_above_crop_first_times_the_bucket_are_cropped_before_scaling(
     assert bool(calls) == scaled_by_decord
     centre = (width - 32) // 2
     assert mean_diff(frames[0], content(5, 32, width)[:, :, centre : centre + 32]) < 3
+
+
+@pytest.mark.parametrize("height, width", [(1, 64), (64, 1)])
+def test_one_pixel_thin_clips_are_read(tmp_path: Path, height: int, width: int):
+    shown = content(5, height, width)
+    path = write_clip(tmp_path / "thin.mp4", shown)  # FFV1 in a .mov: 4:2:0 H.264 has no odd sizes
+    frames, _, info = read_clip(str(path), FrameSpec(resolutions=((height, width),), frame_buckets=(5,), fps=24))
+    assert info["source_size"] == [height, width] and mean_diff(frames[0], shown) < 3
+
+
+def test_sampled_rate_is_recorded_to_four_decimals(tmp_path: Path):
+    # 30 frames over 1.475 s: 19.66101... fps, below the 24 asked for, so every frame is taken.
+    times = [0.1 * i for i in range(10)] + [1.0 + 0.025 * i for i in range(20)]
+    path = make_clip(tmp_path / "vfr.mp4", frames=30, times=times)
+    _, _, info = read_clip(str(path), FrameSpec(resolutions=((48, 64),), frame_buckets=(9,), fps=24))
+    assert info["fps"] == info["source_fps"] == 19.661

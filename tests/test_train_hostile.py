@@ -149,6 +149,13 @@ def test_a_read_only_output_is_one_line_naming_the_folder(tiny_cache: Path, tmp_
         assert os.listdir(folder) == []
 
 
+def _fill(path: Path) -> None:
+    """Write zeros to ``path`` until the disk is full (unbuffered: nothing is left to flush at close)."""
+    with open(path, "wb", buffering=0) as filler, contextlib.suppress(OSError):
+        while True:
+            filler.write(b"\0" * 65536)
+
+
 def test_a_checkpoint_on_a_full_disk_is_one_line_and_keeps_the_earlier_ones(tiny_cache: Path, tmp_path: Path):
     with _tmpfs(tmp_path / "small", "size=2m") as disk:
         output = disk / "run"
@@ -158,9 +165,7 @@ def test_a_checkpoint_on_a_full_disk_is_one_line_and_keeps_the_earlier_ones(tiny
                 return
             reserve = disk / "reserve"
             reserve.write_bytes(b"\0" * 8192)  # two pages: room for a metrics line, not for a checkpoint
-            with open(disk / "filler", "wb", buffering=0) as filler, contextlib.suppress(OSError):
-                while True:  # until ENOSPC (unbuffered: nothing is left to flush at close)
-                    filler.write(b"\0" * 65536)
+            _fill(disk / "filler")
             reserve.unlink()
 
         with pytest.raises(ValueError) as failed:
@@ -193,9 +198,7 @@ def test_a_disk_that_fills_between_checkpoints_is_one_line_too(tiny_cache: Path,
             metrics = output / "metrics.jsonl"
             with open(metrics, "a") as f:  # blank lines (readers skip them) up to a page boundary
                 f.write("\n" * (-metrics.stat().st_size % 4096))
-            with open(disk / "filler", "wb", buffering=0) as filler, contextlib.suppress(OSError):
-                while True:  # until ENOSPC: step 4's metrics line finds no room
-                    filler.write(b"\0" * 65536)
+            _fill(disk / "filler")  # step 4's metrics line finds no room
 
         with pytest.raises(ValueError) as failed:
             train(_config(tiny_cache, output, max_steps=6, checkpoint_every=2), on_step=fill_the_disk_after_step_3)

@@ -53,7 +53,8 @@ def test_largest_4k1(n: int, expected: int):
 
 @pytest.mark.parametrize(
     "source_fps, fps, expected",
-    [(24.0, 8.0, 3.0), (12.0, 8.0, 1.5), (8.0, 8.0, 1.0), (4.0, 8.0, 1.0), (0.0, 8.0, 1.0), (-5.0, 8.0, 1.0)],
+    [(24.0, 8.0, 3.0), (12.0, 8.0, 1.5), (8.0, 8.0, 1.0), (4.0, 8.0, 1.0), (1.0, 0.5, 2.0), (0.0, 8.0, 1.0)]
+    + [(-5.0, 8.0, 1.0), (math.nan, 8.0, 1.0)],
 )
 def test_sampling_stride_is_source_frames_per_sample_never_below_one(source_fps: float, fps: float, expected: float):
     assert sampling_stride(source_fps, fps) == expected
@@ -270,3 +271,21 @@ def test_jpeg_strip_of_very_tall_frames_is_one_pixel_wide_a_frame():
     assert Image.open(io.BytesIO(jpeg_strip(tall))).size == (3, 64)
     thread = np.full((2, 200, 1, 3), 200, np.uint8)  # 0.32 rounds to 0: still 1 pixel
     assert Image.open(io.BytesIO(jpeg_strip(thread))).size == (2, 64)
+
+
+def test_frame_rates_of_clips_that_start_late_or_run_below_one_fps():
+    # Timestamps need not start at 0; rates below 1 fps (time-lapse) are rates like any other.
+    assert frame_times([1.0 + i * 0.125 for i in range(9)], 30.0) == (8.0, None)
+    assert frame_times([2.0 + i * 0.125 for i in range(9)], 8.4) == (8.4, None)
+    fps, nearest = frame_times([2.0, 2.125, 2.25, 2.75, 3.0], 99.0)
+    assert fps == 4.0 and nearest.tolist() == [0, 2, 2, 3, 4]
+    assert frame_times([0.0, 0.0], 0.5) == (0.5, None)  # no usable stamps, a 0.5 fps container
+    # 4 steps of 2 s: 0.55 fps ends its grid at 7.27 s, within a frame's half (1 s) of the last stamp (8 s).
+    assert frame_times([0.0, 2.0, 4.0, 6.0, 8.0], 0.55) == (0.55, None)
+
+
+def test_the_last_grid_point_may_fall_just_after_the_last_frame():
+    # In floating point 0.1 + 7 * (0.9 / 7) is a little above 1.0: the grid's end still takes the last frame.
+    stamps = [0.1, 0.11, 0.12, 0.13, 0.14, 0.15, 0.16, 1.0]
+    fps, nearest = frame_times(stamps, 99.0)
+    assert fps == pytest.approx(7 / 0.9) and nearest.tolist() == [0, 6, 6, 6, 7, 7, 7, 7]

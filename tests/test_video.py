@@ -299,6 +299,7 @@ def test_a_frame_taken_twice_is_decoded_once_and_placed_twice(tmp_path: Path):
     path = make_clip(tmp_path / "gap.mp4", frames=10, times=times)
     frames, plan, info = read_clip(str(path), FrameSpec(resolutions=((48, 64),), frame_buckets=(9,), fps=24))
     assert plan.windows == [[0, 2, 4, 4, 4, 5, 5, 5, 7]] and info["source_fps"] == info["fps"] == 5.625
+    assert plan.available == 10 and plan.bucket.name == "9x48x64"
     assert mean_diff(frames[0], content(10, 48, 64)[plan.windows[0]]) < 3
 
 

@@ -1351,3 +1351,34 @@ def test_a_shard_that_cannot_be_opened_says_why(tmp_path: Path):
     with pytest.raises(CacheError) as err:
         read_verified(tmp_path, ShardRecord("loop.tar", 0, 0, "0" * 64))
     assert str(err.value) == f"Shard {tmp_path / 'loop.tar'} cannot be opened (Too many levels of symbolic links)."
+
+
+# --- survivors of the second io.py run ---
+
+
+def test_last_io_survivors(tmp_path: Path):
+    import hashlib
+
+    from cogvx.shards import ShardWriter, check_sample
+    from cogvx.shards.io import check_shard, file_sha256
+
+    from .test_shards import _sample
+
+    data = bytes(range(256)) * (((1 << 22) + 300) // 256)
+    (tmp_path / "f").write_bytes(data)
+    assert file_sha256(tmp_path / "f", (1 << 22) + 1) == hashlib.sha256(data[: (1 << 22) + 1]).hexdigest()
+    os.mkfifo(tmp_path / "p.tar")
+    err = refusal_without_blocking(
+        tmp_path / "p.tar", lambda: check_shard(tmp_path, ShardRecord("p.tar", 0, 0, "0" * 64))
+    )
+    assert str(err).startswith(f"Shard {tmp_path / 'p.tar'} is not a regular file")
+    bare = Sample("k", {}, {"bucket": "b"})
+    with pytest.raises(CacheError, match="^Sample k in o holds no tensors, but bucket b is x int8 \\[1\\]; training"):
+        check_sample(bare, None, {"x": {"dtype": "int8", "shape": [1]}}, "o")
+    with pytest.raises(CacheError, match="^Sample k in o holds x int8 \\[1\\], but bucket b is empty; training"):
+        check_sample(Sample("k", {"x": torch.ones(1, dtype=torch.int8)}, {"bucket": "b"}), None, {}, "o")
+    records: list[ShardRecord] = []
+    writer = ShardWriter(tmp_path / "a" / "b", "s", records.append, max_bytes=_one_sample_bytes() + 1)
+    for i in range(3):  # two samples reach max_bytes; the third starts again from zero
+        writer.write(*_sample(i))
+    assert [[e.key for e in r.samples] for r in records] == [["k0", "k1"]]

@@ -29,6 +29,7 @@ def property_examples(ci: int) -> int:
     """Cases for one property: ``ci`` by default, COGVX_PROPERTY_EXAMPLES when that is set."""
     return PROPERTY_EXAMPLES or ci
 
+
 ROOT = Path(__file__).resolve().parents[1]
 CLIPS = ROOT / "examples" / "clips"
 SEED_LAYOUT = ROOT / "examples" / "seed-layout"

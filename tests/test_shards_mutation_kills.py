@@ -1382,3 +1382,203 @@ def test_last_io_survivors(tmp_path: Path):
     for i in range(3):  # two samples reach max_bytes; the third starts again from zero
         writer.write(*_sample(i))
     assert [[e.key for e in r.samples] for r in records] == [["k0", "k1"]]
+
+
+# --- survivors of the third io.py run ---
+
+
+def _pax_within(data: bytes, seconds: float = 5.0):
+    """The records ``_pax_records`` reads from ``data``, or the error it raises; fails if it never returns."""
+    import threading
+
+    from cogvx.shards.io import ShardReader, _pax_records
+
+    out: list = []
+
+    def target():
+        try:
+            out.append(_pax_records(data, ShardReader(b"", "/c/s.tar")))
+        except BaseException as err:  # handed to the test
+            out.append(err)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    assert out, f"reading the pax records {data!r} did not end within {seconds} s"
+    return out[0]
+
+
+def test_pax_lengths_have_at_most_19_digits_and_bytes_after_the_last_record_are_refused():
+    refused = "Shard /c/s.tar has a malformed pax header at byte 0. cogvx shards are plain"
+    assert _pax_within(b"0000000000000000024 a=b\n") == {"a": "b"}  # 19 digits, the space within 20 bytes
+    # Each of these would be a record only if a length were read past 19 digits, or guessed as 0 or 1.
+    for bad in (b"00000000000000000025 a=b\n", b"8 a=bcd\n\n", b"8 a=bcd\n3\n\n\0"):
+        err = _pax_within(bad)
+        assert isinstance(err, CacheError) and str(err).startswith(refused), (bad, err)
+    # Keys and values that are not UTF-8 are read with replacement characters, never refused.
+    assert _pax_within(b"8 k\xff=v\xfe\n") == {"k\ufffd": "v\ufffd"}
+
+
+def _refusal(data: bytes) -> str:
+    with pytest.raises(CacheError) as err:
+        _raw(data)
+    return str(err.value)
+
+
+def test_reader_refusals_name_the_pax_header_the_member_kind_the_raw_name_and_a_repeated_key():
+    import io
+    import tarfile
+
+    tail = ". cogvx shards are plain uncompressed tars of regular KEY.ext members;"
+    data = _tar_bytes([("a.json", b"{}")], pax={"k": "v"})  # the global header's one record: b"6 k=v\n"
+    assert data.count(b"6 k=v\n") == 1
+    assert _refusal(data.replace(b"6 k=v\n", b"9 k=v\n")).startswith(
+        f"Shard /c/s.tar has a malformed pax header at byte 1024{tail}"
+    )
+    big = _tar_bytes([("a.json", b"{}")], pax={"c": "x" * (1 << 20)})
+    message = _refusal(big)
+    assert message.startswith("Shard /c/s.tar has a member 'pax header' of 1048587 bytes, over the 1048576-byte limit")
+    # A symbolic link is named as one.
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        info = tarfile.TarInfo("k.json")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tar.addfile(info)
+    assert _refusal(buffer.getvalue()).startswith(f"Shard /c/s.tar holds 'k.json', a symbolic link{tail}")
+    # A member name that is not UTF-8 is read (surrogate-escaped) and refused by name, not by a decoding error.
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.USTAR_FORMAT, errors="surrogateescape") as tar:
+        info = tarfile.TarInfo("k\udcff.json")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"{}"))
+    assert b"k\xff.json" in buffer.getvalue()
+    assert _refusal(buffer.getvalue()).startswith(
+        "Shard /c/s.tar holds a member named 'k\\udcff.json', not KEY.ext with a plain key"
+    )
+    # A key that comes back after another sample's members.
+    again = _tar_bytes([("a.json", b"{}"), ("b.json", b"{}"), ("a.txt", b"")])
+    assert _refusal(again).startswith(f"Shard /c/s.tar holds sample key a twice{tail}")
+
+
+def test_a_member_that_ends_exactly_at_the_end_of_the_file_is_read():
+    data = _tar_bytes([("k.json", b"x" * 512)])
+    assert data[1024:] == bytes(len(data) - 1024)  # the header and the data; then only the end marker
+    assert _raw(data[:1024]) == [{"__key__": "k", "__url__": "/c/s.tar", "json": b"x" * 512}]
+
+
+def test_check_shards_names_the_shard_of_each_problem_and_lists_three_keys(tmp_path: Path):
+    import dataclasses
+
+    from cogvx.shards import ShardWriter, check_shards
+    from cogvx.shards.io import file_sha256
+
+    from .test_shards import _sample
+
+    manifest = _written_cache(tmp_path, samples=3)
+    first = manifest.shards[0]
+    wrong = ShardRecord(first.name, 3, first.bytes, first.sha256, first.samples[::-1], ["k7"], first.layouts)
+    assert [p.shard for p in check_shards(tmp_path, [wrong])] == [first.name] * 3
+    copy = dataclasses.replace(first, name="copy.tar")
+    (tmp_path / "copy.tar").write_bytes((tmp_path / first.name).read_bytes())
+    assert [(p.shard, p.message.split(";")[0]) for p in check_shards(tmp_path, [first, copy])] == [
+        ("copy.tar", f"copy.tar: sample key k0 is also served by {first.name}"),
+        ("copy.tar", f"copy.tar: sample key k1 is also served by {first.name}"),
+    ]
+    unrecorded = dataclasses.replace(first, layouts={"other": LAYOUT})
+    problems = check_shards(tmp_path, [unrecorded], deep=False)
+    assert [p.shard for p in problems] == [first.name] * 2 and "has no layout" in problems[0].message
+    # An unreadable shard (its bytes match the manifest, but it is no tar) does not stop the check.
+    (tmp_path / "bad.tar").write_bytes(b"\1" * 512)
+    bad = ShardRecord("bad.tar", 0, 512, file_sha256(tmp_path / "bad.tar"))
+    problems = check_shards(tmp_path, [bad, wrong])
+    assert [p.shard for p in problems] == ["bad.tar", first.name, first.name, first.name]
+    # Four missing, four unindexed and four unknown excluded keys: three of each are named.
+    records: list[ShardRecord] = []
+    writer = ShardWriter(tmp_path / "four", "s", records.append)
+    for i in range(4):
+        writer.write(*_sample(i))
+    writer.flush()
+    (record,) = records
+    others = [dataclasses.replace(entry, key=f"m{i}") for i, entry in enumerate(record.samples)]
+    lying = dataclasses.replace(record, samples=others, excluded=["x0", "x1", "x2", "x3"])
+    assert [p.message for p in check_shards(tmp_path / "four", [lying])] == [
+        f"{record.name}: sample keys differ from the manifest index (missing ['m0', 'm1', 'm2'], "
+        "not indexed ['k0', 'k1', 'k2'])",
+        f"{record.name}: excluded keys not in the shard: ['x0', 'x1', 'x2']",
+    ]
+
+
+def test_check_shards_bounds_tensor_members_by_the_recorded_layouts(tmp_path: Path):
+    from cogvx.shards import ShardWriter, check_shards
+
+    records: list[ShardRecord] = []
+    writer = ShardWriter(tmp_path, "s", records.append)
+    writer.write(Sample("k0", {"x": torch.zeros(300_000)}, {"bucket": "b"}), SampleEntry("k0", "v0", "h0", "b"))
+    writer.flush()
+    (record,) = records
+    record.layouts = {"b": {"x": {"dtype": "int8", "shape": [1]}}}  # a limit of 1 + 1 MiB bytes
+    (problem,) = check_shards(tmp_path, [record])
+    assert problem.message.startswith(f"Shard {tmp_path / record.name} has a member 'k0.safetensors' of ")
+    assert problem.message.endswith(
+        f" bytes, over the {1 + (1 << 20)}-byte limit for its kind. cogvx shards are plain uncompressed tars of "
+        "regular KEY.ext members; this one was not written by cogvx or was changed. The shard is unusable."
+    )
+
+
+def test_iter_record_samples_refuses_before_yielding_with_where_and_fix(tmp_path: Path):
+    import dataclasses
+
+    from cogvx.shards import iter_record_samples
+
+    record = _written_cache(tmp_path, samples=2).shards[0]
+    data = (tmp_path / record.name).read_bytes()
+    origin = str(tmp_path / record.name)
+    fix = f"The shard is unusable; run `cogvx shards verify {tmp_path}` for how to repair it."
+    moved = dataclasses.replace(
+        record, samples=[dataclasses.replace(record.samples[0], source="w0")] + record.samples[1:]
+    )
+    with pytest.raises(CacheError) as err:
+        next(iter_record_samples(data, moved, origin))
+    assert str(err.value) == (
+        f"Sample k0 in {origin}: its .json says source 'v0', the manifest's index says 'w0': the shard or the "
+        f"manifest was changed. {fix}"
+    )
+    with pytest.raises(CacheError) as err:
+        next(iter_record_samples(data, dataclasses.replace(record, layouts={"other": LAYOUT}), origin))
+    assert str(err.value) == (
+        f"Sample k0 in {origin}: its bucket {BUCKET} has no layout in the manifest's record of the shard. {fix}"
+    )
+
+
+def test_read_shard_passes_on_excluded_and_layouts_and_names_the_shard(tmp_path: Path):
+    from cogvx.shards import read_shard
+
+    record = _written_cache(tmp_path, samples=2).shards[0]
+    record.excluded = ["k0"]
+    assert [s.key for s in read_shard(tmp_path, record)] == ["k1"]
+    assert [s.key for s in read_shard(tmp_path, record, include_excluded=True)] == ["k0", "k1"]
+    other = {"moments": {"dtype": "float32", "shape": [2, 1, 2, 2]}}
+    with pytest.raises(CacheError) as err:
+        list(read_shard(tmp_path, record, layouts={BUCKET: other}))
+    assert str(err.value) == (
+        f"Sample k1 in {tmp_path / record.name} holds {describe_layout(LAYOUT)}, but bucket {BUCKET} is "
+        f"{describe_layout(other)}; training cannot batch it. The shard is unusable; run `cogvx shards verify "
+        f"{tmp_path}` for how to repair it."
+    )
+
+
+def test_a_shard_without_an_opened_time_was_opened_at_0(tmp_path: Path):
+    import io
+    import tarfile
+
+    from cogvx.shards.io import read_indexed_shard
+
+    record = _written_cache(tmp_path, samples=2).shards[0]
+    with (
+        tarfile.open(tmp_path / record.name) as source,
+        tarfile.open(tmp_path / "plain.tar", "w", format=tarfile.USTAR_FORMAT) as plain,
+    ):  # the same members without the writer's pax global header
+        for info in source.getmembers():
+            plain.addfile(info, io.BytesIO(source.extractfile(info).read()))
+    indexed = read_indexed_shard(tmp_path, "plain.tar")
+    assert (indexed.opened, indexed.header, [e.key for e in indexed.record.samples]) == (0, None, ["k0", "k1"])

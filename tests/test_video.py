@@ -346,3 +346,77 @@ def test_sampled_rate_is_recorded_to_four_decimals(tmp_path: Path):
     path = make_clip(tmp_path / "vfr.mp4", frames=30, times=times)
     _, _, info = read_clip(str(path), FrameSpec(resolutions=((48, 64),), frame_buckets=(9,), fps=24))
     assert info["fps"] == info["source_fps"] == 19.661
+
+
+# --- issue 16: the skips that turn decord's failures into records --------------------------------------
+
+
+def test_a_clip_whose_last_packets_are_corrupt_is_skipped_as_decoding_failed(tmp_path: Path):
+    # A real file: the index (moov moved to the front) and most frames are sound, every 7th byte of the
+    # last tenth is flipped. decord opens it and reads frame 0 and the timestamps, then fails decoding the
+    # last frames (get_batch and the frame-by-frame retry both raise DECORDError): the wrapper records why.
+    # With 60 frames and the second half flipped, decord's read-ahead met the damage while reading frame 0
+    # in 1 run of 4 ("unreadable video"); 300 frames, 1/10 flipped, gave "decoding failed" 120 times of 120.
+    import subprocess
+
+    import decord
+
+    plain, front = make_clip(tmp_path / "plain.mp4", frames=300), tmp_path / "front.mp4"
+    subprocess.run([ffmpeg(), "-loglevel", "error", "-y", "-i", str(plain), "-c", "copy", "-movflags", "faststart",
+                    str(front)], check=True)  # fmt: skip
+    data = bytearray(front.read_bytes())
+    for i in range(len(data) * 9 // 10, len(data), 7):
+        data[i] ^= 0xFF
+    path = tmp_path / "corrupt.mp4"
+    path.write_bytes(bytes(data))
+    with pytest.raises(SkipClip) as err:  # 49 frames 6 apart (24 to 4 fps): 0, 6, ..., 288
+        read_clip(str(path), FrameSpec(resolutions=((48, 64),), frame_buckets=(49,), fps=4))
+    assert err.value.reason == "decoding failed"
+    assert isinstance(err.value.__cause__, decord.DECORDError)
+    assert err.value.detail.startswith("DECORDError: [") and "threaded_decoder.cc" in err.value.detail
+
+
+def test_a_failure_reading_the_timestamps_is_skipped_as_unreadable(tmp_path: Path, monkeypatch):
+    # No real clip found makes decord fail there (the timestamps come from the index read at opening), so
+    # the failure is injected at decord's boundary: get_frame_timestamp raises as decord raises.
+    import decord
+
+    def broken(reader, indices):
+        raise decord.DECORDError("[12:00:00] video_reader.cc:9: Error: no timestamps\n")
+
+    monkeypatch.setattr(decord.VideoReader, "get_frame_timestamp", broken)
+    with pytest.raises(SkipClip) as err:
+        read_clip(str(make_clip(tmp_path / "clip.mp4", frames=10)), FrameSpec(resolutions=((48, 64),)))
+    assert err.value.reason == "unreadable video"
+    assert err.value.detail == "DECORDError: [12:00:00] video_reader.cc:9: Error: no timestamps"
+    assert isinstance(err.value.__cause__, decord.DECORDError)
+
+
+def test_a_video_that_opens_with_no_frames_is_skipped_as_unreadable(tmp_path: Path, monkeypatch):
+    # decord 0.6 refuses a zero-frame file when opening it ("unreadable video" with its error); a reader that
+    # opens and reports no frames (injected: len() is 0) is skipped with the same reason, before any decoding.
+    import decord
+
+    monkeypatch.setattr(decord.VideoReader, "__len__", lambda reader: 0)
+    with pytest.raises(SkipClip) as err:
+        read_clip(str(make_clip(tmp_path / "clip.mp4", frames=10)), FrameSpec(resolutions=((48, 64),)))
+    assert (err.value.reason, err.value.detail) == ("unreadable video", "no decodable frames")
+
+
+@pytest.mark.parametrize(
+    "height, width, bucket, scaled_by_decord",
+    [(32, 320, (32, 64), False), (192, 32, (64, 32), True)],
+)
+def test_the_decoding_path_compares_the_cover_with_the_bucket_area(
+    tmp_path: Path, monkeypatch, height, width, bucket, scaled_by_decord
+):
+    # Non-square buckets: 32x320 into 32x64 has a 32x320 cover, 5 times the bucket's 2048 pixels (cropped
+    # first, no get_batch); 192x32 into 64x32 has a 192x32 cover, 3 times (decord scales). Comparing with
+    # width * width instead would pick the other path for both.
+    calls = record_batches(monkeypatch)
+    shown = content(5, height, width)
+    path = write_clip(tmp_path / "clip.mp4", shown)
+    frames, plan, _ = read_clip(str(path), FrameSpec(resolutions=(bucket,), frame_buckets=(5,), fps=24))
+    assert bool(calls) == scaled_by_decord and plan.bucket.name == f"5x{bucket[0]}x{bucket[1]}"
+    top, left = (height - bucket[0]) // 2, (width - bucket[1]) // 2
+    assert mean_diff(frames[0], shown[:, top : top + bucket[0], left : left + bucket[1]]) < 3

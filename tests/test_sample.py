@@ -167,7 +167,9 @@ def test_lora_for_another_base_is_refused_naming_both_models(tiny_cache: Path, t
     assert "--model tiny-2b" in str(err.value)
     assert not (tmp_path / "x.mp4").exists()
 
-    out = CliRunner().invoke(app, ["sample", "--lora", str(run), "--model", str(other), "--prompt", "a cat"])
+    output = tmp_path / "cli.mp4"  # not the default samples/ in the working folder
+    args = ["sample", "--lora", str(run), "--model", str(other), "--prompt", "a cat", "--output", str(output)]
+    out = CliRunner().invoke(app, args)
     assert out.exit_code == 1 and "tiny-2b" in out.output
 
 

@@ -123,7 +123,7 @@ def decode_sample(raw: dict[str, Any], origin: str = "") -> Sample:
     key = raw["__key__"]
     try:
         tensors = load_tensors(raw[TENSORS])
-        meta = json.loads(raw[META])
+        meta = raw["__meta__"] if "__meta__" in raw else json.loads(raw[META])  # parsed once by the reader
     except KeyError as err:
         raise CacheError(f"Sample {key} in {origin} has no .{err.args[0]} member; the shard is damaged.") from err
     except Exception as err:
@@ -627,7 +627,7 @@ def iter_record_samples(
             raise CacheError(f"{where}: its .json cannot be parsed ({err}). {fix}.") from err
         check_index(meta, entry, where, fix)
         _check_recorded(meta["bucket"], record, where, fix)
-        raw["__entry__"], raw["__layouts__"] = entry, layouts
+        raw["__entry__"], raw["__layouts__"], raw["__meta__"] = entry, layouts, meta
         yield raw
 
 

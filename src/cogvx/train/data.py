@@ -12,7 +12,6 @@ same one-line exception the in-process stream raises, not as DataLoader's wrappe
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterator
 from pathlib import Path
@@ -83,7 +82,7 @@ class ShardStream(IterableDataset):
         """Groups of ``batch_size`` raw samples of one bucket (shape), in the order they fill up."""
         pending: dict[str, list[dict[str, Any]]] = {}
         for raw in samples:
-            bucket = json.loads(raw["json"])["bucket"]
+            bucket = raw["__meta__"]["bucket"]  # parsed and checked by iter_record_samples
             group = pending.setdefault(bucket, [])
             group.append(raw)
             if len(group) == self.batch_size:

@@ -73,22 +73,11 @@ def test_lora_loads_in_diffusers_and_reproduces_training(layout: Path, tmp_path:
 def test_cli_quick_start(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     runner = CliRunner()
-    out = runner.invoke(app, ["preprocess", "--data", str(CLIPS), "--model", "tiny", "--workers", "0"])
+    # The README's main job, flag for flag (default workers, rank and checkpoints included).
+    out = runner.invoke(app, ["preprocess", "--data", str(CLIPS), "--model", "tiny"])
     assert out.exit_code == 0, out.output
     assert (tmp_path / "shards" / "manifest.json").is_file()
-    args = [
-        "train",
-        "--shards",
-        "shards",
-        "--output",
-        "runs/first",
-        "--max-steps",
-        "3",
-        "--rank",
-        "4",
-        "--workers",
-        "0",
-    ]
+    args = ["train", "--shards", "shards", "--output", "runs/first", "--max-steps", "20"]
     out = runner.invoke(app, args)
     assert out.exit_code == 0, out.output
     assert (tmp_path / "runs" / "first" / "pytorch_lora_weights.safetensors").is_file()

@@ -290,12 +290,12 @@ def _given(values: dict, *drop: str) -> dict:
 
 def _guard(action) -> None:
     """Run a command; user errors print one clear line and exit 1 instead of a traceback."""
-    from cogvx.shards import CacheError
+    from cogvx.errors import CogvxError
     from cogvx.train.loop import TrainingDiverged
 
     try:
         action()
-    except (*USER_ERRORS, CacheError, TrainingDiverged) as err:
+    except (*USER_ERRORS, CogvxError, TrainingDiverged) as err:
         console.print(f"[bold red]error:[/bold red] {err}")
         raise typer.Exit(1) from err
 

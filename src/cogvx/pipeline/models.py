@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from cogvx.errors import ModelError
+
 DEFAULT_MODEL = "THUDM/CogVideoX-2b"
 # Prompt length in T5 tokens when a transformer config does not say (every published CogVideoX says 226);
 # the model's own `max_text_seq_length` decides it everywhere else.
@@ -46,6 +48,21 @@ T5_COMPUTE_FIELDS = (
 # train time from the training model's own config (2b and 5b differ only there); `force_upcast` and
 # `invert_scale_latents` tell pipelines how to decode in fp16 and how to scale image latents.
 VAE_NON_COMPUTE_FIELDS = ("scaling_factor", "force_upcast", "invert_scale_latents")
+
+
+def choose_model(given: str | None, *recorded: tuple[str | None, str]) -> str:
+    """``--model``'s one rule: the model given, else the first one recorded with the input, else an error.
+
+    ``recorded`` are (model name or None, where it would be recorded) pairs, e.g. the cache's manifest or
+    a run's config.json; the error names every place that was looked at.
+    """
+    if given:
+        return given
+    for name, _where in recorded:
+        if name:
+            return name
+    places = " nor ".join(where for _name, where in recorded) or "the input"
+    raise ModelError(f"Neither {places} names a base model: pass --model.")
 
 
 def parse_dtype(name: str) -> torch.dtype:

@@ -17,10 +17,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cogvx.errors import CacheError
+from cogvx.shards import paths
+
 FORMAT_NAME = "cogvx-cache"
 FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-SKIPPED_NAME = "skipped.jsonl"  # inputs preprocessing could not use: {"source", "reason", "detail"}
+MANIFEST_NAME = paths.MANIFEST
+SKIPPED_NAME = paths.SKIPPED
 
 
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # sample keys: webdataset splits member names at a dot
@@ -28,10 +31,6 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 # What each tensor of one bucket looks like: {bucket: {tensor name: {"dtype": "bfloat16", "shape": [...]}}}.
 Layouts = dict[str, dict[str, dict[str, Any]]]
-
-
-class CacheError(ValueError):
-    """A cache folder that cannot be used as it is; the message says which file and what to do."""
 
 
 def is_plain_name(name: object) -> bool:

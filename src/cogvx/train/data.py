@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from cogvx.errors import CogvxError
 from cogvx.shards import CacheError, ShardRecord, decode_sample, iter_record_samples, merged_layouts, open_shard
 
 
@@ -149,5 +150,5 @@ class _ReportingErrors(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any] | _WorkerError]:
         try:
             yield from self.stream
-        except ValueError as err:  # CacheError is a ValueError
+        except CogvxError as err:
             yield _WorkerError(err)

@@ -1,0 +1,174 @@
+"""The run folder ``cogvx train`` writes: the one place that names its parts.
+
+::
+
+    RUN/
+      config.json, config.toml          the resolved settings (model included)
+      metrics.jsonl                     one JSON line per optimizer step
+      pytorch_lora_weights.safetensors  the LoRA, in the format diffusers loads
+      README.md, loss.png, report.html  model card, loss curve, HTML report
+      checkpoint-NNNNNN/                everything needed to resume exactly (newest few kept)
+      validation/step-NNNNNN/sample-KK.safetensors (.mp4), sheet.png
+      logs/                             tensorboard / wandb
+      .lock                             held by the one `cogvx train` writing the folder
+
+Train, sample, render and report build paths with these functions and read the folder through them;
+no other module writes these names.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+CONFIG_JSON = "config.json"
+CONFIG_TOML = "config.toml"
+METRICS = "metrics.jsonl"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
+MODEL_CARD = "README.md"
+LOSS_CURVE = "loss.png"
+REPORT = "report.html"
+LOGS = "logs"
+LOCK = ".lock"
+VALIDATION = "validation"
+SHEET = "sheet.png"  # a contact sheet of one validation step's videos
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d{6,})$")
+CHECKPOINT_STATE = "state.json"  # written last: a checkpoint without it is incomplete
+CHECKPOINT_LORA = "lora.safetensors"
+_STEP = re.compile(r"^step-(\d+)$")
+_SAMPLE = re.compile(r"^sample-(\d+)\.safetensors$")
+
+
+def config_json(run: Path) -> Path:
+    return Path(run) / CONFIG_JSON
+
+
+def config_toml(run: Path) -> Path:
+    return Path(run) / CONFIG_TOML
+
+
+def metrics(run: Path) -> Path:
+    return Path(run) / METRICS
+
+
+def lora_weights(run: Path) -> Path:
+    return Path(run) / LORA_WEIGHTS
+
+
+def model_card(run: Path) -> Path:
+    return Path(run) / MODEL_CARD
+
+
+def loss_curve(run: Path) -> Path:
+    return Path(run) / LOSS_CURVE
+
+
+def report(run: Path) -> Path:
+    return Path(run) / REPORT
+
+
+def logs(run: Path) -> Path:
+    return Path(run) / LOGS
+
+
+def lock(run: Path) -> Path:
+    return Path(run) / LOCK
+
+
+# --- checkpoints ---
+
+
+def checkpoint(run: Path, step: int) -> Path:
+    return Path(run) / f"checkpoint-{step:06d}"
+
+
+def checkpoint_step(path: Path) -> int | None:
+    """The step of a ``checkpoint-NNNNNN`` folder name, None for any other name."""
+    match = _CHECKPOINT.match(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def checkpoint_staging(run: Path, step: int, owner: str) -> Path:
+    """The hidden folder a checkpoint is written into before it is renamed into place."""
+    return Path(run) / f".checkpoint-{step:06d}.{owner}.partial"
+
+
+def checkpoint_discarded(path: Path) -> Path:
+    """Where an old checkpoint goes while it is deleted, so a half-deleted one never looks complete."""
+    return Path(path).parent / f".{Path(path).name}.deleting"
+
+
+def stale_checkpoint_files(run: Path) -> list[Path]:
+    """What killed runs left half-written or half-deleted (never a complete checkpoint)."""
+    return sorted(Path(run).glob(".checkpoint-*")) if Path(run).is_dir() else []
+
+
+def checkpoint_state(folder: Path) -> Path:
+    return Path(folder) / CHECKPOINT_STATE
+
+
+def checkpoint_lora(folder: Path) -> Path:
+    return Path(folder) / CHECKPOINT_LORA
+
+
+def checkpoint_component(folder: Path, name: str) -> Path:
+    """A ``torch.save``-d component state (optimizer, lr_schedule, scaler) of a checkpoint."""
+    return Path(folder) / f"{name}.pt"
+
+
+def checkpoint_components(folder: Path) -> dict[str, Path]:
+    return {p.stem: p for p in sorted(Path(folder).glob("*.pt"))}
+
+
+def checkpoints(run: Path) -> list[Path]:
+    """Complete checkpoints in ``run``, oldest first (an unfinished one has no state file)."""
+    if not Path(run).is_dir():
+        return []
+    found = [p for p in Path(run).iterdir() if checkpoint_step(p) is not None and checkpoint_state(p).is_file()]
+    return sorted(found, key=checkpoint_step)
+
+
+# --- validation ---
+
+
+def validation(run: Path) -> Path:
+    return Path(run) / VALIDATION
+
+
+def validation_step(run: Path, step: int) -> Path:
+    return validation(run) / f"step-{step:06d}"
+
+
+def validation_sample(step_folder: Path, index: int) -> Path:
+    return Path(step_folder) / f"sample-{index:02d}.safetensors"
+
+
+def validation_video(sample: Path) -> Path:
+    return Path(sample).with_suffix(".mp4")
+
+
+def validation_sheet(step_folder: Path) -> Path:
+    return Path(step_folder) / SHEET
+
+
+def validation_steps(run: Path) -> list[tuple[int, Path, list[Path]]]:
+    """Every ``validation/step-NNNNNN/`` with samples: (step, folder, sample-KK.safetensors in KK order)."""
+    found = []
+    root = validation(run)
+    if root.is_dir():
+        for folder in root.iterdir():
+            match = _STEP.match(folder.name)
+            if not (match and folder.is_dir()):
+                continue
+            samples = sorted(
+                (p for p in folder.iterdir() if _SAMPLE.match(p.name)), key=lambda p: int(_SAMPLE.match(p.name)[1])
+            )
+            if samples:
+                found.append((int(match.group(1)), folder, samples))
+    return sorted(found, key=lambda item: item[0])
+
+
+def temporary(path: Path) -> Path:
+    """Hidden sibling a file is written to before ``os.replace`` puts it in place."""
+    return Path(path).with_name(f".{Path(path).name}.tmp")

@@ -18,8 +18,14 @@ no other module writes these names.
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import re
 from pathlib import Path
+from typing import Any
+
+from cogvx.errors import RunError
 
 CONFIG_JSON = "config.json"
 CONFIG_TOML = "config.toml"
@@ -172,3 +178,70 @@ def validation_steps(run: Path) -> list[tuple[int, Path, list[Path]]]:
 def temporary(path: Path) -> Path:
     """Hidden sibling a file is written to before ``os.replace`` puts it in place."""
     return Path(path).with_name(f".{Path(path).name}.tmp")
+
+
+# --- readers and writers ---
+
+
+def write_config(run: Path, resolved: dict[str, Any], toml: str) -> None:
+    """The resolved settings, as JSON (for tools) and TOML (``cogvx train --config`` reads it back)."""
+    _write_text(config_json(run), json.dumps(resolved, indent=1))
+    _write_text(config_toml(run), toml)
+
+
+def read_config(run: Path) -> dict[str, Any]:
+    """A run's resolved settings from config.json; {} when it has none."""
+    path = config_json(run)
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunError(f"{path} is not valid JSON ({err}); fix it, or pass --model explicitly.") from err
+    if not isinstance(data, dict):
+        raise RunError(f"{path} does not hold a JSON object of settings; fix it, or pass --model explicitly.")
+    return data
+
+
+def read_metrics_counted(run: Path) -> tuple[list[dict[str, Any]], int]:
+    """The records of metrics.jsonl, and how many lines were unreadable (cut short by a killed process)."""
+    records, bad = [], 0
+    path = metrics(run)
+    if not path.is_file():
+        return records, bad
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
+            records.append(record)
+        else:
+            bad += 1
+    return records, bad
+
+
+def read_metrics(run: Path) -> list[dict[str, Any]]:
+    """The readable records of metrics.jsonl."""
+    return read_metrics_counted(run)[0]
+
+
+def keep_metrics_until(run: Path, step: int) -> None:
+    """On resume, keep one line per step up to the checkpoint: later steps will be trained again."""
+    if metrics(run).is_file():
+        kept = {r["step"]: r for r in read_metrics(run) if r.get("step", math.inf) <= step}
+        _write_text(metrics(run), "".join(json.dumps(kept[s]) + "\n" for s in sorted(kept)))
+
+
+def append_metrics(run: Path, record: dict[str, Any]) -> None:
+    with open(metrics(run), "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = temporary(path)
+    tmp.write_text(text)
+    os.replace(tmp, path)

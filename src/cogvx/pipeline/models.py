@@ -19,6 +19,8 @@ import torch
 from cogvx.errors import ModelError
 
 DEFAULT_MODEL = "THUDM/CogVideoX-2b"
+# The frame rate CogVideoX 1.0 was trained at: clips are sampled at it and videos written at it by default.
+NATIVE_FPS = 8
 # Prompt length in T5 tokens when a transformer config does not say (every published CogVideoX says 226);
 # the model's own `max_text_seq_length` decides it everywhere else.
 DEFAULT_TEXT_TOKENS = 226

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from cogvx.errors import ModelError
+from cogvx.errors import ConfigError, ModelError
 
 DEFAULT_MODEL = "THUDM/CogVideoX-2b"
 # The frame rate CogVideoX 1.0 was trained at: clips are sampled at it and videos written at it by default.
@@ -70,7 +70,7 @@ def choose_model(given: str | None, *recorded: tuple[str | None, str]) -> str:
 def parse_dtype(name: str) -> torch.dtype:
     """``bf16`` / ``fp16`` / ``fp32`` to a torch dtype, with a clear error otherwise."""
     if name not in DTYPES:
-        raise ValueError(f"Unknown dtype {name!r}: use one of {', '.join(DTYPES)}.")
+        raise ConfigError(f"Unknown dtype {name!r}: use one of {', '.join(DTYPES)}.")
     return DTYPES[name]
 
 
@@ -90,14 +90,14 @@ def resolve_model(name: str) -> str:
     path = Path(name).expanduser()
     if path.exists():
         if not (path / "model_index.json").is_file():
-            raise ValueError(
+            raise ModelError(
                 f"{path} is not a diffusers model folder (no model_index.json). Point --model at the folder "
                 "that holds model_index.json and the transformer/, vae/, text_encoder/, tokenizer/ and "
                 "scheduler/ subfolders, or pass a hub id such as THUDM/CogVideoX-2b."
             )
         return str(path.resolve())
     if name.count("/") != 1 or name.startswith((".", "/", "~")):
-        raise ValueError(
+        raise ModelError(
             f"--model {name!r} is neither an existing folder nor a hub id of the form owner/name "
             f"(nor one of the built-in models: {', '.join(tiny.VARIANTS)})."
         )

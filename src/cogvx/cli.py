@@ -1,13 +1,28 @@
-"""The ``cogvx`` command: each subcommand builds a config and calls its stage's ``run``."""
+"""The ``cogvx`` command: each subcommand builds its stage's config from the flags given and calls ``run``.
+
+Every ``[default: ...]`` in the help comes from the stage's config dataclass (``_help``), the one place
+each default lives. Flags are passed to the config by name, explicitly: what a flag sets can be
+followed from here to its use. A ``CogvxError`` prints as one line; anything else keeps its traceback.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import sys
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.console import Console
 
+from cogvx import __version__, runs
 from cogvx import config as configfile
+from cogvx.errors import CogvxError
+from cogvx.pipeline.generate import RenderConfig, SampleConfig
+from cogvx.preprocess.run import PreprocessConfig
+from cogvx.report import ReportConfig
+from cogvx.shards.tools import InspectConfig
+from cogvx.train.config import TrainConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -20,7 +35,47 @@ shards_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Look
 app.add_typer(shards_app, name="shards")
 console = Console(stderr=True)
 
-USER_ERRORS = (ValueError, FileNotFoundError, ImportError)
+
+def _shown(value: Any) -> str:
+    """A dataclass default as the help text shows it."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (tuple, list)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
+def _help(config: type, name: str, text: str, rule: str | None = None) -> str:
+    """``text`` with the default of ``config``'s field ``name``; ``rule`` says what an unset (None) field means."""
+    field = {f.name: f for f in dataclasses.fields(config)}[name]
+    default = field.default
+    if default is dataclasses.MISSING and field.default_factory is not dataclasses.MISSING:
+        default = field.default_factory()
+    if default is None or default is dataclasses.MISSING or default in ("", ()):
+        return f"{text} [default: {rule}]" if rule else text
+    if rule is not None:
+        raise TypeError(f"{config.__name__}.{name} has a default ({default!r}); a rule is only for unset fields")
+    return f"{text} [default: {_shown(default)}]"
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"cogvx {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    version: bool = typer.Option(
+        None, "--version", callback=_version, is_eager=True, help="Print cogvx's version and exit."
+    ),
+) -> None:
+    """Fine-tune CogVideoX with LoRA from a latent cache."""
+
+
+P = PreprocessConfig
 
 
 @app.command()
@@ -28,38 +83,56 @@ def preprocess(
     data: Path = typer.Option(
         ..., help="Folder of videos with .txt captions, a root with prompts.txt/videos.txt, or a .csv/.jsonl file."
     ),
-    output: Path = typer.Option(None, help="Cache folder to write [default: shards]."),
-    model: str = typer.Option(None, help="Hub id, local diffusers folder, or tiny [default: THUDM/CogVideoX-2b]."),
-    height: int = typer.Option(None, help="Frame height in pixels [default: the model's native size, 480 for 2b/5b]."),
-    width: int = typer.Option(None, help="Frame width in pixels [default: the model's native size, 720 for 2b/5b]."),
+    output: Path = typer.Option(None, help=_help(P, "output", "Cache folder to write.")),
+    model: str = typer.Option(None, help=_help(P, "model", "Hub id, local diffusers folder, or tiny.")),
+    height: int = typer.Option(
+        None, help=_help(P, "height", "Frame height in pixels.", "the model's native size, 480 for 2b/5b")
+    ),
+    width: int = typer.Option(
+        None, help=_help(P, "width", "Frame width in pixels.", "the model's native size, 720 for 2b/5b")
+    ),
     resolution: list[str] = typer.Option(
         None, help="A HEIGHTxWIDTH bucket, repeatable; each clip goes to the closest aspect ratio."
     ),
-    max_frames: int = typer.Option(None, help="Frames per sample, 4k+1 [default: 49]."),
+    max_frames: int = typer.Option(None, help=_help(P, "max_frames", "Frames per sample, 4k+1.")),
     frame_bucket: list[int] = typer.Option(
         None, help="A frame count (4k+1) bucket, repeatable, instead of --max-frames; clips take the longest that fits."
     ),
-    min_frames: int = typer.Option(None, help="Skip clips shorter than this after sampling [default: 5]."),
-    fps: float = typer.Option(None, help="Sample frames at this rate, from each clip's real rate [default: 8]."),
-    skip_frames_start: int = typer.Option(None, help="Source frames to drop at the start [default: 0]."),
-    skip_frames_end: int = typer.Option(None, help="Source frames to drop at the end [default: 0]."),
-    resize: str = typer.Option(None, help="crop (cover, centre crop) or stretch [default: crop]."),
-    windows: int = typer.Option(None, help="Up to this many evenly spaced windows from a long clip [default: 1]."),
-    max_upscale: float = typer.Option(None, help="Skip clips that need more enlarging than this [default: 4]."),
-    id_token: str = typer.Option(None, help="Prepended to every caption with a space."),
+    min_frames: int = typer.Option(None, help=_help(P, "min_frames", "Skip clips shorter than this after sampling.")),
+    fps: float = typer.Option(None, help=_help(P, "fps", "Sample frames at this rate, from each clip's real rate.")),
+    skip_frames_start: int = typer.Option(
+        None, help=_help(P, "skip_frames_start", "Source frames to drop at the start.")
+    ),
+    skip_frames_end: int = typer.Option(None, help=_help(P, "skip_frames_end", "Source frames to drop at the end.")),
+    resize: str = typer.Option(None, help=_help(P, "resize", "crop (cover, centre crop) or stretch.")),
+    windows: int = typer.Option(
+        None, help=_help(P, "windows", "Up to this many evenly spaced windows from a long clip.")
+    ),
+    max_upscale: float = typer.Option(
+        None, help=_help(P, "max_upscale", "Skip clips that need more enlarging than this.")
+    ),
+    id_token: str = typer.Option(None, help=_help(P, "id_token", "Prepended to every caption with a space.")),
     caption_column: str = typer.Option(
-        None, help="Caption file (seed layout) or column (.csv/.jsonl) [default: prompts.txt / caption]."
+        None,
+        help=_help(P, "caption_column", "Caption file (seed layout) or column (.csv/.jsonl).", "prompts.txt / caption"),
     ),
     video_column: str = typer.Option(
-        None, help="Video list file (seed layout) or column (.csv/.jsonl) [default: videos.txt / video]."
+        None,
+        help=_help(P, "video_column", "Video list file (seed layout) or column (.csv/.jsonl).", "videos.txt / video"),
     ),
-    dtype: str = typer.Option(None, help="bf16, fp16 or fp32 for the VAE and T5 [default: bf16]."),
-    device: str = typer.Option(None, help="cuda, cuda:1, cpu [default: cuda if available, one GPU per rank]."),
-    workers: int = typer.Option(None, help="Video decoding processes per rank [default: 2]."),
-    vae_batch: int = typer.Option(None, help="Clips of one shape per VAE call [default: 1]."),
-    vae_tiling: bool = typer.Option(None, "--vae-tiling/--no-vae-tiling", help="Encode in tiles (less memory)."),
-    vae_slicing: bool = typer.Option(None, "--vae-slicing/--no-vae-slicing", help="Encode a batch one clip at a time."),
-    shard_max_mb: int = typer.Option(None, help="Shard size limit in MiB [default: 512]."),
+    dtype: str = typer.Option(None, help=_help(P, "dtype", "bf16, fp16 or fp32 for the VAE and T5.")),
+    device: str = typer.Option(
+        None, help=_help(P, "device", "cuda, cuda:1, cpu.", "cuda if available, one GPU per rank")
+    ),
+    workers: int = typer.Option(None, help=_help(P, "workers", "Video decoding processes per rank.")),
+    vae_batch: int = typer.Option(None, help=_help(P, "vae_batch", "Clips of one shape per VAE call.")),
+    vae_tiling: bool = typer.Option(
+        None, "--vae-tiling/--no-vae-tiling", help=_help(P, "vae_tiling", "Encode in tiles (less memory).")
+    ),
+    vae_slicing: bool = typer.Option(
+        None, "--vae-slicing/--no-vae-slicing", help=_help(P, "vae_slicing", "Encode a batch one clip at a time.")
+    ),
+    shard_max_mb: int = typer.Option(None, help=_help(P, "shard_max_mb", "Shard size limit in MiB.")),
     validation_prompt: list[str] = typer.Option(
         None, help="Store this prompt's embedding for validation during training (repeatable)."
     ),
@@ -72,67 +145,162 @@ def preprocess(
     config: Path = typer.Option(None, help="TOML file with any of these settings (flags win)."),
 ) -> None:
     """Encode videos and captions once into a reusable cache of latent moments and prompt embeddings."""
-    from cogvx.preprocess.run import PreprocessConfig, run
+    from cogvx.preprocess.run import run
 
-    flags = _given(locals(), "config", "PreprocessConfig", "run")
-    # Repeatable flags arrive as lists (empty when not given) and map to the config's plural fields.
-    for flag, name in (("validation_prompt", "validation_prompts"), ("resolution", "resolutions"),
-                       ("frame_bucket", "frame_buckets")):  # fmt: skip
-        values = flags.pop(flag, None)
-        flags[name] = tuple(values) if values else None
-    _guard(lambda: run(configfile.build(PreprocessConfig, config, **flags), show_progress=True))
+    def go():  # the config is built inside _guard: a bad setting is one line too
+        cfg = configfile.build(
+            PreprocessConfig,
+            config,
+            data=data,
+            output=output,
+            model=model,
+            height=height,
+            width=width,
+            resolutions=_repeated(resolution),
+            max_frames=max_frames,
+            frame_buckets=_repeated(frame_bucket),
+            min_frames=min_frames,
+            fps=fps,
+            skip_frames_start=skip_frames_start,
+            skip_frames_end=skip_frames_end,
+            resize=resize,
+            windows=windows,
+            max_upscale=max_upscale,
+            id_token=id_token,
+            caption_column=caption_column,
+            video_column=video_column,
+            dtype=dtype,
+            device=device,
+            workers=workers,
+            vae_batch=vae_batch,
+            vae_tiling=vae_tiling,
+            vae_slicing=vae_slicing,
+            shard_max_mb=shard_max_mb,
+            validation_prompts=_repeated(validation_prompt),
+            repair=repair,
+            allow_outside_paths=allow_outside_paths,
+        )
+        run(cfg, show_progress=True)
+
+    _guard(go)
+
+
+T = TrainConfig
 
 
 @app.command()
 def train(
     shards: Path = typer.Option(None, help="Cache folder written by `cogvx preprocess`."),
-    output: Path = typer.Option(None, help="Run folder [default: runs/default]."),
-    model: str = typer.Option(None, help="Base model [default: the one recorded in the cache]."),
-    max_steps: int = typer.Option(None, help="Optimizer steps [default: 1000]."),
-    batch_size: int = typer.Option(None, help="Samples per batch and process [default: 1]."),
-    gradient_accumulation: int = typer.Option(None, help="Batches per optimizer step [default: 1]."),
-    rank: int = typer.Option(None, help="LoRA rank [default: 128]."),
-    alpha: float = typer.Option(None, help="LoRA alpha [default: 128]."),
-    targets: str = typer.Option(None, help="Comma-separated modules [default: to_q,to_k,to_v,to_out.0]."),
-    lora_dropout: float = typer.Option(None, help="[default: 0]"),
-    optimizer: str = typer.Option(None, help="adamw, adam, prodigy, adamw8bit [default: adamw]."),
-    learning_rate: float = typer.Option(None, help="[default: 1e-4]"),
-    scale_lr: bool = typer.Option(None, "--scale-lr/--no-scale-lr", help="Multiply LR by the total batch size."),
-    lr_scheduler: str = typer.Option(None, help="constant, constant_with_warmup, linear, cosine, ... [constant]."),
-    lr_warmup_steps: int = typer.Option(None, help="[default: 0]"),
-    max_grad_norm: float = typer.Option(None, help="[default: 1.0]"),
-    mixed_precision: str = typer.Option(None, help="bf16, fp16 or no [default: bf16]."),
+    output: Path = typer.Option(None, help=_help(T, "output", "Run folder.")),
+    model: str = typer.Option(None, help=_help(T, "model", "Base model.", "the one recorded in the cache")),
+    max_steps: int = typer.Option(None, help=_help(T, "max_steps", "Optimizer steps.")),
+    batch_size: int = typer.Option(None, help=_help(T, "batch_size", "Samples per batch and process.")),
+    gradient_accumulation: int = typer.Option(
+        None, help=_help(T, "gradient_accumulation", "Batches per optimizer step.")
+    ),
+    rank: int = typer.Option(None, help=_help(T, "rank", "LoRA rank.")),
+    alpha: float = typer.Option(None, help=_help(T, "alpha", "LoRA alpha.")),
+    targets: str = typer.Option(None, help=_help(T, "targets", "Comma-separated modules.")),
+    lora_dropout: float = typer.Option(None, help=_help(T, "lora_dropout", "Dropout on the LoRA input.")),
+    optimizer: str = typer.Option(None, help=_help(T, "optimizer", "adamw, adam, prodigy, adamw8bit.")),
+    learning_rate: float = typer.Option(None, help=_help(T, "learning_rate", "Peak learning rate.")),
+    scale_lr: bool = typer.Option(
+        None, "--scale-lr/--no-scale-lr", help=_help(T, "scale_lr", "Multiply LR by the total batch size.")
+    ),
+    lr_scheduler: str = typer.Option(
+        None, help=_help(T, "lr_scheduler", "constant, constant_with_warmup, linear, cosine, ...")
+    ),
+    lr_warmup_steps: int = typer.Option(None, help=_help(T, "lr_warmup_steps", "Steps of linear warm-up.")),
+    max_grad_norm: float = typer.Option(None, help=_help(T, "max_grad_norm", "Gradient clipping norm.")),
+    mixed_precision: str = typer.Option(None, help=_help(T, "mixed_precision", "bf16, fp16 or fp32 (also: no).")),
+    allow_tf32: bool = typer.Option(
+        None, "--allow-tf32/--no-allow-tf32", help=_help(T, "allow_tf32", "TF32 matmuls for fp32 work on GPUs.")
+    ),
     checkpointing: str = typer.Option(
-        None, help="full, selective (faster, more memory), offload (least memory) or none [default: full]."
+        None,
+        help=_help(T, "checkpointing", "full, selective (faster, more memory), offload (least memory) or none."),
     ),
     compile: bool = typer.Option(
-        None, "--compile/--no-compile", help="torch.compile the blocks [default: on with a GPU, off on a CPU]."
+        None,
+        "--compile/--no-compile",
+        help=_help(T, "compile", "torch.compile the blocks.", "on with a GPU, off on a CPU"),
     ),
     fp8_base: bool = typer.Option(
-        None, "--fp8-base/--no-fp8-base", help="Store frozen base weights in float8 [default: off]."
+        None, "--fp8-base/--no-fp8-base", help=_help(T, "fp8_base", "Store frozen base weights in float8.")
     ),
-    seed: int = typer.Option(None, help="Seed for LoRA init, data order and noise [default: 0]."),
-    workers: int = typer.Option(None, help="DataLoader worker processes [default: 2]."),
+    seed: int = typer.Option(None, help=_help(T, "seed", "Seed for LoRA init, data order and noise.")),
+    workers: int = typer.Option(None, help=_help(T, "workers", "DataLoader worker processes.")),
     validation_every: int = typer.Option(
-        None, help="Steps between validation samples of the cache's validation prompts, 0 for none [default: 0]."
+        None,
+        help=_help(
+            T, "validation_every", "Steps between validation samples of the cache's validation prompts, 0 for none."
+        ),
     ),
-    validation_steps: int = typer.Option(None, help="Sampler steps for validation [default: 50]."),
-    validation_guidance: float = typer.Option(None, help="Classifier-free guidance for validation [default: 6]."),
-    validation_frames: int = typer.Option(None, help="Validation video frames, 4k+1 [default: the first bucket's]."),
-    validation_height: int = typer.Option(None, help="Validation height in pixels [default: the first bucket's]."),
-    validation_width: int = typer.Option(None, help="Validation width in pixels [default: the first bucket's]."),
-    checkpoint_every: int = typer.Option(None, help="Steps between checkpoints, 0 for none [default: 500]."),
-    keep_checkpoints: int = typer.Option(None, help="Checkpoints to keep [default: 3]."),
+    validation_steps: int = typer.Option(None, help=_help(T, "validation_steps", "Sampler steps for validation.")),
+    validation_guidance: float = typer.Option(
+        None, help=_help(T, "validation_guidance", "Classifier-free guidance for validation.")
+    ),
+    validation_frames: int = typer.Option(
+        None, help=_help(T, "validation_frames", "Validation video frames, 4k+1.", "the first bucket's")
+    ),
+    validation_height: int = typer.Option(
+        None, help=_help(T, "validation_height", "Validation height in pixels.", "the first bucket's")
+    ),
+    validation_width: int = typer.Option(
+        None, help=_help(T, "validation_width", "Validation width in pixels.", "the first bucket's")
+    ),
+    checkpoint_every: int = typer.Option(
+        None, help=_help(T, "checkpoint_every", "Steps between checkpoints, 0 for none.")
+    ),
+    keep_checkpoints: int = typer.Option(None, help=_help(T, "keep_checkpoints", "Checkpoints to keep.")),
     resume: str = typer.Option(None, help="auto (newest checkpoint in --output) or a checkpoint folder."),
-    report_to: str = typer.Option(None, help="none, tensorboard or wandb [default: none]."),
+    report_to: str = typer.Option(None, help=_help(T, "report_to", "none, tensorboard or wandb.")),
     config: Path = typer.Option(None, help="TOML file with any of these settings (flags win)."),
 ) -> None:
     """Train a LoRA on a cache. Never loads the VAE or the text encoder."""
-    from cogvx.train.config import TrainConfig
     from cogvx.train.loop import run
 
-    flags = _given(locals(), "config", "TrainConfig", "run")
-    _guard(lambda: run(configfile.build(TrainConfig, config, **flags), show_progress=True))
+    def go():  # the config is built inside _guard: a bad setting is one line too
+        cfg = configfile.build(
+            TrainConfig,
+            config,
+            shards=shards,
+            output=output,
+            model=model,
+            max_steps=max_steps,
+            batch_size=batch_size,
+            gradient_accumulation=gradient_accumulation,
+            rank=rank,
+            alpha=alpha,
+            targets=targets,
+            lora_dropout=lora_dropout,
+            optimizer=optimizer,
+            learning_rate=learning_rate,
+            scale_lr=scale_lr,
+            lr_scheduler=lr_scheduler,
+            lr_warmup_steps=lr_warmup_steps,
+            max_grad_norm=max_grad_norm,
+            mixed_precision=mixed_precision,
+            allow_tf32=allow_tf32,
+            checkpointing=checkpointing,
+            compile=compile,
+            fp8_base=fp8_base,
+            seed=seed,
+            workers=workers,
+            validation_every=validation_every,
+            validation_steps=validation_steps,
+            validation_guidance=validation_guidance,
+            validation_frames=validation_frames,
+            validation_height=validation_height,
+            validation_width=validation_width,
+            checkpoint_every=checkpoint_every,
+            keep_checkpoints=keep_checkpoints,
+            resume=resume,
+            report_to=report_to,
+        )
+        run(cfg, show_progress=True)
+
+    _guard(go)
 
 
 @shards_app.command("verify")
@@ -150,15 +318,18 @@ def shards_verify(
         for name in report.unlisted:
             console.print(f"[yellow]unlisted[/yellow] {name} (not in the manifest, never read)", soft_wrap=True)
         if not report.ok:
-            raise ValueError(report.advice())
+            raise CogvxError(report.advice())
         console.print(f"[green]ok[/green] {report.shards} shards, {report.samples} samples verified.")
 
     _guard(check)
 
 
 @shards_app.command("rebuild-manifest")
-def shards_rebuild_manifest(folder: Path = typer.Argument(..., help="Cache folder without manifest.json.")) -> None:
-    """Re-create a lost manifest.json from the shards' own headers and metadata (every shard is checked)."""
+def shards_rebuild_manifest(
+    folder: Path = typer.Argument(..., help="Cache folder whose manifest is lost."),
+) -> None:
+    """Re-create a lost manifest from the shards' own headers and metadata (every shard is checked)."""
+    from cogvx.shards import paths
     from cogvx.shards.tools import rebuild_manifest
 
     def rebuild():
@@ -167,7 +338,7 @@ def shards_rebuild_manifest(folder: Path = typer.Argument(..., help="Cache folde
         for label in result.dropped_extras:
             console.print(f"[yellow]not listed[/yellow] side file {label!r}: missing or changed", soft_wrap=True)
         console.print(
-            f"[green]rebuilt[/green] {folder / 'manifest.json'}: {len(m.shards)} shards, {m.sample_count} samples "
+            f"[green]rebuilt[/green] {paths.manifest(folder)}: {len(m.shards)} shards, {m.sample_count} samples "
             f"({m.excluded_count} replaced).",
             soft_wrap=True,
         )
@@ -175,19 +346,25 @@ def shards_rebuild_manifest(folder: Path = typer.Argument(..., help="Cache folde
     _guard(rebuild)
 
 
+I = InspectConfig  # noqa: E741
+
+
 @shards_app.command("inspect")
 def shards_inspect(
     folder: Path = typer.Argument(..., help="Cache folder."),
-    contact_sheet: Path = typer.Option(None, help="Also write a PNG of the samples' frame strips here."),
-    max_strips: int = typer.Option(64, help="Samples on the contact sheet."),
+    contact_sheet: Path = typer.Option(
+        None, help=_help(I, "contact_sheet", "Also write a PNG of the samples' frame strips here.")
+    ),
+    max_strips: int = typer.Option(None, help=_help(I, "max_strips", "Samples on the contact sheet.")),
 ) -> None:
     """Summarise a cache: samples, buckets, size, model and parameters."""
     from rich.table import Table
 
-    from cogvx.shards.tools import InspectConfig, inspect
+    from cogvx.shards.tools import inspect
 
     def show():
-        summary = inspect(InspectConfig(folder, contact_sheet, max_strips))
+        cfg = configfile.build(InspectConfig, folder=folder, contact_sheet=contact_sheet, max_strips=max_strips)
+        summary = inspect(cfg)
         table = Table(title=f"cache {folder}", show_header=False)
         for name, value in summary.rows():
             table.add_row(name, value)
@@ -196,38 +373,76 @@ def shards_inspect(
     _guard(show)
 
 
+S = SampleConfig
+
+
 @app.command()
 def sample(
     prompt: list[str] = typer.Option(None, help="Text to render; repeat for several (one mp4 each)."),
     lora: Path = typer.Option(None, help="Run folder written by `cogvx train` (or its .safetensors file)."),
-    output: Path = typer.Option(None, help="mp4 file; NAME-KK.mp4 for several prompts [default: samples/lora.mp4]."),
-    model: str = typer.Option(None, help="Base model [default: the one recorded in the LoRA's run folder]."),
-    no_lora: bool = typer.Option(None, "--no-lora", help="Render the base model alone, same seed (to compare)."),
-    lora_scale: float = typer.Option(None, help="Multiplies the LoRA's trained scale; 0 = base model [default: 1]."),
-    steps: int = typer.Option(None, help="Denoising steps [default: 50]."),
-    guidance: float = typer.Option(None, help="Classifier-free guidance scale [default: 6]."),
-    dynamic_cfg: bool = typer.Option(None, "--dynamic-cfg", help="Ramp the guidance over the steps (5b-style)."),
-    negative_prompt: str = typer.Option(None, help="[default: none]"),
-    seed: int = typer.Option(None, help="Noise seed, the same for every prompt [default: 0]."),
-    frames: int = typer.Option(None, help="Frames, 4k+1 [default: 49]."),
-    height: int = typer.Option(None, help="Pixels [default: the model's native size, 480 for 2b/5b]."),
-    width: int = typer.Option(None, help="Pixels [default: the model's native size, 720 for 2b/5b]."),
-    fps: int = typer.Option(None, help="Frame rate written into the mp4 [default: 8]."),
-    dtype: str = typer.Option(None, help="bf16, fp16 or fp32 [default: bf16 on a GPU, fp32 on a CPU]."),
-    device: str = typer.Option(None, help="cuda, cuda:1, cpu [default: cuda if available]."),
-    cpu_offload: bool = typer.Option(None, "--cpu-offload", help="Keep idle components in CPU memory (GPU only)."),
-    vae_tiling: bool = typer.Option(None, "--vae-tiling", help="Decode in tiles: less GPU memory."),
-    vae_slicing: bool = typer.Option(None, "--vae-slicing", help="Decode one video at a time: less GPU memory."),
+    output: Path = typer.Option(
+        None, help=_help(S, "output", "mp4 file; NAME-KK.mp4 for several prompts.", "samples/lora.mp4")
+    ),
+    model: str = typer.Option(None, help=_help(S, "model", "Base model.", "the one recorded in the LoRA's run folder")),
+    no_lora: bool = typer.Option(
+        None, "--no-lora", help=_help(S, "no_lora", "Render the base model alone, same seed (to compare).")
+    ),
+    lora_scale: float = typer.Option(
+        None, help=_help(S, "lora_scale", "Multiplies the LoRA's trained scale; 0 = base model.")
+    ),
+    steps: int = typer.Option(None, help=_help(S, "steps", "Denoising steps.")),
+    guidance: float = typer.Option(None, help=_help(S, "guidance", "Classifier-free guidance scale.")),
+    dynamic_cfg: bool = typer.Option(
+        None, "--dynamic-cfg", help=_help(S, "dynamic_cfg", "Ramp the guidance over the steps (5b-style).")
+    ),
+    negative_prompt: str = typer.Option(None, help=_help(S, "negative_prompt", "Text to steer away from.", "none")),
+    seed: int = typer.Option(None, help=_help(S, "seed", "Noise seed, the same for every prompt.")),
+    frames: int = typer.Option(None, help=_help(S, "frames", "Frames, 4k+1.")),
+    height: int = typer.Option(None, help=_help(S, "height", "Pixels.", "the model's native size, 480 for 2b/5b")),
+    width: int = typer.Option(None, help=_help(S, "width", "Pixels.", "the model's native size, 720 for 2b/5b")),
+    fps: int = typer.Option(None, help=_help(S, "fps", "Frame rate written into the mp4.")),
+    dtype: str = typer.Option(None, help=_help(S, "dtype", "bf16, fp16 or fp32.", "bf16 on a GPU, fp32 on a CPU")),
+    device: str = typer.Option(None, help=_help(S, "device", "cuda, cuda:1, cpu.", "cuda if available")),
+    cpu_offload: bool = typer.Option(
+        None, "--cpu-offload", help=_help(S, "cpu_offload", "Keep idle components in CPU memory (GPU only).")
+    ),
+    vae_tiling: bool = typer.Option(
+        None, "--vae-tiling", help=_help(S, "vae_tiling", "Decode in tiles: less GPU memory.")
+    ),
+    vae_slicing: bool = typer.Option(
+        None, "--vae-slicing", help=_help(S, "vae_slicing", "Decode one video at a time: less GPU memory.")
+    ),
     config: Path = typer.Option(None, help="TOML file with any of these settings (flags win)."),
 ) -> None:
     """Generate videos with a trained LoRA (or the base model) and a PNG contact sheet."""
-    from cogvx.pipeline.generate import SampleConfig, run_sample
-
-    flags = _given(locals(), "config", "prompt", "SampleConfig", "run_sample")
-    flags["prompts"] = tuple(prompt) if prompt else None
+    from cogvx.pipeline.generate import run_sample
 
     def go():
-        result = run_sample(configfile.build(SampleConfig, config, **flags))
+        cfg = configfile.build(
+            SampleConfig,
+            config,
+            prompts=_repeated(prompt),
+            lora=lora,
+            output=output,
+            model=model,
+            no_lora=no_lora,
+            lora_scale=lora_scale,
+            steps=steps,
+            guidance=guidance,
+            dynamic_cfg=dynamic_cfg,
+            negative_prompt=negative_prompt,
+            seed=seed,
+            frames=frames,
+            height=height,
+            width=width,
+            fps=fps,
+            dtype=dtype,
+            device=device,
+            cpu_offload=cpu_offload,
+            vae_tiling=vae_tiling,
+            vae_slicing=vae_slicing,
+        )
+        result = run_sample(cfg)
         for path in result.videos:
             console.print(f"[green]wrote[/green] {path}")
         console.print(f"[green]wrote[/green] {result.sheet} (contact sheet)")
@@ -235,24 +450,40 @@ def sample(
     _guard(go)
 
 
+R = RenderConfig
+
+
 @app.command()
 def render(
-    run: Path = typer.Argument(..., help="Run folder with validation/step-NNNNNN/sample-KK.safetensors."),
-    model: str = typer.Option(None, help="Model whose VAE decodes [default: the run's model]."),
-    fps: int = typer.Option(None, help="Frame rate written into the mp4 [default: 8]."),
-    dtype: str = typer.Option(None, help="bf16, fp16 or fp32 [default: bf16 on a GPU, fp32 on a CPU]."),
-    device: str = typer.Option(None, help="cuda, cuda:1, cpu [default: cuda if available]."),
-    vae_tiling: bool = typer.Option(None, "--vae-tiling", help="Decode in tiles: less GPU memory."),
-    vae_slicing: bool = typer.Option(None, "--vae-slicing", help="Decode one video at a time: less GPU memory."),
-    force: bool = typer.Option(None, "--force", help="Render steps again that already have videos."),
+    run: Path = typer.Argument(..., help="Run folder with validation latents saved by `cogvx train`."),
+    model: str = typer.Option(None, help=_help(R, "model", "Model whose VAE decodes.", "the run's model")),
+    fps: int = typer.Option(None, help=_help(R, "fps", "Frame rate written into the mp4.")),
+    dtype: str = typer.Option(None, help=_help(R, "dtype", "bf16, fp16 or fp32.", "bf16 on a GPU, fp32 on a CPU")),
+    device: str = typer.Option(None, help=_help(R, "device", "cuda, cuda:1, cpu.", "cuda if available")),
+    vae_tiling: bool = typer.Option(
+        None, "--vae-tiling", help=_help(R, "vae_tiling", "Decode in tiles: less GPU memory.")
+    ),
+    vae_slicing: bool = typer.Option(
+        None, "--vae-slicing", help=_help(R, "vae_slicing", "Decode one video at a time: less GPU memory.")
+    ),
+    force: bool = typer.Option(None, "--force", help=_help(R, "force", "Render steps again that already have videos.")),
 ) -> None:
     """Decode the validation latents saved by training into mp4s and contact sheets (VAE only)."""
-    from cogvx.pipeline.generate import RenderConfig, run_render
-
-    flags = _given(locals(), "RenderConfig", "run_render")
+    from cogvx.pipeline.generate import run_render
 
     def go():
-        result = run_render(RenderConfig(**flags), show_progress=True)
+        cfg = configfile.build(
+            RenderConfig,
+            run=run,
+            model=model,
+            fps=fps,
+            dtype=dtype,
+            device=device,
+            vae_tiling=vae_tiling,
+            vae_slicing=vae_slicing,
+            force=force,
+        )
+        result = run_render(cfg, show_progress=True)
         for step in result.rendered:
             console.print(f"[green]rendered[/green] step {step.step}: {len(step.samples)} video(s) in {step.folder}")
         if result.skipped:
@@ -264,18 +495,19 @@ def render(
 @app.command()
 def report(
     run: Path = typer.Argument(..., help="Run folder written by `cogvx train`."),
-    output: Path = typer.Option(None, help="HTML file [default: RUN/report.html]."),
-    render: bool = typer.Option(None, "--render/--no-render", help="Decode validation videos not yet rendered."),
-    model: str = typer.Option(None, help="Model whose VAE renders [default: the run's model]."),
+    output: Path = typer.Option(None, help=_help(ReportConfig, "output", "HTML file.", f"RUN/{runs.REPORT}")),
+    render: bool = typer.Option(
+        None,
+        "--render/--no-render",
+        help=_help(ReportConfig, "render", "Decode validation videos not yet rendered."),
+    ),
+    model: str = typer.Option(None, help=_help(ReportConfig, "model", "Model whose VAE renders.", "the run's model")),
 ) -> None:
     """Write a self-contained HTML page: config, data, training curves, validation videos (prompts x steps)."""
-    from cogvx.report import ReportConfig
     from cogvx.report import run as write_report
 
-    flags = _given(locals(), "ReportConfig", "write_report")
-
     def go():
-        result = write_report(ReportConfig(**flags))
+        result = write_report(configfile.build(ReportConfig, run=run, output=output, render=render, model=model))
         for note in result.notes:
             console.print(f"[yellow]note:[/yellow] {note}")
         console.print(f"[green]wrote[/green] {result.path}")
@@ -283,22 +515,27 @@ def report(
     _guard(go)
 
 
-def _given(values: dict, *drop: str) -> dict:
-    """The options the user gave (typer leaves the others None), without ``drop``: a config's fields."""
-    return {k: v for k, v in values.items() if k not in drop and v is not None}
+def _repeated(values: list | None) -> tuple | None:
+    """A repeatable flag arrives as a list (empty when not given); the config field is a tuple."""
+    return tuple(values) if values else None
+
+
+# TRANSITIONAL, removed once every module raises CogvxError for user errors (issue 11, this session).
+_NOT_YET_TYPED = (ValueError, FileNotFoundError, ImportError)
 
 
 def _guard(action) -> None:
-    """Run a command; user errors print one clear line and exit 1 instead of a traceback."""
-    from cogvx.errors import CogvxError
-    from cogvx.train.loop import TrainingDiverged
-
+    """Run a command: a user error (CogvxError) prints one line and exits 1; anything else keeps its traceback."""
     try:
         action()
-    except (*USER_ERRORS, CogvxError, TrainingDiverged) as err:
-        console.print(f"[bold red]error:[/bold red] {err}")
+    except (CogvxError, *_NOT_YET_TYPED) as err:
+        console.print(f"[bold red]error:[/bold red] {err}", soft_wrap=True)
         raise typer.Exit(1) from err
 
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

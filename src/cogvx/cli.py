@@ -137,10 +137,14 @@ def preprocess(
         None, help="Store this prompt's embedding for validation during training (repeatable)."
     ),
     repair: bool = typer.Option(
-        None, "--repair", help="Also check every listed shard's sha256 and re-encode damaged ones' samples."
+        None,
+        "--repair",
+        help=_help(P, "repair", "Also check every listed shard's sha256 and re-encode damaged ones' samples."),
     ),
     allow_outside_paths: bool = typer.Option(
-        None, "--allow-outside-paths", help="Let a metadata or videos.txt file name videos outside its folder."
+        None,
+        "--allow-outside-paths",
+        help=_help(P, "allow_outside_paths", "Let a metadata or videos.txt file name videos outside its folder."),
     ),
     config: Path = typer.Option(None, help="TOML file with any of these settings (flags win)."),
 ) -> None:

@@ -1,0 +1,104 @@
+"""How much memory one training step of a CogVideoX transformer needs, per checkpointing mode.
+
+``--checkpointing auto`` predicts the peak allocated memory of each mode and takes the fastest that fits.
+
+A step's peak is the static part, known exactly once the transformer and its LoRA are built (base
+weights as stored, LoRA masters in fp32 with their gradients and two Adam moments), plus activations.
+Activations scale with one *unit*: the bytes of one block's hidden states, batch x (video + text tokens)
+x hidden width x 2 (bf16). With ``L`` blocks, a mode keeps ``per_block`` units for every block until its
+backward pass, plus ``transient`` units that exist while one block runs its backward:
+
+- ``none`` keeps everything each block computed;
+- ``selective`` keeps each block's input and its attention output;
+- ``full`` keeps each block's input only;
+- ``offload`` keeps block inputs in CPU memory: nothing per block on the GPU.
+
+The coefficients were fitted (least squares, ``bench/memory.py --fit``) to the peaks measured on an H200
+for CogVideoX-2b and -5b at latent 13x40x60 (49 frames at 320x480), batch 1, rank 128, each mode with and
+without ``torch.compile``. At 13x60x90 (49x480x720), which the fit never saw, they predict every
+measured peak within 6% (BENCHMARKS.md has the table; bench/results/memory_*.json the data).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+# Fastest first: the order ``auto`` tries them in.
+MODES_BY_SPEED = ("none", "selective", "full", "offload")
+
+# (per_block, transient) in activation units, per (mode, compiled); see the module docstring.
+COEFFICIENTS = {
+    ("none", True): (13.84, 30.2),
+    ("selective", True): (1.97, 19.11),
+    ("full", True): (0.61, 35.21),
+    ("offload", True): (0.0, 39.26),
+    ("none", False): (19.81, 31.57),
+    ("selective", False): (1.64, 42.21),
+    ("full", False): (0.61, 43.24),
+    ("offload", False): (0.0, 44.23),
+}
+# Head room for what the model does not count: allocator rounding, cuDNN/cuBLAS workspaces, the loader's
+# pinned batches in flight. Used when picking a mode, not in the prediction itself.
+SAFETY = 0.08
+
+
+@dataclass(frozen=True)
+class StepSize:
+    """What one step's activations scale with."""
+
+    layers: int
+    hidden: int  # num_attention_heads x attention_head_dim
+    tokens: int  # per sample: video tokens (after patching) + text tokens
+    batch: int
+
+    @property
+    def unit(self) -> int:
+        """Bytes of one block's bf16 hidden states for the whole batch."""
+        return self.batch * self.tokens * self.hidden * 2
+
+    @classmethod
+    def of(cls, transformer_config: dict, latent_frames: int, latent_height: int, latent_width: int, batch: int):
+        c = transformer_config
+        patch, patch_t = c["patch_size"], c.get("patch_size_t") or 1
+        video = -(-latent_frames // patch_t) * (latent_height // patch) * (latent_width // patch)
+        text = c.get("max_text_seq_length") or 226
+        return cls(c["num_layers"], c["num_attention_heads"] * c["attention_head_dim"], video + text, batch)
+
+
+def static_bytes(transformer: torch.nn.Module, optimizer_states: int = 2) -> int:
+    """Weights as stored (buffers included), plus gradients and optimizer moments of the trainable ones."""
+    stored = sum(t.numel() * t.element_size() for t in [*transformer.parameters(), *transformer.buffers()])
+    trainable = [p for p in transformer.parameters() if p.requires_grad]
+    extra = sum(p.numel() * p.element_size() * (1 + optimizer_states) for p in trainable)
+    return stored + extra
+
+
+def predict(static: int, size: StepSize, compiled: bool) -> dict[str, int]:
+    """Predicted peak allocated bytes of one training step, per checkpointing mode (fastest first)."""
+    peaks = {}
+    for mode in MODES_BY_SPEED:
+        per_block, transient = COEFFICIENTS[mode, compiled]
+        peaks[mode] = int(static + (per_block * size.layers + transient) * size.unit)
+    return peaks
+
+
+def choose(predicted: dict[str, int], budget: int) -> str | None:
+    """The fastest mode whose predicted peak, with head room, fits ``budget`` bytes; None if none does."""
+    for mode in MODES_BY_SPEED:
+        if predicted[mode] * (1 + SAFETY) <= budget:
+            return mode
+    return None
+
+
+def device_budget(device: torch.device, max_memory_gb: float | None = None) -> int:
+    """Bytes a step may use on ``device``: ``max_memory_gb`` if given, else what is free plus what we hold."""
+    if max_memory_gb is not None:
+        return int(max_memory_gb * 1e9)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return free + torch.cuda.memory_reserved(device)
+    import psutil
+
+    return psutil.virtual_memory().available

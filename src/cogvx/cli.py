@@ -538,6 +538,9 @@ def _guard(action) -> None:
 
 
 def main() -> None:
+    from cogvx.pipeline.memory import use_expandable_segments
+
+    use_expandable_segments()  # before anything touches CUDA
     app()
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from cogvx import files
+
 # Bump when the construction below changes, so stale folders are rebuilt.
 BUILD_VERSION = 1
 
@@ -126,6 +128,7 @@ def materialise(variant: str, home: Path) -> Path:
         missing = [name for name in REQUIRED_FILES if not (staging / name).is_file()]
         if missing:
             raise RuntimeError(f"Building the {variant} model left out {missing}; nothing was published.")
+        files.follow_umask(staging)  # mkdtemp made it private; a model folder is shared like any other
         try:
             staging.rename(folder)
         except OSError:

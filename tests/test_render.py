@@ -12,8 +12,12 @@ import torch
 from typer.testing import CliRunner
 
 from cogvx.cli import app
+from cogvx.errors import ModelError, RunError
+from cogvx.media import to_uint8
 from cogvx.pipeline import models
-from cogvx.pipeline.generate import RenderConfig, decode_latents, read_latents, run_render, to_uint8
+from cogvx.pipeline.decode import decode_latents
+from cogvx.render import RenderConfig, run_render
+from cogvx.runs import read_validation_sample
 
 PROMPTS = ("a red ball bounces", "a blue box & <b>bold</b> slides left")
 SIZE = {"num_frames": 9, "height": 32, "width": 64}
@@ -91,7 +95,7 @@ def test_render_decodes_like_the_pipeline_with_the_vae_alone(tmp_path: Path, vae
 
     # The decode itself is the pipeline's, exactly.
     vae = models.load_vae(str(vae_only_model), torch.float32)
-    latents, meta = read_latents(run / "validation" / "step-000004" / "sample-01.safetensors")
+    latents, meta = read_validation_sample(run / "validation" / "step-000004" / "sample-01.safetensors")
     assert meta["prompt"] == PROMPTS[1] and meta["num_frames"] == "9"
     np.testing.assert_allclose(
         decode_latents(vae, latents, float(meta["scaling_factor"])), expected[4, 1], atol=1, rtol=0
@@ -124,7 +128,7 @@ def test_a_run_without_validation_latents_says_how_to_make_them(tmp_path: Path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"model": "tiny"}))
-    with pytest.raises(ValueError, match="no validation latents") as err:
+    with pytest.raises(RunError, match="no validation latents") as err:
         run_render(RenderConfig(run))
     assert "--validation-every" in str(err.value) and "--validation-prompt" in str(err.value)
     out = CliRunner().invoke(app, ["render", str(run)])
@@ -138,5 +142,5 @@ def test_latents_of_another_model_are_refused(tmp_path: Path):
     folder = run / "validation" / "step-000001"
     folder.mkdir(parents=True)
     save_file({"latents": torch.zeros(1, 3, 16, 4, 8)}, folder / "sample-00.safetensors", metadata={"prompt": "x"})
-    with pytest.raises(ValueError, match="do not fit 'tiny'"):
+    with pytest.raises(ModelError, match="do not fit 'tiny'"):
         run_render(RenderConfig(run, model="tiny"))

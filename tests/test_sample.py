@@ -14,16 +14,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cogvx.cli import app
+from cogvx.errors import ConfigError, ModelError, RunError
+from cogvx.media import VideoWriteError, to_uint8
 from cogvx.pipeline import models
-from cogvx.pipeline.generate import (
-    LORA_ADAPTER,
-    SampleConfig,
-    VideoWriteError,
-    load_pipeline,
-    plan_sample,
-    run_sample,
-    to_uint8,
-)
+from cogvx.sample import LORA_ADAPTER, SampleConfig, load_pipeline, plan_sample, run_sample
 from cogvx.train.config import TrainConfig
 from cogvx.train.loop import run as train
 
@@ -161,7 +155,7 @@ def test_lora_for_another_base_is_refused_naming_both_models(tiny_cache: Path, t
     config["attention_head_dim"] = 8  # inner dim 16 instead of 32
     CogVideoXTransformer3DModel.from_config(config).save_pretrained(other / "transformer")
 
-    with pytest.raises(ValueError, match="does not fit") as err:
+    with pytest.raises(ModelError, match="does not fit") as err:
         run_sample(SampleConfig(("a cat",), lora=run, model=str(other), output=tmp_path / "x.mp4", **FAST))
     assert "'tiny-2b'" in str(err.value) and str(other) in str(err.value)
     assert "--model tiny-2b" in str(err.value)
@@ -209,7 +203,7 @@ def test_vae_tiling_never_writes_a_video_of_the_wrong_size(lora_run: Path, tmp_p
     # diffusers' tiled decode assumes tiles of real CogVideoX size; the tiny VAE's tiles are 32x48 pixels,
     # for which its overlap arithmetic returns extra pixels. cogvx refuses rather than write a wrong video.
     cfg = SampleConfig(("a cat",), lora=lora_run, output=tmp_path / "tiled.mp4", vae_tiling=True, **FAST)
-    with pytest.raises(ValueError, match="drop --vae-tiling"):
+    with pytest.raises(ModelError, match="drop --vae-tiling"):
         run_sample(cfg)
     assert not (tmp_path / "tiled.mp4").exists()
 
@@ -229,12 +223,12 @@ def test_vae_tiling_never_writes_a_video_of_the_wrong_size(lora_run: Path, tmp_p
 )
 def test_bad_settings_are_refused_before_loading_anything(changes, message):
     settings = {"prompts": ("a cat",), "lora": Path("runs/x")} | changes
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         SampleConfig(**settings)
 
 
 def test_missing_lora_weights_say_where_to_point(tmp_path: Path):
-    with pytest.raises(ValueError, match="pytorch_lora_weights.safetensors"):
+    with pytest.raises(RunError, match="pytorch_lora_weights.safetensors"):
         run_sample(SampleConfig(("a cat",), lora=tmp_path, output=tmp_path / "x.mp4"))
 
 

@@ -128,7 +128,7 @@ def test_a_cache_of_another_length_is_refused_in_one_line(
 
 
 def test_sample_reads_prompts_at_the_models_length(short_model: Path, tmp_path: Path, capsys):
-    from cogvx.pipeline.generate import SampleConfig, run_sample
+    from cogvx.sample import SampleConfig, run_sample
 
     cfg = SampleConfig(
         (VALIDATION_PROMPT, "a dog"), model=str(short_model), no_lora=True, output=tmp_path / "s.mp4",

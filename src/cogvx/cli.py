@@ -18,9 +18,10 @@ from rich.console import Console
 from cogvx import __version__, runs
 from cogvx import config as configfile
 from cogvx.errors import CogvxError
-from cogvx.pipeline.generate import RenderConfig, SampleConfig
 from cogvx.preprocess.run import PreprocessConfig
+from cogvx.render import RenderConfig
 from cogvx.report import ReportConfig
+from cogvx.sample import SampleConfig
 from cogvx.shards.tools import InspectConfig
 from cogvx.train.config import TrainConfig
 
@@ -419,7 +420,7 @@ def sample(
     config: Path = typer.Option(None, help="TOML file with any of these settings (flags win)."),
 ) -> None:
     """Generate videos with a trained LoRA (or the base model) and a PNG contact sheet."""
-    from cogvx.pipeline.generate import run_sample
+    from cogvx.sample import run_sample
 
     def go():
         cfg = configfile.build(
@@ -473,7 +474,7 @@ def render(
     force: bool = typer.Option(None, "--force", help=_help(R, "force", "Render steps again that already have videos.")),
 ) -> None:
     """Decode the validation latents saved by training into mp4s and contact sheets (VAE only)."""
-    from cogvx.pipeline.generate import run_render
+    from cogvx.render import run_render
 
     def go():
         cfg = configfile.build(

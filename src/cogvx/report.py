@@ -17,10 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cogvx.pipeline import generate
-from cogvx.train.report import METRICS_NAME, read_metrics_counted
-
-REPORT_NAME = "report.html"
+from cogvx import render, runs
+from cogvx.errors import ConfigError, RunError
+from cogvx.media import ema
+from cogvx.shards import paths
 
 
 @dataclass
@@ -32,9 +32,9 @@ class ReportConfig:
 
     def __post_init__(self):
         self.run = Path(self.run)
-        self.output = Path(self.output) if self.output is not None else self.run / REPORT_NAME
+        self.output = Path(self.output) if self.output is not None else runs.report(self.run)
         if self.output.suffix.lower() not in (".html", ".htm"):
-            raise ValueError(f"--output must name an .html file (got {self.output})")
+            raise ConfigError(f"--output must name an .html file (got {self.output})")
 
 
 @dataclass
@@ -54,7 +54,7 @@ def find_cache(run: Path, shards: str | None) -> Path | None:
         return None
     given = Path(shards)
     candidates = [given] if given.is_absolute() else [given, run / given, run.parent / given, run.parent.parent / given]
-    return next((c for c in candidates if (c / "manifest.json").is_file()), None)
+    return next((c for c in candidates if paths.manifest(c).is_file()), None)
 
 
 # --------------------------------------------------------------------------- SVG charts
@@ -87,15 +87,6 @@ def _fmt(value: float) -> str:
     if abs(value) >= 1e4 or abs(value) < 1e-3:
         return f"{value:.1e}"
     return f"{value:.4g}"
-
-
-def ema(values: list[float], weight: float = 0.9) -> list[float]:
-    """Exponential moving average with bias correction (as TensorBoard smooths)."""
-    out, acc, norm = [], 0.0, 0.0
-    for v in values:
-        acc, norm = weight * acc + (1 - weight) * v, weight * norm + (1 - weight)
-        out.append(acc / norm)
-    return out
 
 
 def _finite_pairs(xs: list[float], ys: list[float]) -> list[tuple[float, float]]:
@@ -173,7 +164,7 @@ def _data_section(run: Path, config: dict[str, Any], notes: list[str]) -> str:
 
     cache = find_cache(run, config.get("shards"))
     if cache is None:
-        where = config.get("shards", "(config.json names none)")
+        where = config.get("shards", f"({runs.CONFIG_JSON} names none)")
         notes.append(f"cache not found at {where}")
         return f'<p class="note">The cache this run trained on was not found ({html.escape(str(where))}).</p>'
     try:
@@ -200,20 +191,20 @@ def _data_section(run: Path, config: dict[str, Any], notes: list[str]) -> str:
     return _table(rows)
 
 
-def _video_grid(page_dir: Path, steps: list[generate.ValidationStep]) -> tuple[str, list[str], int]:
+def _video_grid(page_dir: Path, steps: list[render.ValidationStep]) -> tuple[str, list[str], int]:
     """Table of prompts (rows, by sample index) x steps (columns); returns (html, prompts, cells)."""
     prompts: dict[int, str] = {}
     for step in steps:
         for sample in step.samples:
-            index = int(sample.stem.split("-")[-1])
+            index = runs.sample_index(sample)
             if index not in prompts:
-                prompts[index] = generate.read_latents(sample)[1].get("prompt", sample.stem)
+                prompts[index] = runs.read_validation_sample(sample)[1].get("prompt", sample.stem)
     head = "".join(f'<th class="step">step {s.step}</th>' for s in steps)
     rows, cells = [], 0
     for index in sorted(prompts):
         tds = []
         for step in steps:
-            sample = next((p for p in step.samples if int(p.stem.split("-")[-1]) == index), None)
+            sample = next((p for p in step.samples if runs.sample_index(p) == index), None)
             video = step.video(sample) if sample is not None else None
             if video is not None and video.is_file():
                 src = html.escape(Path(os.path.relpath(video, page_dir)).as_posix())
@@ -299,18 +290,18 @@ td.missing { color: #a60; font-size: 12px; }
 def run(cfg: ReportConfig) -> ReportResult:
     """Write the report page; render validation videos first when some are missing (``render=True``)."""
     if not cfg.run.is_dir():
-        raise ValueError(f"Run folder {cfg.run} does not exist.")
-    config = generate.read_run_config(cfg.run)
-    metrics, bad_lines = read_metrics_counted(cfg.run / METRICS_NAME)
+        raise RunError(f"Run folder {cfg.run} does not exist.")
+    config = runs.read_config(cfg.run)
+    metrics, bad_lines = runs.read_metrics_counted(cfg.run)
     if not config and not metrics:
-        raise ValueError(
-            f"{cfg.run} holds neither config.json nor {METRICS_NAME}: it is not a `cogvx train` run folder."
+        raise RunError(
+            f"{cfg.run} holds neither {runs.CONFIG_JSON} nor {runs.METRICS}: it is not a `cogvx train` run folder."
         )
     notes: list[str] = []
     rendered: list[int] = []
-    steps = generate.find_validation(cfg.run)
+    steps = render.find_validation(cfg.run)
     if steps and cfg.render and any(not s.rendered for s in steps):
-        result = generate.run_render(generate.RenderConfig(cfg.run, model=cfg.model))
+        result = render.run_render(render.RenderConfig(cfg.run, model=cfg.model))
         rendered = [s.step for s in result.rendered]
     page_dir = cfg.output.resolve().parent
 
@@ -335,7 +326,7 @@ def run(cfg: ReportConfig) -> ReportResult:
     ]
     metrics_note = ""
     if bad_lines:
-        notes.append(f"{bad_lines} unreadable line(s) in {METRICS_NAME} left out")
+        notes.append(f"{bad_lines} unreadable line(s) in {runs.METRICS} left out")
         metrics_note = f'<p class="note">{html.escape(notes[-1])}</p>'
     if metrics:
         charts = [
@@ -346,8 +337,8 @@ def run(cfg: ReportConfig) -> ReportResult:
             charts.append(line_chart("gradient norm (before clipping)", xs, [("grad norm", column("grad_norm"), "gn")]))
         curves = f'<div class="charts">{"".join(charts)}</div>'
     else:
-        curves = f'<p class="note">No {METRICS_NAME} in this run yet.</p>'
-        notes.append(f"no {METRICS_NAME}")
+        curves = f'<p class="note">No {runs.METRICS} in this run yet.</p>'
+        notes.append(f"no {runs.METRICS}")
 
     # --- validation grid ---
     prompts, cells = [], 0
@@ -359,8 +350,8 @@ def run(cfg: ReportConfig) -> ReportResult:
         notes.append("no validation latents")
         validation = (
             f'<p class="note" id="no-validation">This run has no validation samples '
-            f"({generate.VALIDATION_DIR}/step-NNNNNN/sample-KK.safetensors). "
-            f"{html.escape(generate.NO_VALIDATION_HINT)}</p>"
+            f"({runs.VALIDATION_LAYOUT}). "
+            f"{html.escape(render.NO_VALIDATION_HINT)}</p>"
         )
 
     title = f"cogvx run {cfg.run.resolve().name}"
@@ -381,7 +372,7 @@ def run(cfg: ReportConfig) -> ReportResult:
 <h2>Data</h2>
 {_data_section(cfg.run, config, notes)}
 <h2>Config</h2>
-{_table(sorted(config.items())) if config else '<p class="note">No config.json in this run.</p>'}
+{_table(sorted(config.items())) if config else f'<p class="note">No {runs.CONFIG_JSON} in this run.</p>'}
 </body></html>
 """
     cfg.output.parent.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,7 @@ CHECKPOINT_STATE = "state.json"  # written last: a checkpoint without it is inco
 CHECKPOINT_LORA = "lora.safetensors"
 _STEP = re.compile(r"^step-(\d+)$")
 _SAMPLE = re.compile(r"^sample-(\d+)\.safetensors$")
+VALIDATION_LAYOUT = f"{VALIDATION}/step-NNNNNN/sample-KK.safetensors"  # for messages that describe the layout
 
 
 def config_json(run: Path) -> Path:
@@ -150,6 +151,11 @@ def validation_sample(step_folder: Path, index: int) -> Path:
     return Path(step_folder) / f"sample-{index:02d}.safetensors"
 
 
+def sample_index(sample: Path) -> int:
+    """KK of a ``sample-KK.safetensors`` (or ``.mp4``) path: the index of its validation prompt."""
+    return int(Path(sample).stem.rsplit("-", 1)[-1])
+
+
 def validation_video(sample: Path) -> Path:
     return Path(sample).with_suffix(".mp4")
 
@@ -173,6 +179,42 @@ def validation_steps(run: Path) -> list[tuple[int, Path, list[Path]]]:
             if samples:
                 found.append((int(match.group(1)), folder, samples))
     return sorted(found, key=lambda item: item[0])
+
+
+def write_validation_sample(path: Path, latents: Any, metadata: dict[str, Any]) -> Path:
+    """Tensor ``latents`` and metadata whose values are JSON strings, renamed into place when complete."""
+    from safetensors.torch import save_file
+
+    tmp = temporary(path)
+    save_file(
+        {"latents": latents.detach().cpu().contiguous()}, tmp, metadata={k: json.dumps(v) for k, v in metadata.items()}
+    )
+    os.replace(tmp, path)
+    return Path(path)
+
+
+def read_validation_sample(path: Path) -> tuple[Any, dict[str, str]]:
+    """The ``latents`` tensor ``[1, F, C, H, W]`` and the metadata of a saved validation sample."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if "latents" not in f.keys():  # noqa: SIM118
+                raise RunError(f"{path} holds no tensor named 'latents' (it has {list(f.keys())}).")
+            return f.get_tensor("latents"), {k: _metadata_value(v) for k, v in (f.metadata() or {}).items()}
+    except RunError:
+        raise
+    except Exception as err:  # safetensors raises its own error type for a damaged header
+        raise RunError(f"{path} is not a readable safetensors file ({err}); delete it or re-run training.") from err
+
+
+def _metadata_value(raw: str) -> str:
+    """safetensors metadata are strings; training writes JSON-encoded values (``"\\"a prompt\\""``), read both."""
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        return raw
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def temporary(path: Path) -> Path:

@@ -9,15 +9,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cogvx.errors import CacheError, ConfigError
+from cogvx.media import contact_sheet, write_png
+from cogvx.shards import paths
 from cogvx.shards.io import check_shards, file_sha256, read_indexed_shard, read_shard
-from cogvx.shards.manifest import (
-    MANIFEST_NAME,
-    SKIPPED_NAME,
-    CacheError,
-    Manifest,
-    is_plain_name,
-    open_regular,
-)
+from cogvx.shards.manifest import Manifest, is_plain_name, open_regular
 
 STRIP_MEMBER = "jpg"  # the extra member holding a JPEG strip of a sample's sampled frames
 MAX_STRIP_PIXELS = 64 * 1 << 18  # 64 px high and up to 262144 px wide
@@ -34,9 +30,9 @@ class InspectConfig:
         if self.contact_sheet is not None:
             self.contact_sheet = Path(self.contact_sheet)
             if self.contact_sheet.suffix.lower() != ".png":
-                raise ValueError(f"--contact-sheet {self.contact_sheet} must end in .png.")
+                raise ConfigError(f"--contact-sheet {self.contact_sheet} must end in .png.")
         if self.max_strips < 1:
-            raise ValueError(f"--max-strips must be at least 1 (got {self.max_strips}).")
+            raise ConfigError(f"--max-strips must be at least 1 (got {self.max_strips}).")
 
 
 @dataclass
@@ -87,7 +83,7 @@ MAX_SKIPPED_LINE = 1 << 20
 
 def read_skipped(folder: Path) -> Counter:
     """Skipped inputs of the last finished preprocessing run, counted by reason (streamed, line by line)."""
-    path = Path(folder) / SKIPPED_NAME
+    path = paths.skipped(folder)
     counts: Counter = Counter()
     if not path.exists():
         return counts
@@ -107,10 +103,10 @@ def read_skipped(folder: Path) -> Counter:
 
 def write_contact_sheet(folder: Path, manifest: Manifest, path: Path, max_strips: int = 64) -> int:
     """A PNG with one row per sample: its source and bucket, then its frame strip. Returns the rows."""
-    from PIL import Image, ImageDraw
+    from PIL import Image
 
-    row_height, label_width, pad = 64, 320, 4
-    rows: list[tuple[str, Image.Image]] = []
+    row_height = 64
+    rows: list[tuple[str, list[Image.Image]]] = []
     for record in manifest.shards:
         if len(rows) >= max_strips:
             break  # enough rows: never read (and hash) the rest of a large cache
@@ -133,22 +129,13 @@ def write_contact_sheet(folder: Path, manifest: Manifest, path: Path, max_strips
             window = sample.meta.get("window")
             if window:
                 label += f" window {window}"
-            rows.append((label, strip))
+            rows.append((label, [strip]))
     if not rows:
-        raise ValueError(
+        raise CacheError(
             f"No sample in {folder} has a frame strip (.{STRIP_MEMBER} member); caches written before strips "
             "were stored have none. Re-run `cogvx preprocess` into a new folder to get them."
         )
-    width = label_width + max(strip.width for _, strip in rows) + pad
-    sheet = Image.new("RGB", (width, len(rows) * (row_height + pad) + pad), "white")
-    draw = ImageDraw.Draw(sheet)
-    for i, (label, strip) in enumerate(rows):
-        top = pad + i * (row_height + pad)
-        draw.multiline_text((pad, top + 4), _fit(label, 48), fill="black")
-        sheet.paste(strip, (label_width, top))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    sheet.save(path)
+    write_png(path, contact_sheet(rows, pad=4, label_width=320, label_chars=48))
     return len(rows)
 
 
@@ -209,9 +196,9 @@ def verify_cache(cfg: VerifyConfig) -> VerifyReport:
         path = cfg.folder / extra["file"]  # a plain name: Manifest.load refuses any other
         try:
             if extra.get("sha256") and file_sha256(path) != extra["sha256"]:
-                problems.append(f"{path} ({name}) does not match its sha256 in {MANIFEST_NAME}")
+                problems.append(f"{path} ({name}) does not match its sha256 in {paths.MANIFEST}")
         except FileNotFoundError:
-            problems.append(f"{path} ({name}) is listed in {MANIFEST_NAME} but missing")
+            problems.append(f"{path} ({name}) is listed in {paths.MANIFEST} but missing")
         except CacheError as err:
             problems.append(str(err))
     listed = {record.name for record in manifest.shards}
@@ -247,9 +234,9 @@ def rebuild_manifest(folder: Path) -> RebuildResult:
     sha256. Refused when the folder has a manifest.
     """
     folder = Path(folder)
-    if (folder / MANIFEST_NAME).exists() or (folder / MANIFEST_NAME).is_symlink():
+    if paths.manifest(folder).exists() or paths.manifest(folder).is_symlink():
         raise CacheError(
-            f"{folder / MANIFEST_NAME} exists; rebuild-manifest never replaces one. Run `cogvx shards verify "
+            f"{paths.manifest(folder)} exists; rebuild-manifest never replaces one. Run `cogvx shards verify "
             f"{folder}` to check it, or move it away first if it is damaged."
         )
     names = sorted(p.name for p in folder.glob("*.tar") if is_plain_name(p.name)) if folder.is_dir() else []
@@ -290,8 +277,8 @@ def rebuild_manifest(folder: Path) -> RebuildResult:
             manifest.extras[label] = extra
         else:
             dropped.append(label)
-    if (folder / MANIFEST_NAME).exists():
-        raise CacheError(f"{folder / MANIFEST_NAME} appeared while rebuilding; left as it is.")
+    if paths.manifest(folder).exists():
+        raise CacheError(f"{paths.manifest(folder)} appeared while rebuilding; left as it is.")
     manifest.save(folder)
     return RebuildResult(Manifest.load(folder), dropped)  # loaded: what readers will see, checked as they check it
 
@@ -303,10 +290,6 @@ def _side_file_matches(folder: Path, extra: object) -> bool:
         return file_sha256(folder / extra["file"]) == extra.get("sha256")
     except FileNotFoundError:
         return False
-
-
-def _fit(text: str, width: int) -> str:
-    return "\n".join(line if len(line) <= width else line[: width - 3] + "..." for line in text.splitlines())
 
 
 def _mib(n: int) -> str:

@@ -7,6 +7,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from cogvx import runs
+from cogvx.media import ema
+from cogvx.pipeline.models import NATIVE_FPS
+
 METRICS_NAME = "metrics.jsonl"
 LOSS_CURVE_NAME = "loss.png"
 MODEL_CARD_NAME = "README.md"
@@ -62,10 +66,7 @@ def draw_loss_curve(records: list[dict[str, Any]], path: Path, size: tuple[int, 
     draw = ImageDraw.Draw(image)
     steps = [s for s, _ in points]
     losses = [v for _, v in points]
-    smooth, average = [], losses[0]
-    for value in losses:
-        average = 0.9 * average + 0.1 * value
-        smooth.append(average)
+    smooth = ema(losses)
     x0, x1 = min(steps), max(max(steps), min(steps) + 1)
     y0, y1 = min(losses), max(losses)
     if y1 - y0 < 1e-12:
@@ -94,8 +95,8 @@ def draw_loss_curve(records: list[dict[str, Any]], path: Path, size: tuple[int, 
     else:
         x, y = xy(*points[0])
         draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(30, 90, 200))
-    tmp = Path(path).with_suffix(".tmp.png")
-    image.save(tmp)
+    tmp = runs.temporary(path)
+    image.save(tmp, format="PNG")
     tmp.replace(path)
     return Path(path)
 
@@ -128,9 +129,9 @@ def model_card(
         "",
         f"# LoRA for {model_name}",
         "",
-        "Trained with `cogvx train`. The resolved settings are in "
-        "`config.toml` (reusable with `cogvx train --config config.toml`), the per-step metrics in "
-        f"`{METRICS_NAME}` and the loss curve in `{LOSS_CURVE_NAME}`.",
+        f"Trained with `cogvx train`. The resolved settings are in `{runs.CONFIG_TOML}` (reusable with "
+        f"`cogvx train --config {runs.CONFIG_TOML}`), the per-step metrics in `{runs.METRICS}` and the loss "
+        f"curve in `{runs.LOSS_CURVE}`.",
         "",
         "| | |",
         "|---|---|",
@@ -165,7 +166,7 @@ def model_card(
         f'pipe = CogVideoXPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")',
         f'pipe.load_lora_weights("path/to/this/folder", weight_name="{weights_name}", adapter_name="cogvx")',
         'video = pipe("your prompt", num_frames=49, guidance_scale=6.0, num_inference_steps=50).frames[0]',
-        'export_to_video(video, "output.mp4", fps=8)',
+        f'export_to_video(video, "output.mp4", fps={NATIVE_FPS})',
         "```",
         "",
         "The adapter's rank and alpha are stored in the weights' metadata, so diffusers applies the trained "

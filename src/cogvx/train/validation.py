@@ -13,19 +13,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from cogvx import runs
+from cogvx.errors import CacheError, ConfigError
 from cogvx.pipeline.models import ModelInfo
 from cogvx.pipeline.sampling import sample_latents
-from cogvx.shards import Manifest
-
-PROMPTS_FILE = "validation_prompts.safetensors"
-FOLDER = "validation"
+from cogvx.shards import Manifest, paths
 
 
 @dataclass
@@ -51,20 +49,20 @@ def load_validation_set(
     from safetensors import safe_open
 
     entry = manifest.extras.get("validation")
-    path = Path(shards) / (entry or {}).get("file", PROMPTS_FILE)
+    path = Path(shards) / (entry or {}).get("file", paths.VALIDATION_PROMPTS)
     if not entry or not path.is_file():
-        raise ValueError(
+        raise CacheError(
             f"--validation-every needs validation prompts in the cache, but {path} does not exist. Add them with "
             f"`cogvx preprocess --data VIDEOS --output {shards} --validation-prompt 'a prompt' ...` (clips already "
             "in the cache are not encoded again), or pass --validation-every 0."
         )
     if entry.get("sha256") and hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
-        raise ValueError(f"{path} changed since the manifest recorded it; run `cogvx preprocess` again to rewrite it.")
+        raise CacheError(f"{path} changed since the manifest recorded it; run `cogvx preprocess` again to rewrite it.")
     with safe_open(str(path), framework="pt") as f:
         prompts = json.loads((f.metadata() or {}).get("prompts", "[]"))
         embeds, negative = f.get_tensor("prompt_embeds"), f.get_tensor("negative_prompt_embeds")
     if len(prompts) != embeds.shape[0] or embeds.shape[-1] != info.text_embed_dim:
-        raise ValueError(
+        raise CacheError(
             f"{path} holds {embeds.shape[0]} embeddings of width {embeds.shape[-1]} for {len(prompts)} prompts; "
             f"expected one per prompt of width {info.text_embed_dim}. Run `cogvx preprocess` again to rewrite it."
         )
@@ -73,7 +71,7 @@ def load_validation_set(
     frames, height, width = frames or first[0], height or first[1], width or first[2]
     multiple = info.spatial_compression * patch_size
     if height % multiple or width % multiple:
-        raise ValueError(
+        raise ConfigError(
             f"--validation-height/--validation-width {height}x{width} must be multiples of {multiple} for "
             f"{info.name} (VAE compression {info.spatial_compression} x patch size {patch_size})."
         )
@@ -98,9 +96,7 @@ def run_validation(
     world_size: int = 1,
 ) -> list[Path]:
     """Sample this process's share of the prompts (prompt k on rank k % world) and write one file each."""
-    from safetensors.torch import save_file
-
-    folder = Path(output) / FOLDER / f"step-{step:06d}"
+    folder = runs.validation_step(output, step)
     folder.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     was_training = model.training
@@ -136,15 +132,7 @@ def run_validation(
                 "num_frames": validation.num_frames,
                 "scaling_factor": info.scaling_factor,
             }
-            path = folder / f"sample-{index:02d}.safetensors"
-            tmp = folder / f".{path.name}.tmp"
-            save_file(
-                {"latents": latents.detach().cpu().contiguous()},
-                tmp,
-                metadata={k: json.dumps(v) for k, v in metadata.items()},
-            )
-            os.replace(tmp, path)
-            written.append(path)
+            written.append(runs.write_validation_sample(runs.validation_sample(folder, index), latents, metadata))
     finally:
         model.train(was_training)
     return written

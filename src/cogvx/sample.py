@@ -1,0 +1,344 @@
+"""``cogvx sample``: videos from the base model plus a trained LoRA, through diffusers' ``CogVideoXPipeline``.
+
+The LoRA is loaded with ``load_lora_weights`` (its saved rank and alpha give the scale; ``--lora-scale``
+multiplies it). One mp4 per prompt, a contact sheet of them all, and a JSON file of the settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from cogvx import runs
+from cogvx.errors import ConfigError, ModelError, RunError
+from cogvx.media import VideoWriteError, check_mp4_writer, check_video_settings, to_uint8, write_mp4, write_sheet
+from cogvx.pipeline import models
+from cogvx.pipeline.decode import check_decoded_size, device_and_dtype
+
+LORA_ADAPTER = "cogvx"
+_PIPELINE_LOGGER = "diffusers.pipelines.cogvideo.pipeline_cogvideox"
+
+console = Console(stderr=True)
+
+
+@dataclass
+class SampleConfig:
+    prompts: tuple[str, ...] = ()
+    lora: Path | None = None  # a run folder (or its pytorch_lora_weights.safetensors)
+    output: Path | None = None  # default: samples/lora.mp4, or samples/base.mp4 with --no-lora
+    model: str | None = None  # default: the model recorded in the LoRA's run folder
+    no_lora: bool = False
+    lora_scale: float = 1.0
+    steps: int = 50
+    guidance: float = 6.0
+    dynamic_cfg: bool = False
+    negative_prompt: str = ""
+    seed: int = 0
+    frames: int = 49
+    height: int | None = None  # default: the model's native size
+    width: int | None = None
+    fps: int = models.NATIVE_FPS
+    dtype: str | None = None  # default: bf16 on a GPU, fp32 on a CPU
+    device: str | None = None
+    cpu_offload: bool = False
+    vae_tiling: bool = False
+    vae_slicing: bool = False
+    sheet_columns: int = 8
+
+    def __post_init__(self):
+        if isinstance(self.prompts, str):
+            self.prompts = (self.prompts,)
+        self.prompts = tuple(self.prompts or ())
+        self.lora = Path(self.lora) if self.lora is not None else None
+        if self.output is None:
+            self.output = Path("samples") / ("base.mp4" if self.no_lora else "lora.mp4")
+        self.output = Path(self.output)
+        checks = [
+            (bool(self.prompts), 'give at least one --prompt "..." (or prompts = ["..."] in a --config file)'),
+            (all(p.strip() for p in self.prompts), "a --prompt is empty"),
+            (self.lora is not None or (self.no_lora and self.model), "pass --lora RUN_FOLDER (or --no-lora --model M)"),
+            (not (self.no_lora and self.lora_scale != 1.0), "--lora-scale has no effect with --no-lora; drop one"),
+            (math.isfinite(self.lora_scale), f"--lora-scale must be a finite number (got {self.lora_scale})"),
+            (self.output.suffix.lower() == ".mp4", f"--output must name an .mp4 file (got {self.output})"),
+            (self.steps >= 1, f"--steps must be at least 1 (got {self.steps})"),
+            (self.guidance >= 0, f"--guidance must be 0 or more (got {self.guidance})"),
+            (self.frames >= 1 and (self.frames - 1) % 4 == 0, f"--frames must be 4k+1: 9, 13, 49 (got {self.frames})"),
+            (self.height is None or self.height > 0, f"--height must be positive (got {self.height})"),
+            (self.width is None or self.width > 0, f"--width must be positive (got {self.width})"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        check_video_settings(self.fps, self.sheet_columns)
+        if self.dtype is not None:
+            models.parse_dtype(self.dtype)
+
+    def video_paths(self) -> list[Path]:
+        """One mp4 per prompt: ``--output`` itself for one prompt, ``NAME-KK.mp4`` for several."""
+        if len(self.prompts) == 1:
+            return [self.output]
+        return [self.output.with_name(f"{self.output.stem}-{k:02d}.mp4") for k in range(len(self.prompts))]
+
+    @property
+    def sheet_path(self) -> Path:
+        return self.output.with_suffix(".png")
+
+
+@dataclass
+class SampleResult:
+    model: str
+    videos: list[Path]
+    sheet: Path
+    frames: list[np.ndarray]  # uint8 [F, H, W, 3] per prompt, exactly what went into the mp4 encoder
+    truncated: list[bool] = field(default_factory=list)
+
+
+def lora_file(lora: Path) -> Path:
+    """The weights file of a run folder, or the file itself."""
+    path = Path(lora)
+    if path.is_dir():
+        path = runs.lora_weights(path)
+    if not path.is_file():
+        raise RunError(
+            f"No LoRA weights at {path}. Point --lora at a run folder written by `cogvx train` "
+            f"(it holds {runs.LORA_WEIGHTS}) or at the .safetensors file itself."
+        )
+    return path
+
+
+def lora_base_model(lora: Path) -> str | None:
+    """The model a LoRA was trained on, from its run's resolved settings, if there are any."""
+    return runs.read_config(_run_folder(lora)).get("model")
+
+
+def _run_folder(lora: Path) -> Path:
+    return Path(lora) if Path(lora).is_dir() else Path(lora).parent
+
+
+def check_lora_fits(transformer: torch.nn.Module, weights: Path, trained_on: str | None, model: str) -> None:
+    """Refuse a LoRA whose matrices do not fit this transformer, naming both models.
+
+    Reads only the safetensors header, so a mismatch is reported before any weight is touched.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as f:
+        shapes = {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}  # noqa: SIM118
+    modules = dict(transformer.named_modules())
+    problems = []
+    for key, shape in shapes.items():
+        name = key.removeprefix("transformer.")
+        for part, axis, attr in ((".lora_A.", 1, "in_features"), (".lora_B.", 0, "out_features")):
+            if part in name:
+                module_name = name.split(part)[0]
+                module = modules.get(module_name)
+                if module is None:
+                    problems.append(f"{module_name} does not exist")
+                elif getattr(module, attr, None) is not None and getattr(module, attr) != shape[axis]:
+                    problems.append(f"{module_name}.{attr} is {getattr(module, attr)}, the LoRA has {shape[axis]}")
+    if problems:
+        origin = repr(trained_on) if trained_on else f"another model (no {runs.CONFIG_JSON} beside it says which)"
+        raise ModelError(
+            f"The LoRA {weights} was trained for {origin} and does not fit the base model {model!r}: "
+            f"{len(problems)} mismatch(es), e.g. {'; '.join(sorted(set(problems))[:3])}. Sample with the model "
+            f"it was trained on" + (f" (--model {trained_on}, or leave --model out)." if trained_on else ".")
+        )
+
+
+def _warn_truncated(tokenizer, prompts: tuple[str, ...], limit: int) -> list[bool]:
+    flags = []
+    for k, prompt in enumerate(prompts):
+        ids = tokenizer(prompt, add_special_tokens=True, verbose=False).input_ids
+        flags.append(len(ids) > limit)
+        if flags[-1]:
+            kept = tokenizer.decode(ids[: limit - 1], skip_special_tokens=True)
+            console.print(
+                f"[yellow]warning:[/yellow] prompt {k} has {len(ids)} tokens; the text encoder reads {limit}, so it "
+                f"is truncated to: {kept[-60:]!r} (the last words kept)."
+            )
+    return flags
+
+
+@contextlib.contextmanager
+def _quiet(name: str):
+    """Silence one library logger below errors (we already warned about the same thing, more clearly)."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def check_outputs_writable(cfg: SampleConfig) -> None:
+    """Every file ``sample`` writes can be created, before any minute goes into generating."""
+    folder = cfg.output.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".cogvx-write-test-"):
+            pass
+    except OSError as err:
+        raise ConfigError(f"Cannot write into {folder} ({err.strerror or err}): pick another --output.") from err
+    for path in [*cfg.video_paths(), cfg.sheet_path, cfg.output.with_suffix(".json")]:
+        if path.is_dir():
+            raise ConfigError(f"{path} is a folder, so the sample cannot be written there: pick another --output.")
+
+
+def save_frames(video: Path, frames: np.ndarray, prompt: str, fps: int) -> Path:
+    """Frames whose mp4 could not be written: ``NAME.frames.safetensors``, tensor ``frames`` uint8 [F, H, W, 3]."""
+    from safetensors.numpy import save_file
+
+    path = video.with_suffix(".frames.safetensors")
+    save_file({"frames": np.ascontiguousarray(frames)}, str(path), metadata={"prompt": prompt, "fps": str(fps)})
+    return path
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split()) or type(err).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+@dataclass
+class SamplePlan:
+    """What ``sample`` will do, settled from configs and the file system before any weight is read."""
+
+    model_name: str
+    info: models.ModelInfo
+    weights: Path | None  # the LoRA file, None for --no-lora without --lora
+    trained_on: str | None  # the LoRA's base model, from its run's resolved settings
+    height: int
+    width: int
+    device: torch.device
+    dtype: torch.dtype
+
+
+def plan_sample(cfg: SampleConfig) -> SamplePlan:
+    """Check everything that can be checked without loading the pipeline: LoRA, model, size, mp4 writer, folder."""
+    weights = lora_file(cfg.lora) if cfg.lora is not None else None
+    trained_on = lora_base_model(cfg.lora) if cfg.lora is not None else None
+    recorded = [(trained_on, str(runs.config_json(_run_folder(cfg.lora))))] if cfg.lora is not None else []
+    model_name = models.choose_model(cfg.model, *recorded)
+    info = models.ModelInfo.read(model_name)
+    height, width = cfg.height or info.native_size[0], cfg.width or info.native_size[1]
+    multiple = info.spatial_compression * (models.read_config(info.source, "transformer").get("patch_size") or 1)
+    if height % multiple or width % multiple:
+        raise ConfigError(f"--height/--width must be multiples of {multiple} for {model_name} (got {height}x{width}).")
+    if (cfg.frames - 1) % info.temporal_compression:
+        raise ConfigError(f"--frames must be {info.temporal_compression}k+1 for {model_name} (got {cfg.frames}).")
+    check_mp4_writer()
+    check_outputs_writable(cfg)
+    device, dtype = device_and_dtype(cfg.device, cfg.dtype)
+    return SamplePlan(model_name, info, weights, trained_on, height, width, device, dtype)
+
+
+def load_pipeline(cfg: SampleConfig, plan: SamplePlan):
+    """The diffusers ``CogVideoXPipeline`` with the LoRA at ``--lora-scale`` and the memory options set."""
+    from diffusers import CogVideoXPipeline
+
+    pipe = CogVideoXPipeline.from_pretrained(plan.info.source, torch_dtype=plan.dtype)
+    pipe.set_progress_bar_config(disable=True)
+    if plan.weights is not None and not cfg.no_lora:
+        check_lora_fits(pipe.transformer, plan.weights, plan.trained_on, plan.model_name)
+        pipe.load_lora_weights(str(plan.weights.parent), weight_name=plan.weights.name, adapter_name=LORA_ADAPTER)
+        # The saved alpha and rank already set the trained scale; this multiplies it.
+        pipe.set_adapters([LORA_ADAPTER], [cfg.lora_scale])
+    if cfg.vae_tiling:
+        pipe.vae.enable_tiling()
+    if cfg.vae_slicing:
+        pipe.vae.enable_slicing()
+    if cfg.cpu_offload and plan.device.type == "cuda":
+        pipe.enable_model_cpu_offload(device=plan.device)
+    else:
+        if cfg.cpu_offload:
+            console.print("[yellow]note:[/yellow] --cpu-offload only saves GPU memory; on the CPU it does nothing.")
+        pipe.to(plan.device)
+    return pipe
+
+
+def run_sample(cfg: SampleConfig) -> SampleResult:
+    """Generate one video per prompt with the base model plus the LoRA (or without it, ``--no-lora``).
+
+    If an mp4 cannot be written after generation, the frames go to ``NAME.frames.safetensors`` instead,
+    the other prompts still run, and a ``VideoWriteError`` at the end says where everything is.
+    """
+    plan = plan_sample(cfg)
+    pipe = load_pipeline(cfg, plan)
+    model_name, weights, height, width, dtype = plan.model_name, plan.weights, plan.height, plan.width, plan.dtype
+
+    truncated = _warn_truncated(pipe.tokenizer, cfg.prompts, pipe.transformer.config.max_text_seq_length)
+    videos, all_frames, warned_frames = cfg.video_paths(), [], False
+    unwritten: list[tuple[Path, Path, Exception]] = []  # (mp4, frames file, error)
+    for prompt, path in zip(cfg.prompts, videos, strict=True):
+        # One generator per prompt, seeded alike: a prompt's video does not depend on the others,
+        # and --no-lora starts from exactly the same noise.
+        generator = torch.Generator("cpu").manual_seed(cfg.seed)
+        with _quiet(_PIPELINE_LOGGER) if any(truncated) else contextlib.nullcontext():
+            out = pipe(
+                prompt=prompt,
+                negative_prompt=cfg.negative_prompt or None,
+                height=height,
+                width=width,
+                num_frames=cfg.frames,
+                num_inference_steps=cfg.steps,
+                guidance_scale=cfg.guidance,
+                use_dynamic_cfg=cfg.dynamic_cfg,
+                generator=generator,
+                output_type="np",
+                max_sequence_length=pipe.transformer.config.max_text_seq_length,
+            ).frames[0]
+        frames = to_uint8(np.asarray(out))
+        check_decoded_size(frames, height, width, cfg.vae_tiling)
+        if len(frames) != cfg.frames and not warned_frames:
+            # CogVideoX 1.0 VAEs decode an even number of latent frames to 4 frames each (13 -> 16): the
+            # pipeline does the same. 8k+1 frames (9, 17, 25, 49) give an odd latent count and exact lengths.
+            console.print(
+                f"[yellow]warning:[/yellow] the VAE decoded {len(frames)} frames for --frames {cfg.frames}, as the "
+                "diffusers pipeline does; ask for 8k+1 frames (9, 17, 25, 49) to get exactly that many."
+            )
+            warned_frames = True
+        try:
+            write_mp4(path, frames, cfg.fps)
+        except Exception as err:  # the writer failed after generation: keep the frames, report at the end
+            unwritten.append((path, save_frames(path, frames, prompt, cfg.fps), err))
+        all_frames.append(frames)
+    sheet = write_sheet(cfg.sheet_path, list(zip(cfg.prompts, all_frames, strict=True)), cfg.sheet_columns)
+    settings = {
+        "model": model_name,
+        "lora": None if cfg.no_lora or weights is None else str(weights),
+        "lora_scale": None if cfg.no_lora else cfg.lora_scale,
+        "prompts": list(cfg.prompts),
+        "videos": [p.name for p in videos],
+        "truncated": truncated,
+        "seed": cfg.seed,
+        "steps": cfg.steps,
+        "guidance": cfg.guidance,
+        "dynamic_cfg": cfg.dynamic_cfg,
+        "negative_prompt": cfg.negative_prompt,
+        "frames": cfg.frames,
+        "height": height,
+        "width": width,
+        "fps": cfg.fps,
+        "dtype": str(dtype).removeprefix("torch."),
+    }
+    if unwritten:
+        settings["frames_files"] = {mp4.name: saved.name for mp4, saved, _ in unwritten}
+    cfg.output.with_suffix(".json").write_text(json.dumps(settings, indent=1))
+    if unwritten:
+        mp4, _, first = unwritten[0]
+        raise VideoWriteError(
+            f"Generated {len(videos)} video(s) but could not write {len(unwritten)} mp4 file(s) ({mp4.name}: "
+            f"{_one_line(first)}); their frames are saved in {', '.join(str(s) for _, s, _ in unwritten)} "
+            f"(tensor 'frames', uint8 [F, H, W, 3]) and the contact sheet in {sheet}. Fix the mp4 writer (ffmpeg "
+            "with libx264, disk space) and write them with cogvx.media.write_mp4."
+        ) from first
+    return SampleResult(model_name, videos, sheet, all_frames, truncated)

@@ -38,8 +38,10 @@ def test_sampler_equals_the_diffusers_pipeline(variant: str, tmp_path: Path):
     pipe.set_progress_bar_config(disable=True)
     expected = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, output_type="latent",
                     generator=torch.Generator().manual_seed(7), **size).frames  # fmt: skip
+    info = models.ModelInfo.read(source)
     ours = sample_latents(transformer, dict(scheduler.config), embeds, negative,
-                          generator=torch.Generator().manual_seed(7), **size)  # fmt: skip
+                          generator=torch.Generator().manual_seed(7), spatial_compression=info.spatial_compression,
+                          temporal_compression=info.temporal_compression, **size)  # fmt: skip
     assert torch.equal(ours, expected)
     frames = 4 if variant == "tiny-15" else 3  # 1.5 pads 3 latent frames to a multiple of patch_size_t=2
     assert ours.shape == (1, frames, 4, 8, 12)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from cogvx.errors import RunError
+from cogvx.files import save_safetensors
 
 CONFIG_JSON = "config.json"
 CONFIG_TOML = "config.toml"
@@ -183,14 +184,8 @@ def validation_steps(run: Path) -> list[tuple[int, Path, list[Path]]]:
 
 def write_validation_sample(path: Path, latents: Any, metadata: dict[str, Any]) -> Path:
     """Tensor ``latents`` and metadata whose values are JSON strings, renamed into place when complete."""
-    from safetensors.torch import save_file
-
-    tmp = temporary(path)
-    save_file(
-        {"latents": latents.detach().cpu().contiguous()}, tmp, metadata={k: json.dumps(v) for k, v in metadata.items()}
-    )
-    os.replace(tmp, path)
-    return Path(path)
+    metadata = {k: json.dumps(v) for k, v in metadata.items()}
+    return save_safetensors(path, {"latents": latents.detach().cpu().contiguous()}, metadata)
 
 
 def read_validation_sample(path: Path) -> tuple[Any, dict[str, str]]:

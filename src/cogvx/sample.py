@@ -20,6 +20,7 @@ from rich.console import Console
 
 from cogvx import runs
 from cogvx.errors import ConfigError, ModelError, RunError
+from cogvx.files import save_safetensors
 from cogvx.media import VideoWriteError, check_mp4_writer, check_video_settings, to_uint8, write_mp4, write_sheet
 from cogvx.pipeline import models
 from cogvx.pipeline.decode import check_decoded_size, device_and_dtype
@@ -196,11 +197,9 @@ def check_outputs_writable(cfg: SampleConfig) -> None:
 
 def save_frames(video: Path, frames: np.ndarray, prompt: str, fps: int) -> Path:
     """Frames whose mp4 could not be written: ``NAME.frames.safetensors``, tensor ``frames`` uint8 [F, H, W, 3]."""
-    from safetensors.numpy import save_file
-
     path = video.with_suffix(".frames.safetensors")
-    save_file({"frames": np.ascontiguousarray(frames)}, str(path), metadata={"prompt": prompt, "fps": str(fps)})
-    return path
+    tensors = {"frames": torch.from_numpy(np.ascontiguousarray(frames))}
+    return save_safetensors(path, tensors, metadata={"prompt": prompt, "fps": str(fps)})
 
 
 def _one_line(err: BaseException) -> str:

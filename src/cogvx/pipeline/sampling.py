@@ -20,8 +20,8 @@ def latent_shape(
     num_frames: int,
     height: int,
     width: int,
-    spatial_compression: int = 8,
-    temporal_compression: int = 4,
+    spatial_compression: int,
+    temporal_compression: int,
 ) -> tuple[int, int, int, int]:
     """``(F, C, H, W)`` of the latents the pipeline denoises for a video of this size (1.5 padding included)."""
     frames = (num_frames - 1) // temporal_compression + 1
@@ -42,11 +42,11 @@ def sample_latents(
     num_frames: int,
     height: int,
     width: int,
-    num_inference_steps: int = 50,
-    guidance_scale: float = 6.0,
-    generator: torch.Generator | None = None,
-    spatial_compression: int = 8,
-    temporal_compression: int = 4,
+    num_inference_steps: int,
+    guidance_scale: float,
+    generator: torch.Generator | None,
+    spatial_compression: int,
+    temporal_compression: int,
 ) -> torch.Tensor:
     """Denoise fresh noise into latents for ``prompt_embeds`` ``[B, L, D]``, like the diffusers pipeline.
 

@@ -11,9 +11,9 @@ from cogvx import runs
 from cogvx.media import ema
 from cogvx.pipeline.models import NATIVE_FPS
 
-METRICS_NAME = "metrics.jsonl"
-LOSS_CURVE_NAME = "loss.png"
-MODEL_CARD_NAME = "README.md"
+METRICS_NAME = runs.METRICS
+LOSS_CURVE_NAME = runs.LOSS_CURVE
+MODEL_CARD_NAME = runs.MODEL_CARD
 
 
 def read_metrics_counted(path: Path) -> tuple[list[dict[str, Any]], int]:

@@ -20,6 +20,9 @@ if TYPE_CHECKING:
     from PIL import Image
 
 
+SHEET_COLUMNS = 8  # frames per video in a contact sheet, unless sheet_columns says otherwise
+
+
 class VideoWriteError(CogvxError):
     """Generation finished but an mp4 could not be written; the frames were saved another way."""
 

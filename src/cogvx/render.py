@@ -11,7 +11,7 @@ from pathlib import Path
 
 from cogvx import runs
 from cogvx.errors import ModelError, RunError
-from cogvx.media import check_video_settings, write_mp4, write_sheet
+from cogvx.media import SHEET_COLUMNS, check_video_settings, write_mp4, write_sheet
 from cogvx.pipeline import models
 from cogvx.pipeline.decode import check_decoded_size, decode_latents, device_and_dtype
 
@@ -32,7 +32,7 @@ class RenderConfig:
     vae_tiling: bool = False
     vae_slicing: bool = False
     force: bool = False  # render steps again even if their videos exist
-    sheet_columns: int = 8
+    sheet_columns: int = SHEET_COLUMNS
 
     def __post_init__(self):
         self.run = Path(self.run)

@@ -21,7 +21,15 @@ from rich.console import Console
 from cogvx import runs
 from cogvx.errors import ConfigError, ModelError, RunError
 from cogvx.files import save_safetensors
-from cogvx.media import VideoWriteError, check_mp4_writer, check_video_settings, to_uint8, write_mp4, write_sheet
+from cogvx.media import (
+    SHEET_COLUMNS,
+    VideoWriteError,
+    check_mp4_writer,
+    check_video_settings,
+    to_uint8,
+    write_mp4,
+    write_sheet,
+)
 from cogvx.pipeline import models
 from cogvx.pipeline.decode import check_decoded_size, device_and_dtype
 
@@ -53,7 +61,7 @@ class SampleConfig:
     cpu_offload: bool = False
     vae_tiling: bool = False
     vae_slicing: bool = False
-    sheet_columns: int = 8
+    sheet_columns: int = SHEET_COLUMNS
 
     def __post_init__(self):
         if isinstance(self.prompts, str):

@@ -31,10 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from cogvx.pipeline import lora  # noqa: E402
+from cogvx.pipeline import levers, lora  # noqa: E402
 from cogvx.pipeline.objective import Objective, rotary_embedding  # noqa: E402
 from cogvx.shards import Sample, SampleEntry, ShardRecord, ShardWriter  # noqa: E402
-from cogvx.train import speed  # noqa: E402
 from cogvx.train.config import TrainConfig  # noqa: E402
 from cogvx.train.data import ShardStream, make_loader  # noqa: E402
 from cogvx.train.loop import build_optimizer, step_seed  # noqa: E402
@@ -156,11 +155,11 @@ class CogvxStep:
     """cogvx's step: its loader, objective, optimizer and precision, with the chosen levers."""
 
     def __init__(self, transformer, cfg, device, options: set[str], records, folder):
-        checkpointing = next((o for o in options if o in speed.CHECKPOINTING), "full")
+        checkpointing = next((o for o in options if o in levers.CHECKPOINTING), "full")
         self.params = lora.add_lora(transformer, 128, 128)
-        if "fp8" in options:
-            speed.store_base_weights_in_fp8(transformer)
-        speed.configure(transformer, checkpointing, compile="compile" in options)
+        levers.prepare(
+            transformer, levers.Levers(checkpointing, compile="compile" in options, fp8_base="fp8" in options)
+        )
         train_cfg = TrainConfig(shards=folder, optimizer="adamw8bit" if "adam8" in options else "adamw")
         self.optimizer = build_optimizer(train_cfg, self.params, 1e-4)
         from diffusers import CogVideoXDPMScheduler

@@ -16,8 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from cogvx.errors import CogvxError, RunError
 from cogvx.shards import CacheError, Manifest, Sample, SampleEntry, ShardRecord, ShardWriter
 from cogvx.train import checkpoint
+from cogvx.train.config import TrainConfig
 from cogvx.train.data import ShardStream, _ReportingErrors, _WorkerError, collate, make_loader
 
 # ---------------------------------------------------------------- checkpoint.py
@@ -35,8 +37,38 @@ def _optimizer_state() -> dict:
     return optimizer.state_dict()
 
 
+class _Box:
+    """A checkpoint component that holds any state: what it saves, or what load gave it."""
+
+    def __init__(self, state=None):
+        self.state = state
+
+    def state_dict(self):
+        return self.state
+
+    def load_state_dict(self, state) -> None:
+        self.state = state
+
+
+def _state(step: int, lora: dict, info: dict | None = None, **components) -> dict[str, _Box]:
+    """One checkpoint state: the LoRA, the progress (state.json) with ``step`` and ``info``, other components."""
+    return {
+        checkpoint.LORA: _Box(lora),
+        **{name: _Box(state) for name, state in components.items()},
+        checkpoint.PROGRESS: _Box({"step": step, **(info or {})}),
+    }
+
+
+def _load(folder: Path, names: tuple[str, ...] = ("optimizer",)) -> tuple[dict, dict, dict]:
+    """(state.json, LoRA weights, named component states) read back through ``checkpoint.load``."""
+    boxes = {checkpoint.LORA: _Box(), checkpoint.PROGRESS: _Box(), **{name: _Box() for name in names}}
+    checkpoint.load(folder, boxes)
+    return boxes[checkpoint.PROGRESS].state, boxes[checkpoint.LORA].state, {n: boxes[n].state for n in names}
+
+
 def _save(output: Path, step: int, keep: int = 10, value: float = 1.0) -> Path:
-    return checkpoint.save(output, step, _lora(value), {"optimizer": _optimizer_state()}, {"batches": step * 2}, keep)
+    state = _state(step, _lora(value), {"batches": step * 2}, optimizer=_optimizer_state())
+    return checkpoint.save(output, state, keep)
 
 
 def _names(output: Path) -> list[str]:
@@ -46,14 +78,14 @@ def _names(output: Path) -> list[str]:
 def test_save_writes_one_complete_folder_that_load_reads_back_exactly(tmp_path: Path):
     states = {"optimizer": _optimizer_state(), "scheduler": {"last_epoch": 7, "lr": [0.5]}}
     info = {"batches": 14, "world_size": 2, "workers": 3, "config": {"rank": 4, "seed": 0}}
-    final = checkpoint.save(tmp_path, 7, _lora(2.0), states, info, keep=3)
+    final = checkpoint.save(tmp_path, _state(7, _lora(2.0), info, **states), keep=3)
 
     assert final == tmp_path / "checkpoint-000007"
     assert _names(tmp_path) == ["checkpoint-000007"], "the staging folder must be renamed away"
     assert sorted(p.name for p in final.iterdir()) == ["lora.safetensors", "optimizer.pt", "scheduler.pt", "state.json"]
     assert json.loads((final / "state.json").read_text()) == {"step": 7, **info}
 
-    read_info, lora, read_states = checkpoint.load(final)
+    read_info, lora, read_states = _load(final, ("optimizer", "scheduler"))
     assert read_info == {"step": 7, **info}
     assert lora.keys() == _lora().keys()
     for name, tensor in _lora(2.0).items():
@@ -66,16 +98,63 @@ def test_save_writes_one_complete_folder_that_load_reads_back_exactly(tmp_path: 
     assert read_states["optimizer"]["param_groups"] == states["optimizer"]["param_groups"]
 
 
+def test_save_and_load_are_mirror_images_over_real_components(tmp_path: Path):
+    def components(seed: int):
+        torch.manual_seed(seed)
+        layer = torch.nn.Linear(3, 2)
+        optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step))
+        progress = checkpoint.Progress(world_size=2, workers=3, config={"seed": seed})
+        return layer, optimizer, schedule, progress
+
+    layer, optimizer, schedule, progress = components(0)
+    for step in (1, 2):
+        layer(torch.ones(1, 3)).sum().backward()
+        optimizer.step()
+        schedule.step()
+        progress.step, progress.batches_consumed = step, 2 * step
+    state = {"lora": layer, "optimizer": optimizer, "lr_schedule": schedule, "progress": progress}
+    final = checkpoint.save(tmp_path, state, keep=1)
+    assert sorted(p.name for p in final.iterdir()) == ["lora.safetensors", "lr_schedule.pt", "optimizer.pt",
+                                                       "state.json"]  # fmt: skip
+    written = {"step": 2, "batches_consumed": 4, "world_size": 2, "workers": 3, "config": {"seed": 0}}
+    assert json.loads((final / "state.json").read_text()) == written
+
+    fresh = components(1)
+    other = dict(zip(state, fresh, strict=True))
+    other["progress"].world_size = 1
+    checkpoint.load(final, other)
+    restored = fresh[0].state_dict()
+    assert all(torch.equal(tensor, restored[name]) for name, tensor in layer.state_dict().items())
+    assert fresh[1].state_dict()["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
+    assert fresh[2].state_dict() == schedule.state_dict()
+    assert (fresh[3].step, fresh[3].batches_consumed, fresh[3].world_size) == (2, 4, 1)
+    assert fresh[3].written_by == written
+
+
+def test_load_refuses_a_checkpoint_missing_a_component_but_a_scaler_may_be_missing(tmp_path: Path):
+    final = _save(tmp_path, 1)
+    scaler = _Box("untouched")
+    boxes = {checkpoint.LORA: _Box(), checkpoint.PROGRESS: _Box(), "optimizer": _Box(), "scaler": scaler}
+    checkpoint.load(final, boxes)  # written without fp16: the scaler starts fresh
+    assert scaler.state == "untouched" and boxes["optimizer"].state is not None
+    (final / "optimizer.pt").unlink()
+    with pytest.raises(RunError) as err:
+        _load(final)
+    assert str(err.value) == f"The checkpoint {final} has no optimizer.pt: resume from another checkpoint."
+
+
 def test_load_reads_tensors_onto_the_cpu_and_refuses_pickled_objects(tmp_path: Path, monkeypatch):
     final = _save(tmp_path, 1)
-    torch.save({"hook": print}, final / "evil.pt")  # a pickled callable: weights_only must refuse it
+    good = (final / "optimizer.pt").read_bytes()
+    torch.save({"hook": print}, final / "optimizer.pt")  # a pickled callable: weights_only must refuse it
     # Even where torch's own default is off (torch < 2.6, or this variable): load asks for weights_only itself.
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     with pytest.raises(Exception, match="[Ww]eights only load failed"):
-        checkpoint.load(final)
+        _load(final)
     monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
-    (final / "evil.pt").unlink()
-    assert checkpoint.load(final)[2]["optimizer"]["state"][0]["exp_avg"].device.type == "cpu"
+    (final / "optimizer.pt").write_bytes(good)
+    assert _load(final)[2]["optimizer"]["state"][0]["exp_avg"].device.type == "cpu"
 
 
 def test_a_step_number_is_zero_padded_to_six_digits_and_grows_past_them(tmp_path: Path):
@@ -127,7 +206,7 @@ def test_saving_a_step_again_replaces_its_checkpoint(tmp_path: Path):
     _save(tmp_path, 3, value=1.0)
     final = _save(tmp_path, 3, value=5.0)
     assert _names(tmp_path) == ["checkpoint-000003"]
-    assert torch.equal(checkpoint.load(final)[1]["a.lora_A.weight"], torch.full((2, 3), 5.0))
+    assert torch.equal(_load(final)[1]["a.lora_A.weight"], torch.full((2, 3), 5.0))
 
 
 def test_checkpoint_dirs_lists_complete_checkpoints_oldest_first_by_number(tmp_path: Path):
@@ -161,7 +240,7 @@ def test_find_auto_takes_the_newest_and_a_path_must_be_complete(tmp_path: Path):
     assert checkpoint.find(tmp_path / "elsewhere", str(explicit)) == explicit
     (explicit / "state.json").unlink()
     message = f"--resume {explicit} is not a complete cogvx checkpoint (no state.json)."
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(RunError) as err:
         checkpoint.find(tmp_path, str(explicit))
     assert str(err.value) == message
 
@@ -195,8 +274,8 @@ def test_a_failed_write_is_one_line_and_leaves_the_earlier_checkpoints(tmp_path:
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
     resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, hard))
     try:
-        with pytest.raises(ValueError) as err:
-            checkpoint.save(tmp_path, 3, big, {}, {}, keep=1)
+        with pytest.raises(RunError) as err:
+            checkpoint.save(tmp_path, _state(3, big), keep=1)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
         signal.signal(signal.SIGXFSZ, previous_handler)
@@ -211,7 +290,7 @@ def test_a_failed_write_is_one_line_and_leaves_the_earlier_checkpoints(tmp_path:
 
 def test_an_output_that_cannot_be_a_folder_is_one_line_naming_the_checkpoint(tmp_path: Path):
     (tmp_path / "output").write_text("a file where the run folder should be")
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(RunError) as err:
         _save(tmp_path / "output" / "sub", 1)
     assert str(err.value).startswith(
         f"Could not write the checkpoint {tmp_path}/output/sub/checkpoint-000001: Not a directory. "
@@ -227,7 +306,7 @@ class _Unpicklable:
 def test_a_bug_during_save_keeps_its_traceback_and_removes_the_staging_folder(tmp_path: Path):
     _save(tmp_path, 1)
     with pytest.raises(TypeError, match="a bug, not a disk problem"):
-        checkpoint.save(tmp_path, 2, _lora(), {"optimizer": {"x": _Unpicklable()}}, {}, keep=1)
+        checkpoint.save(tmp_path, _state(2, _lora(), optimizer={"x": _Unpicklable()}), keep=1)
     assert _names(tmp_path) == ["checkpoint-000001"]
 
 
@@ -265,7 +344,7 @@ def test_a_second_run_in_a_locked_folder_is_refused_in_one_line(tmp_path: Path):
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
         assert holder.stdout.readline().strip() == "free"
-        with pytest.raises(ValueError) as err, checkpoint.lock_run_folder(tmp_path):
+        with pytest.raises(RunError) as err, checkpoint.lock_run_folder(tmp_path):
             pass
         assert str(err.value) == (
             f"Another `cogvx train` is running in {tmp_path}. Wait for it to finish, or use another --output."
@@ -279,7 +358,7 @@ def test_a_second_run_in_a_locked_folder_is_refused_in_one_line(tmp_path: Path):
 
 def test_an_unwritable_run_folder_is_refused_in_one_line(tmp_path: Path):
     (tmp_path / "file").write_text("")
-    with pytest.raises(ValueError) as err, checkpoint.lock_run_folder(tmp_path / "file" / "run"):
+    with pytest.raises(RunError) as err, checkpoint.lock_run_folder(tmp_path / "file" / "run"):
         pass
     assert str(err.value).startswith(f"Cannot write to the run folder {tmp_path / 'file' / 'run'}: ")
     assert str(err.value).endswith(". Choose a writable --output.")
@@ -316,16 +395,16 @@ def _keys(stream, batches: int) -> list[list[str]]:
 def test_an_empty_cache_is_refused_in_one_line(tmp_path: Path):
     message = f"The cache in {tmp_path} holds no samples; run `cogvx preprocess` first."
     with pytest.raises(CacheError) as err:
-        ShardStream(tmp_path, [], batch_size=1, seed=0)
+        ShardStream(tmp_path, [], batch_size=1, seed=0, shuffle_buffer=64)
     assert str(err.value) == message
     records = _cache(tmp_path, (2, 1))
     for record in records:
         record.excluded = [s.key for s in record.samples]
     with pytest.raises(CacheError) as err:
-        ShardStream(tmp_path, records, batch_size=1, seed=0)
+        ShardStream(tmp_path, records, batch_size=1, seed=0, shuffle_buffer=64)
     assert str(err.value) == message
     records[1].excluded = records[1].excluded[:-1]  # one live sample is enough
-    ShardStream(tmp_path, records, batch_size=1, seed=0)
+    ShardStream(tmp_path, records, batch_size=1, seed=0, shuffle_buffer=64)
 
 
 def test_batches_hold_batch_size_samples_of_one_bucket_with_their_tensors(tmp_path: Path):
@@ -389,10 +468,14 @@ def test_the_stream_order_is_fixed_by_seed_rank_and_world_size(tmp_path: Path, s
     assert keys == GOLDEN[settings]
 
 
-def test_the_stream_defaults_are_rank_0_of_1_with_a_64_sample_shuffle_buffer(tmp_path: Path):
+def test_the_stream_defaults_are_rank_0_of_1_and_the_shuffle_buffer_is_the_configs(tmp_path: Path):
     records = _cache(tmp_path)
-    keys = [k for batch in _keys(ShardStream(tmp_path, records, batch_size=1, seed=0), 8) for k in batch]
+    assert TrainConfig.shuffle_buffer == 64
+    stream = ShardStream(tmp_path, records, batch_size=1, seed=0, shuffle_buffer=TrainConfig.shuffle_buffer)
+    keys = [k for batch in _keys(stream, 8) for k in batch]
     assert keys == GOLDEN[(0, 0, 1, 64)]
+    with pytest.raises(TypeError, match="shuffle_buffer"):  # no default of its own: TrainConfig's is the one
+        ShardStream(tmp_path, records, batch_size=1, seed=0)
 
 
 # Two workers, seed 2, buffer 4: the first 8 batches of a DataLoader (workers alternate, starting at worker 0).
@@ -412,7 +495,7 @@ def test_the_loader_order_is_fixed_for_each_rank_and_worker(tmp_path: Path, rank
 
 
 def test_make_loader_settings(tmp_path: Path):
-    stream = ShardStream(tmp_path, _cache(tmp_path), batch_size=1, seed=0)
+    stream = ShardStream(tmp_path, _cache(tmp_path), batch_size=1, seed=0, shuffle_buffer=64)
     default = make_loader(stream, workers=2, pin_memory=False).loader
     assert (default.num_workers, default.prefetch_factor, default.pin_memory) == (2, 2, False)
     assert default.persistent_workers is False and default.batch_size is None
@@ -461,7 +544,8 @@ def test_a_resumed_loader_continues_the_round_robin_of_its_workers(tmp_path: Pat
         stream = ShardStream(tmp_path, records, batch_size=1, seed=2, shuffle_buffer=4, skip_batches=skip)
         return _keys(make_loader(stream, workers=workers, pin_memory=False), count)
 
-    next(iter(ShardStream(tmp_path, records, batch_size=1, seed=2)))  # in-process too, for mutmut's test mapping
+    # in-process too, for mutmut's test mapping
+    next(iter(ShardStream(tmp_path, records, batch_size=1, seed=2, shuffle_buffer=4)))
     whole = batches(0, 10)
     assert whole != batches(0, 1) * 10
     for skip in range(1, workers + 2):
@@ -483,7 +567,7 @@ def test_a_changed_shard_is_refused_before_any_of_its_samples_is_served(tmp_path
 def test_a_worker_cache_error_is_raised_as_itself_in_one_line(tmp_path: Path):
     records = _cache(tmp_path, (3,))
     (tmp_path / records[0].name).write_bytes(b"x" * records[0].bytes)
-    stream = ShardStream(tmp_path, records, batch_size=1, seed=0)
+    stream = ShardStream(tmp_path, records, batch_size=1, seed=0, shuffle_buffer=64)
     with pytest.raises(CacheError) as in_process:
         next(iter(stream))
     reported = list(_ReportingErrors(stream))  # what a worker sends: the error's type and message, then no more
@@ -496,9 +580,12 @@ def test_a_worker_cache_error_is_raised_as_itself_in_one_line(tmp_path: Path):
     assert "\n" not in str(from_worker.value) and "DataLoader worker" not in str(from_worker.value)
 
 
-def test_a_worker_error_whose_type_wants_more_than_a_message_becomes_a_value_error():
-    error = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
-    rebuilt = _WorkerError(error).error()
-    assert type(rebuilt) is ValueError and str(rebuilt) == str(error)
+def test_a_worker_error_whose_type_wants_more_than_a_message_becomes_a_cogvx_error():
+    class Picky(CacheError):
+        def __init__(self, message: str, shard: str):
+            super().__init__(f"{message} ({shard})")
+
+    rebuilt = _WorkerError(Picky("damaged", "shard x")).error()
+    assert type(rebuilt) is CogvxError and str(rebuilt) == "damaged (shard x)"
     plain = _WorkerError(CacheError("shard x is damaged")).error()
     assert type(plain) is CacheError and str(plain) == "shard x is damaged"

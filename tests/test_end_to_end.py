@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from cogvx.cli import app
+from cogvx.errors import ModelError
 from cogvx.pipeline import models
 from cogvx.preprocess.run import PreprocessConfig
 from cogvx.preprocess.run import run as preprocess
@@ -109,5 +110,5 @@ def test_train_refuses_a_cache_from_other_encoders(tiny_cache: Path, tmp_path: P
     config["latent_channels"] = 8
     AutoencoderKLCogVideoX.from_config(config).save_pretrained(model / "vae")
     cfg = TrainConfig(shards=tiny_cache, output=tmp_path / "run", model=str(model), max_steps=1, workers=0)
-    with pytest.raises(ValueError, match="latent_channels"):
+    with pytest.raises(ModelError, match="latent_channels"):
         train(cfg)

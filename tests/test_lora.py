@@ -9,7 +9,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from cogvx.pipeline.lora import WEIGHTS_NAME, add_lora, load_lora_state, lora_state_dict, save_lora
+from cogvx import runs
+from cogvx.errors import ConfigError, ModelError
+from cogvx.pipeline.lora import add_lora, load_lora_state, lora_state_dict, save_lora
 
 # A one-block CogVideoX transformer, built in memory in well under a second.
 TRANSFORMER = {
@@ -89,8 +91,8 @@ def test_a_fresh_adapter_leaves_the_model_unchanged():
         torch.testing.assert_close(base(**inputs())[0], expected, rtol=0, atol=0)
 
 
-def test_a_target_that_matches_nothing_is_a_value_error_naming_it():
-    with pytest.raises(ValueError, match="to_qq"):
+def test_a_target_that_matches_nothing_is_a_config_error_naming_it():
+    with pytest.raises(ConfigError, match="to_qq"):
         add_lora(transformer(), rank=4, alpha=4, targets=("to_qq",))
 
 
@@ -119,7 +121,7 @@ def test_lora_state_for_other_modules_is_refused_naming_the_first_three_keys():
     narrower = transformer()
     add_lora(narrower, rank=4, alpha=4, targets=("to_q",))
     extra = [f"{ATTENTION}.{m}.lora_{ab}.weight" for m in ("to_k", "to_v", "to_out.0") for ab in "AB"]
-    with pytest.raises(ValueError) as error:
+    with pytest.raises(ModelError) as error:
         load_lora_state(narrower, lora_state_dict(trained))
     assert str(error.value) == f"LoRA weights do not fit this transformer: {extra[:3]} ..."
 
@@ -132,7 +134,7 @@ def test_saved_weights_carry_rank_and_alpha_and_load_in_diffusers_at_the_trained
     randomise(trained, seed=1)
     path = save_lora(trained, tmp_path)
 
-    assert path == tmp_path / WEIGHTS_NAME == tmp_path / "pytorch_lora_weights.safetensors" and path.is_file()
+    assert path == runs.lora_weights(tmp_path) == tmp_path / "pytorch_lora_weights.safetensors" and path.is_file()
     with safe_open(str(path), "pt") as f:
         metadata = json.loads(f.metadata()["lora_adapter_metadata"])
         keys = set(f.keys())

@@ -20,10 +20,10 @@ import pytest
 from hypothesis import example, given, note, settings
 from hypothesis import strategies as st
 
+from cogvx.runs import read_metrics
 from cogvx.shards import Manifest
 from cogvx.train.data import ShardStream, make_loader
 from cogvx.train.loop import run as train
-from cogvx.train.report import read_metrics
 
 from .conftest import property_examples
 from .test_train_resume import Stop, _config, _stop_after, train_until_killed
@@ -66,7 +66,7 @@ def _reference(cache: Path, data: dict, folders) -> list[dict]:
     if key not in _references:
         output = folders.mktemp("reference")
         train(_config(cache, output, **data))
-        _references[key] = read_metrics(output / "metrics.jsonl")
+        _references[key] = read_metrics(output)
     return _references[key]
 
 
@@ -108,7 +108,7 @@ def test_a_run_interrupted_anywhere_resumes_to_the_uninterrupted_losses(tiny_cac
             assert code == -signal.SIGKILL
         train(_config(tiny_cache, output, resume="auto", **data))
 
-        records = read_metrics(output / "metrics.jsonl")
+        records = read_metrics(output)
         assert [r["step"] for r in records] == [r["step"] for r in full]
         assert [r["samples"] for r in records] == [r["samples"] for r in full]
         assert [r["loss"] for r in records] == pytest.approx([r["loss"] for r in full], rel=1e-6, abs=0)

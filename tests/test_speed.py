@@ -7,14 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from cogvx.pipeline import lora, models
+from cogvx.errors import ConfigError
+from cogvx.pipeline import levers, lora, models
 from cogvx.pipeline.objective import Objective
-from cogvx.train import speed
 from cogvx.train.config import TrainConfig
 from cogvx.train.loop import run as train
 
 
-def _loss_and_grads(levers: str) -> tuple[float, torch.Tensor]:
+def _loss_and_grads(chosen: str) -> tuple[float, torch.Tensor]:
     """One loss and LoRA gradient on fixed inputs, with the given ``+``-joined levers."""
     source = models.resolve_model("tiny")
     transformer = models.load_transformer(source, torch.float32)
@@ -24,11 +24,11 @@ def _loss_and_grads(levers: str) -> tuple[float, torch.Tensor]:
         for name, p in transformer.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
-    options = set(levers.split("+"))
+    options = set(chosen.split("+"))
     if "fp8" in options:
-        assert speed.store_base_weights_in_fp8(transformer) > 0
-    mode = next((o for o in options if o in speed.CHECKPOINTING), "full")
-    speed.configure(transformer, mode, compile="compile" in options)
+        assert levers.store_base_weights_in_fp8(transformer) > 0
+    mode = next((o for o in options if o in levers.CHECKPOINTING), "full")
+    levers.configure(transformer, mode, compile="compile" in options)
     objective = Objective(transformer.config, models.load_scheduler(source).alphas_cumprod, 0.7)
     g = torch.Generator().manual_seed(3)
     moments, embeds = torch.randn(1, 8, 4, 8, 12, generator=g), torch.randn(1, 226, 32, generator=g)
@@ -42,10 +42,10 @@ def plain():
     return _loss_and_grads("none")
 
 
-@pytest.mark.parametrize("levers", ["full", "selective", "offload", "selective+compile"])
-def test_checkpointing_modes_and_compile_match_the_plain_path(plain, levers: str):
+@pytest.mark.parametrize("chosen", ["full", "selective", "offload", "selective+compile"])
+def test_checkpointing_modes_and_compile_match_the_plain_path(plain, chosen: str):
     torch._dynamo.reset()
-    loss, grads = _loss_and_grads(levers)
+    loss, grads = _loss_and_grads(chosen)
     ref_loss, ref_grads = plain
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     assert ((grads - ref_grads).norm() / ref_grads.norm()).item() < 1e-4
@@ -57,17 +57,31 @@ def test_fp8_base_weights_stay_within_one_percent_and_halve_the_bytes(plain):
     assert loss == pytest.approx(ref_loss, rel=1e-2)
     assert ((grads - ref_grads).norm() / ref_grads.norm()).item() < 0.1  # quantised base, as in QLoRA
     linear = torch.nn.Linear(64, 32).requires_grad_(False)
-    stored = speed.Float8Linear(linear)
+    stored = levers.Float8Linear(linear)
     assert stored.weight_fp8.element_size() == 1 and stored.weight_fp8.dtype == torch.float8_e4m3fn
     x = torch.randn(5, 64)
     torch.testing.assert_close(stored(x), linear(x), rtol=0.1, atol=0.05)
 
 
+def test_prepare_applies_the_levers_it_is_given():
+    source = models.resolve_model("tiny")
+    transformer = models.load_transformer(source, torch.float32)
+    lora.add_lora(transformer, 4, 8)
+    levers.prepare(transformer, levers.Levers(checkpointing="selective", compile=False, fp8_base=True))
+    assert transformer.gradient_checkpointing
+    stored = [m for m in transformer.transformer_blocks.modules() if isinstance(m, levers.Float8Linear)]
+    assert stored and all(m.weight_fp8.dtype == torch.float8_e4m3fn for m in stored)
+    levers.prepare(transformer, levers.Levers(checkpointing="none", compile=False, fp8_base=False))
+    assert not transformer.gradient_checkpointing
+    with pytest.raises(ConfigError, match="--checkpointing must be one of full, selective, none, offload"):
+        levers.configure(transformer, "sometimes", compile=False)
+
+
 def test_the_training_loop_with_levers_tracks_the_plain_run(tiny_cache: Path, tmp_path: Path):
-    def losses(name: str, **levers) -> list[float]:
+    def losses(name: str, **chosen) -> list[float]:
         cfg = TrainConfig(
             shards=tiny_cache, output=tmp_path / name, max_steps=3, rank=4, mixed_precision="no", workers=0,
-            checkpoint_every=0, **levers,
+            checkpoint_every=0, **chosen,
         )  # fmt: skip
         return train(cfg).losses
 
@@ -75,5 +89,5 @@ def test_the_training_loop_with_levers_tracks_the_plain_run(tiny_cache: Path, tm
     assert losses("selective", checkpointing="selective") == pytest.approx(reference, rel=1e-5)
     assert losses("compiled", checkpointing="full", compile=True) == pytest.approx(reference, rel=1e-4)
     assert losses("lean", checkpointing="offload", fp8_base=True) == pytest.approx(reference, rel=1e-2)
-    with pytest.raises(ValueError, match="--checkpointing must be one of"):
+    with pytest.raises(ConfigError, match="--checkpointing must be one of"):
         TrainConfig(shards=tiny_cache, checkpointing="sometimes")

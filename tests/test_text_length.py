@@ -15,6 +15,7 @@ from safetensors import safe_open
 from typer.testing import CliRunner
 
 from cogvx.cli import app
+from cogvx.errors import ModelError
 from cogvx.pipeline import models, tiny
 from cogvx.preprocess.run import PreprocessConfig
 from cogvx.preprocess.run import run as preprocess
@@ -114,7 +115,7 @@ def test_a_cache_of_another_length_is_refused_in_one_line(
     short_model: Path, short_cache: Path, tiny_cache: Path, tmp_path
 ):
     cfg = TrainConfig(shards=tiny_cache, output=tmp_path / "a", model=str(short_model), max_steps=1, workers=0)
-    with pytest.raises(ValueError, match=f"max_text_tokens: cache 226, model {TEXT_TOKENS}"):
+    with pytest.raises(ModelError, match=f"max_text_tokens: cache 226, model {TEXT_TOKENS}"):
         train(cfg)
     # ... and the other way round, through the CLI: one line, exit 1, no run folder.
     args = ["train", "--shards", str(short_cache), "--output", str(tmp_path / "b"), "--model", "tiny"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cogvx.train.report import read_metrics
+from cogvx.runs import read_metrics
 
 from .conftest import run_launcher
 
@@ -51,7 +51,7 @@ def test_torchrun_two_cpu_processes(tiny_cache: Path, tmp_path: Path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     # One metrics file, each step once, and each step trained one sample on each of the two processes.
-    records = read_metrics(output / "metrics.jsonl")
+    records = read_metrics(output)
     assert [r["step"] for r in records] == list(range(1, steps + 1))
     per_rank = [r["samples"] for r in records]
     assert all(len(ranks) == 2 and all(len(keys) == 1 for keys in ranks) for ranks in per_rank)

@@ -18,10 +18,11 @@ from typer.testing import CliRunner
 
 from cogvx import config as configfile
 from cogvx.cli import app
+from cogvx.errors import CacheError, RunError
+from cogvx.runs import read_metrics
 from cogvx.shards import Manifest
 from cogvx.train.config import TrainConfig
 from cogvx.train.loop import run as train
-from cogvx.train.report import read_metrics
 
 
 def _config(shards: Path, output: Path, **overrides) -> TrainConfig:
@@ -53,7 +54,7 @@ def test_a_damaged_shard_read_by_dataloader_workers_is_the_same_one_line_error(t
     cache = tmp_path / "cache"
     shutil.copytree(tiny_cache, cache)
     shard = _damage(cache)
-    with pytest.raises(ValueError) as in_process:
+    with pytest.raises(CacheError) as in_process:
         train(_config(cache, tmp_path / "in-process", workers=0))
     assert shard.name in str(in_process.value) and "\n" not in str(in_process.value)
 
@@ -110,7 +111,7 @@ def test_a_second_run_into_a_busy_run_folder_is_refused_and_the_first_loses_noth
     )
     assert first.returncode == 0, first_err[-3000:]
 
-    records = read_metrics(output / "metrics.jsonl")
+    records = read_metrics(output)
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     assert json.loads((output / "config.json").read_text())["seed"] == 0  # the first run's, untouched
     assert sorted(p.name for p in output.glob("checkpoint-*")) == [f"checkpoint-00000{s}" for s in (2, 3, 4)]
@@ -168,7 +169,7 @@ def test_a_checkpoint_on_a_full_disk_is_one_line_and_keeps_the_earlier_ones(tiny
             _fill(disk / "filler")
             reserve.unlink()
 
-        with pytest.raises(ValueError) as failed:
+        with pytest.raises(RunError) as failed:
             train(_config(tiny_cache, output, max_steps=6, checkpoint_every=2), on_step=fill_the_disk_after_step_3)
         message = str(failed.value)
         assert message.startswith(
@@ -185,7 +186,7 @@ def test_a_checkpoint_on_a_full_disk_is_one_line_and_keeps_the_earlier_ones(tiny
         (disk / "filler").unlink()
         resumed = train(_config(tiny_cache, output, max_steps=6, checkpoint_every=2, resume="auto"))
         assert resumed.resumed_from == 2
-        assert [r["step"] for r in read_metrics(output / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+        assert [r["step"] for r in read_metrics(output)] == [1, 2, 3, 4, 5, 6]
 
 
 def test_a_disk_that_fills_between_checkpoints_is_one_line_too(tiny_cache: Path, tmp_path: Path):
@@ -200,7 +201,7 @@ def test_a_disk_that_fills_between_checkpoints_is_one_line_too(tiny_cache: Path,
                 f.write("\n" * (-metrics.stat().st_size % 4096))
             _fill(disk / "filler")  # step 4's metrics line finds no room
 
-        with pytest.raises(ValueError) as failed:
+        with pytest.raises(RunError) as failed:
             train(_config(tiny_cache, output, max_steps=6, checkpoint_every=2), on_step=fill_the_disk_after_step_3)
         message = str(failed.value)
         assert message.startswith(f"Could not write into the run folder {output}: No space left on device.")
@@ -208,4 +209,4 @@ def test_a_disk_that_fills_between_checkpoints_is_one_line_too(tiny_cache: Path,
         (disk / "filler").unlink()
         resumed = train(_config(tiny_cache, output, max_steps=6, checkpoint_every=2, resume="auto"))
         assert resumed.resumed_from == 2
-        assert [r["step"] for r in read_metrics(output / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+        assert [r["step"] for r in read_metrics(output)] == [1, 2, 3, 4, 5, 6]

@@ -14,14 +14,15 @@ from typer.testing import CliRunner
 
 from cogvx import config as configfile
 from cogvx.cli import app
+from cogvx.errors import CogvxError, ConfigError
 from cogvx.pipeline import models
 from cogvx.preprocess.run import PreprocessConfig
 from cogvx.preprocess.run import run as preprocess
+from cogvx.runs import read_metrics
 from cogvx.shards import Manifest
 from cogvx.train.config import SCHEDULES, TrainConfig
 from cogvx.train.loop import build_optimizer, build_schedule
 from cogvx.train.loop import run as train
-from cogvx.train.report import read_metrics
 
 from .conftest import CLIPS
 
@@ -74,7 +75,7 @@ def test_cogvideox_15_style_transformer_trains_and_validates(tiny_cache: Path, t
         tiny_cache, tmp_path / "run", model=str(model), validation_every=3, validation_steps=2, validation_frames=9
     )
     # The cache has no validation prompts: a clear error names the file and the command that adds them.
-    with pytest.raises(ValueError, match="validation_prompts.safetensors.*--validation-prompt"):
+    with pytest.raises(CogvxError, match="validation_prompts.safetensors.*--validation-prompt"):
         train(cfg)
 
     cache = tmp_path / "cache"
@@ -87,7 +88,7 @@ def test_cogvideox_15_style_transformer_trains_and_validates(tiny_cache: Path, t
     result = train(_config(cache, tmp_path / "run", model=str(model), validation_every=3, validation_steps=2,
                            validation_frames=9, learning_rate=1e-30, max_steps=3, seed=1))  # fmt: skip
     assert result.steps == 3 and result.model.config.patch_size_t == 2
-    samples = [r["samples"][0] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")]
+    samples = [r["samples"][0] for r in read_metrics(tmp_path / "run")]
     expected = [_independent_15_loss(model, cache, keys, seed=1, step=step) for step, keys in enumerate(samples, 1)]
     assert result.losses == pytest.approx([loss for loss, _ in expected], rel=1e-5, abs=0)
     # Buckets of 13, 17 and 21 frames: 4, 5 (padded to 6) and 6 latent frames, two per token. The padded
@@ -170,7 +171,7 @@ def test_optimizers_and_install_hints(monkeypatch):
     assert isinstance(build_optimizer(TrainConfig(shards=Path("x"), optimizer="adam"), params, 1e-3), torch.optim.Adam)
     for name, package in (("adamw8bit", "bitsandbytes"), ("prodigy", "prodigyopt")):
         monkeypatch.setitem(sys.modules, package, None)  # as if not installed
-        with pytest.raises(ImportError, match=f"--optimizer {name} needs {package}: pip install {package}"):
+        with pytest.raises(ConfigError, match=f"--optimizer {name} needs {package}: pip install {package}"):
             build_optimizer(TrainConfig(shards=Path("x"), optimizer=name), params, 1e-3)
 
 
@@ -221,7 +222,7 @@ def test_warmup_linear_and_scale_lr_reach_the_run_metrics(tiny_cache: Path, tmp_
     cfg = _config(tiny_cache, tmp_path, max_steps=4, lr_scheduler="linear", lr_warmup_steps=2, scale_lr=True,
                   gradient_accumulation=2, learning_rate=1e-3)  # fmt: skip
     train(cfg)
-    lrs = [r["lr"] for r in read_metrics(tmp_path / "metrics.jsonl")]
+    lrs = [r["lr"] for r in read_metrics(tmp_path)]
     # --scale-lr: 1e-3 x (batch 1 x accumulation 2 x 1 process); warm-up 2 steps, then linear to 0.
     assert lrs == pytest.approx([1e-3, 2e-3, 1e-3, 0.0])
 
@@ -262,7 +263,7 @@ def test_run_folder_holds_card_curve_tensorboard_and_a_reusable_config(tiny_cach
     args = ["train", "--config", str(run_dir / "config.toml"), "--output", str(again), "--report-to", "none"]
     out = CliRunner().invoke(app, args)
     assert out.exit_code == 0, out.output
-    assert [r["loss"] for r in read_metrics(again / "metrics.jsonl")] == result.losses
+    assert [r["loss"] for r in read_metrics(again)] == result.losses
 
 
 def test_documented_defaults_are_what_a_run_without_flags_uses(tiny_cache: Path, tmp_path: Path):

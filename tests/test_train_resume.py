@@ -22,11 +22,12 @@ from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 
 from cogvx import config as configfile
+from cogvx.errors import RunError
+from cogvx.runs import read_metrics
 from cogvx.shards import Manifest
 from cogvx.train.config import TrainConfig
 from cogvx.train.loop import TrainingDiverged
 from cogvx.train.loop import run as train
-from cogvx.train.report import read_metrics
 
 
 class Stop(Exception):
@@ -52,7 +53,7 @@ def _stop_after(step: int):
 
 
 def _metric_steps(output: Path) -> list[int]:
-    return [r["step"] for r in read_metrics(output / "metrics.jsonl")]
+    return [r["step"] for r in read_metrics(output)]
 
 
 @pytest.fixture(scope="module")
@@ -88,10 +89,10 @@ def test_resume_after_an_exception_repeats_the_uninterrupted_run(data, reference
     resumed = train(_config(tiny_cache, tmp_path, resume="auto", **data))
     assert resumed.resumed_from == 2
     assert resumed.losses == full.losses[2:]  # exactly: same data, noise, dropout, optimizer and LR state
-    records = read_metrics(tmp_path / "metrics.jsonl")
+    records = read_metrics(tmp_path)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in records] == full.losses
-    assert [r["samples"] for r in records] == [r["samples"] for r in read_metrics(full_dir / "metrics.jsonl")]
+    assert [r["samples"] for r in records] == [r["samples"] for r in read_metrics(full_dir)]
     ours = load_file(tmp_path / "pytorch_lora_weights.safetensors")
     theirs = load_file(full_dir / "pytorch_lora_weights.safetensors")
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
@@ -166,7 +167,7 @@ def test_resume_after_sigkill_in_the_middle_of_a_checkpoint_write(reference, tin
     resumed = train(_config(tiny_cache, output, resume="auto", **data))
     assert resumed.resumed_from == 3
     assert resumed.losses == pytest.approx(full.losses[3:], rel=1e-6, abs=0)
-    records = read_metrics(output / "metrics.jsonl")
+    records = read_metrics(output)
     assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in records] == pytest.approx(full.losses, rel=1e-6, abs=0)
     assert not list(output.glob(".checkpoint-*"))  # the killed run's staging folder is gone
@@ -219,7 +220,7 @@ def test_a_non_finite_loss_stops_the_run_and_writes_no_non_finite_weights(refere
     import shutil
 
     _, full_dir = reference()
-    records = read_metrics(full_dir / "metrics.jsonl")
+    records = read_metrics(full_dir)
     key = records[2]["samples"][0][0]  # first trained at step 3 (or earlier)
     first = next(r["step"] for r in records if key in r["samples"][0])
     cache = tmp_path / "cache"
@@ -241,7 +242,7 @@ def test_a_non_finite_loss_stops_the_run_and_writes_no_non_finite_weights(refere
 
 def test_a_new_run_refuses_a_folder_with_checkpoints(tiny_cache: Path, tmp_path: Path):
     train(_config(tiny_cache, tmp_path, max_steps=2))
-    with pytest.raises(ValueError, match="already holds checkpoints.*--resume auto"):
+    with pytest.raises(RunError, match="already holds checkpoints.*--resume auto"):
         train(_config(tiny_cache, tmp_path, max_steps=2))
-    with pytest.raises(ValueError, match="not a complete cogvx checkpoint"):
+    with pytest.raises(RunError, match="not a complete cogvx checkpoint"):
         train(_config(tiny_cache, tmp_path, resume=str(tmp_path / "nowhere")))

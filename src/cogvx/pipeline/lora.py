@@ -6,8 +6,10 @@ from pathlib import Path
 
 import torch
 
+from cogvx import runs
+from cogvx.errors import ConfigError, ModelError
+
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
-WEIGHTS_NAME = "pytorch_lora_weights.safetensors"
 
 
 def add_lora(
@@ -20,14 +22,19 @@ def add_lora(
     """Add a LoRA adapter and return its parameters in float32 (master weights); the base model is frozen.
 
     peft itself marks only the adapter trainable, and refuses targets that match no module with a
-    ValueError naming them.
+    message naming them, raised here as a ConfigError (``--targets`` is the user's).
     """
     from peft import LoraConfig
 
     config = LoraConfig(
         r=rank, lora_alpha=alpha, target_modules=list(targets), lora_dropout=dropout, init_lora_weights=True
     )
-    transformer.add_adapter(config)
+    try:
+        transformer.add_adapter(config)
+    except ValueError as err:
+        if "not found in the base model" not in str(err):  # peft's words for targets that match no module
+            raise
+        raise ConfigError(str(err)) from err
     params = [p for p in transformer.parameters() if p.requires_grad]
     for p in params:
         p.data = p.data.float()
@@ -46,11 +53,24 @@ def load_lora_state(transformer: torch.nn.Module, state: dict[str, torch.Tensor]
 
     result = set_peft_model_state_dict(transformer, state)
     if result.unexpected_keys:
-        raise ValueError(f"LoRA weights do not fit this transformer: {result.unexpected_keys[:3]} ...")
+        raise ModelError(f"LoRA weights do not fit this transformer: {result.unexpected_keys[:3]} ...")
+
+
+class LoraState:
+    """The LoRA of a transformer as a checkpoint component (``state_dict`` / ``load_state_dict``)."""
+
+    def __init__(self, transformer: torch.nn.Module):
+        self.transformer = transformer
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return lora_state_dict(self.transformer)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        load_lora_state(self.transformer, state)
 
 
 def save_lora(transformer: torch.nn.Module, folder: Path) -> Path:
-    """Write ``pytorch_lora_weights.safetensors`` with the adapter config in its metadata.
+    """Write ``pytorch_lora_weights.safetensors`` (``runs.lora_weights``) with the adapter config in its metadata.
 
     The metadata carries rank and alpha, so ``CogVideoXPipeline.load_lora_weights`` applies the same
     scale as training did, with no manual ``alpha / rank`` on the user's side.
@@ -62,6 +82,6 @@ def save_lora(transformer: torch.nn.Module, folder: Path) -> Path:
         Path(folder),
         transformer_lora_layers=lora_state_dict(transformer),
         transformer_lora_adapter_metadata=adapter,
-        weight_name=WEIGHTS_NAME,
+        weight_name=runs.LORA_WEIGHTS,
     )
-    return Path(folder) / WEIGHTS_NAME
+    return runs.lora_weights(folder)

@@ -5,12 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from cogvx.errors import ConfigError
+from cogvx.pipeline.levers import CHECKPOINTING
 from cogvx.pipeline.lora import DEFAULT_TARGETS
-from cogvx.train.speed import CHECKPOINTING
+from cogvx.pipeline.models import DTYPES
 
 OPTIMIZERS = ("adamw", "adam", "prodigy", "adamw8bit")
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
-PRECISIONS = ("bf16", "fp16", "no")
+PRECISIONS = tuple(DTYPES)  # bf16, fp16, fp32: the one dtype vocabulary
+PRECISION_ALIASES = {"no": "fp32"}  # accelerate's word, still accepted (config.toml files of earlier runs say it)
 REPORTERS = ("none", "tensorboard", "wandb")
 
 
@@ -41,7 +44,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     max_grad_norm: float = 1.0
     # Precision and memory
-    mixed_precision: str = "bf16"
+    mixed_precision: str = "bf16"  # bf16, fp16 or fp32 (no: fp32)
     checkpointing: str = "full"  # full, selective (keeps attention outputs), offload (inputs in CPU RAM), none
     allow_tf32: bool = True
     # Data
@@ -68,11 +71,12 @@ class TrainConfig:
 
     def __post_init__(self):
         if self.shards is None:
-            raise ValueError("cogvx train needs --shards (the cache folder), or `shards = ...` in the --config file.")
+            raise ConfigError("cogvx train needs --shards (the cache folder), or `shards = ...` in the --config file.")
         self.shards, self.output = Path(self.shards), Path(self.output)
         if isinstance(self.targets, str):
             self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
         self.targets = tuple(self.targets)
+        self.mixed_precision = PRECISION_ALIASES.get(self.mixed_precision, self.mixed_precision)
         checks = [
             (self.max_steps >= 1, f"--max-steps must be at least 1 (got {self.max_steps})"),
             (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
@@ -92,7 +96,10 @@ class TrainConfig:
             (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
             (self.lr_warmup_steps >= 0, "--lr-warmup-steps must be 0 or more"),
             (self.max_grad_norm > 0, f"--max-grad-norm must be positive (got {self.max_grad_norm})"),
-            (self.shuffle_buffer >= 0, "shuffle_buffer must be 0 (off) or more"),
+            (
+                self.shuffle_buffer >= 0,
+                "shuffle_buffer must be 0 (off) or more (`shuffle_buffer = N` in the --config file)",
+            ),
             (self.validation_every >= 0, "--validation-every must be 0 (off) or more"),
             (self.validation_steps >= 1, "--validation-steps must be at least 1"),
             (self.validation_guidance >= 0, "--validation-guidance must be 0 or more (1 or less: no guidance)"),
@@ -107,4 +114,4 @@ class TrainConfig:
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise ConfigError(message)

@@ -6,8 +6,8 @@ next one is stream ``n % W``'s, so a resumed loader's worker ``w`` plays stream 
 that stream's batches already used, without decoding them. Same seed, world size and worker count give
 the same batches, bit for bit, from any position.
 
-An error a worker meets with the cache (``CacheError``, any ``ValueError``) reaches the caller as the
-same one-line exception the in-process stream raises, not as DataLoader's wrapped traceback.
+A user error a worker meets with the cache (a ``CogvxError``, e.g. ``CacheError``) reaches the caller as
+the same one-line exception the in-process stream raises, not as DataLoader's wrapped traceback.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ class ShardStream(IterableDataset):
         seed: int,
         rank: int = 0,
         world_size: int = 1,
-        shuffle_buffer: int = 64,
+        *,
+        shuffle_buffer: int,  # TrainConfig.shuffle_buffer: its default lives there
         skip_batches: int = 0,
     ):
         if not shards or sum(s.live_count for s in shards) == 0:
@@ -128,14 +129,14 @@ class _WorkerError:
     """A user error met in a worker. DataLoader would re-raise it as "Caught CacheError in DataLoader
     worker process 0. Original Traceback ..."; this carries the type and message instead."""
 
-    def __init__(self, error: ValueError):
+    def __init__(self, error: CogvxError):
         self.kind, self.message = type(error), str(error)
 
-    def error(self) -> ValueError:
+    def error(self) -> CogvxError:
         try:
             return self.kind(self.message)
-        except TypeError:  # a type that wants more than a message (UnicodeDecodeError): the message is what counts
-            return ValueError(self.message)
+        except TypeError:  # a subclass that wants more than a message: the message is what counts
+            return CogvxError(self.message)
 
 
 class _ReportingErrors(IterableDataset):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
-import json
 import math
 import os
 import time
@@ -22,22 +21,24 @@ from typing import Any
 import torch
 
 from cogvx import config as configfile
-from cogvx.pipeline import lora, models
+from cogvx import runs
+from cogvx.errors import CogvxError, ConfigError, ModelError, RunError
+from cogvx.pipeline import levers, lora, models
 from cogvx.pipeline.objective import Objective
 from cogvx.progress import progress_bar
-from cogvx.shards import Manifest
-from cogvx.train import checkpoint, report, speed
+from cogvx.shards import Manifest, paths
+from cogvx.train import checkpoint, report
 from cogvx.train.config import TrainConfig
 from cogvx.train.data import ShardStream, make_loader
 from cogvx.train.validation import load_validation_set, run_validation
 
-WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "no": torch.float32}
-METRICS_NAME = report.METRICS_NAME
+# accelerate's word for each of our precisions (models.DTYPES names); used only where the Accelerator is built.
+ACCELERATE_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
 # Settings that decide which samples each step sees: changing them on resume changes the data order.
 DATA_ORDER_KEYS = ("seed", "batch_size", "gradient_accumulation", "shuffle_buffer")
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(RunError):
     """The loss or the gradients stopped being finite; nothing non-finite was saved."""
 
 
@@ -64,7 +65,7 @@ def check_cache_fits(manifest: Manifest, info: models.ModelInfo, shards: Path) -
     differs = info.identity_mismatch(stored)
     if differs:
         details = "; ".join(f"{k}: cache {stored.get(k)!r}, model {wanted[k]!r}" for k in differs)
-        raise ValueError(
+        raise ModelError(
             f"The cache {shards} was encoded for {manifest.producer.get('model')!r}, whose VAE, text encoder or "
             f"prompt length differ from {info.name!r} ({details}). Preprocess the videos again with "
             f"--model {info.name}."
@@ -87,12 +88,12 @@ def build_optimizer(cfg: TrainConfig, params: list[torch.nn.Parameter], lr: floa
         try:
             import bitsandbytes as bnb
         except ImportError as err:
-            raise ImportError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from err
+            raise ConfigError("--optimizer adamw8bit needs bitsandbytes: pip install bitsandbytes") from err
         return bnb.optim.AdamW8bit(params, lr=lr, betas=betas, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
     try:
         import prodigyopt
     except ImportError as err:
-        raise ImportError("--optimizer prodigy needs prodigyopt: pip install prodigyopt") from err
+        raise ConfigError("--optimizer prodigy needs prodigyopt: pip install prodigyopt") from err
     return prodigyopt.Prodigy(params, lr=lr, betas=betas, eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
 
 
@@ -179,7 +180,7 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
     # --- setup ---
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     manifest = Manifest.load(cfg.shards)
-    model_name = cfg.model or manifest.producer["model"]
+    model_name = models.choose_model(cfg.model, (manifest.producer.get("model"), str(paths.manifest(cfg.shards))))
     info = models.ModelInfo.read(model_name)
     check_cache_fits(manifest, info, cfg.shards)
     torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
@@ -189,7 +190,7 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
     accelerator.wait_for_everyone()
 
     # --- build ---
-    compute_dtype = WEIGHT_DTYPES[cfg.mixed_precision]
+    compute_dtype = models.DTYPES[cfg.mixed_precision]
     transformer = models.load_transformer(info.source, compute_dtype, accelerator.device)
     validation = None
     if cfg.validation_every:
@@ -198,45 +199,53 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
         validation = load_validation_set(cfg.shards, manifest, info, patch, *sizes)
     torch.manual_seed(cfg.seed)  # LoRA A matrices start random: same seed, same start
     params = lora.add_lora(transformer, cfg.rank, cfg.alpha, cfg.targets, cfg.lora_dropout)
-    if cfg.fp8_base:  # after add_lora: the adapters wrap the linear layers whose base weights shrink
-        speed.store_base_weights_in_fp8(transformer)
     compile_blocks = cfg.compile if cfg.compile is not None else accelerator.device.type == "cuda"
-    speed.configure(transformer, cfg.checkpointing, compile_blocks)
+    levers.prepare(transformer, levers.Levers(cfg.checkpointing, compile_blocks, cfg.fp8_base))
     lr = cfg.learning_rate * (cfg.batch_size * cfg.gradient_accumulation * world if cfg.scale_lr else 1)
     optimizer = build_optimizer(cfg, params, lr)
     schedule = build_schedule(cfg, optimizer)
     noise_scheduler = models.load_scheduler(info.source)
     objective = Objective(transformer.config, noise_scheduler.alphas_cumprod, info.scaling_factor)
 
-    start_step, batches_consumed, saved_states = 0, 0, {}
+    # The one state a checkpoint holds, saved and loaded as a whole (the raw optimizer: accelerate's wrapper
+    # shares its state).
+    progress = checkpoint.Progress(world_size=world, workers=cfg.workers, config=configfile.as_dict(cfg))
+    state = {
+        checkpoint.LORA: lora.LoraState(transformer),
+        "optimizer": optimizer,
+        "lr_schedule": schedule,
+        checkpoint.PROGRESS: progress,
+    }
+    if accelerator.scaler is not None:
+        state["scaler"] = accelerator.scaler
     found = checkpoint.find(cfg.output, cfg.resume) if cfg.resume else None
     if not cfg.resume and checkpoint.checkpoint_dirs(cfg.output):
-        raise ValueError(
+        raise RunError(
             f"{cfg.output} already holds checkpoints of a run. Continue it with --resume auto, or start a new run "
             "with another --output."
         )
     if found is not None:
-        state, lora_weights, saved_states = checkpoint.load(found)
-        _warn_if_data_order_changes(accelerator, found, state, cfg, world)
-        lora.load_lora_state(transformer, lora_weights)
-        optimizer.load_state_dict(saved_states["optimizer"])
-        schedule.load_state_dict(saved_states["lr_schedule"])
-        start_step, batches_consumed = state["step"], state["batches_consumed"]
-        accelerator.print(f"Resuming from {found} (step {start_step}).")
+        checkpoint.load(found, state)
+        _warn_if_data_order_changes(accelerator, found, progress.written_by, cfg, world)
+        accelerator.print(f"Resuming from {found} (step {progress.step}).")
+    start_step = progress.step
 
     model, optimizer = accelerator.prepare(transformer, optimizer)
-    if "scaler" in saved_states and accelerator.scaler is not None:
-        accelerator.scaler.load_state_dict(saved_states["scaler"])
     stream = ShardStream(
-        cfg.shards, manifest.shards, cfg.batch_size, cfg.seed, rank, world, cfg.shuffle_buffer, batches_consumed
+        cfg.shards,
+        manifest.shards,
+        cfg.batch_size,
+        cfg.seed,
+        rank,
+        world,
+        shuffle_buffer=cfg.shuffle_buffer,
+        skip_batches=progress.batches_consumed,
     )
     batches = iter(make_loader(stream, cfg.workers, pin_memory=accelerator.device.type == "cuda"))
-    metrics_path = cfg.output / METRICS_NAME
     resolved = configfile.as_dict(cfg) | {"model": model_name}
     if main:
-        report.keep_metrics_until(metrics_path, start_step)
-        (cfg.output / "config.json").write_text(json.dumps(resolved, indent=1))
-        (cfg.output / "config.toml").write_text(configfile.to_toml(TrainConfig(**resolved)))
+        runs.keep_metrics_until(cfg.output, start_step)
+        runs.write_config(cfg.output, resolved, configfile.to_toml(TrainConfig(**resolved)))
     if cfg.report_to != "none":
         accelerator.init_trackers("cogvx", config={k: str(v) for k, v in resolved.items()})
 
@@ -256,7 +265,7 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
         for step in range(start_step + 1, cfg.max_steps + 1):
             started = time.perf_counter()
             micro_batches = [next(batches) for _ in range(cfg.gradient_accumulation)]
-            batches_consumed += cfg.gradient_accumulation
+            progress.batches_consumed += cfg.gradient_accumulation
             out = train_step(
                 accelerator,
                 model,
@@ -285,9 +294,9 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
             if out.skipped:
                 record["skipped"] = True
             result.losses.append(out.loss)
-            result.steps = step
+            result.steps = progress.step = step
             if main:
-                report.append_metrics(metrics_path, record)
+                runs.append_metrics(cfg.output, record)
             if cfg.report_to != "none":
                 scalars = ("loss", "lr", "grad_norm", "samples_per_s", "peak_memory_gb")
                 accelerator.log({f"train/{k}": record[k] for k in scalars}, step=step)
@@ -312,7 +321,7 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
                 )
                 accelerator.wait_for_everyone()
             if cfg.checkpoint_every and (step % cfg.checkpoint_every == 0 or last):
-                _save_checkpoint(accelerator, cfg, model, optimizer, schedule, step, batches_consumed, world)
+                _save_checkpoint(accelerator, cfg, state)
             if on_step:
                 on_step(record)
 
@@ -322,8 +331,8 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
     _check_replicas_agree(accelerator, params)
     if main:
         weights = lora.save_lora(result.model, cfg.output)
-        records = report.read_metrics(metrics_path)
-        report.draw_loss_curve(records, cfg.output / report.LOSS_CURVE_NAME)
+        records = runs.read_metrics(cfg.output)
+        report.draw_loss_curve(records, runs.loss_curve(cfg.output))
         card = report.model_card(
             model_name=model_name,
             model_source=info.source,
@@ -334,7 +343,7 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
             weights_name=weights.name,
             world_size=world,
         )
-        (cfg.output / report.MODEL_CARD_NAME).write_text(card)
+        runs.model_card(cfg.output).write_text(card)
     # torch frees a gloo process group holding the GIL and joins gloo's worker threads, which may still
     # need the GIL to drop the last gather's tensors: one rank deadlocked in a few CPU runs. The barrier
     # lets those threads finish; dropping the DDP wrapper first means its reducer does not hold the last
@@ -362,14 +371,16 @@ def _hold_run_folder(accelerator, output: Path):
                 held.enter_context(checkpoint.lock_run_folder(output))
             except Exception as err:  # told to the others first, then raised here as it is
                 failure = err
-        outcome = None if failure is None else (isinstance(failure, ValueError), str(failure))
+        # A user error reaches the other processes as its own kind (one line); anything else as a RuntimeError.
+        kind = type(failure) if isinstance(failure, CogvxError) else RuntimeError
+        outcome = None if failure is None else (kind, str(failure))
         if accelerator.num_processes > 1:
             outcome = broadcast_object_list([outcome])[0]
         if failure is not None:
             raise failure
         if outcome is not None:
-            user_error, message = outcome
-            raise (ValueError if user_error else RuntimeError)(message)
+            kind, message = outcome
+            raise kind(message)
         yield
 
 
@@ -385,7 +396,7 @@ def _disk_errors_in_one_line(output: Path):
         if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
             raise
         where = err.filename or f"into the run folder {output}"
-        raise ValueError(
+        raise RunError(
             f"Could not write {where}: {err.strerror}. Free space there (or choose a writable --output) and "
             "continue with --resume auto: the checkpoints already written are intact."
         ) from err
@@ -397,12 +408,12 @@ def _accelerator(cfg: TrainConfig):
     from accelerate.utils import ProjectConfiguration, is_tensorboard_available, is_wandb_available
 
     if cfg.report_to == "tensorboard" and not is_tensorboard_available():
-        raise ImportError("--report-to tensorboard needs tensorboard: pip install tensorboard")
+        raise ConfigError("--report-to tensorboard needs tensorboard: pip install tensorboard")
     if cfg.report_to == "wandb" and not is_wandb_available():
-        raise ImportError("--report-to wandb needs wandb: pip install wandb, then `wandb login`")
+        raise ConfigError("--report-to wandb needs wandb: pip install wandb, then `wandb login`")
     asked = _processes_asked_of_accelerate()
     if asked > 1:
-        raise ValueError(
+        raise ConfigError(
             f"`accelerate launch` was asked for {asked} processes but started one (without several GPUs its plain "
             f"launcher runs a single process). Add --multi-gpu, which starts them through torch's launcher (gloo on "
             f"CPUs): accelerate launch --multi-gpu --num-processes {asked} -m cogvx train ..."
@@ -412,13 +423,13 @@ def _accelerator(cfg: TrainConfig):
     accelerator = Accelerator(
         # Without a GPU, accelerate joins torchrun's processes (gloo) only when told to run on the CPU.
         cpu=not torch.cuda.is_available(),
-        mixed_precision=cfg.mixed_precision,
+        mixed_precision=ACCELERATE_PRECISION[cfg.mixed_precision],
         log_with=None if cfg.report_to == "none" else cfg.report_to,
-        project_config=ProjectConfiguration(project_dir=str(cfg.output), logging_dir=str(cfg.output / "logs")),
+        project_config=ProjectConfiguration(project_dir=str(cfg.output), logging_dir=str(runs.logs(cfg.output))),
     )
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if accelerator.num_processes != launched:
-        raise RuntimeError(
+        raise ConfigError(
             f"The launcher started {launched} processes but accelerate sees {accelerator.num_processes}: each would "
             "train alone and overwrite the others' files. Launch with `torchrun` or `accelerate launch`."
         )
@@ -447,7 +458,8 @@ def _processes_asked_of_accelerate() -> int:
     return 1
 
 
-def _warn_if_data_order_changes(accelerator, found: Path, state: dict, cfg: TrainConfig, world: int) -> None:
+def _warn_if_data_order_changes(accelerator, found: Path, state: dict[str, Any], cfg: TrainConfig, world: int) -> None:
+    """``state`` is the checkpoint's progress as written: its settings, processes and data workers."""
     saved = state.get("config", {})
     changed = [k for k in DATA_ORDER_KEYS if k in saved and saved[k] != getattr(cfg, k)]
     if (state["world_size"], state["workers"]) != (world, cfg.workers):
@@ -469,23 +481,12 @@ def _check_replicas_agree(accelerator, params: Sequence[torch.nn.Parameter]) -> 
     if not torch.equal(everyone, everyone[:1].expand_as(everyone)):
         raise RuntimeError(
             f"The LoRA weights differ between processes at the end of training ({everyone.tolist()}); "
-            "data-parallel training went out of sync. Please report this with the run's config.toml."
+            f"data-parallel training went out of sync. Please report this with the run's {runs.CONFIG_TOML}."
         )
 
 
-def _save_checkpoint(accelerator, cfg, model, optimizer, schedule, step, batches_consumed, world) -> None:
+def _save_checkpoint(accelerator, cfg: TrainConfig, state: dict[str, checkpoint.Stateful]) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        states = {"optimizer": optimizer.state_dict(), "lr_schedule": schedule.state_dict()}
-        if accelerator.scaler is not None:
-            states["scaler"] = accelerator.scaler.state_dict()
-        info = {
-            "batches_consumed": batches_consumed,
-            "world_size": world,
-            "workers": cfg.workers,
-            "config": configfile.as_dict(cfg),
-        }
-        lora_weights = lora.lora_state_dict(accelerator.unwrap_model(model))
-        checkpoint.save(cfg.output, step, lora_weights, states, info, cfg.keep_checkpoints)
-        report.draw_loss_curve(report.read_metrics(cfg.output / METRICS_NAME), cfg.output / report.LOSS_CURVE_NAME)
+        checkpoint.save(cfg.output, state, cfg.keep_checkpoints)
     accelerator.wait_for_everyone()

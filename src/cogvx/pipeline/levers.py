@@ -1,4 +1,8 @@
-"""Speed and memory levers for the transformer's training step.
+"""Speed and memory levers for the CogVideoX transformer's training step: a transformer prepared with them.
+
+Training asks for them by name (``prepare(transformer, Levers(...))``); everything here knows the
+CogVideoX block layout (``transformer.transformer_blocks``) and the block call signature
+(hidden states, encoder hidden states, then the rest), so it lives with the model code.
 
 All of them go through diffusers' ``gradient_checkpointing_func`` hook: the transformer then calls
 one *block runner* per block, and that runner decides what the block keeps for the backward pass:
@@ -18,12 +22,34 @@ bf16 weights; the LoRA weights and all the arithmetic stay in their usual precis
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from cogvx.errors import ConfigError
+
+# The allowed values of --checkpointing, declared here only (TrainConfig validates against it).
 CHECKPOINTING = ("full", "selective", "none", "offload")
+
+
+@dataclass(frozen=True)
+class Levers:
+    checkpointing: str  # one of CHECKPOINTING
+    compile: bool  # torch.compile of the block runner
+    fp8_base: bool  # frozen base weights of the blocks' linear layers in float8
+
+
+def prepare(transformer: torch.nn.Module, levers: Levers) -> None:
+    """Apply ``levers`` to a CogVideoX transformer, in place; call it after the LoRA adapters are added.
+
+    fp8 storage comes after ``add_lora``: the adapters wrap the linear layers whose base weights shrink.
+    """
+    if levers.fp8_base:
+        store_base_weights_in_fp8(transformer)
+    configure(transformer, levers.checkpointing, levers.compile)
+
 
 _ATTENTION_OPS = tuple(
     getattr(torch.ops.aten, name).default
@@ -116,10 +142,10 @@ def _offloaded_runner(inner):
     return run
 
 
-def configure(transformer: torch.nn.Module, checkpointing: str = "full", compile: bool = False) -> None:
+def configure(transformer: torch.nn.Module, checkpointing: str, compile: bool) -> None:
     """Install the block runner for ``checkpointing`` on a diffusers CogVideoX transformer."""
     if checkpointing not in CHECKPOINTING:
-        raise ValueError(f"checkpointing must be one of {', '.join(CHECKPOINTING)} (got {checkpointing!r}).")
+        raise ConfigError(f"--checkpointing must be one of {', '.join(CHECKPOINTING)} (got {checkpointing!r}).")
     if checkpointing == "offload":
         inner = torch.compile(_run_plain) if compile else _run_plain
         runner = _offloaded_runner(inner)

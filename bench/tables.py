@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from train_step import load_config, useful_tflop  # noqa: E402
 
@@ -145,6 +146,59 @@ def table_multi_gpu() -> str:
         f"| {per_clip['1']:.3f} | {per_clip['2']:.3f} | {per_clip['1'] / per_clip['2']:.2f}x |",
         f"| derived: fixed seconds per launch (the line's intercept) | {fixed['1']:.1f} | {fixed['2']:.1f} | |",
     ]
+    return "\n".join(lines)
+
+
+def table_memory() -> str:
+    """Measured peak per mode beside ``cogvx.pipeline.memory``'s prediction (fitted on 13x40x60 only)."""
+    from memory import case_size, static_bytes
+
+    from cogvx.pipeline import memory
+
+    lines = [
+        "| model | latent (video) | mode | measured GB | predicted GB | error | in the fit |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in ("memory_2b_h200.json", "memory_5b_h200.json"):
+        for r in load(name)["results"]:
+            mode, compiled = r["variant"].split("+")[0], r["variant"].endswith("+compile")
+            size, _ = case_size(r)
+            predicted = memory.predict(static_bytes(r), size, compiled)[mode] / 1e9
+            latent = "x".join(map(str, r["latent"]))
+            video = {"13x40x60": "49x320x480", "13x60x90": "49x480x720"}.get(latent, latent)
+            fitted = "yes" if latent == "13x40x60" else "no"
+            measured = r["peak_allocated_gb"]
+            lines.append(
+                f"| {r['model']} | {latent} ({video}) | {r['variant']} | {measured:.2f} | {predicted:.2f} | "
+                f"{predicted / measured - 1:+.1%} | {fitted} |"
+            )
+    return "\n".join(lines)
+
+
+def table_auto() -> str:
+    """What ``--checkpointing auto`` picks for an 80 GB card, against the seed-style step, same run and card."""
+    from memory import case_size, static_bytes
+
+    from cogvx.pipeline import memory
+
+    runs = {r["run"]: r for r in load("train_step_auto_h200.json")["results"]}
+    lines = [
+        "| model | auto picks (80 GB card) | predicted peak GB | s/step | seed-style s/step | vs seed | "
+        "peak allocated GB (seed) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for model in ("2b", "5b"):
+        seed = runs[f"{model}:seed"]
+        probe = next(r for key, r in runs.items() if key.startswith(f"{model}:") and "compile" in key)
+        size, _ = case_size(probe)
+        predicted = memory.predict(static_bytes(probe), size, compiled=True)
+        mode = memory.choose(predicted, 80 * 10**9)
+        r = runs[f"{model}:{mode}+compile"]
+        lines.append(
+            f"| {model} | {mode}+compile | {predicted[mode] / 1e9:.1f} | {r['s_per_step']:.3f} | "
+            f"{seed['s_per_step']:.3f} | {seed['s_per_step'] / r['s_per_step']:.2f}x | "
+            f"{r['peak_allocated_gb']:.2f} ({seed['peak_allocated_gb']:.2f}) |"
+        )
     return "\n".join(lines)
 
 

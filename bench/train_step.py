@@ -156,7 +156,7 @@ class CogvxStep:
 
     def __init__(self, transformer, cfg, device, options: set[str], records, folder):
         checkpointing = next((o for o in options if o in levers.CHECKPOINTING), "full")
-        self.params = lora.add_lora(transformer, 128, 128)
+        self.params = lora.add_lora(transformer, 128, 128, lora.DEFAULT_TARGETS, 0.0)
         levers.prepare(
             transformer, levers.Levers(checkpointing, compile="compile" in options, fp8_base="fp8" in options)
         )

@@ -11,7 +11,7 @@ from safetensors import safe_open
 
 from cogvx import runs
 from cogvx.errors import ConfigError, ModelError
-from cogvx.pipeline.lora import add_lora, load_lora_state, lora_state_dict, save_lora
+from cogvx.pipeline.lora import DEFAULT_TARGETS, add_lora, load_lora_state, lora_state_dict, save_lora
 
 # A one-block CogVideoX transformer, built in memory in well under a second.
 TRANSFORMER = {
@@ -82,10 +82,10 @@ def test_a_fresh_adapter_leaves_the_model_unchanged():
     base = transformer()
     with torch.no_grad():
         expected = base(**inputs())[0]
-    params = add_lora(base, rank=4, alpha=8)
+    params = add_lora(base, rank=4, alpha=8, targets=DEFAULT_TARGETS, dropout=0.0)
     lora_b = [p for name, p in base.named_parameters() if "lora_B" in name]
     lora_a = [p for name, p in base.named_parameters() if "lora_A" in name]
-    assert len(params) == 2 * len(lora_a) == 2 * 4  # to_q, to_k, to_v, to_out.0 by default
+    assert len(params) == 2 * len(lora_a) == 2 * 4  # to_q, to_k, to_v, to_out.0: the default targets
     assert all(not p.any() for p in lora_b) and all(p.abs().sum() > 0 for p in lora_a)
     with torch.no_grad():
         torch.testing.assert_close(base(**inputs())[0], expected, rtol=0, atol=0)
@@ -93,12 +93,12 @@ def test_a_fresh_adapter_leaves_the_model_unchanged():
 
 def test_a_target_that_matches_nothing_is_a_config_error_naming_it():
     with pytest.raises(ConfigError, match="to_qq"):
-        add_lora(transformer(), rank=4, alpha=4, targets=("to_qq",))
+        add_lora(transformer(), rank=4, alpha=4, targets=("to_qq",), dropout=0.0)
 
 
 def test_lora_state_round_trips_into_a_fresh_adapter():
     trained = transformer()
-    add_lora(trained, rank=4, alpha=12, targets=("to_q", "to_v"))
+    add_lora(trained, rank=4, alpha=12, targets=("to_q", "to_v"), dropout=0.0)
     randomise(trained, seed=1)
     state = lora_state_dict(trained)
 
@@ -109,7 +109,7 @@ def test_lora_state_round_trips_into_a_fresh_adapter():
         torch.testing.assert_close(tensor, trained.get_parameter(key.replace(".weight", ".default.weight")))
 
     fresh = transformer()
-    add_lora(fresh, rank=4, alpha=12, targets=("to_q", "to_v"))
+    add_lora(fresh, rank=4, alpha=12, targets=("to_q", "to_v"), dropout=0.0)
     load_lora_state(fresh, state)
     with torch.no_grad():
         torch.testing.assert_close(fresh(**inputs())[0], trained(**inputs())[0], rtol=0, atol=0)
@@ -117,9 +117,9 @@ def test_lora_state_round_trips_into_a_fresh_adapter():
 
 def test_lora_state_for_other_modules_is_refused_naming_the_first_three_keys():
     trained = transformer()
-    add_lora(trained, rank=4, alpha=4)  # to_q, to_k, to_v, to_out.0
+    add_lora(trained, rank=4, alpha=4, targets=DEFAULT_TARGETS, dropout=0.0)  # to_q, to_k, to_v, to_out.0
     narrower = transformer()
-    add_lora(narrower, rank=4, alpha=4, targets=("to_q",))
+    add_lora(narrower, rank=4, alpha=4, targets=("to_q",), dropout=0.0)
     extra = [f"{ATTENTION}.{m}.lora_{ab}.weight" for m in ("to_k", "to_v", "to_out.0") for ab in "AB"]
     with pytest.raises(ModelError) as error:
         load_lora_state(narrower, lora_state_dict(trained))
@@ -130,7 +130,7 @@ def test_saved_weights_carry_rank_and_alpha_and_load_in_diffusers_at_the_trained
     from diffusers import CogVideoXPipeline
 
     trained = transformer()
-    add_lora(trained, rank=4, alpha=12, targets=("to_q", "to_v"))
+    add_lora(trained, rank=4, alpha=12, targets=("to_q", "to_v"), dropout=0.0)
     randomise(trained, seed=1)
     path = save_lora(trained, tmp_path)
 

@@ -19,7 +19,7 @@ def _loss_and_grads(chosen: str) -> tuple[float, torch.Tensor]:
     source = models.resolve_model("tiny")
     transformer = models.load_transformer(source, torch.float32)
     torch.manual_seed(0)
-    params = lora.add_lora(transformer, 4, 8)
+    params = lora.add_lora(transformer, 4, 8, lora.DEFAULT_TARGETS, 0.0)
     with torch.no_grad():  # non-zero B matrices, so the LoRA path carries gradient and signal
         for name, p in transformer.named_parameters():
             if "lora_B" in name:
@@ -66,7 +66,7 @@ def test_fp8_base_weights_stay_within_one_percent_and_halve_the_bytes(plain):
 def test_prepare_applies_the_levers_it_is_given():
     source = models.resolve_model("tiny")
     transformer = models.load_transformer(source, torch.float32)
-    lora.add_lora(transformer, 4, 8)
+    lora.add_lora(transformer, 4, 8, lora.DEFAULT_TARGETS, 0.0)
     levers.prepare(transformer, levers.Levers(checkpointing="selective", compile=False, fp8_base=True))
     assert transformer.gradient_checkpointing
     stored = [m for m in transformer.transformer_blocks.modules() if isinstance(m, levers.Float8Linear)]

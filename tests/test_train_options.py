@@ -13,6 +13,7 @@ import torch
 from typer.testing import CliRunner
 
 from cogvx import config as configfile
+from cogvx import runs
 from cogvx.cli import app
 from cogvx.errors import CogvxError, ConfigError
 from cogvx.pipeline import models
@@ -20,8 +21,8 @@ from cogvx.preprocess.run import PreprocessConfig
 from cogvx.preprocess.run import run as preprocess
 from cogvx.runs import read_metrics
 from cogvx.shards import Manifest
-from cogvx.train.config import SCHEDULES, TrainConfig
-from cogvx.train.loop import build_optimizer, build_schedule
+from cogvx.train.config import PRECISIONS, SCHEDULES, TrainConfig
+from cogvx.train.loop import ACCELERATE_PRECISION, build_optimizer, build_schedule
 from cogvx.train.loop import run as train
 
 from .conftest import CLIPS
@@ -318,3 +319,24 @@ def test_train_command_stays_small_and_explains_a_missing_cache(tmp_path: Path, 
     assert out.exit_code == 1 and "--shards" in out.output
     out = CliRunner().invoke(app, ["train", "--shards", "nowhere", "--validation-frames", "10"])
     assert out.exit_code == 1 and "4k+1" in out.output
+
+
+def test_mixed_precision_speaks_the_dtype_names_and_keeps_no_as_fp32(tmp_path: Path):
+    assert PRECISIONS == tuple(models.DTYPES) == ("bf16", "fp16", "fp32")
+    for given, kept in (("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "fp32"), ("no", "fp32")):
+        assert TrainConfig(shards=Path("x"), mixed_precision=given).mixed_precision == kept
+    with pytest.raises(ConfigError, match="--mixed-precision must be one of bf16, fp16, fp32"):
+        TrainConfig(shards=Path("x"), mixed_precision="fp8")
+    earlier = tmp_path / "config.toml"  # written by an earlier version, in accelerate's words
+    earlier.write_text('shards = "x"\nmixed_precision = "no"\n')
+    assert configfile.build(TrainConfig, earlier).mixed_precision == "fp32"
+    # accelerate's own words appear only where the Accelerator is built
+    assert {p: ACCELERATE_PRECISION[p] for p in PRECISIONS} == {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
+
+
+def test_a_checkpoint_does_not_draw_the_loss_curve_the_end_of_the_run_does(tiny_cache: Path, tmp_path: Path):
+    cfg = _config(tiny_cache, tmp_path / "run", max_steps=2, checkpoint_every=1)
+    drawn = []  # on_step runs after the step's checkpoint is written
+    train(cfg, on_step=lambda record: drawn.append(runs.loss_curve(cfg.output).exists()))
+    assert drawn == [False, False] and len(runs.checkpoints(cfg.output)) == 2
+    assert runs.loss_curve(cfg.output).is_file()

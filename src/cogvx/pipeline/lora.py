@@ -9,15 +9,15 @@ import torch
 from cogvx import runs
 from cogvx.errors import ConfigError, ModelError
 
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # TrainConfig.targets' default: attention projections
 
 
 def add_lora(
     transformer: torch.nn.Module,
     rank: int,
     alpha: float,
-    targets: tuple[str, ...] = DEFAULT_TARGETS,
-    dropout: float = 0.0,
+    targets: tuple[str, ...],
+    dropout: float,
 ) -> list[torch.nn.Parameter]:
     """Add a LoRA adapter and return its parameters in float32 (master weights); the base model is frozen.
 

@@ -182,7 +182,7 @@ def _data_section(run: Path, config: dict[str, Any], notes: list[str]) -> str:
     buckets = manifest.bucket_counts()
     rows.append(("buckets (frames x h x w)", ", ".join(f"{bucket}: {count}" for bucket, count in buckets.items())))
     rows += list(manifest.params.items())
-    validation = manifest.extras.get("validation", {})
+    validation = manifest.extras.get(paths.VALIDATION_ENTRY, {})
     if validation.get("prompts"):
         rows.append(("validation prompts", " | ".join(validation["prompts"])))
     sources = [s.source for shard in manifest.shards for s in shard.samples]

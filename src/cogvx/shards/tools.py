@@ -58,7 +58,7 @@ class CacheSummary:
         rows.append(("shards size", _mib(m.total_bytes)))
         rows.append(("size on disk", _mib(self.disk_bytes)))
         rows += [(f"skipped: {reason}", str(count)) for reason, count in self.skipped.most_common()]
-        validation = m.extras.get("validation")
+        validation = m.extras.get(paths.VALIDATION_ENTRY)
         if validation:
             rows.append(("validation prompts", str(len(validation.get("prompts", [])))))
         rows += [(f"param {key}", json.dumps(value)) for key, value in sorted(m.params.items())]

@@ -48,7 +48,7 @@ def load_validation_set(
     """The cache's validation prompts, and the video size to sample (default: the cache's first bucket)."""
     from safetensors import safe_open
 
-    entry = manifest.extras.get("validation")
+    entry = manifest.extras.get(paths.VALIDATION_ENTRY)
     path = Path(shards) / (entry or {}).get("file", paths.VALIDATION_PROMPTS)
     if not entry or not path.is_file():
         raise CacheError(

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from cogvx.errors import CacheError, ModelError
 from cogvx.pipeline import models
 from cogvx.preprocess.run import run
 from cogvx.shards import Manifest
@@ -65,11 +66,11 @@ def test_an_older_fingerprint_of_another_encoder_is_still_refused(tmp_path: Path
     text = models.read_config(info.source, "text_encoder") | {"num_layers": 7}
     other = models.legacy_fingerprint(text)
     _rewrite_encoders(cache, text_encoder_fingerprint=other)
-    with pytest.raises(ValueError, match="text_encoder_fingerprint"):
+    with pytest.raises(ModelError, match="text_encoder_fingerprint"):
         check_cache_fits(Manifest.load(cache), info, cache)
     data = tmp_path / "more"
     make_clip(data, "new.mp4", frames=48)
-    with pytest.raises(ValueError, match="model encoders"):
+    with pytest.raises(CacheError, match="model encoders"):
         run(tiny(data, cache, frame_buckets=()))
 
 

@@ -20,7 +20,7 @@ from hypothesis import example, given, reject, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from cogvx.preprocess.encoding import ClipReader, Job
+from cogvx.preprocess.encoding import ClipReader, Job, Skipped
 from cogvx.preprocess.sources import Clip
 from cogvx.preprocess.video import FrameSpec, SkipClip, closest_resolution, plan_frames
 
@@ -135,13 +135,13 @@ def check_clip(case: Case, folder: Path) -> None:
 
     # ClipReader is what preprocess runs: read_clip, then the JPEG strips. It never raises.
     item = ClipReader([Job(Clip(path=path, caption="a clip", source=path.name))], spec)[0]
-    if "skip" in item:
+    if isinstance(item, Skipped):
         # decord cannot open a one-frame MKV ("Failed to measure duration/frame-count"); too short anyway.
-        decord_limit = item["skip"] == "unreadable video" and case.frames == 1 and path.suffix == ".mkv"
-        assert (item["skip"] in SOURCE_REASONS or decord_limit) and item["detail"], item
-        if item["skip"] == "too short":
+        decord_limit = item.reason == "unreadable video" and case.frames == 1 and path.suffix == ".mkv"
+        assert (item.reason in SOURCE_REASONS or decord_limit) and item.detail, item
+        if item.reason == "too short":
             assert expected_sampling(case, times)[1] == [], item
-        if item["skip"] == "too small":
+        if item.reason == "too small":
             target = closest_resolution(case.height, case.width, spec.resolutions)
             assert max(target[0] / case.height, target[1] / case.width) > spec.max_upscale, item
         return
@@ -149,10 +149,10 @@ def check_clip(case: Case, folder: Path) -> None:
         # A handful of frames at the source's size, never the whole cover (120x32768 -> a 480x131072 cover).
         assert read_in_a_child(path, spec)["peak_mb"] < 300 + 24 * case.height * case.width / 2**20
     rate, answers = expected_sampling(case, times)
-    assert item["windows"] in answers
-    frames, info, windows = item["frames"].numpy(), item["info"], item["windows"]
+    assert item.windows in answers
+    frames, info, windows = item.frames.numpy(), item.info, item.windows
     target = tuple(info["size"])
-    assert item["bucket"] == f"{len(windows[0])}x{target[0]}x{target[1]}"
+    assert item.bucket == f"{len(windows[0])}x{target[0]}x{target[1]}"
     assert target == closest_resolution(case.height, case.width, spec.resolutions)
     assert info["source_size"] == [case.height, case.width]
     assert info["source_frames"] == len(times) == case.frames
@@ -162,7 +162,7 @@ def check_clip(case: Case, folder: Path) -> None:
     for got, window in zip(frames, windows, strict=True):
         diff = np.abs(got.astype(np.float64) - sized(shown[window], *target, spec.resize)).mean()
         assert diff < TOLERANCE, f"frames differ from PyAV's by {diff:.2f} levels on average"
-    for strip in item["strips"]:
+    for strip in item.strips:
         assert Image.open(io.BytesIO(strip)).mode == "RGB"
 
 

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cogvx.errors import ModelError
 from cogvx.pipeline import models
 from cogvx.shards import Manifest
 from cogvx.train.loop import check_cache_fits
@@ -210,5 +211,5 @@ def test_a_cache_from_another_t5_is_refused_by_training(tmp_path: Path):
     other = model_folder(tmp_path, "CogVideoX-5b", "bfloat16", "transformers-5")
     text = json.loads((other / "text_encoder" / "config.json").read_text())
     (other / "text_encoder" / "config.json").write_text(json.dumps(text | {"num_layers": 12}))
-    with pytest.raises(ValueError, match="text_encoder_fingerprint"):
+    with pytest.raises(ModelError, match="text_encoder_fingerprint"):
         check_cache_fits(cache_manifest(made_by), models.ModelInfo.read(str(other)), tmp_path / "shards")

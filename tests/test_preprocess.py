@@ -5,6 +5,7 @@ Test videos are generated here with imageio (H.264, a few frames, 64x96 or so) s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cogvx.cli import app
+from cogvx.errors import CacheError, ConfigError, InputError
 from cogvx.preprocess.run import PreprocessConfig, run
 from cogvx.preprocess.sources import discover
 from cogvx.preprocess.video import FrameSpec, SkipClip, closest_resolution, plan_clip, plan_frames
@@ -138,7 +140,7 @@ def test_buckets_pick_the_longest_fitting_length_and_the_closest_aspect():
     ],
 )
 def test_config_errors_name_the_setting(values: dict, message: str):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigError, match=message):
         PreprocessConfig(data=Path("x"), **values)
 
 
@@ -153,9 +155,9 @@ def test_metadata_files_csv_and_jsonl_with_paths_relative_to_the_file(tmp_path: 
     assert clip.path == tmp_path / "data" / "clips" / "a.mp4" and clip.caption == "a ball, red"
     (clip,) = discover(tmp_path / "data" / "meta.jsonl", caption_column="desc", video_column="clip")
     assert clip.caption == "a ball" and clip.source == "clips/a.mp4"
-    with pytest.raises(ValueError, match=r"meta.jsonl has no column 'text'.*columns are: clip, desc"):
+    with pytest.raises(InputError, match=r"meta.jsonl has no column 'text'.*columns are: clip, desc"):
         discover(tmp_path / "data" / "meta.jsonl", caption_column="text", video_column="clip")
-    with pytest.raises(ValueError, match=r"no video column \(looked for video, file_name"):
+    with pytest.raises(InputError, match=r"no video column \(looked for video, file_name"):
         discover(tmp_path / "data" / "meta.jsonl")
     # A folder holding metadata.csv uses it.
     shutil.copy(tmp_path / "data" / "meta.csv", tmp_path / "data" / "metadata.csv")
@@ -169,11 +171,11 @@ def test_seed_layout_and_its_errors(tmp_path: Path):
     shutil.copytree(SEED_LAYOUT, root)
     (root / "captions.txt").write_text("one\ntwo\n")
     (root / "list.txt").write_text("videos/red_disc_left.mp4\n")
-    with pytest.raises(ValueError, match=r"captions.txt has 2 captions but .*list.txt has 1 videos"):
+    with pytest.raises(InputError, match=r"captions.txt has 2 captions but .*list.txt has 1 videos"):
         discover(root, caption_column="captions.txt", video_column="list.txt")
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist"):
         discover(tmp_path / "nowhere")
-    with pytest.raises(ValueError, match="no file nope.txt"):
+    with pytest.raises(InputError, match="no file nope.txt"):
         discover(CLIPS, video_column="nope.txt")
 
 
@@ -186,7 +188,7 @@ def test_id_token_is_prepended_with_a_space(tmp_path: Path):
 
 def test_no_videos_is_a_clear_error(tmp_path: Path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ValueError, match="No videos found"):
+    with pytest.raises(InputError, match="No videos found"):
         run(tiny(tmp_path / "empty", tmp_path / "out"))
 
 
@@ -254,7 +256,7 @@ def test_the_timeline_says_where_the_time_went(tmp_path: Path):
     result = run(tiny(CLIPS, tmp_path / "out", workers=1))
     line = dict(result.timeline)
     assert 0 < line["encoders"] <= line["first_written"] <= line["encoded"] <= result.seconds
-    other = {**result.counts(), "timeline": {"encoders": 1e6, "first_written": 0.0, "encoded": 2e6}}
+    other = dataclasses.replace(result.share(), timeline={"encoders": 1e6, "first_written": 0.0, "encoded": 2e6})
     result.add(other)  # a slower rank sets the merged timeline; a faster one does not
     assert result.timeline["encoders"] == 1e6 and result.timeline["encoded"] == 2e6
     assert result.timeline["first_written"] == line["first_written"]
@@ -357,14 +359,14 @@ def test_other_parameters_or_model_into_an_existing_cache_are_refused(tmp_path: 
     data, out = tmp_path / "data", tmp_path / "out"
     make_clip(data, "a.mp4", frames=15)
     run(tiny(data, out))
-    with pytest.raises(ValueError, match=r"fps differ.*new --output folder"):
+    with pytest.raises(CacheError, match=r"fps differ.*new --output folder"):
         run(tiny(data, out, fps=12))
     other = tmp_path / "other"
     shutil.copytree(models.resolve_model("tiny"), other)
     config = json.loads((other / "vae" / "config.json").read_text())
     config["latent_channels"] = 8
     AutoencoderKLCogVideoX.from_config(config).save_pretrained(other / "vae")
-    with pytest.raises(ValueError, match="model encoders"):
+    with pytest.raises(CacheError, match="model encoders"):
         run(tiny(data, out, model=str(other)))
     # tiny-2b shares tiny's VAE and text encoder, like the real 2b and 5b: the cache accepts it.
     assert run(tiny(data, out, model="tiny-2b")).already_cached == 1

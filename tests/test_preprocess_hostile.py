@@ -22,6 +22,7 @@ import torch
 from typer.testing import CliRunner
 
 from cogvx.cli import app
+from cogvx.errors import CacheError, InputError
 from cogvx.preprocess.cachedir import cache_header
 from cogvx.preprocess.run import run
 from cogvx.preprocess.sources import MAX_CAPTION_CHARS, discover, find_sources, read_caption
@@ -202,7 +203,7 @@ def test_paths_leaving_the_data_folder_are_refused_unless_allowed(tmp_path: Path
     }
     for name, (text, where) in cases.items():
         (data / name).write_text(text)
-        with pytest.raises(ValueError, match=rf"{name}, {where}: .* outside the data folder .*--allow-outside-paths"):
+        with pytest.raises(InputError, match=rf"{name}, {where}: .* outside the data folder .*--allow-outside-paths"):
             discover(data / name)
         assert any(
             c.path.name in ("outside.mp4", "link.mp4") for c in find_sources(data / name, allow_outside=True).clips
@@ -211,7 +212,7 @@ def test_paths_leaving_the_data_folder_are_refused_unless_allowed(tmp_path: Path
     seed.mkdir()
     (seed / "videos.txt").write_text("../data/inside.mp4\n")
     (seed / "prompts.txt").write_text("a ball\n")
-    with pytest.raises(ValueError, match=r"videos.txt, line 1: the video path '../data/inside.mp4' leads outside"):
+    with pytest.raises(InputError, match=r"videos.txt, line 1: the video path '../data/inside.mp4' leads outside"):
         discover(seed)
     (clip,) = find_sources(seed, allow_outside=True).clips
     assert clip.path.resolve() == (data / "inside.mp4").resolve()
@@ -232,7 +233,7 @@ def test_layout_order_duplicates_rows_linked_folders_and_utf8_lists(tmp_path: Pa
     assert [c.caption for c in found.clips] == ["one"]
     assert found.skipped == [{"source": "./a.mp4", "reason": "duplicate", "detail": "same file as a.mp4"}]
     (data / "metadata.csv").write_bytes(b"video,caption\na.mp4,caf\xe9\n")
-    with pytest.raises(ValueError, match=r"metadata.csv, line 2 is not UTF-8 text; save the file as UTF-8"):
+    with pytest.raises(InputError, match=r"metadata.csv, line 2 is not UTF-8 text; save the file as UTF-8"):
         discover(data)
     folder = tmp_path / "folder"
     make_video(tmp_path / "elsewhere" / "b.mp4")
@@ -434,7 +435,7 @@ def test_a_full_disk_ends_with_one_line_and_leaves_a_valid_cache(tmp_path: Path,
     ballast = disk / "ballast"
     free = shutil.disk_usage(disk).free
     ballast.write_bytes(b"\0" * (free - 160 * 1024))  # room for the manifest and a few 40 KB shards
-    with pytest.raises(ValueError) as failed:
+    with pytest.raises(CacheError) as failed:
         run(tiny(data, out, shard_max_samples=per_shard))
     line = str(failed.value)
     assert "\n" not in line and "No space left on the device" in line and str(out) in line and "Free some" in line

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cogvx.shards import CacheError, Manifest, Sample, SampleEntry, ShardRecord
+from cogvx.shards import CacheError, Manifest, Sample, SampleEntry, ShardRecord, paths
 from cogvx.shards.manifest import describe_layout, is_plain_name, merge_layouts, write_json_atomic
 
 from .test_shards import BUCKET, LAYOUT, _written_cache, refusal_without_blocking
@@ -267,16 +267,16 @@ def test_check_existing_returns_a_matching_cache_and_refuses_other_settings(tmp_
     manifest = _cache_dir(tmp_path, {"fps": 8, "size": 2})
     found = check_existing(tmp_path, producer, {"fps": 8, "size": 2}, _info())
     assert found is not None and found.to_dict() == manifest.to_dict()
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(CacheError) as err:
         check_existing(tmp_path, producer, {"size": 3, "fps": 8, "new": 1}, _info())
     assert str(err.value) == (
         f"{tmp_path} already holds a cache made with other settings: new, size differ (stored: model m, "
         "{'fps': 8, 'size': 2}; now: model m2, {'size': 3, 'fps': 8, 'new': 1}). Write to a new --output "
         "folder, or re-run with the stored settings to add to it."
     )
-    with pytest.raises(ValueError, match="other settings: model encoders \\(VAE / text encoder\\) differ"):
+    with pytest.raises(CacheError, match="other settings: model encoders \\(VAE / text encoder\\) differ"):
         check_existing(tmp_path, producer, {"fps": 8, "size": 2}, _info("vae-2"))
-    with pytest.raises(ValueError, match="other settings: size, model encoders \\(VAE / text encoder\\) differ"):
+    with pytest.raises(CacheError, match="other settings: size, model encoders \\(VAE / text encoder\\) differ"):
         check_existing(tmp_path, producer, {"fps": 8, "size": 1}, _info("vae-2"))
     (tmp_path / "manifest.json").write_text("{not json")
     with pytest.raises(CacheError) as err:
@@ -295,11 +295,11 @@ def test_check_existing_refuses_shards_without_a_manifest_naming_three(tmp_path:
         f"manifest.json. Re-create it from the shards with `cogvx shards rebuild-manifest {tmp_path}`, or write to "
         "another --output folder (preprocess never deletes shards it did not write)."
     )
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(CacheError) as err:
         check_existing(tmp_path, {"model": "m"}, {}, _info())
     assert str(err.value) == message
     _shards(tmp_path, manifest, 3, 1)
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(CacheError) as err:
         check_existing(tmp_path, {"model": "m"}, {}, _info())
     assert "holds 4 shard file(s) (shard-r00-000000.tar, shard-r00-000001.tar, shard-r00-000002.tar ...) but" in str(
         err.value
@@ -311,7 +311,7 @@ def test_the_writer_lock_refuses_a_second_writer_until_the_first_is_done(tmp_pat
 
     with writer_lock(tmp_path):
         assert (tmp_path / ".lock").is_file()
-        with pytest.raises(ValueError) as err, writer_lock(tmp_path):
+        with pytest.raises(CacheError) as err, writer_lock(tmp_path):
             pass
         assert str(err.value) == (
             f"Another `cogvx preprocess` is writing to {tmp_path}. Wait for it to finish, or use another --output."
@@ -323,16 +323,16 @@ def test_the_writer_lock_refuses_a_second_writer_until_the_first_is_done(tmp_pat
 def test_part_files_are_named_by_rank_and_merged_in_rank_order_when_complete(tmp_path: Path):
     from cogvx.preprocess import cachedir
 
-    assert cachedir.shard_part(tmp_path, 3) == tmp_path / ".parts" / "shards.r03.json"
-    assert cachedir.skipped_part(tmp_path, 12) == tmp_path / ".parts" / "skipped.r12.jsonl"
-    assert cachedir.result_part(tmp_path, 0) == tmp_path / ".parts" / "result.r00.json"
+    assert paths.shard_part(tmp_path, 3) == tmp_path / ".parts" / "shards.r03.json"
+    assert paths.skipped_part(tmp_path, 12) == tmp_path / ".parts" / "skipped.r12.jsonl"
+    assert paths.result_part(tmp_path, 0) == tmp_path / ".parts" / "result.r00.json"
     manifest = _cache_dir(tmp_path)
     rank0, rank1 = _shards(tmp_path, manifest, 0, 2, rank=0), _shards(tmp_path, manifest, 2, 3, rank=1)
     (tmp_path / rank1[2].name).write_bytes(b"cut")  # not what its part says: not listed
     (tmp_path / rank1[1].name).unlink()  # gone: not listed
     cachedir.save_shard_part(tmp_path, 1, rank1)
     cachedir.save_shard_part(tmp_path, 0, rank0)
-    assert json.loads(cachedir.shard_part(tmp_path, 0).read_text())[0]["name"] == "shard-r00-000000.tar"
+    assert json.loads(paths.shard_part(tmp_path, 0).read_text())[0]["name"] == "shard-r00-000000.tar"
     manifest.add_shard(rank0[1])  # already merged before a kill
     assert cachedir.merge_shard_parts(tmp_path, manifest) == 2
     assert [s.name for s in manifest.shards] == ["shard-r00-000001.tar", "shard-r00-000000.tar", "shard-r01-000002.tar"]
@@ -358,7 +358,7 @@ def test_recover_adopts_tidies_and_sets_aside_and_never_deletes_a_shard(tmp_path
     (tmp_path / "mine.tar").write_bytes(b"someone else's")
     (tmp_path / "shard-r02-000000.tar.tmp").write_bytes(b"half")
     (tmp_path / "keep.tmp").write_bytes(b"not ours")
-    cachedir.skipped_part(tmp_path, 0).write_text("")
+    paths.skipped_part(tmp_path, 0).write_text("")
     late = _shards(tmp_path, manifest, 7, 1)[0]  # after the unreadable one: still adopted
     with caplog.at_level(logging.WARNING, logger="cogvx.preprocess"):
         done = cachedir.recover(tmp_path, manifest)  # sizes only: the changed bytes are not seen
@@ -412,7 +412,8 @@ def test_new_shard_numbers_skip_every_used_one_and_temporaries_are_this_ranks(tm
 
 
 def test_clear_parts_empties_or_removes_the_parts_folder(tmp_path: Path):
-    from cogvx.preprocess.cachedir import clear_parts, parts_dir
+    from cogvx.preprocess.cachedir import clear_parts
+    from cogvx.shards.paths import parts as parts_dir
 
     clear_parts(tmp_path)
     assert parts_dir(tmp_path) == tmp_path / ".parts" and list(parts_dir(tmp_path).iterdir()) == []
@@ -427,7 +428,8 @@ def test_clear_parts_empties_or_removes_the_parts_folder(tmp_path: Path):
 
 
 def test_merge_skipped_sorts_every_ranks_rows_by_source_as_utf8(tmp_path: Path):
-    from cogvx.preprocess.cachedir import clear_parts, merge_skipped, skipped_part
+    from cogvx.preprocess.cachedir import clear_parts, merge_skipped
+    from cogvx.shards.paths import skipped_part
 
     clear_parts(tmp_path)
     skipped_part(tmp_path, 1).write_text('{"source": "b.mp4", "reason": "r"}\n\n', encoding="utf-8")

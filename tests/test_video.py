@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cogvx.preprocess.encoding import ClipReader, Job
+from cogvx.preprocess.encoding import ClipItem, ClipReader, Job, ReadClip, Skipped
 from cogvx.preprocess.run import PreprocessConfig, run
 from cogvx.preprocess.sources import Clip
 from cogvx.preprocess.video import FrameSpec, SkipClip, read_clip
@@ -30,7 +30,7 @@ def mean_diff(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.abs(a.astype(np.float64) - b).mean())
 
 
-def reader_item(path: Path, spec: FrameSpec) -> dict:
+def reader_item(path: Path, spec: FrameSpec) -> ClipItem:
     return ClipReader([Job(Clip(path=path, source=path.name, caption="a clip"))], spec)[0]
 
 
@@ -48,8 +48,8 @@ def test_padded_widths_decode_right(tmp_path: Path, height: int, width: int, tol
     expected = sized(pyav_frames(path)[0][plan.windows[0]], height, width)
     assert mean_diff(frames[0], expected) < tolerance  # decord's and PIL's kernels differ most at 2x2
     item = reader_item(path, spec)
-    assert "skip" not in item, item
-    assert Image.open(io.BytesIO(item["strips"][0])).mode == "RGB"
+    assert isinstance(item, ReadClip), item
+    assert Image.open(io.BytesIO(item.strips[0])).mode == "RGB"
 
 
 @pytest.mark.parametrize("suffix", [".mp4", ".mov", ".mkv"])  # decord turns MP4/MOV itself, not Matroska
@@ -69,8 +69,8 @@ def test_any_exception_while_reading_a_clip_is_a_skip_record(tmp_path: Path):
     path = make_clip(tmp_path / "clip.mp4", frames=40)
     broken = FrameSpec(resolutions=((0, 0),))  # never passes PreprocessConfig; here it makes reading fail
     item = reader_item(path, broken)
-    assert item["skip"] == "reading failed"
-    assert item["detail"].startswith("ZeroDivisionError: ") and "video.py:" in item["detail"]
+    assert isinstance(item, Skipped) and item.reason == "reading failed"
+    assert item.detail.startswith("ZeroDivisionError: ") and "video.py:" in item.detail
 
 
 # --- issue 10.7: decode memory per clip (120x32768: an @example in test_clip_geometry.py) -------------
@@ -128,7 +128,7 @@ def test_zero_frame_rate_is_skipped_with_a_reason(tmp_path: Path):
         read_clip(str(path), spec)
     assert err.value.reason == "no frame rate"
     item = reader_item(path, spec)
-    assert item["skip"] == "no frame rate" and "ffmpeg" in item["detail"]
+    assert isinstance(item, Skipped) and item.reason == "no frame rate" and "ffmpeg" in item.detail
 
 
 def test_variable_frame_rate_is_sampled_by_time(tmp_path: Path):

@@ -11,22 +11,16 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cogvx.errors import CacheError
 from cogvx.pipeline import models
-from cogvx.shards import MANIFEST_NAME, CacheError, Manifest, ShardRecord, write_json_atomic
+from cogvx.shards import Manifest, ShardRecord, paths, write_json_atomic
 from cogvx.shards.io import check_shard, read_indexed_shard
-from cogvx.shards.manifest import SKIPPED_NAME
 
 log = logging.getLogger("cogvx.preprocess")
-
-PARTS_DIR = ".parts"
-LOCK_NAME = ".lock"
-SHARD_NAME = re.compile(r"^shard-r\d+-\d+\.tar$")
-TMP_NAME = re.compile(r"^shard-r\d+-\d+\.tar\.tmp$")  # what ShardWriter writes before the rename
 
 
 def check_existing(folder: Path, producer: dict, params: dict, info: models.ModelInfo) -> Manifest | None:
@@ -41,8 +35,8 @@ def check_existing(folder: Path, producer: dict, params: dict, info: models.Mode
         shards = sorted(p.name for p in Path(folder).glob("*.tar")) if Path(folder).is_dir() else []
         if shards:
             named = ", ".join(shards[:3]) + (" ..." if len(shards) > 3 else "")
-            raise ValueError(
-                f"{folder} holds {len(shards)} shard file(s) ({named}) but no {MANIFEST_NAME}. Re-create it from "
+            raise CacheError(
+                f"{folder} holds {len(shards)} shard file(s) ({named}) but no {paths.MANIFEST}. Re-create it from "
                 f"the shards with `cogvx shards rebuild-manifest {folder}`, or write to another --output folder "
                 "(preprocess never deletes shards it did not write)."
             )
@@ -52,7 +46,7 @@ def check_existing(folder: Path, producer: dict, params: dict, info: models.Mode
         changed = sorted(k for k in {*manifest.params, *params} if manifest.params.get(k) != params.get(k))
         if encoders_differ:
             changed.append("model encoders (VAE / text encoder)")
-        raise ValueError(
+        raise CacheError(
             f"{folder} already holds a cache made with other settings: {', '.join(changed)} differ "
             f"(stored: model {manifest.producer.get('model')}, {manifest.params}; now: model {producer['model']}, "
             f"{params}). Write to a new --output folder, or re-run with the stored settings to add to it."
@@ -61,7 +55,7 @@ def check_existing(folder: Path, producer: dict, params: dict, info: models.Mode
 
 
 def _read_manifest(folder: Path) -> Manifest | None:
-    path = folder / MANIFEST_NAME
+    path = paths.manifest(folder)
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -84,40 +78,24 @@ def writer_lock(folder: Path) -> Iterator[None]:
     except ImportError:  # pragma: no cover - not on POSIX: go on without the guard
         yield
         return
-    with open(Path(folder) / LOCK_NAME, "w") as handle:
+    with open(paths.lock(folder), "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as err:
-            raise ValueError(
+            raise CacheError(
                 f"Another `cogvx preprocess` is writing to {folder}. Wait for it to finish, or use another --output."
             ) from err
         yield
 
 
-def parts_dir(folder: Path) -> Path:
-    return Path(folder) / PARTS_DIR
-
-
-def shard_part(folder: Path, rank: int) -> Path:
-    return parts_dir(folder) / f"shards.r{rank:02d}.json"
-
-
-def skipped_part(folder: Path, rank: int) -> Path:
-    return parts_dir(folder) / f"skipped.r{rank:02d}.jsonl"
-
-
-def result_part(folder: Path, rank: int) -> Path:
-    return parts_dir(folder) / f"result.r{rank:02d}.json"
-
-
 def save_shard_part(folder: Path, rank: int, records: list[ShardRecord]) -> None:
-    write_json_atomic(shard_part(folder, rank), [asdict(r) for r in records])
+    write_json_atomic(paths.shard_part(folder, rank), [asdict(r) for r in records])
 
 
 def merge_shard_parts(folder: Path, manifest: Manifest) -> int:
     """List the shards that ranks finished (in rank order) in the manifest; returns how many were new."""
     added = 0
-    for part in sorted(parts_dir(folder).glob("shards.r*.json")):
+    for part in paths.shard_parts(folder):
         for data in json.loads(part.read_text()):
             record = ShardRecord.from_dict(data)
             path = Path(folder) / record.name
@@ -164,17 +142,17 @@ def recover(folder: Path, manifest: Manifest, check_hashes: bool = False) -> Rec
     merge_shard_parts(folder, manifest)
     done.adopted += [s.name for s in manifest.shards if s.name not in before]
     for path in sorted(folder.iterdir()):
-        if TMP_NAME.match(path.name):
+        if paths.is_temporary_shard(path.name):
             path.unlink()
     done.dropped = _drop_damaged(folder, manifest, check_hashes, done)
     listed = {s.name for s in manifest.shards}
     for path in sorted(folder.glob("*.tar")):
-        if path.name in listed or not SHARD_NAME.match(path.name):
+        if path.name in listed or not paths.is_shard(path.name):
             continue  # a .tar of someone else's is left alone
         try:
             indexed = read_indexed_shard(folder, path.name)
         except CacheError as err:
-            log.warning("%s is not listed and cannot be read (%s); renamed to .damaged", path, err)
+            log.warning("%s is not listed and cannot be read (%s); renamed to %s", path, err, paths.DAMAGED_SUFFIX)
             done.set_aside.append(_set_aside(path))
             continue
         if indexed.header != header:
@@ -206,9 +184,9 @@ def _drop_damaged(folder: Path, manifest: Manifest, check_hashes: bool, done: Re
 
 def _set_aside(path: Path) -> str:
     """Rename a shard that cannot be used to ``NAME.damaged`` (``NAME.damaged.N`` if taken); never delete it."""
-    target, n = path.with_name(path.name + ".damaged"), 1
+    target, n = paths.set_aside_name(path), 1
     while target.exists():
-        target, n = path.with_name(f"{path.name}.damaged.{n}"), n + 1
+        target, n = paths.set_aside_name(path, n), n + 1
     path.rename(target)
     return target.name
 
@@ -216,19 +194,17 @@ def _set_aside(path: Path) -> str:
 def next_shard_index(folder: Path, rank: int) -> int:
     """The first shard number of ``rank`` that no file in the folder uses, set-aside ones included, so a
     new shard never takes the name of one that was damaged."""
-    used = re.compile(rf"^shard-r{rank:02d}-(\d+)\.tar")
-    numbers = [int(m.group(1)) for p in Path(folder).iterdir() if (m := used.match(p.name))]
-    return max(numbers, default=-1) + 1
+    return max(paths.shard_numbers(folder, rank), default=-1) + 1
 
 
 def remove_temporary(folder: Path, rank: int) -> None:
     """Delete the half-written shards of this rank (after a failure; they are never complete)."""
-    for path in Path(folder).glob(f"shard-r{rank:02d}-*.tar.tmp"):
+    for path in paths.temporary_shards(folder, rank):
         path.unlink(missing_ok=True)
 
 
 def clear_parts(folder: Path, keep_folder: bool = True) -> None:
-    parts = parts_dir(folder)
+    parts = paths.parts(folder)
     if parts.is_dir():
         for path in parts.iterdir():
             path.unlink()
@@ -241,10 +217,10 @@ def clear_parts(folder: Path, keep_folder: bool = True) -> None:
 def merge_skipped(folder: Path) -> list[dict]:
     """All ranks' skipped inputs of this run, in source order, as ``skipped.jsonl`` (replaced atomically)."""
     rows = []
-    for part in sorted(parts_dir(folder).glob("skipped.r*.jsonl")):
+    for part in paths.skipped_parts(folder):
         rows += [json.loads(line) for line in part.read_text(encoding="utf-8").splitlines() if line.strip()]
     rows.sort(key=lambda row: row["source"])
-    path = Path(folder) / SKIPPED_NAME
+    path = paths.skipped(folder)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     tmp.replace(path)

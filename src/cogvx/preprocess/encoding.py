@@ -17,7 +17,7 @@ import queue
 import threading
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -41,6 +41,45 @@ class Job:
     known_caption: str | None = None
 
 
+@dataclass
+class ReadClip:
+    """A clip decoded in a worker, ready for the VAE: its source's identity, frames and what was taken."""
+
+    index: int  # position in the rank's job list
+    clip: Clip
+    content_hash: str
+    size: int
+    mtime_ns: int
+    frames: torch.Tensor | None  # [windows, F, H, W, 3] uint8; None once handed to the GPU
+    bucket: str
+    windows: list[list[int]]  # source frame indices of each window
+    info: dict[str, Any]  # what read_clip measured (source size and rate, crop, ...): goes into each sample
+    strips: list[bytes]  # one JPEG strip per window
+
+    def pin_memory(self) -> ReadClip:
+        """Called by the DataLoader's pinning thread: frames leave it page-locked, for a non-blocking copy."""
+        return replace(self, frames=self.frames.pin_memory())
+
+
+@dataclass(frozen=True)
+class Unchanged:
+    """A clip whose content and caption the cache already holds (only its mtime changed)."""
+
+    index: int
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A clip that cannot be used, with a short reason (counted) and a detail (in skipped.jsonl)."""
+
+    index: int
+    reason: str
+    detail: str
+
+
+ClipItem = ReadClip | Unchanged | Skipped  # what ClipReader yields for one job
+
+
 def _failure(err: Exception) -> str:
     """``Type: message (at file.py:line)`` of an unexpected error, the line being where it was raised."""
     where = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
@@ -58,18 +97,17 @@ class ClipReader(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.jobs)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        job = self.jobs[index]
+    def __getitem__(self, index: int) -> ClipItem:
         try:
-            return {"index": index, **self._read(job)}
+            return self._read(index, self.jobs[index])
         except SkipClip as err:
-            return {"index": index, "skip": err.reason, "detail": err.detail}
+            return Skipped(index, err.reason, err.detail)
         except Exception as err:
             # Whatever else goes wrong with one clip (a decoder or library failure no check foresaw) must not
             # end a run of thousands in a DataLoader worker: it is recorded with where it was raised.
-            return {"index": index, "skip": "reading failed", "detail": _failure(err)}
+            return Skipped(index, "reading failed", _failure(err))
 
-    def _read(self, job: Job) -> dict[str, Any]:
+    def _read(self, index: int, job: Job) -> ReadClip | Unchanged:
         clip = job.clip
         if clip.caption is None:
             raise SkipClip("missing caption", "no caption file or column value for this video")
@@ -83,18 +121,28 @@ class ClipReader(torch.utils.data.Dataset):
         if stat.st_size == 0:
             raise SkipClip("unreadable video", "empty file (0 bytes)")
         if content_hash == job.known_hash and caption_hash(clip.caption) == job.known_caption:
-            return {"done": True}  # touched but unchanged: already in the cache
+            return Unchanged(index)  # touched but unchanged: already in the cache
         frames, plan, info = read_clip(str(clip.path), self.spec)
-        return {
-            "hash": content_hash,
-            "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns,
-            "frames": torch.from_numpy(frames),  # [windows, F, H, W, 3] uint8
-            "bucket": plan.bucket.name,
-            "windows": plan.windows,
-            "info": info,
-            "strips": [jpeg_strip(window, self.strip_frames) for window in frames],
-        }
+        return ReadClip(
+            index=index,
+            clip=clip,
+            content_hash=content_hash,
+            size=stat.st_size,
+            mtime_ns=stat.st_mtime_ns,
+            frames=torch.from_numpy(frames),
+            bucket=plan.bucket.name,
+            windows=plan.windows,
+            info=info,
+            strips=[jpeg_strip(window, self.strip_frames) for window in frames],
+        )
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A caption's T5 embedding, and whether the caption was cut to fit the model's prompt length."""
+
+    embeds: torch.Tensor  # [L, D] on the host
+    truncated: bool
 
 
 class PromptBank:
@@ -104,7 +152,7 @@ class PromptBank:
         self.captions, self.encode, self.batch = captions, encode, batch
         self.cache: dict[str, tuple[torch.Tensor, bool]] = {}
 
-    def get(self, index: int) -> tuple[torch.Tensor, bool]:
+    def get(self, index: int) -> Prompt:
         caption = self.captions[index]
         if caption not in self.cache:
             upcoming = list(dict.fromkeys(self.captions[index : index + 4 * self.batch]))
@@ -115,14 +163,15 @@ class PromptBank:
                 self.cache[text] = (emb.clone(), cut)
             while len(self.cache) > 8 * self.batch:
                 self.cache.pop(next(iter(self.cache)))
-        return self.cache[caption]
+        return Prompt(*self.cache[caption])
 
 
 @dataclass
 class Encoded:
     """A clip's moments on their way to the host: valid once ``ready`` has completed."""
 
-    item: dict[str, Any]
+    read: ReadClip  # its frames already dropped
+    prompt: Prompt
     moments: torch.Tensor  # [windows, 2C, F', H', W'] on the host
     ready: torch.cuda.Event | None
 
@@ -132,14 +181,14 @@ class VaeBatcher:
 
     def __init__(self, vae, device: torch.device, batch: int, emit: Callable[[Encoded], None]):
         self.vae, self.device, self.batch, self.emit = vae, device, batch, emit
-        self.pending: list[tuple[dict[str, Any], torch.Tensor]] = []
+        self.pending: list[tuple[ReadClip, Prompt, torch.Tensor]] = []
         self.count = 0
 
-    def add(self, item: dict[str, Any]) -> None:
-        frames = item.pop("frames")
-        if self.pending and (frames.shape[1:] != self.pending[0][1].shape[1:] or self.count + len(frames) > self.batch):
+    def add(self, clip: ReadClip, prompt: Prompt) -> None:
+        frames, clip.frames = clip.frames, None  # the host copy is not kept while the clip waits to be written
+        if self.pending and (frames.shape[1:] != self.pending[0][2].shape[1:] or self.count + len(frames) > self.batch):
             self.flush()
-        self.pending.append((item, frames.to(self.device, non_blocking=True)))
+        self.pending.append((clip, prompt, frames.to(self.device, non_blocking=True)))
         self.count += len(frames)
         if self.count >= self.batch:
             self.flush()
@@ -147,7 +196,7 @@ class VaeBatcher:
     def flush(self) -> None:
         if not self.pending:
             return
-        frames = torch.cat([f for _, f in self.pending]) if len(self.pending) > 1 else self.pending[0][1]
+        frames = torch.cat([f for _, _, f in self.pending]) if len(self.pending) > 1 else self.pending[0][2]
         moments = torch.cat([encode_video_moments(self.vae, chunk) for chunk in frames.split(self.batch)])
         ready = None
         if moments.is_cuda:
@@ -158,8 +207,8 @@ class VaeBatcher:
         else:
             host = moments
         offset = 0
-        for item, clip_frames in self.pending:
-            self.emit(Encoded(item, host[offset : offset + len(clip_frames)], ready))
+        for clip, prompt, clip_frames in self.pending:
+            self.emit(Encoded(clip, prompt, host[offset : offset + len(clip_frames)], ready))
             offset += len(clip_frames)
         self.pending, self.count = [], 0
 

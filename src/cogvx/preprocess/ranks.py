@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass
 from datetime import timedelta
 
+from cogvx.errors import ConfigError
+
 # Ranks wait for the slowest one at the final barrier; a large dataset split unevenly can take hours.
 BARRIER_TIMEOUT = timedelta(hours=24)
 
@@ -28,7 +30,7 @@ class Ranks:
         rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", str(rank)))
         if world < 1 or not 0 <= rank < world:
-            raise ValueError(f"RANK={rank} and WORLD_SIZE={world} from the environment do not fit together.")
+            raise ConfigError(f"RANK={rank} and WORLD_SIZE={world} from the environment do not fit together.")
         ranks = cls(rank, world, local)
         if world > 1:
             import torch.distributed as dist

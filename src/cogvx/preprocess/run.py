@@ -8,33 +8,45 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import errno
-import hashlib
+import functools
 import json
 import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from cogvx import __version__
+from cogvx.errors import CacheError, ConfigError, InputError
 from cogvx.pipeline import models
 from cogvx.pipeline.encode import encode_prompts
 from cogvx.preprocess import cachedir
-from cogvx.preprocess.cachedir import SKIPPED_NAME
-from cogvx.preprocess.encoding import ClipReader, Encoded, Job, PromptBank, SampleSink, VaeBatcher, caption_hash
+from cogvx.preprocess.encoding import (
+    ClipItem,
+    ClipReader,
+    Job,
+    PromptBank,
+    SampleSink,
+    Skipped,
+    Unchanged,
+    VaeBatcher,
+    caption_hash,
+)
 from cogvx.preprocess.ranks import Ranks
-from cogvx.preprocess.sources import CLIPPED, INVALID_UTF8, VIDEO_EXTENSIONS, Clip, Sources, find_sources
+from cogvx.preprocess.sources import INVALID_UTF8, VIDEO_EXTENSIONS, Clip, Sources, find_sources
 from cogvx.preprocess.video import FrameSpec, largest_4k1
+from cogvx.preprocess.writer import RankWriter
 from cogvx.progress import progress_bar
-from cogvx.shards import Manifest, Sample, SampleEntry, ShardRecord, ShardWriter, write_json_atomic
-from cogvx.shards.io import file_sha256
+from cogvx.shards import Manifest, SampleEntry, paths, write_json_atomic
+from cogvx.shards.io import SHARD_MAX_BYTES, SHARD_MAX_SAMPLES, file_sha256
 
 log = logging.getLogger("cogvx.preprocess")
 
-VALIDATION_NAME = "validation_prompts.safetensors"
 SCHEMA = {
     "moments": "VAE posterior [2C, F, H, W]: mean then log-variance on axis 0, unscaled",
     "prompt_embeds": "T5 last hidden state [L, D], pads included (L: the transformer's max_text_seq_length)",
@@ -54,7 +66,7 @@ class PreprocessConfig:
     max_frames: int = 49
     frame_buckets: tuple[int, ...] = ()  # several frame counts instead of --max-frames
     min_frames: int = 5
-    fps: float = 8.0
+    fps: float = float(models.NATIVE_FPS)
     skip_frames_start: int = 0
     skip_frames_end: int = 0
     resize: str = "crop"
@@ -70,8 +82,8 @@ class PreprocessConfig:
     vae_tiling: bool = False
     vae_slicing: bool = False
     workers: int = 2
-    shard_max_mb: int = 512
-    shard_max_samples: int = 1000
+    shard_max_mb: int = SHARD_MAX_BYTES >> 20
+    shard_max_samples: int = SHARD_MAX_SAMPLES
     validation_prompts: tuple[str, ...] = ()
     repair: bool = False  # also check every listed shard's sha256 (size is always checked)
     allow_outside_paths: bool = False  # let a metadata or video-list file name videos outside its folder
@@ -83,32 +95,35 @@ class PreprocessConfig:
         self.frame_buckets = tuple(sorted({int(f) for f in self.frame_buckets}))
         self.validation_prompts = tuple(self.validation_prompts)
         if self.resolutions and (self.height or self.width):
-            raise ValueError("Give either --height/--width or --resolution (repeatable), not both.")
+            raise ConfigError("Give either --height/--width or --resolution (repeatable), not both.")
         if (self.height or 16) % 16 or (self.width or 16) % 16:
-            raise ValueError(f"--height/--width must be multiples of 16 (got {self.height}x{self.width}).")
+            raise ConfigError(f"--height/--width must be multiples of 16 (got {self.height}x{self.width}).")
         for frames in (self.max_frames, *self.frame_buckets):
             if frames < 1 or largest_4k1(frames) != frames:
-                raise ValueError(f"Frame counts must be of the form 4k+1 (got {frames}; try 49 or 81).")
+                raise ConfigError(f"Frame counts must be of the form 4k+1 (got {frames}; try 49 or 81).")
         if not 1 <= self.min_frames <= max(self.frame_counts):
-            raise ValueError(
+            raise ConfigError(
                 f"--min-frames must be between 1 and the largest frame count {max(self.frame_counts)} "
                 f"(got {self.min_frames})."
             )
         if self.resize not in ("crop", "stretch"):
-            raise ValueError(f"--resize must be 'crop' or 'stretch' (got {self.resize!r}).")
+            raise ConfigError(f"--resize must be 'crop' or 'stretch' (got {self.resize!r}).")
         if self.fps <= 0:
-            raise ValueError(f"--fps must be positive (got {self.fps}).")
+            raise ConfigError(f"--fps must be positive (got {self.fps}).")
         if self.skip_frames_start < 0 or self.skip_frames_end < 0:
-            raise ValueError("--skip-frames-start/--skip-frames-end cannot be negative.")
+            raise ConfigError("--skip-frames-start/--skip-frames-end cannot be negative.")
         if self.windows < 1:
-            raise ValueError(f"--windows must be at least 1 (got {self.windows}).")
+            raise ConfigError(f"--windows must be at least 1 (got {self.windows}).")
         if self.max_upscale <= 0:
-            raise ValueError(f"--max-upscale must be positive (got {self.max_upscale}).")
-        for name in ("text_batch_size", "vae_batch", "shard_max_mb", "shard_max_samples"):
+            raise ConfigError(f"--max-upscale must be positive (got {self.max_upscale}).")
+        for name in ("vae_batch", "shard_max_mb"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)}).")
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)}).")
+        for name in ("text_batch_size", "shard_max_samples"):  # config-file settings only: no flag
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1 in the --config file (got {getattr(self, name)}).")
         if self.workers < 0:
-            raise ValueError(f"--workers cannot be negative (got {self.workers}).")
+            raise ConfigError(f"--workers cannot be negative (got {self.workers}).")
 
     @property
     def frame_counts(self) -> tuple[int, ...]:
@@ -144,9 +159,9 @@ def _parse_resolution(value) -> str:
     try:
         height, width = (int(part) for part in str(value).lower().split("x"))
     except ValueError:
-        raise ValueError(f"--resolution {value!r} must look like HEIGHTxWIDTH, e.g. 480x720.") from None
+        raise ConfigError(f"--resolution {value!r} must look like HEIGHTxWIDTH, e.g. 480x720.") from None
     if height < 16 or width < 16 or height % 16 or width % 16:
-        raise ValueError(f"--resolution {value!r}: height and width must be positive multiples of 16.")
+        raise ConfigError(f"--resolution {value!r}: height and width must be positive multiples of 16.")
     return f"{height}x{width}"
 
 
@@ -175,30 +190,59 @@ class PreprocessResult:
         self.timeline.setdefault(name, time.time() - self.started)
 
     def counts(self) -> dict:
+        """Everything but the manifest, as JSON values."""
         data = {k: v for k, v in asdict(self).items() if k not in ("manifest", "started")}
         data["skipped"] = dict(self.skipped)
         return data
 
-    def add(self, other: dict) -> None:
-        self.encoded += other["encoded"]
-        self.samples += other["samples"]
-        self.already_cached += other["already_cached"]
-        self.skipped.update(other["skipped"])
-        self.truncated_captions += other["truncated_captions"]
-        self.truncated_sources += other["truncated_sources"]
-        for name, seconds in other["timeline"].items():
+    def share(self) -> RankCounts:
+        """What this rank did, for rank 0 to add up."""
+        return RankCounts(
+            encoded=self.encoded,
+            samples=self.samples,
+            already_cached=self.already_cached,
+            skipped=dict(self.skipped),
+            truncated_captions=self.truncated_captions,
+            truncated_sources=list(self.truncated_sources),
+            timeline=dict(self.timeline),
+        )
+
+    def add(self, other: RankCounts) -> None:
+        self.encoded += other.encoded
+        self.samples += other.samples
+        self.already_cached += other.already_cached
+        self.skipped.update(other.skipped)
+        self.truncated_captions += other.truncated_captions
+        self.truncated_sources += other.truncated_sources
+        for name, seconds in other.timeline.items():
             self.timeline[name] = max(seconds, self.timeline.get(name, 0.0))
 
 
-def sample_key(source: str, content_hash: str, window: int, caption: str = "") -> str:
-    return hashlib.sha256(f"{source}\0{content_hash}\0{window}\0{caption}".encode()).hexdigest()[:24]
+@dataclass
+class RankCounts:
+    """One rank's share of a distributed run, as its result part file holds it (JSON)."""
+
+    encoded: int
+    samples: int
+    already_cached: int
+    skipped: dict[str, int]
+    truncated_captions: int
+    truncated_sources: list[str]
+    timeline: dict[str, float]
+
+    def save(self, path: Path) -> None:
+        write_json_atomic(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: Path) -> RankCounts:
+        return cls(**json.loads(Path(path).read_text()))
 
 
 def run(cfg: PreprocessConfig, show_progress: bool = False) -> PreprocessResult:
     """Encode every usable clip under ``cfg.data`` that the cache in ``cfg.output`` does not hold yet.
 
     Under torchrun / accelerate launch each rank encodes its share; rank 0 returns the totals.
-    Raises ValueError when nothing usable exists (every clip skipped and the cache empty).
+    Raises InputError when nothing usable exists (every clip skipped and the cache empty).
     """
     ranks = Ranks.from_env()
     try:
@@ -207,7 +251,7 @@ def run(cfg: PreprocessConfig, show_progress: bool = False) -> PreprocessResult:
         problem = _write_problem(err, cfg.output)
         if problem is None:
             raise
-        raise ValueError(problem) from err
+        raise CacheError(problem) from err
     finally:
         ranks.close()
 
@@ -232,7 +276,7 @@ def _run(cfg: PreprocessConfig, ranks: Ranks, show_progress: bool) -> Preprocess
     clips = sources.clips
     if not clips:
         unusable = f"; {len(sources.skipped)} entries named like videos are not usable files" if sources.skipped else ""
-        raise ValueError(
+        raise InputError(
             f"No videos found under {cfg.data} (looked for {', '.join(sorted(VIDEO_EXTENSIONS))}, "
             f"recursively{unusable})."
         )
@@ -265,20 +309,43 @@ def _run(cfg: PreprocessConfig, ranks: Ranks, show_progress: bool) -> Preprocess
             _report_found(cfg, sources, recovery, result)
         # The workers start decoding now, while the encoders load (seconds for T5's 4.8 B parameters).
         items = iter(_clip_loader(mine, spec, cfg.workers, device))
-        vae, encode_text = _load_encoders(cfg, info, device)
+        encoders = _load_encoders(cfg, info, device)
         result.mark("encoders")
         if ranks.is_main and cfg.validation_prompts:
-            save_validation_prompts(cfg.output, manifest, list(cfg.validation_prompts), encode_text)
-        _encode(cfg, ranks, mine, items, len(clips), manifest, vae, encode_text, device, result, show_progress)
+            save_validation_prompts(cfg.output, manifest, list(cfg.validation_prompts), encoders.encode_text)
+        writer = RankWriter(
+            cfg.output,
+            ranks.rank,
+            ranks.world,
+            manifest,
+            max_bytes=cfg.shard_max_mb * 2**20,
+            max_samples=cfg.shard_max_samples,
+            on_written=functools.partial(result.mark, "first_written"),
+        )
+        try:
+            _encode(
+                cfg,
+                mine,
+                items,
+                encoders=encoders,
+                device=device,
+                writer=writer,
+                result=result,
+                total=len(clips),
+                world=ranks.world,
+                show_progress=show_progress,
+            )
+        finally:
+            writer.close()
         result.mark("encoded")
 
         if ranks.world > 1:
-            write_json_atomic(cachedir.result_part(cfg.output, ranks.rank), result.counts())
+            result.share().save(paths.result_part(cfg.output, ranks.rank))
         ranks.barrier()  # every rank has finished its shards
         if ranks.is_main:
             if ranks.world > 1:
                 for rank in range(1, ranks.world):
-                    result.add(json.loads(cachedir.result_part(cfg.output, rank).read_text()))
+                    result.add(RankCounts.load(paths.result_part(cfg.output, rank)))
                 cachedir.merge_shard_parts(cfg.output, manifest)
             cachedir.merge_skipped(cfg.output)
             cachedir.clear_parts(cfg.output, keep_folder=False)
@@ -299,9 +366,9 @@ def _run(cfg: PreprocessConfig, ranks: Ranks, show_progress: bool) -> Preprocess
         # Fatal only when the cache ends up empty: a cache that still serves samples (of sources this run
         # did not touch, or earlier encodings of a clip that no longer decodes) stays usable.
         if result.encoded + result.already_cached == 0 and result.manifest.sample_count == 0:
-            raise ValueError(
+            raise InputError(
                 f"Nothing usable in {cfg.data}: all {len(clips)} clips were skipped "
-                f"(reasons in {cfg.output / SKIPPED_NAME})."
+                f"(reasons in {paths.skipped(cfg.output)})."
             )
     return result
 
@@ -310,7 +377,7 @@ def _report_found(
     cfg: PreprocessConfig, sources: Sources, recovery: cachedir.Recovery, result: PreprocessResult
 ) -> None:
     """Say what was found before encoding: unusable entries, odd captions, and shards that were repaired."""
-    with open(cachedir.skipped_part(cfg.output, 0), "a", encoding="utf-8") as skipped_log:
+    with open(paths.skipped_part(cfg.output, 0), "a", encoding="utf-8") as skipped_log:
         for row in sources.skipped:
             skipped_log.write(json.dumps(row, ensure_ascii=False) + "\n")
             result.skipped[row["reason"]] += 1
@@ -376,8 +443,15 @@ def _todo(clips: list[Clip], manifest: Manifest) -> tuple[list[Job], int]:
     return jobs, cached
 
 
-def _load_encoders(cfg: PreprocessConfig, info: models.ModelInfo, device: torch.device):
-    """The VAE, and ``encode_text(texts) -> (embeds, truncated)`` with T5, on ``device``."""
+@dataclass(frozen=True)
+class Encoders:
+    """The VAE, and ``encode_text(texts) -> (embeds, truncated)`` with T5, on one device."""
+
+    vae: Any
+    encode_text: Callable[[list[str]], tuple[torch.Tensor, list[bool]]]
+
+
+def _load_encoders(cfg: PreprocessConfig, info: models.ModelInfo, device: torch.device) -> Encoders:
     dtype = models.parse_dtype(cfg.dtype)
     vae = models.load_vae(info.source, dtype, device).eval()
     if cfg.vae_tiling:
@@ -390,7 +464,7 @@ def _load_encoders(cfg: PreprocessConfig, info: models.ModelInfo, device: torch.
         encoding = encode_prompts(tokenizer, text_encoder, texts, info.max_text_tokens)
         return encoding.embeds, encoding.truncated
 
-    return vae, encode_text
+    return Encoders(vae, encode_text)
 
 
 def _clip_loader(jobs: list[Job], spec: FrameSpec, workers: int, device: torch.device):
@@ -403,62 +477,23 @@ def _clip_loader(jobs: list[Job], spec: FrameSpec, workers: int, device: torch.d
     )
 
 
-def _encode(cfg, ranks, jobs, items, total, manifest, vae, encode_text, device, result, show_progress) -> None:
+def _encode(
+    cfg: PreprocessConfig,
+    jobs: list[Job],
+    items: Iterator[ClipItem],
+    *,
+    encoders: Encoders,
+    device: torch.device,
+    writer: RankWriter,
+    result: PreprocessResult,
+    total: int,
+    world: int,
+    show_progress: bool,
+) -> None:
     """Encode (GPU) -> write (thread) this rank's clips as ``items`` come from the decoding workers."""
-    records: list[ShardRecord] = []
-
-    def commit(record: ShardRecord) -> None:
-        if ranks.world == 1:
-            manifest.add_shard(record)  # listed at once: a kill keeps every finished shard
-            manifest.save(cfg.output)
-        else:
-            records.append(record)
-            cachedir.save_shard_part(cfg.output, ranks.rank, records)
-
-    writer = ShardWriter(
-        cfg.output,
-        f"shard-r{ranks.rank:02d}",
-        commit,
-        max_bytes=cfg.shard_max_mb * 2**20,
-        max_samples=cfg.shard_max_samples,
-        first_index=cachedir.next_shard_index(cfg.output, ranks.rank),
-        header=cachedir.cache_header(manifest),  # so a lost manifest can be rebuilt from the shards alone
-    )
-    prompts = PromptBank([job.clip.caption or "" for job in jobs], encode_text, cfg.text_batch_size)
-
-    def write(encoded: Encoded) -> None:
-        item = encoded.item
-        clip = jobs[item["index"]].clip
-        group = []
-        for window, (indices, moments, strip) in enumerate(
-            zip(item["windows"], encoded.moments, item["strips"], strict=True)
-        ):
-            key = sample_key(clip.source, item["hash"], window, clip.caption)
-            entry = SampleEntry(key, clip.source, item["hash"], item["bucket"], item["size"], item["mtime_ns"])
-            entry.caption_hash = caption_hash(clip.caption)
-            meta = {
-                "source": clip.source,
-                "content_hash": item["hash"],
-                "caption": clip.caption,
-                "caption_truncated": item["truncated"],
-                INVALID_UTF8: INVALID_UTF8 in clip.caption_notes,
-                CLIPPED: CLIPPED in clip.caption_notes,
-                "window": window,
-                "windows": len(item["windows"]),
-                "frame_indices": indices,
-                "frames": len(indices),
-                "latent_shape": list(moments.shape),
-                "bucket": item["bucket"],
-                **item["info"],
-            }
-            tensors = {"moments": moments, "prompt_embeds": item["embeds"]}
-            group.append((Sample(key, tensors, meta, {"jpg": strip}), entry))
-        writer.write_group(group)
-        result.mark("first_written")
-
-    sink = SampleSink(write)
-    batcher = VaeBatcher(vae, device, cfg.vae_batch, sink.put)
-    skipped_log = open(cachedir.skipped_part(cfg.output, ranks.rank), "a", encoding="utf-8")
+    prompts = PromptBank([job.clip.caption or "" for job in jobs], encoders.encode_text, cfg.text_batch_size)
+    sink = SampleSink(writer.write)
+    batcher = VaeBatcher(encoders.vae, device, cfg.vae_batch, sink.put)
     started = time.time()
     base = result.already_cached  # rank 0 counts the clips found done before the loop
     bar = progress_bar(show_progress, "preprocess", total, "{task.fields[rate]:.2f} clips/s", rate=0.0)
@@ -468,38 +503,32 @@ def _encode(cfg, ranks, jobs, items, total, manifest, vae, encode_text, device, 
         with bar as update:
             update(base)
             for position, item in enumerate(items, 1):
-                clip = jobs[item["index"]].clip
-                if "skip" in item:
-                    result.skipped[item["skip"]] += 1
-                    row = {"source": clip.source, "reason": item["skip"], "detail": item["detail"]}
-                    skipped_log.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    skipped_log.flush()
-                elif item.get("done"):
+                clip = jobs[item.index].clip
+                if isinstance(item, Skipped):
+                    result.skipped[item.reason] += 1
+                    writer.skip(clip.source, item.reason, item.detail)
+                elif isinstance(item, Unchanged):
                     result.already_cached += 1
                 else:
-                    item["embeds"], item["truncated"] = prompts.get(item["index"])
-                    if item["truncated"]:
+                    prompt = prompts.get(item.index)
+                    if prompt.truncated:
                         result.truncated_captions += 1
                         result.truncated_sources.append(clip.source)
-                    batcher.add(item)
+                    batcher.add(item, prompt)
                     result.encoded += 1
-                    result.samples += len(item["windows"])
+                    result.samples += len(item.windows)
                 # Other ranks' progress is not known here; rank 0's bar shows its own share scaled up.
-                done = base + position * ranks.world
-                update(min(done, total), rate=position * ranks.world / max(time.time() - started, 1e-9))
+                done = base + position * world
+                update(min(done, total), rate=position * world / max(time.time() - started, 1e-9))
             batcher.flush()
             sink.close()
-            writer.flush()
+            writer.finish()
     except BaseException:
         sink.abort()
-        try:
-            writer.abandon()
-        finally:  # a full disk can fail the abandon too: this rank's half-written shard goes either way
-            cachedir.remove_temporary(cfg.output, ranks.rank)
+        writer.abandon()
         raise
     finally:
         torch.backends.cudnn.benchmark = benchmark
-        skipped_log.close()
 
 
 def _device(name: str | None, ranks: Ranks) -> torch.device:
@@ -524,7 +553,7 @@ def print_summary(result: PreprocessResult, output: Path) -> None:
     table.add_row("encoded now", f"{result.encoded} clips, {result.samples} samples")
     table.add_row("already in cache", str(result.already_cached))
     skipped = sum(result.skipped.values())
-    table.add_row("skipped", f"{skipped} (listed in {output / SKIPPED_NAME})" if skipped else "0")
+    table.add_row("skipped", f"{skipped} (listed in {paths.skipped(output)})" if skipped else "0")
     for reason, count in result.skipped.most_common():
         table.add_row(f"  {reason}", str(count))
     if result.truncated_captions:
@@ -551,7 +580,7 @@ def save_validation_prompts(folder: Path, manifest: Manifest, prompts: list[str]
     from safetensors.torch import save_file
 
     embeds, _ = encode([*prompts, ""])
-    path = Path(folder) / VALIDATION_NAME
+    path = paths.validation_prompts(folder)
     tmp = path.with_suffix(".tmp")
     tensors = {
         "prompt_embeds": embeds[:-1].contiguous().cpu(),
@@ -559,7 +588,11 @@ def save_validation_prompts(folder: Path, manifest: Manifest, prompts: list[str]
     }
     save_file(tensors, tmp, metadata={"prompts": json.dumps(prompts)})
     os.replace(tmp, path)
-    manifest.extras["validation"] = {"file": VALIDATION_NAME, "prompts": prompts, "sha256": file_sha256(path)}
+    manifest.extras[paths.VALIDATION_ENTRY] = {
+        "file": paths.VALIDATION_PROMPTS,
+        "prompts": prompts,
+        "sha256": file_sha256(path),
+    }
     manifest.save(folder)
 
 

@@ -25,6 +25,8 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cogvx.errors import InputError
+
 VIDEO_EXTENSIONS = {".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv", ".flv"}
 METADATA_EXTENSIONS = {".csv", ".jsonl"}
 METADATA_NAMES = ("metadata.csv", "metadata.jsonl")
@@ -64,10 +66,10 @@ def find_sources(
     """The clips named by ``root``, and what was found but cannot be a clip (with its reason)."""
     root = Path(root)
     if not root.exists():
-        raise ValueError(f"--data {root} does not exist. Point it at a folder of videos with .txt captions.")
+        raise InputError(f"--data {root} does not exist. Point it at a folder of videos with .txt captions.")
     if root.is_file():
         if root.suffix.lower() not in METADATA_EXTENSIONS:
-            raise ValueError(
+            raise InputError(
                 f"--data {root} is a file; point it at the folder that holds the videos, or at a .csv/.jsonl "
                 "metadata file with a video and a caption column."
             )
@@ -79,7 +81,7 @@ def find_sources(
         if (root / name).is_file():
             return _unique(_from_metadata(root / name, caption_column, video_column, allow_outside))
     if video_column or caption_column:
-        raise ValueError(
+        raise InputError(
             f"--video-column/--caption-column were given, but {root} has no file {video_column or SEED_VIDEOS} "
             f"and no {' or '.join(METADATA_NAMES)}. Name an existing video-list file, or leave both options out "
             "for a folder of videos with .txt captions."
@@ -115,7 +117,7 @@ def _read_utf8(path: Path) -> str:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
-        raise ValueError(f"{path}, line {line} is not UTF-8 text; save the file as UTF-8.") from err
+        raise InputError(f"{path}, line {line} is not UTF-8 text; save the file as UTF-8.") from err
 
 
 def _check_inside(root: Path, name: str, where: str, allow_outside: bool) -> None:
@@ -124,7 +126,7 @@ def _check_inside(root: Path, name: str, where: str, allow_outside: bool) -> Non
     real_root = os.path.realpath(root)
     real = os.path.realpath(root / name)
     if os.path.commonpath([real_root, real]) != real_root:
-        raise ValueError(
+        raise InputError(
             f"{where}: the video path {name!r} leads outside the data folder {root}. Move the video into the "
             "folder (or fix the path), or pass --allow-outside-paths if you trust this file."
         )
@@ -132,14 +134,14 @@ def _check_inside(root: Path, name: str, where: str, allow_outside: bool) -> Non
 
 def _from_line_files(root: Path, prompts: Path, videos: Path, allow_outside: bool) -> Sources:
     if not prompts.is_file():
-        raise ValueError(
+        raise InputError(
             f"{videos} lists the videos but the caption file {prompts} is missing (name it with --caption-column)."
         )
     raw = prompts.read_bytes().decode("utf-8", "surrogateescape")  # each caption is checked on its own
     captions = [line for line in (line.strip() for line in raw.splitlines()) if line]
     paths = [line.strip() for line in _read_utf8(videos).splitlines() if line.strip()]
     if len(captions) != len(paths):
-        raise ValueError(
+        raise InputError(
             f"{prompts} has {len(captions)} captions but {videos} has {len(paths)} videos: "
             "they must pair up line by line."
         )
@@ -247,7 +249,7 @@ def _from_metadata(path: Path, caption_column: str | None, video_column: str | N
     for number, row in enumerate(rows, 1):
         name = row.get(video)
         if not isinstance(name, str) or not name.strip():
-            raise ValueError(f"{path}, row {number}: the {video!r} column is empty; every row must name a video.")
+            raise InputError(f"{path}, row {number}: the {video!r} column is empty; every row must name a video.")
         name = name.strip()
         # Paths are relative to the metadata file, so the folder can be moved as a whole.
         _check_inside(path.parent, name, f"{path}, row {number}", allow_outside)
@@ -269,9 +271,9 @@ def _read_rows(path: Path) -> list[dict]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}, line {number} is not valid JSON ({err.msg}); fix or remove it.") from err
+            raise InputError(f"{path}, line {number} is not valid JSON ({err.msg}); fix or remove it.") from err
         if not isinstance(row, dict):
-            raise ValueError(f"{path}, line {number} is not a JSON object; each line must be one row.")
+            raise InputError(f"{path}, line {number} is not a JSON object; each line must be one row.")
         rows.append(row)
     return rows
 
@@ -281,14 +283,14 @@ def _pick_column(
 ) -> str:
     if given is not None:
         if given not in columns:
-            raise ValueError(
+            raise InputError(
                 f"{path} has no column {given!r} ({flag}); its columns are: {', '.join(columns) or 'none'}."
             )
         return given
     for name in candidates:
         if name in columns:
             return name
-    raise ValueError(
+    raise InputError(
         f"{path} has no {what} column (looked for {', '.join(candidates)}); its columns are: "
         f"{', '.join(columns) or 'none'}. Name it with {flag}."
     )

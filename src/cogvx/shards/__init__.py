@@ -20,7 +20,6 @@ from cogvx.shards.io import (
     verify,
 )
 from cogvx.shards.manifest import (
-    MANIFEST_NAME,
     CacheError,
     Manifest,
     SampleEntry,
@@ -31,7 +30,6 @@ from cogvx.shards.manifest import (
 from cogvx.shards.tools import rebuild_manifest
 
 __all__ = [
-    "MANIFEST_NAME",
     "CacheError",
     "Manifest",
     "Sample",

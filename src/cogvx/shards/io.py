@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
+from cogvx.shards import paths
 from cogvx.shards.manifest import (
     KEY_PATTERN,
     CacheError,
@@ -241,6 +242,11 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+# A shard is finished once it reaches either limit (PreprocessConfig's shard_max_mb / shard_max_samples).
+SHARD_MAX_BYTES = 512 * 2**20
+SHARD_MAX_SAMPLES = 1000
+
+
 class ShardWriter:
     """Writes samples into size-capped shards; each shard appears under its final name only when complete.
 
@@ -256,8 +262,8 @@ class ShardWriter:
         folder: Path,
         prefix: str,
         on_shard: Callable[[ShardRecord], None],
-        max_bytes: int = 512 * 2**20,
-        max_samples: int = 1000,
+        max_bytes: int = SHARD_MAX_BYTES,
+        max_samples: int = SHARD_MAX_SAMPLES,
         first_index: int = 0,
         header: dict[str, Any] | None = None,
     ):
@@ -276,7 +282,7 @@ class ShardWriter:
         self._bytes = 0
 
     def _path(self, index: int) -> Path:
-        return self.folder / f"{self.prefix}-{index:06d}.tar"
+        return self.folder / paths.shard_name(self.prefix, index)
 
     def write(self, sample: Sample, entry: SampleEntry) -> None:
         self.write_group([(sample, entry)])
@@ -305,7 +311,7 @@ class ShardWriter:
             pax = {OPENED_KEY: str(time.time_ns())}
             if self.header is not None:
                 pax[HEADER_KEY] = self.header
-            tmp = self._path(self.index).with_suffix(".tar.tmp")
+            tmp = paths.temporary(self._path(self.index))
             self._tar = tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT, pax_headers=pax)
         now = int(time.time())  # an int: a float mtime would add a pax header to every member
         for members, (_, entry) in zip(encoded, group, strict=True):

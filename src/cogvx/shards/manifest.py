@@ -22,8 +22,6 @@ from cogvx.shards import paths
 
 FORMAT_NAME = "cogvx-cache"
 FORMAT_VERSION = 1
-MANIFEST_NAME = paths.MANIFEST
-SKIPPED_NAME = paths.SKIPPED
 
 
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # sample keys: webdataset splits member names at a dot
@@ -238,16 +236,16 @@ class Manifest:
 
     @classmethod
     def load(cls, folder: Path) -> Manifest:
-        path = Path(folder) / MANIFEST_NAME
+        path = paths.manifest(folder)
         if not path.exists():
             shards = sorted(Path(folder).glob("*.tar")) if Path(folder).is_dir() else []
             if shards:
                 raise CacheError(
-                    f"No {MANIFEST_NAME} in {folder}, but it holds {len(shards)} shard file(s): re-create the manifest "
-                    f"from them with `cogvx shards rebuild-manifest {folder}`."
+                    f"No {paths.MANIFEST} in {folder}, but it holds {len(shards)} shard file(s): re-create the "
+                    f"manifest from them with `cogvx shards rebuild-manifest {folder}`."
                 )
             raise CacheError(
-                f"No {MANIFEST_NAME} in {folder}: this is not a finished cogvx cache. "
+                f"No {paths.MANIFEST} in {folder}: this is not a finished cogvx cache. "
                 "Create one with `cogvx preprocess --data VIDEOS --output FOLDER`."
             )
         with open_regular(path, what="The manifest") as f:
@@ -266,7 +264,7 @@ class Manifest:
     def save(self, folder: Path) -> None:
         """Replace the manifest atomically: readers see the old one or the new one, never a mix."""
         self.updated = time.time()
-        write_json_atomic(Path(folder) / MANIFEST_NAME, self.to_dict())
+        write_json_atomic(paths.manifest(folder), self.to_dict())
 
 
 MAX_MANIFEST_BYTES = 1 << 30  # about 2 million samples' index lines

@@ -18,6 +18,8 @@ LOCK = ".lock"  # held by the one `cogvx preprocess` writing the folder
 PARTS = ".parts"  # per-rank progress of a multi-process preprocess, merged at its end
 DAMAGED_SUFFIX = ".damaged"  # a shard set aside by --repair: never deleted, never read
 TEMPORARY_SUFFIX = ".tmp"  # a shard or file being written; renamed into place when complete
+# The manifest's ``extras`` entry that lists the validation prompts file: {"file", "prompts", "sha256"}.
+VALIDATION_ENTRY = "validation"
 
 SHARD = re.compile(r"^shard-r(\d+)-(\d+)\.tar$")
 _TEMPORARY_SHARD = re.compile(r"^shard-r\d+-\d+\.tar\.tmp$")
@@ -78,8 +80,18 @@ def temporary(path: Path) -> Path:
     return Path(path).with_name(Path(path).name + TEMPORARY_SUFFIX)
 
 
+def is_shard(name: str) -> bool:
+    """A name our writers give a finished shard (``shard-rNN-NNNNNN.tar``)."""
+    return bool(SHARD.match(name))
+
+
 def is_temporary_shard(name: str) -> bool:
     return bool(_TEMPORARY_SHARD.match(name))
+
+
+def temporary_shards(folder: Path, rank: int) -> list[Path]:
+    """The half-written shards of ``rank`` in ``folder``."""
+    return sorted(Path(folder).glob(f"{shard_prefix(rank)}-*.tar{TEMPORARY_SUFFIX}"))
 
 
 def shard_numbers(folder: Path, rank: int) -> list[int]:

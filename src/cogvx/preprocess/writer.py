@@ -1,0 +1,113 @@
+"""One rank's writing end of preprocessing: samples into shards, finished shards into the cache's record.
+
+A single process lists each finished shard in the manifest at once, so a kill keeps every finished
+shard. Under torchrun each rank lists them in its own part file instead, which rank 0 merges at the end
+(or the next run merges at its start); the same holds for the inputs a rank had to skip.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from cogvx.preprocess import cachedir
+from cogvx.preprocess.encoding import Encoded, caption_hash
+from cogvx.preprocess.sources import CLIPPED, INVALID_UTF8
+from cogvx.shards import Manifest, Sample, SampleEntry, ShardRecord, ShardWriter, paths
+
+
+def sample_key(source: str, content_hash: str, window: int, caption: str = "") -> str:
+    return hashlib.sha256(f"{source}\0{content_hash}\0{window}\0{caption}".encode()).hexdigest()[:24]
+
+
+class RankWriter:
+    """Writes one rank's encoded clips into its shards and commits each finished shard; logs its skips.
+
+    ``on_written`` is called after each clip's samples are written (the timeline's first write).
+    """
+
+    def __init__(
+        self,
+        folder: Path,
+        rank: int,
+        world: int,
+        manifest: Manifest,
+        max_bytes: int,
+        max_samples: int,
+        on_written: Callable[[], None],
+    ):
+        self.folder, self.rank, self.world, self.manifest = Path(folder), rank, world, manifest
+        self.on_written = on_written
+        self.records: list[ShardRecord] = []  # this rank's finished shards, as its part file lists them
+        self.shards = ShardWriter(
+            self.folder,
+            paths.shard_prefix(rank),
+            self.commit,
+            max_bytes=max_bytes,
+            max_samples=max_samples,
+            first_index=cachedir.next_shard_index(self.folder, rank),
+            header=cachedir.cache_header(manifest),  # so a lost manifest can be rebuilt from the shards alone
+        )
+        self.skipped_log = open(paths.skipped_part(self.folder, rank), "a", encoding="utf-8")
+
+    def commit(self, record: ShardRecord) -> None:
+        """List a finished shard: in the manifest at once on one process, else in this rank's part file."""
+        if self.world == 1:
+            self.manifest.add_shard(record)
+            self.manifest.save(self.folder)
+        else:
+            self.records.append(record)
+            cachedir.save_shard_part(self.folder, self.rank, self.records)
+
+    def write(self, encoded: Encoded) -> None:
+        """The samples of one clip (one per window), into one shard."""
+        read, prompt = encoded.read, encoded.prompt
+        clip = read.clip
+        group = []
+        for window, (indices, moments, strip) in enumerate(
+            zip(read.windows, encoded.moments, read.strips, strict=True)
+        ):
+            key = sample_key(clip.source, read.content_hash, window, clip.caption)
+            entry = SampleEntry(key, clip.source, read.content_hash, read.bucket, read.size, read.mtime_ns)
+            entry.caption_hash = caption_hash(clip.caption)
+            meta = {
+                "source": clip.source,
+                "content_hash": read.content_hash,
+                "caption": clip.caption,
+                "caption_truncated": prompt.truncated,
+                INVALID_UTF8: INVALID_UTF8 in clip.caption_notes,
+                CLIPPED: CLIPPED in clip.caption_notes,
+                "window": window,
+                "windows": len(read.windows),
+                "frame_indices": indices,
+                "frames": len(indices),
+                "latent_shape": list(moments.shape),
+                "bucket": read.bucket,
+                **read.info,
+            }
+            tensors = {"moments": moments, "prompt_embeds": prompt.embeds}
+            group.append((Sample(key, tensors, meta, {"jpg": strip}), entry))
+        self.shards.write_group(group)
+        self.on_written()
+
+    def skip(self, source: str, reason: str, detail: str) -> None:
+        """Record an input this rank could not use (merged into the cache's skipped list at the end)."""
+        row = {"source": source, "reason": reason, "detail": detail}
+        self.skipped_log.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self.skipped_log.flush()
+
+    def finish(self) -> None:
+        """Finish and commit the open shard."""
+        self.shards.flush()
+
+    def abandon(self) -> None:
+        """Drop the open shard after a failure; its half-written file goes even if the drop fails too."""
+        try:
+            self.shards.abandon()
+        finally:  # a full disk can fail the abandon too
+            cachedir.remove_temporary(self.folder, self.rank)
+
+    def close(self) -> None:
+        self.skipped_log.close()

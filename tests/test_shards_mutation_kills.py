@@ -397,6 +397,50 @@ def test_the_cache_header_is_what_a_shard_stores_without_the_data_path():
     assert manifest.producer["data"] == "/v"
 
 
+def _encoded(source: str, windows: int = 2):
+    from cogvx.preprocess.encoding import Encoded, Prompt, ReadClip
+    from cogvx.preprocess.sources import Clip
+
+    clip = Clip(Path(source), "a caption", source)
+    read = ReadClip(0, clip, "h" * 64, 10, 20, None, "1x16x16", [[0]] * windows, {"fps": 8.0}, [b"jpg"] * windows)
+    return Encoded(read, Prompt(torch.zeros(3, 2), False), torch.zeros(windows, 4, 1, 2, 2), None)
+
+
+def test_a_single_rank_lists_each_finished_shard_in_the_manifest_at_once(tmp_path: Path):
+    from cogvx.preprocess.writer import RankWriter
+
+    manifest = _cache_dir(tmp_path)
+    paths.parts(tmp_path).mkdir()
+    written = []
+    with RankWriter(tmp_path, 0, 1, manifest, 2**30, 2, lambda: written.append(1)) as writer:
+        writer.write(_encoded("a.mp4"))  # two windows: one full shard
+        assert [s.name for s in Manifest.load(tmp_path).shards] == ["shard-r00-000000.tar"]
+        writer.write(_encoded("b.mp4", windows=1))
+        writer.skip("c.mp4", "too short", "3 frames")
+        writer.finish()
+    assert [s.name for s in Manifest.load(tmp_path).shards] == ["shard-r00-000000.tar", "shard-r00-000001.tar"]
+    assert written == [1, 1] and not paths.shard_part(tmp_path, 0).exists()
+    row = json.loads(paths.skipped_part(tmp_path, 0).read_text())
+    assert row == {"source": "c.mp4", "reason": "too short", "detail": "3 frames"}
+    samples = Manifest.load(tmp_path).shards[0].samples
+    assert [e.source for e in samples] == ["a.mp4", "a.mp4"] and len({e.key for e in samples}) == 2
+
+
+def test_a_rank_of_several_lists_its_shards_in_its_part_file_and_abandons_a_half_shard(tmp_path: Path):
+    from cogvx.preprocess.writer import RankWriter
+
+    manifest = _cache_dir(tmp_path)
+    paths.parts(tmp_path).mkdir()
+    with RankWriter(tmp_path, 1, 2, manifest, 2**30, 2, lambda: None) as writer:
+        writer.write(_encoded("a.mp4"))
+        writer.write(_encoded("b.mp4", windows=1))
+        assert [p.name for p in paths.temporary_shards(tmp_path, 1)] == ["shard-r01-000001.tar.tmp"]
+        writer.abandon()
+    assert Manifest.load(tmp_path).shards == []
+    assert [r["name"] for r in json.loads(paths.shard_part(tmp_path, 1).read_text())] == ["shard-r01-000000.tar"]
+    assert paths.temporary_shards(tmp_path, 1) == [] and (tmp_path / "shard-r01-000000.tar").is_file()
+
+
 def test_new_shard_numbers_skip_every_used_one_and_temporaries_are_this_ranks(tmp_path: Path):
     from cogvx.preprocess.cachedir import next_shard_index, remove_temporary
 

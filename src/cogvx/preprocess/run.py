@@ -130,7 +130,7 @@ class PreprocessConfig:
         """The frame buckets: --frame-bucket values if given, else just --max-frames."""
         return self.frame_buckets or (self.max_frames,)
 
-    def frame_spec(self, native_size: tuple[int, int] = (480, 720)) -> FrameSpec:
+    def frame_spec(self, native_size: tuple[int, int]) -> FrameSpec:
         if self.resolutions:
             resolutions = tuple((int(h), int(w)) for h, w in (r.split("x") for r in self.resolutions))
         else:
@@ -147,7 +147,7 @@ class PreprocessConfig:
             max_upscale=float(self.max_upscale),
         )
 
-    def cache_params(self, native_size: tuple[int, int] = (480, 720)) -> dict:
+    def cache_params(self, native_size: tuple[int, int]) -> dict:
         """Everything that changes what a sample holds: a cache is made with exactly one set."""
         params = {**asdict(self.frame_spec(native_size)), "id_token": self.id_token, "dtype": self.dtype}
         return json.loads(json.dumps(params))  # tuples as lists, exactly as the manifest stores them
@@ -313,7 +313,7 @@ def _run(cfg: PreprocessConfig, ranks: Ranks, show_progress: bool) -> Preprocess
         result.mark("encoders")
         if ranks.is_main and cfg.validation_prompts:
             save_validation_prompts(cfg.output, manifest, list(cfg.validation_prompts), encoders.encode_text)
-        writer = RankWriter(
+        with RankWriter(
             cfg.output,
             ranks.rank,
             ranks.world,
@@ -321,8 +321,7 @@ def _run(cfg: PreprocessConfig, ranks: Ranks, show_progress: bool) -> Preprocess
             max_bytes=cfg.shard_max_mb * 2**20,
             max_samples=cfg.shard_max_samples,
             on_written=functools.partial(result.mark, "first_written"),
-        )
-        try:
+        ) as writer:
             _encode(
                 cfg,
                 mine,
@@ -335,8 +334,6 @@ def _run(cfg: PreprocessConfig, ranks: Ranks, show_progress: bool) -> Preprocess
                 world=ranks.world,
                 show_progress=show_progress,
             )
-        finally:
-            writer.close()
         result.mark("encoded")
 
         if ranks.world > 1:

@@ -111,3 +111,9 @@ class RankWriter:
 
     def close(self) -> None:
         self.skipped_log.close()
+
+    def __enter__(self) -> RankWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -91,8 +91,8 @@ def _failure(err: Exception) -> str:
 class ClipReader(torch.utils.data.Dataset):
     """One clip per item, in DataLoader workers; a clip that cannot be used comes back as a skip record."""
 
-    def __init__(self, jobs: list[Job], spec: FrameSpec, strip_frames: int = 8):
-        self.jobs, self.spec, self.strip_frames = jobs, spec, strip_frames
+    def __init__(self, jobs: list[Job], spec: FrameSpec):
+        self.jobs, self.spec = jobs, spec
 
     def __len__(self) -> int:
         return len(self.jobs)
@@ -133,7 +133,7 @@ class ClipReader(torch.utils.data.Dataset):
             bucket=plan.bucket.name,
             windows=plan.windows,
             info=info,
-            strips=[jpeg_strip(window, self.strip_frames) for window in frames],
+            strips=[jpeg_strip(window) for window in frames],
         )
 
 

@@ -73,7 +73,7 @@ def test_prepare_applies_the_levers_it_is_given():
     assert stored and all(m.weight_fp8.dtype == torch.float8_e4m3fn for m in stored)
     levers.prepare(transformer, levers.Levers(checkpointing="none", compile=False, fp8_base=False))
     assert not transformer.gradient_checkpointing
-    with pytest.raises(ConfigError, match="--checkpointing must be one of full, selective, none, offload"):
+    with pytest.raises(ConfigError, match="--checkpointing must be one of none, selective, full, offload"):
         levers.configure(transformer, "sometimes", compile=False)
 
 

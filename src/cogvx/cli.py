@@ -223,7 +223,14 @@ def train(
     ),
     checkpointing: str = typer.Option(
         None,
-        help=_help(T, "checkpointing", "full, selective (faster, more memory), offload (least memory) or none."),
+        help=_help(
+            T,
+            "checkpointing",
+            "auto (the fastest mode predicted to fit), none (fastest), selective, full or offload (least memory).",
+        ),
+    ),
+    max_memory: float = typer.Option(
+        None, help=_help(T, "max_memory", "GB that --checkpointing auto may plan for.", "what the device has free")
     ),
     compile: bool = typer.Option(
         None,
@@ -288,6 +295,7 @@ def train(
             mixed_precision=mixed_precision,
             allow_tf32=allow_tf32,
             checkpointing=checkpointing,
+            max_memory=max_memory,
             compile=compile,
             fp8_base=fp8_base,
             seed=seed,

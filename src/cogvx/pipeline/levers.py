@@ -30,8 +30,9 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from cogvx.errors import ConfigError
 
-# The allowed values of --checkpointing, declared here only (TrainConfig validates against it).
-CHECKPOINTING = ("full", "selective", "none", "offload")
+# The checkpointing modes, fastest first (--checkpointing auto tries them in this order); declared here only.
+CHECKPOINTING = ("none", "selective", "full", "offload")
+AUTO = "auto"  # predict each mode's peak memory and take the fastest that fits (pipeline/memory.py)
 
 
 @dataclass(frozen=True)
@@ -179,16 +180,27 @@ class Float8Linear(torch.nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+def _frozen_block_linears(transformer: torch.nn.Module):
+    for block in transformer.transformer_blocks:
+        for module in list(block.modules()):
+            for child_name, child in list(module.named_children()):
+                if type(child) is torch.nn.Linear and not child.weight.requires_grad:
+                    yield module, child_name, child
+
+
+def fp8_saving(transformer: torch.nn.Module) -> int:
+    """Bytes ``store_base_weights_in_fp8`` would free, without changing anything."""
+    linears = [child for _, _, child in _frozen_block_linears(transformer)]
+    return sum(child.weight.numel() * (child.weight.element_size() - 1) for child in linears)
+
+
 def store_base_weights_in_fp8(transformer: torch.nn.Module) -> int:
     """Swap every frozen ``nn.Linear`` inside the transformer blocks for a ``Float8Linear``; returns bytes saved.
 
     LoRA-wrapped layers keep their adapter and lose only the base weight's precision, as in QLoRA.
     """
     saved = 0
-    for block in transformer.transformer_blocks:
-        for module in list(block.modules()):
-            for child_name, child in list(module.named_children()):
-                if type(child) is torch.nn.Linear and not child.weight.requires_grad:
-                    saved += child.weight.numel() * (child.weight.element_size() - 1)
-                    setattr(module, child_name, Float8Linear(child))
+    for module, child_name, child in list(_frozen_block_linears(transformer)):
+        saved += child.weight.numel() * (child.weight.element_size() - 1)
+        setattr(module, child_name, Float8Linear(child))
     return saved

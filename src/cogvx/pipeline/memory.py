@@ -26,8 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-# Fastest first: the order ``auto`` tries them in.
-MODES_BY_SPEED = ("none", "selective", "full", "offload")
+from cogvx.pipeline.levers import CHECKPOINTING
 
 # (per_block, transient) in activation units, per (mode, compiled); see the module docstring.
 COEFFICIENTS = {
@@ -79,7 +78,7 @@ def static_bytes(transformer: torch.nn.Module, optimizer_states: int = 2) -> int
 def predict(static: int, size: StepSize, compiled: bool) -> dict[str, int]:
     """Predicted peak allocated bytes of one training step, per checkpointing mode (fastest first)."""
     peaks = {}
-    for mode in MODES_BY_SPEED:
+    for mode in CHECKPOINTING:
         per_block, transient = COEFFICIENTS[mode, compiled]
         peaks[mode] = int(static + (per_block * size.layers + transient) * size.unit)
     return peaks
@@ -87,7 +86,7 @@ def predict(static: int, size: StepSize, compiled: bool) -> dict[str, int]:
 
 def choose(predicted: dict[str, int], budget: int) -> str | None:
     """The fastest mode whose predicted peak, with head room, fits ``budget`` bytes; None if none does."""
-    for mode in MODES_BY_SPEED:
+    for mode in CHECKPOINTING:
         if predicted[mode] * (1 + SAFETY) <= budget:
             return mode
     return None

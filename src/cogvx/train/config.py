@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cogvx.errors import ConfigError
-from cogvx.pipeline.levers import CHECKPOINTING
+from cogvx.pipeline.levers import AUTO, CHECKPOINTING
 from cogvx.pipeline.lora import DEFAULT_TARGETS
 from cogvx.pipeline.models import DTYPES
 
@@ -45,7 +45,10 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     # Precision and memory
     mixed_precision: str = "bf16"  # bf16, fp16 or fp32 (no: fp32)
-    checkpointing: str = "full"  # full, selective (keeps attention outputs), offload (inputs in CPU RAM), none
+    # auto: the fastest mode whose predicted peak fits the card (or max_memory); else none, selective (keeps
+    # attention outputs), full (keeps block inputs) or offload (block inputs in CPU RAM)
+    checkpointing: str = AUTO
+    max_memory: float | None = None  # GB that --checkpointing auto may plan for; default: what the device has free
     allow_tf32: bool = True
     # Data
     seed: int = 0
@@ -88,7 +91,11 @@ class TrainConfig:
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (self.lr_scheduler in SCHEDULES, f"--lr-scheduler must be one of {', '.join(SCHEDULES)}"),
             (self.mixed_precision in PRECISIONS, f"--mixed-precision must be one of {', '.join(PRECISIONS)}"),
-            (self.checkpointing in CHECKPOINTING, f"--checkpointing must be one of {', '.join(CHECKPOINTING)}"),
+            (
+                self.checkpointing in (AUTO, *CHECKPOINTING),
+                f"--checkpointing must be one of {', '.join((AUTO, *CHECKPOINTING))} (got {self.checkpointing!r})",
+            ),
+            (self.max_memory is None or self.max_memory > 0, f"--max-memory must be positive (got {self.max_memory})"),
             (self.report_to in REPORTERS, f"--report-to must be one of {', '.join(REPORTERS)}"),
             (self.learning_rate > 0, f"--learning-rate must be positive (got {self.learning_rate})"),
             (self.workers >= 0, "--workers must be 0 or more"),

@@ -23,10 +23,10 @@ import torch
 from cogvx import config as configfile
 from cogvx import runs
 from cogvx.errors import CogvxError, ConfigError, ModelError, RunError
-from cogvx.pipeline import levers, lora, models
+from cogvx.pipeline import levers, lora, memory, models
 from cogvx.pipeline.objective import Objective
 from cogvx.progress import progress_bar
-from cogvx.shards import Manifest, paths
+from cogvx.shards import Manifest, merged_layouts, paths
 from cogvx.train import checkpoint, report
 from cogvx.train.config import TrainConfig
 from cogvx.train.data import ShardStream, make_loader
@@ -169,6 +169,7 @@ def run(
     cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = None, show_progress: bool = False
 ) -> TrainResult:
     """Train a LoRA as ``cfg`` says, holding the run folder against other runs from start to end."""
+    memory.use_expandable_segments()  # before the accelerator touches CUDA
     accelerator = _accelerator(cfg)
     with _hold_run_folder(accelerator, cfg.output), _disk_errors_in_one_line(cfg.output):
         return _run(accelerator, cfg, on_step, show_progress)
@@ -200,7 +201,10 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
     torch.manual_seed(cfg.seed)  # LoRA A matrices start random: same seed, same start
     params = lora.add_lora(transformer, cfg.rank, cfg.alpha, cfg.targets, cfg.lora_dropout)
     compile_blocks = cfg.compile if cfg.compile is not None else accelerator.device.type == "cuda"
-    levers.prepare(transformer, levers.Levers(cfg.checkpointing, compile_blocks, cfg.fp8_base))
+    mode = cfg.checkpointing
+    if mode == levers.AUTO:
+        mode = _choose_checkpointing(accelerator, cfg, transformer, manifest, compile_blocks)
+    levers.prepare(transformer, levers.Levers(mode, compile_blocks, cfg.fp8_base))
     lr = cfg.learning_rate * (cfg.batch_size * cfg.gradient_accumulation * world if cfg.scale_lr else 1)
     optimizer = build_optimizer(cfg, params, lr)
     schedule = build_schedule(cfg, optimizer)
@@ -469,6 +473,44 @@ def _warn_if_data_order_changes(accelerator, found: Path, state: dict[str, Any],
             f"[warning] {found} was written with other settings ({', '.join(changed)}). Training resumes, but "
             "the data order differs from an uninterrupted run."
         )
+
+
+def _choose_checkpointing(accelerator, cfg: TrainConfig, transformer, manifest: Manifest, compiled: bool) -> str:
+    """``--checkpointing auto``: the fastest mode whose predicted peak fits every process's device, said aloud.
+
+    Planned for the cache's largest bucket, so no batch of the run needs more than the prediction.
+    """
+    from accelerate.utils import gather_object
+
+    shapes = [layout["moments"]["shape"][1:] for layout in merged_layouts(manifest.shards).values()]
+    frames, height, width = max(shapes, key=lambda shape: shape[0] * shape[1] * shape[2])
+    size = memory.StepSize.of(dict(transformer.config), frames, height, width, cfg.batch_size)
+    static = memory.static_bytes(transformer) - (levers.fp8_saving(transformer) if cfg.fp8_base else 0)
+    peaks = memory.predict(static, size, compiled)
+    budget = memory.device_budget(accelerator.device, cfg.max_memory)
+    if accelerator.num_processes > 1:  # one mode for all: the tightest device decides
+        budget = min(gather_object([budget]))
+    mode = memory.choose(peaks, budget)
+    where = f"{_size(budget)} " + ("allowed by --max-memory" if cfg.max_memory else "available")
+    if mode is None:
+        mode = levers.CHECKPOINTING[-1]
+        accelerator.print(
+            f"[warning] --checkpointing auto: even {mode} is predicted to need {_size(peaks[mode])}, more than "
+            f"the {where}; trying it anyway. A smaller --batch-size, --fp8-base or smaller buckets need less."
+        )
+        return mode
+    faster = levers.CHECKPOINTING[: levers.CHECKPOINTING.index(mode)]
+    why = "; ".join(f"{m} would need {_size(peaks[m])}" for m in faster)
+    accelerator.print(
+        f"--checkpointing auto: {mode} (predicted peak {_size(peaks[mode])} of {where}"
+        + (f"; {why}" if why else "")
+        + ")."
+    )
+    return mode
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.1f} MB"
 
 
 def _check_replicas_agree(accelerator, params: Sequence[torch.nn.Parameter]) -> None:

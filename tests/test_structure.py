@@ -136,7 +136,7 @@ def test_every_flag_a_message_names_exists():
 
 
 # Which top-level parts each part may import (besides itself and the ground floor).
-GROUND = {"errors", "runs", "config", "progress", "media", "__init__"}
+GROUND = {"errors", "runs", "config", "files", "progress", "media", "hub", "__init__"}
 MAY_IMPORT = {
     "shards": set(),
     "pipeline": {"shards"},

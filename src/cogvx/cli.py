@@ -267,6 +267,15 @@ def train(
     keep_checkpoints: int = typer.Option(None, help=_help(T, "keep_checkpoints", "Checkpoints to keep.")),
     resume: str = typer.Option(None, help="auto (newest checkpoint in --output) or a checkpoint folder."),
     report_to: str = typer.Option(None, help=_help(T, "report_to", "none, tensorboard or wandb.")),
+    push_to_hub: bool = typer.Option(
+        None,
+        "--push-to-hub",
+        help=_help(T, "push_to_hub", "Upload the LoRA, model card, curve and config to the Hub at the end."),
+    ),
+    hub_model_id: str = typer.Option(None, help=_help(T, "hub_model_id", "The model repo, OWNER/NAME.")),
+    push_checkpoints: bool = typer.Option(
+        None, "--push-checkpoints", help=_help(T, "push_checkpoints", "Also upload each checkpoint's LoRA.")
+    ),
     config: Path = typer.Option(None, help="TOML file with any of these settings (flags win)."),
 ) -> None:
     """Train a LoRA on a cache. Never loads the VAE or the text encoder."""
@@ -310,6 +319,9 @@ def train(
             keep_checkpoints=keep_checkpoints,
             resume=resume,
             report_to=report_to,
+            push_to_hub=push_to_hub,
+            hub_model_id=hub_model_id,
+            push_checkpoints=push_checkpoints,
         )
         run(cfg, show_progress=True)
 

@@ -66,6 +66,12 @@ class TrainConfig:
     keep_checkpoints: int = 3
     resume: str | None = None  # "auto" or a checkpoint folder
     report_to: str = "none"
+    # The Hugging Face Hub: the LoRA, model card, loss curve and config.toml at the end (and each checkpoint's
+    # LoRA with push_checkpoints). The token comes from HF_TOKEN or `hf auth login`, never from here.
+    push_to_hub: bool = False
+    hub_model_id: str | None = None  # OWNER/NAME of the model repo; created if missing
+    hub_private: bool = False  # a repo created by the push is private
+    push_checkpoints: bool = False
     # Speed and memory (see BENCHMARKS.md for what each costs and saves)
     # torch.compile of the transformer blocks (one graph, reused by every block); default: on with a GPU,
     # where it measured 1.31x the seed-style step at less memory (BENCHMARKS.md), off on a CPU.
@@ -96,6 +102,10 @@ class TrainConfig:
                 f"--checkpointing must be one of {', '.join((AUTO, *CHECKPOINTING))} (got {self.checkpointing!r})",
             ),
             (self.max_memory is None or self.max_memory > 0, f"--max-memory must be positive (got {self.max_memory})"),
+            (
+                not (self.push_to_hub or self.push_checkpoints) or bool(self.hub_model_id),
+                "--push-to-hub needs --hub-model-id OWNER/NAME (the model repo to upload to)",
+            ),
             (self.report_to in REPORTERS, f"--report-to must be one of {', '.join(REPORTERS)}"),
             (self.learning_rate > 0, f"--learning-rate must be positive (got {self.learning_rate})"),
             (self.workers >= 0, "--workers must be 0 or more"),

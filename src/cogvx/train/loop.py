@@ -50,6 +50,7 @@ class TrainResult:
     resumed_from: int = 0
     model: torch.nn.Module | None = None  # the trained transformer with its LoRA, unwrapped
     validation: list[Path] = field(default_factory=list)  # latents this process wrote
+    pushed: str | None = None  # the Hub commit URL of --push-to-hub
 
 
 @dataclass
@@ -356,7 +357,26 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
     del model, optimizer
     accelerator.free_memory()
     accelerator.end_training()
+    if main and cfg.push_to_hub:  # after the other processes are done: a failed upload must not hang them
+        result.pushed = _push(cfg, f"cogvx: LoRA after {result.steps} steps")
     return result
+
+
+def _push(cfg: TrainConfig, message: str, checkpoint_folder: Path | None = None) -> str:
+    """Upload the run (or one checkpoint's LoRA) to ``--hub-model-id``; a failure says how to try again."""
+    from cogvx import hub
+
+    try:
+        url = hub.push_run(
+            cfg.output, cfg.hub_model_id, private=cfg.hub_private, commit_message=message, checkpoint=checkpoint_folder
+        )
+    except CogvxError as err:
+        raise type(err)(
+            f"{err} The run itself is complete in {cfg.output}: fix that and run the same command with "
+            "--resume auto, which trains no more steps and pushes again."
+        ) from err
+    print(f"pushed to {url}", flush=True)
+    return url
 
 
 @contextlib.contextmanager
@@ -530,5 +550,10 @@ def _check_replicas_agree(accelerator, params: Sequence[torch.nn.Parameter]) -> 
 def _save_checkpoint(accelerator, cfg: TrainConfig, state: dict[str, checkpoint.Stateful]) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        checkpoint.save(cfg.output, state, cfg.keep_checkpoints)
+        saved = checkpoint.save(cfg.output, state, cfg.keep_checkpoints)
+        if cfg.push_checkpoints:
+            try:
+                _push(cfg, f"cogvx: checkpoint {saved.name}", saved)
+            except CogvxError as err:  # training goes on; the final push uploads the finished run
+                print(f"[warning] the push of {saved.name} failed, training goes on: {err}", flush=True)
     accelerator.wait_for_everyone()

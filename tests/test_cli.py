@@ -72,7 +72,7 @@ def test_shown_defaults_read_as_users_type_them():
 
 def test_a_rule_is_refused_for_a_field_that_has_a_default():
     with pytest.raises(TypeError, match="has a default"):
-        cli._help(cli.TrainConfig, "max_steps", "Optimizer steps.", "whatever")
+        cli._help(cli.TrainConfig, "batch_size", "Samples per batch.", "whatever")
 
 
 def test_version():

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from cogvx import config as configfile
@@ -312,10 +314,10 @@ def test_train_command_stays_small_and_explains_a_missing_cache(tmp_path: Path, 
 
     from cogvx.cli import train as train_command
 
-    # STYLE: about 30 knobs; more is a code edit. 39 = 31 training knobs + the speed/memory levers
-    # (--compile, --fp8-base, --max-memory for --checkpointing auto) + the seed's --allow-tf32 and
+    # STYLE: about 30 knobs; more is a code edit. 40 = 31 training knobs + the speed/memory levers
+    # (--compile, --fp8-base, --max-memory for --checkpointing auto) + the seed's --allow-tf32, --epochs and
     # --push-to-hub/--hub-model-id, and --push-checkpoints.
-    assert len(inspect.signature(train_command).parameters) <= 39
+    assert len(inspect.signature(train_command).parameters) <= 40
     monkeypatch.chdir(tmp_path)
     out = CliRunner().invoke(app, ["train", "--max-steps", "1"])
     assert out.exit_code == 1 and "--shards" in out.output
@@ -325,8 +327,8 @@ def test_train_command_stays_small_and_explains_a_missing_cache(tmp_path: Path, 
 
 def test_mixed_precision_speaks_the_dtype_names_and_keeps_no_as_fp32(tmp_path: Path):
     assert PRECISIONS == tuple(models.DTYPES) == ("bf16", "fp16", "fp32")
-    for given, kept in (("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "fp32"), ("no", "fp32")):
-        assert TrainConfig(shards=Path("x"), mixed_precision=given).mixed_precision == kept
+    for name, kept in (("bf16", "bf16"), ("fp16", "fp16"), ("fp32", "fp32"), ("no", "fp32")):
+        assert TrainConfig(shards=Path("x"), mixed_precision=name).mixed_precision == kept
     with pytest.raises(ConfigError, match="--mixed-precision must be one of bf16, fp16, fp32"):
         TrainConfig(shards=Path("x"), mixed_precision="fp8")
     earlier = tmp_path / "config.toml"  # written by an earlier version, in accelerate's words
@@ -342,3 +344,46 @@ def test_a_checkpoint_does_not_draw_the_loss_curve_the_end_of_the_run_does(tiny_
     train(cfg, on_step=lambda record: drawn.append(runs.loss_curve(cfg.output).exists()))
     assert drawn == [False, False] and len(runs.checkpoints(cfg.output)) == 2
     assert runs.loss_curve(cfg.output).is_file()
+
+
+@given(
+    epochs=st.floats(0.01, 50),
+    samples=st.integers(1, 100_000),
+    batch=st.integers(1, 8),
+    accumulation=st.integers(1, 8),
+    processes=st.integers(1, 64),
+)
+def test_epochs_are_the_sample_count_over_the_global_batch(tmp_path_factory, epochs, samples, batch, accumulation,
+                                                          processes):  # fmt: skip
+    cfg = TrainConfig(shards=Path("cache"), epochs=epochs, batch_size=batch, gradient_accumulation=accumulation)
+    steps = cfg.steps_for(samples, processes).max_steps
+    per_step = batch * accumulation * processes
+    assert steps >= 1
+    # enough steps to see epochs x samples, and not one step more (or the one step any run takes)
+    assert steps * per_step >= epochs * samples * (1 - 1e-12)
+    assert steps == 1 or (steps - 1) * per_step < epochs * samples
+
+
+def test_epochs_in_a_real_run_and_its_config_toml_repeats_it(tiny_cache: Path, tmp_path: Path, capsys):
+    manifest = Manifest.load(tiny_cache)
+    result = train(
+        TrainConfig(
+            shards=tiny_cache,
+            output=tmp_path / "run",
+            epochs=2,
+            batch_size=2,
+            rank=4,
+            workers=0,
+            checkpoint_every=0,
+            mixed_precision="fp32",
+        )  # fmt: skip
+    )
+    expected = -(-2 * manifest.sample_count // 2)
+    assert result.steps == expected == len(runs.read_metrics(tmp_path / "run"))
+    assert f"--epochs 2: {expected} steps" in capsys.readouterr().out
+    again = configfile.build(TrainConfig, runs.config_toml(tmp_path / "run"))
+    assert (again.max_steps, again.epochs) == (expected, None)
+    with pytest.raises(ConfigError, match="--max-steps .* or --epochs .*, not both"):
+        TrainConfig(shards=tiny_cache, max_steps=10, epochs=1)
+    with pytest.raises(ConfigError, match="--epochs must be positive"):
+        TrainConfig(shards=tiny_cache, epochs=0)

@@ -23,7 +23,7 @@ from cogvx.render import RenderConfig
 from cogvx.report import ReportConfig
 from cogvx.sample import SampleConfig
 from cogvx.shards.tools import InspectConfig
-from cogvx.train.config import TrainConfig
+from cogvx.train.config import DEFAULT_MAX_STEPS, TrainConfig
 
 app = typer.Typer(
     add_completion=False,
@@ -198,7 +198,12 @@ def train(
     shards: Path = typer.Option(None, help="Cache folder written by `cogvx preprocess`."),
     output: Path = typer.Option(None, help=_help(T, "output", "Run folder.")),
     model: str = typer.Option(None, help=_help(T, "model", "Base model.", "the one recorded in the cache")),
-    max_steps: int = typer.Option(None, help=_help(T, "max_steps", "Optimizer steps.")),
+    max_steps: int = typer.Option(
+        None, help=_help(T, "max_steps", "Optimizer steps.", f"{DEFAULT_MAX_STEPS}, unless --epochs is given")
+    ),
+    epochs: float = typer.Option(
+        None, help=_help(T, "epochs", "Passes over the cache instead of --max-steps (samples / global batch each).")
+    ),
     batch_size: int = typer.Option(None, help=_help(T, "batch_size", "Samples per batch and process.")),
     gradient_accumulation: int = typer.Option(
         None, help=_help(T, "gradient_accumulation", "Batches per optimizer step.")
@@ -289,6 +294,7 @@ def train(
             output=output,
             model=model,
             max_steps=max_steps,
+            epochs=epochs,
             batch_size=batch_size,
             gradient_accumulation=gradient_accumulation,
             rank=rank,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +17,7 @@ SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_wit
 PRECISIONS = tuple(DTYPES)  # bf16, fp16, fp32: the one dtype vocabulary
 PRECISION_ALIASES = {"no": "fp32"}  # accelerate's word, still accepted (config.toml files of earlier runs say it)
 REPORTERS = ("none", "tensorboard", "wandb")
+DEFAULT_MAX_STEPS = 1000  # when neither --max-steps nor --epochs is given
 
 
 @dataclass
@@ -22,7 +25,8 @@ class TrainConfig:
     shards: Path | None = None  # required: a flag or a `shards = ...` line in the --config file
     output: Path = Path("runs/default")
     model: str | None = None  # default: the model recorded in the cache's manifest
-    max_steps: int = 1000
+    max_steps: int | None = None  # default: DEFAULT_MAX_STEPS, or as many as `epochs` makes (resolved by train)
+    epochs: float | None = None  # passes over the cache: its sample count over the global batch, per epoch
     batch_size: int = 1
     gradient_accumulation: int = 1
     # LoRA (the seed's defaults)
@@ -78,6 +82,13 @@ class TrainConfig:
     compile: bool | None = None
     fp8_base: bool = False  # frozen base weights stored in float8 with per-channel scales (half of bf16)
 
+    def steps_for(self, samples: int, processes: int) -> TrainConfig:
+        """This config with ``max_steps`` resolved: ``epochs`` passes over ``samples`` at the global batch."""
+        if self.epochs is None:
+            return self
+        global_batch = self.batch_size * self.gradient_accumulation * processes
+        return dataclasses.replace(self, max_steps=max(1, math.ceil(self.epochs * samples / global_batch)), epochs=None)
+
     def __post_init__(self):
         if self.shards is None:
             raise ConfigError("cogvx train needs --shards (the cache folder), or `shards = ...` in the --config file.")
@@ -86,8 +97,13 @@ class TrainConfig:
             self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
         self.targets = tuple(self.targets)
         self.mixed_precision = PRECISION_ALIASES.get(self.mixed_precision, self.mixed_precision)
+        if self.max_steps is not None and self.epochs is not None:
+            raise ConfigError(f"Give --max-steps ({self.max_steps}) or --epochs ({self.epochs:g}), not both.")
+        if self.max_steps is None and self.epochs is None:
+            self.max_steps = DEFAULT_MAX_STEPS
         checks = [
-            (self.max_steps >= 1, f"--max-steps must be at least 1 (got {self.max_steps})"),
+            (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1 (got {self.max_steps})"),
+            (self.epochs is None or self.epochs > 0, f"--epochs must be positive (got {self.epochs})"),
             (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
             (self.gradient_accumulation >= 1, "--gradient-accumulation must be at least 1"),
             (self.rank >= 1, f"--rank must be at least 1 (got {self.rank})"),

@@ -185,6 +185,12 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
     model_name = models.choose_model(cfg.model, (manifest.producer.get("model"), str(paths.manifest(cfg.shards))))
     info = models.ModelInfo.read(model_name)
     check_cache_fits(manifest, info, cfg.shards)
+    if cfg.epochs is not None:
+        epochs, cfg = cfg.epochs, cfg.steps_for(manifest.sample_count, world)
+        accelerator.print(
+            f"--epochs {epochs:g}: {cfg.max_steps} steps ({manifest.sample_count} samples, "
+            f"{cfg.batch_size * cfg.gradient_accumulation * world} per step)."
+        )
     torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
     torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
     if main:  # the folder exists: _hold_run_folder made it

@@ -104,15 +104,15 @@ def resolve_model(name: str) -> str:
     return name
 
 
-def read_config(source: str, subfolder: str) -> dict[str, Any]:
-    """One component's config file, without touching its weights."""
+def read_config(source: str, subfolder: str, revision: str | None = None) -> dict[str, Any]:
+    """One component's config file, without touching its weights (``revision``: of a hub model)."""
     name = "scheduler_config.json" if subfolder == "scheduler" else "config.json"
     local = Path(source) / subfolder / name
     if local.is_file():
         return json.loads(local.read_text())
     from huggingface_hub import hf_hub_download
 
-    return json.loads(Path(hf_hub_download(source, name, subfolder=subfolder)).read_text())
+    return json.loads(Path(hf_hub_download(source, name, subfolder=subfolder, revision=revision)).read_text())
 
 
 def _digest(fields: dict[str, Any]) -> str:
@@ -177,13 +177,20 @@ class ModelInfo:
     max_text_tokens: int  # T5 tokens per prompt: the transformer's max_text_seq_length
     # The same encoders' fingerprints as older caches recorded them (see legacy_fingerprint).
     legacy_fingerprints: tuple[tuple[str, str], ...] = ()
+    revision: str | None = None  # a hub model's branch, tag or commit (--model-revision)
+    variant: str | None = None  # weights files named NAME.VARIANT.safetensors, e.g. fp16 (--model-variant)
 
     @classmethod
-    def read(cls, name: str) -> ModelInfo:
+    def read(cls, name: str, revision: str | None = None, variant: str | None = None) -> ModelInfo:
         source = resolve_model(name)
-        vae = read_config(source, "vae")
-        text = read_config(source, "text_encoder")
-        transformer = read_config(source, "transformer")
+        if revision is not None and Path(source).is_dir():
+            raise ModelError(
+                f"--model-revision {revision} applies to hub models, and {name} is a local folder "
+                f"({source}): check out that revision there, or leave --model-revision out."
+            )
+        vae = read_config(source, "vae", revision)
+        text = read_config(source, "text_encoder", revision)
+        transformer = read_config(source, "transformer", revision)
         spatial = 2 ** (len(vae["block_out_channels"]) - 1)
         # The scaling factor is applied at train time, so caches stay valid across 2b and 5b.
         return cls(
@@ -202,7 +209,48 @@ class ModelInfo:
                 ("vae_fingerprint", legacy_fingerprint(vae, ignore=("scaling_factor",))),
                 ("text_encoder_fingerprint", legacy_fingerprint(text)),
             ),
+            revision=revision,
+            variant=variant,
         )
+
+    def read_config(self, subfolder: str) -> dict[str, Any]:
+        return read_config(self.source, subfolder, self.revision)
+
+    def _from(self) -> dict[str, Any]:
+        """``from_pretrained`` arguments that pick this model's files."""
+        return {"revision": self.revision, "variant": self.variant}
+
+    def load_transformer(self, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        from diffusers import CogVideoXTransformer3DModel
+
+        model = CogVideoXTransformer3DModel.from_pretrained(
+            self.source, subfolder="transformer", torch_dtype=dtype, **self._from()
+        )
+        return model.to(device)
+
+    def load_vae(self, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        from diffusers import AutoencoderKLCogVideoX
+
+        vae = AutoencoderKLCogVideoX.from_pretrained(self.source, subfolder="vae", torch_dtype=dtype, **self._from())
+        return vae.to(device)
+
+    def load_text_encoder(self, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        tokenizer = AutoTokenizer.from_pretrained(self.source, subfolder="tokenizer", revision=self.revision)
+        encoder = T5EncoderModel.from_pretrained(self.source, subfolder="text_encoder", dtype=dtype, **self._from())
+        return tokenizer, encoder.to(device).eval()
+
+    def load_scheduler(self):
+        from diffusers import CogVideoXDPMScheduler
+
+        return CogVideoXDPMScheduler.from_pretrained(self.source, subfolder="scheduler", revision=self.revision)
+
+    def recorded(self) -> dict[str, str]:
+        """How caches and runs record this model: its name, and its revision and variant when given."""
+        return {"model": self.name} | {
+            key: value for key, value in (("revision", self.revision), ("variant", self.variant)) if value
+        }
 
     def encoder_identity(self) -> dict[str, Any]:
         """The part of a model that a cache depends on: the encoders, and the prompt length it reads."""

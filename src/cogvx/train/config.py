@@ -25,6 +25,10 @@ class TrainConfig:
     shards: Path | None = None  # required: a flag or a `shards = ...` line in the --config file
     output: Path = Path("runs/default")
     model: str | None = None  # default: the model recorded in the cache's manifest
+    # A hub model's revision and weights variant (files NAME.VARIANT.safetensors); default: the cache's, when
+    # the model is the cache's. Config-file settings (cogvx preprocess and sample take them as flags).
+    model_revision: str | None = None
+    model_variant: str | None = None
     max_steps: int | None = None  # default: DEFAULT_MAX_STEPS, or as many as `epochs` makes (resolved by train)
     epochs: float | None = None  # passes over the cache: its sample count over the global batch, per epoch
     batch_size: int = 1

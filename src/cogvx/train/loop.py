@@ -183,7 +183,12 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     manifest = Manifest.load(cfg.shards)
     model_name = models.choose_model(cfg.model, (manifest.producer.get("model"), str(paths.manifest(cfg.shards))))
-    info = models.ModelInfo.read(model_name)
+    from_cache = cfg.model is None  # the cache's model comes with the revision and variant it was read at
+    info = models.ModelInfo.read(
+        model_name,
+        cfg.model_revision or (manifest.producer.get("revision") if from_cache else None),
+        cfg.model_variant or (manifest.producer.get("variant") if from_cache else None),
+    )
     check_cache_fits(manifest, info, cfg.shards)
     if cfg.epochs is not None:
         epochs, cfg = cfg.epochs, cfg.steps_for(manifest.sample_count, world)
@@ -199,7 +204,7 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
 
     # --- build ---
     compute_dtype = models.DTYPES[cfg.mixed_precision]
-    transformer = models.load_transformer(info.source, compute_dtype, accelerator.device)
+    transformer = info.load_transformer(compute_dtype, accelerator.device)
     validation = None
     if cfg.validation_every:
         patch = transformer.config.patch_size
@@ -215,7 +220,7 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
     lr = cfg.learning_rate * (cfg.batch_size * cfg.gradient_accumulation * world if cfg.scale_lr else 1)
     optimizer = build_optimizer(cfg, params, lr)
     schedule = build_schedule(cfg, optimizer)
-    noise_scheduler = models.load_scheduler(info.source)
+    noise_scheduler = info.load_scheduler()
     objective = Objective(transformer.config, noise_scheduler.alphas_cumprod, info.scaling_factor)
 
     # The one state a checkpoint holds, saved and loaded as a whole (the raw optimizer: accelerate's wrapper
@@ -254,6 +259,7 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
     )
     batches = iter(make_loader(stream, cfg.workers, pin_memory=accelerator.device.type == "cuda"))
     resolved = configfile.as_dict(cfg) | {"model": model_name}
+    resolved |= {f"model_{key}": value for key, value in info.recorded().items() if key != "model"}
     if main:
         runs.keep_metrics_until(cfg.output, start_step)
         runs.write_config(cfg.output, resolved, configfile.to_toml(TrainConfig(**resolved)))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from cogvx import runs
+from cogvx import files, runs
 from cogvx.errors import ConfigError, ModelError
 
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # TrainConfig.targets' default: attention projections
@@ -84,4 +84,5 @@ def save_lora(transformer: torch.nn.Module, folder: Path) -> Path:
         transformer_lora_adapter_metadata=adapter,
         weight_name=runs.LORA_WEIGHTS,
     )
+    files.follow_umask(runs.lora_weights(folder))  # safetensors writes 0600; the LoRA is meant to be shared
     return runs.lora_weights(folder)

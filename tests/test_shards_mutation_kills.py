@@ -361,7 +361,7 @@ def test_recover_adopts_tidies_and_sets_aside_and_never_deletes_a_shard(tmp_path
     paths.skipped_part(tmp_path, 0).write_text("")
     late = _shards(tmp_path, manifest, 7, 1)[0]  # after the unreadable one: still adopted
     with caplog.at_level(logging.WARNING, logger="cogvx.preprocess"):
-        done = cachedir.recover(tmp_path, manifest)  # sizes only: the changed bytes are not seen
+        done = cachedir.recover(tmp_path, manifest, check_hashes=False)  # sizes only: the changed bytes are not seen
     assert done.adopted == [parted[0].name, orphan.name, late.name]
     other, unreadable = (r.getMessage() for r in caplog.records)
     assert unreadable.startswith(f"{tmp_path / 'shard-r00-000006.tar'} is not listed and cannot be read (Shard ")

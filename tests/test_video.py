@@ -420,3 +420,18 @@ def test_the_decoding_path_compares_the_cover_with_the_bucket_area(
     assert bool(calls) == scaled_by_decord and plan.bucket.name == f"5x{bucket[0]}x{bucket[1]}"
     top, left = (height - bucket[0]) // 2, (width - bucket[1]) // 2
     assert mean_diff(frames[0], shown[:, top : top + bucket[0], left : left + bucket[1]]) < 3
+
+
+def test_the_dataloaders_pinning_thread_pins_a_read_clips_frames():
+    # Frames leave the workers pinned, for a non-blocking copy to the GPU; a dataclass is pinned only
+    # through its own pin_memory(), which torch's pinning thread calls.
+    from torch.utils.data._utils.pin_memory import pin_memory
+
+    class Frames:
+        def pin_memory(self):
+            return "pinned"
+
+    read = ReadClip(0, Clip(Path("a.mp4"), "a", "a.mp4"), "h", 1, 2, Frames(), "1x16x16", [[0]], {}, [b""])
+    pinned = pin_memory(read)
+    assert isinstance(pinned, ReadClip) and pinned.frames == "pinned" and pinned.windows == [[0]]
+    assert pin_memory(Skipped(0, "too short", "x")) == Skipped(0, "too short", "x")

@@ -124,7 +124,7 @@ def cache_header(manifest: Manifest) -> dict:
     return json.loads(json.dumps(header, sort_keys=True))  # as a shard stores and returns it
 
 
-def recover(folder: Path, manifest: Manifest, check_hashes: bool = False) -> Recovery:
+def recover(folder: Path, manifest: Manifest, check_hashes: bool) -> Recovery:
     """Tidy what an interrupted run left, and drop damaged shards (rank 0, before any rank writes).
 
     Finished shards of a killed distributed run are merged from their part files. A complete shard that

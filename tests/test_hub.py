@@ -361,3 +361,22 @@ def test_push_needs_the_lora_it_names(tmp_path):
     incomplete.mkdir()
     with pytest.raises(RunError, match=runs.CHECKPOINT_LORA):
         hub.push_run(run, "me/lora", commit_message="x", checkpoint=incomplete)
+
+
+def test_preprocess_reads_a_hub_dataset_and_records_its_url(server, tmp_path):
+    from cogvx.shards import Manifest
+
+    server.serve_dataset("me/clips", CLIPS)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(HF_ENDPOINT=server.url, HF_HOME=str(tmp_path / "hf"), HF_HUB_DISABLE_TELEMETRY="1", HF_TOKEN=TOKEN)
+    env["OMP_NUM_THREADS"] = "1"
+    cache = tmp_path / "cache"
+    argv = ["preprocess", "--data", "hf://datasets/me/clips", "--model", "tiny", "--output", str(cache)]
+    done = subprocess.run(
+        [sys.executable, "-m", "cogvx", *argv, "--workers", "0"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    manifest = Manifest.load(cache)
+    assert manifest.producer["data"] == "hf://datasets/me/clips"
+    assert manifest.sample_count == len(list(CLIPS.glob("*.mp4")))
+    assert TOKEN not in done.stdout + done.stderr

@@ -81,11 +81,19 @@ P = PreprocessConfig
 
 @app.command()
 def preprocess(
-    data: Path = typer.Option(
-        ..., help="Folder of videos with .txt captions, a root with prompts.txt/videos.txt, or a .csv/.jsonl file."
+    data: str = typer.Option(
+        ...,
+        help="Folder of videos with .txt captions, a root with prompts.txt/videos.txt, a .csv/.jsonl file, or "
+        "hf://datasets/OWNER/NAME[@REVISION][/FOLDER] (downloaded to the Hugging Face cache).",
     ),
     output: Path = typer.Option(None, help=_help(P, "output", "Cache folder to write.")),
     model: str = typer.Option(None, help=_help(P, "model", "Hub id, local diffusers folder, or tiny.")),
+    model_revision: str = typer.Option(
+        None, help=_help(P, "model_revision", "Branch, tag or commit of a hub model.", "the newest")
+    ),
+    model_variant: str = typer.Option(
+        None, help=_help(P, "model_variant", "Weights variant, e.g. fp16 (files NAME.fp16.safetensors).", "none")
+    ),
     height: int = typer.Option(
         None, help=_help(P, "height", "Frame height in pixels.", "the model's native size, 480 for 2b/5b")
     ),
@@ -159,6 +167,8 @@ def preprocess(
             data=data,
             output=output,
             model=model,
+            model_revision=model_revision,
+            model_variant=model_variant,
             height=height,
             width=width,
             resolutions=_repeated(resolution),

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from cogvx import __version__
+from cogvx import __version__, files, hub
 from cogvx.errors import CacheError, ConfigError, InputError
 from cogvx.pipeline import models
 from cogvx.pipeline.encode import encode_prompts
@@ -57,9 +57,11 @@ SCHEMA = {
 
 @dataclass
 class PreprocessConfig:
-    data: Path
+    data: Path | str  # a folder or metadata file, or hf://datasets/OWNER/NAME[@REVISION][/FOLDER]
     output: Path = Path("shards")
     model: str = models.DEFAULT_MODEL
+    model_revision: str | None = None  # a hub model's branch, tag or commit
+    model_variant: str | None = None  # weights files NAME.VARIANT.safetensors, e.g. fp16
     height: int | None = None  # default: the model's native size, from its transformer config
     width: int | None = None
     resolutions: tuple[str, ...] = ()  # several "HxW" buckets instead of --height/--width
@@ -89,7 +91,8 @@ class PreprocessConfig:
     allow_outside_paths: bool = False  # let a metadata or video-list file name videos outside its folder
 
     def __post_init__(self):
-        self.data, self.output = Path(self.data), Path(self.output)
+        self.data = hub.hub_url(self.data) or Path(self.data)  # a Path would fold hf:// into hf:/
+        self.output = Path(self.output)
         models.parse_dtype(self.dtype)
         self.resolutions = tuple(_parse_resolution(r) for r in self.resolutions)
         self.frame_buckets = tuple(sorted({int(f) for f in self.frame_buckets}))
@@ -272,7 +275,8 @@ def _write_problem(err: OSError, output: Path) -> str | None:
 
 def _run(cfg: PreprocessConfig, ranks: Ranks, show_progress: bool) -> PreprocessResult:
     started = time.time()
-    sources = find_sources(cfg.data, cfg.caption_column, cfg.video_column, cfg.allow_outside_paths)
+    data = hub.resolve_dataset(cfg.data)  # a hub dataset is downloaded to huggingface_hub's cache first
+    sources = find_sources(data, cfg.caption_column, cfg.video_column, cfg.allow_outside_paths)
     clips = sources.clips
     if not clips:
         unusable = f"; {len(sources.skipped)} entries named like videos are not usable files" if sources.skipped else ""
@@ -283,9 +287,9 @@ def _run(cfg: PreprocessConfig, ranks: Ranks, show_progress: bool) -> Preprocess
     if cfg.id_token:
         clips = [dataclasses.replace(c, caption=f"{cfg.id_token} {c.caption}") if c.caption else c for c in clips]
 
-    info = models.ModelInfo.read(cfg.model)
+    info = models.ModelInfo.read(cfg.model, cfg.model_revision, cfg.model_variant)
     spec = cfg.frame_spec(info.native_size)
-    producer = {"tool": "cogvx", "version": __version__, "model": cfg.model, "encoders": info.encoder_identity()}
+    producer = {"tool": "cogvx", "version": __version__, **info.recorded(), "encoders": info.encoder_identity()}
     params = cfg.cache_params(info.native_size)
     existing = cachedir.check_existing(cfg.output, producer, params, info)  # every rank refuses the same way
 
@@ -294,7 +298,8 @@ def _run(cfg: PreprocessConfig, ranks: Ranks, show_progress: bool) -> Preprocess
     with cachedir.writer_lock(cfg.output) if ranks.is_main else contextlib.nullcontext():
         if ranks.is_main:
             manifest = existing or Manifest(producer=producer, params=params, schema=SCHEMA)
-            manifest.producer["data"] = str(cfg.data.resolve())  # where the last run read its videos
+            # where the last run read its videos: the hub URL, or the local folder
+            manifest.producer["data"] = str(cfg.data) if isinstance(cfg.data, str) else str(data.resolve())
             recovery = cachedir.recover(cfg.output, manifest, check_hashes=cfg.repair)
         ranks.barrier()  # the folder is tidy and the manifest final for this run's start
         if not ranks.is_main:
@@ -450,12 +455,12 @@ class Encoders:
 
 def _load_encoders(cfg: PreprocessConfig, info: models.ModelInfo, device: torch.device) -> Encoders:
     dtype = models.parse_dtype(cfg.dtype)
-    vae = models.load_vae(info.source, dtype, device).eval()
+    vae = info.load_vae(dtype, device).eval()
     if cfg.vae_tiling:
         vae.enable_tiling()
     if cfg.vae_slicing:
         vae.enable_slicing()
-    tokenizer, text_encoder = models.load_text_encoder(info.source, dtype, device)
+    tokenizer, text_encoder = info.load_text_encoder(dtype, device)
 
     def encode_text(texts: list[str]):
         encoding = encode_prompts(tokenizer, text_encoder, texts, info.max_text_tokens)
@@ -574,17 +579,13 @@ def save_validation_prompts(folder: Path, manifest: Manifest, prompts: list[str]
 
     Training samples validation latents from these without loading T5.
     """
-    from safetensors.torch import save_file
-
     embeds, _ = encode([*prompts, ""])
     path = paths.validation_prompts(folder)
-    tmp = path.with_suffix(".tmp")
     tensors = {
         "prompt_embeds": embeds[:-1].contiguous().cpu(),
         "negative_prompt_embeds": embeds[-1:].contiguous().cpu(),
     }
-    save_file(tensors, tmp, metadata={"prompts": json.dumps(prompts)})
-    os.replace(tmp, path)
+    files.save_safetensors(path, tensors, metadata={"prompts": json.dumps(prompts)})
     manifest.extras[paths.VALIDATION_ENTRY] = {
         "file": paths.VALIDATION_PROMPTS,
         "prompts": prompts,

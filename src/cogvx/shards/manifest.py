@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cogvx import files
 from cogvx.errors import CacheError
 from cogvx.shards import paths
 
@@ -369,7 +370,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
             json.dump(data, f, indent=1, sort_keys=True)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; a cache is shared like the shards beside it
+        files.follow_umask(Path(tmp))  # mkstemp makes it private; a cache is shared like the shards beside it
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

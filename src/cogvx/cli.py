@@ -561,15 +561,11 @@ def _repeated(values: list | None) -> tuple | None:
     return tuple(values) if values else None
 
 
-# TRANSITIONAL, removed once every module raises CogvxError for user errors (issue 11, this session).
-_NOT_YET_TYPED = (ValueError, FileNotFoundError, ImportError)
-
-
 def _guard(action) -> None:
     """Run a command: a user error (CogvxError) prints one line and exits 1; anything else keeps its traceback."""
     try:
         action()
-    except (CogvxError, *_NOT_YET_TYPED) as err:
+    except CogvxError as err:
         console.print(f"[bold red]error:[/bold red] {err}", soft_wrap=True)
         raise typer.Exit(1) from err
 

@@ -1,8 +1,7 @@
-"""What a run leaves for people: metrics.jsonl, a loss-curve PNG and a model card README.md."""
+"""What a run leaves for people: a loss-curve PNG and a model card README.md (names and metrics: cogvx.runs)."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -10,47 +9,6 @@ from typing import Any
 from cogvx import runs
 from cogvx.media import ema
 from cogvx.pipeline.models import NATIVE_FPS
-
-METRICS_NAME = runs.METRICS
-LOSS_CURVE_NAME = runs.LOSS_CURVE
-MODEL_CARD_NAME = runs.MODEL_CARD
-
-
-def read_metrics_counted(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """The records of ``metrics.jsonl``, and how many lines were unreadable (cut short by a killed process)."""
-    records, bad = [], 0
-    if not Path(path).is_file():
-        return records, bad
-    for line in Path(path).read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            bad += 1
-            continue
-        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
-            records.append(record)
-        else:
-            bad += 1
-    return records, bad
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The readable records of ``metrics.jsonl``."""
-    return read_metrics_counted(path)[0]
-
-
-def keep_metrics_until(path: Path, step: int) -> None:
-    """On resume, keep one line per step up to the checkpoint: later steps will be trained again."""
-    if Path(path).is_file():
-        kept = {r["step"]: r for r in read_metrics(path) if r.get("step", math.inf) <= step}
-        Path(path).write_text("".join(json.dumps(kept[s]) + "\n" for s in sorted(kept)))
-
-
-def append_metrics(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def draw_loss_curve(records: list[dict[str, Any]], path: Path, size: tuple[int, int] = (800, 450)) -> Path | None:

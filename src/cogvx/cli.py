@@ -8,6 +8,7 @@ followed from here to its use. A ``CogvxError`` prints as one line; anything els
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -339,9 +340,26 @@ def train(
             hub_model_id=hub_model_id,
             push_checkpoints=push_checkpoints,
         )
-        run(cfg, show_progress=True)
+        result = run(cfg, show_progress=True)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun/accelerate, the main process tells
+            _say_where_the_run_is(result.output, result.steps)
 
     _guard(go)
+
+
+def _say_where_the_run_is(run: Path, steps: int) -> None:
+    final = runs.final_loss(runs.read_metrics(run))
+    loss = f", final loss {final[0]:.4f} ({final[1]})" if final else ""
+    console.print(f"[green]trained[/green] {steps} steps{loss}", soft_wrap=True)
+    for what, path in (
+        ("LoRA", runs.lora_weights(run)),
+        ("model card", runs.model_card(run)),
+        ("loss curve", runs.loss_curve(run)),
+    ):
+        if path.is_file():
+            console.print(f"  {what:10} {path}", soft_wrap=True)
+    console.print(f"  report     cogvx report {run}", soft_wrap=True)
+    console.print(f'  sample     cogvx sample --lora {run} --prompt "..."', soft_wrap=True)
 
 
 @shards_app.command("verify")

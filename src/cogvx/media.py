@@ -99,13 +99,25 @@ def check_mp4_writer() -> str:
     return exe
 
 
-def ema(values: list[float], weight: float = 0.9) -> list[float]:
-    """Exponential moving average with bias correction (as TensorBoard smooths)."""
-    out, acc, norm = [], 0.0, 0.0
-    for v in values:
-        acc, norm = weight * acc + (1 - weight) * v, weight * norm + (1 - weight)
-        out.append(acc / norm)
-    return out
+EMA_WEIGHT = 0.9  # how every loss cogvx shows is smoothed: curves, the report, the card, the progress bar
+
+
+class Ema:
+    """Exponential moving average with bias correction (as TensorBoard smooths), one value at a time."""
+
+    def __init__(self, weight: float = EMA_WEIGHT):
+        self.weight, self._acc, self._norm = weight, 0.0, 0.0
+
+    def update(self, value: float) -> float:
+        self._acc = self.weight * self._acc + (1 - self.weight) * value
+        self._norm = self.weight * self._norm + (1 - self.weight)
+        return self._acc / self._norm
+
+
+def ema(values: list[float], weight: float = EMA_WEIGHT) -> list[float]:
+    """Every step of ``Ema`` over ``values``."""
+    smoother = Ema(weight)
+    return [smoother.update(v) for v in values]
 
 
 # --- contact sheets ---

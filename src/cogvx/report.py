@@ -318,7 +318,10 @@ def run(cfg: ReportConfig) -> ReportResult:
         ("steps trained", f"{int(xs[-1]) if xs else 0} of {config.get('max_steps', '?')}"),
     ]
     if losses:
-        summary.append(("last loss (EMA 0.9)", f"{_fmt(losses[-1])} ({_fmt(ema(losses)[-1])})"))
+        final = runs.final_loss(metrics)
+        if final:
+            summary.append((f"final loss ({final[1]})", _fmt(final[0])))
+        summary.append(("last step's loss", _fmt(losses[-1])))
     targets = _plain(config.get("targets", "?"))
     summary += [
         ("LoRA", f"rank {config.get('rank', '?')}, alpha {config.get('alpha', '?')}, on {targets}"),

@@ -282,3 +282,14 @@ def _write_text(path: Path, text: str) -> None:
     tmp = temporary(path)
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def final_loss(records: list[dict[str, Any]]) -> tuple[float, str] | None:
+    """The one "final loss" cogvx reports (end of training, model card, report): the smoothed loss at the
+    last step, with how it was smoothed; None before any finite loss."""
+    from cogvx import media
+
+    losses = [r["loss"] for r in records if isinstance(r.get("loss"), (int, float)) and math.isfinite(r["loss"])]
+    if not losses:
+        return None
+    return media.ema(losses)[-1], f"EMA {media.EMA_WEIGHT:g} of {len(losses)} step losses"

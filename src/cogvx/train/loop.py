@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from cogvx import config as configfile
-from cogvx import runs
+from cogvx import media, runs
 from cogvx.errors import CogvxError, ConfigError, ModelError, RunError
 from cogvx.pipeline import levers, lora, memory, models
 from cogvx.pipeline.objective import Objective
@@ -273,10 +273,14 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
         show_progress and main,
         "train",
         cfg.max_steps,
-        "loss {task.fields[loss]:.4f}  {task.fields[rate]:.2f} steps/s",
+        f"loss (EMA {media.EMA_WEIGHT:g}) {{task.fields[loss]:.4f}}  {{task.fields[rate]:.2f}} steps/s",
         loss=float("nan"),
         rate=0.0,
     )
+    smoothed = media.Ema()  # the bar shows the loss as the card, the report and the final line do
+    for earlier in runs.read_metrics(cfg.output) if main else []:
+        if math.isfinite(earlier.get("loss", math.nan)):
+            smoothed.update(earlier["loss"])
     with bar as update:
         update(start_step)
         for step in range(start_step + 1, cfg.max_steps + 1):
@@ -317,7 +321,7 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
             if cfg.report_to != "none":
                 scalars = ("loss", "lr", "grad_norm", "samples_per_s", "peak_memory_gb")
                 accelerator.log({f"train/{k}": record[k] for k in scalars}, step=step)
-            update(step, loss=out.loss, rate=1.0 / seconds)
+            update(step, loss=smoothed.update(out.loss) if math.isfinite(out.loss) else out.loss, rate=1.0 / seconds)
             last = step == cfg.max_steps
             if validation is not None and (step % cfg.validation_every == 0 or last):
                 result.validation += run_validation(

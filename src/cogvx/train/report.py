@@ -71,8 +71,8 @@ def model_card(
     world_size: int,
 ) -> str:
     """The run folder's README.md: what was trained on what, and how to load it in diffusers."""
-    final = [r["loss"] for r in records[-50:] if math.isfinite(r.get("loss", math.nan))]
-    mean_loss = f"{sum(final) / len(final):.4f} (mean of the last {len(final)} steps)" if final else "n/a"
+    final = runs.final_loss(records)
+    mean_loss = f"{final[0]:.4f} ({final[1]})" if final else "n/a"
     buckets = ", ".join(f"{b} x{n}" for b, n in manifest.bucket_counts().items()) or "none"
     hub_like = "/" in model_name and not Path(model_name).exists()
     base = model_name if hub_like else model_source

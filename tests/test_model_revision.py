@@ -79,3 +79,11 @@ def test_a_cache_records_the_variant_and_training_reads_the_model_with_it(fp16_v
     cfg = TrainConfig(shards=cache, output=tmp_path / "run", max_steps=1, rank=4, workers=0, checkpoint_every=0)
     assert train(cfg).steps == 1
     assert json.loads(runs.config_json(tmp_path / "run").read_text())["model_variant"] == "fp16"
+
+    # Sampling the run reads the base model as it was trained: only its fp16 files exist.
+    from cogvx.sample import SampleConfig, run_sample
+
+    sampled = run_sample(
+        SampleConfig(prompts=("a red disc",), lora=tmp_path / "run", steps=2, frames=5, output=tmp_path / "s.mp4")
+    )
+    assert all(path.is_file() for path in sampled.videos)

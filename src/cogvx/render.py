@@ -89,9 +89,10 @@ def run_render(cfg: RenderConfig, show_progress: bool = False) -> RenderResult:
         (runs.read_config(cfg.run).get("model"), str(runs.config_json(cfg.run))),
         (first_meta.get("model"), "the latents"),
     )
-    info = models.ModelInfo.read(model_name)
+    trained = runs.read_config(cfg.run) if cfg.model is None else {}  # the run's model, as it was read
+    info = models.ModelInfo.read(model_name, trained.get("model_revision"), trained.get("model_variant"))
     device, dtype = device_and_dtype(cfg.device, cfg.dtype)
-    vae = models.load_vae(info.source, dtype, device).eval()
+    vae = info.load_vae(dtype, device).eval()
     if cfg.vae_tiling:
         vae.enable_tiling()
     if cfg.vae_slicing:

@@ -235,9 +235,11 @@ def plan_sample(cfg: SampleConfig) -> SamplePlan:
     trained_on = lora_base_model(cfg.lora) if cfg.lora is not None else None
     recorded = [(trained_on, str(runs.config_json(_run_folder(cfg.lora))))] if cfg.lora is not None else []
     model_name = models.choose_model(cfg.model, *recorded)
-    info = models.ModelInfo.read(model_name)
+    # The run's model comes with the revision and variant it was trained from.
+    trained = runs.read_config(_run_folder(cfg.lora)) if cfg.lora is not None and cfg.model is None else {}
+    info = models.ModelInfo.read(model_name, trained.get("model_revision"), trained.get("model_variant"))
     height, width = cfg.height or info.native_size[0], cfg.width or info.native_size[1]
-    multiple = info.spatial_compression * (models.read_config(info.source, "transformer").get("patch_size") or 1)
+    multiple = info.spatial_compression * (info.read_config("transformer").get("patch_size") or 1)
     if height % multiple or width % multiple:
         raise ConfigError(f"--height/--width must be multiples of {multiple} for {model_name} (got {height}x{width}).")
     if (cfg.frames - 1) % info.temporal_compression:
@@ -252,7 +254,9 @@ def load_pipeline(cfg: SampleConfig, plan: SamplePlan):
     """The diffusers ``CogVideoXPipeline`` with the LoRA at ``--lora-scale`` and the memory options set."""
     from diffusers import CogVideoXPipeline
 
-    pipe = CogVideoXPipeline.from_pretrained(plan.info.source, torch_dtype=plan.dtype)
+    pipe = CogVideoXPipeline.from_pretrained(
+        plan.info.source, torch_dtype=plan.dtype, **plan.info.from_pretrained_args()
+    )
     pipe.set_progress_bar_config(disable=True)
     if plan.weights is not None and not cfg.no_lora:
         check_lora_fits(pipe.transformer, plan.weights, plan.trained_on, plan.model_name)

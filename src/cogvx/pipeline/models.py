@@ -216,35 +216,21 @@ class ModelInfo:
     def read_config(self, subfolder: str) -> dict[str, Any]:
         return read_config(self.source, subfolder, self.revision)
 
-    def _from(self) -> dict[str, Any]:
-        """``from_pretrained`` arguments that pick this model's files."""
-        return {"revision": self.revision, "variant": self.variant}
-
     def load_transformer(self, dtype: torch.dtype, device: torch.device | str = "cpu"):
-        from diffusers import CogVideoXTransformer3DModel
-
-        model = CogVideoXTransformer3DModel.from_pretrained(
-            self.source, subfolder="transformer", torch_dtype=dtype, **self._from()
-        )
-        return model.to(device)
+        return load_transformer(self.source, dtype, device, revision=self.revision, variant=self.variant)
 
     def load_vae(self, dtype: torch.dtype, device: torch.device | str = "cpu"):
-        from diffusers import AutoencoderKLCogVideoX
-
-        vae = AutoencoderKLCogVideoX.from_pretrained(self.source, subfolder="vae", torch_dtype=dtype, **self._from())
-        return vae.to(device)
+        return load_vae(self.source, dtype, device, revision=self.revision, variant=self.variant)
 
     def load_text_encoder(self, dtype: torch.dtype, device: torch.device | str = "cpu"):
-        from transformers import AutoTokenizer, T5EncoderModel
-
-        tokenizer = AutoTokenizer.from_pretrained(self.source, subfolder="tokenizer", revision=self.revision)
-        encoder = T5EncoderModel.from_pretrained(self.source, subfolder="text_encoder", dtype=dtype, **self._from())
-        return tokenizer, encoder.to(device).eval()
+        return load_text_encoder(self.source, dtype, device, revision=self.revision, variant=self.variant)
 
     def load_scheduler(self):
-        from diffusers import CogVideoXDPMScheduler
+        return load_scheduler(self.source, revision=self.revision)
 
-        return CogVideoXDPMScheduler.from_pretrained(self.source, subfolder="scheduler", revision=self.revision)
+    def from_pretrained_args(self) -> dict[str, Any]:
+        """What a diffusers pipeline's ``from_pretrained`` needs to read this model's files."""
+        return {"revision": self.revision, "variant": self.variant}
 
     def recorded(self) -> dict[str, str]:
         """How caches and runs record this model: its name, and its revision and variant when given."""
@@ -276,28 +262,39 @@ class ModelInfo:
         ]
 
 
-def load_transformer(source: str, dtype: torch.dtype, device: torch.device | str = "cpu"):
+def load_transformer(
+    source: str, dtype: torch.dtype, device: torch.device | str = "cpu", *, revision=None, variant=None
+):
     from diffusers import CogVideoXTransformer3DModel
 
-    model = CogVideoXTransformer3DModel.from_pretrained(source, subfolder="transformer", torch_dtype=dtype)
+    model = CogVideoXTransformer3DModel.from_pretrained(
+        source, subfolder="transformer", torch_dtype=dtype, revision=revision, variant=variant
+    )
     return model.to(device)
 
 
-def load_vae(source: str, dtype: torch.dtype, device: torch.device | str = "cpu"):
+def load_vae(source: str, dtype: torch.dtype, device: torch.device | str = "cpu", *, revision=None, variant=None):
     from diffusers import AutoencoderKLCogVideoX
 
-    return AutoencoderKLCogVideoX.from_pretrained(source, subfolder="vae", torch_dtype=dtype).to(device)
+    vae = AutoencoderKLCogVideoX.from_pretrained(
+        source, subfolder="vae", torch_dtype=dtype, revision=revision, variant=variant
+    )
+    return vae.to(device)
 
 
-def load_text_encoder(source: str, dtype: torch.dtype, device: torch.device | str = "cpu"):
+def load_text_encoder(
+    source: str, dtype: torch.dtype, device: torch.device | str = "cpu", *, revision=None, variant=None
+):
     from transformers import AutoTokenizer, T5EncoderModel
 
-    tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer")
-    encoder = T5EncoderModel.from_pretrained(source, subfolder="text_encoder", dtype=dtype).to(device)
+    tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision)
+    encoder = T5EncoderModel.from_pretrained(
+        source, subfolder="text_encoder", dtype=dtype, revision=revision, variant=variant
+    ).to(device)
     return tokenizer, encoder.eval()
 
 
-def load_scheduler(source: str):
+def load_scheduler(source: str, *, revision=None):
     from diffusers import CogVideoXDPMScheduler
 
-    return CogVideoXDPMScheduler.from_pretrained(source, subfolder="scheduler")
+    return CogVideoXDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision)

@@ -351,3 +351,18 @@ def test_frames_are_saved_when_the_mp4_cannot_be_written_after_generation(lora_r
     [line] = [text for text in out.output.splitlines() if text.startswith("error:")]
     assert out.output.strip().splitlines()[-1] == line
     assert str(tmp_path / "cli" / "one.frames.safetensors") in line
+
+
+def test_the_command_shows_denoising_progress_and_none_of_the_libraries_noise(lora_run: Path, tmp_path: Path):
+    # A real process: the libraries' warnings and loading bars go straight to its stderr.
+    import subprocess
+    import sys
+
+    args = ["sample", "--lora", str(lora_run), "--prompt", "a red disc", "--prompt", "a cat", "--steps", "3"]
+    args += ["--frames", "9", "--output", str(tmp_path / "s.mp4")]
+    done = subprocess.run([sys.executable, "-m", "cogvx", *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    output = done.stdout + done.stderr
+    assert "prompt 1/2" in output and "prompt 2/2" in output and "3/3" in output
+    for noise in ("FutureWarning", "torch_dtype", "Loading pipeline components", "Loading weights"):
+        assert noise not in output, output

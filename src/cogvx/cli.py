@@ -501,7 +501,7 @@ def sample(
             vae_tiling=vae_tiling,
             vae_slicing=vae_slicing,
         )
-        result = run_sample(cfg)
+        result = run_sample(cfg, show_progress=True)
         for path in result.videos:
             console.print(f"[green]wrote[/green] {path}")
         console.print(f"[green]wrote[/green] {result.sheet} (contact sheet)")

@@ -32,6 +32,7 @@ from cogvx.media import (
 )
 from cogvx.pipeline import models
 from cogvx.pipeline.decode import check_decoded_size, device_and_dtype
+from cogvx.progress import progress_bar
 
 LORA_ADAPTER = "cogvx"
 _PIPELINE_LOGGER = "diffusers.pipelines.cogvideo.pipeline_cogvideox"
@@ -254,9 +255,10 @@ def load_pipeline(cfg: SampleConfig, plan: SamplePlan):
     """The diffusers ``CogVideoXPipeline`` with the LoRA at ``--lora-scale`` and the memory options set."""
     from diffusers import CogVideoXPipeline
 
-    pipe = CogVideoXPipeline.from_pretrained(
-        plan.info.source, torch_dtype=plan.dtype, **plan.info.from_pretrained_args()
-    )
+    with models.quiet_loading():
+        pipe = CogVideoXPipeline.from_pretrained(
+            plan.info.source, torch_dtype=plan.dtype, **plan.info.from_pretrained_args()
+        )
     pipe.set_progress_bar_config(disable=True)
     if plan.weights is not None and not cfg.no_lora:
         check_lora_fits(pipe.transformer, plan.weights, plan.trained_on, plan.model_name)
@@ -276,7 +278,7 @@ def load_pipeline(cfg: SampleConfig, plan: SamplePlan):
     return pipe
 
 
-def run_sample(cfg: SampleConfig) -> SampleResult:
+def run_sample(cfg: SampleConfig, show_progress: bool = False) -> SampleResult:
     """Generate one video per prompt with the base model plus the LoRA (or without it, ``--no-lora``).
 
     If an mp4 cannot be written after generation, the frames go to ``NAME.frames.safetensors`` instead,
@@ -293,7 +295,16 @@ def run_sample(cfg: SampleConfig) -> SampleResult:
         # One generator per prompt, seeded alike: a prompt's video does not depend on the others,
         # and --no-lora starts from exactly the same noise.
         generator = torch.Generator("cpu").manual_seed(cfg.seed)
-        with _quiet(_PIPELINE_LOGGER) if any(truncated) else contextlib.nullcontext():
+        label = f"prompt {len(all_frames) + 1}/{len(cfg.prompts)}"
+        with (
+            _quiet(_PIPELINE_LOGGER) if any(truncated) else contextlib.nullcontext(),
+            progress_bar(show_progress, label, cfg.steps) as update,
+        ):
+
+            def step_done(_pipe, index, _timestep, outputs, update=update):
+                update(index + 1)
+                return outputs
+
             out = pipe(
                 prompt=prompt,
                 negative_prompt=cfg.negative_prompt or None,
@@ -306,6 +317,7 @@ def run_sample(cfg: SampleConfig) -> SampleResult:
                 generator=generator,
                 output_type="np",
                 max_sequence_length=pipe.transformer.config.max_text_seq_length,
+                callback_on_step_end=step_done,
             ).frames[0]
         frames = to_uint8(np.asarray(out))
         check_decoded_size(frames, height, width, cfg.vae_tiling)

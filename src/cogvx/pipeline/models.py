@@ -7,9 +7,11 @@ built-in tiny random models (``tiny``, ``tiny-2b``). Every name resolves to some
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -262,23 +264,45 @@ class ModelInfo:
         ]
 
 
+@contextlib.contextmanager
+def quiet_loading():
+    """Load weights without the libraries' noise in cogvx's output: their loading progress bars, and the
+    FutureWarning diffusers raises for ``torch_dtype`` (the keyword every supported diffusers accepts)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    bars = [(m, m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*`torch_dtype` is deprecated", category=FutureWarning)
+        for module, _ in bars:
+            module.disable_progress_bar()
+        try:
+            yield
+        finally:
+            for module, enabled in bars:
+                if enabled:
+                    module.enable_progress_bar()
+
+
 def load_transformer(
     source: str, dtype: torch.dtype, device: torch.device | str = "cpu", *, revision=None, variant=None
 ):
     from diffusers import CogVideoXTransformer3DModel
 
-    model = CogVideoXTransformer3DModel.from_pretrained(
-        source, subfolder="transformer", torch_dtype=dtype, revision=revision, variant=variant
-    )
+    with quiet_loading():
+        model = CogVideoXTransformer3DModel.from_pretrained(
+            source, subfolder="transformer", torch_dtype=dtype, revision=revision, variant=variant
+        )
     return model.to(device)
 
 
 def load_vae(source: str, dtype: torch.dtype, device: torch.device | str = "cpu", *, revision=None, variant=None):
     from diffusers import AutoencoderKLCogVideoX
 
-    vae = AutoencoderKLCogVideoX.from_pretrained(
-        source, subfolder="vae", torch_dtype=dtype, revision=revision, variant=variant
-    )
+    with quiet_loading():
+        vae = AutoencoderKLCogVideoX.from_pretrained(
+            source, subfolder="vae", torch_dtype=dtype, revision=revision, variant=variant
+        )
     return vae.to(device)
 
 
@@ -287,10 +311,11 @@ def load_text_encoder(
 ):
     from transformers import AutoTokenizer, T5EncoderModel
 
-    tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision)
-    encoder = T5EncoderModel.from_pretrained(
-        source, subfolder="text_encoder", dtype=dtype, revision=revision, variant=variant
-    ).to(device)
+    with quiet_loading():
+        tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision)
+        encoder = T5EncoderModel.from_pretrained(
+            source, subfolder="text_encoder", dtype=dtype, revision=revision, variant=variant
+        ).to(device)
     return tokenizer, encoder.eval()
 
 

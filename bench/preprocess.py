@@ -306,11 +306,12 @@ def main() -> None:
         },
         "command": " ".join(sys.argv),
     }
+    # cogvx preprocess's own frame settings, at the benchmark's rate and size
     if args.model == "tiny":
-        source, spec = models.resolve_model("tiny"), FrameSpec(resolutions=((64, 96),), fps=FPS)
+        source, spec = models.resolve_model("tiny"), PreprocessConfig(data=data, fps=FPS).frame_spec((64, 96))
     else:
         folder = args.model_dir or work / "model"
-        source, spec = str(folder), FrameSpec(resolutions=((480, 720),), fps=FPS)
+        source, spec = str(folder), PreprocessConfig(data=data, fps=FPS).frame_spec((480, 720))
         if not (folder / "model_index.json").is_file():
             began = time.perf_counter()
             build_model_folder(args.model, folder, device)

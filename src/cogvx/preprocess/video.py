@@ -37,17 +37,20 @@ class Bucket:
 
 @dataclass(frozen=True)
 class FrameSpec:
-    """How frames are chosen and sized; every field is part of a cache's identity."""
+    """How frames are chosen and sized; every field is part of a cache's identity.
 
-    resolutions: tuple[tuple[int, int], ...] = ((480, 720),)  # (height, width) pixel buckets
-    frame_buckets: tuple[int, ...] = (49,)  # frame counts, each 4k+1
-    min_frames: int = 5
-    fps: float = 8.0
-    skip_frames_start: int = 0
-    skip_frames_end: int = 0
-    resize: str = "crop"  # "crop": cover then centre-crop; "stretch": scale each axis independently
-    windows: int = 1  # at most this many non-overlapping windows per clip, evenly spread over it
-    max_upscale: float = 4.0  # skip clips that would have to be enlarged more than this
+    No defaults: ``PreprocessConfig.frame_spec`` builds it from the stage's settings, where they live.
+    """
+
+    resolutions: tuple[tuple[int, int], ...]  # (height, width) pixel buckets
+    frame_buckets: tuple[int, ...]  # frame counts, each 4k+1
+    min_frames: int
+    fps: float
+    skip_frames_start: int
+    skip_frames_end: int
+    resize: str  # "crop": cover then centre-crop; "stretch": scale each axis independently
+    windows: int  # at most this many non-overlapping windows per clip, evenly spread over it
+    max_upscale: float  # skip clips that would have to be enlarged more than this
 
 
 @dataclass(frozen=True)

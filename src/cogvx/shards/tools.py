@@ -101,7 +101,7 @@ def read_skipped(folder: Path) -> Counter:
     return counts
 
 
-def write_contact_sheet(folder: Path, manifest: Manifest, path: Path, max_strips: int = 64) -> int:
+def write_contact_sheet(folder: Path, manifest: Manifest, path: Path, max_strips: int) -> int:
     """A PNG with one row per sample: its source and bucket, then its frame strip. Returns the rows."""
     from PIL import Image
 

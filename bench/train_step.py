@@ -5,9 +5,9 @@ random weights, directly on the GPU; speed and memory do not depend on weight va
 
     python bench/train_step.py --runs "2b:seed 2b:full 2b:selective+compile" --out results.json
 
-A run is ``MODEL:VARIANT``. ``seed`` / ``seed-nockpt`` is the reference step of BASELINE.md section 1
-(diffusers' LoRA recipe: bf16 weights, peft adapter, plain AdamW, loss in bf16 under autocast, with or
-without diffusers' gradient checkpointing), written here. Every other variant is cogvx's own step
+A run is ``MODEL:VARIANT``. ``seed`` / ``seed-nockpt`` is the reference, the seed-style step of
+diffusers' ``train_cogvideox_lora.py`` (bf16 weights, peft adapter, plain AdamW, loss in bf16 under
+autocast, with or without diffusers' gradient checkpointing), written here. Every other variant is cogvx's own step
 (its shard loader with workers and pinned memory, ``Objective`` in fp32, fused AdamW, fp32 LoRA
 masters, bf16 autocast), with ``+``-joined options: a checkpointing mode (``full``, ``selective``,
 ``none``, ``offload``), ``compile``, ``fp8`` (fp8 storage of frozen base weights) and ``adam8``
@@ -56,7 +56,7 @@ def load_config(model: str) -> dict:
 
 
 def useful_tflop(cfg: dict, frames: int, height: int, width: int) -> float:
-    """Forward + input-gradient backward, no recompute, as BASELINE.md counts it (sizes in latents).
+    """Forward + input-gradient backward, no recompute: the useful work of a step (sizes in latents).
 
     Per layer: linear layers 2 x 24 N d^2 (QKV, out, 4x MLP; forward and input gradient), attention
     3.5 x 4 N^2 d (QK^T and PV forward; five products in the flash backward).

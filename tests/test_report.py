@@ -184,7 +184,8 @@ def test_report_puts_the_runs_and_the_caches_values_in_their_rows(trained_run: P
     assert len(losses) == 4
     assert summary["base model"] == "tiny"
     assert summary["steps trained"] == "4 of 4"
-    assert summary["last loss (EMA 0.9)"] == f"{losses[-1]:.4g} ({smoothed(losses):.4g})"
+    assert summary["final loss (EMA 0.9 of 4 step losses)"] == f"{smoothed(losses):.4g}"
+    assert summary["last step's loss"] == f"{losses[-1]:.4g}"
     assert summary["LoRA"] == "rank 4, alpha 128.0, on to_q, to_k, to_v, to_out.0"
 
     manifest = Manifest.load(tiny_cache)

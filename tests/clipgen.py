@@ -177,6 +177,21 @@ def ffmpeg_frames(path: Path, height: int, width: int) -> np.ndarray:
     return np.frombuffer(raw, np.uint8).reshape(-1, height, width, 3)
 
 
+# PreprocessConfig's frame settings, spelled out for tests (FrameSpec has no defaults of its own;
+# tests/test_frame_plans.py checks that these are PreprocessConfig's).
+SPEC_DEFAULTS = dict(
+    resolutions=((480, 720),), frame_buckets=(49,), min_frames=5, fps=8.0, skip_frames_start=0, skip_frames_end=0,
+    resize="crop", windows=1, max_upscale=4.0,
+)  # fmt: skip
+
+
+def frame_spec(**changes):
+    """A FrameSpec with preprocessing's default settings, except ``changes``."""
+    from cogvx.preprocess.video import FrameSpec
+
+    return FrameSpec(**(SPEC_DEFAULTS | changes))
+
+
 READ_IN_A_CHILD = """
 import json, sys
 from cogvx.preprocess.video import FrameSpec, SkipClip, read_clip

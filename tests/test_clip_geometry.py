@@ -24,7 +24,7 @@ from cogvx.preprocess.encoding import ClipReader, Job, Skipped
 from cogvx.preprocess.sources import Clip
 from cogvx.preprocess.video import FrameSpec, SkipClip, closest_resolution, plan_frames
 
-from .clipgen import PIXEL_FORMATS, CannotStore, make_clip, pyav_frames, read_in_a_child, sized
+from .clipgen import PIXEL_FORMATS, CannotStore, frame_spec, make_clip, pyav_frames, read_in_a_child, sized
 from .conftest import property_examples
 
 # Mean absolute difference, in levels of 255, allowed between our frames and PyAV's resized with PIL:
@@ -52,7 +52,7 @@ class Case:
     windows: int = 1
 
     def spec(self) -> FrameSpec:
-        return FrameSpec(resolutions=self.resolutions, frame_buckets=self.frame_buckets, min_frames=5,
+        return frame_spec(resolutions=self.resolutions, frame_buckets=self.frame_buckets, min_frames=5,
                          fps=self.sample_fps, resize=self.resize, windows=self.windows)  # fmt: skip
 
     def times(self) -> list[float] | None:

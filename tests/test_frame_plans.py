@@ -16,7 +16,6 @@ from PIL import Image
 from cogvx.preprocess import video
 from cogvx.preprocess.video import (
     Bucket,
-    FrameSpec,
     SkipClip,
     closest_resolution,
     decode_size,
@@ -27,21 +26,13 @@ from cogvx.preprocess.video import (
     sampling_stride,
 )
 
-# The settings these plans are worked out for: PreprocessConfig's defaults, spelled out (FrameSpec has none).
-_DEFAULTS = dict(
-    resolutions=((480, 720),), frame_buckets=(49,), min_frames=5, fps=8.0, skip_frames_start=0, skip_frames_end=0,
-    resize="crop", windows=1, max_upscale=4.0,
-)  # fmt: skip
-
-
-def _spec(**changes) -> FrameSpec:
-    return FrameSpec(**(_DEFAULTS | changes))
+from .clipgen import frame_spec
 
 
 def test_the_spelled_out_settings_are_preprocess_defaults():
     from cogvx.preprocess.run import PreprocessConfig
 
-    assert PreprocessConfig(data="clips").frame_spec((480, 720)) == _spec()
+    assert PreprocessConfig(data="clips").frame_spec((480, 720)) == frame_spec()
 
 
 def test_skip_clip_carries_its_reason_and_detail():
@@ -56,7 +47,7 @@ def test_bucket_name_is_frames_height_width():
 
 
 def test_frame_spec_defaults_are_the_documented_ones():
-    spec = _spec()
+    spec = frame_spec()
     assert spec.resolutions == ((480, 720),) and spec.frame_buckets == (49,) and spec.min_frames == 5
     assert spec.fps == 8.0 and (spec.skip_frames_start, spec.skip_frames_end) == (0, 0)
     assert spec.resize == "crop" and spec.windows == 1 and spec.max_upscale == 4.0
@@ -78,39 +69,43 @@ def test_sampling_stride_is_source_frames_per_sample_never_below_one(source_fps:
 
 def test_plan_frames_takes_the_largest_fitting_bucket_sampled_by_time():
     # 97 frames at 24 fps -> every 3rd: 33 available; 33 fits exactly, 29 is smaller, 37 is too long.
-    count, windows, available = plan_frames(97, 24.0, _spec(frame_buckets=(29, 33, 37)))
+    count, windows, available = plan_frames(97, 24.0, frame_spec(frame_buckets=(29, 33, 37)))
     assert (count, available) == (33, 33) and windows == [list(range(0, 97, 3))]
     # 30 fps to 12: stride 2.5, indices int(k * 2.5 + 0.5): 0, 3, 5, 8, ...
-    count, windows, available = plan_frames(23, 30.0, _spec(frame_buckets=(9,), fps=12))
+    count, windows, available = plan_frames(23, 30.0, frame_spec(frame_buckets=(9,), fps=12))
     assert (count, available) == (9, 9) and windows == [[0, 3, 5, 8, 10, 13, 15, 18, 20]]
 
 
 def test_plan_frames_spreads_windows_evenly_from_first_to_last_frame():
     # 100 frames at 30 fps to 12: stride 2.5, 40 available, 4 windows of 9 (40 // 9 = 4). Their first
     # samples are round(i * 31 / 3) = 0, 10, 21, 31; sample s is source frame int(s * 2.5 + 0.5).
-    count, windows, available = plan_frames(100, 30.0, _spec(frame_buckets=(9,), fps=12, windows=4))
+    count, windows, available = plan_frames(100, 30.0, frame_spec(frame_buckets=(9,), fps=12, windows=4))
     assert (count, available) == (9, 40)
     assert windows == [[int((first + k) * 2.5 + 0.5) for k in range(9)] for first in (0, 10, 21, 31)]
     assert windows[0][0] == 0 and windows[-1][-1] == 98  # the last window ends at the last sample (39)
     # 240 frames at 24 fps: 80 samples, 3 windows of 17: firsts 0, round(31.5) = 32, 63.
-    _, windows, available = plan_frames(240, 24.0, _spec(frame_buckets=(9, 17), windows=3))
+    _, windows, available = plan_frames(240, 24.0, frame_spec(frame_buckets=(9, 17), windows=3))
     assert available == 80 and [w[0] for w in windows] == [0, 96, 189] and windows[-1][-1] == 237
     # Two windows asked, room for one (17 // 9 = 1): one window at the start.
-    _, windows, available = plan_frames(51, 24.0, _spec(frame_buckets=(9,), windows=2))
+    _, windows, available = plan_frames(51, 24.0, frame_spec(frame_buckets=(9,), windows=2))
     assert available == 17 and windows == [list(range(0, 27, 3))]
 
 
 def test_plan_frames_respects_the_skips():
     # Frames 2..6 remain of 10 (skip 2 at the start, 3 at the end); 4 fps source to 8 fps: stride 1.
-    count, windows, available = plan_frames(10, 4.0, _spec(frame_buckets=(5,), skip_frames_start=2, skip_frames_end=3))
+    count, windows, available = plan_frames(
+        10, 4.0, frame_spec(frame_buckets=(5,), skip_frames_start=2, skip_frames_end=3)
+    )
     assert (count, available) == (5, 5) and windows == [[2, 3, 4, 5, 6]]
     with pytest.raises(SkipClip) as err:
-        plan_frames(20, 24.0, _spec(skip_frames_start=15, skip_frames_end=5))
+        plan_frames(20, 24.0, frame_spec(skip_frames_start=15, skip_frames_end=5))
     assert (err.value.reason, err.value.detail) == ("no frames left", "20 frames, skipping 15 + 5")
     with pytest.raises(SkipClip, match="no frames left"):
-        plan_frames(20, 24.0, _spec(skip_frames_start=16, skip_frames_end=5))
+        plan_frames(20, 24.0, frame_spec(skip_frames_start=16, skip_frames_end=5))
     # One frame left is one sample: enough for a one-frame bucket.
-    assert plan_frames(21, 24.0, _spec(frame_buckets=(1,), min_frames=1, skip_frames_start=15, skip_frames_end=5)) == (
+    assert plan_frames(
+        21, 24.0, frame_spec(frame_buckets=(1,), min_frames=1, skip_frames_start=15, skip_frames_end=5)
+    ) == (
         1,
         [[15]],
         1,
@@ -119,15 +114,15 @@ def test_plan_frames_respects_the_skips():
 
 def test_short_clips_take_their_longest_4k1_prefix_down_to_min_frames():
     # 13 frames at 24 fps -> 5 samples: below the 49 bucket, 5 is 4k+1 and == min_frames.
-    assert plan_frames(13, 24.0, _spec()) == (5, [[0, 3, 6, 9, 12]], 5)
+    assert plan_frames(13, 24.0, frame_spec()) == (5, [[0, 3, 6, 9, 12]], 5)
     # 36 frames -> 12 samples -> 9.
-    assert plan_frames(36, 24.0, _spec()) == (9, [list(range(0, 27, 3))], 12)
+    assert plan_frames(36, 24.0, frame_spec()) == (9, [list(range(0, 27, 3))], 12)
     with pytest.raises(SkipClip) as err:
-        plan_frames(10, 24.0, _spec())  # 4 samples -> 1 frame
+        plan_frames(10, 24.0, frame_spec())  # 4 samples -> 1 frame
     assert err.value.reason == "too short"
     assert err.value.detail == "4 frames at 8 fps, need at least 5 (--min-frames)"
     with pytest.raises(SkipClip) as err:
-        plan_frames(13, 24.0, _spec(min_frames=6, fps=7.5))
+        plan_frames(13, 24.0, frame_spec(min_frames=6, fps=7.5))
     assert err.value.detail == "4 frames at 7.5 fps, need at least 6 (--min-frames)"
 
 
@@ -146,12 +141,12 @@ def test_closest_resolution_compares_aspect_ratios_on_a_log_scale():
 
 
 def test_plan_clip_picks_bucket_and_refuses_too_much_enlarging():
-    spec = _spec(resolutions=((64, 96), (96, 64), (80, 80)), frame_buckets=(9, 17, 25))
+    spec = frame_spec(resolutions=((64, 96), (96, 64), (80, 80)), frame_buckets=(9, 17, 25))
     plan = plan_clip(60, 24.0, 720, 1280, spec)  # 20 samples -> 17
     assert plan.bucket == Bucket(17, 64, 96) and plan.available == 20 and plan.windows == [list(range(0, 49, 3))]
     assert plan_clip(200, 24.0, 1280, 720, spec).bucket == Bucket(25, 96, 64)
     # Enlarging exactly max_upscale is allowed: 8x8 -> 32x32 is 4x.
-    square = _spec(resolutions=((32, 32),), frame_buckets=(5,))
+    square = frame_spec(resolutions=((32, 32),), frame_buckets=(5,))
     assert plan_clip(13, 24.0, 8, 8, square).bucket == Bucket(5, 32, 32)
     with pytest.raises(SkipClip) as err:
         plan_clip(13, 24.0, 7, 7, square)
@@ -159,10 +154,10 @@ def test_plan_clip_picks_bucket_and_refuses_too_much_enlarging():
     assert err.value.detail == "7x7 would need 4.6x enlarging to 32x32 (--max-upscale 4)"
     # The cover needs the larger of the two scales: 16x64 into 32x32 is 2x (height), not 0.5x.
     with pytest.raises(SkipClip, match=r"16x64 would need 2.0x enlarging to 32x32 \(--max-upscale 1.5\)"):
-        plan_clip(13, 24.0, 16, 64, _spec(resolutions=((32, 32),), frame_buckets=(5,), max_upscale=1.5))
-    assert plan_clip(13, 24.0, 64, 16, _spec(resolutions=((32, 32),), frame_buckets=(5,), max_upscale=2)).bucket == (
-        Bucket(5, 32, 32)
-    )
+        plan_clip(13, 24.0, 16, 64, frame_spec(resolutions=((32, 32),), frame_buckets=(5,), max_upscale=1.5))
+    assert plan_clip(
+        13, 24.0, 64, 16, frame_spec(resolutions=((32, 32),), frame_buckets=(5,), max_upscale=2)
+    ).bucket == (Bucket(5, 32, 32))
 
 
 @pytest.mark.parametrize(

@@ -20,9 +20,10 @@ from cogvx.cli import app
 from cogvx.errors import CacheError, ConfigError, InputError
 from cogvx.preprocess.run import PreprocessConfig, run
 from cogvx.preprocess.sources import discover
-from cogvx.preprocess.video import FrameSpec, SkipClip, closest_resolution, plan_clip, plan_frames
+from cogvx.preprocess.video import SkipClip, closest_resolution, plan_clip, plan_frames
 from cogvx.shards import Manifest, read_shard, verify
 
+from .clipgen import frame_spec
 from .conftest import CLIPS, SEED_LAYOUT
 
 
@@ -69,22 +70,22 @@ def live_samples(folder: Path) -> list:
 def test_sampling_is_by_time_and_covers_the_whole_clip():
     # The seed's defect: a 97-frame 24 fps clip used only its first 49 frames. At 8 fps, 49 frames span
     # 6 s, longer than the clip, so the longest 4k+1 prefix at 8 fps is taken: every 3rd frame, to the end.
-    frames, windows, available = plan_frames(97, 24.0, FrameSpec(frame_buckets=(49,)))
+    frames, windows, available = plan_frames(97, 24.0, frame_spec(frame_buckets=(49,)))
     assert available == 33 and frames == 33
     assert windows == [list(range(0, 97, 3))]
     # Sampling at the source rate takes consecutive frames.
-    _, windows, _ = plan_frames(97, 24.0, FrameSpec(frame_buckets=(49,), fps=24))
+    _, windows, _ = plan_frames(97, 24.0, frame_spec(frame_buckets=(49,), fps=24))
     assert windows == [list(range(49))]
     # A 12 fps source sampled at 8 fps: a stride of 1.5 source frames, rounded to the nearest frame.
-    _, windows, _ = plan_frames(40, 12.0, FrameSpec(frame_buckets=(9,)))
+    _, windows, _ = plan_frames(40, 12.0, frame_spec(frame_buckets=(9,)))
     assert windows[0][:5] == [0, 2, 3, 5, 6]
     # Never denser than the source: an 8 fps request on a 4 fps clip uses each frame once.
-    _, windows, _ = plan_frames(20, 4.0, FrameSpec(frame_buckets=(9,)))
+    _, windows, _ = plan_frames(20, 4.0, frame_spec(frame_buckets=(9,)))
     assert windows == [list(range(9))]
 
 
 def test_long_clips_give_evenly_spaced_non_overlapping_windows():
-    spec = FrameSpec(frame_buckets=(9,), windows=3)
+    spec = frame_spec(frame_buckets=(9,), windows=3)
     frames, windows, available = plan_frames(240, 24.0, spec)  # 80 frames at 8 fps
     assert frames == 9 and available == 80 and len(windows) == 3
     firsts = [w[0] for w in windows]
@@ -95,26 +96,26 @@ def test_long_clips_give_evenly_spaced_non_overlapping_windows():
     _, windows, _ = plan_frames(54, 24.0, spec)  # 18 frames at 8 fps
     assert [w[0] for w in windows] == [0, 27]
     # Default: one window, the first.
-    _, windows, _ = plan_frames(240, 24.0, FrameSpec(frame_buckets=(9,)))
+    _, windows, _ = plan_frames(240, 24.0, frame_spec(frame_buckets=(9,)))
     assert windows == [list(range(0, 27, 3))]
 
 
 def test_short_clips_take_the_longest_4k1_prefix_or_are_skipped():
-    spec = FrameSpec(frame_buckets=(49,), min_frames=5)
+    spec = frame_spec(frame_buckets=(49,), min_frames=5)
     frames, windows, _ = plan_frames(36, 24.0, spec)  # 12 frames at 8 fps -> 9
     assert frames == 9 and windows[0] == list(range(0, 27, 3))
     with pytest.raises(SkipClip, match="at least 5") as err:
         plan_frames(10, 24.0, spec)  # 4 frames at 8 fps
     assert err.value.reason == "too short"
     with pytest.raises(SkipClip) as err:
-        plan_frames(20, 24.0, FrameSpec(skip_frames_start=15, skip_frames_end=5))
+        plan_frames(20, 24.0, frame_spec(skip_frames_start=15, skip_frames_end=5))
     assert err.value.reason == "no frames left"
-    _, windows, _ = plan_frames(120, 24.0, FrameSpec(frame_buckets=(9,), skip_frames_start=30, skip_frames_end=60))
+    _, windows, _ = plan_frames(120, 24.0, frame_spec(frame_buckets=(9,), skip_frames_start=30, skip_frames_end=60))
     assert windows[0][0] == 30 and windows[0][-1] == 54
 
 
 def test_buckets_pick_the_longest_fitting_length_and_the_closest_aspect():
-    spec = FrameSpec(resolutions=((64, 96), (96, 64), (80, 80)), frame_buckets=(9, 17, 25))
+    spec = frame_spec(resolutions=((64, 96), (96, 64), (80, 80)), frame_buckets=(9, 17, 25))
     assert plan_clip(60, 24.0, 720, 1280, spec).bucket.name == "17x64x96"  # 20 frames at 8 fps
     assert plan_clip(200, 24.0, 1280, 720, spec).bucket.name == "25x96x64"
     assert plan_clip(30, 24.0, 500, 520, spec).bucket.name == "9x80x80"

@@ -20,7 +20,18 @@ from cogvx.preprocess.sources import Clip
 from cogvx.preprocess.video import FrameSpec, SkipClip, read_clip
 from cogvx.shards import Manifest, read_shard
 
-from .clipgen import content, ffmpeg, ffmpeg_frames, make_clip, pyav_frames, regions, sized, write_clip, zero_frame_rate
+from .clipgen import (
+    content,
+    ffmpeg,
+    ffmpeg_frames,
+    frame_spec,
+    make_clip,
+    pyav_frames,
+    regions,
+    sized,
+    write_clip,
+    zero_frame_rate,
+)
 
 RED, GREEN, BLUE = (220, 30, 30), (30, 220, 30), (30, 30, 220)
 
@@ -42,7 +53,7 @@ def test_padded_widths_decode_right(tmp_path: Path, height: int, width: int, tol
     # decord returns (36, 48, 4) for a 64x48 clip decoded to 48x36: 144 RGB bytes and 48 zero bytes a row.
     # Before the fix these frames went on to jpeg_strip, which raised "cannot write mode RGBA as JPEG".
     path = make_clip(tmp_path / "clip.mp4", frames=10, height=48, width=64)
-    spec = FrameSpec(resolutions=((height, width),), frame_buckets=(5,), fps=24, max_upscale=100)
+    spec = frame_spec(resolutions=((height, width),), frame_buckets=(5,), fps=24, max_upscale=100)
     frames, plan, _ = read_clip(str(path), spec)
     assert frames.shape == (1, 5, height, width, 3) and frames.dtype == np.uint8
     expected = sized(pyav_frames(path)[0][plan.windows[0]], height, width)
@@ -56,7 +67,7 @@ def test_padded_widths_decode_right(tmp_path: Path, height: int, width: int, tol
 def test_rotated_clips_come_out_upright(tmp_path: Path, suffix: str):
     # A phone stores portrait video as landscape frames plus a display rotation; players turn it upright.
     shown = content(10, 96, 64)  # portrait, as it should appear
-    spec = FrameSpec(resolutions=((48, 32), (32, 48)), frame_buckets=(5,), fps=24)
+    spec = frame_spec(resolutions=((48, 32), (32, 48)), frame_buckets=(5,), fps=24)
     for rotation in (90, 180, 270):
         path = write_clip((tmp_path / f"r{rotation}").with_suffix(suffix), shown, rotation=rotation)
         assert mean_diff(ffmpeg_frames(path, 96, 64), shown) < 3  # the ffmpeg player shows it upright
@@ -67,7 +78,7 @@ def test_rotated_clips_come_out_upright(tmp_path: Path, suffix: str):
 
 def test_any_exception_while_reading_a_clip_is_a_skip_record(tmp_path: Path):
     path = make_clip(tmp_path / "clip.mp4", frames=40)
-    broken = FrameSpec(resolutions=((0, 0),))  # never passes PreprocessConfig; here it makes reading fail
+    broken = frame_spec(resolutions=((0, 0),))  # never passes PreprocessConfig; here it makes reading fail
     item = reader_item(path, broken)
     assert isinstance(item, Skipped) and item.reason == "reading failed"
     assert item.detail.startswith("ZeroDivisionError: ") and "video.py:" in item.detail
@@ -80,7 +91,7 @@ def test_decoding_in_several_calls_gives_the_same_frames(tmp_path: Path, monkeyp
     from cogvx.preprocess import video
 
     path = make_clip(tmp_path / "clip.mp4", frames=60, height=48, width=64)
-    spec = FrameSpec(resolutions=((32, 32),), frame_buckets=(9,), fps=24, windows=3)
+    spec = frame_spec(resolutions=((32, 32),), frame_buckets=(9,), fps=24, windows=3)
     whole, plan, _ = read_clip(str(path), spec)
     calls = record_batches(monkeypatch)
     monkeypatch.setattr(video, "DECODE_CHUNK_BYTES", 5 * 32 * 43 * 3 + 10)  # 5 frames of the 32x43 cover a call
@@ -114,7 +125,7 @@ def test_frames_above_the_pixel_limit_are_refused(tmp_path: Path, monkeypatch):
     path = make_clip(tmp_path / "big.mp4", frames=2, height=64, width=64)
     monkeypatch.setattr(video, "MAX_SOURCE_PIXELS", 64 * 64 - 1)  # the real 40 M would need a 40 MB test clip
     with pytest.raises(SkipClip, match="64x64 frames are above the 0.004095-megapixel limit") as err:
-        read_clip(str(path), FrameSpec(resolutions=((64, 64),), frame_buckets=(1,), min_frames=1))
+        read_clip(str(path), frame_spec(resolutions=((64, 64),), frame_buckets=(1,), min_frames=1))
     assert err.value.reason == "too large"
 
 
@@ -123,7 +134,7 @@ def test_frames_above_the_pixel_limit_are_refused(tmp_path: Path, monkeypatch):
 
 def test_zero_frame_rate_is_skipped_with_a_reason(tmp_path: Path):
     path = zero_frame_rate(make_clip(tmp_path / "clip.mp4", frames=10), tmp_path / "zero.mp4")
-    spec = FrameSpec(resolutions=((48, 64),), frame_buckets=(5,))
+    spec = frame_spec(resolutions=((48, 64),), frame_buckets=(5,))
     with pytest.raises(SkipClip, match="gives nan frames per second") as err:
         read_clip(str(path), spec)
     assert err.value.reason == "no frame rate"
@@ -136,7 +147,7 @@ def test_variable_frame_rate_is_sampled_by_time(tmp_path: Path):
     # rate (20 fps) would take frames 0.5 s apart in the first second and 0.125 s apart after it.
     times = [0.1 * i for i in range(10)] + [1.0 + 0.025 * i for i in range(20)]
     path = make_clip(tmp_path / "vfr.mp4", frames=30, times=times)
-    spec = FrameSpec(resolutions=((48, 64),), frame_buckets=(5,), fps=4)
+    spec = frame_spec(resolutions=((48, 64),), frame_buckets=(5,), fps=4)
     frames, plan, info = read_clip(str(path), spec)
     (window,) = plan.windows
     taken = [times[i] for i in window]
@@ -148,7 +159,7 @@ def test_variable_frame_rate_is_sampled_by_time(tmp_path: Path):
 
 def test_constant_frame_rates_keep_index_sampling(tmp_path: Path):
     path = make_clip(tmp_path / "clip.mp4", frames=40, fps=12)
-    frames, plan, info = read_clip(str(path), FrameSpec(resolutions=((48, 64),), frame_buckets=(9,)))
+    frames, plan, info = read_clip(str(path), frame_spec(resolutions=((48, 64),), frame_buckets=(9,)))
     assert plan.windows == [[0, 2, 3, 5, 6, 8, 9, 11, 12]]  # every 1.5 source frames, rounded
     assert info == {"fps": 8.0, "source_fps": 12.0, "source_frames": 40, "source_size": [48, 64], "size": [48, 64]}
     assert mean_diff(frames[0], content(40, 48, 64)[plan.windows[0]]) < 3
@@ -160,18 +171,18 @@ def test_constant_frame_rates_keep_index_sampling(tmp_path: Path):
 def test_crop_takes_the_centre(tmp_path: Path):
     # Red | green | blue bands; the bucket is square, so crop keeps exactly the green band.
     clip = write_clip(tmp_path / "bands.mp4", regions(5, 64, 192, [0, 64, 128, 192], [RED, GREEN, BLUE]))
-    spec = FrameSpec(resolutions=((64, 64),), frame_buckets=(5,), fps=24)
+    spec = frame_spec(resolutions=((64, 64),), frame_buckets=(5,), fps=24)
     frames, _, _ = read_clip(str(clip), spec)
     assert np.abs(frames[0, :, :, 2:-2].astype(int) - GREEN).max() <= 12
     # A cover over 4x the bucket is cropped in the source first (another code path), to the same result.
     wide = write_clip(tmp_path / "wide.mp4", regions(5, 32, 320, [0, 144, 176, 320], [RED, GREEN, BLUE]))
-    frames, _, _ = read_clip(str(wide), FrameSpec(resolutions=((32, 32),), frame_buckets=(5,), fps=24))
+    frames, _, _ = read_clip(str(wide), frame_spec(resolutions=((32, 32),), frame_buckets=(5,), fps=24))
     assert np.abs(frames[0, :, :, 2:-2].astype(int) - GREEN).max() <= 12
 
 
 def test_stretch_scales_each_axis(tmp_path: Path):
     clip = write_clip(tmp_path / "bands.mp4", regions(5, 64, 192, [0, 64, 128, 192], [RED, GREEN, BLUE]))
-    spec = FrameSpec(resolutions=((32, 48),), frame_buckets=(5,), fps=24, resize="stretch")
+    spec = frame_spec(resolutions=((32, 48),), frame_buckets=(5,), fps=24, resize="stretch")
     frames, _, info = read_clip(str(clip), spec)
     assert frames.shape == (1, 5, 32, 48, 3) and info["size"] == [32, 48]
     thirds = frames[0].astype(int)
@@ -211,12 +222,13 @@ def test_crop_takes_the_centre_of_tall_clips_on_both_decoding_paths(tmp_path: Pa
     # Red / green / blue rows: a square bucket keeps the green band, whichever path decodes it.
     tall = regions(5, 64, 192, [0, 64, 128, 192], [RED, GREEN, BLUE]).transpose(0, 2, 1, 3)  # 192x64
     frames, _, _ = read_clip(
-        str(write_clip(tmp_path / "tall.mp4", tall)), FrameSpec(resolutions=((64, 64),), frame_buckets=(5,), fps=24)
+        str(write_clip(tmp_path / "tall.mp4", tall)), frame_spec(resolutions=((64, 64),), frame_buckets=(5,), fps=24)
     )
     assert np.abs(frames[0, :, 2:-2].astype(int) - GREEN).max() <= 12  # a 192x64 cover: decord scales
     taller = regions(5, 32, 320, [0, 144, 176, 320], [RED, GREEN, BLUE]).transpose(0, 2, 1, 3)  # 320x32
     frames, _, _ = read_clip(
-        str(write_clip(tmp_path / "taller.mp4", taller)), FrameSpec(resolutions=((32, 32),), frame_buckets=(5,), fps=24)
+        str(write_clip(tmp_path / "taller.mp4", taller)),
+        frame_spec(resolutions=((32, 32),), frame_buckets=(5,), fps=24),
     )
     assert np.abs(frames[0, :, 2:-2].astype(int) - GREEN).max() <= 12  # a 320x32 cover: cropped first
 
@@ -226,7 +238,7 @@ def test_frames_at_the_pixel_limit_are_read(tmp_path: Path, monkeypatch):
 
     path = make_clip(tmp_path / "clip.mp4", frames=5, height=64, width=64)
     monkeypatch.setattr(video, "MAX_SOURCE_PIXELS", 64 * 64)
-    frames, _, info = read_clip(str(path), FrameSpec(resolutions=((64, 64),), frame_buckets=(5,), fps=24))
+    frames, _, info = read_clip(str(path), frame_spec(resolutions=((64, 64),), frame_buckets=(5,), fps=24))
     assert frames.shape == (1, 5, 64, 64, 3) and info["source_size"] == [64, 64]
 
 
@@ -287,7 +299,7 @@ def test_rotated_webm_comes_out_upright(tmp_path: Path):
                    input=stored.tobytes(), check=True)  # fmt: skip
     subprocess.run([ffmpeg(), "-loglevel", "error", "-y", "-display_rotation", "90", "-i", str(plain), "-c", "copy",
                     str(path)], check=True)  # fmt: skip
-    frames, plan, info = read_clip(str(path), FrameSpec(resolutions=((48, 32), (32, 48)), frame_buckets=(5,), fps=24))
+    frames, plan, info = read_clip(str(path), frame_spec(resolutions=((48, 32), (32, 48)), frame_buckets=(5,), fps=24))
     assert info["source_size"] == [96, 64] and info["size"] == [48, 32]
     assert mean_diff(frames[0], sized(shown[plan.windows[0]], 48, 32)) < 4
 
@@ -297,7 +309,7 @@ def test_a_frame_taken_twice_is_decoded_once_and_placed_twice(tmp_path: Path):
     # nearest in time are 0, 2, 4, 4, 4, 5, 5, 5, 7 (in the gap the last frame before it is shown on).
     times = [0.0, 0.1, 0.2, 0.3, 0.4, 1.2, 1.3, 1.4, 1.5, 1.6]
     path = make_clip(tmp_path / "gap.mp4", frames=10, times=times)
-    frames, plan, info = read_clip(str(path), FrameSpec(resolutions=((48, 64),), frame_buckets=(9,), fps=24))
+    frames, plan, info = read_clip(str(path), frame_spec(resolutions=((48, 64),), frame_buckets=(9,), fps=24))
     assert plan.windows == [[0, 2, 4, 4, 4, 5, 5, 5, 7]] and info["source_fps"] == info["fps"] == 5.625
     assert plan.available == 10 and plan.bucket.name == "9x48x64"
     assert mean_diff(frames[0], content(10, 48, 64)[plan.windows[0]]) < 3
@@ -305,7 +317,7 @@ def test_a_frame_taken_twice_is_decoded_once_and_placed_twice(tmp_path: Path):
 
 def test_a_one_frame_clip_is_one_frame(tmp_path: Path):
     path = make_clip(tmp_path / "one.mp4", frames=1)
-    frames, plan, info = read_clip(str(path), FrameSpec(resolutions=((48, 64),), frame_buckets=(1,), min_frames=1))
+    frames, plan, info = read_clip(str(path), frame_spec(resolutions=((48, 64),), frame_buckets=(1,), min_frames=1))
     assert plan.windows == [[0]] and info["source_frames"] == 1 and info["source_fps"] == 24.0
     assert mean_diff(frames[0], content(1, 48, 64)) < 3
 
@@ -314,7 +326,7 @@ def test_a_file_that_is_no_video_is_skipped_as_unreadable(tmp_path: Path):
     path = tmp_path / "junk.mp4"
     path.write_bytes(b"not a video" * 100)
     with pytest.raises(SkipClip) as err:
-        read_clip(str(path), FrameSpec())
+        read_clip(str(path), frame_spec())
     assert err.value.reason == "unreadable video" and err.value.detail.startswith("RuntimeError: Error reading ")
 
 
@@ -326,7 +338,7 @@ def test_covers_above_crop_first_times_the_bucket_are_cropped_before_scaling(
     # (get_batch). 32x160 needs 5 times: each frame is cropped from the source first (reader[i], no batch).
     calls = record_batches(monkeypatch)
     path = write_clip(tmp_path / "wide.mp4", content(5, 32, width))
-    frames, _, _ = read_clip(str(path), FrameSpec(resolutions=((32, 32),), frame_buckets=(5,), fps=24))
+    frames, _, _ = read_clip(str(path), frame_spec(resolutions=((32, 32),), frame_buckets=(5,), fps=24))
     assert bool(calls) == scaled_by_decord
     centre = (width - 32) // 2
     assert mean_diff(frames[0], content(5, 32, width)[:, :, centre : centre + 32]) < 3
@@ -336,7 +348,7 @@ def test_covers_above_crop_first_times_the_bucket_are_cropped_before_scaling(
 def test_one_pixel_thin_clips_are_read(tmp_path: Path, height: int, width: int):
     shown = content(5, height, width)
     path = write_clip(tmp_path / "thin.mp4", shown)  # FFV1 in a .mov: 4:2:0 H.264 has no odd sizes
-    frames, _, info = read_clip(str(path), FrameSpec(resolutions=((height, width),), frame_buckets=(5,), fps=24))
+    frames, _, info = read_clip(str(path), frame_spec(resolutions=((height, width),), frame_buckets=(5,), fps=24))
     assert info["source_size"] == [height, width] and mean_diff(frames[0], shown) < 3
 
 
@@ -344,7 +356,7 @@ def test_sampled_rate_is_recorded_to_four_decimals(tmp_path: Path):
     # 30 frames over 1.475 s: 19.66101... fps, below the 24 asked for, so every frame is taken.
     times = [0.1 * i for i in range(10)] + [1.0 + 0.025 * i for i in range(20)]
     path = make_clip(tmp_path / "vfr.mp4", frames=30, times=times)
-    _, _, info = read_clip(str(path), FrameSpec(resolutions=((48, 64),), frame_buckets=(9,), fps=24))
+    _, _, info = read_clip(str(path), frame_spec(resolutions=((48, 64),), frame_buckets=(9,), fps=24))
     assert info["fps"] == info["source_fps"] == 19.661
 
 
@@ -370,7 +382,7 @@ def test_a_clip_whose_last_packets_are_corrupt_is_skipped_as_decoding_failed(tmp
     path = tmp_path / "corrupt.mp4"
     path.write_bytes(bytes(data))
     with pytest.raises(SkipClip) as err:  # 49 frames 6 apart (24 to 4 fps): 0, 6, ..., 288
-        read_clip(str(path), FrameSpec(resolutions=((48, 64),), frame_buckets=(49,), fps=4))
+        read_clip(str(path), frame_spec(resolutions=((48, 64),), frame_buckets=(49,), fps=4))
     assert err.value.reason == "decoding failed"
     assert isinstance(err.value.__cause__, decord.DECORDError)
     assert err.value.detail.startswith("DECORDError: [") and "threaded_decoder.cc" in err.value.detail
@@ -386,7 +398,7 @@ def test_a_failure_reading_the_timestamps_is_skipped_as_unreadable(tmp_path: Pat
 
     monkeypatch.setattr(decord.VideoReader, "get_frame_timestamp", broken)
     with pytest.raises(SkipClip) as err:
-        read_clip(str(make_clip(tmp_path / "clip.mp4", frames=10)), FrameSpec(resolutions=((48, 64),)))
+        read_clip(str(make_clip(tmp_path / "clip.mp4", frames=10)), frame_spec(resolutions=((48, 64),)))
     assert err.value.reason == "unreadable video"
     assert err.value.detail == "DECORDError: [12:00:00] video_reader.cc:9: Error: no timestamps"
     assert isinstance(err.value.__cause__, decord.DECORDError)
@@ -399,7 +411,7 @@ def test_a_video_that_opens_with_no_frames_is_skipped_as_unreadable(tmp_path: Pa
 
     monkeypatch.setattr(decord.VideoReader, "__len__", lambda reader: 0)
     with pytest.raises(SkipClip) as err:
-        read_clip(str(make_clip(tmp_path / "clip.mp4", frames=10)), FrameSpec(resolutions=((48, 64),)))
+        read_clip(str(make_clip(tmp_path / "clip.mp4", frames=10)), frame_spec(resolutions=((48, 64),)))
     assert (err.value.reason, err.value.detail) == ("unreadable video", "no decodable frames")
 
 
@@ -416,7 +428,7 @@ def test_the_decoding_path_compares_the_cover_with_the_bucket_area(
     calls = record_batches(monkeypatch)
     shown = content(5, height, width)
     path = write_clip(tmp_path / "clip.mp4", shown)
-    frames, plan, _ = read_clip(str(path), FrameSpec(resolutions=(bucket,), frame_buckets=(5,), fps=24))
+    frames, plan, _ = read_clip(str(path), frame_spec(resolutions=(bucket,), frame_buckets=(5,), fps=24))
     assert bool(calls) == scaled_by_decord and plan.bucket.name == f"5x{bucket[0]}x{bucket[1]}"
     top, left = (height - bucket[0]) // 2, (width - bucket[1]) // 2
     assert mean_diff(frames[0], shown[:, top : top + bucket[0], left : left + bucket[1]]) < 3
@@ -431,7 +443,8 @@ def test_the_dataloaders_pinning_thread_pins_a_read_clips_frames():
         def pin_memory(self):
             return "pinned"
 
-    read = ReadClip(0, Clip(Path("a.mp4"), "a", "a.mp4"), "h", 1, 2, Frames(), "1x16x16", [[0]], {}, [b""])
+    clip = Clip(Path("a.mp4"), "a", "a.mp4")
+    read = ReadClip(0, clip, "h", 1, 2, Frames(), "1x16x16", [[0]], {}, [b""], [(0, False)])
     pinned = pin_memory(read)
     assert isinstance(pinned, ReadClip) and pinned.frames == "pinned" and pinned.windows == [[0]]
     assert pin_memory(Skipped(0, "too short", "x")) == Skipped(0, "too short", "x")

@@ -58,7 +58,7 @@ def bare_loader(folder: Path, records, workers: int):
 
 
 def cogvx_loader(folder: Path, records, workers: int):
-    stream = ShardStream(folder, records, batch_size=1, seed=0, shuffle_buffer=16)
+    stream = ShardStream(folder, records, batch_size=1, seed=0, random_flip=0.0, shuffle_buffer=16)
     return make_loader(stream, workers, pin_memory=torch.cuda.is_available())
 
 

@@ -167,7 +167,7 @@ class CogvxStep:
         alphas = CogVideoXDPMScheduler(**cfg["scheduler"]).alphas_cumprod
         self.objective = Objective(cfg["transformer"], alphas, cfg["vae"]["scaling_factor"])
         self.transformer, self.device, self.step = transformer, device, 0
-        stream = ShardStream(folder, records, batch_size=1, seed=0, shuffle_buffer=4)
+        stream = ShardStream(folder, records, batch_size=1, seed=0, random_flip=0.0, shuffle_buffer=4)
         self.batches = iter(make_loader(stream, workers=2, pin_memory=device.type == "cuda"))
 
     def lora_dtype(self) -> str:

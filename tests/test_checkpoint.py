@@ -395,21 +395,21 @@ def _keys(stream, batches: int) -> list[list[str]]:
 def test_an_empty_cache_is_refused_in_one_line(tmp_path: Path):
     message = f"The cache in {tmp_path} holds no samples; run `cogvx preprocess` first."
     with pytest.raises(CacheError) as err:
-        ShardStream(tmp_path, [], batch_size=1, seed=0, shuffle_buffer=64)
+        ShardStream(tmp_path, [], batch_size=1, seed=0, random_flip=0.0, shuffle_buffer=64)
     assert str(err.value) == message
     records = _cache(tmp_path, (2, 1))
     for record in records:
         record.excluded = [s.key for s in record.samples]
     with pytest.raises(CacheError) as err:
-        ShardStream(tmp_path, records, batch_size=1, seed=0, shuffle_buffer=64)
+        ShardStream(tmp_path, records, batch_size=1, seed=0, random_flip=0.0, shuffle_buffer=64)
     assert str(err.value) == message
     records[1].excluded = records[1].excluded[:-1]  # one live sample is enough
-    ShardStream(tmp_path, records, batch_size=1, seed=0, shuffle_buffer=64)
+    ShardStream(tmp_path, records, batch_size=1, seed=0, random_flip=0.0, shuffle_buffer=64)
 
 
 def test_batches_hold_batch_size_samples_of_one_bucket_with_their_tensors(tmp_path: Path):
     records = _cache(tmp_path, (6, 5), buckets=2)
-    stream = iter(ShardStream(tmp_path, records, batch_size=3, seed=1, shuffle_buffer=4))
+    stream = iter(ShardStream(tmp_path, records, batch_size=3, seed=1, random_flip=0.0, shuffle_buffer=4))
     for _ in range(12):
         batch = next(stream)
         assert set(batch) == {"moments", "prompt_embeds", "keys"}
@@ -439,8 +439,8 @@ def test_the_stream_serves_live_samples_only_weighted_by_live_count(tmp_path: Pa
     records = _cache(tmp_path, (4, 3, 2))
     records[0].excluded = ["s0k0", "s0k1", "s0k2", "s0k3"]  # a fully replaced shard is never drawn
     records[1].excluded = ["s1k1"]
-    seen = [k for batch in _keys(ShardStream(tmp_path, records, batch_size=1, seed=0, shuffle_buffer=1), 60)
-            for k in batch]  # fmt: skip
+    stream = ShardStream(tmp_path, records, batch_size=1, seed=0, random_flip=0.0, shuffle_buffer=1)
+    seen = [k for batch in _keys(stream, 60) for k in batch]
     assert set(seen) == {"s1k0", "s1k2", "s2k0", "s2k1"}
 
 
@@ -463,7 +463,7 @@ def test_the_stream_order_is_fixed_by_seed_rank_and_world_size(tmp_path: Path, s
     seed, rank, world_size, buffer = settings
     records = _cache(tmp_path)
     stream = ShardStream(tmp_path, records, batch_size=1, seed=seed, rank=rank, world_size=world_size,
-                         shuffle_buffer=buffer)  # fmt: skip
+                         random_flip=0.0, shuffle_buffer=buffer)  # fmt: skip
     keys = [k for batch in _keys(stream, 8) for k in batch]
     assert keys == GOLDEN[settings]
 
@@ -471,7 +471,9 @@ def test_the_stream_order_is_fixed_by_seed_rank_and_world_size(tmp_path: Path, s
 def test_the_stream_defaults_are_rank_0_of_1_and_the_shuffle_buffer_is_the_configs(tmp_path: Path):
     records = _cache(tmp_path)
     assert TrainConfig.shuffle_buffer == 64
-    stream = ShardStream(tmp_path, records, batch_size=1, seed=0, shuffle_buffer=TrainConfig.shuffle_buffer)
+    stream = ShardStream(
+        tmp_path, records, batch_size=1, seed=0, random_flip=0.0, shuffle_buffer=TrainConfig.shuffle_buffer
+    )
     keys = [k for batch in _keys(stream, 8) for k in batch]
     assert keys == GOLDEN[(0, 0, 1, 64)]
     with pytest.raises(TypeError, match="shuffle_buffer"):  # no default of its own: TrainConfig's is the one
@@ -488,14 +490,16 @@ GOLDEN_WORKERS = {
 @pytest.mark.parametrize("rank", [0, 1])
 def test_the_loader_order_is_fixed_for_each_rank_and_worker(tmp_path: Path, rank: int):
     records = _cache(tmp_path)
-    stream = ShardStream(tmp_path, records, batch_size=1, seed=2, rank=rank, world_size=2, shuffle_buffer=4)
+    stream = ShardStream(
+        tmp_path, records, batch_size=1, seed=2, rank=rank, world_size=2, random_flip=0.0, shuffle_buffer=4
+    )
     next(iter(stream))  # in-process as well: mutmut maps the functions a test calls in this process
     keys = [k for batch in _keys(make_loader(stream, workers=2, pin_memory=False), 8) for k in batch]
     assert keys == GOLDEN_WORKERS[rank]
 
 
 def test_make_loader_settings(tmp_path: Path):
-    stream = ShardStream(tmp_path, _cache(tmp_path), batch_size=1, seed=0, shuffle_buffer=64)
+    stream = ShardStream(tmp_path, _cache(tmp_path), batch_size=1, seed=0, random_flip=0.0, shuffle_buffer=64)
     default = make_loader(stream, workers=2, pin_memory=False).loader
     assert (default.num_workers, default.prefetch_factor, default.pin_memory) == (2, 2, False)
     assert default.persistent_workers is False and default.batch_size is None
@@ -512,7 +516,7 @@ def test_a_sample_that_does_not_fit_its_recorded_layout_is_refused_with_its_shar
     recorded = records[0].layouts["b0"]
     records[0].layouts = {"b0": {**recorded, "moments": {**recorded["moments"], "shape": [4, 1, 2, 2]}}}
     with pytest.raises(CacheError) as err:
-        next(iter(ShardStream(tmp_path, records, batch_size=1, seed=0, shuffle_buffer=1)))
+        next(iter(ShardStream(tmp_path, records, batch_size=1, seed=0, random_flip=0.0, shuffle_buffer=1)))
     assert str(err.value).startswith(f"Sample s0k0 in {tmp_path / records[0].name} holds moments float32 [2, 1, 2, 2]")
 
 
@@ -525,14 +529,15 @@ def test_a_cache_without_layouts_refuses_a_sample_unlike_the_first_of_its_bucket
     for record in records:
         record.layouts = {}  # an older cache: no recorded layouts
     with pytest.raises(CacheError, match=rf"^Sample k[01] in {tmp_path}/shard-[01]-000000.tar holds moments"):
-        _keys(ShardStream(tmp_path, records, batch_size=1, seed=0, shuffle_buffer=1), 30)
+        _keys(ShardStream(tmp_path, records, batch_size=1, seed=0, random_flip=0.0, shuffle_buffer=1), 30)
 
 
 @pytest.mark.parametrize("skip", [0, 1, 2, 5])
 def test_a_resumed_in_process_stream_continues_after_the_consumed_batches(tmp_path: Path, skip: int):
     records = _cache(tmp_path, buckets=2)
-    whole = _keys(ShardStream(tmp_path, records, batch_size=2, seed=4, shuffle_buffer=3), skip + 4)
-    resumed = _keys(ShardStream(tmp_path, records, batch_size=2, seed=4, shuffle_buffer=3, skip_batches=skip), 4)
+    settings = dict(batch_size=2, seed=4, random_flip=0.0, shuffle_buffer=3)
+    whole = _keys(ShardStream(tmp_path, records, **settings), skip + 4)
+    resumed = _keys(ShardStream(tmp_path, records, **settings, skip_batches=skip), 4)
     assert resumed == whole[skip:]
 
 
@@ -541,11 +546,12 @@ def test_a_resumed_loader_continues_the_round_robin_of_its_workers(tmp_path: Pat
     records = _cache(tmp_path)
 
     def batches(skip: int, count: int) -> list[list[str]]:
-        stream = ShardStream(tmp_path, records, batch_size=1, seed=2, shuffle_buffer=4, skip_batches=skip)
+        settings = dict(batch_size=1, seed=2, random_flip=0.0, shuffle_buffer=4)
+        stream = ShardStream(tmp_path, records, **settings, skip_batches=skip)
         return _keys(make_loader(stream, workers=workers, pin_memory=False), count)
 
     # in-process too, for mutmut's test mapping
-    next(iter(ShardStream(tmp_path, records, batch_size=1, seed=2, shuffle_buffer=4)))
+    next(iter(ShardStream(tmp_path, records, batch_size=1, seed=2, random_flip=0.0, shuffle_buffer=4)))
     whole = batches(0, 10)
     assert whole != batches(0, 1) * 10
     for skip in range(1, workers + 2):
@@ -561,13 +567,13 @@ def test_a_changed_shard_is_refused_before_any_of_its_samples_is_served(tmp_path
     path.write_bytes(bytes(data))
     with pytest.raises(CacheError, match="does not match the manifest"):
         # buffer 1: the first sample would be served at once, were the shard not hashed on its first draw
-        next(iter(ShardStream(tmp_path, records, batch_size=1, seed=0, shuffle_buffer=1)))
+        next(iter(ShardStream(tmp_path, records, batch_size=1, seed=0, random_flip=0.0, shuffle_buffer=1)))
 
 
 def test_a_worker_cache_error_is_raised_as_itself_in_one_line(tmp_path: Path):
     records = _cache(tmp_path, (3,))
     (tmp_path / records[0].name).write_bytes(b"x" * records[0].bytes)
-    stream = ShardStream(tmp_path, records, batch_size=1, seed=0, shuffle_buffer=64)
+    stream = ShardStream(tmp_path, records, batch_size=1, seed=0, random_flip=0.0, shuffle_buffer=64)
     with pytest.raises(CacheError) as in_process:
         next(iter(stream))
     reported = list(_ReportingErrors(stream))  # what a worker sends: the error's type and message, then no more

@@ -34,8 +34,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:User
 
 def _keys(cache: Path, workers: int, batch_size: int, rank: int, world: int, skip: int, count: int) -> list:
     stream = ShardStream(
-        cache, Manifest.load(cache).shards, batch_size, seed=7, rank=rank, world_size=world, shuffle_buffer=4,
-        skip_batches=skip,
+        cache, Manifest.load(cache).shards, batch_size, seed=7, rank=rank, world_size=world, random_flip=0.0,
+        shuffle_buffer=4, skip_batches=skip,
     )  # fmt: skip
     batches = iter(make_loader(stream, workers, pin_memory=False))
     return [next(batches)["keys"] for _ in range(count)]

@@ -71,7 +71,7 @@ def test_pickle_payload_under_any_extension_is_never_executed(tmp_path: Path, ex
 
     samples = list(read_shard(tmp_path, record))
     assert samples[0].extras == {ext: payload}, "unknown members must stay raw bytes"
-    batch = next(iter(ShardStream(tmp_path, [record], batch_size=1, seed=0, shuffle_buffer=64)))
+    batch = next(iter(ShardStream(tmp_path, [record], batch_size=1, seed=0, random_flip=0.0, shuffle_buffer=64)))
     assert batch["keys"] == ["k"]
     assert not marker.exists()
 
@@ -163,7 +163,7 @@ def test_a_changed_shard_is_refused_with_its_name(tmp_path: Path):
     with pytest.raises(CacheError, match=f"{target.name}.*does not match the manifest"):
         list(read_shard(tmp_path, manifest.shards[0]))
     with pytest.raises(CacheError, match="does not match the manifest"):
-        next(iter(ShardStream(tmp_path, manifest.shards[:1], batch_size=1, seed=0, shuffle_buffer=64)))
+        next(iter(ShardStream(tmp_path, manifest.shards[:1], batch_size=1, seed=0, random_flip=0.0, shuffle_buffer=64)))
     problems = verify(tmp_path, manifest.shards)
     assert len(problems) == 1 and target.name in problems[0]
 
@@ -451,7 +451,7 @@ def test_a_cache_without_recorded_layouts_checks_that_a_bucket_agrees_with_itsel
         list(read_shard(tmp_path, old))
     problems = verify(tmp_path, [old])
     assert len(problems) == 1 and "Sample k1" in problems[0]
-    stream = ShardStream(tmp_path, [old], batch_size=1, seed=0, shuffle_buffer=1)
+    stream = ShardStream(tmp_path, [old], batch_size=1, seed=0, random_flip=0.0, shuffle_buffer=1)
     with pytest.raises(CacheError, match="holds moments float32 \\[4, 1, 2, 2\\]"):
         for _ in zip(range(10), stream, strict=False):
             pass

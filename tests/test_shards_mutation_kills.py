@@ -402,7 +402,8 @@ def _encoded(source: str, windows: int = 2):
     from cogvx.preprocess.sources import Clip
 
     clip = Clip(Path(source), "a caption", source)
-    read = ReadClip(0, clip, "h" * 64, 10, 20, None, "1x16x16", [[0]] * windows, {"fps": 8.0}, [b"jpg"] * windows)
+    read = ReadClip(0, clip, "h" * 64, 10, 20, None, "1x16x16", [[0]] * windows, {"fps": 8.0}, [b"jpg"] * windows,
+                    [(window, False) for window in range(windows)])  # fmt: skip
     return Encoded(read, Prompt(torch.zeros(3, 2), False), torch.zeros(windows, 4, 1, 2, 2), None)
 
 

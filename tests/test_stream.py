@@ -13,7 +13,7 @@ from cogvx.train.data import ShardStream
 
 def _keys_seen(cache: Path, batches: int) -> set[str]:
     manifest = Manifest.load(cache)
-    stream = iter(ShardStream(cache, manifest.shards, batch_size=1, seed=0, shuffle_buffer=4))
+    stream = iter(ShardStream(cache, manifest.shards, batch_size=1, seed=0, random_flip=0.0, shuffle_buffer=4))
     return {key for _ in range(batches) for key in next(stream)["keys"]}
 
 

@@ -151,6 +151,11 @@ def preprocess(
         "--repair",
         help=_help(P, "repair", "Also check every listed shard's sha256 and re-encode damaged ones' samples."),
     ),
+    flip: bool = typer.Option(
+        None,
+        "--flip",
+        help=_help(P, "flip", "Also encode every sample mirrored left to right (for train --random-flip)."),
+    ),
     allow_outside_paths: bool = typer.Option(
         None,
         "--allow-outside-paths",
@@ -195,6 +200,7 @@ def preprocess(
             validation_prompts=_repeated(validation_prompt),
             repair=repair,
             allow_outside_paths=allow_outside_paths,
+            flip=flip,
         )
         run(cfg, show_progress=True)
 
@@ -257,6 +263,9 @@ def train(
         None, "--fp8-base/--no-fp8-base", help=_help(T, "fp8_base", "Store frozen base weights in float8.")
     ),
     seed: int = typer.Option(None, help=_help(T, "seed", "Seed for LoRA init, data order and noise.")),
+    random_flip: float = typer.Option(
+        None, help=_help(T, "random_flip", "Probability of drawing a sample's mirrored variant (preprocess --flip).")
+    ),
     workers: int = typer.Option(None, help=_help(T, "workers", "DataLoader worker processes.")),
     validation_every: int = typer.Option(
         None,
@@ -325,6 +334,7 @@ def train(
             compile=compile,
             fp8_base=fp8_base,
             seed=seed,
+            random_flip=random_flip,
             workers=workers,
             validation_every=validation_every,
             validation_steps=validation_steps,

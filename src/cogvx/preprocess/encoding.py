@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
 import torch
 
 from cogvx.pipeline.encode import encode_video_moments
@@ -39,6 +40,8 @@ class Job:
     clip: Clip
     known_hash: str | None = None
     known_caption: str | None = None
+    mirrors: bool = False  # --flip: also encode each window's mirror image
+    known_mirrored: bool = False  # the cache holds mirrored variants of this source already
 
 
 @dataclass
@@ -54,7 +57,9 @@ class ReadClip:
     bucket: str
     windows: list[list[int]]  # source frame indices of each window
     info: dict[str, Any]  # what read_clip measured (source size and rate, crop, ...): goes into each sample
-    strips: list[bytes]  # one JPEG strip per window
+    strips: list[bytes]  # one JPEG strip per row of frames
+    # Per row of frames: (window number, mirrored). Rows are the windows, their mirrors, or both, in order.
+    variants: list[tuple[int, bool]]
 
     def pin_memory(self) -> ReadClip:
         """Called by the DataLoader's pinning thread: frames leave it page-locked, for a non-blocking copy."""
@@ -120,9 +125,20 @@ class ClipReader(torch.utils.data.Dataset):
             raise SkipClip("cannot read file", err.strerror or str(err)) from err
         if stat.st_size == 0:
             raise SkipClip("unreadable video", "empty file (0 bytes)")
+        originals, mirrors = True, job.mirrors
         if content_hash == job.known_hash and caption_hash(clip.caption) == job.known_caption:
-            return Unchanged(index)  # touched but unchanged: already in the cache
+            if not (job.mirrors and not job.known_mirrored):
+                return Unchanged(index)  # touched but unchanged: already in the cache
+            originals = False  # the cache holds this clip: only its mirrored variants are new
         frames, plan, info = read_clip(str(clip.path), self.spec)
+        rows, variants = [], []
+        if originals:
+            rows.append(frames)
+            variants += [(window, False) for window in range(len(frames))]
+        if mirrors:  # pixels mirrored left to right: a latent cannot be mirrored exactly
+            rows.append(np.ascontiguousarray(frames[:, :, :, ::-1]))
+            variants += [(window, True) for window in range(len(frames))]
+        frames = np.concatenate(rows) if len(rows) > 1 else rows[0]
         return ReadClip(
             index=index,
             clip=clip,
@@ -131,9 +147,10 @@ class ClipReader(torch.utils.data.Dataset):
             mtime_ns=stat.st_mtime_ns,
             frames=torch.from_numpy(frames),
             bucket=plan.bucket.name,
-            windows=plan.windows,
+            windows=[plan.windows[window] for window, _ in variants],
             info=info,
-            strips=[jpeg_strip(window) for window in frames],
+            strips=[jpeg_strip(row) for row in frames],
+            variants=variants,
         )
 
 

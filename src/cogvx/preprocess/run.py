@@ -89,6 +89,7 @@ class PreprocessConfig:
     validation_prompts: tuple[str, ...] = ()
     repair: bool = False  # also check every listed shard's sha256 (size is always checked)
     allow_outside_paths: bool = False  # let a metadata or video-list file name videos outside its folder
+    flip: bool = False  # also encode each sample's mirror image (left to right), beside it; added to a cache later too
 
     def __post_init__(self):
         self.data = hub.hub_url(self.data) or Path(self.data)  # a Path would fold hf:// into hf:/
@@ -305,7 +306,7 @@ def _run(cfg: PreprocessConfig, ranks: Ranks, show_progress: bool) -> Preprocess
         if not ranks.is_main:
             manifest = Manifest.load(cfg.output)
 
-        jobs, cached = _todo(clips, manifest)
+        jobs, cached = _todo(clips, manifest, cfg.flip)
         mine = jobs[ranks.rank :: ranks.world]
         result = PreprocessResult(
             already_cached=cached if ranks.is_main else 0, ranks=ranks.world, manifest=manifest, started=started
@@ -417,20 +418,25 @@ def _report_found(
         )
 
 
-def _todo(clips: list[Clip], manifest: Manifest) -> tuple[list[Job], int]:
+def _todo(clips: list[Clip], manifest: Manifest, flip: bool) -> tuple[list[Job], int]:
     """Clips the cache does not hold yet, and how many it does. Same answer on every rank.
 
     A clip whose size, mtime and caption match its cached samples is done without reading it; any other
-    clip with cached samples is hashed in a worker and skipped there if its content did not change.
+    clip with cached samples is hashed in a worker and skipped there if its content did not change. With
+    ``flip``, a clip the cache holds without mirrored variants is read again for them alone.
     """
     known: dict[str, SampleEntry] = {}
+    mirrored: set[str] = set()
     for entry in manifest.live_entries():
-        known.setdefault(entry.source, entry)
+        if entry.mirrored:
+            mirrored.add(entry.source)
+        else:
+            known.setdefault(entry.source, entry)
     jobs, cached = [], 0
     for clip in clips:
         entry = known.get(clip.source)
         if entry is None:
-            jobs.append(Job(clip))
+            jobs.append(Job(clip, mirrors=flip))
             continue
         caption = caption_hash(clip.caption) if clip.caption else None
         try:
@@ -438,10 +444,11 @@ def _todo(clips: list[Clip], manifest: Manifest) -> tuple[list[Job], int]:
             unchanged = (stat.st_size, stat.st_mtime_ns) == (entry.size, entry.mtime_ns)
         except OSError:
             unchanged = False
-        if unchanged and caption is not None and caption == entry.caption_hash:
+        has_mirrors = clip.source in mirrored
+        if unchanged and caption is not None and caption == entry.caption_hash and (has_mirrors or not flip):
             cached += 1
-        else:
-            jobs.append(Job(clip, entry.content_hash, entry.caption_hash))
+        else:  # hashed in a worker: unchanged content needs only what is missing (its mirrors, with flip)
+            jobs.append(Job(clip, entry.content_hash, entry.caption_hash, mirrors=flip, known_mirrored=has_mirrors))
     return jobs, cached
 
 

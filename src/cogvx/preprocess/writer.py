@@ -16,6 +16,7 @@ from cogvx.preprocess import cachedir
 from cogvx.preprocess.encoding import Encoded, caption_hash
 from cogvx.preprocess.sources import CLIPPED, INVALID_UTF8
 from cogvx.shards import Manifest, Sample, SampleEntry, ShardRecord, ShardWriter, paths
+from cogvx.shards.manifest import MIRROR_SUFFIX
 
 
 def sample_key(source: str, content_hash: str, window: int, caption: str = "") -> str:
@@ -66,10 +67,11 @@ class RankWriter:
         read, prompt = encoded.read, encoded.prompt
         clip = read.clip
         group = []
-        for window, (indices, moments, strip) in enumerate(
-            zip(read.windows, encoded.moments, read.strips, strict=True)
+        for (window, mirrored), indices, moments, strip in zip(
+            read.variants, read.windows, encoded.moments, read.strips, strict=True
         ):
-            key = sample_key(clip.source, read.content_hash, window, clip.caption)
+            original = sample_key(clip.source, read.content_hash, window, clip.caption)
+            key = original + MIRROR_SUFFIX if mirrored else original
             entry = SampleEntry(key, clip.source, read.content_hash, read.bucket, read.size, read.mtime_ns)
             entry.caption_hash = caption_hash(clip.caption)
             meta = {
@@ -80,13 +82,15 @@ class RankWriter:
                 INVALID_UTF8: INVALID_UTF8 in clip.caption_notes,
                 CLIPPED: CLIPPED in clip.caption_notes,
                 "window": window,
-                "windows": len(read.windows),
+                "windows": len({window for window, _ in read.variants}),
                 "frame_indices": indices,
                 "frames": len(indices),
                 "latent_shape": list(moments.shape),
                 "bucket": read.bucket,
                 **read.info,
             }
+            if mirrored:  # the frames were mirrored left to right before encoding
+                meta |= {"mirrored": True, "mirror_of": original}
             tensors = {"moments": moments, "prompt_embeds": prompt.embeds}
             group.append((Sample(key, tensors, meta, {"jpg": strip}), entry))
         self.shards.write_group(group)

@@ -25,6 +25,8 @@ FORMAT_NAME = "cogvx-cache"
 FORMAT_VERSION = 1
 
 
+# The key of a sample's mirrored variant is its own key with this suffix (keys are at most 64 characters).
+MIRROR_SUFFIX = "-mirrored"
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # sample keys: webdataset splits member names at a dot
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -81,6 +83,19 @@ class SampleEntry:
     mtime_ns: int | None = None
     # Hash of the caption the sample was encoded with: a changed caption is a changed input too.
     caption_hash: str | None = None
+
+    @property
+    def mirrored(self) -> bool:
+        """A horizontally mirrored variant of another sample (``cogvx preprocess --flip``)."""
+        return self.key.endswith(MIRROR_SUFFIX)
+
+    def supersedes(self, older: SampleEntry) -> bool:
+        """Whether this entry makes ``older`` stale: the same source as another input (content or caption
+        changed), or the same input in the same variant (original or mirrored) again."""
+        if older.source != self.source:
+            return False
+        changed = (older.content_hash, older.caption_hash) != (self.content_hash, self.caption_hash)
+        return changed or older.mirrored == self.mirrored
 
 
 @dataclass
@@ -169,6 +184,16 @@ class Manifest:
     def live_entries(self) -> list[SampleEntry]:
         return [entry for shard in self.shards for entry in shard.live_samples()]
 
+    @property
+    def original_count(self) -> int:
+        """Samples readers serve, mirrored variants not counted: what one epoch passes over."""
+        return sum(1 for entry in self.live_entries() if not entry.mirrored)
+
+    def missing_mirrors(self) -> list[str]:
+        """Keys of served originals without a served mirrored variant."""
+        keys = {entry.key for entry in self.live_entries()}
+        return [k for k in keys if not k.endswith(MIRROR_SUFFIX) and k + MIRROR_SUFFIX not in keys]
+
     def layouts(self) -> Layouts:
         """Every bucket's tensor layout, merged from the shards that recorded one."""
         return merged_layouts(self.shards)
@@ -182,9 +207,15 @@ class Manifest:
         if any(shard.name == record.name for shard in self.shards):
             return  # already merged (a merge interrupted after saving the manifest)
         merge_layouts(self.layouts(), record.layouts, record.name)  # refuses a shard that disagrees
-        replaced = {entry.source for entry in record.samples}
+        by_source: dict[str, list[SampleEntry]] = {}
+        for entry in record.samples:
+            by_source.setdefault(entry.source, []).append(entry)
         for shard in self.shards:
-            stale = [e.key for e in shard.samples if e.source in replaced and e.key not in shard.excluded]
+            stale = [
+                e.key
+                for e in shard.samples
+                if e.key not in shard.excluded and any(new.supersedes(e) for new in by_source.get(e.source, ()))
+            ]
             shard.excluded.extend(stale)
         self.shards.append(record)
 

@@ -62,6 +62,7 @@ class TrainConfig:
     seed: int = 0
     workers: int = 2
     shuffle_buffer: int = 64
+    random_flip: float = 0.0  # probability of drawing a sample's mirrored variant (a cache made with --flip)
     # Validation: latents sampled from the cache's validation prompts (transformer only), decoded later
     validation_every: int = 0  # steps; 0 for none
     validation_steps: int = 50  # sampler steps
@@ -122,6 +123,7 @@ class TrainConfig:
                 f"--checkpointing must be one of {', '.join((AUTO, *CHECKPOINTING))} (got {self.checkpointing!r})",
             ),
             (self.max_memory is None or self.max_memory > 0, f"--max-memory must be positive (got {self.max_memory})"),
+            (0 <= self.random_flip <= 1, f"--random-flip must be a probability, 0 to 1 (got {self.random_flip})"),
             (
                 not (self.push_to_hub or self.push_checkpoints) or bool(self.hub_model_id),
                 "--push-to-hub needs --hub-model-id OWNER/NAME (the model repo to upload to)",

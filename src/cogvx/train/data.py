@@ -35,6 +35,7 @@ class ShardStream(IterableDataset):
         world_size: int = 1,
         *,
         shuffle_buffer: int,  # TrainConfig.shuffle_buffer: its default lives there
+        random_flip: float,  # TrainConfig.random_flip
         skip_batches: int = 0,
     ):
         if not shards or sum(s.live_count for s in shards) == 0:
@@ -43,6 +44,7 @@ class ShardStream(IterableDataset):
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.skip_batches = shuffle_buffer, skip_batches
+        self.random_flip = random_flip
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
@@ -53,7 +55,7 @@ class ShardStream(IterableDataset):
         stream = (worker + self.skip_batches) % workers
         rng = random.Random(f"cogvx-stream:{self.seed}:{self.rank * workers + stream}:{self.world_size * workers}")
         skip = (self.skip_batches - stream + workers - 1) // workers
-        raw = self._shuffled(self._raw_samples(rng), rng)
+        raw = self._shuffled(self._flipped(self._raw_samples(rng), rng), rng)
         for index, group in enumerate(self._bucketed(raw)):
             if index >= skip:
                 yield collate([decode_sample(r, r["__url__"]) for r in group])
@@ -72,6 +74,20 @@ class ShardStream(IterableDataset):
             with open_shard(self.folder, record, full=record.name not in verified) as stream:
                 verified.add(record.name)
                 yield from iter_record_samples(stream, record, str(self.folder / record.name), layouts)
+
+    def _flipped(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
+        """Each sample as drawn, or its mirrored variant with probability ``random_flip``.
+
+        The two variants are separate samples of the cache: an original is kept with probability 1 - p
+        and a mirrored one with probability p, drawn from the stream's generator, so a replayed stream
+        makes the same choices. With p = 0 no number is drawn: the stream is the one without mirrors.
+        """
+        p = self.random_flip
+        for raw in samples:
+            mirrored = bool(raw["__meta__"].get("mirrored"))
+            certain = p in (0, 1)  # nothing to draw: only originals (p = 0) or only mirrors (p = 1)
+            if (mirrored == (p == 1)) if certain else ((rng.random() < p) == mirrored):
+                yield raw
 
     def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
         from webdataset.filters import shuffle

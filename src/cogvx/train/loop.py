@@ -12,6 +12,7 @@ import errno
 import hashlib
 import math
 import os
+import shlex
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ import torch
 
 from cogvx import config as configfile
 from cogvx import media, runs
-from cogvx.errors import CogvxError, ConfigError, ModelError, RunError
+from cogvx.errors import CacheError, CogvxError, ConfigError, ModelError, RunError
 from cogvx.pipeline import levers, lora, memory, models
 from cogvx.pipeline.objective import Objective
 from cogvx.progress import progress_bar
@@ -70,6 +71,21 @@ def check_cache_fits(manifest: Manifest, info: models.ModelInfo, shards: Path) -
             f"The cache {shards} was encoded for {manifest.producer.get('model')!r}, whose VAE, text encoder or "
             f"prompt length differ from {info.name!r} ({details}). Preprocess the videos again with "
             f"--model {info.name}."
+        )
+
+
+def check_mirrors(manifest: Manifest, cfg: TrainConfig) -> None:
+    """``--random-flip`` needs a mirrored variant of every sample; say the command that adds them."""
+    if cfg.random_flip == 0:
+        return
+    missing = manifest.missing_mirrors()
+    if missing:
+        data = shlex.quote(str(manifest.producer.get("data") or "VIDEOS"))
+        model = shlex.quote(str(manifest.producer.get("model")))
+        raise CacheError(
+            f"--random-flip {cfg.random_flip:g} needs the mirrored variant of every sample, and {len(missing)} of "
+            f"{manifest.original_count} samples in {cfg.shards} have none. Add them (only the mirrors are "
+            f"encoded): cogvx preprocess --data {data} --output {shlex.quote(str(cfg.shards))} --model {model} --flip"
         )
 
 
@@ -190,10 +206,11 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
         cfg.model_variant or (manifest.producer.get("variant") if from_cache else None),
     )
     check_cache_fits(manifest, info, cfg.shards)
+    check_mirrors(manifest, cfg)
     if cfg.epochs is not None:
-        epochs, cfg = cfg.epochs, cfg.steps_for(manifest.sample_count, world)
+        epochs, cfg = cfg.epochs, cfg.steps_for(manifest.original_count, world)
         accelerator.print(
-            f"--epochs {epochs:g}: {cfg.max_steps} steps ({manifest.sample_count} samples, "
+            f"--epochs {epochs:g}: {cfg.max_steps} steps ({manifest.original_count} samples, "
             f"{cfg.batch_size * cfg.gradient_accumulation * world} per step)."
         )
     torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
@@ -255,6 +272,7 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
         rank,
         world,
         shuffle_buffer=cfg.shuffle_buffer,
+        random_flip=cfg.random_flip,
         skip_batches=progress.batches_consumed,
     )
     batches = iter(make_loader(stream, cfg.workers, pin_memory=accelerator.device.type == "cuda"))

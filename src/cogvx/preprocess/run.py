@@ -477,12 +477,16 @@ def _load_encoders(cfg: PreprocessConfig, info: models.ModelInfo, device: torch.
 
 
 def _clip_loader(jobs: list[Job], spec: FrameSpec, workers: int, device: torch.device):
+    # Decoding workers start from a fork server, not from a fork of this process: a decord VideoReader
+    # alive here (a notebook, a test session, workers=0 earlier) would be inherited with its decoder
+    # threads' locks, and destroying that copy in a worker aborts or hangs it (seen in the test suite).
     return torch.utils.data.DataLoader(
         ClipReader(jobs, spec),
         batch_size=None,
         num_workers=workers,
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers else None,
+        multiprocessing_context="forkserver" if workers else None,
     )
 
 

@@ -7,6 +7,7 @@ drawer, and the loss curves of ``loss.png`` and the HTML report share one smooth
 
 from __future__ import annotations
 
+import io
 import os
 import subprocess
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from cogvx import files
 from cogvx.errors import CogvxError, ConfigError
 
 if TYPE_CHECKING:
@@ -183,10 +185,9 @@ def write_sheet(path: Path, videos: list[tuple[str, np.ndarray]], columns: int) 
 def write_png(path: Path, image: Image.Image) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = _partial(path)
-    image.save(partial, format="PNG")
-    os.replace(partial, path)
-    return path
+    encoded = io.BytesIO()
+    image.save(encoded, format="PNG")
+    return files.write_bytes_atomic(path, encoded.getvalue())
 
 
 def _fit(text: str, chars: int) -> str:

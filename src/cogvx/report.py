@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cogvx import render, runs
+from cogvx import files, render, runs
 from cogvx.errors import ConfigError, RunError
 from cogvx.media import ema
 from cogvx.shards import paths
@@ -379,7 +379,5 @@ def run(cfg: ReportConfig) -> ReportResult:
 </body></html>
 """
     cfg.output.parent.mkdir(parents=True, exist_ok=True)
-    partial = cfg.output.with_name(f".{cfg.output.name}.partial")
-    partial.write_text(page, encoding="utf-8")
-    os.replace(partial, cfg.output)
+    files.write_bytes_atomic(cfg.output, page.encode("utf-8"))
     return ReportResult(cfg.output, len(metrics), [s.step for s in steps], prompts, cells, rendered, notes)

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any
 
+from cogvx import files
 from cogvx.errors import RunError
 from cogvx.files import save_safetensors
 
@@ -212,11 +212,6 @@ def _metadata_value(raw: str) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def temporary(path: Path) -> Path:
-    """Hidden sibling a file is written to before ``os.replace`` puts it in place."""
-    return Path(path).with_name(f".{Path(path).name}.tmp")
-
-
 # --- readers and writers ---
 
 
@@ -279,9 +274,7 @@ def append_metrics(run: Path, record: dict[str, Any]) -> None:
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = temporary(path)
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    files.write_bytes_atomic(path, text.encode())
 
 
 def final_loss(records: list[dict[str, Any]]) -> tuple[float, str] | None:

@@ -27,7 +27,7 @@ from cogvx.errors import CacheError, CogvxError, ConfigError, ModelError, RunErr
 from cogvx.pipeline import levers, lora, memory, models
 from cogvx.pipeline.objective import Objective
 from cogvx.progress import progress_bar
-from cogvx.shards import Manifest, merged_layouts, paths
+from cogvx.shards import Manifest, paths
 from cogvx.train import checkpoint, report
 from cogvx.train.config import TrainConfig
 from cogvx.train.data import ShardStream, make_loader
@@ -536,7 +536,7 @@ def _choose_checkpointing(accelerator, cfg: TrainConfig, transformer, manifest: 
     """
     from accelerate.utils import gather_object
 
-    shapes = [layout["moments"]["shape"][1:] for layout in merged_layouts(manifest.shards).values()]
+    shapes = [layout["moments"]["shape"][1:] for layout in manifest.layouts().values()]
     frames, height, width = max(shapes, key=lambda shape: shape[0] * shape[1] * shape[2])
     size = memory.StepSize.of(dict(transformer.config), frames, height, width, cfg.batch_size)
     static = memory.static_bytes(transformer) - (levers.fp8_saving(transformer) if cfg.fp8_base else 0)

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from cogvx import runs
-from cogvx.media import ema
+from cogvx.media import ema, write_png
 from cogvx.pipeline.models import NATIVE_FPS
 
 
@@ -53,10 +53,7 @@ def draw_loss_curve(records: list[dict[str, Any]], path: Path, size: tuple[int, 
     else:
         x, y = xy(*points[0])
         draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(30, 90, 200))
-    tmp = runs.temporary(path)
-    image.save(tmp, format="PNG")
-    tmp.replace(path)
-    return Path(path)
+    return write_png(path, image)
 
 
 def model_card(

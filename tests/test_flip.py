@@ -121,3 +121,19 @@ def test_training_draws_mirrors_and_an_epoch_counts_samples_not_variants(flipped
     assert result.steps == Manifest.load(flipped_cache).original_count
     with pytest.raises(Exception, match="--random-flip must be a probability"):
         TrainConfig(shards=flipped_cache, random_flip=1.5)
+
+
+def test_the_choice_is_the_same_after_resume_with_data_workers(flipped_cache):
+    from cogvx.train.data import make_loader
+
+    def keys(skip: int, count: int) -> list[str]:
+        manifest = Manifest.load(flipped_cache)
+        stream = ShardStream(flipped_cache, manifest.shards, batch_size=1, seed=5, random_flip=0.3,
+                             shuffle_buffer=4, skip_batches=skip)  # fmt: skip
+        batches = iter(make_loader(stream, workers=2, pin_memory=False))
+        return [next(batches)["keys"][0] for _ in range(count)]
+
+    whole = keys(0, 30)
+    assert any(k.endswith(MIRROR_SUFFIX) for k in whole) and not all(k.endswith(MIRROR_SUFFIX) for k in whole)
+    for skip in (3, 11):
+        assert keys(skip, 12) == whole[skip : skip + 12]

@@ -5,12 +5,13 @@ random weights, directly on the GPU; speed and memory do not depend on weight va
 
     python bench/train_step.py --runs "2b:seed 2b:full 2b:selective+compile" --out results.json
 
-A run is ``MODEL:VARIANT``. ``seed`` / ``seed-nockpt`` is the reference, the seed-style step of
+A run is ``MODEL:VARIANT``, or ``MODEL@FxHxW:VARIANT`` for another latent size (``1.5@21x96x170``: 81 frames
+at 768x1360). ``seed`` / ``seed-nockpt`` is the reference, the seed-style step of
 diffusers' ``train_cogvideox_lora.py`` (bf16 weights, peft adapter, plain AdamW, loss in bf16 under
 autocast, with or without diffusers' gradient checkpointing), written here. Every other variant is cogvx's own step
 (its shard loader with workers and pinned memory, ``Objective`` in fp32, fused AdamW, fp32 LoRA
 masters, bf16 autocast), with ``+``-joined options: a checkpointing mode (``full``, ``selective``,
-``none``, ``offload``), ``compile``, ``fp8`` (fp8 storage of frozen base weights) and ``adam8``
+``none``, ``offload``, ``swap``), ``compile``, ``fp8`` (fp8 storage of frozen base weights) and ``adam8``
 (bitsandbytes 8-bit AdamW). Timing: median of ``--steps`` steps after ``--warmup`` steps, CUDA events.
 """
 
@@ -31,8 +32,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from cogvx.pipeline import levers, lora  # noqa: E402
-from cogvx.pipeline.objective import Objective, rotary_embedding  # noqa: E402
+from cogvx.pipeline import levers, lora, memory  # noqa: E402
+from cogvx.pipeline.objective import Objective, pad_for_temporal_patch, rotary_embedding  # noqa: E402
 from cogvx.shards import Sample, SampleEntry, ShardRecord, ShardWriter  # noqa: E402
 from cogvx.train.config import TrainConfig  # noqa: E402
 from cogvx.train.data import ShardStream, make_loader  # noqa: E402
@@ -128,6 +129,8 @@ class SeedStep:
         mean, logvar = moments.chunk(2, dim=1)
         latents = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * self.scaling
         model_input = latents.permute(0, 2, 1, 3, 4).to(torch.bfloat16)
+        # The seed has no patch_size_t and cannot train 1.5 at all; its step with 1.5's padding added.
+        model_input = pad_for_temporal_patch(model_input, self.tcfg.get("patch_size_t"))
         b, f, _, h, w = model_input.shape
         noise = torch.randn_like(model_input)
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), device=self.device)
@@ -151,12 +154,22 @@ class SeedStep:
         return loss.detach().float().item()
 
 
+def auto_mode(transformer, cfg, shape, compiled: bool, fp8: bool, device) -> str:
+    size = memory.StepSize.of(cfg["transformer"], *shape, batch=1)
+    static = memory.static_bytes(transformer) - (levers.fp8_saving(transformer) if fp8 else 0)
+    peaks = memory.predict(static, size, compiled, levers.swap_saving(transformer, fp8))
+    return memory.choose(peaks, memory.device_budget(device)) or levers.CHECKPOINTING[-1]
+
+
 class CogvxStep:
     """cogvx's step: its loader, objective, optimizer and precision, with the chosen levers."""
 
-    def __init__(self, transformer, cfg, device, options: set[str], records, folder):
+    def __init__(self, transformer, cfg, device, options: set[str], records, folder, shape):
         checkpointing = next((o for o in options if o in levers.CHECKPOINTING), "full")
         self.params = lora.add_lora(transformer, 128, 128, lora.DEFAULT_TARGETS, 0.0)
+        if "auto" in options:  # what `cogvx train`'s default picks on this card, the same way
+            checkpointing = auto_mode(transformer, cfg, shape, "compile" in options, "fp8" in options, device)
+        self.checkpointing = checkpointing
         levers.prepare(
             transformer, levers.Levers(checkpointing, compile="compile" in options, fp8_base="fp8" in options)
         )
@@ -223,12 +236,14 @@ def timed(step, device, warmup: int, steps: int) -> tuple[list[float], list[floa
 
 def run_one(spec: str, device: torch.device, warmup: int, steps: int, workdir: Path) -> dict:
     model, variant = spec.split(":")
+    model, _, size = model.partition("@")
     cfg = load_config(model)
-    frames, height, width = SHAPES[model]
+    frames, height, width = (int(n) for n in size.split("x")) if size else SHAPES[model]
     began = time.perf_counter()
     transformer = build_transformer(cfg, device)
     base_params = sum(p.numel() for p in transformer.parameters())
-    result = {"run": spec, "model": model, "variant": variant, "latent": [frames, height, width]}
+    result = {"run": spec, "model": model + (f"@{size}" if size else ""), "variant": variant}
+    result["latent"] = [frames, height, width]
     g = torch.Generator().manual_seed(7)
     channels, text_dim = cfg["vae"]["latent_channels"] * 2, cfg["text_encoder"]["d_model"]
     moments = torch.randn(1, channels, frames, height, width, generator=g).to(device, torch.bfloat16)
@@ -238,7 +253,9 @@ def run_one(spec: str, device: torch.device, warmup: int, steps: int, workdir: P
     else:
         options = set(variant.split("+"))
         folder = Path(tempfile.mkdtemp(dir=workdir))
-        step = CogvxStep(transformer, cfg, device, options, make_cache(folder, cfg, (frames, height, width)), folder)
+        shape = (frames, height, width)
+        step = CogvxStep(transformer, cfg, device, options, make_cache(folder, cfg, shape), folder, shape)
+        result["checkpointing"] = step.checkpointing
         result["probe_loss"], result["probe_grad_norm"] = step.probe(moments, embeds)
     result["lora_params"] = sum(p.numel() for p in step.params)
     result["base_params"] = base_params - result["lora_params"]
@@ -310,11 +327,12 @@ def print_table(report: dict) -> None:
         if "error" in r:
             print(f"{r['run']:34s} ERROR {r['error'][:80]}")
             continue
-        ckpt = "seed-nockpt" if ("none" in r["variant"].split("+")) else "seed"
-        ref = seeds.get((r["model"], ckpt))
+        ckpt = "seed-nockpt" if r.get("checkpointing") == "none" else "seed"
+        ref = seeds.get((r["model"], ckpt)) or seeds.get((r["model"], "seed"))
         ratio = f"{ref / r['s_per_step']:.2f}" if ref else "-"
+        run = r["run"] + (f" ({r['checkpointing']})" if "auto" in r["variant"] else "")
         print(
-            f"{r['run']:34s} {r['s_per_step']:7.3f} {ratio:>6s} {r['tflops']:8.1f} "
+            f"{run:34s} {r['s_per_step']:7.3f} {ratio:>6s} {r['tflops']:8.1f} "
             f"{r.get('peak_allocated_gb', 0):9.2f} {r.get('peak_reserved_gb', 0):8.2f} "
             f"{r.get('probe_loss', float('nan')):11.5f}"
         )

@@ -69,7 +69,7 @@ def test_auto_moves_down_to_the_fastest_mode_that_fits(tiny_cache, tmp_path, cap
 def test_auto_with_nothing_that_fits_warns_and_takes_the_leanest(tiny_cache, tmp_path, capsys):
     result = _train(tiny_cache, tmp_path / "run", max_memory=1e-6)
     out = capsys.readouterr().out
-    assert "[warning] --checkpointing auto: even offload is predicted to need" in out
+    assert "[warning] --checkpointing auto: even swap is predicted to need" in out
     assert "--batch-size" in out
     assert result.model.gradient_checkpointing and result.steps == 1
 

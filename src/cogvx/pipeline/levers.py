@@ -12,6 +12,10 @@ one *block runner* per block, and that runner decides what the block keeps for t
   op (a second attention forward) and redoes only the cheap projections, norms and MLP.
 - ``none``: keep everything (fastest, most memory).
 - ``offload``: like ``full``, but the block inputs wait in pinned CPU memory instead of on the GPU.
+- ``swap``: like ``offload``, and the frozen base weights of the blocks live in pinned CPU memory too:
+  two GPU slots take turns holding one block's weights, the next block's copied in on a side stream
+  while the current one computes (forward, then again for the recompute in the backward pass). The
+  GPU holds the LoRA weights, the embeddings, two blocks' weights and one block's activations.
 
 ``compile`` compiles the runner once with ``torch.compile``; every block reuses that one graph.
 ``fp8_base`` stores the frozen base weights of the blocks' linear layers in float8 (e4m3, one scale
@@ -31,7 +35,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 from cogvx.errors import ConfigError
 
 # The checkpointing modes, fastest first (--checkpointing auto tries them in this order); declared here only.
-CHECKPOINTING = ("none", "selective", "full", "offload")
+CHECKPOINTING = ("none", "selective", "full", "offload", "swap")
 AUTO = "auto"  # predict each mode's peak memory and take the fastest that fits (pipeline/memory.py)
 
 
@@ -42,14 +46,24 @@ class Levers:
     fp8_base: bool  # frozen base weights of the blocks' linear layers in float8
 
 
-def prepare(transformer: torch.nn.Module, levers: Levers) -> None:
+def prepare(transformer: torch.nn.Module, levers: Levers, device: torch.device | str | None = None) -> None:
     """Apply ``levers`` to a CogVideoX transformer, in place; call it after the LoRA adapters are added.
 
-    fp8 storage comes after ``add_lora``: the adapters wrap the linear layers whose base weights shrink.
+    ``device``: where training runs; the transformer is moved there (all of it, or for ``swap`` all but the
+    blocks' frozen weights, which go to pinned CPU memory block by block, so the GPU never holds the
+    whole model). fp8 storage comes after ``add_lora``: the adapters wrap the linear layers whose base
+    weights shrink; it runs on ``device``, one block at a time for ``swap``.
     """
-    if levers.fp8_base:
-        store_base_weights_in_fp8(transformer)
-    configure(transformer, levers.checkpointing, levers.compile)
+    device = torch.device(device) if device is not None else next(transformer.parameters()).device
+    swap = None
+    if levers.checkpointing == "swap":
+        swap = BlockSwap(transformer.transformer_blocks, device, fp8=levers.fp8_base)
+        transformer.to(device)  # the rest: embeddings, final norm and projection, LoRA weights
+    else:
+        transformer.to(device)
+        if levers.fp8_base:
+            store_base_weights_in_fp8(transformer)
+    configure(transformer, levers.checkpointing, levers.compile, swap)
 
 
 _ATTENTION_OPS = tuple(
@@ -133,9 +147,11 @@ class _OffloadedCheckpoint(torch.autograd.Function):
         return None, None, None, None, hidden.grad, encoder.grad, *([None] * len(ctx.rest))
 
 
-def _offloaded_runner(inner):
+def _offloaded_runner(inner, swap: BlockSwap | None = None):
     force_grad = torch.empty(0, requires_grad=True)  # makes autograd call backward even for block 0
     pool = _PinnedPool()
+    if swap is not None:
+        inner = swap.running(inner)
 
     def run(block, hidden, encoder, *rest):
         return _OffloadedCheckpoint.apply(inner, block, pool, force_grad, hidden, encoder, *rest)
@@ -143,13 +159,146 @@ def _offloaded_runner(inner):
     return run
 
 
-def configure(transformer: torch.nn.Module, checkpointing: str, compile: bool) -> None:
+class BlockSwap:
+    """The frozen weights of every block in pinned CPU memory, and two device slots that take turns.
+
+    Before a block runs (a pre-forward hook, or the ``swap`` runner around a compiled block), its weights
+    are in a slot: copied there on a side stream while the previous block computed, then the block's
+    parameters and buffers are pointed at views of that slot. The next block in the direction of travel
+    (up the stack in the forward pass, down it in the backward pass's recompute) is prefetched into the
+    other slot as soon as the work queued before it, which may still read that slot, has finished.
+    Between uses a block's frozen tensors are empty placeholders of the right dtype.
+    """
+
+    SLOTS = 2
+    ALIGN = 64  # bytes: every tensor's view starts aligned for any dtype and vectorised kernels
+
+    def __init__(self, blocks: torch.nn.ModuleList, device: torch.device, fp8: bool = False):
+        self.device, self.count = torch.device(device), len(blocks)
+        self.cuda = self.device.type == "cuda"
+        self.tensors: list[list[tuple[torch.nn.Module, str, bool, torch.dtype, torch.Size, int]]] = []
+        self.host: list[torch.Tensor] = []
+        for index, block in enumerate(blocks):
+            block.to(self.device)  # one block at a time on the device: its fp8 scales are computed there
+            if fp8:
+                store_base_weights_in_fp8(block)
+            self._stash(block)
+            block.register_forward_pre_hook(functools.partial(self._before_block, index))
+        largest = max(h.numel() for h in self.host)
+        self.slots = [torch.empty(largest, dtype=torch.uint8, device=self.device) for _ in range(self.SLOTS)]
+        self.index = {id(block): i for i, block in enumerate(blocks)}
+        self.resident: list[int | None] = [None] * self.SLOTS
+        self.loaded: list[torch.cuda.Event | None] = [None] * self.SLOTS
+        self.free: list[torch.cuda.Event | None] = [None] * self.SLOTS
+        self.last: int | None = None
+        self.held = False  # the runner brought the block in: its pre-forward hook has nothing to do
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+
+    def _stash(self, block: torch.nn.Module) -> None:
+        entries, offset = [], 0
+        for module in block.modules():
+            frozen = [(n, t, True) for n, t in module._parameters.items() if t is not None and not t.requires_grad]
+            frozen += [(n, t, False) for n, t in module._buffers.items() if t is not None]
+            for name, tensor, is_param in frozen:
+                entries.append((module, name, is_param, tensor.dtype, tensor.shape, offset))
+                offset += -(-tensor.numel() * tensor.element_size() // self.ALIGN) * self.ALIGN
+        host = torch.empty(offset, dtype=torch.uint8, pin_memory=self.cuda)
+        for module, name, is_param, dtype, shape, start in entries:
+            tensor = module._parameters[name] if is_param else module._buffers[name]
+            _view(host, start, dtype, shape).copy_(tensor.detach())
+            self._point(module, name, is_param, torch.empty(0, dtype=dtype, device=self.device))
+        self.tensors.append(entries)
+        self.host.append(host)
+
+    @staticmethod
+    def _point(module: torch.nn.Module, name: str, is_param: bool, tensor: torch.Tensor) -> None:
+        if is_param:
+            module._parameters[name].data = tensor
+        else:
+            module._buffers[name] = tensor
+
+    def _before_block(self, index: int, _module, _args) -> None:
+        if not self.held:
+            self.acquire(index)
+
+    def running(self, inner):
+        """``inner(block, *args)`` with the block's weights brought in first, outside any compiled region."""
+
+        def run(block, *args):
+            self.acquire(self.index[id(block)])
+            self.held = True
+            try:
+                return inner(block, *args)
+            finally:
+                self.held = False
+
+        return run
+
+    def acquire(self, index: int) -> None:
+        """Make block ``index``'s weights usable by work queued from now on, and prefetch the next block."""
+        if self.cuda:
+            # Everything queued so far, earlier blocks included, must finish before their slot is refilled.
+            mark = torch.cuda.Event()
+            mark.record(torch.cuda.current_stream(self.device))
+            self.free = [mark if block != index else free for block, free in zip(self.resident, self.free, strict=True)]
+        slot = self._load(index)
+        if self.cuda:
+            torch.cuda.current_stream(self.device).wait_event(self.loaded[slot])
+        for module, name, is_param, dtype, shape, start in self.tensors[index]:
+            self._point(module, name, is_param, _view(self.slots[slot], start, dtype, shape))
+        step = 1 if self.last is None or index > self.last else -1 if index < self.last else 0
+        if step == 0:  # the same block twice: the turn between the forward pass and the backward pass
+            step = -1 if index == self.count - 1 else 1
+        self.last = index
+        if 0 <= index + step < self.count:
+            self._load(index + step)
+
+    def _load(self, index: int) -> int:
+        if index in self.resident:
+            return self.resident.index(index)
+        # An empty slot, else the one not holding the block in use (the last one acquired).
+        slot = min(range(self.SLOTS), key=lambda s: (self.resident[s] is not None, self.resident[s] == self.last))
+        if self.resident[slot] is not None:  # its previous block must not read the slot through stale views
+            for module, name, is_param, dtype, _shape, _start in self.tensors[self.resident[slot]]:
+                self._point(module, name, is_param, torch.empty(0, dtype=dtype, device=self.device))
+        host, target = self.host[index], self.slots[slot][: self.host[index].numel()]
+        if self.cuda:
+            if self.free[slot] is not None:
+                self.stream.wait_event(self.free[slot])
+            with torch.cuda.stream(self.stream):
+                target.copy_(host, non_blocking=True)
+                self.loaded[slot] = torch.cuda.Event()
+                self.loaded[slot].record(self.stream)
+        else:
+            target.copy_(host)
+        self.resident[slot] = index
+        return slot
+
+
+def _view(flat: torch.Tensor, start: int, dtype: torch.dtype, shape: torch.Size) -> torch.Tensor:
+    size = dtype.itemsize * max(1, int(torch.Size(shape).numel()))
+    return flat[start : start + size].view(dtype)[: torch.Size(shape).numel()].view(shape)
+
+
+def swap_saving(transformer: torch.nn.Module, fp8: bool = False) -> int:
+    """Device bytes ``swap`` frees: the blocks' frozen tensors (as stored, fp8 or not) less its two slots."""
+    sizes = []
+    for block in transformer.transformer_blocks:
+        frozen = [p for p in block.parameters() if not p.requires_grad] + list(block.buffers())
+        linears = {id(child.weight) for _, _, child in _frozen_linears_of(block)} if fp8 else set()
+        sizes.append(sum(t.numel() * (1 if id(t) in linears else t.element_size()) for t in frozen))
+    return sum(sizes) - BlockSwap.SLOTS * max(sizes)
+
+
+def configure(transformer: torch.nn.Module, checkpointing: str, compile: bool, swap: BlockSwap | None = None) -> None:
     """Install the block runner for ``checkpointing`` on a diffusers CogVideoX transformer."""
     if checkpointing not in CHECKPOINTING:
         raise ConfigError(f"--checkpointing must be one of {', '.join(CHECKPOINTING)} (got {checkpointing!r}).")
-    if checkpointing == "offload":
+    if checkpointing == "swap" and swap is None:
+        raise ValueError("checkpointing='swap' needs the transformer prepared by levers.prepare")
+    if checkpointing in ("offload", "swap"):
         inner = torch.compile(_run_plain) if compile else _run_plain
-        runner = _offloaded_runner(inner)
+        runner = _offloaded_runner(inner, swap)
     else:
         runner = {"full": _run_full, "selective": _run_selective, "none": _run_plain}[checkpointing]
         if compile:
@@ -182,10 +331,14 @@ class Float8Linear(torch.nn.Module):
 
 def _frozen_block_linears(transformer: torch.nn.Module):
     for block in transformer.transformer_blocks:
-        for module in list(block.modules()):
-            for child_name, child in list(module.named_children()):
-                if type(child) is torch.nn.Linear and not child.weight.requires_grad:
-                    yield module, child_name, child
+        yield from _frozen_linears_of(block)
+
+
+def _frozen_linears_of(block: torch.nn.Module):
+    for module in list(block.modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear and not child.weight.requires_grad:
+                yield module, child_name, child
 
 
 def fp8_saving(transformer: torch.nn.Module) -> int:
@@ -195,12 +348,15 @@ def fp8_saving(transformer: torch.nn.Module) -> int:
 
 
 def store_base_weights_in_fp8(transformer: torch.nn.Module) -> int:
-    """Swap every frozen ``nn.Linear`` inside the transformer blocks for a ``Float8Linear``; returns bytes saved.
+    """Swap every frozen ``nn.Linear`` inside the transformer blocks (or inside one block, given a block)
+    for a ``Float8Linear``; returns bytes saved.
 
     LoRA-wrapped layers keep their adapter and lose only the base weight's precision, as in QLoRA.
     """
     saved = 0
-    for module, child_name, child in list(_frozen_block_linears(transformer)):
+    blocks = getattr(transformer, "transformer_blocks", None)
+    linears = _frozen_block_linears(transformer) if blocks is not None else _frozen_linears_of(transformer)
+    for module, child_name, child in list(linears):
         saved += child.weight.numel() * (child.weight.element_size() - 1)
         setattr(module, child_name, Float8Linear(child))
     return saved

@@ -11,7 +11,9 @@ backward pass, plus ``transient`` units that exist while one block runs its back
 - ``none`` keeps everything each block computed;
 - ``selective`` keeps each block's input and its attention output;
 - ``full`` keeps each block's input only;
-- ``offload`` keeps block inputs in CPU memory: nothing per block on the GPU.
+- ``offload`` keeps block inputs in CPU memory: nothing per block on the GPU;
+- ``swap`` is ``offload`` whose static part also lacks the blocks' frozen weights, less two blocks'
+  worth of slots (``levers.swap_saving``).
 
 The coefficients were fitted (least squares, ``bench/memory.py --fit``) to the peaks measured on an H200
 for CogVideoX-2b and -5b at latent 13x40x60 (49 frames at 320x480), batch 1, rank 128, each mode with and
@@ -34,10 +36,12 @@ COEFFICIENTS = {
     ("selective", True): (1.97, 19.11),
     ("full", True): (0.61, 35.21),
     ("offload", True): (-0.09, 39.26),  # as fitted: no block input stays on the GPU
+    ("swap", True): (-0.09, 39.26),  # offload's activations; the weights are in the static part
     ("none", False): (19.81, 31.57),
     ("selective", False): (1.64, 42.21),
     ("full", False): (0.61, 43.24),
     ("offload", False): (-0.09, 44.23),
+    ("swap", False): (-0.09, 44.23),
 }
 # Head room for what the model does not count: allocator rounding, cuDNN/cuBLAS workspaces, the loader's
 # pinned batches in flight. Used when picking a mode, not in the prediction itself.
@@ -75,12 +79,16 @@ def static_bytes(transformer: torch.nn.Module, optimizer_states: int = 2) -> int
     return stored + extra
 
 
-def predict(static: int, size: StepSize, compiled: bool) -> dict[str, int]:
-    """Predicted peak allocated bytes of one training step, per checkpointing mode (fastest first)."""
+def predict(static: int, size: StepSize, compiled: bool, swapped: int = 0) -> dict[str, int]:
+    """Predicted peak allocated bytes of one training step, per checkpointing mode (fastest first).
+
+    ``swapped``: the device bytes ``swap`` keeps off the GPU (``levers.swap_saving``).
+    """
     peaks = {}
     for mode in CHECKPOINTING:
         per_block, transient = COEFFICIENTS[mode, compiled]
-        peaks[mode] = int(static + (per_block * size.layers + transient) * size.unit)
+        resident = static - (swapped if mode == "swap" else 0)
+        peaks[mode] = int(resident + (per_block * size.layers + transient) * size.unit)
     return peaks
 
 

@@ -221,7 +221,8 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
 
     # --- build ---
     compute_dtype = models.DTYPES[cfg.mixed_precision]
-    transformer = info.load_transformer(compute_dtype, accelerator.device)
+    # Loaded into CPU memory: levers.prepare moves it to the device, all but the swapped weights for ``swap``.
+    transformer = info.load_transformer(compute_dtype, "cpu")
     validation = None
     if cfg.validation_every:
         patch = transformer.config.patch_size
@@ -233,7 +234,7 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
     mode = cfg.checkpointing
     if mode == levers.AUTO:
         mode = _choose_checkpointing(accelerator, cfg, transformer, manifest, compile_blocks)
-    levers.prepare(transformer, levers.Levers(mode, compile_blocks, cfg.fp8_base))
+    levers.prepare(transformer, levers.Levers(mode, compile_blocks, cfg.fp8_base), accelerator.device)
     lr = cfg.learning_rate * (cfg.batch_size * cfg.gradient_accumulation * world if cfg.scale_lr else 1)
     optimizer = build_optimizer(cfg, params, lr)
     schedule = build_schedule(cfg, optimizer)
@@ -540,7 +541,7 @@ def _choose_checkpointing(accelerator, cfg: TrainConfig, transformer, manifest: 
     frames, height, width = max(shapes, key=lambda shape: shape[0] * shape[1] * shape[2])
     size = memory.StepSize.of(dict(transformer.config), frames, height, width, cfg.batch_size)
     static = memory.static_bytes(transformer) - (levers.fp8_saving(transformer) if cfg.fp8_base else 0)
-    peaks = memory.predict(static, size, compiled)
+    peaks = memory.predict(static, size, compiled, levers.swap_saving(transformer, cfg.fp8_base))
     budget = memory.device_budget(accelerator.device, cfg.max_memory)
     if accelerator.num_processes > 1:  # one mode for all: the tightest device decides
         budget = min(gather_object([budget]))

@@ -202,6 +202,41 @@ def table_auto() -> str:
     return "\n".join(lines)
 
 
+def runs_against_seed(name: str) -> str:
+    """Every run of one result file beside the seed-style step (checkpointing on) of its model, same run and card."""
+    results = [r for r in load(name)["results"] if "error" not in r]
+    seeds = {r["model"]: r for r in results if r["variant"] == "seed"}
+    lines = [
+        "| model (latent) | recipe | checkpointing | s/step | vs seed | peak allocated GB | peak reserved GB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        seed = seeds.get(r["model"])
+        ratio = f"{seed['s_per_step'] / r['s_per_step']:.2f}x" if seed else "-"
+        mode = r.get("checkpointing", "full (diffusers)" if r["variant"] == "seed" else "")
+        lines.append(
+            f"| {r['model'].split('@')[0]} ({'x'.join(map(str, r['latent']))}) | {r['variant']} | {mode} | "
+            f"{r['s_per_step']:.3f} | {ratio} | {r['peak_allocated_gb']:.2f} | {r['peak_reserved_gb']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def table_swap() -> str:
+    return runs_against_seed("train_step_swap_h200.json")
+
+
+def table_swap_reserved() -> str:
+    return runs_against_seed("train_step_swap_h200_rerun.json")
+
+
+def table_cogvideox15_49() -> str:
+    return runs_against_seed("train_step_15_49x480x720_h200.json")
+
+
+def table_cogvideox15_81() -> str:
+    return runs_against_seed("train_step_15_81x768x1360_h200.json")
+
+
 def table_environment() -> str:
     seen = {}
     for path in sorted(RESULTS.glob("*.json")):

@@ -248,7 +248,7 @@ def train(
         help=_help(
             T,
             "checkpointing",
-            "auto (the fastest mode predicted to fit), none (fastest), selective, full or offload (least memory).",
+            "auto (the fastest mode predicted to fit), none (fastest), selective, full, offload or swap (least memory).",
         ),
     ),
     max_memory: float = typer.Option(

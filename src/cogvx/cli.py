@@ -248,7 +248,8 @@ def train(
         help=_help(
             T,
             "checkpointing",
-            "auto (the fastest mode predicted to fit), none (fastest), selective, full, offload or swap (least memory).",
+            "auto (the fastest mode predicted to fit), none (fastest), selective, full, offload or swap "
+            "(least memory).",
         ),
     ),
     max_memory: float = typer.Option(

@@ -54,7 +54,8 @@ class TrainConfig:
     # Precision and memory
     mixed_precision: str = "bf16"  # bf16, fp16 or fp32 (no: fp32)
     # auto: the fastest mode whose predicted peak fits the card (or max_memory); else none, selective (keeps
-    # attention outputs), full (keeps block inputs), offload (block inputs in CPU RAM) or swap (also the blocks' frozen weights in CPU RAM)
+    # attention outputs), full (keeps block inputs), offload (block inputs in CPU RAM) or swap (also the
+    # blocks' frozen weights in CPU RAM)
     checkpointing: str = AUTO
     max_memory: float | None = None  # GB that --checkpointing auto may plan for; default: what the device has free
     allow_tf32: bool = True

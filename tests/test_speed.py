@@ -124,3 +124,26 @@ def test_swapped_blocks_hold_no_weights_between_uses_and_run_without_gradients()
         # A fresh LoRA's B matrices are zero: the adapted model computes the base model's function.
         out = transformer(**inputs)[0]
         torch.testing.assert_close(out, reference(**inputs)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_compiled_vae_encoder_traces_the_plain_function(tmp_path: Path, monkeypatch):
+    """The graphs ``compile_vae_encoder`` captures compute diffusers' encode, chunking and causal cache included.
+
+    Inductor's own numerics are measured on the GPU (bench/vae_encode.py, BENCHMARKS.md): compiling the tiny
+    VAE with it takes minutes on a CPU, so here the captured graphs run eagerly."""
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    levers.use_persistent_compile_cache()
+    assert Path(__import__("os").environ["TORCHINDUCTOR_CACHE_DIR"]) == tmp_path / "cogvx" / "torch-compile"
+    torch._dynamo.reset()
+    vae = models.load_vae(models.resolve_model("tiny"), torch.float32)
+    g = torch.Generator().manual_seed(2)
+    # 17 frames: two chunks, the second reading the causal convolutions' cache
+    clips = [torch.rand(1, 3, 17, 32, 48, generator=g) * 2 - 1]
+    with torch.no_grad():
+        plain = [vae.encode(clip).latent_dist.parameters for clip in clips]
+        levers.compile_vae_encoder(vae, backend="eager")
+        compiled = [vae.encode(clip).latent_dist.parameters for clip in clips]
+    for got, want in zip(compiled, plain, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert type(vae.encoder).__name__ != "OptimizedModule"  # compiled in place: state-dict keys unchanged

@@ -4,8 +4,8 @@ Every global rank (process of the launch, on any node) trains on its own share o
 ``rank_share`` cuts the cache's samples, in the manifest's order, into ``world size`` contiguous runs
 of equal size (within one sample), computed from the manifest alone so all ranks agree without
 talking. Shares are disjoint and together hold every live sample; a rank reads whole shards except
-at most the two where its run starts and ends, and a cache of fewer shards than ranks (one shard on
-four processes) is split inside its shards. A sample and its mirrored variant count as one and go to
+those holding the ends of its run, which it shares with a neighbour, and a cache of fewer shards than
+ranks (one shard on four processes) is split inside its shards. A sample and its mirrored variant count as one and go to
 the same rank, so every share keeps its mirrors for ``--random-flip``.
 
 Every (rank, DataLoader worker) pair is one independent stream over its rank's share, drawing the
@@ -80,6 +80,11 @@ def rank_share(shards: list[ShardRecord], rank: int, world_size: int) -> list[Pi
     Rank r owns the units numbered ``[r * U // world_size, (r + 1) * U // world_size)`` of the cache's
     ``U``: a function of the manifest alone, so every rank computes every share the same way.
     """
+    return _share(shards, rank, world_size)[1]
+
+
+def _share(shards: list[ShardRecord], rank: int, world_size: int) -> tuple[int, list[Piece]]:
+    """The cache's unit count and ``rank_share``, from one pass over the manifest."""
     order, listed = _units(shards)
     low, high = rank * len(order) // world_size, (rank + 1) * len(order) // world_size
     pieces = []
@@ -93,7 +98,7 @@ def rank_share(shards: list[ShardRecord], rank: int, world_size: int) -> list[Pi
             pieces.append(Piece(record, len(mine), keys=frozenset(mine)))
         else:  # the places of an index-less shard are numbered in a row, so a rank's are one range
             pieces.append(Piece(record, len(mine), positions=range(mine[0], mine[-1] + 1)))
-    return pieces
+    return len(order), pieces
 
 
 class ShardStream(IterableDataset):
@@ -112,7 +117,7 @@ class ShardStream(IterableDataset):
     ):
         if not shards or sum(s.live_count for s in shards) == 0:
             raise CacheError(f"The cache in {folder} holds no samples; run `cogvx preprocess` first.")
-        units = unit_count(shards)
+        units, self.pieces = _share(shards, rank, world_size)
         if units < world_size:  # the same answer on every rank: all of them stop, none waits for the others
             raise CacheError(
                 f"The cache in {folder} holds {units} samples (a clip and its mirror count once), fewer than the "
@@ -120,7 +125,6 @@ class ShardStream(IterableDataset):
                 "processes, or add videos with `cogvx preprocess`."
             )
         self.folder, self.shards = Path(folder), shards
-        self.pieces = rank_share(shards, rank, world_size)
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.skip_batches = shuffle_buffer, skip_batches

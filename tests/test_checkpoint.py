@@ -452,8 +452,10 @@ GOLDEN = {
     (0, 0, 1, 2): ["s1k1", "s1k2", "s0k0", "s1k0", "s0k2", "s0k1", "s0k3", "s0k0"],
     (0, 0, 1, 64): ["s1k2", "s1k2", "s0k3", "s1k0", "s2k0", "s0k3", "s0k2", "s1k0"],
     (3, 0, 1, 64): ["s1k0", "s0k3", "s1k1", "s1k0", "s1k2", "s1k0", "s0k0", "s0k2"],
-    (0, 1, 2, 64): ["s2k0", "s2k0", "s1k2", "s2k1", "s0k1", "s1k1", "s1k1", "s2k0"],
-    (0, 0, 2, 64): ["s0k0", "s0k1", "s1k1", "s0k2", "s0k3", "s0k1", "s1k1", "s1k0"],
+    # Two processes: rank 0's share is shard 0, rank 1's shards 1 and 2 (issue 12: disjoint shares; the
+    # orders of several processes before it were others).
+    (0, 1, 2, 64): ["s2k1", "s2k1", "s1k1", "s2k0", "s2k0", "s1k2", "s2k1", "s2k0"],
+    (0, 0, 2, 64): ["s0k1", "s0k1", "s0k3", "s0k2", "s0k2", "s0k3", "s0k3", "s0k0"],
     (0, 0, 1, 200): ["s0k2", "s2k1", "s1k2", "s1k2", "s1k1", "s0k0", "s1k0", "s0k0"],  # over webdataset's 100
 }
 
@@ -480,10 +482,11 @@ def test_the_stream_defaults_are_rank_0_of_1_and_the_shuffle_buffer_is_the_confi
         ShardStream(tmp_path, records, batch_size=1, seed=0)
 
 
-# Two workers, seed 2, buffer 4: the first 8 batches of a DataLoader (workers alternate, starting at worker 0).
+# Two workers, seed 2, buffer 4: the first 8 batches of a DataLoader (workers alternate, starting at worker 0),
+# each rank within its share (rank 0: shard 0; rank 1: shards 1 and 2).
 GOLDEN_WORKERS = {
-    0: ["s0k2", "s1k1", "s0k0", "s0k1", "s0k0", "s1k0", "s0k3", "s0k2"],
-    1: ["s1k0", "s0k0", "s1k0", "s0k2", "s1k1", "s0k1", "s1k1", "s0k1"],
+    0: ["s0k2", "s0k3", "s0k0", "s0k1", "s0k0", "s0k1", "s0k3", "s0k0"],
+    1: ["s2k0", "s1k2", "s2k1", "s2k0", "s2k0", "s2k1", "s2k1", "s2k1"],
 }
 
 

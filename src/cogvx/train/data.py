@@ -1,6 +1,15 @@
 """The training stream: resampled shards, a shuffle buffer and same-shape batches, counted in steps.
 
-Every (rank, DataLoader worker) pair is one independent stream seeded from ``(seed, stream id)``.
+Every global rank (process of the launch, on any node) trains on its own share of the cache:
+``rank_share`` cuts the cache's samples, in the manifest's order, into ``world size`` contiguous runs
+of equal size (within one sample), computed from the manifest alone so all ranks agree without
+talking. Shares are disjoint and together hold every live sample; a rank reads whole shards except
+those holding the ends of its run, which it shares with a neighbour, and a cache of fewer shards than
+ranks (one shard on four processes) is split inside its shards. A sample and its mirrored variant count as one and go to
+the same rank, so every share keeps its mirrors for ``--random-flip``.
+
+Every (rank, DataLoader worker) pair is one independent stream over its rank's share, drawing the
+share's shards with replacement, seeded from ``(seed, stream id)``.
 DataLoader hands out worker batches round-robin, starting at worker 0. After ``n`` consumed batches the
 next one is stream ``n % W``'s, so a resumed loader's worker ``w`` plays stream ``(w + n) % W`` and drops
 that stream's batches already used, without decoding them. Same seed, world size and worker count give
@@ -14,6 +23,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +32,73 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cogvx.errors import CogvxError
 from cogvx.shards import CacheError, ShardRecord, decode_sample, iter_record_samples, merged_layouts, open_shard
+from cogvx.shards.manifest import MIRROR_SUFFIX
+
+
+@dataclass(frozen=True)
+class Piece:
+    """The live samples of one shard that one rank serves: all of them, or those named."""
+
+    record: ShardRecord
+    count: int  # samples of this piece
+    keys: frozenset[str] | None = None  # the samples by key; None with ``positions`` None: the whole shard
+    # For a shard whose manifest entry has no index of its samples: the live samples by their place
+    # among the shard's live samples, in file order.
+    positions: range | None = None
+
+    @property
+    def whole(self) -> bool:
+        return self.keys is None and self.positions is None
+
+
+def _units(shards: list[ShardRecord]) -> tuple[dict[tuple, int], list[tuple[ShardRecord, list[tuple[tuple, Any]]]]]:
+    """Number every live sample's unit in the manifest's order of first appearance, and list each shard's
+    live samples as (unit, key or place). A unit is a key without its mirror suffix; in a shard whose
+    manifest entry indexes no samples (readers accept one) each live sample is a unit, by its place."""
+    order: dict[tuple, int] = {}
+    listed = []
+    for record in shards:
+        live = record.live_samples()
+        if len(live) == record.live_count:
+            members = [(("key", entry.key.removesuffix(MIRROR_SUFFIX)), entry.key) for entry in live]
+        else:
+            members = [(("place", record.name, place), place) for place in range(record.live_count)]
+        for unit, _ in members:
+            order.setdefault(unit, len(order))
+        listed.append((record, members))
+    return order, listed
+
+
+def unit_count(shards: list[ShardRecord]) -> int:
+    """How many samples the cache splits among ranks (a sample and its mirrored variant count once)."""
+    return len(_units(shards)[0])
+
+
+def rank_share(shards: list[ShardRecord], rank: int, world_size: int) -> list[Piece]:
+    """What global ``rank`` of ``world_size`` trains on: its pieces of the shards, in manifest order.
+
+    Rank r owns the units numbered ``[r * U // world_size, (r + 1) * U // world_size)`` of the cache's
+    ``U``: a function of the manifest alone, so every rank computes every share the same way.
+    """
+    return _share(shards, rank, world_size)[1]
+
+
+def _share(shards: list[ShardRecord], rank: int, world_size: int) -> tuple[int, list[Piece]]:
+    """The cache's unit count and ``rank_share``, from one pass over the manifest."""
+    order, listed = _units(shards)
+    low, high = rank * len(order) // world_size, (rank + 1) * len(order) // world_size
+    pieces = []
+    for record, members in listed:
+        mine = [name for unit, name in members if low <= order[unit] < high]
+        if not mine:
+            continue
+        if len(mine) == len(members):
+            pieces.append(Piece(record, len(mine)))
+        elif isinstance(mine[0], str):
+            pieces.append(Piece(record, len(mine), keys=frozenset(mine)))
+        else:  # the places of an index-less shard are numbered in a row, so a rank's are one range
+            pieces.append(Piece(record, len(mine), positions=range(mine[0], mine[-1] + 1)))
+    return len(order), pieces
 
 
 class ShardStream(IterableDataset):
@@ -40,6 +117,13 @@ class ShardStream(IterableDataset):
     ):
         if not shards or sum(s.live_count for s in shards) == 0:
             raise CacheError(f"The cache in {folder} holds no samples; run `cogvx preprocess` first.")
+        units, self.pieces = _share(shards, rank, world_size)
+        if units < world_size:  # the same answer on every rank: all of them stop, none waits for the others
+            raise CacheError(
+                f"The cache in {folder} holds {units} samples (a clip and its mirror count once), fewer than the "
+                f"{world_size} processes, and each process trains on samples of its own. Launch at most {units} "
+                "processes, or add videos with `cogvx preprocess`."
+            )
         self.folder, self.shards = Path(folder), shards
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size
@@ -61,19 +145,22 @@ class ShardStream(IterableDataset):
                 yield collate([decode_sample(r, r["__url__"]) for r in group])
 
     def _raw_samples(self, rng: random.Random) -> Iterator[dict[str, Any]]:
-        """Endless raw samples from shards drawn with replacement, weighted by their sample counts."""
-        weights = [s.live_count for s in self.shards]  # a fully replaced shard is never drawn
+        """Endless raw samples of this rank's share: its shards drawn with replacement, weighted by how
+        many of the share's samples each holds (a fully replaced shard is never drawn)."""
+        weights = [piece.count for piece in self.pieces]
         verified: set[str] = set()
         # Each sample is checked against its index line here and against its bucket's layout when decoded
         # (a cache without recorded layouts: the first sample of each bucket sets it for the others).
         layouts = merged_layouts(self.shards)
         while True:
-            record = rng.choices(self.shards, weights)[0]
+            piece = rng.choices(self.pieces, weights)[0]
+            record = piece.record
             # The sha256 is checked the first time this process draws a shard (hashing as it streams,
             # before any of its samples is served); later draws check the size and stream the file.
             with open_shard(self.folder, record, full=record.name not in verified) as stream:
                 verified.add(record.name)
-                yield from iter_record_samples(stream, record, str(self.folder / record.name), layouts)
+                samples = iter_record_samples(stream, record, str(self.folder / record.name), layouts)
+                yield from samples if piece.whole else _only(piece, samples)
 
     def _flipped(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
         """Each sample as drawn, or its mirrored variant with probability ``random_flip``.
@@ -106,6 +193,13 @@ class ShardStream(IterableDataset):
             if len(group) == self.batch_size:
                 del pending[bucket]
                 yield group
+
+
+def _only(piece: Piece, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """The samples of a shard that belong to ``piece`` (the others are skipped before any decoding)."""
+    for place, raw in enumerate(samples):
+        if (raw["__key__"] in piece.keys) if piece.keys is not None else (place in piece.positions):
+            yield raw
 
 
 def collate(samples: list) -> dict[str, Any]:

@@ -197,6 +197,9 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
 
     # --- setup ---
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
+    if main:  # the folder exists: _hold_run_folder made it
+        checkpoint.clean_stale(cfg.output)
+    found = _checkpoint_to_resume(accelerator, cfg)  # first: a run that cannot resume stops at once
     manifest = Manifest.load(cfg.shards)
     model_name = models.choose_model(cfg.model, (manifest.producer.get("model"), str(paths.manifest(cfg.shards))))
     from_cache = cfg.model is None  # the cache's model comes with the revision and variant it was read at
@@ -215,9 +218,6 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
         )
     torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
     torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
-    if main:  # the folder exists: _hold_run_folder made it
-        checkpoint.clean_stale(cfg.output)
-    accelerator.wait_for_everyone()
 
     # --- build ---
     compute_dtype = models.DTYPES[cfg.mixed_precision]
@@ -252,12 +252,6 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
     }
     if accelerator.scaler is not None:
         state["scaler"] = accelerator.scaler
-    found = checkpoint.find(cfg.output, cfg.resume) if cfg.resume else None
-    if not cfg.resume and checkpoint.checkpoint_dirs(cfg.output):
-        raise RunError(
-            f"{cfg.output} already holds checkpoints of a run. Continue it with --resume auto, or start a new run "
-            "with another --output."
-        )
     if found is not None:
         checkpoint.load(found, state)
         _warn_if_data_order_changes(accelerator, found, progress.written_by, cfg, world)
@@ -441,6 +435,50 @@ def _hold_run_folder(accelerator, output: Path):
             kind, message = outcome
             raise kind(message)
         yield
+
+
+def _checkpoint_to_resume(accelerator, cfg: TrainConfig) -> Path | None:
+    """The checkpoint the main process resumes from, which every process must then be able to read.
+
+    The main process decides, as it alone looked after the run folder: on several machines the folder
+    may be on node 0's disk only, and a process deciding for itself would start from step 0 while the
+    others resume (a hang, or a silently different run). Every process then checks it can read the
+    checkpoint, and all stop with the same line if one cannot.
+    """
+    from accelerate.utils import broadcast_object_list, gather_object
+
+    outcome: tuple = ("ok", None)
+    if accelerator.is_main_process:
+        try:
+            found = checkpoint.find(cfg.output, cfg.resume) if cfg.resume else None
+            if not cfg.resume and checkpoint.checkpoint_dirs(cfg.output):
+                raise RunError(
+                    f"{cfg.output} already holds checkpoints of a run. Continue it with --resume auto, or start a "
+                    "new run with another --output."
+                )
+            outcome = ("ok", None if found is None else str(found))
+        except Exception as err:  # told to the others first (as _hold_run_folder does), then raised here
+            if accelerator.num_processes > 1:
+                kind = type(err) if isinstance(err, CogvxError) else RuntimeError
+                broadcast_object_list([("error", (kind, str(err)))])
+            raise
+    if accelerator.num_processes == 1:
+        return None if outcome[1] is None else Path(outcome[1])
+    status, value = broadcast_object_list([outcome])[0]
+    if status == "error":
+        kind, message = value
+        raise kind(message)
+    found = None if value is None else Path(value)
+    readable = found is None or runs.checkpoint_state(found).is_file()
+    blind = [rank for rank, ok in enumerate(gather_object([readable])) if not ok]
+    if blind:
+        raise RunError(
+            f"The main process resumes from {found}, which process{'es' if len(blind) > 1 else ''} "
+            f"{', '.join(map(str, blind))} cannot read (no {runs.CHECKPOINT_STATE} there). On several machines "
+            "--output must be a folder every machine reads at the same path (a shared filesystem), or copy the run "
+            "folder to each machine."
+        )
+    return found
 
 
 @contextlib.contextmanager

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import re
-import stat
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,7 @@ from typing import Any
 from cogvx import files
 from cogvx.errors import CacheError
 from cogvx.shards import paths
+from cogvx.shards.store import open_regular  # noqa: F401 -- its home is store.py; imported from here too
 
 FORMAT_NAME = "cogvx-cache"
 FORMAT_VERSION = 1
@@ -300,29 +300,6 @@ class Manifest:
 
 
 MAX_MANIFEST_BYTES = 1 << 30  # about 2 million samples' index lines
-
-
-def open_regular(path: Path, what: str = "File"):
-    """Open ``path`` for reading only if it is a regular file (or a link to one), without ever blocking.
-
-    O_NONBLOCK makes opening a FIFO return at once; fstat on the opened file then refuses FIFOs, devices
-    (``/dev/zero``) and folders, so nothing here can hang or read forever.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise  # the caller says what a missing file means
-    except OSError as err:
-        raise CacheError(f"{what} {path} cannot be opened ({err.strerror}).") from err
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise CacheError(f"{what} {path} is not a regular file (a device, FIFO or folder); cogvx reads only files.")
-        if hasattr(os, "set_blocking"):
-            os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 class _Fields:

@@ -87,7 +87,7 @@ def preprocess(
         help="Folder of videos with .txt captions, a root with prompts.txt/videos.txt, a .csv/.jsonl file, or "
         "hf://datasets/OWNER/NAME[@REVISION][/FOLDER] (downloaded to the Hugging Face cache).",
     ),
-    output: Path = typer.Option(None, help=_help(P, "output", "Cache folder to write.")),
+    output: str = typer.Option(None, help=_help(P, "output", "Cache folder, or a URL such as s3://bucket/prefix.")),
     model: str = typer.Option(None, help=_help(P, "model", "Hub id, local diffusers folder, or tiny.")),
     model_revision: str = typer.Option(
         None, help=_help(P, "model_revision", "Branch, tag or commit of a hub model.", "the newest")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from cogvx.preprocess.run import run
 from cogvx.shards import Manifest, read_shard, verify
 
 from . import s3server
+from .conftest import run_launcher
 from .test_preprocess import make_clip, tiny
 
 s3 = s3server.s3  # the fixture: moto's server on localhost, a bucket, and the client settings pointing at it
@@ -70,25 +72,38 @@ def _no_secret(s3, *folders: Path, texts: tuple[str, ...] = ()) -> None:
         assert s3.secret not in text
 
 
-def test_preprocess_to_s3_then_add_a_clip(s3, tmp_path: Path, cogvx_home: Path, caplog):
-    data = _clips(tmp_path / "data", 3)
+def test_two_ranks_write_one_s3_cache_then_a_new_clip_is_all_a_rerun_encodes(s3, tmp_path: Path, caplog):
+    """Ranks share nothing but the bucket (each stages in its own folder) and the launcher's barriers,
+    as ranks on two machines would; rank 0 merges the other's part records from the bucket."""
+    data = _clips(tmp_path / "data", 4)
     (data / "broken.mp4").write_bytes(b"not a video")
-    result = run(tiny(data, s3, shard_max_samples=2))
-    assert (result.encoded, result.already_cached) == (3, 0)
-    assert _sources_once(s3, tmp_path / "first") == [f"clip {i:02d}.mp4" for i in range(3)]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "cogvx", "preprocess", "--data", str(data), "--output", str(s3), "--model", "tiny",
+        "--dtype", "fp32", "--workers", "0", "--frame-bucket", "9", "--config", str(tmp_path / "small.toml"),
+    ]  # fmt: skip
+    (tmp_path / "small.toml").write_text("shard_max_samples = 1\n")
+    done = run_launcher(command, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "encoded now" in done.stderr and "4 clips" in done.stderr, "rank 0 prints the totals of all ranks"
+    assert s3 in done.stderr, "the summary names the bucket, not the staging folder"
+    manifest = Manifest.from_dict(json.loads(s3.get("manifest.json")), "manifest.json")
+    assert {r.name.split("-")[1] for r in manifest.shards} == {"r00", "r01"}, "each rank uploads its own shards"
+    assert _sources_once(s3, tmp_path / "first") == [f"clip {i:02d}.mp4" for i in range(4)]
     assert [json.loads(line)["source"] for line in s3.get("skipped.jsonl").splitlines()] == ["broken.mp4"]
-    staging = remote.staging_folder(s3, 0)
-    assert not list(staging.glob("*.tar*")), "staging keeps no uploaded shard"
+    staging = remote.staging_folder(s3, 0).parent
+    assert sorted(p.name for p in staging.iterdir()) == ["r00", "r01"]
+    assert not list(staging.rglob("*.tar*")), "staging keeps no uploaded shard"
 
-    _clips(data, 1, start=3)
-    again = run(tiny(data, s3, shard_max_samples=2))
-    assert (again.encoded, again.already_cached) == (1, 3), "only the new clip is encoded"
-    assert _sources_once(s3, tmp_path / "second") == [f"clip {i:02d}.mp4" for i in range(4)]
-    _no_secret(s3, staging.parent, texts=(caplog.text,))
+    _clips(data, 1, start=4)
+    again = run(tiny(data, s3, shard_max_samples=1))
+    assert (again.encoded, again.already_cached) == (1, 4), "only the new clip is encoded"
+    assert _sources_once(s3, tmp_path / "second") == [f"clip {i:02d}.mp4" for i in range(5)]
+    _no_secret(s3, staging, texts=(caplog.text, done.stdout, done.stderr))
 
 
-def test_kill_9_during_upload_then_rerun_gives_every_clip_exactly_once(s3, tmp_path: Path, cogvx_home: Path):
-    data = _clips(tmp_path / "data", 6)
+def test_kill_9_during_upload_then_rerun_gives_every_clip_exactly_once(s3, tmp_path: Path):
+    data = _clips(tmp_path / "data", 4)
     code = (
         "from cogvx.preprocess.run import PreprocessConfig, run\n"
         f"run(PreprocessConfig(data={str(data)!r}, output={str(s3)!r}, model='tiny', dtype='fp32', workers=0,"
@@ -98,10 +113,10 @@ def test_kill_9_during_upload_then_rerun_gives_every_clip_exactly_once(s3, tmp_p
     with open(log, "wb") as out:
         proc = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=subprocess.STDOUT)
         deadline = time.time() + 120
-        while sum(name.endswith(".tar") for name in s3.names()) < 2:
+        while not any(name.endswith(".tar") for name in s3.names()):
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
-                pytest.fail("the run ended (or hung) before its second shard was uploaded:\n" + log.read_text())
+                pytest.fail("the run ended (or hung) before its first shard was uploaded:\n" + log.read_text())
             time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
         assert proc.wait() == -signal.SIGKILL
@@ -112,7 +127,7 @@ def test_kill_9_during_upload_then_rerun_gives_every_clip_exactly_once(s3, tmp_p
 
     result = run(tiny(data, s3, shard_max_samples=1))  # the lock's process is gone: taken over
     uploaded = sum(name.endswith(".tar") for name in names)
-    assert result.already_cached >= uploaded >= 2, "shards uploaded before the kill are listed, not encoded again"
-    assert result.encoded + result.already_cached == 6
-    assert _sources_once(s3, tmp_path / "after") == [f"clip {i:02d}.mp4" for i in range(6)]
+    assert result.already_cached >= uploaded >= 1, "shards uploaded before the kill are listed, not encoded again"
+    assert result.encoded + result.already_cached == 4
+    assert _sources_once(s3, tmp_path / "after") == [f"clip {i:02d}.mp4" for i in range(4)]
     _no_secret(s3, remote.staging_folder(s3, 0).parent, texts=(log.read_text(),))

@@ -109,6 +109,7 @@ class Mirror:
     def pull_manifest(self) -> None:
         """Put the remote manifest (checked) into staging, or none there if the remote cache has none."""
         local = paths.manifest(self.staging)
+        _forget_listings(self.store)
         if self.store.size(paths.MANIFEST) is None:
             local.unlink(missing_ok=True)
             shards = [name for name in self.names if paths.is_shard(name)]
@@ -201,6 +202,7 @@ class Mirror:
 
     def _sizes(self, names: Iterable[str]) -> dict[str, int | None]:
         names = list(dict.fromkeys(names))
+        _forget_listings(self.store)
         if len(names) <= 1:
             return {name: self.store.size(name) for name in names}
         with concurrent.futures.ThreadPoolExecutor(min(_PARALLEL, len(names))) as pool:
@@ -227,7 +229,7 @@ class Mirror:
         """
         self.parts.put_bytes(paths.shard_part(self.staging, rank).name, _json([asdict(r) for r in records]))
         self.store.put_file(path, path.name)
-        size = self.store.size(path.name)
+        size = self._sizes([path.name])[path.name]
         if size != path.stat().st_size:
             raise CacheError(
                 f"{self.store.url(path.name)} has {size} bytes after its upload, expected {path.stat().st_size}; "
@@ -272,6 +274,13 @@ class Mirror:
         self.store.put_file(paths.manifest(folder), paths.MANIFEST)
         for name in self.parts.list():  # only once the manifest lists what they recorded
             self.parts.delete(name)
+
+
+def _forget_listings(store: Store) -> None:
+    """fsspec answers a size (and opens a file) from a listing it cached, which does not show what other
+    ranks, or other machines, uploaded since; forgetting it sends the next question to the store."""
+    with contextlib.suppress(AttributeError):
+        store.fs.invalidate_cache()
 
 
 def _json(data) -> bytes:
@@ -321,6 +330,7 @@ class RemoteLock:
         return self
 
     def _read(self) -> dict | None:
+        _forget_listings(self.store)
         try:
             held = json.loads(self.store.read_bytes(paths.LOCK))
         except FileNotFoundError:

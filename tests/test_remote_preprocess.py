@@ -130,4 +130,15 @@ def test_kill_9_during_upload_then_rerun_gives_every_clip_exactly_once(s3, tmp_p
     assert result.already_cached >= uploaded >= 1, "shards uploaded before the kill are listed, not encoded again"
     assert result.encoded + result.already_cached == 4
     assert _sources_once(s3, tmp_path / "after") == [f"clip {i:02d}.mp4" for i in range(4)]
+
+    # A shard changed in the bucket (same size): --repair hashes every shard as it streams, refuses that one
+    # (renamed NAME.damaged, never deleted) and encodes its clip again.
+    tampered = json.loads(s3.get("manifest.json"))["shards"][0]["name"]
+    raw = bytearray(s3.get(tampered))
+    raw[len(raw) // 2] ^= 0xFF
+    s3.put(tampered, bytes(raw))
+    repaired = run(tiny(data, s3, shard_max_samples=1, repair=True))
+    assert repaired.dropped_shards == [tampered] and repaired.encoded == 1
+    assert s3.get(tampered + ".damaged") == bytes(raw)
+    assert _sources_once(s3, tmp_path / "repaired") == [f"clip {i:02d}.mp4" for i in range(4)]
     _no_secret(s3, remote.staging_folder(s3, 0).parent, texts=(log.read_text(),))

@@ -145,8 +145,8 @@ class Mirror:
         Shards named in part records are listed if they are remote with their recorded size (a part record
         names a shard before it is uploaded, and an upload is whole or absent). Listed shards that are
         missing or of the wrong size (with ``check_hashes``, also the wrong sha256, read as a stream) leave
-        the manifest and their samples are encoded again; a damaged object is left where it is, unlisted,
-        and named in a warning. Unlisted shards of no part record are not this run's: left as they are.
+        the manifest and their samples are encoded again; a damaged object is renamed to ``NAME.damaged``.
+        Unlisted shards of no part record are not this run's: left as they are, named in a warning.
         Then the manifest is uploaded and the part records deleted.
         """
         done = cachedir.Recovery()
@@ -165,11 +165,7 @@ class Mirror:
             manifest.shards.remove(record)
             done.dropped.append(record)
             if size is not None:
-                log.warning(
-                    "%s does not match the manifest; it left the manifest and is left in place, unlisted "
-                    "(delete it when you like)",
-                    self.store.url(record.name),
-                )
+                done.set_aside.append(self._set_aside(record.name, folder))
         listed = {s.name for s in manifest.shards} | {r.name for r in done.dropped}
         foreign = [name for name in self.names if paths.is_shard(name) and name not in listed]
         for name in foreign:
@@ -179,6 +175,24 @@ class Mirror:
         manifest.save(folder)
         self._publish_manifest(folder)
         return done
+
+    def _set_aside(self, name: str, folder: Path) -> str:
+        """Rename a damaged remote shard to ``NAME.damaged`` (``.damaged.N`` if taken), as ``cachedir`` does
+        locally: copied through staging (object stores rename by copying), never deleted before the copy is
+        whole. Rare, so the copy's cost does not matter."""
+        taken = set(self.names)
+        target, n = paths.set_aside_name(Path(name)).name, 1
+        while target in taken:
+            target, n = paths.set_aside_name(Path(name), n).name, n + 1
+        local = paths.temporary(Path(folder) / target)
+        with self.store.open(name) as remote_file, open(local, "wb") as out:
+            shutil.copyfileobj(remote_file, out, 8 << 20)
+        self.store.put_file(local, target)
+        local.unlink()
+        self.store.delete(name)
+        self.names.append(target)
+        log.warning("%s does not match the manifest; renamed to %s", self.store.url(name), target)
+        return target
 
     def merge_shard_parts(self, folder: Path, manifest: Manifest) -> int:
         """``cachedir.merge_shard_parts`` against the remote cache: a recorded shard is listed if it is remote

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import re
 import shutil
@@ -220,7 +221,8 @@ class FsspecStore(Store):
 
     def open(self, name: str, what: str = "File") -> BinaryIO:
         with self._errors(name):
-            return self._stream(self._path(name))
+            # Buffered as a local file is: fsspec's files lack parts of io's API (readline's size limit).
+            return io.BufferedReader(self._stream(self._path(name)), CHUNK)
 
     def _stream(self, path: str) -> BinaryIO:
         if "http" in _protocols(self.fs):  # a plain web server need not answer ranged requests: one GET

@@ -14,6 +14,7 @@ also carrying ``folder`` (what it serves) and ``requests`` (every ``(method, pat
 
 from __future__ import annotations
 
+import logging
 import shutil
 import threading
 import uuid
@@ -55,11 +56,12 @@ class S3Base(str):
         return sorted(item["Key"].removeprefix(f"{self.prefix}/") for item in listed.get("Contents", []))
 
 
-@pytest.fixture
-def s3(monkeypatch, tmp_path: Path):
+@pytest.fixture(name="s3")
+def s3_fixture(monkeypatch, tmp_path: Path):
     import boto3
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
@@ -113,8 +115,8 @@ class _Handler(SimpleHTTPRequestHandler):
         pass
 
 
-@pytest.fixture
-def http_server(tmp_path: Path):
+@pytest.fixture(name="http_server")
+def http_server_fixture(tmp_path: Path):
     folder = tmp_path / "served"
     folder.mkdir()
     requests: list[tuple[str, str]] = []
@@ -129,3 +131,7 @@ def http_server(tmp_path: Path):
     finally:
         server.shutdown()
         server.server_close()
+
+
+# Import these (``from .s3server import s3_fixture, http_server_fixture``) and ask for ``s3`` or ``http_server``.
+s3, http_server = s3_fixture, http_server_fixture  # the names of the first version, still importable

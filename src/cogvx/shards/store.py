@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import re
 import shutil
@@ -29,7 +30,7 @@ from typing import BinaryIO
 from urllib.parse import urlsplit, urlunsplit
 
 from cogvx import files
-from cogvx.errors import CacheError, ConfigError
+from cogvx.errors import CacheError, CogvxError, ConfigError
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 CHUNK = 8 << 20  # bytes per read of a remote file (one ranged GET on object stores)
@@ -60,6 +61,10 @@ def parent_of(origin: str) -> str:
     if _SCHEME.match(origin):
         return origin.rstrip("/").rpartition("/")[0]
     return str(Path(origin).parent)
+
+
+class StoreError(CacheError):
+    """A store that cannot be reached, or refuses access: nothing is known about the file asked for."""
 
 
 class Mismatch(Exception):
@@ -216,7 +221,8 @@ class FsspecStore(Store):
 
     def open(self, name: str, what: str = "File") -> BinaryIO:
         with self._errors(name):
-            return self._stream(self._path(name))
+            # Buffered as a local file is: fsspec's files lack parts of io's API (readline's size limit).
+            return io.BufferedReader(self._stream(self._path(name)), CHUNK)
 
     def _stream(self, path: str) -> BinaryIO:
         if "http" in _protocols(self.fs):  # a plain web server need not answer ranged requests: one GET
@@ -310,13 +316,13 @@ class FsspecStore(Store):
         where = self.url(name) if name else self.location
         try:
             yield
-        except (FileNotFoundError, Mismatch, CacheError, ConfigError):
+        except (FileNotFoundError, Mismatch, CogvxError):
             raise
         except NotImplementedError as err:
             raise CacheError(f"{self.location} cannot be written (its filesystem is read-only for cogvx).") from err
         except _remote_errors() as err:
             doing = "write" if writing else "read"
-            raise CacheError(
+            raise StoreError(
                 f"Cannot {doing} {where}: {self._scrub(_one_line(err))}. Check the URL, the credentials "
                 "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and, for an S3-compatible store, "
                 "AWS_ENDPOINT_URL."

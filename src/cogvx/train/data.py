@@ -13,6 +13,7 @@ the same one-line exception the in-process stream raises, not as DataLoader's wr
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,15 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cogvx.errors import CogvxError
 from cogvx.shards import CacheError, ShardRecord, decode_sample, iter_record_samples, merged_layouts, open_shard
+from cogvx.shards.store import Store, StoreError, open_store
+
+SKIPPED_SHARDS = "skipped_shards"  # a batch's list of the shards its stream skipped so far (--skip-bad-shards)
 
 
 class ShardStream(IterableDataset):
     def __init__(
         self,
-        folder: Path,
+        folder: Path | str | Store,  # a cache folder, a URL or a Store (with its read-through cache)
         shards: list[ShardRecord],
         batch_size: int,
         seed: int,
@@ -37,10 +41,13 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int,  # TrainConfig.shuffle_buffer: its default lives there
         random_flip: float,  # TrainConfig.random_flip
         skip_batches: int = 0,
+        skip_bad: bool = False,  # TrainConfig.skip_bad_shards
     ):
+        self.store = open_store(folder)
         if not shards or sum(s.live_count for s in shards) == 0:
-            raise CacheError(f"The cache in {folder} holds no samples; run `cogvx preprocess` first.")
-        self.folder, self.shards = Path(folder), shards
+            raise CacheError(f"The cache in {self.store.location} holds no samples; run `cogvx preprocess` first.")
+        self.folder, self.shards = folder, shards
+        self.skip_bad, self.skipped = skip_bad, {}  # skipped: the URL of each shard skipped -> why
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.skip_batches = shuffle_buffer, skip_batches
@@ -55,10 +62,14 @@ class ShardStream(IterableDataset):
         stream = (worker + self.skip_batches) % workers
         rng = random.Random(f"cogvx-stream:{self.seed}:{self.rank * workers + stream}:{self.world_size * workers}")
         skip = (self.skip_batches - stream + workers - 1) // workers
+        self.skipped = {}
         raw = self._shuffled(self._flipped(self._raw_samples(rng), rng), rng)
         for index, group in enumerate(self._bucketed(raw)):
             if index >= skip:
-                yield collate([decode_sample(r, r["__url__"]) for r in group])
+                batch = collate([decode_sample(r, r["__url__"]) for r in group])
+                if self.skipped:
+                    batch[SKIPPED_SHARDS] = sorted(self.skipped)
+                yield batch
 
     def _raw_samples(self, rng: random.Random) -> Iterator[dict[str, Any]]:
         """Endless raw samples from shards drawn with replacement, weighted by their sample counts."""
@@ -69,11 +80,38 @@ class ShardStream(IterableDataset):
         layouts = merged_layouts(self.shards)
         while True:
             record = rng.choices(self.shards, weights)[0]
+            url = self.store.url(record.name)
+            if url in self.skipped:
+                continue  # drawn all the same: the other shards' draws stay where they were
             # The sha256 is checked the first time this process draws a shard (hashing as it streams,
-            # before any of its samples is served); later draws check the size and stream the file.
-            with open_shard(self.folder, record, full=record.name not in verified) as stream:
-                verified.add(record.name)
-                yield from iter_record_samples(stream, record, str(self.folder / record.name), layouts)
+            # before any of its samples is served); later draws check the size and stream the file. A
+            # remote shard is hashed on every draw, as it is copied (or read from the verified cache_dir).
+            try:
+                with open_shard(self.store, record, full=record.name not in verified) as stream:
+                    verified.add(record.name)
+                    yield from iter_record_samples(stream, record, url, layouts)
+            except StoreError:
+                raise  # the store cannot be reached: nothing is known about the shard
+            except CacheError as err:
+                if not self.skip_bad:
+                    raise
+                self._skip(url, err, weights)
+
+    def _skip(self, url: str, err: CacheError, weights: list[int]) -> None:
+        """--skip-bad-shards: leave a missing, changed or unreadable shard out of this stream, said aloud.
+
+        A shard is bad or not by its bytes, so every replay of the stream skips it at the same draws.
+        """
+        self.skipped[url] = str(err)
+        print(f"[warning] skipping shard {url} (--skip-bad-shards): {err}", file=sys.stderr, flush=True)
+        left = [
+            s for s, w in zip(self.shards, weights, strict=True) if w and self.store.url(s.name) not in self.skipped
+        ]
+        if not left:
+            raise CacheError(
+                f"Every shard this process reads from {self.store.location} is bad ({len(self.skipped)} skipped); "
+                f"nothing is left to train on. Run `cogvx shards verify {self.store.location}`."
+            )
 
     def _flipped(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
         """Each sample as drawn, or its mirrored variant with probability ``random_flip``.

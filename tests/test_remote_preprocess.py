@@ -7,8 +7,10 @@ processes killed with SIGKILL.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -22,11 +24,10 @@ from cogvx.preprocess import remote
 from cogvx.preprocess.run import run
 from cogvx.shards import Manifest, read_shard, verify
 
-from . import s3server
-from .conftest import run_launcher
+from .s3server import s3_fixture  # noqa: F401 -- the fixture s3: moto's server on localhost, and a bucket
 from .test_preprocess import make_clip, tiny
 
-s3 = s3server.s3  # the fixture: moto's server on localhost, a bucket, and the client settings pointing at it
+TRAIN = dict(max_steps=2, rank=4, alpha=4, mixed_precision="fp32", checkpoint_every=0, seed=3, workers=0)
 
 
 def _clips(folder: Path, count: int, start: int = 0) -> Path:
@@ -72,73 +73,72 @@ def _no_secret(s3, *folders: Path, texts: tuple[str, ...] = ()) -> None:
         assert s3.secret not in text
 
 
-def test_two_ranks_write_one_s3_cache_then_a_new_clip_is_all_a_rerun_encodes(s3, tmp_path: Path, caplog):
-    """Ranks share nothing but the bucket (each stages in its own folder) and the launcher's barriers,
-    as ranks on two machines would; rank 0 merges the other's part records from the bucket."""
+def test_two_ranks_killed_while_uploading_then_rerun_then_repaired_then_trained_from(s3, tmp_path: Path, capfd):
+    """The ranks of a run share nothing but the bucket (each stages in a folder of its own) and the
+    launcher's barriers, as ranks on two machines would. The whole launch is killed with SIGKILL once
+    the first shard is in the bucket; a single process then finishes the cache from what the bucket holds."""
     data = _clips(tmp_path / "data", 4)
     (data / "broken.mp4").write_bytes(b"not a video")
+    (tmp_path / "small.toml").write_text("shard_max_samples = 1\n")
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "cogvx", "preprocess", "--data", str(data), "--output", str(s3), "--model", "tiny",
         "--dtype", "fp32", "--workers", "0", "--frame-bucket", "9", "--config", str(tmp_path / "small.toml"),
     ]  # fmt: skip
-    (tmp_path / "small.toml").write_text("shard_max_samples = 1\n")
-    done = run_launcher(command, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert "encoded now" in done.stderr and "4 clips" in done.stderr, "rank 0 prints the totals of all ranks"
-    assert s3 in done.stderr, "the summary names the bucket, not the staging folder"
-    manifest = Manifest.from_dict(json.loads(s3.get("manifest.json")), "manifest.json")
-    assert {r.name.split("-")[1] for r in manifest.shards} == {"r00", "r01"}, "each rank uploads its own shards"
-    assert _sources_once(s3, tmp_path / "first") == [f"clip {i:02d}.mp4" for i in range(4)]
-    assert [json.loads(line)["source"] for line in s3.get("skipped.jsonl").splitlines()] == ["broken.mp4"]
-    staging = remote.staging_folder(s3, 0).parent
-    assert sorted(p.name for p in staging.iterdir()) == ["r00", "r01"]
-    assert not list(staging.rglob("*.tar*")), "staging keeps no uploaded shard"
-
-    _clips(data, 1, start=4)
-    again = run(tiny(data, s3, shard_max_samples=1))
-    assert (again.encoded, again.already_cached) == (1, 4), "only the new clip is encoded"
-    assert _sources_once(s3, tmp_path / "second") == [f"clip {i:02d}.mp4" for i in range(5)]
-    _no_secret(s3, staging, texts=(caplog.text, done.stdout, done.stderr))
-
-
-def test_kill_9_during_upload_then_rerun_gives_every_clip_exactly_once(s3, tmp_path: Path):
-    data = _clips(tmp_path / "data", 4)
-    code = (
-        "from cogvx.preprocess.run import PreprocessConfig, run\n"
-        f"run(PreprocessConfig(data={str(data)!r}, output={str(s3)!r}, model='tiny', dtype='fp32', workers=0,"
-        " frame_buckets=(9,), shard_max_samples=1))\n"
-    )
     log = tmp_path / "killed.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([sys.executable, "-c", code], stdout=out, stderr=subprocess.STDOUT)
-        deadline = time.time() + 120
+        launcher = subprocess.Popen(
+            command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
+        deadline = time.time() + 240
         while not any(name.endswith(".tar") for name in s3.names()):
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
+            if launcher.poll() is not None or time.time() > deadline:
+                _kill_tree(launcher)
                 pytest.fail("the run ended (or hung) before its first shard was uploaded:\n" + log.read_text())
             time.sleep(0.01)
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait() == -signal.SIGKILL
+        _kill_tree(launcher)
     names = s3.names()
-    assert "manifest.json" in names, "the start of the run publishes the (empty) manifest"
-    listed = json.loads(s3.get("manifest.json"))["shards"]
-    assert len(listed) == 0 and any(n.startswith(".parts/") for n in names) and ".lock" in names, names
+    uploaded = [name for name in names if name.endswith(".tar")]
+    assert json.loads(s3.get("manifest.json"))["shards"] == [], "the start published the empty manifest, no more"
+    assert any(n.startswith(".parts/shards.r") for n in names) and ".lock" in names, names
 
-    result = run(tiny(data, s3, shard_max_samples=1))  # the lock's process is gone: taken over
-    uploaded = sum(name.endswith(".tar") for name in names)
-    assert result.already_cached >= uploaded >= 1, "shards uploaded before the kill are listed, not encoded again"
+    result = run(tiny(data, s3, shard_max_samples=1))  # the lock's owner is gone: taken over at once
+    assert result.already_cached >= len(uploaded), "shards in the bucket before the kill are listed, not redone"
     assert result.encoded + result.already_cached == 4
     assert _sources_once(s3, tmp_path / "after") == [f"clip {i:02d}.mp4" for i in range(4)]
+    assert [json.loads(line)["source"] for line in s3.get("skipped.jsonl").splitlines()] == ["broken.mp4"]
+    staging = remote.staging_folder(s3, 0).parent
+    assert not list(staging.glob("r00/*.tar*")), "staging keeps no uploaded shard"
 
-    # A shard changed in the bucket (same size): --repair hashes every shard as it streams, refuses that one
-    # (renamed NAME.damaged, never deleted) and encodes its clip again.
+    # One more clip, and a shard changed in the bucket (same size): --repair hashes every shard as it
+    # streams, renames that one NAME.damaged (never deleted) and encodes its clip again with the new one.
+    _clips(data, 1, start=4)
     tampered = json.loads(s3.get("manifest.json"))["shards"][0]["name"]
     raw = bytearray(s3.get(tampered))
     raw[len(raw) // 2] ^= 0xFF
     s3.put(tampered, bytes(raw))
     repaired = run(tiny(data, s3, shard_max_samples=1, repair=True))
-    assert repaired.dropped_shards == [tampered] and repaired.encoded == 1
+    assert repaired.dropped_shards == [tampered]
+    assert (repaired.encoded, repaired.already_cached) == (2, 3), "only the new clip and the damaged one's"
     assert s3.get(tampered + ".damaged") == bytes(raw)
-    assert _sources_once(s3, tmp_path / "repaired") == [f"clip {i:02d}.mp4" for i in range(4)]
-    _no_secret(s3, remote.staging_folder(s3, 0).parent, texts=(log.read_text(),))
+    assert _sources_once(s3, tmp_path / "repaired") == [f"clip {i:02d}.mp4" for i in range(5)]
+
+    from cogvx.train.config import TrainConfig
+    from cogvx.train.loop import run as train
+
+    trained = train(TrainConfig(shards=str(s3), output=tmp_path / "run", **TRAIN))
+    assert len(trained.losses) == TRAIN["max_steps"] and all(map(math.isfinite, trained.losses))
+    captured = capfd.readouterr()
+    _no_secret(s3, staging, tmp_path / "run", texts=(log.read_text(), captured.out, captured.err))
+
+
+def _kill_tree(launcher: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every rank it started (they may be in sessions of their own)."""
+    import psutil
+
+    procs = [*psutil.Process(launcher.pid).children(recursive=True), psutil.Process(launcher.pid)]
+    for proc in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(signal.SIGKILL)
+    psutil.wait_procs(procs, timeout=30)
+    launcher.wait()

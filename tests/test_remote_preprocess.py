@@ -142,3 +142,23 @@ def _kill_tree(launcher: subprocess.Popen) -> None:
             proc.send_signal(signal.SIGKILL)
     psutil.wait_procs(procs, timeout=30)
     launcher.wait()
+
+
+def test_a_live_lock_refuses_a_second_writer_and_a_dead_or_silent_one_does_not(s3, tmp_path: Path):
+    import socket
+
+    from cogvx.errors import CacheError
+
+    now = time.time()
+    live = {"host": socket.gethostname(), "pid": os.getpid(), "token": "other", "started": now, "renewed": now}
+    s3.put(".lock", json.dumps(live).encode())
+    with pytest.raises(CacheError, match=r"Another `cogvx preprocess` .* delete s3://.*/\.lock"):
+        run(tiny(tmp_path, s3))
+    assert s3.names() == [".lock"], "a refused run writes nothing"
+    assert json.loads(s3.get(".lock"))["token"] == "other", "nor takes the lock"
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    assert remote._stale({**live, "pid": dead.pid}), "this host, a process that is gone (kill -9)"
+    assert not remote._stale({**live, "host": "elsewhere"}), "another machine, renewed just now"
+    assert remote._stale({**live, "host": "elsewhere", "renewed": now - remote.LOCK_STALE_SECONDS - 1})

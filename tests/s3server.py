@@ -95,6 +95,7 @@ class HttpBase(str):
 
     folder: Path
     requests: list[tuple[str, str]]
+    shutdown: object  # stops serving (the port then refuses connections)
 
     def serve(self, folder: Path, name: str) -> str:
         """Copy ``folder`` to ``name`` in the served folder; its URL."""
@@ -127,6 +128,7 @@ def http_server_fixture(tmp_path: Path):
     try:
         base = HttpBase(f"http://127.0.0.1:{server.server_address[1]}/")
         base.folder, base.requests = folder, requests
+        base.shutdown = lambda: (server.shutdown(), server.server_close())
         yield base
     finally:
         server.shutdown()

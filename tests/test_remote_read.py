@@ -163,7 +163,7 @@ def test_shards_verify_and_inspect_read_a_bucket(cache: Path, s3):
 
 
 def test_a_missing_bucket_is_one_line_naming_it(s3):
-    out = CliRunner().invoke(app, ["train", "--shards", "s3://no-such-bucket-here/cache", "--max-steps", "1"])
+    out = CliRunner().invoke(app, ["shards", "inspect", "s3://no-such-bucket-here/cache"])
     assert out.exit_code == 1
     assert "s3://no-such-bucket-here/cache" in out.output and "Traceback" not in out.output, out.output
 
@@ -204,3 +204,17 @@ def test_display_never_shows_a_password_or_a_query(user: str, password: str, que
     assert is_remote(url) and shown == f"{scheme}://host.example/prefix/cache"
     assert display("/a/local/folder") == "/a/local/folder" and not is_remote(Path("s3://x"))
     assert isinstance(open_store("file:///a/b"), LocalStore) and not is_remote("file:///a/b")
+
+
+def test_a_store_that_cannot_be_reached_stops_the_stream_even_when_skipping(cache: Path, http_server):
+    from cogvx.shards.store import StoreError
+    from cogvx.train.data import ShardStream
+
+    url = http_server.serve(cache, "cache")
+    store = open_store(url)
+    shards = Manifest.load(store).shards
+    stream = ShardStream(store, shards, 1, 0, shuffle_buffer=0, random_flip=0.0, skip_bad=True)
+    http_server.shutdown()  # gone after the manifest was read: nothing is known about any shard
+    with pytest.raises(StoreError, match=rf"Cannot read {url}shard-.*Check the URL and the network"):
+        next(iter(stream))
+    assert stream.skipped == {}

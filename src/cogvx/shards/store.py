@@ -33,7 +33,8 @@ from cogvx import files
 from cogvx.errors import CacheError, CogvxError, ConfigError
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
-CHUNK = 8 << 20  # bytes per read of a remote file (one ranged GET on object stores)
+CHUNK = 8 << 20  # bytes per read of a file being streamed (one ranged GET on object stores)
+FETCH_CHUNK = 32 << 20  # bytes per ranged GET when a whole file is copied: fewer, larger requests
 _CLIENT_SETTINGS = ("AWS_", "FSSPEC_")  # environment variables that configure the clients of remote stores
 PARTIAL_SUFFIX = ".part"  # a download into the read-through cache, renamed once its sha256 matched
 
@@ -224,9 +225,12 @@ class FsspecStore(Store):
             # Buffered as a local file is: fsspec's files lack parts of io's API (readline's size limit).
             return io.BufferedReader(self._stream(self._path(name)), CHUNK)
 
-    def _stream(self, path: str) -> BinaryIO:
+    def _stream(self, path: str, whole: bool = False) -> BinaryIO:
+        """A sequential read of ``path``; ``whole``: it is read to its end in FETCH_CHUNK pieces."""
         if "http" in _protocols(self.fs):  # a plain web server need not answer ranged requests: one GET
             return self.fs.open(path, "rb", block_size=0)
+        if whole:  # each read is one ranged GET of its size, with nothing kept around
+            return self.fs.open(path, "rb", block_size=FETCH_CHUNK, cache_type="none")
         return self.fs.open(path, "rb", block_size=CHUNK, cache_type="readahead")
 
     def size(self, name: str) -> int | None:
@@ -286,9 +290,9 @@ class FsspecStore(Store):
             tmp, out = None, tempfile.TemporaryFile()  # gone when closed, or when this process ends
         try:
             digest, copied = hashlib.sha256(), 0
-            with self._stream(self._path(name)) as remote:
+            with self._stream(self._path(name), whole=True) as remote:
                 while copied <= size:  # one byte past the expected size tells a longer file
-                    block = remote.read(min(CHUNK, size + 1 - copied))
+                    block = remote.read(min(FETCH_CHUNK, size + 1 - copied))
                     if not block:
                         break
                     digest.update(block)
@@ -314,14 +318,20 @@ class FsspecStore(Store):
     def _errors(self, name: str, writing: bool = False) -> Iterator[None]:
         """Failures to reach the store as one line naming it and what to check; a missing file stays itself."""
         where = self.url(name) if name else self.location
+        doing = "write" if writing else "read"
         try:
             yield
-        except (FileNotFoundError, Mismatch, CogvxError):
+        except FileNotFoundError as err:
+            if not _unreachable(err.__cause__):
+                raise
+            raise StoreError(  # fsspec's http says "not found" for a server it could not reach at all
+                f"Cannot {doing} {where}: {self._scrub(_one_line(err.__cause__))}. Check the URL and the network."
+            ) from err
+        except (Mismatch, CogvxError):
             raise
         except NotImplementedError as err:
             raise CacheError(f"{self.location} cannot be written (its filesystem is read-only for cogvx).") from err
         except _remote_errors() as err:
-            doing = "write" if writing else "read"
             raise StoreError(
                 f"Cannot {doing} {where}: {self._scrub(_one_line(err))}. Check the URL, the credentials "
                 "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE) and, for an S3-compatible store, "
@@ -441,6 +451,17 @@ def _remote_errors() -> tuple[type[BaseException], ...]:
 
         kinds += [botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError]
     return tuple(kinds)
+
+
+def _unreachable(cause: BaseException | None) -> bool:
+    """Whether a client's error means "no answer from the server" (not "no such file")."""
+    if isinstance(cause, TimeoutError):
+        return True
+    try:
+        import aiohttp
+    except ImportError:
+        return False
+    return isinstance(cause, aiohttp.ClientConnectionError | aiohttp.ServerTimeoutError)
 
 
 def _one_line(err: BaseException) -> str:

@@ -1,6 +1,13 @@
 """Loader benchmark (CPU only): samples/s of cogvx's training reader vs a bare webdataset read.
 
     python bench/loader.py --out results.json
+    python bench/loader.py --remote --out bench/results/loader_s3_cpu.json   # from S3 vs from the disk
+
+With ``--remote`` (needs the dev extra: moto, s3fs, boto3), the same shards are uploaded to an S3-compatible
+server on localhost (moto's, started in a child process so it does not share this process's GIL) and
+cogvx's reader is timed reading them from the folder, from ``s3://`` (each drawn shard copied through
+its sha256, as `cogvx train --shards s3://...` does) and from ``s3://`` with a warm ``--cache-dir``.
+``--url URL`` times the reader on an existing cache instead (a folder or any URL; its manifest lists the shards).
 
 Both read the same shards of CogVideoX-5b-size samples (moments 32x13x60x90 bf16 and prompt
 embeddings 226x4096 bf16, 6.3 MB a sample) with the same number of DataLoader workers. The bare
@@ -11,13 +18,17 @@ shard verification, shuffle buffer, bucket batching, collation and pinned memory
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -57,7 +68,8 @@ def bare_loader(folder: Path, records, workers: int):
     return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=workers)
 
 
-def cogvx_loader(folder: Path, records, workers: int):
+def cogvx_loader(folder, records, workers: int):
+    """cogvx's training reader on ``folder``: a path, a URL or a Store (with its read-through cache)."""
     stream = ShardStream(folder, records, batch_size=1, seed=0, random_flip=0.0, shuffle_buffer=16)
     return make_loader(stream, workers, pin_memory=torch.cuda.is_available())
 
@@ -78,7 +90,11 @@ def main() -> None:
     parser.add_argument("--read", type=int, default=300, help="samples timed per measurement")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--remote", action="store_true", help="time the reader from a local S3 server vs the disk")
+    parser.add_argument("--url", help="time the reader on this cache (a folder or a URL) and nothing else")
     args = parser.parse_args()
+    if args.remote or args.url:
+        return remote_main(args)
     report = {
         "environment": {
             "torch": torch.__version__,
@@ -103,6 +119,109 @@ def main() -> None:
         report["results"][f"ratio-{workers}w"] = ours / bare
         print(f"{workers} workers: bare {bare:.0f} samples/s, cogvx {ours:.0f} samples/s, ratio {ours / bare:.2f}")
     args.out.write_text(json.dumps(report, indent=1))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_s3_server() -> tuple[subprocess.Popen, str]:
+    """moto's S3-compatible server in a child process on a free localhost port; dummy credentials in the env."""
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(
+        AWS_ENDPOINT_URL=endpoint,
+        AWS_ACCESS_KEY_ID="bench",
+        AWS_SECRET_ACCESS_KEY="bench",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
+    for _ in range(200):
+        try:
+            urllib.request.urlopen(endpoint, timeout=1)
+            break
+        except urllib.error.HTTPError:
+            break  # it answers
+        except OSError:
+            time.sleep(0.1)
+    return server, endpoint
+
+
+def remote_main(args) -> None:
+    from cogvx.shards import Manifest
+    from cogvx.shards.store import display, open_store
+
+    report = {
+        "environment": _environment(),
+        "command": " ".join(sys.argv),
+        "results": {},
+    }
+
+    def measure(name: str, location, records, workers: int) -> float:
+        rates = [rate(cogvx_loader(location, records, workers), args.read, warmup=24) for _ in range(args.repeats)]
+        report["results"][name] = {"samples_per_s": statistics.median(rates), "runs": rates}
+        print(name, [round(r, 1) for r in rates], flush=True)
+        return statistics.median(rates)
+
+    if args.url:
+        records = Manifest.load(args.url).shards
+        report["location"] = display(args.url)
+        for workers in (0, 2):
+            measure(f"url-{workers}w", args.url, records, workers)
+        args.out.write_text(json.dumps(report, indent=1))
+        return
+    import boto3
+
+    server, endpoint = start_s3_server()
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "cache"
+            records = write_shards(folder, args.samples, per_shard=12)
+            client = boto3.client("s3", endpoint_url=endpoint)
+            client.create_bucket(Bucket="bench")
+            for record in records:
+                client.upload_file(str(folder / record.name), "bench", f"cache/{record.name}")
+            url = "s3://bench/cache"
+            kept = Path(tmp) / "kept"
+            warm = open_store(url, cache_dir=kept)
+            for record in records:  # fill the read-through cache once, as a first run would
+                warm.fetch(record.name, record.bytes, record.sha256).close()
+            for workers in (0, 2):
+                disk = measure(f"disk-{workers}w", folder, records, workers)
+                s3 = measure(f"s3-{workers}w", url, records, workers)
+                cached = measure(f"s3-cache-dir-{workers}w", open_store(url, cache_dir=kept), records, workers)
+                report["results"][f"ratio-s3-{workers}w"] = s3 / disk
+                report["results"][f"ratio-s3-cache-dir-{workers}w"] = cached / disk
+                print(f"{workers} workers: disk {disk:.0f}, s3 {s3:.0f} ({s3 / disk:.2f}x), "
+                      f"s3 + cache-dir {cached:.0f} ({cached / disk:.2f}x) samples/s", flush=True)  # fmt: skip
+    finally:
+        server.terminate()
+        server.wait()
+    args.out.write_text(json.dumps(report, indent=1))
+
+
+def _environment() -> dict:
+    import fsspec
+
+    env = {
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "date": time.strftime("%Y-%m-%d"),
+        "fsspec": fsspec.__version__,
+    }
+    for name in ("s3fs", "moto"):
+        with contextlib.suppress(ImportError):
+            env[name] = __import__(name).__version__
+    return env
 
 
 if __name__ == "__main__":

@@ -87,7 +87,7 @@ def preprocess(
         help="Folder of videos with .txt captions, a root with prompts.txt/videos.txt, a .csv/.jsonl file, or "
         "hf://datasets/OWNER/NAME[@REVISION][/FOLDER] (downloaded to the Hugging Face cache).",
     ),
-    output: Path = typer.Option(None, help=_help(P, "output", "Cache folder to write.")),
+    output: str = typer.Option(None, help=_help(P, "output", "Cache folder, or a URL such as s3://bucket/prefix.")),
     model: str = typer.Option(None, help=_help(P, "model", "Hub id, local diffusers folder, or tiny.")),
     model_revision: str = typer.Option(
         None, help=_help(P, "model_revision", "Branch, tag or commit of a hub model.", "the newest")
@@ -212,7 +212,9 @@ T = TrainConfig
 
 @app.command()
 def train(
-    shards: Path = typer.Option(None, help="Cache folder written by `cogvx preprocess`."),
+    shards: str = typer.Option(
+        None, help="Cache written by `cogvx preprocess`: a folder, or a URL (s3://bucket/prefix, https://host/path/)."
+    ),
     output: Path = typer.Option(None, help=_help(T, "output", "Run folder.")),
     model: str = typer.Option(None, help=_help(T, "model", "Base model.", "the one recorded in the cache")),
     max_steps: int = typer.Option(
@@ -268,6 +270,12 @@ def train(
         None, help=_help(T, "random_flip", "Probability of drawing a sample's mirrored variant (preprocess --flip).")
     ),
     workers: int = typer.Option(None, help=_help(T, "workers", "DataLoader worker processes.")),
+    cache_dir: Path = typer.Option(
+        None, help=_help(T, "cache_dir", "Keep a remote cache's verified shards here, to read them again locally.")
+    ),
+    skip_bad_shards: bool = typer.Option(
+        None, "--skip-bad-shards", help=_help(T, "skip_bad_shards", "Skip (and report) missing or changed shards.")
+    ),
     validation_every: int = typer.Option(
         None,
         help=_help(
@@ -337,6 +345,8 @@ def train(
             seed=seed,
             random_flip=random_flip,
             workers=workers,
+            cache_dir=cache_dir,
+            skip_bad_shards=skip_bad_shards,
             validation_every=validation_every,
             validation_steps=validation_steps,
             validation_guidance=validation_guidance,
@@ -354,6 +364,8 @@ def train(
         result = run(cfg, show_progress=True)
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun/accelerate, the main process tells
             _say_where_the_run_is(result.output, result.steps)
+        for url in result.skipped_shards:  # every process says its own: each reads its share of the shards
+            console.print(f"[yellow]skipped[/yellow] bad shard {url} (--skip-bad-shards)", soft_wrap=True)
 
     _guard(go)
 
@@ -375,7 +387,7 @@ def _say_where_the_run_is(run: Path, steps: int) -> None:
 
 @shards_app.command("verify")
 def shards_verify(
-    folder: Path = typer.Argument(..., help="Cache folder."),
+    folder: str = typer.Argument(..., help="Cache folder or URL (s3://bucket/prefix, https://host/path/)."),
     deep: bool = typer.Option(True, "--deep/--quick", help="Also parse every sample (default) or only hash shards."),
 ) -> None:
     """Check every shard and sample against the manifest; say exactly what to run to repair a cache."""
@@ -421,7 +433,7 @@ I = InspectConfig  # noqa: E741
 
 @shards_app.command("inspect")
 def shards_inspect(
-    folder: Path = typer.Argument(..., help="Cache folder."),
+    folder: str = typer.Argument(..., help="Cache folder or URL (s3://bucket/prefix, https://host/path/)."),
     contact_sheet: Path = typer.Option(
         None, help=_help(I, "contact_sheet", "Also write a PNG of the samples' frame strips here.")
     ),

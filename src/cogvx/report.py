@@ -21,6 +21,7 @@ from cogvx import files, render, runs
 from cogvx.errors import ConfigError, RunError
 from cogvx.media import ema
 from cogvx.shards import paths
+from cogvx.shards.store import is_remote
 
 
 @dataclass
@@ -48,10 +49,12 @@ class ReportResult:
     notes: list[str] = field(default_factory=list)  # what the page says is missing
 
 
-def find_cache(run: Path, shards: str | None) -> Path | None:
-    """The cache a run trained on: its recorded path, as given or relative to the run's folders."""
+def find_cache(run: Path, shards: str | None) -> Path | str | None:
+    """The cache a run trained on: its recorded path, as given or relative to the run's folders (a URL as it is)."""
     if not shards:
         return None
+    if is_remote(shards):
+        return shards  # read where it is: Manifest.load says what is wrong with it
     given = Path(shards)
     candidates = [given] if given.is_absolute() else [given, run / given, run.parent / given, run.parent.parent / given]
     return next((c for c in candidates if paths.manifest(c).is_file()), None)
@@ -173,7 +176,7 @@ def _data_section(run: Path, config: dict[str, Any], notes: list[str]) -> str:
         notes.append(str(err))
         return f'<p class="note">{html.escape(str(err))}</p>'
     rows: list[tuple[str, Any]] = [
-        ("cache", cache.resolve()),
+        ("cache", cache if isinstance(cache, str) else cache.resolve()),
         ("encoded with", manifest.producer.get("model")),
         ("samples", manifest.sample_count),
         ("shards", len(manifest.shards)),

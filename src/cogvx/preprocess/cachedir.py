@@ -23,8 +23,12 @@ from cogvx.shards.io import check_shard, read_indexed_shard
 log = logging.getLogger("cogvx.preprocess")
 
 
-def check_existing(folder: Path, producer: dict, params: dict, info: models.ModelInfo) -> Manifest | None:
+def check_existing(
+    folder: Path, producer: dict, params: dict, info: models.ModelInfo, shown: Path | str | None = None
+) -> Manifest | None:
     """The cache already in ``folder`` if it was made the same way, None if there is none; else refuse.
+
+    ``shown`` names the cache in messages (a remote cache staged in ``folder``: its URL).
 
     The manifest is read once: ranks that start together see either no manifest or a whole one (it is
     replaced atomically), never "none" at one look and "there" at the next. A folder that holds shards
@@ -47,7 +51,7 @@ def check_existing(folder: Path, producer: dict, params: dict, info: models.Mode
         if encoders_differ:
             changed.append("model encoders (VAE / text encoder)")
         raise CacheError(
-            f"{folder} already holds a cache made with other settings: {', '.join(changed)} differ "
+            f"{shown or folder} already holds a cache made with other settings: {', '.join(changed)} differ "
             f"(stored: model {manifest.producer.get('model')}, {manifest.params}; now: model {producer['model']}, "
             f"{params}). Write to a new --output folder, or re-run with the stored settings to add to it."
         )

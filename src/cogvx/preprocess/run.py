@@ -25,7 +25,7 @@ from cogvx import __version__, files, hub
 from cogvx.errors import CacheError, ConfigError, InputError
 from cogvx.pipeline import models
 from cogvx.pipeline.encode import encode_prompts
-from cogvx.preprocess import cachedir
+from cogvx.preprocess import cachedir, remote
 from cogvx.preprocess.encoding import (
     ClipItem,
     ClipReader,
@@ -42,7 +42,7 @@ from cogvx.preprocess.sources import INVALID_UTF8, VIDEO_EXTENSIONS, Clip, Sourc
 from cogvx.preprocess.video import FrameSpec, largest_4k1
 from cogvx.preprocess.writer import RankWriter
 from cogvx.progress import progress_bar
-from cogvx.shards import Manifest, SampleEntry, paths, write_json_atomic
+from cogvx.shards import Manifest, SampleEntry, paths, store, write_json_atomic
 from cogvx.shards.io import SHARD_MAX_BYTES, SHARD_MAX_SAMPLES, file_sha256
 
 log = logging.getLogger("cogvx.preprocess")
@@ -58,7 +58,7 @@ SCHEMA = {
 @dataclass
 class PreprocessConfig:
     data: Path | str  # a folder or metadata file, or hf://datasets/OWNER/NAME[@REVISION][/FOLDER]
-    output: Path = Path("shards")
+    output: Path | str = Path("shards")  # a folder, or a URL such as s3://bucket/prefix (preprocess/remote.py)
     model: str = models.DEFAULT_MODEL
     model_revision: str | None = None  # a hub model's branch, tag or commit
     model_variant: str | None = None  # weights files NAME.VARIANT.safetensors, e.g. fp16
@@ -93,7 +93,7 @@ class PreprocessConfig:
 
     def __post_init__(self):
         self.data = hub.hub_url(self.data) or Path(self.data)  # a Path would fold hf:// into hf:/
-        self.output = Path(self.output)
+        self.output = self.output if store.is_remote(self.output) else Path(self.output)
         models.parse_dtype(self.dtype)
         self.resolutions = tuple(_parse_resolution(r) for r in self.resolutions)
         self.frame_buckets = tuple(sorted({int(f) for f in self.frame_buckets}))
@@ -250,6 +250,10 @@ def run(cfg: PreprocessConfig, show_progress: bool = False) -> PreprocessResult:
     """
     ranks = Ranks.from_env()
     try:
+        if store.is_remote(cfg.output):  # staged in a local folder, mirrored to the remote cache
+            with remote.Mirror(str(cfg.output), ranks) as mirror:
+                staged = dataclasses.replace(cfg, output=mirror.staging)
+                return _run(staged, ranks, show_progress and ranks.is_main, mirror)
         return _run(cfg, ranks, show_progress and ranks.is_main)
     except OSError as err:
         problem = _write_problem(err, cfg.output)
@@ -274,7 +278,9 @@ def _write_problem(err: OSError, output: Path) -> str | None:
     return None
 
 
-def _run(cfg: PreprocessConfig, ranks: Ranks, show_progress: bool) -> PreprocessResult:
+def _run(
+    cfg: PreprocessConfig, ranks: Ranks, show_progress: bool, mirror: remote.Mirror | None = None
+) -> PreprocessResult:
     started = time.time()
     data = hub.resolve_dataset(cfg.data)  # a hub dataset is downloaded to huggingface_hub's cache first
     sources = find_sources(data, cfg.caption_column, cfg.video_column, cfg.allow_outside_paths)
@@ -292,18 +298,22 @@ def _run(cfg: PreprocessConfig, ranks: Ranks, show_progress: bool) -> Preprocess
     spec = cfg.frame_spec(info.native_size)
     producer = {"tool": "cogvx", "version": __version__, **info.recorded(), "encoders": info.encoder_identity()}
     params = cfg.cache_params(info.native_size)
-    existing = cachedir.check_existing(cfg.output, producer, params, info)  # every rank refuses the same way
+    shown = mirror.location if mirror else cfg.output  # the cache as messages name it
+    existing = cachedir.check_existing(cfg.output, producer, params, info, shown)  # every rank refuses alike
 
     device = _device(cfg.device, ranks)
     cfg.output.mkdir(parents=True, exist_ok=True)
-    with cachedir.writer_lock(cfg.output) if ranks.is_main else contextlib.nullcontext():
+    locked = ranks.is_main and mirror is None  # a mirror holds the locks of its own
+    with cachedir.writer_lock(cfg.output) if locked else contextlib.nullcontext():
         if ranks.is_main:
             manifest = existing or Manifest(producer=producer, params=params, schema=SCHEMA)
             # where the last run read its videos: the hub URL, or the local folder
             manifest.producer["data"] = str(cfg.data) if isinstance(cfg.data, str) else str(data.resolve())
-            recovery = cachedir.recover(cfg.output, manifest, check_hashes=cfg.repair)
+            recovery = (mirror or cachedir).recover(cfg.output, manifest, check_hashes=cfg.repair)
         ranks.barrier()  # the folder is tidy and the manifest final for this run's start
         if not ranks.is_main:
+            if mirror:
+                mirror.pull_manifest()
             manifest = Manifest.load(cfg.output)
 
         jobs, cached = _todo(clips, manifest, cfg.flip)
@@ -327,6 +337,7 @@ def _run(cfg: PreprocessConfig, ranks: Ranks, show_progress: bool) -> Preprocess
             max_bytes=cfg.shard_max_mb * 2**20,
             max_samples=cfg.shard_max_samples,
             on_written=functools.partial(result.mark, "first_written"),
+            mirror=mirror,
         ) as writer:
             _encode(
                 cfg,
@@ -344,15 +355,21 @@ def _run(cfg: PreprocessConfig, ranks: Ranks, show_progress: bool) -> Preprocess
 
         if ranks.world > 1:
             result.share().save(paths.result_part(cfg.output, ranks.rank))
+        if mirror:
+            mirror.push_parts()
         ranks.barrier()  # every rank has finished its shards
         if ranks.is_main:
+            if mirror:
+                mirror.gather_parts()
             if ranks.world > 1:
                 for rank in range(1, ranks.world):
                     result.add(RankCounts.load(paths.result_part(cfg.output, rank)))
-                cachedir.merge_shard_parts(cfg.output, manifest)
+                (mirror or cachedir).merge_shard_parts(cfg.output, manifest)
             cachedir.merge_skipped(cfg.output)
             cachedir.clear_parts(cfg.output, keep_folder=False)
             manifest.save(cfg.output)
+            if mirror:
+                mirror.finish(cfg.output, manifest)  # the manifest last: after every shard it names
         ranks.barrier()  # the manifest is final before any rank returns
 
     result.seconds = time.time() - started
@@ -365,13 +382,13 @@ def _run(cfg: PreprocessConfig, ranks: Ranks, show_progress: bool) -> Preprocess
                 ", ".join(result.truncated_sources[:5]) + (" ..." if result.truncated_captions > 5 else ""),
             )
         if show_progress:
-            print_summary(result, cfg.output)
+            print_summary(result, shown)
         # Fatal only when the cache ends up empty: a cache that still serves samples (of sources this run
         # did not touch, or earlier encodings of a clip that no longer decodes) stays usable.
         if result.encoded + result.already_cached == 0 and result.manifest.sample_count == 0:
             raise InputError(
                 f"Nothing usable in {cfg.data}: all {len(clips)} clips were skipped "
-                f"(reasons in {paths.skipped(cfg.output)})."
+                f"(reasons in {mirror.store.url(paths.SKIPPED) if mirror else paths.skipped(cfg.output)})."
             )
     return result
 
@@ -557,7 +574,7 @@ def _device(name: str | None, ranks: Ranks) -> torch.device:
     return device
 
 
-def print_summary(result: PreprocessResult, output: Path) -> None:
+def print_summary(result: PreprocessResult, output: Path | str) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -566,7 +583,8 @@ def print_summary(result: PreprocessResult, output: Path) -> None:
     table.add_row("encoded now", f"{result.encoded} clips, {result.samples} samples")
     table.add_row("already in cache", str(result.already_cached))
     skipped = sum(result.skipped.values())
-    table.add_row("skipped", f"{skipped} (listed in {paths.skipped(output)})" if skipped else "0")
+    listed = f"{output}/{paths.SKIPPED}" if isinstance(output, str) else paths.skipped(output)
+    table.add_row("skipped", f"{skipped} (listed in {listed})" if skipped else "0")
     for reason, count in result.skipped.most_common():
         table.add_row(f"  {reason}", str(count))
     if result.truncated_captions:

@@ -11,12 +11,16 @@ import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cogvx.preprocess import cachedir
 from cogvx.preprocess.encoding import Encoded, caption_hash
 from cogvx.preprocess.sources import CLIPPED, INVALID_UTF8
 from cogvx.shards import Manifest, Sample, SampleEntry, ShardRecord, ShardWriter, paths
 from cogvx.shards.manifest import MIRROR_SUFFIX
+
+if TYPE_CHECKING:
+    from cogvx.preprocess.remote import Mirror
 
 
 def sample_key(source: str, content_hash: str, window: int, caption: str = "") -> str:
@@ -38,9 +42,14 @@ class RankWriter:
         max_bytes: int,
         max_samples: int,
         on_written: Callable[[], None],
+        mirror: Mirror | None = None,
     ):
         self.folder, self.rank, self.world, self.manifest = Path(folder), rank, world, manifest
         self.on_written = on_written
+        self.mirror = mirror  # a remote --output: each finished shard is uploaded (preprocess/remote.py)
+        first_index = cachedir.next_shard_index(self.folder, rank)
+        if mirror is not None:
+            first_index = max(first_index, mirror.next_shard_index(rank))
         self.records: list[ShardRecord] = []  # this rank's finished shards, as its part file lists them
         self.shards = ShardWriter(
             self.folder,
@@ -48,19 +57,21 @@ class RankWriter:
             self.commit,
             max_bytes=max_bytes,
             max_samples=max_samples,
-            first_index=cachedir.next_shard_index(self.folder, rank),
+            first_index=first_index,
             header=cachedir.cache_header(manifest),  # so a lost manifest can be rebuilt from the shards alone
         )
         self.skipped_log = open(paths.skipped_part(self.folder, rank), "a", encoding="utf-8")
 
     def commit(self, record: ShardRecord) -> None:
         """List a finished shard: in the manifest at once on one process, else in this rank's part file."""
+        self.records.append(record)
         if self.world == 1:
             self.manifest.add_shard(record)
             self.manifest.save(self.folder)
         else:
-            self.records.append(record)
             cachedir.save_shard_part(self.folder, self.rank, self.records)
+        if self.mirror is not None:
+            self.mirror.publish_shard(self.rank, self.records, self.folder / record.name)
 
     def write(self, encoded: Encoded) -> None:
         """The samples of one clip (one per window), into one shard."""

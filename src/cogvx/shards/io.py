@@ -40,6 +40,7 @@ from cogvx.shards.manifest import (
     merge_layouts,
     open_regular,
 )
+from cogvx.shards.store import LocalStore, Mismatch, Store, is_remote, open_store, parent_of
 
 TENSORS = "safetensors"
 META = "json"
@@ -212,7 +213,7 @@ def entry_from_meta(key: str, meta: dict[str, Any]) -> SampleEntry:
 
 
 def _verify_hint(origin: str) -> str:
-    return f"The shard is unusable; run `cogvx shards verify {Path(origin).parent}` for how to repair it"
+    return f"The shard is unusable; run `cogvx shards verify {parent_of(origin)}` for how to repair it"
 
 
 # Floating dtypes by their bits: a value is NaN or Inf exactly when its exponent bits are all ones, so
@@ -387,64 +388,61 @@ def _sha256(f: BinaryIO, limit: int | None) -> str:
     return digest.hexdigest()
 
 
-def _shard_path(folder: Path, record: ShardRecord) -> Path:
+def _shard_path(folder: Path | str | Store, record: ShardRecord) -> Path | str:
+    """Where a listed shard is (a path, or a URL's display form), for messages and ``ShardReader``'s origin."""
     if not is_plain_name(record.name):  # records from a manifest are checked on load; these come from code
-        raise CacheError(f"Shard name {record.name!r} is not a plain file name inside {folder}.")
-    return Path(folder) / record.name
+        where = folder.location if isinstance(folder, Store) else folder
+        raise CacheError(f"Shard name {record.name!r} is not a plain file name inside {where}.")
+    if isinstance(folder, Store):
+        return folder.path(record.name) if isinstance(folder, LocalStore) else folder.url(record.name)
+    return Path(folder) / record.name if not is_remote(folder) else open_store(folder).url(record.name)
 
 
-def _missing(path: Path) -> CacheError:
+def _missing(path: Path | str) -> CacheError:
     return CacheError(
         f"Shard {path} is listed in the manifest but missing. Restore it, or run `cogvx shards verify "
-        f"{path.parent}` for the command that re-encodes its samples."
+        f"{parent_of(str(path))}` for the command that re-encodes its samples."
     )
 
 
-def _mismatch(path: Path, size: int, record: ShardRecord) -> CacheError:
+def _mismatch(path: Path | str, size: int, record: ShardRecord) -> CacheError:
     return CacheError(
         f"Shard {path} does not match the manifest ({size} bytes, expected {record.bytes}; "
         f"sha256 differs). It was changed or damaged after it was written. Run `cogvx shards verify "
-        f"{path.parent}` to list every bad shard and the command that re-encodes their samples."
+        f"{parent_of(str(path))}` to list every bad shard and the command that re-encodes their samples."
     )
 
 
-def open_shard(folder: Path, record: ShardRecord, full: bool = True) -> BinaryIO:
+def open_shard(folder: Path | str | Store, record: ShardRecord, full: bool = True) -> BinaryIO:
     """An open shard file, refused unless it is a regular file of the manifest's size and (with ``full``)
-    sha256. The hash reads at most ``record.bytes``; the file is returned at its start."""
+    sha256. The hash reads at most ``record.bytes``; the file is returned at its start.
+
+    ``folder`` may be a URL or a ``Store``: a remote shard is copied through its sha256 into a local
+    temporary file (or the store's read-through cache) and handed out only once it matched, so no sample
+    of a shard is served before its hash is confirmed, wherever it lives.
+    """
     path = _shard_path(folder, record)
     try:
-        f = open_regular(path, what="Shard")
+        return open_store(folder).fetch(record.name, record.bytes, record.sha256, full=full)
     except FileNotFoundError as err:
         raise _missing(path) from err
-    try:
-        size = os.fstat(f.fileno()).st_size
-        if size != record.bytes or (full and _sha256(f, record.bytes) != record.sha256):
-            raise _mismatch(path, size, record)
-        f.seek(0)
-        return f
-    except BaseException:
-        f.close()
-        raise
+    except Mismatch as err:
+        raise _mismatch(path, err.size, record) from err
 
 
-def check_shard(folder: Path, record: ShardRecord, full: bool = True) -> Path:
+def check_shard(folder: Path | str | Store, record: ShardRecord, full: bool = True) -> Path | str:
     """Refuse a shard unless its size (and, with ``full``, its sha256, hashed while streaming) match."""
     with open_shard(folder, record, full):
         return _shard_path(folder, record)
 
 
-def read_verified(folder: Path, record: ShardRecord) -> bytes:
+def read_verified(folder: Path | str | Store, record: ShardRecord) -> bytes:
     """A shard's bytes, refused unless they match the manifest's size and sha256."""
     path = _shard_path(folder, record)
-    try:
-        f = open_regular(path, what="Shard")
-    except FileNotFoundError as err:
-        raise _missing(path) from err
-    with f:
-        size = os.fstat(f.fileno()).st_size
-        data = f.read(record.bytes + 1) if size == record.bytes else b""
-    if size != record.bytes or len(data) != record.bytes or hashlib.sha256(data).hexdigest() != record.sha256:
-        raise _mismatch(path, size, record)
+    with open_shard(folder, record, full=False) as f:  # size checked; hashed below, from memory
+        data = f.read(record.bytes + 1)
+    if len(data) != record.bytes or hashlib.sha256(data).hexdigest() != record.sha256:
+        raise _mismatch(path, len(data), record)
     return data
 
 
@@ -485,7 +483,7 @@ class ShardReader:
             except (AttributeError, OSError, io.UnsupportedOperation):
                 self.size = None
         self.origin, self.limits = origin, limits or MemberLimits()
-        self.fix = fix or f"Run `cogvx shards verify {Path(origin).parent}`"
+        self.fix = fix or f"Run `cogvx shards verify {parent_of(origin)}`"
         self.header: dict[str, str] = {}
         self.position = 0
 
@@ -638,12 +636,13 @@ def iter_record_samples(
 
 
 def read_shard(
-    folder: Path, record: ShardRecord, include_excluded: bool = False, layouts: Layouts | None = None
+    folder: Path | str | Store, record: ShardRecord, include_excluded: bool = False, layouts: Layouts | None = None
 ) -> Iterator[Sample]:
     """Every live sample of one verified shard, decoded and checked (``include_excluded`` adds the replaced ones).
 
     The shard is hashed, then streamed from the file; ``layouts`` as in ``iter_record_samples``.
     """
+    folder = open_store(folder)
     origin = str(_shard_path(folder, record))
     with open_shard(folder, record) as stream:
         for raw in iter_record_samples(stream, record, origin, layouts, include_excluded):
@@ -657,7 +656,7 @@ class ShardProblem:
     damaged: bool = False  # missing, or its bytes differ from the manifest (re-encoding it repairs it)
 
 
-def check_shards(folder: Path, records: list[ShardRecord], deep: bool = True) -> list[ShardProblem]:
+def check_shards(folder: Path | str | Store, records: list[ShardRecord], deep: bool = True) -> list[ShardProblem]:
     """Every shard against the manifest, and every sample against its index line and bucket layout.
 
     Always: the file (a regular file of the recorded size and sha256), the tar (plain, regular members,
@@ -665,6 +664,7 @@ def check_shards(folder: Path, records: list[ShardRecord], deep: bool = True) ->
     across the cache), excluded keys, each .json against its index line. With ``deep``, also each
     sample's tensors: names, dtypes and shapes against its bucket's layout, and no NaN/Inf.
     """
+    folder = open_store(folder)
     problems: list[ShardProblem] = []
     layouts: Layouts = {}
     for record in records:
@@ -745,7 +745,7 @@ def _check_raw(raw, entry, record: ShardRecord, layouts: Layouts, origin: str, d
         decode_sample({**raw, "__entry__": entry, "__layouts__": layouts}, origin)
 
 
-def verify(folder: Path, records: list[ShardRecord], deep: bool = True) -> list[str]:
+def verify(folder: Path | str | Store, records: list[ShardRecord], deep: bool = True) -> list[str]:
     """Check every shard against the manifest; return one message per problem (empty when all good).
 
     See ``check_shards`` for what is checked.

@@ -10,7 +10,6 @@ import json
 import math
 import os
 import re
-import stat
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,11 @@ from typing import Any
 from cogvx import files
 from cogvx.errors import CacheError
 from cogvx.shards import paths
+from cogvx.shards.store import (
+    Store,
+    open_regular,  # noqa: F401 -- its home is store.py; imported from here too
+    open_store,
+)
 
 FORMAT_NAME = "cogvx-cache"
 FORMAT_VERSION = 1
@@ -231,7 +235,7 @@ class Manifest:
         return data
 
     @classmethod
-    def from_dict(cls, data: Any, origin: Path) -> Manifest:
+    def from_dict(cls, data: Any, origin: Path | str) -> Manifest:
         """A manifest from its JSON form; anything missing or wrongly typed is a CacheError naming ``origin``."""
         if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
             found = data.get("format") if isinstance(data, dict) else type(data).__name__
@@ -267,31 +271,34 @@ class Manifest:
         )
 
     @classmethod
-    def load(cls, folder: Path) -> Manifest:
-        path = paths.manifest(folder)
-        if not path.exists():
-            shards = sorted(Path(folder).glob("*.tar")) if Path(folder).is_dir() else []
+    def load(cls, folder: Path | str | Store) -> Manifest:
+        """The manifest of a cache: a folder, a URL (``s3://bucket/prefix``, ``https://host/path/``) or a Store."""
+        store = open_store(folder)
+        where = store.url(paths.MANIFEST)
+        try:
+            with store.open(paths.MANIFEST, what="The manifest") as f:
+                text = f.read(MAX_MANIFEST_BYTES + 1)
+        except FileNotFoundError:
+            shards = [name for name in store.list() if name.endswith(".tar")]
             if shards:
                 raise CacheError(
-                    f"No {paths.MANIFEST} in {folder}, but it holds {len(shards)} shard file(s): re-create the "
-                    f"manifest from them with `cogvx shards rebuild-manifest {folder}`."
-                )
+                    f"No {paths.MANIFEST} in {store.location}, but it holds {len(shards)} shard file(s): re-create "
+                    f"the manifest from them with `cogvx shards rebuild-manifest {store.location}`."
+                ) from None
             raise CacheError(
-                f"No {paths.MANIFEST} in {folder}: this is not a finished cogvx cache. "
+                f"No {paths.MANIFEST} in {store.location}: this is not a finished cogvx cache. "
                 "Create one with `cogvx preprocess --data VIDEOS --output FOLDER`."
-            )
-        with open_regular(path, what="The manifest") as f:
-            text = f.read(MAX_MANIFEST_BYTES + 1)
+            ) from None
         if len(text) > MAX_MANIFEST_BYTES:
-            raise CacheError(f"{path} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; it is not a cogvx manifest.")
+            raise CacheError(f"{where} is larger than {MAX_MANIFEST_BYTES >> 20} MiB; it is not a cogvx manifest.")
         try:
             data = json.loads(text)
         except (ValueError, RecursionError) as err:  # bad JSON or UTF-8; RecursionError: nested too deep
             raise CacheError(
-                f"{path} is not valid JSON ({err}); move it away and rebuild it with "
-                f"`cogvx shards rebuild-manifest {path.parent}`."
+                f"{where} is not valid JSON ({err}); move it away and rebuild it with "
+                f"`cogvx shards rebuild-manifest {store.location}`."
             ) from err
-        return cls.from_dict(data, path)
+        return cls.from_dict(data, where if store.remote else Path(where))
 
     def save(self, folder: Path) -> None:
         """Replace the manifest atomically: readers see the old one or the new one, never a mix."""
@@ -300,29 +307,6 @@ class Manifest:
 
 
 MAX_MANIFEST_BYTES = 1 << 30  # about 2 million samples' index lines
-
-
-def open_regular(path: Path, what: str = "File"):
-    """Open ``path`` for reading only if it is a regular file (or a link to one), without ever blocking.
-
-    O_NONBLOCK makes opening a FIFO return at once; fstat on the opened file then refuses FIFOs, devices
-    (``/dev/zero``) and folders, so nothing here can hang or read forever.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise  # the caller says what a missing file means
-    except OSError as err:
-        raise CacheError(f"{what} {path} cannot be opened ({err.strerror}).") from err
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise CacheError(f"{what} {path} is not a regular file (a device, FIFO or folder); cogvx reads only files.")
-        if hasattr(os, "set_blocking"):
-            os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 class _Fields:

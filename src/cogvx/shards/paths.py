@@ -100,6 +100,12 @@ def shard_numbers(folder: Path, rank: int) -> list[int]:
     return [int(m.group(1)) for p in Path(folder).iterdir() if (m := used.match(p.name))]
 
 
+def shard_numbers_in(names: list[str], rank: int) -> list[int]:
+    """Numbers taken by ``rank``'s shards among file ``names`` (a remote listing), set-aside ones included."""
+    used = re.compile(rf"^{re.escape(shard_prefix(rank))}-(\d+)\.tar")
+    return [int(m.group(1)) for name in names if (m := used.match(name))]
+
+
 def set_aside_name(path: Path, attempt: int = 0) -> Path:
     """``NAME.damaged`` (``NAME.damaged.N`` for the N-th other one)."""
     suffix = DAMAGED_SUFFIX if attempt == 0 else f"{DAMAGED_SUFFIX}.{attempt}"

@@ -13,7 +13,8 @@ from cogvx.errors import CacheError, ConfigError
 from cogvx.media import contact_sheet, write_png
 from cogvx.shards import paths
 from cogvx.shards.io import check_shards, file_sha256, read_indexed_shard, read_shard
-from cogvx.shards.manifest import Manifest, is_plain_name, open_regular
+from cogvx.shards.manifest import Manifest, is_plain_name
+from cogvx.shards.store import LocalStore, Store, is_remote, open_store, sha256_of
 
 STRIP_MEMBER = "jpg"  # the extra member holding a JPEG strip of a sample's sampled frames
 MAX_STRIP_PIXELS = 64 * 1 << 18  # 64 px high and up to 262144 px wide
@@ -21,12 +22,12 @@ MAX_STRIP_PIXELS = 64 * 1 << 18  # 64 px high and up to 262144 px wide
 
 @dataclass
 class InspectConfig:
-    folder: Path
+    folder: Path | str  # a cache folder or a URL (read-only)
     contact_sheet: Path | None = None  # write a PNG of the samples' frame strips here
     max_strips: int = 64
 
     def __post_init__(self):
-        self.folder = Path(self.folder)
+        self.folder = self.folder if is_remote(self.folder) else Path(self.folder)
         if self.contact_sheet is not None:
             self.contact_sheet = Path(self.contact_sheet)
             if self.contact_sheet.suffix.lower() != ".png":
@@ -37,7 +38,7 @@ class InspectConfig:
 
 @dataclass
 class CacheSummary:
-    folder: Path
+    folder: Path | str
     manifest: Manifest
     disk_bytes: int  # every file in the folder, not only the listed shards
     skipped: Counter = field(default_factory=Counter)
@@ -69,11 +70,16 @@ class CacheSummary:
 
 
 def inspect(cfg: InspectConfig) -> CacheSummary:
-    manifest = Manifest.load(cfg.folder)
-    disk = sum(p.stat().st_size for p in cfg.folder.rglob("*") if p.is_file())
-    summary = CacheSummary(cfg.folder, manifest, disk, read_skipped(cfg.folder))
+    store = open_store(cfg.folder)
+    manifest = Manifest.load(store)
+    if isinstance(store, LocalStore):
+        disk = sum(p.stat().st_size for p in store.folder.rglob("*") if p.is_file())
+    else:  # the files directly under the prefix: a cache keeps nothing deeper
+        disk = sum(size for name in store.list() if (size := store.size(name)) is not None)
+    shown = store.folder if isinstance(store, LocalStore) else store.location
+    summary = CacheSummary(shown, manifest, disk, read_skipped(store))
     if cfg.contact_sheet is not None:
-        summary.strips = write_contact_sheet(cfg.folder, manifest, cfg.contact_sheet, cfg.max_strips)
+        summary.strips = write_contact_sheet(store, manifest, cfg.contact_sheet, cfg.max_strips)
         summary.contact_sheet = cfg.contact_sheet
     return summary
 
@@ -81,13 +87,16 @@ def inspect(cfg: InspectConfig) -> CacheSummary:
 MAX_SKIPPED_LINE = 1 << 20
 
 
-def read_skipped(folder: Path) -> Counter:
+def read_skipped(folder: Path | str | Store) -> Counter:
     """Skipped inputs of the last finished preprocessing run, counted by reason (streamed, line by line)."""
-    path = paths.skipped(folder)
+    store = open_store(folder)
+    path = store.url(paths.SKIPPED)
     counts: Counter = Counter()
-    if not path.exists():
+    try:
+        f = store.open(paths.SKIPPED)
+    except FileNotFoundError:
         return counts
-    with open_regular(path) as f:
+    with f:
         for number, line in enumerate(iter(lambda: f.readline(MAX_SKIPPED_LINE + 1), b""), 1):
             if not line.strip():
                 continue
@@ -101,10 +110,11 @@ def read_skipped(folder: Path) -> Counter:
     return counts
 
 
-def write_contact_sheet(folder: Path, manifest: Manifest, path: Path, max_strips: int) -> int:
+def write_contact_sheet(folder: Path | str | Store, manifest: Manifest, path: Path, max_strips: int) -> int:
     """A PNG with one row per sample: its source and bucket, then its frame strip. Returns the rows."""
     from PIL import Image
 
+    folder = open_store(folder)
     row_height = 64
     rows: list[tuple[str, list[Image.Image]]] = []
     for record in manifest.shards:
@@ -119,7 +129,7 @@ def write_contact_sheet(folder: Path, manifest: Manifest, path: Path, max_strips
             strip = Image.open(io.BytesIO(data))
             if strip.width * strip.height > MAX_STRIP_PIXELS:  # checked before the pixels are decoded
                 raise CacheError(
-                    f"Sample {sample.key} in {folder / record.name} has a {strip.width}x{strip.height} frame strip, "
+                    f"Sample {sample.key} in {folder.url(record.name)} has a {strip.width}x{strip.height} frame strip, "
                     f"more than {MAX_STRIP_PIXELS} pixels; cogvx writes 64 px high strips. The shard was changed."
                 )
             strip = strip.convert("RGB")
@@ -132,7 +142,7 @@ def write_contact_sheet(folder: Path, manifest: Manifest, path: Path, max_strips
             rows.append((label, [strip]))
     if not rows:
         raise CacheError(
-            f"No sample in {folder} has a frame strip (.{STRIP_MEMBER} member); caches written before strips "
+            f"No sample in {folder.location} has a frame strip (.{STRIP_MEMBER} member); caches written before strips "
             "were stored have none. Re-run `cogvx preprocess` into a new folder to get them."
         )
     write_png(path, contact_sheet(rows, pad=4, label_width=320, label_chars=48))
@@ -141,16 +151,16 @@ def write_contact_sheet(folder: Path, manifest: Manifest, path: Path, max_strips
 
 @dataclass
 class VerifyConfig:
-    folder: Path
+    folder: Path | str  # a cache folder or a URL (read-only)
     deep: bool = True  # also parse every sample's tensors and metadata
 
     def __post_init__(self):
-        self.folder = Path(self.folder)
+        self.folder = self.folder if is_remote(self.folder) else Path(self.folder)
 
 
 @dataclass
 class VerifyReport:
-    folder: Path
+    folder: Path | str
     shards: int
     samples: int
     problems: list[str]
@@ -187,27 +197,31 @@ class VerifyReport:
 
 def verify_cache(cfg: VerifyConfig) -> VerifyReport:
     """Every shard and sample against the manifest (``check_shards``), and the side files it names."""
-    manifest = Manifest.load(cfg.folder)
-    found = check_shards(cfg.folder, manifest.shards, deep=cfg.deep)
+    store = open_store(cfg.folder)
+    manifest = Manifest.load(store)
+    found = check_shards(store, manifest.shards, deep=cfg.deep)
     problems = [problem.message for problem in found]
     for name, extra in sorted(manifest.extras.items()):
         if not isinstance(extra, dict) or "file" not in extra:
             continue
-        path = cfg.folder / extra["file"]  # a plain name: Manifest.load refuses any other
+        path = store.url(extra["file"])  # a plain name: Manifest.load refuses any other
+        if not extra.get("sha256"):
+            continue
         try:
-            if extra.get("sha256") and file_sha256(path) != extra["sha256"]:
-                problems.append(f"{path} ({name}) does not match its sha256 in {paths.MANIFEST}")
+            with store.open(extra["file"]) as f:
+                if sha256_of(f) != extra["sha256"]:
+                    problems.append(f"{path} ({name}) does not match its sha256 in {paths.MANIFEST}")
         except FileNotFoundError:
             problems.append(f"{path} ({name}) is listed in {paths.MANIFEST} but missing")
         except CacheError as err:
             problems.append(str(err))
     listed = {record.name for record in manifest.shards}
-    unlisted = sorted(p.name for p in cfg.folder.glob("*.tar") if p.name not in listed)
+    unlisted = [name for name in store.list() if name.endswith(".tar") and name not in listed]
     damaged = sorted({p.shard for p in found if p.damaged})
     unusable = sorted({p.shard for p in found if not p.damaged} - set(damaged))
     data = manifest.producer.get("data")
     return VerifyReport(
-        cfg.folder,
+        store.folder if isinstance(store, LocalStore) else store.location,
         len(manifest.shards),
         manifest.sample_count,
         problems,

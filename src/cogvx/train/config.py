@@ -11,6 +11,7 @@ from cogvx.errors import ConfigError
 from cogvx.pipeline.levers import AUTO, CHECKPOINTING
 from cogvx.pipeline.lora import DEFAULT_TARGETS
 from cogvx.pipeline.models import DTYPES
+from cogvx.shards.store import is_remote
 
 OPTIMIZERS = ("adamw", "adam", "prodigy", "adamw8bit")
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -22,7 +23,9 @@ DEFAULT_MAX_STEPS = 1000  # when neither --max-steps nor --epochs is given
 
 @dataclass
 class TrainConfig:
-    shards: Path | None = None  # required: a flag or a `shards = ...` line in the --config file
+    # required: a flag or a `shards = ...` line in the --config file. A cache folder, or a URL that fsspec reads
+    # (s3://bucket/prefix, https://host/path/, gs://...): shards are streamed, never copied whole first.
+    shards: Path | str | None = None
     output: Path = Path("runs/default")
     model: str | None = None  # default: the model recorded in the cache's manifest
     # A hub model's revision and weights variant (files NAME.VARIANT.safetensors); default: the cache's, when
@@ -64,6 +67,8 @@ class TrainConfig:
     workers: int = 2
     shuffle_buffer: int = 64
     random_flip: float = 0.0  # probability of drawing a sample's mirrored variant (a cache made with --flip)
+    cache_dir: Path | None = None  # a remote cache's verified shards are kept here (by sha256) and read from here
+    skip_bad_shards: bool = False  # a missing or changed shard is skipped and reported instead of stopping the run
     # Validation: latents sampled from the cache's validation prompts (transformer only), decoded later
     validation_every: int = 0  # steps; 0 for none
     validation_steps: int = 50  # sampler steps
@@ -98,7 +103,10 @@ class TrainConfig:
     def __post_init__(self):
         if self.shards is None:
             raise ConfigError("cogvx train needs --shards (the cache folder), or `shards = ...` in the --config file.")
-        self.shards, self.output = Path(self.shards), Path(self.output)
+        self.shards = self.shards if is_remote(self.shards) else Path(self.shards)
+        self.output = Path(self.output)
+        if self.cache_dir is not None:
+            self.cache_dir = Path(self.cache_dir)
         if isinstance(self.targets, str):
             self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
         self.targets = tuple(self.targets)

@@ -22,6 +22,7 @@ the same one-line exception the in-process stream raises, not as DataLoader's wr
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +34,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from cogvx.errors import CogvxError
 from cogvx.shards import CacheError, ShardRecord, decode_sample, iter_record_samples, merged_layouts, open_shard
 from cogvx.shards.manifest import MIRROR_SUFFIX
+from cogvx.shards.store import Store, StoreError, open_store
+
+SKIPPED_SHARDS = "skipped_shards"  # a batch's list of the shards its stream skipped so far (--skip-bad-shards)
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,7 @@ def _share(shards: list[ShardRecord], rank: int, world_size: int) -> tuple[int, 
 class ShardStream(IterableDataset):
     def __init__(
         self,
-        folder: Path,
+        folder: Path | str | Store,  # a cache folder, a URL or a Store (with its read-through cache)
         shards: list[ShardRecord],
         batch_size: int,
         seed: int,
@@ -114,17 +118,20 @@ class ShardStream(IterableDataset):
         shuffle_buffer: int,  # TrainConfig.shuffle_buffer: its default lives there
         random_flip: float,  # TrainConfig.random_flip
         skip_batches: int = 0,
+        skip_bad: bool = False,  # TrainConfig.skip_bad_shards
     ):
+        self.store = open_store(folder)
         if not shards or sum(s.live_count for s in shards) == 0:
-            raise CacheError(f"The cache in {folder} holds no samples; run `cogvx preprocess` first.")
+            raise CacheError(f"The cache in {self.store.location} holds no samples; run `cogvx preprocess` first.")
         units, self.pieces = _share(shards, rank, world_size)
         if units < world_size:  # the same answer on every rank: all of them stop, none waits for the others
             raise CacheError(
-                f"The cache in {folder} holds {units} samples (a clip and its mirror count once), fewer than the "
-                f"{world_size} processes, and each process trains on samples of its own. Launch at most {units} "
-                "processes, or add videos with `cogvx preprocess`."
+                f"The cache in {self.store.location} holds {units} samples (a clip and its mirror count once), fewer "
+                f"than the {world_size} processes, and each process trains on samples of its own. Launch at most "
+                f"{units} processes, or add videos with `cogvx preprocess`."
             )
-        self.folder, self.shards = Path(folder), shards
+        self.folder, self.shards = folder, shards
+        self.skip_bad, self.skipped = skip_bad, {}  # skipped: the URL of each shard skipped -> why
         self.batch_size, self.seed = batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.shuffle_buffer, self.skip_batches = shuffle_buffer, skip_batches
@@ -139,10 +146,14 @@ class ShardStream(IterableDataset):
         stream = (worker + self.skip_batches) % workers
         rng = random.Random(f"cogvx-stream:{self.seed}:{self.rank * workers + stream}:{self.world_size * workers}")
         skip = (self.skip_batches - stream + workers - 1) // workers
+        self.skipped = {}
         raw = self._shuffled(self._flipped(self._raw_samples(rng), rng), rng)
         for index, group in enumerate(self._bucketed(raw)):
             if index >= skip:
-                yield collate([decode_sample(r, r["__url__"]) for r in group])
+                batch = collate([decode_sample(r, r["__url__"]) for r in group])
+                if self.skipped:
+                    batch[SKIPPED_SHARDS] = sorted(self.skipped)
+                yield batch
 
     def _raw_samples(self, rng: random.Random) -> Iterator[dict[str, Any]]:
         """Endless raw samples of this rank's share: its shards drawn with replacement, weighted by how
@@ -155,12 +166,38 @@ class ShardStream(IterableDataset):
         while True:
             piece = rng.choices(self.pieces, weights)[0]
             record = piece.record
+            url = self.store.url(record.name)
+            if url in self.skipped:
+                continue  # drawn all the same: the other shards' draws stay where they were
             # The sha256 is checked the first time this process draws a shard (hashing as it streams,
-            # before any of its samples is served); later draws check the size and stream the file.
-            with open_shard(self.folder, record, full=record.name not in verified) as stream:
-                verified.add(record.name)
-                samples = iter_record_samples(stream, record, str(self.folder / record.name), layouts)
-                yield from samples if piece.whole else _only(piece, samples)
+            # before any of its samples is served); later draws check the size and stream the file. A
+            # remote shard is hashed on every draw, as it is copied (or read from the verified cache_dir).
+            try:
+                with open_shard(self.store, record, full=record.name not in verified) as stream:
+                    verified.add(record.name)
+                    samples = iter_record_samples(stream, record, url, layouts)
+                    yield from samples if piece.whole else _only(piece, samples)
+            except StoreError:
+                raise  # the store cannot be reached: nothing is known about the shard
+            except CacheError as err:
+                if not self.skip_bad:
+                    raise
+                self._skip(url, err, weights)
+
+    def _skip(self, url: str, err: CacheError, weights: list[int]) -> None:
+        """--skip-bad-shards: leave a missing, changed or unreadable shard out of this stream, said aloud.
+
+        A shard is bad or not by its bytes, so every replay of the stream skips it at the same draws.
+        """
+        self.skipped[url] = str(err)
+        print(f"[warning] skipping shard {url} (--skip-bad-shards): {err}", file=sys.stderr, flush=True)
+        pieces = zip(self.pieces, weights, strict=True)
+        left = [p for p, w in pieces if w and self.store.url(p.record.name) not in self.skipped]
+        if not left:
+            raise CacheError(
+                f"Every shard this process reads from {self.store.location} is bad ({len(self.skipped)} skipped); "
+                f"nothing is left to train on. Run `cogvx shards verify {self.store.location}`."
+            )
 
     def _flipped(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
         """Each sample as drawn, or its mirrored variant with probability ``random_flip``.

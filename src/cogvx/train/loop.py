@@ -28,9 +28,10 @@ from cogvx.pipeline import levers, lora, memory, models
 from cogvx.pipeline.objective import Objective
 from cogvx.progress import progress_bar
 from cogvx.shards import Manifest, paths
+from cogvx.shards.store import display, open_store
 from cogvx.train import checkpoint, report
 from cogvx.train.config import TrainConfig
-from cogvx.train.data import ShardStream, make_loader
+from cogvx.train.data import SKIPPED_SHARDS, ShardStream, make_loader
 from cogvx.train.validation import load_validation_set, run_validation
 
 # accelerate's word for each of our precisions (models.DTYPES names); used only where the Accelerator is built.
@@ -48,6 +49,7 @@ class TrainResult:
     output: Path
     steps: int
     losses: list[float] = field(default_factory=list)
+    skipped_shards: list[str] = field(default_factory=list)  # --skip-bad-shards: the shards this process skipped
     resumed_from: int = 0
     model: torch.nn.Module | None = None  # the trained transformer with its LoRA, unwrapped
     validation: list[Path] = field(default_factory=list)  # latents this process wrote
@@ -61,7 +63,7 @@ class StepOutput:
     skipped: bool = False  # fp16 only: the loss scaler found inf gradients and skipped the update
 
 
-def check_cache_fits(manifest: Manifest, info: models.ModelInfo, shards: Path) -> None:
+def check_cache_fits(manifest: Manifest, info: models.ModelInfo, shards: Path | str) -> None:
     """Refuse a cache whose latents or prompt embeddings another VAE, text encoder or prompt length made."""
     stored, wanted = manifest.producer.get("encoders", {}), info.encoder_identity()
     differs = info.identity_mismatch(stored)
@@ -82,10 +84,11 @@ def check_mirrors(manifest: Manifest, cfg: TrainConfig) -> None:
     if missing:
         data = shlex.quote(str(manifest.producer.get("data") or "VIDEOS"))
         model = shlex.quote(str(manifest.producer.get("model")))
+        cache = display(cfg.shards)
         raise CacheError(
             f"--random-flip {cfg.random_flip:g} needs the mirrored variant of every sample, and {len(missing)} of "
-            f"{manifest.original_count} samples in {cfg.shards} have none. Add them (only the mirrors are "
-            f"encoded): cogvx preprocess --data {data} --output {shlex.quote(str(cfg.shards))} --model {model} --flip"
+            f"{manifest.original_count} samples in {cache} have none. Add them (only the mirrors are "
+            f"encoded): cogvx preprocess --data {data} --output {shlex.quote(cache)} --model {model} --flip"
         )
 
 
@@ -200,15 +203,17 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
     if main:  # the folder exists: _hold_run_folder made it
         checkpoint.clean_stale(cfg.output)
     found = _checkpoint_to_resume(accelerator, cfg)  # first: a run that cannot resume stops at once
-    manifest = Manifest.load(cfg.shards)
-    model_name = models.choose_model(cfg.model, (manifest.producer.get("model"), str(paths.manifest(cfg.shards))))
+    # A remote cache is streamed (shards verified as they are copied); its display form is what the run records.
+    store = open_store(cfg.shards, cache_dir=cfg.cache_dir)
+    manifest = Manifest.load(store)
+    model_name = models.choose_model(cfg.model, (manifest.producer.get("model"), store.url(paths.MANIFEST)))
     from_cache = cfg.model is None  # the cache's model comes with the revision and variant it was read at
     info = models.ModelInfo.read(
         model_name,
         cfg.model_revision or (manifest.producer.get("revision") if from_cache else None),
         cfg.model_variant or (manifest.producer.get("variant") if from_cache else None),
     )
-    check_cache_fits(manifest, info, cfg.shards)
+    check_cache_fits(manifest, info, store.location)
     check_mirrors(manifest, cfg)
     if cfg.epochs is not None:
         epochs, cfg = cfg.epochs, cfg.steps_for(manifest.original_count, world)
@@ -227,7 +232,7 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
     if cfg.validation_every:
         patch = transformer.config.patch_size
         sizes = (cfg.validation_frames, cfg.validation_height, cfg.validation_width)
-        validation = load_validation_set(cfg.shards, manifest, info, patch, *sizes)
+        validation = load_validation_set(store, manifest, info, patch, *sizes)
     torch.manual_seed(cfg.seed)  # LoRA A matrices start random: same seed, same start
     params = lora.add_lora(transformer, cfg.rank, cfg.alpha, cfg.targets, cfg.lora_dropout)
     compile_blocks = cfg.compile if cfg.compile is not None else accelerator.device.type == "cuda"
@@ -243,7 +248,8 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
 
     # The one state a checkpoint holds, saved and loaded as a whole (the raw optimizer: accelerate's wrapper
     # shares its state).
-    progress = checkpoint.Progress(world_size=world, workers=cfg.workers, config=configfile.as_dict(cfg))
+    settings = configfile.as_dict(cfg) | {"shards": store.location}  # never a URL's credentials
+    progress = checkpoint.Progress(world_size=world, workers=cfg.workers, config=settings)
     state = {
         checkpoint.LORA: lora.LoraState(transformer),
         "optimizer": optimizer,
@@ -260,7 +266,7 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
 
     model, optimizer = accelerator.prepare(transformer, optimizer)
     stream = ShardStream(
-        cfg.shards,
+        store,
         manifest.shards,
         cfg.batch_size,
         cfg.seed,
@@ -269,9 +275,10 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
         shuffle_buffer=cfg.shuffle_buffer,
         random_flip=cfg.random_flip,
         skip_batches=progress.batches_consumed,
+        skip_bad=cfg.skip_bad_shards,
     )
     batches = iter(make_loader(stream, cfg.workers, pin_memory=accelerator.device.type == "cuda"))
-    resolved = configfile.as_dict(cfg) | {"model": model_name}
+    resolved = settings | {"model": model_name}
     resolved |= {f"model_{key}": value for key, value in info.recorded().items() if key != "model"}
     if main:
         runs.keep_metrics_until(cfg.output, start_step)
@@ -315,6 +322,7 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
             )
             seconds = time.perf_counter() - started
             keys = [k for batch in micro_batches for k in batch["keys"]]
+            skipped = sorted({s for b in micro_batches for s in b.get(SKIPPED_SHARDS, ())} - set(result.skipped_shards))
             record = {
                 "step": step,
                 "loss": out.loss,
@@ -327,6 +335,9 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
             }
             if out.skipped:
                 record["skipped"] = True
+            if skipped:  # --skip-bad-shards: said once, at the step that first went without them
+                record[SKIPPED_SHARDS] = skipped
+                result.skipped_shards += skipped
             result.losses.append(out.loss)
             result.steps = progress.step = step
             if main:

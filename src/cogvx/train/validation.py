@@ -24,6 +24,7 @@ from cogvx.errors import CacheError, ConfigError
 from cogvx.pipeline.models import ModelInfo
 from cogvx.pipeline.sampling import sample_latents
 from cogvx.shards import Manifest, paths
+from cogvx.shards.store import Store, open_store
 
 
 @dataclass
@@ -37,7 +38,7 @@ class ValidationSet:
 
 
 def load_validation_set(
-    shards: Path,
+    shards: Path | str | Store,
     manifest: Manifest,
     info: ModelInfo,
     patch_size: int,
@@ -46,21 +47,25 @@ def load_validation_set(
     width: int | None = None,
 ) -> ValidationSet:
     """The cache's validation prompts, and the video size to sample (default: the cache's first bucket)."""
-    from safetensors import safe_open
+    from safetensors.torch import load
 
+    store = open_store(shards)
     entry = manifest.extras.get(paths.VALIDATION_ENTRY)
-    path = Path(shards) / (entry or {}).get("file", paths.VALIDATION_PROMPTS)
-    if not entry or not path.is_file():
+    name = (entry or {}).get("file", paths.VALIDATION_PROMPTS)
+    path = store.url(name)
+    size = store.size(name) if entry else None
+    if size is None:
         raise CacheError(
             f"--validation-every needs validation prompts in the cache, but {path} does not exist. Add them with "
-            f"`cogvx preprocess --data VIDEOS --output {shards} --validation-prompt 'a prompt' ...` (clips already "
-            "in the cache are not encoded again), or pass --validation-every 0."
+            f"`cogvx preprocess --data VIDEOS --output {store.location} --validation-prompt 'a prompt' ...` (clips "
+            "already in the cache are not encoded again), or pass --validation-every 0."
         )
-    if entry.get("sha256") and hashlib.sha256(path.read_bytes()).hexdigest() != entry["sha256"]:
+    data = store.read_bytes(name, limit=size)  # read once (from a URL too), hashed and parsed from memory
+    if len(data) != size or (entry.get("sha256") and hashlib.sha256(data).hexdigest() != entry["sha256"]):
         raise CacheError(f"{path} changed since the manifest recorded it; run `cogvx preprocess` again to rewrite it.")
-    with safe_open(str(path), framework="pt") as f:
-        prompts = json.loads((f.metadata() or {}).get("prompts", "[]"))
-        embeds, negative = f.get_tensor("prompt_embeds"), f.get_tensor("negative_prompt_embeds")
+    tensors = load(data)  # the bytes the manifest recorded: written by preprocess, so they parse
+    prompts = json.loads(_metadata(data).get("prompts", "[]"))
+    embeds, negative = tensors["prompt_embeds"], tensors["negative_prompt_embeds"]
     if len(prompts) != embeds.shape[0] or embeds.shape[-1] != info.text_embed_dim:
         raise CacheError(
             f"{path} holds {embeds.shape[0]} embeddings of width {embeds.shape[-1]} for {len(prompts)} prompts; "
@@ -76,6 +81,14 @@ def load_validation_set(
             f"{info.name} (VAE compression {info.spatial_compression} x patch size {patch_size})."
         )
     return ValidationSet(prompts, embeds, negative, frames, height, width)
+
+
+def _metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` of a safetensors blob: its header is 8 bytes of length, then JSON."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length]) if 8 + length <= len(data) else {}
+    metadata = header.get("__metadata__") if isinstance(header, dict) else None
+    return metadata if isinstance(metadata, dict) else {}
 
 
 def run_validation(

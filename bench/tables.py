@@ -229,6 +229,38 @@ def table_swap_reserved() -> str:
     return runs_against_seed("train_step_swap_h200_rerun.json")
 
 
+def table_swap_prediction() -> str:
+    """``auto``'s prediction for ``swap`` (offload's fitted activation terms; the static part less the swapped
+    weights) beside every swap peak measured; the transformers are built on the meta device (no memory)."""
+    import torch
+    from diffusers import CogVideoXTransformer3DModel
+
+    from cogvx.pipeline import levers, lora, memory
+
+    lines = ["| model (latent) | recipe | measured GB | predicted GB | error |", "|---|---|---|---|---|"]
+    files = ("train_step_swap_h200.json", "train_step_15_49x480x720_h200.json", "train_step_15_81x768x1360_h200.json")
+    for name in files:
+        for r in load(name)["results"]:
+            options = set(r["variant"].split("+"))
+            if "swap" not in options:
+                continue
+            cfg = load_config(r["model"].split("@")[0])
+            with torch.device("meta"):
+                transformer = CogVideoXTransformer3DModel(**cfg["transformer"]).to(torch.bfloat16)
+            lora.add_lora(transformer, 128, 128, lora.DEFAULT_TARGETS, 0.0)
+            fp8 = "fp8" in options
+            static = memory.static_bytes(transformer) - (levers.fp8_saving(transformer) if fp8 else 0)
+            size = memory.StepSize.of(cfg["transformer"], *r["latent"], batch=1)
+            swapped = levers.swap_saving(transformer, fp8)
+            predicted = memory.predict(static, size, "compile" in options, swapped)["swap"] / 1e9
+            measured = r["peak_allocated_gb"]
+            lines.append(
+                f"| {r['model'].split('@')[0]} ({'x'.join(map(str, r['latent']))}) | {r['variant']} | {measured:.2f} | "
+                f"{predicted:.2f} | {predicted / measured - 1:+.1%} |"
+            )
+    return "\n".join(lines)
+
+
 def table_cogvideox15_49() -> str:
     return runs_against_seed("train_step_15_49x480x720_h200.json")
 

@@ -166,16 +166,19 @@ def remote_main(args) -> None:
     }
 
     def measure(name: str, location, records, workers: int) -> float:
-        rates = [rate(cogvx_loader(location, records, workers), args.read, warmup=24) for _ in range(args.repeats)]
-        report["results"][name] = {"samples_per_s": statistics.median(rates), "runs": rates}
-        print(name, [round(r, 1) for r in rates], flush=True)
-        return statistics.median(rates)
+        """One timed read, kept under ``name``; the median comes at the end."""
+        sample_rate = rate(cogvx_loader(location, records, workers), args.read, warmup=24)
+        report["results"].setdefault(name, {"runs": []})["runs"].append(sample_rate)
+        print(name, round(sample_rate, 1), flush=True)
+        return sample_rate
 
     if args.url:
         records = Manifest.load(args.url).shards
         report["location"] = display(args.url)
         for workers in (0, 2):
-            measure(f"url-{workers}w", args.url, records, workers)
+            for _ in range(args.repeats):
+                measure(f"url-{workers}w", args.url, records, workers)
+        _medians(report)
         args.out.write_text(json.dumps(report, indent=1))
         return
     import boto3
@@ -194,18 +197,36 @@ def remote_main(args) -> None:
             warm = open_store(url, cache_dir=kept)
             for record in records:  # fill the read-through cache once, as a first run would
                 warm.fetch(record.name, record.bytes, record.sha256).close()
+            # The machine is shared: each repeat times the three readers back to back (each first in turn), so
+            # a busy minute weighs on all of them, and the ratios are the medians of the per-repeat ratios.
             for workers in (0, 2):
-                disk = measure(f"disk-{workers}w", folder, records, workers)
-                s3 = measure(f"s3-{workers}w", url, records, workers)
-                cached = measure(f"s3-cache-dir-{workers}w", open_store(url, cache_dir=kept), records, workers)
-                report["results"][f"ratio-s3-{workers}w"] = s3 / disk
-                report["results"][f"ratio-s3-cache-dir-{workers}w"] = cached / disk
-                print(f"{workers} workers: disk {disk:.0f}, s3 {s3:.0f} ({s3 / disk:.2f}x), "
-                      f"s3 + cache-dir {cached:.0f} ({cached / disk:.2f}x) samples/s", flush=True)  # fmt: skip
+                readers = [("disk", folder), ("s3", url), ("s3-cache-dir", open_store(url, cache_dir=kept))]
+                for repeat in range(args.repeats):
+                    turn = readers[repeat % 3 :] + readers[: repeat % 3]  # each reader goes first in turn
+                    got = {name: measure(f"{name}-{workers}w", where, records, workers) for name, where in turn}
+                    disk, s3, cached = got["disk"], got["s3"], got["s3-cache-dir"]
+                    for name, value in (
+                        (f"ratio-s3-{workers}w", s3 / disk),
+                        (f"ratio-s3-cache-dir-{workers}w", cached / disk),
+                    ):
+                        report["results"].setdefault(name, {"runs": []})["runs"].append(value)
     finally:
         server.terminate()
         server.wait()
+    _medians(report)
+    r = report["results"]
+    for w in (0, 2):
+        rates = [r[f"{name}-{w}w"]["samples_per_s"] for name in ("disk", "s3", "s3-cache-dir")]
+        ratios = [r[f"ratio-{name}-{w}w"]["median"] for name in ("s3", "s3-cache-dir")]
+        print(f"{w} workers: disk {rates[0]:.0f}, s3 {rates[1]:.0f} ({ratios[0]:.2f}x), "
+              f"s3 + cache-dir {rates[2]:.0f} ({ratios[1]:.2f}x) samples/s")  # fmt: skip
     args.out.write_text(json.dumps(report, indent=1))
+
+
+def _medians(report: dict) -> None:
+    for name, entry in report["results"].items():
+        key = "median" if name.startswith("ratio") else "samples_per_s"
+        entry[key] = statistics.median(entry["runs"])
 
 
 def _environment() -> dict:

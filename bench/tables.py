@@ -119,6 +119,19 @@ def table_loader() -> str:
     return "\n".join(lines)
 
 
+def table_loader_s3() -> str:
+    r = load("loader_s3_cpu.json")["results"]
+    lines = ["| cogvx reader on the same shards | 0 workers (samples/s) | 2 workers (samples/s) |", "|---|---|---|"]
+    for label, name in (("local disk", "disk"), ("`s3://` (moto on localhost), no cache", "s3"),
+                        ("`s3://` with a warm `--cache-dir`", "s3-cache-dir")):  # fmt: skip
+        cells = []
+        for w in (0, 2):
+            ratio = f" ({r[f'ratio-{name}-{w}w']['median']:.2f}x)" if name != "disk" else ""
+            cells.append(f"{r[f'{name}-{w}w']['samples_per_s']:.1f}{ratio}")
+        lines.append(f"| {label} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines)
+
+
 def table_multi_gpu() -> str:
     ddp = load("ddp_2b_2xh100.json")
     one, two = ddp["runs"]

@@ -109,7 +109,6 @@ class Mirror:
     def pull_manifest(self) -> None:
         """Put the remote manifest (checked) into staging, or none there if the remote cache has none."""
         local = paths.manifest(self.staging)
-        _forget_listings(self.store)
         if self.store.size(paths.MANIFEST) is None:
             local.unlink(missing_ok=True)
             shards = [name for name in self.names if paths.is_shard(name)]
@@ -216,7 +215,6 @@ class Mirror:
 
     def _sizes(self, names: Iterable[str]) -> dict[str, int | None]:
         names = list(dict.fromkeys(names))
-        _forget_listings(self.store)
         if len(names) <= 1:
             return {name: self.store.size(name) for name in names}
         with concurrent.futures.ThreadPoolExecutor(min(_PARALLEL, len(names))) as pool:
@@ -290,13 +288,6 @@ class Mirror:
             self.parts.delete(name)
 
 
-def _forget_listings(store: Store) -> None:
-    """fsspec answers a size (and opens a file) from a listing it cached, which does not show what other
-    ranks, or other machines, uploaded since; forgetting it sends the next question to the store."""
-    with contextlib.suppress(AttributeError):
-        store.fs.invalidate_cache()
-
-
 def _json(data) -> bytes:
     return json.dumps(data, indent=1, sort_keys=True).encode()
 
@@ -344,7 +335,6 @@ class RemoteLock:
         return self
 
     def _read(self) -> dict | None:
-        _forget_listings(self.store)
         try:
             held = json.loads(self.store.read_bytes(paths.LOCK))
         except FileNotFoundError:

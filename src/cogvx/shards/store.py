@@ -222,8 +222,14 @@ class FsspecStore(Store):
 
     def open(self, name: str, what: str = "File") -> BinaryIO:
         with self._errors(name):
+            self._forget(name)
             # Buffered as a local file is: fsspec's files lack parts of io's API (readline's size limit).
             return io.BufferedReader(self._stream(self._path(name)), CHUNK)
+
+    def _forget(self, name: str) -> None:
+        """fsspec answers sizes (and opens files) from listings it cached, which do not show what other
+        processes or machines wrote since: the next question about ``name`` goes to the store."""
+        self.fs.invalidate_cache(self._path(name))
 
     def _stream(self, path: str, whole: bool = False) -> BinaryIO:
         """A sequential read of ``path``; ``whole``: it is read to its end in FETCH_CHUNK pieces."""
@@ -235,6 +241,7 @@ class FsspecStore(Store):
 
     def size(self, name: str) -> int | None:
         with self._errors(name):
+            self._forget(name)
             try:
                 info = self.fs.info(self._path(name))
             except FileNotFoundError:

@@ -1,7 +1,7 @@
 """Where a CogVideoX model comes from, and loading each of its components on demand.
 
 A model is named by a hub id (``THUDM/CogVideoX-2b``), a local diffusers-format folder, or one of the
-built-in tiny random models (``tiny``, ``tiny-2b``). Every name resolves to something
+built-in tiny random models (``tiny``, ``tiny-2b``, ``tiny-i2v``, ``tiny-1.5-i2v``). Every name resolves to something
 ``from_pretrained`` understands, so the tiny models travel exactly the same code path as real ones.
 """
 
@@ -181,6 +181,17 @@ class ModelInfo:
     legacy_fingerprints: tuple[tuple[str, str], ...] = ()
     revision: str | None = None  # a hub model's branch, tag or commit (--model-revision)
     variant: str | None = None  # weights files named NAME.VARIANT.safetensors, e.g. fp16 (--model-variant)
+    # The task follows the transformer: an image-to-video one reads the noisy video latents and the image
+    # latents concatenated on channels, so it takes twice the VAE's latent channels in.
+    image_to_video: bool = False
+    # The VAE config's word on how I2V pipelines scale image latents: CogVideoX 1.5 divides by the scaling
+    # factor where 1.0 multiplies (diffusers' CogVideoXImageToVideoPipeline.prepare_latents).
+    invert_scale_latents: bool = False
+
+    @property
+    def image_latent_scale(self) -> float:
+        """What image latents are multiplied by before they join the transformer's input."""
+        return 1.0 / self.scaling_factor if self.invert_scale_latents else self.scaling_factor
 
     @classmethod
     def read(cls, name: str, revision: str | None = None, variant: str | None = None) -> ModelInfo:
@@ -194,6 +205,13 @@ class ModelInfo:
         text = read_config(source, "text_encoder", revision)
         transformer = read_config(source, "transformer", revision)
         spatial = 2 ** (len(vae["block_out_channels"]) - 1)
+        latent_channels = int(vae["latent_channels"])
+        in_channels = int(transformer.get("in_channels", latent_channels))
+        if in_channels not in (latent_channels, 2 * latent_channels):
+            raise ModelError(
+                f"{name}'s transformer takes {in_channels} channels in, and its VAE makes {latent_channels}: cogvx "
+                f"trains text-to-video ({latent_channels}) and image-to-video ({2 * latent_channels}) models only."
+            )
         # The scaling factor is applied at train time, so caches stay valid across 2b and 5b.
         return cls(
             name=name,
@@ -201,7 +219,7 @@ class ModelInfo:
             vae_fingerprint=vae_fingerprint(vae),
             text_encoder_fingerprint=text_encoder_fingerprint(text),
             scaling_factor=float(vae["scaling_factor"]),
-            latent_channels=int(vae["latent_channels"]),
+            latent_channels=latent_channels,
             text_embed_dim=int(text["d_model"]),
             spatial_compression=spatial,
             temporal_compression=int(vae.get("temporal_compression_ratio", 4)),
@@ -213,6 +231,8 @@ class ModelInfo:
             ),
             revision=revision,
             variant=variant,
+            image_to_video=in_channels == 2 * latent_channels,
+            invert_scale_latents=bool(vae.get("invert_scale_latents", False)),
         )
 
     def read_config(self, subfolder: str) -> dict[str, Any]:

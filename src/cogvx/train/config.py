@@ -63,6 +63,9 @@ class TrainConfig:
     workers: int = 2
     shuffle_buffer: int = 64
     random_flip: float = 0.0  # probability of drawing a sample's mirrored variant (a cache made with --flip)
+    # Image-to-video models: probability that a sample's image latents are all zeros (the reference I2V
+    # script's --noised_image_dropout and default). A config-file setting.
+    noised_image_dropout: float = 0.05
     # Validation: latents sampled from the cache's validation prompts (transformer only), decoded later
     validation_every: int = 0  # steps; 0 for none
     validation_steps: int = 50  # sampler steps
@@ -124,6 +127,10 @@ class TrainConfig:
             ),
             (self.max_memory is None or self.max_memory > 0, f"--max-memory must be positive (got {self.max_memory})"),
             (0 <= self.random_flip <= 1, f"--random-flip must be a probability, 0 to 1 (got {self.random_flip})"),
+            (
+                0 <= self.noised_image_dropout <= 1,
+                f"noised_image_dropout must be a probability, 0 to 1 (got {self.noised_image_dropout})",
+            ),
             (
                 not (self.push_to_hub or self.push_checkpoints) or bool(self.hub_model_id),
                 "--push-to-hub needs --hub-model-id OWNER/NAME (the model repo to upload to)",

@@ -25,7 +25,7 @@ from cogvx import config as configfile
 from cogvx import media, runs
 from cogvx.errors import CacheError, CogvxError, ConfigError, ModelError, RunError
 from cogvx.pipeline import levers, lora, memory, models
-from cogvx.pipeline.objective import Objective
+from cogvx.pipeline.objective import IMAGE_MOMENTS, Objective
 from cogvx.progress import progress_bar
 from cogvx.shards import Manifest, paths
 from cogvx.train import checkpoint, report
@@ -89,6 +89,56 @@ def check_mirrors(manifest: Manifest, cfg: TrainConfig) -> None:
         )
 
 
+def carries_image_latents(shard, entry) -> bool:
+    """Whether a live sample holds its first frame's latents (``cogvx preprocess --image-latents``).
+
+    The manifest says so per sample (``carries``); a cache written before it did says it per bucket layout.
+    """
+    return IMAGE_MOMENTS in (getattr(entry, "carries", None) or ()) or IMAGE_MOMENTS in shard.layouts.get(
+        entry.bucket, {}
+    )
+
+
+def check_image_latents(manifest: Manifest, info: models.ModelInfo, shards: Path) -> None:
+    """An image-to-video model conditions on each clip's first frame: refuse a cache without its latents."""
+    if not info.image_to_video:
+        return
+    missing = sum(1 for shard in manifest.shards for e in shard.live_samples() if not carries_image_latents(shard, e))
+    if missing:
+        data = shlex.quote(str(manifest.producer.get("data") or "VIDEOS"))
+        raise CacheError(
+            f"{info.name} is an image-to-video model, and {missing} of {manifest.sample_count} samples in {shards} "
+            f"have no image latents. Add them (videos are not encoded again): cogvx preprocess --data {data} "
+            f"--output {shlex.quote(str(shards))} --image-latents"
+        )
+
+
+def check_packable(manifest: Manifest, info: models.ModelInfo, transformer: dict[str, Any], shards: Path) -> None:
+    """Every bucket must make whole patches this transformer can place, before its weights are read.
+
+    Latent frames always pack: 1.5 pads them in front to a multiple of ``patch_size_t``, as its pipeline
+    does. Sizes may not: 1.5's rotary grid is cut from one of the transformer's sample size, so a bucket
+    may not exceed it, and learned position embeddings (5b-I2V) exist for the sample size alone.
+    """
+    p, p_t = transformer.get("patch_size") or 1, transformer.get("patch_size_t")
+    sample = (transformer.get("sample_height", 0), transformer.get("sample_width", 0))
+    pixels = "x".join(str(n * info.spatial_compression) for n in sample)
+    for bucket, layout in sorted(manifest.layouts().items()):
+        height, width = layout["moments"]["shape"][2:]
+        problem = None
+        if height % p or width % p:
+            problem = f"its latents are {height}x{width}, not a multiple of the patch size {p}"
+        elif transformer.get("use_learned_positional_embeddings") and (height, width) != sample:
+            problem = f"its learned position embeddings exist for {pixels} pixels only"
+        elif p_t and (height > sample[0] or width > sample[1]):
+            problem = f"it is larger than the {pixels} pixels its position embeddings cover"
+        if problem:
+            raise CacheError(
+                f"{info.name} cannot pack bucket {bucket} of {shards}: {problem}. Preprocess again with buckets "
+                f"it packs: cogvx preprocess --data VIDEOS --output NEW_CACHE --model {info.name} --resolution HxW"
+            )
+
+
 def step_seed(seed: int, *parts: int) -> int:
     """A 63-bit seed for one (step, micro-batch, rank): same inputs, same random numbers, on resume too."""
     digest = hashlib.sha256(":".join(map(str, (seed, *parts))).encode()).digest()
@@ -141,11 +191,13 @@ def train_step(
         torch.manual_seed(step_seed(seed, step, micro, rank, 1))  # LoRA dropout
         moments = batch["moments"].to(device, non_blocking=True)
         embeds = batch["prompt_embeds"].to(device, non_blocking=True)
+        image = batch.get(IMAGE_MOMENTS)
+        image = image.to(device, non_blocking=True) if image is not None else None
         # Gradients are all-reduced once per step, on the last micro-batch.
         sync = contextlib.nullcontext() if micro == count - 1 else accelerator.no_sync(model)
         with sync:
             with accelerator.autocast():
-                loss = objective(model, moments, embeds, generator, compute_dtype)
+                loss = objective(model, moments, embeds, generator, compute_dtype, image_moments=image)
             accelerator.backward(loss / count)
         total += loss.detach() / count
     grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
@@ -206,6 +258,8 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
         cfg.model_variant or (manifest.producer.get("variant") if from_cache else None),
     )
     check_cache_fits(manifest, info, cfg.shards)
+    check_image_latents(manifest, info, cfg.shards)
+    check_packable(manifest, info, info.read_config("transformer"), cfg.shards)
     check_mirrors(manifest, cfg)
     if cfg.epochs is not None:
         epochs, cfg = cfg.epochs, cfg.steps_for(manifest.original_count, world)
@@ -238,7 +292,13 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
     optimizer = build_optimizer(cfg, params, lr)
     schedule = build_schedule(cfg, optimizer)
     noise_scheduler = info.load_scheduler()
-    objective = Objective(transformer.config, noise_scheduler.alphas_cumprod, info.scaling_factor)
+    objective = Objective(
+        transformer.config,
+        noise_scheduler.alphas_cumprod,
+        info.scaling_factor,
+        image_latent_scale=info.image_latent_scale if info.image_to_video else None,
+        noised_image_dropout=cfg.noised_image_dropout,
+    )
 
     # The one state a checkpoint holds, saved and loaded as a whole (the raw optimizer: accelerate's wrapper
     # shares its state).

@@ -448,6 +448,9 @@ S = SampleConfig
 @app.command()
 def sample(
     prompt: list[str] = typer.Option(None, help="Text to render; repeat for several (one mp4 each)."),
+    image: Path = typer.Option(
+        None, help="First frame for an image-to-video model (resized if its aspect ratio is within 1%)."
+    ),
     lora: Path = typer.Option(None, help="Run folder written by `cogvx train` (or its .safetensors file)."),
     output: Path = typer.Option(
         None, help=_help(S, "output", "mp4 file; NAME-KK.mp4 for several prompts.", "samples/lora.mp4")
@@ -491,6 +494,7 @@ def sample(
             SampleConfig,
             config,
             prompts=_repeated(prompt),
+            image=image,
             lora=lora,
             output=output,
             model=model,

@@ -1,0 +1,146 @@
+"""Image-to-video LoRAs: trained from a cache with image latents, loaded by diffusers' I2V pipeline.
+
+The 5b-I2V-shaped ``tiny-i2v`` and the 1.5-I2V-shaped ``tiny-1.5-i2v`` train a few steps each; their LoRAs
+go through ``cogvx sample --image`` (diffusers' ``CogVideoXImageToVideoPipeline`` with
+``load_lora_weights``) and must give exactly what that pipeline gives on its own, change the video,
+and leave ``--no-lora`` equal to the base pipeline.
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from cogvx.cli import app
+from cogvx.errors import CacheError, ConfigError
+from cogvx.media import to_uint8
+from cogvx.pipeline import models
+from cogvx.sample import LORA_ADAPTER, SampleConfig, load_pipeline, plan_sample, run_sample
+from cogvx.shards import Manifest, ShardRecord
+from cogvx.train.config import TrainConfig
+from cogvx.train.loop import check_packable
+from cogvx.train.loop import run as train
+
+from .i2vcache import with_image_latents
+
+# tiny-i2v has learned position embeddings for its sample size (64x96) alone, as 5b-I2V has for 480x720.
+FAST = {"steps": 2, "frames": 9, "height": 64, "width": 96}
+MODELS = ["tiny-i2v", "tiny-1.5-i2v"]
+
+
+@pytest.fixture(scope="module")
+def i2v_cache(tiny_cache: Path, tmp_path_factory) -> Path:
+    return with_image_latents(tiny_cache, tmp_path_factory.mktemp("i2v") / "shards")
+
+
+@pytest.fixture(scope="module")
+def runs(i2v_cache: Path, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("i2v-runs")
+    trained = {}
+    for model in MODELS:
+        cfg = TrainConfig(shards=i2v_cache, output=folder / model, model=model, max_steps=3, rank=4,
+                          learning_rate=1e-2, mixed_precision="fp32", workers=0, checkpoint_every=0)  # fmt: skip
+        result = train(cfg)
+        assert result.steps == 3 and all(np.isfinite(result.losses))
+        trained[model] = folder / model
+    return trained
+
+
+@pytest.fixture(scope="module")
+def frame(tmp_path_factory) -> Path:
+    """A 96x64 picture: a red disc on a blue-green gradient."""
+    y, x = np.mgrid[0:64, 0:96]
+    pixels = np.stack([(x * 2.5).astype(np.uint8), (y * 4).astype(np.uint8), np.full_like(x, 160, np.uint8)], -1)
+    pixels[(x - 30) ** 2 + (y - 32) ** 2 < 144] = (230, 30, 30)
+    path = tmp_path_factory.mktemp("frame") / "frame.png"
+    Image.fromarray(pixels.astype(np.uint8)).save(path)
+    return path
+
+
+def diffusers_video(model: str, image: Path, lora: Path | None) -> np.ndarray:
+    """What a user gets from diffusers alone: the I2V pipeline, the LoRA loaded as saved, the same seed."""
+    from diffusers import CogVideoXImageToVideoPipeline
+
+    pipe = CogVideoXImageToVideoPipeline.from_pretrained(models.resolve_model(model), torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    if lora is not None:
+        pipe.load_lora_weights(str(lora))
+    out = pipe(image=Image.open(image).convert("RGB"), prompt="a red disc moves left", num_inference_steps=2,
+               num_frames=9, height=64, width=96, guidance_scale=6.0, generator=torch.Generator().manual_seed(0),
+               output_type="np").frames[0]  # fmt: skip
+    return to_uint8(np.asarray(out))
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_i2v_lora_loads_in_the_diffusers_i2v_pipeline_and_changes_the_video(runs, frame, model, tmp_path):
+    run = runs[model]
+    prompt = ("a red disc moves left",)
+    cfg = SampleConfig(prompt, image=frame, lora=run, output=tmp_path / "lora.mp4", **FAST)
+    pipe = load_pipeline(cfg, plan_sample(cfg))
+    assert type(pipe).__name__ == "CogVideoXImageToVideoPipeline"
+    scales = {m.scaling[LORA_ADAPTER] for m in pipe.transformer.modules() if LORA_ADAPTER in getattr(m, "scaling", {})}
+    assert scales == {128 / 4}  # alpha / rank, exactly as trained
+
+    with_lora = run_sample(cfg).frames[0]
+    base = run_sample(SampleConfig(prompt, image=frame, lora=run, no_lora=True, output=tmp_path / "b.mp4", **FAST))
+    assert np.abs(with_lora.astype(int) - base.frames[0].astype(int)).mean() > 1.0, "the LoRA changed nothing"
+    np.testing.assert_array_equal(with_lora, diffusers_video(model, frame, run))
+    np.testing.assert_array_equal(base.frames[0], diffusers_video(model, frame, None))
+
+
+def test_an_i2v_model_refuses_a_cache_without_image_latents(tiny_cache: Path, tmp_path: Path):
+    args = ["train", "--shards", str(tiny_cache), "--output", str(tmp_path / "run"), "--model", "tiny-i2v"]
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 1
+    data = shlex.quote(str(Manifest.load(tiny_cache).producer["data"]))
+    fix = f"cogvx preprocess --data {data} --output {shlex.quote(str(tiny_cache))} --image-latents"
+    assert fix in out.output and "tiny-i2v is an image-to-video model" in out.output
+    assert not (tmp_path / "run" / "pytorch_lora_weights.safetensors").exists()
+
+
+def _manifest(height: int, width: int) -> Manifest:
+    layout = {"moments": {"dtype": "float32", "shape": [8, 4, height, width]}}
+    shard = ShardRecord("s.tar", 1, 1, "0" * 64, layouts={f"13x{height * 8}x{width * 8}": layout})
+    return Manifest(producer={}, params={}, schema={}, shards=[shard])
+
+
+@pytest.mark.parametrize(
+    ("model", "latents", "fits"),
+    [
+        ("tiny-1.5-i2v", (8, 12), True),
+        ("tiny-1.5-i2v", (4, 6), True),  # smaller than its sample size: the rotary grid is cut from it
+        ("tiny-1.5-i2v", (8, 16), False),  # wider than its position embeddings
+        ("tiny-i2v", (8, 12), True),
+        ("tiny-i2v", (4, 6), False),  # learned position embeddings exist for 64x96 alone
+        ("tiny", (4, 6), True),
+    ],
+)
+def test_buckets_a_model_cannot_pack_are_refused_before_its_weights_load(model, latents, fits):
+    info = models.ModelInfo.read(model)
+    manifest = _manifest(*latents)
+    if fits:
+        check_packable(manifest, info, info.read_config("transformer"), Path("cache"))
+        return
+    with pytest.raises(CacheError, match=f"{model} cannot pack bucket .* --resolution HxW"):
+        check_packable(manifest, info, info.read_config("transformer"), Path("cache"))
+
+
+def test_image_of_another_aspect_is_refused_and_a_near_one_resized(frame: Path, tmp_path: Path):
+    wide = tmp_path / "wide.png"
+    Image.new("RGB", (200, 64)).save(wide)
+    with pytest.raises(ConfigError, match=r"wide.png is 200x64 .* Crop it to 96:64"):
+        plan_sample(SampleConfig(("a",), image=wide, no_lora=True, model="tiny-i2v", output=tmp_path / "a.mp4"))
+    near = tmp_path / "near.png"
+    Image.open(frame).resize((191, 128)).save(near)  # 0.5% off 3:2
+    plan = plan_sample(SampleConfig(("a",), image=near, no_lora=True, model="tiny-i2v", output=tmp_path / "b.mp4"))
+    assert plan.image.size == (96, 64)
+    with pytest.raises(ConfigError, match="image-to-video model: pass --image"):
+        plan_sample(SampleConfig(("a",), no_lora=True, model="tiny-i2v", output=tmp_path / "c.mp4"))
+    with pytest.raises(ConfigError, match="tiny is text-to-video: drop --image"):
+        plan_sample(SampleConfig(("a",), image=frame, no_lora=True, model="tiny", output=tmp_path / "d.mp4"))

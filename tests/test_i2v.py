@@ -8,7 +8,10 @@ and leave ``--no-lora`` equal to the base pipeline.
 
 from __future__ import annotations
 
+import io
+import json
 import shlex
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,22 +24,32 @@ from cogvx.cli import app
 from cogvx.errors import CacheError, ConfigError
 from cogvx.media import to_uint8
 from cogvx.pipeline import models
+from cogvx.pipeline.sampling import sample_latents
+from cogvx.preprocess.run import PreprocessConfig
+from cogvx.preprocess.run import run as preprocess
 from cogvx.sample import LORA_ADAPTER, SampleConfig, load_pipeline, plan_sample, run_sample
-from cogvx.shards import Manifest, ShardRecord
+from cogvx.shards import Manifest, ShardRecord, read_shard
 from cogvx.train.config import TrainConfig
 from cogvx.train.loop import check_packable
 from cogvx.train.loop import run as train
 
+from .conftest import CLIPS
 from .i2vcache import with_image_latents
 
 # tiny-i2v has learned position embeddings for its sample size (64x96) alone, as 5b-I2V has for 480x720.
 FAST = {"steps": 2, "frames": 9, "height": 64, "width": 96}
 MODELS = ["tiny-i2v", "tiny-1.5-i2v"]
+PROMPTS = ("a red disc moves left", "a white square moves up", "a blue disc")
 
 
 @pytest.fixture(scope="module")
 def i2v_cache(tiny_cache: Path, tmp_path_factory) -> Path:
-    return with_image_latents(tiny_cache, tmp_path_factory.mktemp("i2v") / "shards")
+    """The tiny cache with two validation prompts, and image latents for every sample."""
+    folder = tmp_path_factory.mktemp("i2v")
+    shutil.copytree(tiny_cache, folder / "t2v")
+    preprocess(PreprocessConfig(data=CLIPS, output=folder / "t2v", model="tiny", dtype="fp32", workers=0,
+                                validation_prompts=PROMPTS))  # fmt: skip
+    return with_image_latents(folder / "t2v", folder / "shards")
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +58,78 @@ def runs(i2v_cache: Path, tmp_path_factory) -> dict[str, Path]:
     trained = {}
     for model in MODELS:
         cfg = TrainConfig(shards=i2v_cache, output=folder / model, model=model, max_steps=3, rank=4,
-                          learning_rate=1e-2, mixed_precision="fp32", workers=0, checkpoint_every=0)  # fmt: skip
+                          learning_rate=1e-2, mixed_precision="fp32", workers=0, checkpoint_every=0,
+                          validation_every=3, validation_steps=2, validation_frames=9)  # fmt: skip
         result = train(cfg)
         assert result.steps == 3 and all(np.isfinite(result.losses))
         trained[model] = folder / model
     return trained
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_i2v_validation_starts_from_first_frames_in_the_cache(runs, i2v_cache: Path, model: str):
+    """Prompt k starts from the k-th sample of the validation size by key; the file holds that first frame."""
+    from safetensors import safe_open
+
+    manifest = Manifest.load(i2v_cache)
+    keys = sorted(e.key for e in manifest.live_entries() if e.bucket.endswith("x64x96") and not e.mirrored)
+    for index, prompt in enumerate(PROMPTS):
+        path = runs[model] / "validation" / "step-000003" / f"sample-{index:02d}.safetensors"
+        with safe_open(str(path), framework="pt") as f:
+            meta = {k: json.loads(v) for k, v in f.metadata().items()}
+            image, latents = f.get_tensor("image"), f.get_tensor("latents")
+        assert meta["prompt"] == prompt and meta["image_key"] == keys[index % len(keys)]
+        assert image.dtype == torch.uint8 and image.shape == (64, 96, 3)
+        assert latents.shape[2] == 4  # the video's channels, not the transformer's input channels
+        # The frame is the sample's own first.jpg, decoded.
+        [record] = [s for s in manifest.shards if meta["image_key"] in {e.key for e in s.samples}]
+        [sample] = [s for s in read_shard(i2v_cache, record) if s.key == meta["image_key"]]
+        expected = np.asarray(Image.open(io.BytesIO(sample.extras["first.jpg"])).convert("RGB"))
+        np.testing.assert_array_equal(image.numpy(), expected)
+
+
+def test_the_report_shows_each_conditioning_image_beside_its_videos(runs):
+    from cogvx.report import ReportConfig
+    from cogvx.report import run as report
+
+    result = report(ReportConfig(run=runs["tiny-i2v"]))
+    page = result.path.read_text()
+    assert page.count('<img class="conditioning"') == len(PROMPTS)
+    assert page.count("<video ") == len(PROMPTS)
+    for index in range(len(PROMPTS)):
+        assert f'<img class="conditioning" data-sample="{index}"' in page
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_i2v_sampler_equals_the_diffusers_i2v_pipeline(model: str):
+    """Transformer-only validation sampling is the I2V pipeline's loop, image latents and ofs included."""
+    from diffusers import CogVideoXImageToVideoPipeline
+
+    info = models.ModelInfo.read(model)
+    transformer, scheduler = info.load_transformer(torch.float32), info.load_scheduler()
+    g = torch.Generator().manual_seed(0)
+    embeds, negative = torch.randn(1, 226, 32, generator=g), torch.randn(1, 226, 32, generator=g)
+    image = torch.randn(1, 1, 4, 8, 12, generator=g)
+    frames = 4 if model == "tiny-1.5-i2v" else 3  # 9 frames: 3 latent frames, padded to 4 for 1.5
+
+    def prepare_latents(_image, batch, channels, _frames, height, width, dtype, device, generator, _latents):
+        # What prepare_latents returns once the VAE has encoded the picture to `image`.
+        noise = torch.randn((batch, frames, channels, height // 8, width // 8), generator=generator, dtype=dtype)
+        padded = torch.cat([image, image.new_zeros(batch, frames - 1, 4, 8, 12)], dim=1)
+        return noise * scheduler.init_noise_sigma, padded
+
+    pipe = CogVideoXImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
+                                         scheduler=scheduler)  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    pipe.prepare_latents = prepare_latents
+    size = {"num_frames": 9, "height": 64, "width": 96, "num_inference_steps": 3, "guidance_scale": 6.0}
+    expected = pipe(image=Image.new("RGB", (96, 64)), prompt_embeds=embeds, negative_prompt_embeds=negative,
+                    output_type="latent", generator=torch.Generator().manual_seed(7), **size).frames  # fmt: skip
+    ours = sample_latents(transformer, dict(scheduler.config), embeds, negative, image_latents=image,
+                          generator=torch.Generator().manual_seed(7), spatial_compression=8, temporal_compression=4,
+                          **size)  # fmt: skip
+    assert ours.shape == (1, frames, 4, 8, 12)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
 
 
 @pytest.fixture(scope="module")

@@ -31,7 +31,7 @@ from cogvx.shards import Manifest, paths
 from cogvx.train import checkpoint, report
 from cogvx.train.config import TrainConfig
 from cogvx.train.data import ShardStream, make_loader
-from cogvx.train.validation import load_validation_set, run_validation
+from cogvx.train.validation import carries_image_latents, load_validation_set, run_validation
 
 # accelerate's word for each of our precisions (models.DTYPES names); used only where the Accelerator is built.
 ACCELERATE_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
@@ -87,16 +87,6 @@ def check_mirrors(manifest: Manifest, cfg: TrainConfig) -> None:
             f"{manifest.original_count} samples in {cfg.shards} have none. Add them (only the mirrors are "
             f"encoded): cogvx preprocess --data {data} --output {shlex.quote(str(cfg.shards))} --model {model} --flip"
         )
-
-
-def carries_image_latents(shard, entry) -> bool:
-    """Whether a live sample holds its first frame's latents (``cogvx preprocess --image-latents``).
-
-    The manifest says so per sample (``carries``); a cache written before it did says it per bucket layout.
-    """
-    return IMAGE_MOMENTS in (getattr(entry, "carries", None) or ()) or IMAGE_MOMENTS in shard.layouts.get(
-        entry.bucket, {}
-    )
 
 
 def check_image_latents(manifest: Manifest, info: models.ModelInfo, shards: Path) -> None:

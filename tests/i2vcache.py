@@ -18,6 +18,8 @@ import numpy as np
 import torch
 
 from cogvx.pipeline import models
+from cogvx.pipeline.encode import encode_prompts
+from cogvx.preprocess.run import save_validation_prompts
 from cogvx.shards import Manifest, Sample, ShardWriter, read_shard
 
 
@@ -42,8 +44,12 @@ def first_frame_latents(vae, moments: torch.Tensor, key: str) -> tuple[torch.Ten
     return image_moments, jpeg.getvalue()
 
 
-def with_image_latents(cache: Path, out: Path, model: str = "tiny") -> Path:
-    """A copy of ``cache`` in ``out`` whose every live sample also carries image latents and its first frame."""
+def with_image_latents(cache: Path, out: Path, model: str = "tiny", validation_prompts: tuple[str, ...] = ()) -> Path:
+    """A copy of ``cache`` in ``out`` whose every live sample also carries image latents and its first frame.
+
+    ``validation_prompts`` are encoded into it as ``cogvx preprocess --validation-prompt`` does (its own
+    function, without re-scanning the clips).
+    """
     shutil.copytree(cache, out)
     manifest = Manifest.load(out)
     vae = models.ModelInfo.read(model).load_vae(torch.float32)
@@ -61,4 +67,13 @@ def with_image_latents(cache: Path, out: Path, model: str = "tiny") -> Path:
         (out / record.name).unlink()
     writer.flush()
     manifest.save(out)
+    if validation_prompts:
+        info = models.ModelInfo.read(model)
+        tokenizer, text_encoder = info.load_text_encoder(torch.float32)
+
+        def encode(texts: list[str]):
+            encoding = encode_prompts(tokenizer, text_encoder, texts, info.max_text_tokens)
+            return encoding.embeds, encoding.truncated
+
+        save_validation_prompts(out, manifest, list(validation_prompts), encode)
     return out

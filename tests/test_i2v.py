@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import json
 import shlex
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -25,31 +24,24 @@ from cogvx.errors import CacheError, ConfigError
 from cogvx.media import to_uint8
 from cogvx.pipeline import models
 from cogvx.pipeline.sampling import sample_latents
-from cogvx.preprocess.run import PreprocessConfig
-from cogvx.preprocess.run import run as preprocess
 from cogvx.sample import LORA_ADAPTER, SampleConfig, load_pipeline, plan_sample, run_sample
 from cogvx.shards import Manifest, ShardRecord, read_shard
 from cogvx.train.config import TrainConfig
 from cogvx.train.loop import check_packable
 from cogvx.train.loop import run as train
 
-from .conftest import CLIPS
 from .i2vcache import with_image_latents
 
 # tiny-i2v has learned position embeddings for its sample size (64x96) alone, as 5b-I2V has for 480x720.
 FAST = {"steps": 2, "frames": 9, "height": 64, "width": 96}
 MODELS = ["tiny-i2v", "tiny-1.5-i2v"]
-PROMPTS = ("a red disc moves left", "a white square moves up", "a blue disc")
+PROMPTS = ("a red disc moves left", "a white square moves up")
 
 
 @pytest.fixture(scope="module")
 def i2v_cache(tiny_cache: Path, tmp_path_factory) -> Path:
     """The tiny cache with two validation prompts, and image latents for every sample."""
-    folder = tmp_path_factory.mktemp("i2v")
-    shutil.copytree(tiny_cache, folder / "t2v")
-    preprocess(PreprocessConfig(data=CLIPS, output=folder / "t2v", model="tiny", dtype="fp32", workers=0,
-                                validation_prompts=PROMPTS))  # fmt: skip
-    return with_image_latents(folder / "t2v", folder / "shards")
+    return with_image_latents(tiny_cache, tmp_path_factory.mktemp("i2v") / "shards", validation_prompts=PROMPTS)
 
 
 @pytest.fixture(scope="module")
@@ -170,8 +162,9 @@ def test_i2v_lora_loads_in_the_diffusers_i2v_pipeline_and_changes_the_video(runs
     with_lora = run_sample(cfg).frames[0]
     base = run_sample(SampleConfig(prompt, image=frame, lora=run, no_lora=True, output=tmp_path / "b.mp4", **FAST))
     assert np.abs(with_lora.astype(int) - base.frames[0].astype(int)).mean() > 1.0, "the LoRA changed nothing"
-    np.testing.assert_array_equal(with_lora, diffusers_video(model, frame, run))
     np.testing.assert_array_equal(base.frames[0], diffusers_video(model, frame, None))
+    if model == "tiny-1.5-i2v":  # once is enough: the LoRA's video is what diffusers alone makes of it
+        np.testing.assert_array_equal(with_lora, diffusers_video(model, frame, run))
 
 
 def test_an_i2v_model_refuses_a_cache_without_image_latents(tiny_cache: Path, tmp_path: Path):

@@ -52,6 +52,8 @@ SCHEMA = {
     "prompt_embeds": "T5 last hidden state [L, D], pads included (L: the transformer's max_text_seq_length)",
     "json": "source, content_hash, caption, window, frame_indices, fps, size, bucket, ...",
     "jpg": "JPEG strip of up to 8 of the sampled frames, side by side, 64 px high",
+    "image_moments": "with --image-latents: VAE posterior [2C, 1, H, W] of the noised first frame, unscaled",
+    "first.jpg": "with --image-latents: the first frame (before the noise) at the sample's size",
 }
 
 
@@ -90,6 +92,7 @@ class PreprocessConfig:
     repair: bool = False  # also check every listed shard's sha256 (size is always checked)
     allow_outside_paths: bool = False  # let a metadata or video-list file name videos outside its folder
     flip: bool = False  # also encode each sample's mirror image (left to right), beside it; added to a cache later too
+    image_latents: bool = False  # also encode each sample's first frame alone (image-to-video); added later too
 
     def __post_init__(self):
         self.data = hub.hub_url(self.data) or Path(self.data)  # a Path would fold hf:// into hf:/
@@ -306,7 +309,9 @@ def _run(cfg: PreprocessConfig, ranks: Ranks, show_progress: bool) -> Preprocess
         if not ranks.is_main:
             manifest = Manifest.load(cfg.output)
 
-        jobs, cached = _todo(clips, manifest, cfg.flip)
+        # A cache that holds image latents keeps getting them, so it serves image-to-video whole.
+        image_latents = cfg.image_latents or manifest.image_latent_count > 0
+        jobs, cached = _todo(clips, manifest, cfg.flip, image_latents)
         mine = jobs[ranks.rank :: ranks.world]
         result = PreprocessResult(
             already_cached=cached if ranks.is_main else 0, ranks=ranks.world, manifest=manifest, started=started
@@ -418,7 +423,7 @@ def _report_found(
         )
 
 
-def _todo(clips: list[Clip], manifest: Manifest, flip: bool) -> tuple[list[Job], int]:
+def _todo(clips: list[Clip], manifest: Manifest, flip: bool, image_latents: bool) -> tuple[list[Job], int]:
     """Clips the cache does not hold yet, and how many it does. Same answer on every rank.
 
     A clip whose size, mtime and caption match its cached samples is done without reading it; any other
@@ -436,7 +441,7 @@ def _todo(clips: list[Clip], manifest: Manifest, flip: bool) -> tuple[list[Job],
     for clip in clips:
         entry = known.get(clip.source)
         if entry is None:
-            jobs.append(Job(clip, mirrors=flip))
+            jobs.append(Job(clip, mirrors=flip, image_latents=image_latents))
             continue
         caption = caption_hash(clip.caption) if clip.caption else None
         try:
@@ -448,7 +453,9 @@ def _todo(clips: list[Clip], manifest: Manifest, flip: bool) -> tuple[list[Job],
         if unchanged and caption is not None and caption == entry.caption_hash and (has_mirrors or not flip):
             cached += 1
         else:  # hashed in a worker: unchanged content needs only what is missing (its mirrors, with flip)
-            jobs.append(Job(clip, entry.content_hash, entry.caption_hash, mirrors=flip, known_mirrored=has_mirrors))
+            jobs.append(
+                Job(clip, entry.content_hash, entry.caption_hash, flip, has_mirrors, image_latents=image_latents)
+            )
     return jobs, cached
 
 

@@ -117,7 +117,7 @@ class Skipped:
 ClipItem = ReadClip | Unchanged | Skipped  # what ClipReader yields for one job
 
 
-def _failure(err: Exception) -> str:
+def failure(err: Exception) -> str:
     """``Type: message (at file.py:line)`` of an unexpected error, the line being where it was raised."""
     where = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
     place = f" (at {os.path.basename(where.filename)}:{where.lineno})" if where else ""
@@ -142,7 +142,7 @@ class ClipReader(torch.utils.data.Dataset):
         except Exception as err:
             # Whatever else goes wrong with one clip (a decoder or library failure no check foresaw) must not
             # end a run of thousands in a DataLoader worker: it is recorded with where it was raised.
-            return Skipped(index, "reading failed", _failure(err))
+            return Skipped(index, "reading failed", failure(err))
 
     def _read(self, index: int, job: Job) -> ReadClip | Unchanged:
         clip = job.clip

@@ -7,14 +7,17 @@ shard. Under torchrun each rank lists them in its own part file instead, which r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
 
 from cogvx.preprocess import cachedir
 from cogvx.preprocess.encoding import Encoded, caption_hash, sample_key
+from cogvx.preprocess.images import Refreshed
 from cogvx.preprocess.sources import CLIPPED, INVALID_UTF8
 from cogvx.shards import Manifest, Sample, SampleEntry, ShardRecord, ShardWriter, paths
+from cogvx.shards.io import INDEX
 from cogvx.shards.manifest import FIRST_FRAME, IMAGE_MOMENTS
 
 
@@ -65,7 +68,28 @@ class RankWriter:
             self.records.append(record)
             cachedir.save_shard_part(self.folder, self.rank, self.records)
 
-    def write(self, encoded: Encoded) -> None:
+    def write(self, item: Encoded | Refreshed) -> None:
+        """The samples of one clip (one per window), or of one source written again, into one shard."""
+        if isinstance(item, Refreshed):
+            self._write_refreshed(item)
+        else:
+            self._write_encoded(item)
+
+    def _write_refreshed(self, refreshed: Refreshed) -> None:
+        """Cached samples again, under their keys, with image latents added and everything else as it was."""
+        group = []
+        size, mtime_ns = refreshed.stat
+        first = refreshed.first
+        for row, (old, entry) in enumerate(zip(refreshed.samples, refreshed.entries, strict=True)):
+            meta = {name: value for name, value in old.meta.items() if name != INDEX}  # the writer adds it again
+            entry = dataclasses.replace(entry, size=size, mtime_ns=mtime_ns)
+            sample = Sample(old.key, dict(old.tensors), meta, dict(old.extras))
+            with_image_latents(sample, entry, refreshed.image_moments[row], first.sigmas[row], first.jpegs[row])
+            group.append((sample, entry))
+        self.shards.write_group(group)
+        self.on_written()
+
+    def _write_encoded(self, encoded: Encoded) -> None:
         """The samples of one clip (one per window), into one shard."""
         read, prompt = encoded.read, encoded.prompt
         clip = read.clip

@@ -156,6 +156,11 @@ def preprocess(
         "--flip",
         help=_help(P, "flip", "Also encode every sample mirrored left to right (for train --random-flip)."),
     ),
+    image_latents: bool = typer.Option(
+        None,
+        "--image-latents",
+        help=_help(P, "image_latents", "Also encode each sample's first frame, for image-to-video training."),
+    ),
     allow_outside_paths: bool = typer.Option(
         None,
         "--allow-outside-paths",
@@ -201,6 +206,7 @@ def preprocess(
             repair=repair,
             allow_outside_paths=allow_outside_paths,
             flip=flip,
+            image_latents=image_latents,
         )
         run(cfg, show_progress=True)
 

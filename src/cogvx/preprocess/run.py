@@ -25,7 +25,7 @@ from cogvx import __version__, files, hub
 from cogvx.errors import CacheError, ConfigError, InputError
 from cogvx.pipeline import models
 from cogvx.pipeline.encode import encode_prompts
-from cogvx.preprocess import cachedir
+from cogvx.preprocess import cachedir, images
 from cogvx.preprocess.encoding import (
     ClipItem,
     ClipReader,
@@ -52,6 +52,8 @@ SCHEMA = {
     "prompt_embeds": "T5 last hidden state [L, D], pads included (L: the transformer's max_text_seq_length)",
     "json": "source, content_hash, caption, window, frame_indices, fps, size, bucket, ...",
     "jpg": "JPEG strip of up to 8 of the sampled frames, side by side, 64 px high",
+    "image_moments": "with --image-latents: VAE posterior [2C, 1, H, W] of the noised first frame, unscaled",
+    "first.jpg": "with --image-latents: the first frame (before the noise) at the sample's size",
 }
 
 
@@ -90,6 +92,7 @@ class PreprocessConfig:
     repair: bool = False  # also check every listed shard's sha256 (size is always checked)
     allow_outside_paths: bool = False  # let a metadata or video-list file name videos outside its folder
     flip: bool = False  # also encode each sample's mirror image (left to right), beside it; added to a cache later too
+    image_latents: bool = False  # also encode each sample's first frame alone (image-to-video); added later too
 
     def __post_init__(self):
         self.data = hub.hub_url(self.data) or Path(self.data)  # a Path would fold hf:// into hf:/
@@ -177,6 +180,8 @@ class PreprocessResult:
     skipped: Counter = field(default_factory=Counter)
     truncated_captions: int = 0
     truncated_sources: list[str] = field(default_factory=list)
+    images_added: int = 0  # cached samples written again with image latents added (--image-latents)
+    images_missing: int = 0  # with image latents: samples in the cache still without them at the end
     # Listed shards found missing or damaged at the start (dropped from the manifest, their samples
     # encoded again), and the sources of their samples that no longer exist in the data: lost.
     dropped_shards: list[str] = field(default_factory=list)
@@ -209,6 +214,7 @@ class PreprocessResult:
             truncated_captions=self.truncated_captions,
             truncated_sources=list(self.truncated_sources),
             timeline=dict(self.timeline),
+            images_added=self.images_added,
         )
 
     def add(self, other: RankCounts) -> None:
@@ -218,6 +224,7 @@ class PreprocessResult:
         self.skipped.update(other.skipped)
         self.truncated_captions += other.truncated_captions
         self.truncated_sources += other.truncated_sources
+        self.images_added += other.images_added
         for name, seconds in other.timeline.items():
             self.timeline[name] = max(seconds, self.timeline.get(name, 0.0))
 
@@ -233,6 +240,7 @@ class RankCounts:
     truncated_captions: int
     truncated_sources: list[str]
     timeline: dict[str, float]
+    images_added: int = 0
 
     def save(self, path: Path) -> None:
         write_json_atomic(path, asdict(self))
@@ -306,10 +314,12 @@ def _run(cfg: PreprocessConfig, ranks: Ranks, show_progress: bool) -> Preprocess
         if not ranks.is_main:
             manifest = Manifest.load(cfg.output)
 
-        jobs, cached = _todo(clips, manifest, cfg.flip)
+        # A cache that holds image latents keeps getting them, so it serves image-to-video whole.
+        image_latents = cfg.image_latents or manifest.image_latent_count > 0
+        jobs, cached = _todo(clips, manifest, cfg.flip, image_latents)
         mine = jobs[ranks.rank :: ranks.world]
         result = PreprocessResult(
-            already_cached=cached if ranks.is_main else 0, ranks=ranks.world, manifest=manifest, started=started
+            already_cached=len(cached) if ranks.is_main else 0, ranks=ranks.world, manifest=manifest, started=started
         )
         if ranks.is_main:
             _report_found(cfg, sources, recovery, result)
@@ -339,6 +349,9 @@ def _run(cfg: PreprocessConfig, ranks: Ranks, show_progress: bool) -> Preprocess
                 total=len(clips),
                 world=ranks.world,
                 show_progress=show_progress,
+                # cached clips whose samples lack image latents: each rank adds them to its share
+                refresh=cached[ranks.rank :: ranks.world] if image_latents else None,
+                clip_paths={clip.source: str(clip.path) for clip in clips},
             )
         result.mark("encoded")
 
@@ -364,6 +377,17 @@ def _run(cfg: PreprocessConfig, ranks: Ranks, show_progress: bool) -> Preprocess
                 info.max_text_tokens,
                 ", ".join(result.truncated_sources[:5]) + (" ..." if result.truncated_captions > 5 else ""),
             )
+        if image_latents:
+            result.images_missing = manifest.sample_count - manifest.image_latent_count
+            if result.images_missing:
+                log.warning(
+                    "%d sample(s) in %s still have no image latents: their videos are not in %s, or their first "
+                    "frames could not be read (reasons in %s).",
+                    result.images_missing,
+                    cfg.output,
+                    cfg.data,
+                    paths.skipped(cfg.output),
+                )
         if show_progress:
             print_summary(result, cfg.output)
         # Fatal only when the cache ends up empty: a cache that still serves samples (of sources this run
@@ -418,12 +442,13 @@ def _report_found(
         )
 
 
-def _todo(clips: list[Clip], manifest: Manifest, flip: bool) -> tuple[list[Job], int]:
-    """Clips the cache does not hold yet, and how many it does. Same answer on every rank.
+def _todo(clips: list[Clip], manifest: Manifest, flip: bool, image_latents: bool) -> tuple[list[Job], list[str]]:
+    """Clips the cache does not hold yet, and the sources of those it does. Same answer on every rank.
 
     A clip whose size, mtime and caption match its cached samples is done without reading it; any other
     clip with cached samples is hashed in a worker and skipped there if its content did not change. With
-    ``flip``, a clip the cache holds without mirrored variants is read again for them alone.
+    ``flip``, a clip the cache holds without mirrored variants is read again for them alone. (Cached
+    samples without image latents get them after the clips are encoded: ``images.refresh``.)
     """
     known: dict[str, SampleEntry] = {}
     mirrored: set[str] = set()
@@ -432,11 +457,11 @@ def _todo(clips: list[Clip], manifest: Manifest, flip: bool) -> tuple[list[Job],
             mirrored.add(entry.source)
         else:
             known.setdefault(entry.source, entry)
-    jobs, cached = [], 0
+    jobs, cached = [], []
     for clip in clips:
         entry = known.get(clip.source)
         if entry is None:
-            jobs.append(Job(clip, mirrors=flip))
+            jobs.append(Job(clip, mirrors=flip, image_latents=image_latents))
             continue
         caption = caption_hash(clip.caption) if clip.caption else None
         try:
@@ -446,9 +471,11 @@ def _todo(clips: list[Clip], manifest: Manifest, flip: bool) -> tuple[list[Job],
             unchanged = False
         has_mirrors = clip.source in mirrored
         if unchanged and caption is not None and caption == entry.caption_hash and (has_mirrors or not flip):
-            cached += 1
+            cached.append(clip.source)
         else:  # hashed in a worker: unchanged content needs only what is missing (its mirrors, with flip)
-            jobs.append(Job(clip, entry.content_hash, entry.caption_hash, mirrors=flip, known_mirrored=has_mirrors))
+            jobs.append(
+                Job(clip, entry.content_hash, entry.caption_hash, flip, has_mirrors, image_latents=image_latents)
+            )
     return jobs, cached
 
 
@@ -502,14 +529,21 @@ def _encode(
     total: int,
     world: int,
     show_progress: bool,
+    refresh: list[str] | None,
+    clip_paths: dict[str, str],
 ) -> None:
-    """Encode (GPU) -> write (thread) this rank's clips as ``items`` come from the decoding workers."""
+    """Encode (GPU) -> write (thread) this rank's clips as ``items`` come from the decoding workers.
+
+    With ``refresh`` (image latents on: the sources of cached clips this rank looks after), the cached
+    samples of those and of the clips found unchanged here that lack image latents then get them.
+    """
     prompts = PromptBank([job.clip.caption or "" for job in jobs], encoders.encode_text, cfg.text_batch_size)
     sink = SampleSink(writer.write)
     batcher = VaeBatcher(encoders.vae, device, cfg.vae_batch, sink.put)
     started = time.time()
     base = result.already_cached  # rank 0 counts the clips found done before the loop
     bar = progress_bar(show_progress, "preprocess", total, "{task.fields[rate]:.2f} clips/s", rate=0.0)
+    unchanged: list[str] = []  # sources whose cached samples this rank found to be of the same content
     benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = device.type == "cuda"  # a few shapes, each seen many times
     try:
@@ -522,7 +556,11 @@ def _encode(
                     writer.skip(clip.source, item.reason, item.detail)
                 elif isinstance(item, Unchanged):
                     result.already_cached += 1
+                    unchanged.append(clip.source)
                 else:
+                    job = jobs[item.index]
+                    if (item.content_hash, caption_hash(clip.caption)) == (job.known_hash, job.known_caption):
+                        unchanged.append(clip.source)  # the cache holds this clip: only its mirrors were new
                     prompt = prompts.get(item.index)
                     if prompt.truncated:
                         result.truncated_captions += 1
@@ -534,14 +572,40 @@ def _encode(
                 done = base + position * world
                 update(min(done, total), rate=position * world / max(time.time() - started, 1e-9))
             batcher.flush()
-            sink.close()
-            writer.finish()
+        if refresh is not None:
+            todo = images.targets(writer.manifest, clip_paths, {*refresh, *unchanged})
+            with progress_bar(show_progress and bool(todo), "image latents", len(todo)) as update:
+                result.images_added += images.refresh(
+                    writer.folder,
+                    writer.manifest,
+                    todo,
+                    resize=cfg.resize,
+                    vae=encoders.vae,
+                    device=device,
+                    batch=cfg.vae_batch * IMAGES_PER_CLIP,
+                    workers=cfg.workers,
+                    emit=sink.put,
+                    skip=functools.partial(_skip, result, writer),
+                    progress=update,
+                )
+        sink.close()
+        writer.finish()
     except BaseException:
         sink.abort()
         writer.abandon()
         raise
     finally:
         torch.backends.cudnn.benchmark = benchmark
+
+
+# First frames per VAE call when image latents are added to cached samples, per clip of --vae-batch: a
+# 1-frame video takes a small part of a clip's activations.
+IMAGES_PER_CLIP = 8
+
+
+def _skip(result: PreprocessResult, writer: RankWriter, source: str, reason: str, detail: str) -> None:
+    result.skipped[reason] += 1
+    writer.skip(source, reason, detail)
 
 
 def _device(name: str | None, ranks: Ranks) -> torch.device:
@@ -565,6 +629,11 @@ def print_summary(result: PreprocessResult, output: Path) -> None:
     table = Table(title="preprocess summary", show_header=False)
     table.add_row("encoded now", f"{result.encoded} clips, {result.samples} samples")
     table.add_row("already in cache", str(result.already_cached))
+    if result.images_added:
+        table.add_row("image latents added", f"{result.images_added} cached samples (no video encoded again)")
+    if manifest.image_latent_count:
+        missing = f", {result.images_missing} without" if result.images_missing else ""
+        table.add_row("samples with image latents", f"{manifest.image_latent_count}{missing}")
     skipped = sum(result.skipped.values())
     table.add_row("skipped", f"{skipped} (listed in {paths.skipped(output)})" if skipped else "0")
     for reason, count in result.skipped.most_common():

@@ -199,52 +199,68 @@ def matroska_rotation(path: str) -> int:
     return round(quarter) % 4 * 90 if abs(quarter - round(quarter)) < 1e-3 else 0
 
 
+class OpenClip:
+    """A clip opened for decoding: its frame count, rates, upright size and display rotation."""
+
+    def __init__(self, path: str):
+        import decord
+
+        self.path = path
+        try:
+            self.reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+            self.total, self.container_fps = len(self.reader), float(self.reader.get_avg_fps())
+            height, width = self.reader[0].shape[:2] if self.total else (0, 0)
+            self.rotation = matroska_rotation(path) if os.path.splitext(path)[1].lower() in (".mkv", ".webm") else 0
+        except Exception as err:
+            raise SkipClip("unreadable video", _unreadable(err)) from err
+        self.size = (width, height) if self.rotation in (90, 270) else (height, width)  # upright
+        if self.total < 1 or min(self.size) < 1:
+            raise SkipClip("unreadable video", "no decodable frames")
+        if self.size[0] * self.size[1] > MAX_SOURCE_PIXELS:
+            raise SkipClip(
+                "too large",
+                f"{self.size[0]}x{self.size[1]} frames are above the {MAX_SOURCE_PIXELS / 1e6:g}-megapixel limit; "
+                "scale the clip down",
+            )
+
+    def frames(self, wanted: list[int], target: tuple[int, int], resize: str) -> np.ndarray:
+        """Source frames ``wanted`` (sorted, distinct) at ``target`` size, ``[len(wanted), H, W, 3]`` uint8.
+
+        The one decoding path of preprocessing: the same frame comes out the same whether it is read with
+        its whole window or alone (image latents added to a cache later rely on that).
+        """
+        cover = decode_size(*self.size, target, resize)
+        try:
+            if self.rotation or cover[0] * cover[1] > CROP_FIRST * target[0] * target[1]:
+                return _decode_cropping_first(self.reader, wanted, self.size, cover, target, self.rotation)
+            self.reader = None  # a second live reader would halve decoding speed
+            return _decode_scaled(self.path, wanted, cover, target)
+        except SkipClip:
+            raise
+        except Exception as err:
+            raise SkipClip("decoding failed", _unreadable(err)) from err
+
+
 def read_clip(path: str, spec: FrameSpec) -> tuple[np.ndarray, Plan, dict]:
     """uint8 frames ``[windows, F, H, W, 3]`` at the bucket's size, the plan, and what was sampled.
 
     Frames are upright as a player shows them: a 90/180/270 degree display rotation is applied (by
     decord for MP4/MOV, here for Matroska/WebM), and sizes here are display sizes.
     """
-    import decord
-
+    clip = OpenClip(path)
+    src_h, src_w = clip.size
     try:
-        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
-        total, container_fps = len(reader), float(reader.get_avg_fps())
-        src_h, src_w = reader[0].shape[:2] if total else (0, 0)
-        rotation = matroska_rotation(path) if os.path.splitext(path)[1].lower() in (".mkv", ".webm") else 0
-    except Exception as err:
-        raise SkipClip("unreadable video", _unreadable(err)) from err
-    if rotation in (90, 270):
-        src_h, src_w = src_w, src_h
-    if total < 1 or src_h < 1 or src_w < 1:
-        raise SkipClip("unreadable video", "no decodable frames")
-    if src_h * src_w > MAX_SOURCE_PIXELS:
-        raise SkipClip(
-            "too large",
-            f"{src_h}x{src_w} frames are above the {MAX_SOURCE_PIXELS / 1e6:g}-megapixel limit; scale the clip down",
-        )
-    try:
-        source_fps, nearest = _frame_times(reader, total, container_fps)
+        source_fps, nearest = _frame_times(clip.reader, clip.total, clip.container_fps)
     except SkipClip:
         raise
     except Exception as err:
         raise SkipClip("unreadable video", _unreadable(err)) from err
-    plan = plan_clip(total, source_fps, src_h, src_w, spec)
+    plan = plan_clip(clip.total, source_fps, src_h, src_w, spec)
     if nearest is not None:
         plan = Plan(plan.bucket, [[int(nearest[i]) for i in window] for window in plan.windows], plan.available)
     target = (plan.bucket.height, plan.bucket.width)
     wanted = sorted({i for window in plan.windows for i in window})
-    cover = decode_size(src_h, src_w, target, spec.resize)
-    try:
-        if rotation or cover[0] * cover[1] > CROP_FIRST * target[0] * target[1]:
-            decoded = _decode_cropping_first(reader, wanted, (src_h, src_w), cover, target, rotation)
-        else:
-            del reader  # a second live reader would halve decoding speed
-            decoded = _decode_scaled(path, wanted, cover, target)
-    except SkipClip:
-        raise
-    except Exception as err:
-        raise SkipClip("decoding failed", _unreadable(err)) from err
+    decoded = clip.frames(wanted, target, spec.resize)
     if wanted == [i for window in plan.windows for i in window]:  # windows in order, no frame twice: no copy
         frames = decoded.reshape(len(plan.windows), plan.bucket.frames, *decoded.shape[1:])
     else:
@@ -254,11 +270,26 @@ def read_clip(path: str, spec: FrameSpec) -> tuple[np.ndarray, Plan, dict]:
     info = {
         "fps": round(source_fps / stride, 4),
         "source_fps": round(source_fps, 4),
-        "source_frames": total,
+        "source_frames": clip.total,
         "source_size": [int(src_h), int(src_w)],
         "size": list(target),
     }
     return frames, plan, info
+
+
+def read_first_frames(path: str, indices: list[int], source_size: list[int], target: list[int], resize: str):
+    """Source frames ``indices`` exactly as ``read_clip`` read them for a sample of ``target`` size.
+
+    ``source_size`` is what the sample recorded: a clip that decodes to another size now is refused.
+    """
+    clip = OpenClip(path)
+    if list(clip.size) != list(source_size):
+        raise SkipClip("source changed", f"frames are {clip.size[0]}x{clip.size[1]} now, {source_size} when encoded")
+    if max(indices) >= clip.total:
+        raise SkipClip("decoding failed", f"frame {max(indices)} is past the clip's {clip.total} frames")
+    wanted = sorted(set(indices))
+    decoded = clip.frames(wanted, (int(target[0]), int(target[1])), resize)
+    return decoded[[wanted.index(i) for i in indices]]
 
 
 def _decode_cropping_first(reader, wanted: list[int], source, cover, target, rotation: int) -> np.ndarray:
@@ -304,6 +335,15 @@ def _decode_scaled(path: str, wanted: list[int], cover: tuple[int, int], target:
             batch = np.stack([reader[i].asnumpy() for i in chunk])
         out[start : start + len(chunk)] = _rgb(batch, *cover)[:, top : top + target[0], left : left + target[1]]
     return out
+
+
+def jpeg_frame(frame: np.ndarray, quality: int = 95) -> bytes:
+    """One frame ``[H, W, 3]`` uint8 as a JPEG at its own size."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(frame)).save(out, format="JPEG", quality=quality)
+    return out.getvalue()
 
 
 def jpeg_strip(frames: np.ndarray, count: int = 8, height: int = 64, quality: int = 85) -> bytes:

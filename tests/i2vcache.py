@@ -9,7 +9,7 @@ latent frame decoded by the VAE: a picture of the clip's start, which is all tra
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import io
 import shutil
 from pathlib import Path
@@ -18,13 +18,11 @@ import numpy as np
 import torch
 
 from cogvx.pipeline import models
-from cogvx.pipeline.encode import encode_prompts
+from cogvx.pipeline.encode import encode_prompts, image_noise_seed
 from cogvx.preprocess.run import save_validation_prompts
 from cogvx.shards import Manifest, Sample, ShardWriter, read_shard
-
-
-def _key_seed(key: str) -> int:
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") & (2**63 - 1)
+from cogvx.shards.io import INDEX
+from cogvx.shards.manifest import IMAGE_MOMENTS
 
 
 @torch.no_grad()
@@ -34,7 +32,7 @@ def first_frame_latents(vae, moments: torch.Tensor, key: str) -> tuple[torch.Ten
 
     mean = moments.float().chunk(2, dim=0)[0][:, :1].unsqueeze(0)  # [1, C, 1, H, W]
     frame = vae.decode(mean).sample.clamp(-1, 1)  # [1, 3, 1, h, w] in [-1, 1]
-    g = torch.Generator().manual_seed(_key_seed(key))
+    g = torch.Generator().manual_seed(image_noise_seed(key))
     sigma = torch.exp(torch.normal(-3.0, 0.5, (1,), generator=g))
     noisy = frame + torch.randn(frame.shape, generator=g) * sigma
     image_moments = vae.encode(noisy).latent_dist.parameters[0].to(moments.dtype)  # [2C, 1, H, W]
@@ -61,9 +59,11 @@ def with_image_latents(cache: Path, out: Path, model: str = "tiny", validation_p
         for sample in read_shard(out, record):
             image_moments, jpeg = first_frame_latents(vae, sample.tensors["moments"], sample.key)
             tensors = dict(sample.tensors) | {"image_moments": image_moments}
-            meta = dict(sample.meta) | {"image_latents": True}
+            # The writer adds the index line again, now with its carries.
+            meta = {k: v for k, v in sample.meta.items() if k != INDEX} | {"image_latents": True}
             extras = dict(sample.extras) | {"first.jpg": jpeg}
-            writer.write(Sample(sample.key, tensors, meta, extras), entries[sample.key])
+            entry = dataclasses.replace(entries[sample.key], carries=(IMAGE_MOMENTS,))
+            writer.write(Sample(sample.key, tensors, meta, extras), entry)
         (out / record.name).unlink()
     writer.flush()
     manifest.save(out)

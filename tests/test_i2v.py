@@ -217,3 +217,21 @@ def test_image_of_another_aspect_is_refused_and_a_near_one_resized(frame: Path, 
         plan_sample(SampleConfig(("a",), no_lora=True, model="tiny-i2v", output=tmp_path / "c.mp4"))
     with pytest.raises(ConfigError, match="tiny is text-to-video: drop --image"):
         plan_sample(SampleConfig(("a",), image=frame, no_lora=True, model="tiny", output=tmp_path / "d.mp4"))
+
+
+def test_readme_i2v_quick_start_runs_as_written(tmp_path: Path, monkeypatch):
+    """The README's image-to-video line, flag for flag, through the real `cogvx preprocess --image-latents`."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    [line] = [ln for ln in readme.splitlines() if ln.startswith("cogvx preprocess") and "--image-latents" in ln]
+    (tmp_path / "examples").symlink_to(Path(__file__).resolve().parents[1] / "examples")
+    monkeypatch.chdir(tmp_path)
+    for command in line.split(" && "):
+        args = shlex.split(command)
+        assert args[0] == "cogvx"
+        out = CliRunner().invoke(app, args[1:])
+        assert out.exit_code == 0, out.output
+    manifest = Manifest.load(tmp_path / "shards-i2v")
+    assert manifest.producer["model"] == "tiny-i2v"
+    assert manifest.image_latent_count == manifest.sample_count == 6
+    assert (tmp_path / "runs" / "i2v" / "pytorch_lora_weights.safetensors").is_file()
+    assert "--image FRAME.png" in out.output  # the sample hint of an I2V run asks for the first frame

@@ -358,12 +358,15 @@ def train(
         )
         result = run(cfg, show_progress=True)
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun/accelerate, the main process tells
-            _say_where_the_run_is(result.output, result.steps)
+            settings = result.model.config if result.model is not None else None
+            # An image-to-video transformer reads twice the channels it writes: its videos need a first frame.
+            i2v = settings is not None and settings.in_channels != (settings.out_channels or settings.in_channels)
+            _say_where_the_run_is(result.output, result.steps, i2v)
 
     _guard(go)
 
 
-def _say_where_the_run_is(run: Path, steps: int) -> None:
+def _say_where_the_run_is(run: Path, steps: int, image_to_video: bool = False) -> None:
     final = runs.final_loss(runs.read_metrics(run))
     loss = f", final loss {final[0]:.4f} ({final[1]})" if final else ""
     console.print(f"[green]trained[/green] {steps} steps{loss}", soft_wrap=True)
@@ -375,7 +378,8 @@ def _say_where_the_run_is(run: Path, steps: int) -> None:
         if path.is_file():
             console.print(f"  {what:10} {path}", soft_wrap=True)
     console.print(f"  report     cogvx report {run}", soft_wrap=True)
-    console.print(f'  sample     cogvx sample --lora {run} --prompt "..."', soft_wrap=True)
+    image = " --image FRAME.png" if image_to_video else ""
+    console.print(f'  sample     cogvx sample --lora {run}{image} --prompt "..."', soft_wrap=True)
 
 
 @shards_app.command("verify")

@@ -23,8 +23,6 @@ LOGVAR_RANGE = (-30.0, 20.0)
 # The ``ofs`` value CogVideoX 1.5 I2V transformers are given: what CogVideoXImageToVideoPipeline and the
 # CogVideo team's I2V fine-tuning pass, whatever the clip.
 OFS_VALUE = 2.0
-# The cache tensor of a sample's first frame (cogvx preprocess --image-latents): VAE moments [2C, 1, H, W].
-IMAGE_MOMENTS = "image_moments"
 
 
 def draw_latents(moments: torch.Tensor, scaling_factor: float, generator: torch.Generator | None = None):

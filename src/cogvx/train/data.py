@@ -21,8 +21,8 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cogvx.errors import CogvxError
-from cogvx.pipeline.objective import IMAGE_MOMENTS
 from cogvx.shards import CacheError, ShardRecord, decode_sample, iter_record_samples, merged_layouts, open_shard
+from cogvx.shards.manifest import IMAGE_MOMENTS
 
 
 class ShardStream(IterableDataset):

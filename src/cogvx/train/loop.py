@@ -25,13 +25,14 @@ from cogvx import config as configfile
 from cogvx import media, runs
 from cogvx.errors import CacheError, CogvxError, ConfigError, ModelError, RunError
 from cogvx.pipeline import levers, lora, memory, models
-from cogvx.pipeline.objective import IMAGE_MOMENTS, Objective
+from cogvx.pipeline.objective import Objective
 from cogvx.progress import progress_bar
 from cogvx.shards import Manifest, paths
+from cogvx.shards.manifest import IMAGE_MOMENTS
 from cogvx.train import checkpoint, report
 from cogvx.train.config import TrainConfig
 from cogvx.train.data import ShardStream, make_loader
-from cogvx.train.validation import carries_image_latents, load_validation_set, run_validation
+from cogvx.train.validation import load_validation_set, run_validation
 
 # accelerate's word for each of our precisions (models.DTYPES names); used only where the Accelerator is built.
 ACCELERATE_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
@@ -93,7 +94,7 @@ def check_image_latents(manifest: Manifest, info: models.ModelInfo, shards: Path
     """An image-to-video model conditions on each clip's first frame: refuse a cache without its latents."""
     if not info.image_to_video:
         return
-    missing = sum(1 for shard in manifest.shards for e in shard.live_samples() if not carries_image_latents(shard, e))
+    missing = manifest.sample_count - manifest.image_latent_count
     if missing:
         data = shlex.quote(str(manifest.producer.get("data") or "VIDEOS"))
         raise CacheError(

@@ -28,11 +28,9 @@ import torch
 from cogvx import runs
 from cogvx.errors import CacheError, ConfigError
 from cogvx.pipeline.models import ModelInfo
-from cogvx.pipeline.objective import IMAGE_MOMENTS
 from cogvx.pipeline.sampling import sample_latents
-from cogvx.shards import Manifest, SampleEntry, ShardRecord, paths, read_shard
-
-FIRST_FRAME = "first.jpg"  # the cache member holding a sample's first frame (preprocess --image-latents)
+from cogvx.shards import Manifest, paths, read_shard
+from cogvx.shards.manifest import FIRST_FRAME, IMAGE_MOMENTS
 
 
 @dataclass
@@ -50,15 +48,6 @@ class ValidationSet:
     image_keys: list[str] | None = None
 
 
-def carries_image_latents(shard: ShardRecord, entry: SampleEntry) -> bool:
-    """Whether a live sample holds its first frame's latents (``cogvx preprocess --image-latents``).
-
-    The manifest says so per sample (``carries``), and each shard's layouts per bucket.
-    """
-    carries = getattr(entry, "carries", None) or ()
-    return IMAGE_MOMENTS in carries or IMAGE_MOMENTS in shard.layouts.get(entry.bucket, {})
-
-
 def load_conditioning(
     shards: Path, manifest: Manifest, info: ModelInfo, count: int, height: int, width: int
 ) -> tuple[torch.Tensor, list[torch.Tensor], list[str]]:
@@ -72,7 +61,7 @@ def load_conditioning(
         (entry.key, shard)
         for shard in manifest.shards
         for entry in shard.live_samples()
-        if carries_image_latents(shard, entry)
+        if IMAGE_MOMENTS in entry.carries
         and not entry.mirrored
         and [int(v) for v in entry.bucket.split("x")[1:]] == [height, width]
     )

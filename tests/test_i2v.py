@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import shlex
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from cogvx.cli import app
-from cogvx.errors import CacheError, ConfigError
+from cogvx.errors import CacheError, ConfigError, ModelError
 from cogvx.media import to_uint8
 from cogvx.pipeline import models
 from cogvx.pipeline.sampling import sample_latents
@@ -160,6 +161,7 @@ def test_i2v_lora_loads_in_the_diffusers_i2v_pipeline_and_changes_the_video(runs
     assert scales == {128 / 4}  # alpha / rank, exactly as trained
 
     with_lora = run_sample(cfg).frames[0]
+    assert json.loads((tmp_path / "lora.json").read_text())["image"] == str(frame)
     base = run_sample(SampleConfig(prompt, image=frame, lora=run, no_lora=True, output=tmp_path / "b.mp4", **FAST))
     assert np.abs(with_lora.astype(int) - base.frames[0].astype(int)).mean() > 1.0, "the LoRA changed nothing"
     np.testing.assert_array_equal(base.frames[0], diffusers_video(model, frame, None))
@@ -235,3 +237,20 @@ def test_readme_i2v_quick_start_runs_as_written(tmp_path: Path, monkeypatch):
     assert manifest.image_latent_count == manifest.sample_count == 6
     assert (tmp_path / "runs" / "i2v" / "pytorch_lora_weights.safetensors").is_file()
     assert "--image FRAME.png" in out.output  # the sample hint of an I2V run asks for the first frame
+
+
+def test_a_transformer_of_another_channel_count_is_refused(tmp_path: Path):
+    model = tmp_path / "odd"
+    shutil.copytree(models.resolve_model("tiny"), model)
+    config = json.loads((model / "transformer" / "config.json").read_text())
+    (model / "transformer" / "config.json").write_text(json.dumps(config | {"in_channels": 12}))
+    with pytest.raises(ModelError, match="takes 12 channels in, and its VAE makes 4: .* text-to-video .4. and "):
+        models.ModelInfo.read(str(model))
+
+
+def test_i2v_validation_of_a_size_without_image_latents_is_refused(i2v_cache: Path):
+    from cogvx.train.validation import load_validation_set
+
+    info = models.ModelInfo.read("tiny-i2v")
+    with pytest.raises(CacheError, match="no sample of 32x48 with image latents. Pass --validation-height"):
+        load_validation_set(i2v_cache, Manifest.load(i2v_cache), info, 2, 9, 32, 48)

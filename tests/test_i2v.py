@@ -254,3 +254,23 @@ def test_i2v_validation_of_a_size_without_image_latents_is_refused(i2v_cache: Pa
     info = models.ModelInfo.read("tiny-i2v")
     with pytest.raises(CacheError, match="no sample of 32x48 with image latents. Pass --validation-height"):
         load_validation_set(i2v_cache, Manifest.load(i2v_cache), info, 2, 9, 32, 48)
+
+
+def test_i2v_resume_repeats_the_uninterrupted_run(i2v_cache: Path, tmp_path: Path):
+    """Image draws and noised_image_dropout (from the --config file) come from the seeded per-step generators."""
+    from cogvx import config as configfile
+
+    toml = tmp_path / "train.toml"
+    toml.write_text("noised_image_dropout = 0.5\n")
+    settings = {"shards": i2v_cache, "model": "tiny-1.5-i2v", "rank": 4, "learning_rate": 1e-2, "workers": 0,
+                "mixed_precision": "fp32", "checkpoint_every": 2}  # fmt: skip
+    full = train(configfile.build(TrainConfig, toml, output=tmp_path / "full", max_steps=4, **settings))
+    first = configfile.build(TrainConfig, toml, output=tmp_path / "cut", max_steps=2, **settings)
+    assert first.noised_image_dropout == 0.5
+    train(first)
+    resumed = train(
+        configfile.build(TrainConfig, toml, output=tmp_path / "cut", max_steps=4, resume="auto", **settings)
+    )
+    assert resumed.resumed_from == 2 and resumed.losses == full.losses[2:]
+    with pytest.raises(ConfigError, match="noised_image_dropout must be a probability"):
+        TrainConfig(shards=i2v_cache, noised_image_dropout=1.5)

@@ -238,7 +238,7 @@ def test_killed_while_adding_then_run_again(plain: Path, data: Path, made_with: 
     assert 0 < half.image_latent_count < half.sample_count == 10, "the kill did not land mid-way"
     assert verify(out, half.shards) == []  # a bucket holds samples with and without them meanwhile
 
-    result = preprocess(PreprocessConfig(data=data, output=out, image_latents=True, **SETTINGS))
+    result = preprocess(PreprocessConfig(data=data, output=out, **SETTINGS))  # it holds some: it gets the rest
     assert result.images_added == 10 - half.image_latent_count
     after, fresh = samples(out), samples(made_with)
     assert after.keys() == fresh.keys()
@@ -249,6 +249,7 @@ def test_killed_while_adding_then_run_again(plain: Path, data: Path, made_with: 
 
 
 def test_a_clip_whose_first_frame_cannot_be_read_is_skipped(plain: Path, data: Path, tmp_path: Path):
+    """Also: a touched but unchanged clip gets them (hashed), a clip gone from the data keeps serving without."""
     out, copy = tmp_path / "cache", tmp_path / "data"
     shutil.copytree(plain, out)
     shutil.copytree(data, copy)
@@ -257,13 +258,17 @@ def test_a_clip_whose_first_frame_cannot_be_read_is_skipped(plain: Path, data: P
     with open(broken, "r+b") as f:  # bit rot: same size and mtime, so the cache trusts the file unchanged
         f.write(bytes(4096))
     os.utime(broken, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    os.utime(copy / "wide.mp4", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    (copy / "short.mp4").unlink()
     result = preprocess(PreprocessConfig(data=copy, output=out, image_latents=True, **SETTINGS))
     rows = [json.loads(line) for line in (out / "skipped.jsonl").read_text().splitlines()]
     assert [row["source"] for row in rows] == ["tall.mp4"] and sum(result.skipped.values()) == 1
     assert rows[0]["reason"] in ("unreadable video", "decoding failed") and rows[0]["detail"]
     manifest = Manifest.load(out)
-    assert result.images_added == 6 and result.images_missing == 4 == manifest.sample_count - 6
-    assert verify(out, manifest.shards) == []  # its samples are still served, without image latents
+    assert (result.already_cached, result.images_added, result.images_missing) == (2, 4, 6)
+    assert manifest.image_latent_count == 4 and manifest.sample_count == 10
+    carried = {e.source for e in manifest.live_entries() if e.carries}
+    assert carried == {"wide.mp4"} and verify(out, manifest.shards) == []  # the others serve without
 
 
 @pytest.mark.parametrize(

@@ -364,6 +364,8 @@ def test_a_frame_bucket_15_cannot_use_is_one_line_naming_the_fix(tmp_path: Path)
         cfg.frame_spec(info.native_size, info.native_frames, info.frame_step)
     assert "\n" not in str(caught.value)
     assert PreprocessConfig(data="clips", frame_buckets=(9, 17, 49, 81)).frame_spec((768, 1360), 81, 8)
+    with pytest.raises(ConfigError, match="--min-frames must be between 1 and the largest frame count 81"):
+        PreprocessConfig(data="clips", min_frames=85).frame_spec((768, 1360), 81, 8)  # the model's count, once known
 
 
 @given(

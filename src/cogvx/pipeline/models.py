@@ -78,6 +78,14 @@ def choose_model(given: str | None, *recorded: tuple[str | None, str]) -> str:
     raise ModelError(f"Neither {places} names a base model: pass --model.")
 
 
+def native_size(transformer: dict[str, Any], spatial: int) -> tuple[int, int]:
+    """(height, width) in pixels a transformer was trained at, from its config (ROTARY_TABLE_NATIVE_SIZES)."""
+    grid = (transformer["sample_height"], transformer["sample_width"])
+    if transformer.get("patch_size_t") and grid in ROTARY_TABLE_NATIVE_SIZES:
+        return ROTARY_TABLE_NATIVE_SIZES[grid]
+    return grid[0] * spatial, grid[1] * spatial
+
+
 def parse_dtype(name: str) -> torch.dtype:
     """``bf16`` / ``fp16`` / ``fp32`` to a torch dtype, with a clear error otherwise."""
     if name not in DTYPES:
@@ -208,11 +216,6 @@ class ModelInfo:
         text = read_config(source, "text_encoder", revision)
         transformer = read_config(source, "transformer", revision)
         spatial = 2 ** (len(vae["block_out_channels"]) - 1)
-        temporal = int(vae.get("temporal_compression_ratio", 4))
-        grid = (transformer["sample_height"], transformer["sample_width"])
-        native_size = (grid[0] * spatial, grid[1] * spatial)
-        if transformer.get("patch_size_t"):
-            native_size = ROTARY_TABLE_NATIVE_SIZES.get(grid, native_size)
         # The scaling factor is applied at train time, so caches stay valid across 2b and 5b.
         return cls(
             name=name,
@@ -223,11 +226,11 @@ class ModelInfo:
             latent_channels=int(vae["latent_channels"]),
             text_embed_dim=int(text["d_model"]),
             spatial_compression=spatial,
-            temporal_compression=temporal,
-            native_size=native_size,
+            temporal_compression=int(vae.get("temporal_compression_ratio", 4)),
+            native_size=native_size(transformer, spatial),
             max_text_tokens=int(transformer.get("max_text_seq_length", DEFAULT_TEXT_TOKENS)),
             native_frames=int(transformer.get("sample_frames", DEFAULT_FRAMES)),
-            frame_step=temporal * int(transformer.get("patch_size_t") or 1),
+            frame_step=int(vae.get("temporal_compression_ratio", 4)) * int(transformer.get("patch_size_t") or 1),
             legacy_fingerprints=(
                 ("vae_fingerprint", legacy_fingerprint(vae, ignore=("scaling_factor",))),
                 ("text_encoder_fingerprint", legacy_fingerprint(text)),

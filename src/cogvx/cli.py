@@ -96,15 +96,20 @@ def preprocess(
         None, help=_help(P, "model_variant", "Weights variant, e.g. fp16 (files NAME.fp16.safetensors).", "none")
     ),
     height: int = typer.Option(
-        None, help=_help(P, "height", "Frame height in pixels.", "the model's native size, 480 for 2b/5b")
+        None, help=_help(P, "height", "Frame height in pixels.", "the model's native size, 480 for 2b/5b, 768 for 1.5")
     ),
     width: int = typer.Option(
-        None, help=_help(P, "width", "Frame width in pixels.", "the model's native size, 720 for 2b/5b")
+        None, help=_help(P, "width", "Frame width in pixels.", "the model's native size, 720 for 2b/5b, 1360 for 1.5")
     ),
     resolution: list[str] = typer.Option(
         None, help="A HEIGHTxWIDTH bucket, repeatable; each clip goes to the closest aspect ratio."
     ),
-    max_frames: int = typer.Option(None, help=_help(P, "max_frames", "Frames per sample, 4k+1.")),
+    max_frames: int = typer.Option(
+        None,
+        help=_help(
+            P, "max_frames", "Frames per sample, 4k+1 (8k+1 for 1.5).", "the model's own, 49 for 2b/5b, 81 for 1.5"
+        ),
+    ),
     frame_bucket: list[int] = typer.Option(
         None, help="A frame count (4k+1) bucket, repeatable, instead of --max-frames; clips take the longest that fits."
     ),

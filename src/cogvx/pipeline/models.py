@@ -27,6 +27,15 @@ NATIVE_FPS = 8
 # the model's own `max_text_seq_length` decides it everywhere else.
 DEFAULT_TEXT_TOKENS = 226
 
+# Frames per video when a transformer config does not say (diffusers' CogVideoXTransformer3DModel default).
+DEFAULT_FRAMES = 49
+
+# CogVideoX 1.5's transformer config gives sample_height = sample_width = 300 (latent pixels): the extent of
+# the rotary table its positions are sliced from (diffusers' conversion script), not the size it was trained
+# at, which only its model card states: 768x1360. That one case is mapped here; for every other config the
+# native size is sample_height/sample_width times the VAE's spatial compression (480x720 for 2b and 5b).
+ROTARY_TABLE_NATIVE_SIZES = {(300, 300): (768, 1360)}
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # The T5 fields that change what the encoder computes from token ids. Everything else in its config file
@@ -67,6 +76,14 @@ def choose_model(given: str | None, *recorded: tuple[str | None, str]) -> str:
             return name
     places = " nor ".join(where for _name, where in recorded) or "the input"
     raise ModelError(f"Neither {places} names a base model: pass --model.")
+
+
+def native_size(transformer: dict[str, Any], spatial: int) -> tuple[int, int]:
+    """(height, width) in pixels a transformer was trained at, from its config (ROTARY_TABLE_NATIVE_SIZES)."""
+    grid = (transformer["sample_height"], transformer["sample_width"])
+    if transformer.get("patch_size_t") and grid in ROTARY_TABLE_NATIVE_SIZES:
+        return ROTARY_TABLE_NATIVE_SIZES[grid]
+    return grid[0] * spatial, grid[1] * spatial
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -177,6 +194,11 @@ class ModelInfo:
     temporal_compression: int
     native_size: tuple[int, int]  # (height, width) in pixels the transformer was trained at
     max_text_tokens: int  # T5 tokens per prompt: the transformer's max_text_seq_length
+    native_frames: int = DEFAULT_FRAMES  # frames per video the transformer was trained at: its sample_frames
+    # Frame counts the model uses as it was trained are 1 + k * frame_step: the VAE's temporal compression
+    # (4), times the latent frames CogVideoX 1.5 packs into one token (patch_size_t 2): 8k+1 there, so that a
+    # video's latent frames pad (the first repeated) to whole tokens as in its training at 81 frames.
+    frame_step: int = 4
     # The same encoders' fingerprints as older caches recorded them (see legacy_fingerprint).
     legacy_fingerprints: tuple[tuple[str, str], ...] = ()
     revision: str | None = None  # a hub model's branch, tag or commit (--model-revision)
@@ -223,8 +245,10 @@ class ModelInfo:
             text_embed_dim=int(text["d_model"]),
             spatial_compression=spatial,
             temporal_compression=int(vae.get("temporal_compression_ratio", 4)),
-            native_size=(transformer["sample_height"] * spatial, transformer["sample_width"] * spatial),
+            native_size=native_size(transformer, spatial),
             max_text_tokens=int(transformer.get("max_text_seq_length", DEFAULT_TEXT_TOKENS)),
+            native_frames=int(transformer.get("sample_frames", DEFAULT_FRAMES)),
+            frame_step=int(vae.get("temporal_compression_ratio", 4)) * int(transformer.get("patch_size_t") or 1),
             legacy_fingerprints=(
                 ("vae_fingerprint", legacy_fingerprint(vae, ignore=("scaling_factor",))),
                 ("text_encoder_fingerprint", legacy_fingerprint(text)),

@@ -67,7 +67,7 @@ class PreprocessConfig:
     height: int | None = None  # default: the model's native size, from its transformer config
     width: int | None = None
     resolutions: tuple[str, ...] = ()  # several "HxW" buckets instead of --height/--width
-    max_frames: int = 49
+    max_frames: int | None = None  # default: the model's native frame count, its transformer's sample_frames
     frame_buckets: tuple[int, ...] = ()  # several frame counts instead of --max-frames
     min_frames: int = 5
     fps: float = float(models.NATIVE_FPS)
@@ -105,14 +105,10 @@ class PreprocessConfig:
             raise ConfigError("Give either --height/--width or --resolution (repeatable), not both.")
         if (self.height or 16) % 16 or (self.width or 16) % 16:
             raise ConfigError(f"--height/--width must be multiples of 16 (got {self.height}x{self.width}).")
-        for frames in (self.max_frames, *self.frame_buckets):
+        for frames in (*self.frame_counts(None), *self.frame_buckets):
             if frames < 1 or largest_4k1(frames) != frames:
                 raise ConfigError(f"Frame counts must be of the form 4k+1 (got {frames}; try 49 or 81).")
-        if not 1 <= self.min_frames <= max(self.frame_counts):
-            raise ConfigError(
-                f"--min-frames must be between 1 and the largest frame count {max(self.frame_counts)} "
-                f"(got {self.min_frames})."
-            )
+        self._check_min_frames(self.frame_counts(None))
         if self.resize not in ("crop", "stretch"):
             raise ConfigError(f"--resize must be 'crop' or 'stretch' (got {self.resize!r}).")
         if self.fps <= 0:
@@ -132,19 +128,40 @@ class PreprocessConfig:
         if self.workers < 0:
             raise ConfigError(f"--workers cannot be negative (got {self.workers}).")
 
-    @property
-    def frame_counts(self) -> tuple[int, ...]:
-        """The frame buckets: --frame-bucket values if given, else just --max-frames."""
-        return self.frame_buckets or (self.max_frames,)
+    def frame_counts(self, native_frames: int | None) -> tuple[int, ...]:
+        """The frame buckets: --frame-bucket values if given, else --max-frames, else the model's own count
+        (``native_frames``; None: not known yet, and then nothing)."""
+        if self.frame_buckets:
+            return self.frame_buckets
+        frames = self.max_frames or native_frames
+        return (frames,) if frames else ()
 
-    def frame_spec(self, native_size: tuple[int, int]) -> FrameSpec:
+    def _check_min_frames(self, counts: tuple[int, ...]) -> None:
+        if counts and not 1 <= self.min_frames <= max(counts):
+            raise ConfigError(
+                f"--min-frames must be between 1 and the largest frame count {max(counts)} (got {self.min_frames})."
+            )
+
+    def frame_spec(self, native_size: tuple[int, int], native_frames: int, frame_step: int) -> FrameSpec:
+        """The frame settings for a model trained at ``native_frames`` x ``native_size``, whose usable frame
+        counts are ``1 + k * frame_step`` (``ModelInfo``'s fields of those names)."""
         if self.resolutions:
             resolutions = tuple((int(h), int(w)) for h, w in (r.split("x") for r in self.resolutions))
         else:
             resolutions = ((self.height or native_size[0], self.width or native_size[1]),)
+        counts = self.frame_counts(native_frames)
+        self._check_min_frames(counts)
+        unusable = [frames for frames in counts if largest_4k1(frames, frame_step) != frames]
+        if unusable:
+            flag = "--frame-bucket" if self.frame_buckets else "--max-frames"
+            lower = largest_4k1(unusable[0], frame_step)
+            raise ConfigError(
+                f"{flag} {unusable[0]}: {self.model} uses frame counts of the form {frame_step}k+1 (CogVideoX 1.5 "
+                f"packs two latent frames per token); use {flag} {lower} or {lower + frame_step} instead."
+            )
         return FrameSpec(
             resolutions=resolutions,
-            frame_buckets=self.frame_counts,
+            frame_buckets=counts,
             min_frames=self.min_frames,
             fps=float(self.fps),
             skip_frames_start=self.skip_frames_start,
@@ -152,12 +169,19 @@ class PreprocessConfig:
             resize=self.resize,
             windows=self.windows,
             max_upscale=float(self.max_upscale),
+            frame_step=frame_step,
         )
 
-    def cache_params(self, native_size: tuple[int, int]) -> dict:
+    def cache_params(self, spec: FrameSpec) -> dict:
         """Everything that changes what a sample holds: a cache is made with exactly one set."""
-        params = {**asdict(self.frame_spec(native_size)), "id_token": self.id_token, "dtype": self.dtype}
+        params = {**asdict(spec), "id_token": self.id_token, "dtype": self.dtype}
+        if spec.frame_step == VAE_FRAME_STEP:  # recorded only where it is not the VAE's own (1.5's 8), so
+            del params["frame_step"]  # caches made before it was a setting keep their parameters
         return json.loads(json.dumps(params))  # tuples as lists, exactly as the manifest stores them
+
+
+# Every CogVideoX VAE compresses time 4:1 after the first frame: 4k+1 frames.
+VAE_FRAME_STEP = 4
 
 
 def _parse_resolution(value) -> str:
@@ -297,9 +321,9 @@ def _run(cfg: PreprocessConfig, ranks: Ranks, show_progress: bool) -> Preprocess
         clips = [dataclasses.replace(c, caption=f"{cfg.id_token} {c.caption}") if c.caption else c for c in clips]
 
     info = models.ModelInfo.read(cfg.model, cfg.model_revision, cfg.model_variant)
-    spec = cfg.frame_spec(info.native_size)
+    spec = cfg.frame_spec(info.native_size, info.native_frames, info.frame_step)
     producer = {"tool": "cogvx", "version": __version__, **info.recorded(), "encoders": info.encoder_identity()}
-    params = cfg.cache_params(info.native_size)
+    params = cfg.cache_params(spec)
     existing = cachedir.check_existing(cfg.output, producer, params, info)  # every rank refuses the same way
 
     device = _device(cfg.device, ranks)

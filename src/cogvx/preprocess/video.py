@@ -43,7 +43,7 @@ class FrameSpec:
     """
 
     resolutions: tuple[tuple[int, int], ...]  # (height, width) pixel buckets
-    frame_buckets: tuple[int, ...]  # frame counts, each 4k+1
+    frame_buckets: tuple[int, ...]  # frame counts, each 1 + k * frame_step
     min_frames: int
     fps: float
     skip_frames_start: int
@@ -51,6 +51,7 @@ class FrameSpec:
     resize: str  # "crop": cover then centre-crop; "stretch": scale each axis independently
     windows: int  # at most this many non-overlapping windows per clip, evenly spread over it
     max_upscale: float  # skip clips that would have to be enlarged more than this
+    frame_step: int  # usable frame counts are 1 + k * frame_step (4; 8 for CogVideoX 1.5: ModelInfo.frame_step)
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,10 @@ class Plan:
     available: int  # frames the clip offers at the sampling rate, after the skips
 
 
-def largest_4k1(n: int) -> int:
-    """Largest frame count of the form 4k+1 not above n (the VAE compresses time 4:1 after frame one)."""
-    return 0 if n < 1 else (n - 1) // 4 * 4 + 1
+def largest_4k1(n: int, step: int = 4) -> int:
+    """Largest frame count of the form ``step``k+1 not above n (the VAE compresses time 4:1 after frame one;
+    CogVideoX 1.5 packs two latent frames per token, so its counts are 8k+1)."""
+    return 0 if n < 1 else (n - 1) // step * step + 1
 
 
 def sampling_stride(source_fps: float, fps: float) -> float:
@@ -78,8 +80,8 @@ def plan_frames(total: int, source_fps: float, spec: FrameSpec) -> tuple[int, li
     The clip is resampled to ``spec.fps`` from its real rate, between ``skip_frames_start`` and
     ``total - skip_frames_end``. Long enough for a frame bucket: the largest bucket that fits, in up to
     ``spec.windows`` non-overlapping windows spread evenly from the start to the end (the first window
-    always starts at the first frame). Shorter than every bucket: its longest 4k+1 prefix, if that is at
-    least ``min_frames``.
+    always starts at the first frame). Shorter than every bucket: its longest prefix of a usable length
+    (``1 + k * frame_step``), if that is at least ``min_frames``.
     """
     start, end = spec.skip_frames_start, total - spec.skip_frames_end
     if end <= start:
@@ -87,7 +89,7 @@ def plan_frames(total: int, source_fps: float, spec: FrameSpec) -> tuple[int, li
     stride = sampling_stride(source_fps, spec.fps)
     available = math.floor((end - start - 1) / stride) + 1
     fitting = [f for f in spec.frame_buckets if f <= available]
-    count = max(fitting) if fitting else largest_4k1(available)
+    count = max(fitting) if fitting else largest_4k1(available, spec.frame_step)
     if count < spec.min_frames:
         raise SkipClip(
             "too short", f"{available} frames at {spec.fps:g} fps, need at least {spec.min_frames} (--min-frames)"

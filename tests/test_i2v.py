@@ -237,6 +237,9 @@ def test_readme_i2v_quick_start_runs_as_written(tmp_path: Path, monkeypatch):
     assert manifest.image_latent_count == manifest.sample_count == 6
     assert (tmp_path / "runs" / "i2v" / "pytorch_lora_weights.safetensors").is_file()
     assert "--image FRAME.png" in out.output  # the sample hint of an I2V run asks for the first frame
+    card = (tmp_path / "runs" / "i2v" / "README.md").read_text()
+    assert "CogVideoXImageToVideoPipeline.from_pretrained(" in card and 'image=load_image("' in card
+    assert "image-to-video" in card and "CogVideoXPipeline" not in card
 
 
 def test_a_transformer_of_another_channel_count_is_refused(tmp_path: Path):

@@ -432,6 +432,7 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
             manifest=manifest,
             weights_name=weights.name,
             world_size=world,
+            image_to_video=info.image_to_video,
         )
         runs.model_card(cfg.output).write_text(card)
     # torch frees a gloo process group holding the GIL and joins gloo's worker threads, which may still

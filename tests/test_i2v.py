@@ -206,6 +206,17 @@ def test_buckets_a_model_cannot_pack_are_refused_before_its_weights_load(model, 
         check_packable(manifest, info, info.read_config("transformer"), Path("cache"))
 
 
+def test_a_15_model_warns_of_frame_counts_it_was_not_trained_on(i2v_cache: Path):
+    """13 and 21 frames (4 and 6 latent frames) pack without the padding frame 1.5's 8k+1 training had."""
+    from cogvx.train.loop import frame_count_warning
+
+    manifest = Manifest.load(i2v_cache)
+    assert sorted(manifest.bucket_counts()) == ["13x64x96", "17x64x96", "21x64x96"]
+    warning = frame_count_warning(manifest, models.ModelInfo.read("tiny-1.5-i2v"))
+    assert "trained on 8k+1 frames" in warning and "buckets 13x64x96, 21x64x96 are not" in warning
+    assert frame_count_warning(manifest, models.ModelInfo.read("tiny-i2v")) is None
+
+
 def test_image_of_another_aspect_is_refused_and_a_near_one_resized(frame: Path, tmp_path: Path):
     wide = tmp_path / "wide.png"
     Image.new("RGB", (200, 64)).save(wide)

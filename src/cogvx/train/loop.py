@@ -130,6 +130,23 @@ def check_packable(manifest: Manifest, info: models.ModelInfo, transformer: dict
             )
 
 
+def frame_count_warning(manifest: Manifest, info: models.ModelInfo) -> str | None:
+    """CogVideoX 1.5 was trained on 8k+1 frames (``frame_step``): odd latent counts, one padding frame in front.
+
+    Other 4k+1 counts pack too (an even latent count needs no padding), so they train, with a word on it.
+    """
+    if info.frame_step == info.temporal_compression:
+        return None
+    odd = sorted(b for b in manifest.bucket_counts() if (int(b.split("x")[0]) - 1) % info.frame_step)
+    if not odd:
+        return None
+    return (
+        f"[warning] {info.name} was trained on {info.frame_step}k+1 frames (latents padded to whole tokens, as "
+        f"its pipeline pads them); buckets {', '.join(odd)} are not, so they train without that padding frame. "
+        f"A cache preprocessed with --model {info.name} has {info.frame_step}k+1 buckets."
+    )
+
+
 def step_seed(seed: int, *parts: int) -> int:
     """A 63-bit seed for one (step, micro-batch, rank): same inputs, same random numbers, on resume too."""
     digest = hashlib.sha256(":".join(map(str, (seed, *parts))).encode()).digest()
@@ -252,6 +269,9 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
     check_image_latents(manifest, info, cfg.shards)
     check_packable(manifest, info, info.read_config("transformer"), cfg.shards)
     check_mirrors(manifest, cfg)
+    warning = frame_count_warning(manifest, info)
+    if warning:
+        accelerator.print(warning)
     if cfg.epochs is not None:
         epochs, cfg = cfg.epochs, cfg.steps_for(manifest.original_count, world)
         accelerator.print(

@@ -258,8 +258,11 @@ def test_a_transformer_of_another_channel_count_is_refused(tmp_path: Path):
     shutil.copytree(models.resolve_model("tiny"), model)
     config = json.loads((model / "transformer" / "config.json").read_text())
     (model / "transformer" / "config.json").write_text(json.dumps(config | {"in_channels": 12}))
-    with pytest.raises(ModelError, match="takes 12 channels in, and its VAE makes 4: .* text-to-video .4. and "):
-        models.ModelInfo.read(str(model))
+    info = models.ModelInfo.read(str(model))  # configs are read as they are: preprocess needs only the encoders
+    with pytest.raises(ModelError, match=r"takes 12 channels in, and its VAE makes 4 .* text-to-video \(4\) and "):
+        info.check_task()
+    with pytest.raises(ModelError, match="takes 12 channels in"):
+        plan_sample(SampleConfig(("a",), no_lora=True, model=str(model), output=tmp_path / "a.mp4"))
 
 
 def test_i2v_validation_of_a_size_without_image_latents_is_refused(i2v_cache: Path):

@@ -277,6 +277,7 @@ def plan_sample(cfg: SampleConfig) -> SamplePlan:
         raise ConfigError(f"--height/--width must be multiples of {multiple} for {model_name} (got {height}x{width}).")
     if (cfg.frames - 1) % info.temporal_compression:
         raise ConfigError(f"--frames must be {info.temporal_compression}k+1 for {model_name} (got {cfg.frames}).")
+    info.check_task()
     image = None
     if info.image_to_video:
         if cfg.image is None:

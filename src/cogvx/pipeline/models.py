@@ -209,6 +209,16 @@ class ModelInfo:
     # The VAE config's word on how I2V pipelines scale image latents: CogVideoX 1.5 divides by the scaling
     # factor where 1.0 multiplies (diffusers' CogVideoXImageToVideoPipeline.prepare_latents).
     invert_scale_latents: bool = False
+    in_channels: int = 0  # the transformer's input channels (0: not read)
+
+    def check_task(self) -> None:
+        """Refuse a transformer that is neither text-to-video nor image-to-video for its VAE."""
+        if self.in_channels not in (self.latent_channels, 2 * self.latent_channels):
+            raise ModelError(
+                f"{self.name}'s transformer takes {self.in_channels} channels in, and its VAE makes "
+                f"{self.latent_channels} (latent_channels): cogvx trains text-to-video ({self.latent_channels}) and "
+                f"image-to-video ({2 * self.latent_channels}) models only."
+            )
 
     @property
     def image_latent_scale(self) -> float:
@@ -229,11 +239,6 @@ class ModelInfo:
         spatial = 2 ** (len(vae["block_out_channels"]) - 1)
         latent_channels = int(vae["latent_channels"])
         in_channels = int(transformer.get("in_channels", latent_channels))
-        if in_channels not in (latent_channels, 2 * latent_channels):
-            raise ModelError(
-                f"{name}'s transformer takes {in_channels} channels in, and its VAE makes {latent_channels}: cogvx "
-                f"trains text-to-video ({latent_channels}) and image-to-video ({2 * latent_channels}) models only."
-            )
         # The scaling factor is applied at train time, so caches stay valid across 2b and 5b.
         return cls(
             name=name,
@@ -257,6 +262,7 @@ class ModelInfo:
             variant=variant,
             image_to_video=in_channels == 2 * latent_channels,
             invert_scale_latents=bool(vae.get("invert_scale_latents", False)),
+            in_channels=in_channels,
         )
 
     def read_config(self, subfolder: str) -> dict[str, Any]:

@@ -8,7 +8,7 @@ from fixed seeds, so every machine builds the same model.
 - ``tiny-2b``: sin-cos position embeddings and the 2b scaling, like CogVideoX-2b. Its VAE and text
   encoder are identical to ``tiny``'s, as the real 2b and 5b share theirs, so one cache serves both.
 - ``tiny-i2v``: image-to-video like CogVideoX-5b-I2V: twice the latent channels in (noisy video plus
-  image latents), learned position embeddings beside rotary ones, an ``CogVideoXImageToVideoPipeline``.
+  image latents), learned position embeddings beside rotary ones, a ``CogVideoXImageToVideoPipeline``.
 - ``tiny-1.5-i2v``: image-to-video like CogVideoX1.5-5B-I2V: two latent frames per token
   (``patch_size_t`` 2), no patch-embedding bias, the ``ofs`` embedding, and a VAE whose config says
   ``invert_scale_latents`` (how the 1.5 I2V pipeline scales image latents).

@@ -266,6 +266,7 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
         cfg.model_variant or (manifest.producer.get("variant") if from_cache else None),
     )
     check_cache_fits(manifest, info, cfg.shards)
+    info.check_task()
     check_image_latents(manifest, info, cfg.shards)
     check_packable(manifest, info, info.read_config("transformer"), cfg.shards)
     check_mirrors(manifest, cfg)

@@ -44,12 +44,7 @@ class Target:
     keys: tuple[str, ...]
 
 
-def lacking(manifest: Manifest) -> list[SampleEntry]:
-    """Live samples without image latents, in manifest order."""
-    return [entry for entry in manifest.live_entries() if IMAGE_MOMENTS not in entry.carries]
-
-
-def targets(manifest: Manifest, paths: dict[str, str], sources: set[str]) -> list[Target]:
+def image_targets(manifest: Manifest, paths: dict[str, str], sources: set[str]) -> list[Target]:
     """The groups to add image latents to: samples lacking them whose source is in ``sources``.
 
     ``paths`` maps each source of the data to its file; ``sources`` are those known to be unchanged
@@ -171,7 +166,7 @@ class Pool:
             self.executor.shutdown(wait=True, cancel_futures=True)
 
 
-def refresh(
+def add_image_latents(
     folder: Path,
     manifest: Manifest,
     todo: list[Target],

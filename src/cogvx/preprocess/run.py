@@ -25,7 +25,7 @@ from cogvx import __version__, files, hub
 from cogvx.errors import CacheError, ConfigError, InputError
 from cogvx.pipeline import models
 from cogvx.pipeline.encode import encode_prompts
-from cogvx.preprocess import cachedir, images
+from cogvx.preprocess import cachedir
 from cogvx.preprocess.encoding import (
     ClipItem,
     ClipReader,
@@ -37,6 +37,7 @@ from cogvx.preprocess.encoding import (
     VaeBatcher,
     caption_hash,
 )
+from cogvx.preprocess.images import add_image_latents, image_targets
 from cogvx.preprocess.ranks import Ranks
 from cogvx.preprocess.sources import INVALID_UTF8, VIDEO_EXTENSIONS, Clip, Sources, find_sources
 from cogvx.preprocess.video import FrameSpec, largest_4k1
@@ -472,7 +473,7 @@ def _todo(clips: list[Clip], manifest: Manifest, flip: bool, image_latents: bool
     A clip whose size, mtime and caption match its cached samples is done without reading it; any other
     clip with cached samples is hashed in a worker and skipped there if its content did not change. With
     ``flip``, a clip the cache holds without mirrored variants is read again for them alone. (Cached
-    samples without image latents get them after the clips are encoded: ``images.refresh``.)
+    samples without image latents get them after the clips are encoded: ``add_image_latents``.)
     """
     known: dict[str, SampleEntry] = {}
     mirrored: set[str] = set()
@@ -597,9 +598,9 @@ def _encode(
                 update(min(done, total), rate=position * world / max(time.time() - started, 1e-9))
             batcher.flush()
         if refresh is not None:
-            todo = images.targets(writer.manifest, clip_paths, {*refresh, *unchanged})
+            todo = image_targets(writer.manifest, clip_paths, {*refresh, *unchanged})
             with progress_bar(show_progress and bool(todo), "image latents", len(todo)) as update:
-                result.images_added += images.refresh(
+                result.images_added += add_image_latents(
                     writer.folder,
                     writer.manifest,
                     todo,

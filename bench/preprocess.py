@@ -308,10 +308,10 @@ def main() -> None:
     }
     # cogvx preprocess's own frame settings, at the benchmark's rate and size
     if args.model == "tiny":
-        source, spec = models.resolve_model("tiny"), PreprocessConfig(data=data, fps=FPS).frame_spec((64, 96))
+        source, spec = models.resolve_model("tiny"), PreprocessConfig(data=data, fps=FPS).frame_spec((64, 96), 49, 4)
     else:
         folder = args.model_dir or work / "model"
-        source, spec = str(folder), PreprocessConfig(data=data, fps=FPS).frame_spec((480, 720))
+        source, spec = str(folder), PreprocessConfig(data=data, fps=FPS).frame_spec((480, 720), 49, 4)
         if not (folder / "model_index.json").is_file():
             began = time.perf_counter()
             build_model_folder(args.model, folder, device)

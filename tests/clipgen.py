@@ -181,7 +181,7 @@ def ffmpeg_frames(path: Path, height: int, width: int) -> np.ndarray:
 # tests/test_frame_plans.py checks that these are PreprocessConfig's).
 SPEC_DEFAULTS = dict(
     resolutions=((480, 720),), frame_buckets=(49,), min_frames=5, fps=8.0, skip_frames_start=0, skip_frames_end=0,
-    resize="crop", windows=1, max_upscale=4.0,
+    resize="crop", windows=1, max_upscale=4.0, frame_step=4,
 )  # fmt: skip
 
 

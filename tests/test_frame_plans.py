@@ -32,7 +32,7 @@ from .clipgen import frame_spec
 def test_the_spelled_out_settings_are_preprocess_defaults():
     from cogvx.preprocess.run import PreprocessConfig
 
-    assert PreprocessConfig(data="clips").frame_spec((480, 720)) == frame_spec()
+    assert PreprocessConfig(data="clips").frame_spec((480, 720), 49, 4) == frame_spec()
 
 
 def test_skip_clip_carries_its_reason_and_detail():

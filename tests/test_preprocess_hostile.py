@@ -7,7 +7,6 @@ reason; a full or read-only disk ends the run with one line and leaves a valid c
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
@@ -120,7 +119,7 @@ def test_the_data_path_is_recorded_outside_the_parameters(five: Path, tmp_path: 
     stat = os.stat(five / "c0.mp4")
     line = sample.meta["index"]  # the sample's manifest index line, so a manifest can be rebuilt from shards
     assert (line["size"], line["mtime_ns"]) == (stat.st_size, stat.st_mtime_ns)
-    assert line == {k: v for k, v in dataclasses.asdict(entry).items() if k != "key"}
+    assert line == {k: v for k, v in entry.to_dict().items() if k != "key"}
     header = read_indexed_shard(out, manifest.shards[0].name).header
     assert header == cache_header(manifest) and "data" not in header["producer"]
     assert header["params"] == manifest.params

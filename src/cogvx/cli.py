@@ -96,15 +96,20 @@ def preprocess(
         None, help=_help(P, "model_variant", "Weights variant, e.g. fp16 (files NAME.fp16.safetensors).", "none")
     ),
     height: int = typer.Option(
-        None, help=_help(P, "height", "Frame height in pixels.", "the model's native size, 480 for 2b/5b")
+        None, help=_help(P, "height", "Frame height in pixels.", "the model's native size, 480 for 2b/5b, 768 for 1.5")
     ),
     width: int = typer.Option(
-        None, help=_help(P, "width", "Frame width in pixels.", "the model's native size, 720 for 2b/5b")
+        None, help=_help(P, "width", "Frame width in pixels.", "the model's native size, 720 for 2b/5b, 1360 for 1.5")
     ),
     resolution: list[str] = typer.Option(
         None, help="A HEIGHTxWIDTH bucket, repeatable; each clip goes to the closest aspect ratio."
     ),
-    max_frames: int = typer.Option(None, help=_help(P, "max_frames", "Frames per sample, 4k+1.")),
+    max_frames: int = typer.Option(
+        None,
+        help=_help(
+            P, "max_frames", "Frames per sample, 4k+1 (8k+1 for 1.5).", "the model's own, 49 for 2b/5b, 81 for 1.5"
+        ),
+    ),
     frame_bucket: list[int] = typer.Option(
         None, help="A frame count (4k+1) bucket, repeatable, instead of --max-frames; clips take the longest that fits."
     ),
@@ -156,6 +161,11 @@ def preprocess(
         "--flip",
         help=_help(P, "flip", "Also encode every sample mirrored left to right (for train --random-flip)."),
     ),
+    image_latents: bool = typer.Option(
+        None,
+        "--image-latents",
+        help=_help(P, "image_latents", "Also encode each sample's first frame, for image-to-video training."),
+    ),
     allow_outside_paths: bool = typer.Option(
         None,
         "--allow-outside-paths",
@@ -201,6 +211,7 @@ def preprocess(
             repair=repair,
             allow_outside_paths=allow_outside_paths,
             flip=flip,
+            image_latents=image_latents,
         )
         run(cfg, show_progress=True)
 
@@ -363,14 +374,17 @@ def train(
         )
         result = run(cfg, show_progress=True)
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun/accelerate, the main process tells
-            _say_where_the_run_is(result.output, result.steps)
+            settings = result.model.config if result.model is not None else None
+            # An image-to-video transformer reads twice the channels it writes: its videos need a first frame.
+            i2v = settings is not None and settings.in_channels != (settings.out_channels or settings.in_channels)
+            _say_where_the_run_is(result.output, result.steps, i2v)
         for url in result.skipped_shards:  # every process says its own: each reads its share of the shards
             console.print(f"[yellow]skipped[/yellow] bad shard {url} (--skip-bad-shards)", soft_wrap=True)
 
     _guard(go)
 
 
-def _say_where_the_run_is(run: Path, steps: int) -> None:
+def _say_where_the_run_is(run: Path, steps: int, image_to_video: bool = False) -> None:
     final = runs.final_loss(runs.read_metrics(run))
     loss = f", final loss {final[0]:.4f} ({final[1]})" if final else ""
     console.print(f"[green]trained[/green] {steps} steps{loss}", soft_wrap=True)
@@ -382,7 +396,8 @@ def _say_where_the_run_is(run: Path, steps: int) -> None:
         if path.is_file():
             console.print(f"  {what:10} {path}", soft_wrap=True)
     console.print(f"  report     cogvx report {run}", soft_wrap=True)
-    console.print(f'  sample     cogvx sample --lora {run} --prompt "..."', soft_wrap=True)
+    image = " --image FRAME.png" if image_to_video else ""
+    console.print(f'  sample     cogvx sample --lora {run}{image} --prompt "..."', soft_wrap=True)
 
 
 @shards_app.command("verify")
@@ -461,6 +476,9 @@ S = SampleConfig
 @app.command()
 def sample(
     prompt: list[str] = typer.Option(None, help="Text to render; repeat for several (one mp4 each)."),
+    image: Path = typer.Option(
+        None, help="First frame for an image-to-video model (resized if its aspect ratio is within 1%)."
+    ),
     lora: Path = typer.Option(None, help="Run folder written by `cogvx train` (or its .safetensors file)."),
     output: Path = typer.Option(
         None, help=_help(S, "output", "mp4 file; NAME-KK.mp4 for several prompts.", "samples/lora.mp4")
@@ -504,6 +522,7 @@ def sample(
             SampleConfig,
             config,
             prompts=_repeated(prompt),
+            image=image,
             lora=lora,
             output=output,
             model=model,

@@ -197,11 +197,15 @@ def _data_section(run: Path, config: dict[str, Any], notes: list[str]) -> str:
 def _video_grid(page_dir: Path, steps: list[render.ValidationStep]) -> tuple[str, list[str], int]:
     """Table of prompts (rows, by sample index) x steps (columns); returns (html, prompts, cells)."""
     prompts: dict[int, str] = {}
+    images: dict[int, str] = {}  # image-to-video runs: the first frame each prompt's videos start from
     for step in steps:
         for sample in step.samples:
             index = runs.sample_index(sample)
             if index not in prompts:
                 prompts[index] = runs.read_validation_sample(sample)[1].get("prompt", sample.stem)
+                image = _conditioning_image(sample)
+                if image is not None:
+                    images[index] = image
     head = "".join(f'<th class="step">step {s.step}</th>' for s in steps)
     rows, cells = [], 0
     for index in sorted(prompts):
@@ -222,12 +226,35 @@ def _video_grid(page_dir: Path, steps: list[render.ValidationStep]) -> tuple[str
                 cells += 1
             else:
                 tds.append('<td class="empty"></td>')
-        rows.append(f'<tr><th class="prompt">{html.escape(prompts[index])}</th>{"".join(tds)}</tr>')
+        image = ""
+        if index in images:
+            image = (
+                f'<img class="conditioning" data-sample="{index}" alt="first frame" title="the first frame the videos '
+                f'start from" src="{images[index]}">'
+            )
+        rows.append(f'<tr><th class="prompt">{html.escape(prompts[index])}{image}</th>{"".join(tds)}</tr>')
     table = (
         f'<table id="grid" class="grid"><thead><tr><th>prompt \\ step</th>{head}</tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table>"
     )
     return table, [prompts[i] for i in sorted(prompts)], cells
+
+
+def _conditioning_image(sample: Path) -> str | None:
+    """An image-to-video validation sample's first frame (its tensor ``image``) as a PNG data URI, else None."""
+    import base64
+    import io
+
+    from PIL import Image
+    from safetensors import safe_open
+
+    with safe_open(str(sample), framework="pt") as f:
+        if "image" not in f.keys():  # noqa: SIM118
+            return None
+        pixels = f.get_tensor("image").numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
 # The only script on the page: it records load errors (a missing video, a broken image, a script
@@ -285,6 +312,7 @@ table.grid { border-collapse: collapse; }
 table.grid th, table.grid td { border: 1px solid #ddd; padding: 4px; vertical-align: top; }
 table.grid th.prompt { max-width: 220px; text-align: left; font-weight: normal; }
 table.grid video { display: block; width: 192px; background: #000; }
+table.grid img.conditioning { display: block; width: 192px; margin-top: 4px; }
 td.missing { color: #a60; font-size: 12px; }
 .note { color: #a60; }
 """

@@ -182,10 +182,14 @@ def validation_steps(run: Path) -> list[tuple[int, Path, list[Path]]]:
     return sorted(found, key=lambda item: item[0])
 
 
-def write_validation_sample(path: Path, latents: Any, metadata: dict[str, Any]) -> Path:
-    """Tensor ``latents`` and metadata whose values are JSON strings, renamed into place when complete."""
+def write_validation_sample(
+    path: Path, latents: Any, metadata: dict[str, Any], extra: dict[str, Any] | None = None
+) -> Path:
+    """Tensor ``latents`` (and ``extra`` tensors, e.g. an I2V sample's first frame ``image``) and metadata whose
+    values are JSON strings, renamed into place when complete."""
     metadata = {k: json.dumps(v) for k, v in metadata.items()}
-    return save_safetensors(path, {"latents": latents.detach().cpu().contiguous()}, metadata)
+    tensors = {"latents": latents} | (extra or {})
+    return save_safetensors(path, {k: t.detach().cpu().contiguous() for k, t in tensors.items()}, metadata)
 
 
 def read_validation_sample(path: Path) -> tuple[Any, dict[str, str]]:

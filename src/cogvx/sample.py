@@ -1,5 +1,8 @@
 """``cogvx sample``: videos from the base model plus a trained LoRA, through diffusers' ``CogVideoXPipeline``.
 
+An image-to-video model (CogVideoX-5b-I2V, CogVideoX1.5-5B-I2V, ``tiny-i2v``) runs
+``CogVideoXImageToVideoPipeline`` instead, conditioned on ``--image`` (the first frame of every video).
+
 The LoRA is loaded with ``load_lora_weights`` (its saved rank and alpha give the scale; ``--lora-scale``
 multiplies it). One mp4 per prompt, a contact sheet of them all, and a JSON file of the settings.
 """
@@ -13,6 +16,7 @@ import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +39,9 @@ from cogvx.pipeline.decode import check_decoded_size, device_and_dtype
 from cogvx.progress import progress_bar
 
 LORA_ADAPTER = "cogvx"
-_PIPELINE_LOGGER = "diffusers.pipelines.cogvideo.pipeline_cogvideox"
+# An --image whose aspect ratio is within this of the video's is resized to it; anything else is refused
+# (stretching or cropping a picture changes what the video starts from: that is the user's choice to make).
+ASPECT_TOLERANCE = 0.01
 
 console = Console(stderr=True)
 
@@ -43,6 +49,7 @@ console = Console(stderr=True)
 @dataclass
 class SampleConfig:
     prompts: tuple[str, ...] = ()
+    image: Path | None = None  # the first frame, for an image-to-video model
     lora: Path | None = None  # a run folder (or its pytorch_lora_weights.safetensors)
     output: Path | None = None  # default: samples/lora.mp4, or samples/base.mp4 with --no-lora
     model: str | None = None  # default: the model recorded in the LoRA's run folder
@@ -69,6 +76,7 @@ class SampleConfig:
             self.prompts = (self.prompts,)
         self.prompts = tuple(self.prompts or ())
         self.lora = Path(self.lora) if self.lora is not None else None
+        self.image = Path(self.image) if self.image is not None else None
         if self.output is None:
             self.output = Path("samples") / ("base.mp4" if self.no_lora else "lora.mp4")
         self.output = Path(self.output)
@@ -228,6 +236,30 @@ class SamplePlan:
     width: int
     device: torch.device
     dtype: torch.dtype
+    image: Any = None  # the first frame as a PIL image of exactly height x width (image-to-video models)
+
+
+def load_image(path: Path, height: int, width: int, model: str):
+    """``--image`` as an RGB picture of ``height`` x ``width``: resized when its aspect ratio is within 1%."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as opened:
+            picture = opened.convert("RGB")
+    except FileNotFoundError as err:
+        raise ConfigError(f"--image {path} does not exist: pass the picture the videos start from.") from err
+    except (UnidentifiedImageError, OSError) as err:
+        raise ConfigError(f"--image {path} is not a picture Pillow can read ({err}); pass a PNG or JPEG.") from err
+    if picture.size == (width, height):
+        return picture
+    ratio = (picture.width / picture.height) / (width / height)
+    if abs(ratio - 1) > ASPECT_TOLERANCE:
+        raise ConfigError(
+            f"--image {path} is {picture.width}x{picture.height} (width x height), and {model} samples "
+            f"{width}x{height}: the aspect ratios differ by {abs(ratio - 1):.0%}. Crop it to {width}:{height} "
+            f"first, or pass --width/--height of its aspect ratio (multiples of 16)."
+        )
+    return picture.resize((width, height), Image.Resampling.LANCZOS)
 
 
 def plan_sample(cfg: SampleConfig) -> SamplePlan:
@@ -245,20 +277,33 @@ def plan_sample(cfg: SampleConfig) -> SamplePlan:
         raise ConfigError(f"--height/--width must be multiples of {multiple} for {model_name} (got {height}x{width}).")
     if (cfg.frames - 1) % info.temporal_compression:
         raise ConfigError(f"--frames must be {info.temporal_compression}k+1 for {model_name} (got {cfg.frames}).")
+    info.check_task()
+    image = None
+    if info.image_to_video:
+        if cfg.image is None:
+            raise ConfigError(
+                f"{model_name} is an image-to-video model: pass --image FRAME.png, the picture the videos start from."
+            )
+        image = load_image(cfg.image, height, width, model_name)
+    elif cfg.image is not None:
+        raise ConfigError(
+            f"--image is for image-to-video models, and {model_name} is text-to-video: drop --image, or sample "
+            "with an I2V model (e.g. --model THUDM/CogVideoX-5b-I2V)."
+        )
     check_mp4_writer()
     check_outputs_writable(cfg)
     device, dtype = device_and_dtype(cfg.device, cfg.dtype)
-    return SamplePlan(model_name, info, weights, trained_on, height, width, device, dtype)
+    return SamplePlan(model_name, info, weights, trained_on, height, width, device, dtype, image)
 
 
 def load_pipeline(cfg: SampleConfig, plan: SamplePlan):
-    """The diffusers ``CogVideoXPipeline`` with the LoRA at ``--lora-scale`` and the memory options set."""
-    from diffusers import CogVideoXPipeline
+    """The diffusers pipeline (``CogVideoXImageToVideoPipeline`` for I2V models) with the LoRA at ``--lora-scale``
+    and the memory options set."""
+    from diffusers import CogVideoXImageToVideoPipeline, CogVideoXPipeline
 
+    kind = CogVideoXImageToVideoPipeline if plan.info.image_to_video else CogVideoXPipeline
     with models.quiet_loading():
-        pipe = CogVideoXPipeline.from_pretrained(
-            plan.info.source, torch_dtype=plan.dtype, **plan.info.from_pretrained_args()
-        )
+        pipe = kind.from_pretrained(plan.info.source, torch_dtype=plan.dtype, **plan.info.from_pretrained_args())
     pipe.set_progress_bar_config(disable=True)
     if plan.weights is not None and not cfg.no_lora:
         check_lora_fits(pipe.transformer, plan.weights, plan.trained_on, plan.model_name)
@@ -297,7 +342,7 @@ def run_sample(cfg: SampleConfig, show_progress: bool = False) -> SampleResult:
         generator = torch.Generator("cpu").manual_seed(cfg.seed)
         label = f"prompt {len(all_frames) + 1}/{len(cfg.prompts)}"
         with (
-            _quiet(_PIPELINE_LOGGER) if any(truncated) else contextlib.nullcontext(),
+            _quiet(type(pipe).__module__) if any(truncated) else contextlib.nullcontext(),
             progress_bar(show_progress, label, cfg.steps) as update,
         ):
 
@@ -305,7 +350,9 @@ def run_sample(cfg: SampleConfig, show_progress: bool = False) -> SampleResult:
                 update(index + 1)
                 return outputs
 
+            conditioning = {"image": plan.image} if plan.image is not None else {}
             out = pipe(
+                **conditioning,
                 prompt=prompt,
                 negative_prompt=cfg.negative_prompt or None,
                 height=height,
@@ -340,6 +387,7 @@ def run_sample(cfg: SampleConfig, show_progress: bool = False) -> SampleResult:
         "lora": None if cfg.no_lora or weights is None else str(weights),
         "lora_scale": None if cfg.no_lora else cfg.lora_scale,
         "prompts": list(cfg.prompts),
+        "image": str(cfg.image) if cfg.image is not None else None,
         "videos": [p.name for p in videos],
         "truncated": truncated,
         "seed": cfg.seed,

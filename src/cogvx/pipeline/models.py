@@ -1,7 +1,7 @@
 """Where a CogVideoX model comes from, and loading each of its components on demand.
 
 A model is named by a hub id (``THUDM/CogVideoX-2b``), a local diffusers-format folder, or one of the
-built-in tiny random models (``tiny``, ``tiny-2b``). Every name resolves to something
+built-in tiny random models (``tiny``, ``tiny-2b``, ``tiny-i2v``, ``tiny-1.5-i2v``). Every name resolves to something
 ``from_pretrained`` understands, so the tiny models travel exactly the same code path as real ones.
 """
 
@@ -26,6 +26,15 @@ NATIVE_FPS = 8
 # Prompt length in T5 tokens when a transformer config does not say (every published CogVideoX says 226);
 # the model's own `max_text_seq_length` decides it everywhere else.
 DEFAULT_TEXT_TOKENS = 226
+
+# Frames per video when a transformer config does not say (diffusers' CogVideoXTransformer3DModel default).
+DEFAULT_FRAMES = 49
+
+# CogVideoX 1.5's transformer config gives sample_height = sample_width = 300 (latent pixels): the extent of
+# the rotary table its positions are sliced from (diffusers' conversion script), not the size it was trained
+# at, which only its model card states: 768x1360. That one case is mapped here; for every other config the
+# native size is sample_height/sample_width times the VAE's spatial compression (480x720 for 2b and 5b).
+ROTARY_TABLE_NATIVE_SIZES = {(300, 300): (768, 1360)}
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -67,6 +76,14 @@ def choose_model(given: str | None, *recorded: tuple[str | None, str]) -> str:
             return name
     places = " nor ".join(where for _name, where in recorded) or "the input"
     raise ModelError(f"Neither {places} names a base model: pass --model.")
+
+
+def native_size(transformer: dict[str, Any], spatial: int) -> tuple[int, int]:
+    """(height, width) in pixels a transformer was trained at, from its config (ROTARY_TABLE_NATIVE_SIZES)."""
+    grid = (transformer["sample_height"], transformer["sample_width"])
+    if transformer.get("patch_size_t") and grid in ROTARY_TABLE_NATIVE_SIZES:
+        return ROTARY_TABLE_NATIVE_SIZES[grid]
+    return grid[0] * spatial, grid[1] * spatial
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -177,10 +194,36 @@ class ModelInfo:
     temporal_compression: int
     native_size: tuple[int, int]  # (height, width) in pixels the transformer was trained at
     max_text_tokens: int  # T5 tokens per prompt: the transformer's max_text_seq_length
+    native_frames: int = DEFAULT_FRAMES  # frames per video the transformer was trained at: its sample_frames
+    # Frame counts the model uses as it was trained are 1 + k * frame_step: the VAE's temporal compression
+    # (4), times the latent frames CogVideoX 1.5 packs into one token (patch_size_t 2): 8k+1 there, so that a
+    # video's latent frames pad (the first repeated) to whole tokens as in its training at 81 frames.
+    frame_step: int = 4
     # The same encoders' fingerprints as older caches recorded them (see legacy_fingerprint).
     legacy_fingerprints: tuple[tuple[str, str], ...] = ()
     revision: str | None = None  # a hub model's branch, tag or commit (--model-revision)
     variant: str | None = None  # weights files named NAME.VARIANT.safetensors, e.g. fp16 (--model-variant)
+    # The task follows the transformer: an image-to-video one reads the noisy video latents and the image
+    # latents concatenated on channels, so it takes twice the VAE's latent channels in.
+    image_to_video: bool = False
+    # The VAE config's word on how I2V pipelines scale image latents: CogVideoX 1.5 divides by the scaling
+    # factor where 1.0 multiplies (diffusers' CogVideoXImageToVideoPipeline.prepare_latents).
+    invert_scale_latents: bool = False
+    in_channels: int = 0  # the transformer's input channels (0: not read)
+
+    def check_task(self) -> None:
+        """Refuse a transformer that is neither text-to-video nor image-to-video for its VAE."""
+        if self.in_channels not in (self.latent_channels, 2 * self.latent_channels):
+            raise ModelError(
+                f"{self.name}'s transformer takes {self.in_channels} channels in, and its VAE makes "
+                f"{self.latent_channels} (latent_channels): cogvx trains text-to-video ({self.latent_channels}) and "
+                f"image-to-video ({2 * self.latent_channels}) models only."
+            )
+
+    @property
+    def image_latent_scale(self) -> float:
+        """What image latents are multiplied by before they join the transformer's input."""
+        return 1.0 / self.scaling_factor if self.invert_scale_latents else self.scaling_factor
 
     @classmethod
     def read(cls, name: str, revision: str | None = None, variant: str | None = None) -> ModelInfo:
@@ -194,6 +237,8 @@ class ModelInfo:
         text = read_config(source, "text_encoder", revision)
         transformer = read_config(source, "transformer", revision)
         spatial = 2 ** (len(vae["block_out_channels"]) - 1)
+        latent_channels = int(vae["latent_channels"])
+        in_channels = int(transformer.get("in_channels", latent_channels))
         # The scaling factor is applied at train time, so caches stay valid across 2b and 5b.
         return cls(
             name=name,
@@ -201,18 +246,23 @@ class ModelInfo:
             vae_fingerprint=vae_fingerprint(vae),
             text_encoder_fingerprint=text_encoder_fingerprint(text),
             scaling_factor=float(vae["scaling_factor"]),
-            latent_channels=int(vae["latent_channels"]),
+            latent_channels=latent_channels,
             text_embed_dim=int(text["d_model"]),
             spatial_compression=spatial,
             temporal_compression=int(vae.get("temporal_compression_ratio", 4)),
-            native_size=(transformer["sample_height"] * spatial, transformer["sample_width"] * spatial),
+            native_size=native_size(transformer, spatial),
             max_text_tokens=int(transformer.get("max_text_seq_length", DEFAULT_TEXT_TOKENS)),
+            native_frames=int(transformer.get("sample_frames", DEFAULT_FRAMES)),
+            frame_step=int(vae.get("temporal_compression_ratio", 4)) * int(transformer.get("patch_size_t") or 1),
             legacy_fingerprints=(
                 ("vae_fingerprint", legacy_fingerprint(vae, ignore=("scaling_factor",))),
                 ("text_encoder_fingerprint", legacy_fingerprint(text)),
             ),
             revision=revision,
             variant=variant,
+            image_to_video=in_channels == 2 * latent_channels,
+            invert_scale_latents=bool(vae.get("invert_scale_latents", False)),
+            in_channels=in_channels,
         )
 
     def read_config(self, subfolder: str) -> dict[str, Any]:

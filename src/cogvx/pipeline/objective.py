@@ -3,6 +3,12 @@
 Layout conventions: cached moments are ``[B, 2C, F, H, W]`` (mean then log-variance on the channel
 axis, exactly as the VAE's posterior parameters); the transformer works on ``[B, F, C, H, W]``.
 Everything the loss touches is computed in float32, whatever precision the transformer runs in.
+
+Image-to-video models (CogVideoX-5b-I2V, CogVideoX1.5-5B-I2V) also read the clip's first frame: its
+cached VAE moments ``[B, 2C, 1, H, W]`` are drawn from like the video's, scaled as the I2V pipeline
+scales image latents, padded with zeros along time to the video's latent length (after 1.5's temporal
+padding, so the image sits on the first latent frame as in the pipeline), zeroed for a whole sample
+with probability ``noised_image_dropout``, and concatenated with the noisy video latents on channels.
 """
 
 from __future__ import annotations
@@ -14,6 +20,9 @@ import torch
 
 # diffusers' DiagonalGaussianDistribution clamps the log-variance to this range before sampling.
 LOGVAR_RANGE = (-30.0, 20.0)
+# The ``ofs`` value CogVideoX 1.5 I2V transformers are given: what CogVideoXImageToVideoPipeline and the
+# CogVideo team's I2V fine-tuning pass, whatever the clip.
+OFS_VALUE = 2.0
 
 
 def draw_latents(moments: torch.Tensor, scaling_factor: float, generator: torch.Generator | None = None):
@@ -98,13 +107,47 @@ def pad_for_temporal_patch(latents: torch.Tensor, patch_size_t: int | None) -> t
     return torch.cat([latents[:, :1].expand(-1, extra, -1, -1, -1), latents], dim=1)
 
 
+def image_condition(
+    image_moments: torch.Tensor,
+    latent_frames: int,
+    scale: float,
+    dropout: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The image latents an I2V transformer reads beside ``latent_frames`` noisy video frames, ``[B, F, C, H, W]``.
+
+    A posterior draw of the first frame times ``scale``, then zeros for the other frames; each sample's
+    whole tensor is zeroed with probability ``dropout`` (the reference's ``noised_image_dropout``).
+    Draws, in this order: the posterior noise, then one uniform number per sample.
+    """
+    image = draw_latents(image_moments, scale, generator)
+    batch, frames = image.shape[:2]
+    if frames != 1:
+        raise ValueError(f"image_moments hold {frames} latent frames; image-to-video conditions on one.")
+    padding = image.new_zeros((batch, latent_frames - 1, *image.shape[2:]))
+    image = torch.cat([image, padding], dim=1)
+    dropped = torch.rand((batch,), generator=generator, device=image.device, dtype=torch.float32) < dropout
+    return image * (~dropped).float().reshape(-1, 1, 1, 1, 1)
+
+
 class Objective:
     """Loss of one batch for one model: scheduler constants, VAE scaling and rotary cache in one place."""
 
-    def __init__(self, transformer_config: Mapping[str, Any], alphas_cumprod: torch.Tensor, scaling_factor: float):
+    def __init__(
+        self,
+        transformer_config: Mapping[str, Any],
+        alphas_cumprod: torch.Tensor,
+        scaling_factor: float,
+        *,
+        image_latent_scale: float | None = None,
+        noised_image_dropout: float = 0.0,
+    ):
+        """``image_latent_scale``: set for an image-to-video model (``ModelInfo.image_latent_scale``), None for T2V."""
         self.config = dict(transformer_config)
         self.alphas_cumprod = alphas_cumprod.float()
         self.scaling_factor = scaling_factor
+        self.image_latent_scale = image_latent_scale
+        self.noised_image_dropout = noised_image_dropout
         self._rotary: dict[tuple, tuple[torch.Tensor, torch.Tensor] | None] = {}
 
     def rotary(self, frames: int, height: int, width: int, device: torch.device):
@@ -120,23 +163,36 @@ class Objective:
         prompt_embeds: torch.Tensor,
         generator: torch.Generator | None,
         compute_dtype: torch.dtype,
+        image_moments: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Draw x0, a timestep and noise per sample; predict the velocity; return the fp32 loss."""
+        """Draw x0 (and the image latents), a timestep and noise per sample; predict the velocity; fp32 loss."""
         device = moments.device
         self.alphas_cumprod = self.alphas_cumprod.to(device)
         x0 = draw_latents(moments, self.scaling_factor, generator)
         x0 = pad_for_temporal_patch(x0, self.config.get("patch_size_t"))
         batch, frames, _, height, width = x0.shape
+        image = None
+        if self.image_latent_scale is not None:
+            if image_moments is None:
+                raise ValueError("An image-to-video objective needs the batch's image_moments.")
+            image = image_condition(
+                image_moments.to(device), frames, self.image_latent_scale, self.noised_image_dropout, generator
+            )
         timesteps = torch.randint(
             0, len(self.alphas_cumprod), (batch,), generator=generator, device=device, dtype=torch.long
         )
         noise = torch.randn(x0.shape, generator=generator, device=device, dtype=torch.float32)
         noisy = add_noise(x0, noise, timesteps, self.alphas_cumprod)
+        inputs = noisy if image is None else torch.cat([noisy, image], dim=2)
+        extra = {}
+        if self.config.get("ofs_embed_dim"):
+            extra["ofs"] = torch.full((1,), OFS_VALUE, device=device, dtype=compute_dtype)
         velocity = transformer(
-            hidden_states=noisy.to(compute_dtype),
+            hidden_states=inputs.to(compute_dtype),
             encoder_hidden_states=prompt_embeds.to(compute_dtype),
             timestep=timesteps,
             image_rotary_emb=self.rotary(frames, height, width, device),
             return_dict=False,
+            **extra,
         )[0]
         return velocity_loss(velocity, noisy, x0, timesteps, self.alphas_cumprod)

@@ -4,6 +4,10 @@
 sampler, classifier-free guidance against the empty prompt) and returns what the pipeline returns with
 ``output_type="latent"``: ``[B, F, C, H, W]`` in the model's scaled latent space, padding frames of
 CogVideoX 1.5 included. Same seed, same embeddings, same latents as the pipeline.
+
+For an image-to-video transformer, ``image_latents`` (the first frame's scaled latents) are padded with
+zeros to the latent length and concatenated on channels at every step, and 1.5's ``ofs`` is passed, as
+``CogVideoXImageToVideoPipeline`` does.
 """
 
 from __future__ import annotations
@@ -12,7 +16,7 @@ from typing import Any
 
 import torch
 
-from cogvx.pipeline.objective import rotary_embedding
+from cogvx.pipeline.objective import OFS_VALUE, rotary_embedding
 
 
 def latent_shape(
@@ -28,7 +32,8 @@ def latent_shape(
     patch_t = transformer_config.get("patch_size_t")
     if patch_t and frames % patch_t:
         frames += patch_t - frames % patch_t
-    channels = transformer_config["in_channels"]
+    # What the transformer predicts: an I2V one reads twice as many channels (the image latents) as it writes.
+    channels = transformer_config.get("out_channels") or transformer_config["in_channels"]
     return frames, channels, height // spatial_compression, width // spatial_compression
 
 
@@ -47,12 +52,14 @@ def sample_latents(
     generator: torch.Generator | None,
     spatial_compression: int,
     temporal_compression: int,
+    image_latents: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Denoise fresh noise into latents for ``prompt_embeds`` ``[B, L, D]``, like the diffusers pipeline.
 
     The latents live in ``prompt_embeds.dtype`` (as in the pipeline); the guidance is computed in fp32.
     ``L`` is the transformer's ``max_text_seq_length`` (226 for every published CogVideoX).
     ``negative_prompt_embeds`` ``[B, L, D]`` (or ``[1, ...]``, broadcast) is needed when guidance > 1.
+    ``image_latents`` ``[B, 1, C, H, W]``, already scaled: the first frame an I2V transformer conditions on.
     """
     from diffusers import CogVideoXDPMScheduler
 
@@ -76,17 +83,26 @@ def sample_latents(
     latents = torch.randn(shape, generator=generator, device=noise_device, dtype=dtype).to(device)
     latents = latents * scheduler.init_noise_sigma
     rotary = rotary_embedding(config, shape[1], shape[3], shape[4], device)
+    image = None
+    if image_latents is not None:
+        image = image_latents.to(device, dtype)
+        image = torch.cat([image, image.new_zeros((batch, shape[1] - 1, *image.shape[2:]))], dim=1)
+        image = torch.cat([image] * 2) if guided else image
+    extra = {"ofs": latents.new_full((1,), OFS_VALUE)} if config.get("ofs_embed_dim") else {}
 
     old_pred_original_sample = None
     for i, t in enumerate(timesteps):
         model_input = torch.cat([latents] * 2) if guided else latents
         model_input = scheduler.scale_model_input(model_input, t)
+        if image is not None:
+            model_input = torch.cat([model_input, image], dim=2)
         velocity = transformer(
             hidden_states=model_input,
             encoder_hidden_states=prompt_embeds,
             timestep=t.expand(model_input.shape[0]),
             image_rotary_emb=rotary,
             return_dict=False,
+            **extra,
         )[0].float()
         if guided:
             uncond, cond = velocity.chunk(2)

@@ -7,6 +7,14 @@ from fixed seeds, so every machine builds the same model.
 - ``tiny``: rotary position embeddings and the 5b scheduler/VAE scaling, like CogVideoX-5b.
 - ``tiny-2b``: sin-cos position embeddings and the 2b scaling, like CogVideoX-2b. Its VAE and text
   encoder are identical to ``tiny``'s, as the real 2b and 5b share theirs, so one cache serves both.
+- ``tiny-i2v``: image-to-video like CogVideoX-5b-I2V: twice the latent channels in (noisy video plus
+  image latents), learned position embeddings beside rotary ones, a ``CogVideoXImageToVideoPipeline``.
+- ``tiny-1.5-i2v``: image-to-video like CogVideoX1.5-5B-I2V: two latent frames per token
+  (``patch_size_t`` 2), no patch-embedding bias, the ``ofs`` embedding, and a VAE whose config says
+  ``invert_scale_latents`` (how the 1.5 I2V pipeline scales image latents).
+
+Every variant shares one VAE and text encoder (the scaling factor and ``invert_scale_latents`` only say
+how latents are used), so one cache serves them all, as one cache serves the real 2b, 5b and 5b-I2V.
 """
 
 from __future__ import annotations
@@ -51,9 +59,38 @@ _SCHEDULER = {
     "trained_betas": None,
 }
 
+TINY_LATENT_CHANNELS = 4
+TINY_TIME_EMBED_DIM = 16
+
 VARIANTS = {
     "tiny": {"rotary": True, "scaling_factor": 0.7, "snr_shift_scale": 1.0},
     "tiny-2b": {"rotary": False, "scaling_factor": 1.15258426, "snr_shift_scale": 3.0},
+    # As CogVideoX-5b-I2V's transformer config: in_channels 2x the latent channels, learned position
+    # embeddings (added to the tokens) beside the rotary ones.
+    "tiny-i2v": {
+        "rotary": True,
+        "scaling_factor": 0.7,
+        "snr_shift_scale": 1.0,
+        "transformer": {"in_channels": 2 * TINY_LATENT_CHANNELS, "use_learned_positional_embeddings": True},
+        "pipeline": "CogVideoXImageToVideoPipeline",
+    },
+    # As CogVideoX1.5-5B-I2V: temporal patches of 2, no patch bias, the ofs embedding (its width is the
+    # time embedding's: the two are added), no learned position embeddings, 81 sample frames.
+    "tiny-1.5-i2v": {
+        "rotary": True,
+        "scaling_factor": 0.7,
+        "snr_shift_scale": 1.0,
+        "transformer": {
+            "in_channels": 2 * TINY_LATENT_CHANNELS,
+            "patch_size_t": 2,
+            "patch_bias": False,
+            "ofs_embed_dim": TINY_TIME_EMBED_DIM,
+            "use_learned_positional_embeddings": False,
+            "sample_frames": 81,
+        },
+        "vae": {"invert_scale_latents": True},
+        "pipeline": "CogVideoXImageToVideoPipeline",
+    },
 }
 
 TEXT_DIM = 32
@@ -149,22 +186,26 @@ def build(variant: str, folder: Path, transformer_config: dict | None = None) ->
     from transformers import T5Config, T5EncoderModel
 
     spec = VARIANTS[variant]
-    transformer_settings = {
-        "num_attention_heads": 2,
-        "attention_head_dim": 16,
-        "in_channels": 4,
-        "out_channels": 4,
-        "time_embed_dim": 16,
-        "text_embed_dim": TEXT_DIM,
-        "num_layers": 2,
-        "sample_height": 8,
-        "sample_width": 12,
-        "sample_frames": 49,
-        "patch_size": 2,
-        "temporal_compression_ratio": 4,
-        "max_text_seq_length": 226,
-        "use_rotary_positional_embeddings": spec["rotary"],
-    } | (transformer_config or {})
+    transformer_settings = (
+        {
+            "num_attention_heads": 2,
+            "attention_head_dim": 16,
+            "in_channels": TINY_LATENT_CHANNELS,
+            "out_channels": TINY_LATENT_CHANNELS,
+            "time_embed_dim": TINY_TIME_EMBED_DIM,
+            "text_embed_dim": TEXT_DIM,
+            "num_layers": 2,
+            "sample_height": 8,
+            "sample_width": 12,
+            "sample_frames": 49,
+            "patch_size": 2,
+            "temporal_compression_ratio": 4,
+            "max_text_seq_length": 226,
+            "use_rotary_positional_embeddings": spec["rotary"],
+        }
+        | spec.get("transformer", {})
+        | (transformer_config or {})
+    )
     tokenizer = _tokenizer(transformer_settings["max_text_seq_length"])
     tokenizer.save_pretrained(folder / "tokenizer")
 
@@ -190,13 +231,14 @@ def build(variant: str, folder: Path, transformer_config: dict | None = None) ->
         down_block_types=("CogVideoXDownBlock3D",) * 4,
         up_block_types=("CogVideoXUpBlock3D",) * 4,
         block_out_channels=(8, 8, 8, 8),
-        latent_channels=4,
+        latent_channels=TINY_LATENT_CHANNELS,
         layers_per_block=1,
         norm_num_groups=2,
         temporal_compression_ratio=4,
         sample_height=64,
         sample_width=96,
         scaling_factor=spec["scaling_factor"],
+        **spec.get("vae", {}),
     )
     vae.save_pretrained(folder / "vae")
 
@@ -206,7 +248,7 @@ def build(variant: str, folder: Path, transformer_config: dict | None = None) ->
 
     CogVideoXDPMScheduler(**_SCHEDULER, snr_shift_scale=spec["snr_shift_scale"]).save_pretrained(folder / "scheduler")
     index = {
-        "_class_name": "CogVideoXPipeline",
+        "_class_name": spec.get("pipeline", "CogVideoXPipeline"),
         "_diffusers_version": "0.42.1",
         "scheduler": ["diffusers", "CogVideoXDPMScheduler"],
         "text_encoder": ["transformers", "T5EncoderModel"],

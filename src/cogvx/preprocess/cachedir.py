@@ -12,7 +12,7 @@ import contextlib
 import json
 import logging
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cogvx.errors import CacheError
@@ -93,7 +93,7 @@ def writer_lock(folder: Path) -> Iterator[None]:
 
 
 def save_shard_part(folder: Path, rank: int, records: list[ShardRecord]) -> None:
-    write_json_atomic(paths.shard_part(folder, rank), [asdict(r) for r in records])
+    write_json_atomic(paths.shard_part(folder, rank), [r.to_dict() for r in records])
 
 
 def merge_shard_parts(folder: Path, manifest: Manifest) -> int:

@@ -23,14 +23,38 @@ from typing import Any
 import numpy as np
 import torch
 
-from cogvx.pipeline.encode import encode_video_moments
+from cogvx.pipeline.encode import encode_image_moments, encode_video_moments, noised_first_frame
 from cogvx.preprocess.sources import Clip
-from cogvx.preprocess.video import FrameSpec, SkipClip, jpeg_strip, read_clip
+from cogvx.preprocess.video import FrameSpec, SkipClip, jpeg_frame, jpeg_strip, read_clip
 from cogvx.shards.io import file_sha256
+from cogvx.shards.manifest import MIRROR_SUFFIX
 
 
 def caption_hash(caption: str) -> str:
     return hashlib.sha256(caption.encode()).hexdigest()[:16]
+
+
+def sample_key(source: str, content_hash: str, window: int, caption: str = "", mirrored: bool = False) -> str:
+    key = hashlib.sha256(f"{source}\0{content_hash}\0{window}\0{caption}".encode()).hexdigest()[:24]
+    return key + MIRROR_SUFFIX if mirrored else key
+
+
+@dataclass
+class FirstFrames:
+    """The first frame of each row of a clip's samples, for image latents (``--image-latents``)."""
+
+    pixels: torch.Tensor | None  # [rows, 3, H, W] float32, noised (noised_first_frame); None once on the GPU
+    sigmas: list[float]  # the noise level drawn for each row
+    jpegs: list[bytes]  # each first frame before the noise, JPEG at the sample's size
+
+    @classmethod
+    def of(cls, frames: np.ndarray, keys: list[str]) -> FirstFrames:
+        """From uint8 first frames ``[rows, H, W, 3]`` and the keys of the samples they belong to."""
+        noised = [
+            noised_first_frame(torch.from_numpy(np.ascontiguousarray(f)), key)
+            for f, key in zip(frames, keys, strict=True)
+        ]
+        return cls(torch.stack([p for p, _ in noised]), [s for _, s in noised], [jpeg_frame(f) for f in frames])
 
 
 @dataclass(frozen=True)
@@ -42,6 +66,7 @@ class Job:
     known_caption: str | None = None
     mirrors: bool = False  # --flip: also encode each window's mirror image
     known_mirrored: bool = False  # the cache holds mirrored variants of this source already
+    image_latents: bool = False  # --image-latents: also encode each sample's first frame alone
 
 
 @dataclass
@@ -60,10 +85,17 @@ class ReadClip:
     strips: list[bytes]  # one JPEG strip per row of frames
     # Per row of frames: (window number, mirrored). Rows are the windows, their mirrors, or both, in order.
     variants: list[tuple[int, bool]]
+    first: FirstFrames | None = None  # with image latents: each row's first frame
 
     def pin_memory(self) -> ReadClip:
         """Called by the DataLoader's pinning thread: frames leave it page-locked, for a non-blocking copy."""
-        return replace(self, frames=self.frames.pin_memory())
+        first = self.first and replace(self.first, pixels=self.first.pixels.pin_memory())
+        return replace(self, frames=self.frames.pin_memory(), first=first)
+
+    def key(self, row: int) -> str:
+        """The sample key of row ``row``."""
+        window, mirrored = self.variants[row]
+        return sample_key(self.clip.source, self.content_hash, window, self.clip.caption, mirrored)
 
 
 @dataclass(frozen=True)
@@ -85,7 +117,7 @@ class Skipped:
 ClipItem = ReadClip | Unchanged | Skipped  # what ClipReader yields for one job
 
 
-def _failure(err: Exception) -> str:
+def failure(err: Exception) -> str:
     """``Type: message (at file.py:line)`` of an unexpected error, the line being where it was raised."""
     where = traceback.extract_tb(err.__traceback__)[-1] if err.__traceback__ else None
     place = f" (at {os.path.basename(where.filename)}:{where.lineno})" if where else ""
@@ -110,7 +142,7 @@ class ClipReader(torch.utils.data.Dataset):
         except Exception as err:
             # Whatever else goes wrong with one clip (a decoder or library failure no check foresaw) must not
             # end a run of thousands in a DataLoader worker: it is recorded with where it was raised.
-            return Skipped(index, "reading failed", _failure(err))
+            return Skipped(index, "reading failed", failure(err))
 
     def _read(self, index: int, job: Job) -> ReadClip | Unchanged:
         clip = job.clip
@@ -139,7 +171,7 @@ class ClipReader(torch.utils.data.Dataset):
             rows.append(np.ascontiguousarray(frames[:, :, :, ::-1]))
             variants += [(window, True) for window in range(len(frames))]
         frames = np.concatenate(rows) if len(rows) > 1 else rows[0]
-        return ReadClip(
+        read = ReadClip(
             index=index,
             clip=clip,
             content_hash=content_hash,
@@ -152,6 +184,9 @@ class ClipReader(torch.utils.data.Dataset):
             strips=[jpeg_strip(row) for row in frames],
             variants=variants,
         )
+        if job.image_latents:
+            read.first = FirstFrames.of(frames[:, 0], [read.key(row) for row in range(len(frames))])
+        return read
 
 
 @dataclass(frozen=True)
@@ -191,21 +226,43 @@ class Encoded:
     prompt: Prompt
     moments: torch.Tensor  # [windows, 2C, F', H', W'] on the host
     ready: torch.cuda.Event | None
+    image_moments: torch.Tensor | None = None  # [windows, 2C, 1, H', W'] on the host, with image latents
+
+
+def to_host(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
+    """Start copying GPU tensors into pinned host memory; the event marks the end of the copies."""
+    if not tensors or not tensors[0].is_cuda:
+        return list(tensors), None
+    hosts = []
+    for tensor in tensors:
+        host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+        host.copy_(tensor, non_blocking=True)
+        hosts.append(host)
+    ready = torch.cuda.Event()
+    ready.record()
+    return hosts, ready
 
 
 class VaeBatcher:
-    """Encodes clips of the same shape together (up to ``batch`` windows per VAE call)."""
+    """Encodes clips of the same shape together (up to ``batch`` windows per VAE call).
+
+    With image latents, the first frames of the same clips are encoded right after them, in one call of
+    1-frame videos (their shapes differ from the clips', so they cannot share the clips' call).
+    """
 
     def __init__(self, vae, device: torch.device, batch: int, emit: Callable[[Encoded], None]):
         self.vae, self.device, self.batch, self.emit = vae, device, batch, emit
-        self.pending: list[tuple[ReadClip, Prompt, torch.Tensor]] = []
+        self.pending: list[tuple[ReadClip, Prompt, torch.Tensor, torch.Tensor | None]] = []
         self.count = 0
 
     def add(self, clip: ReadClip, prompt: Prompt) -> None:
         frames, clip.frames = clip.frames, None  # the host copy is not kept while the clip waits to be written
+        first = None
+        if clip.first is not None:
+            first, clip.first.pixels = clip.first.pixels.to(self.device, non_blocking=True), None
         if self.pending and (frames.shape[1:] != self.pending[0][2].shape[1:] or self.count + len(frames) > self.batch):
             self.flush()
-        self.pending.append((clip, prompt, frames.to(self.device, non_blocking=True)))
+        self.pending.append((clip, prompt, frames.to(self.device, non_blocking=True), first))
         self.count += len(frames)
         if self.count >= self.batch:
             self.flush()
@@ -213,20 +270,20 @@ class VaeBatcher:
     def flush(self) -> None:
         if not self.pending:
             return
-        frames = torch.cat([f for _, _, f in self.pending]) if len(self.pending) > 1 else self.pending[0][2]
+        frames = torch.cat([f for _, _, f, _ in self.pending]) if len(self.pending) > 1 else self.pending[0][2]
         moments = torch.cat([encode_video_moments(self.vae, chunk) for chunk in frames.split(self.batch)])
-        ready = None
-        if moments.is_cuda:
-            host = torch.empty(moments.shape, dtype=moments.dtype, pin_memory=True)
-            host.copy_(moments, non_blocking=True)
-            ready = torch.cuda.Event()
-            ready.record()
-        else:
-            host = moments
-        offset = 0
-        for clip, prompt, clip_frames in self.pending:
-            self.emit(Encoded(clip, prompt, host[offset : offset + len(clip_frames)], ready))
-            offset += len(clip_frames)
+        firsts = [first for *_, first in self.pending if first is not None]
+        images = [encode_image_moments(self.vae, torch.cat(firsts))] if firsts else []
+        (host, *host_images), ready = to_host(moments, *images)
+        offset, image_offset = 0, 0
+        for clip, prompt, clip_frames, first in self.pending:
+            rows = len(clip_frames)
+            image_moments = None
+            if first is not None:
+                image_moments = host_images[0][image_offset : image_offset + rows]
+                image_offset += rows
+            self.emit(Encoded(clip, prompt, host[offset : offset + rows], ready, image_moments))
+            offset += rows
         self.pending, self.count = [], 0
 
 

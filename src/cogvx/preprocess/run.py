@@ -37,6 +37,7 @@ from cogvx.preprocess.encoding import (
     VaeBatcher,
     caption_hash,
 )
+from cogvx.preprocess.images import add_image_latents, image_targets
 from cogvx.preprocess.ranks import Ranks
 from cogvx.preprocess.sources import INVALID_UTF8, VIDEO_EXTENSIONS, Clip, Sources, find_sources
 from cogvx.preprocess.video import FrameSpec, largest_4k1
@@ -52,6 +53,8 @@ SCHEMA = {
     "prompt_embeds": "T5 last hidden state [L, D], pads included (L: the transformer's max_text_seq_length)",
     "json": "source, content_hash, caption, window, frame_indices, fps, size, bucket, ...",
     "jpg": "JPEG strip of up to 8 of the sampled frames, side by side, 64 px high",
+    "image_moments": "with --image-latents: VAE posterior [2C, 1, H, W] of the noised first frame, unscaled",
+    "first.jpg": "with --image-latents: the first frame (before the noise) at the sample's size",
 }
 
 
@@ -65,7 +68,7 @@ class PreprocessConfig:
     height: int | None = None  # default: the model's native size, from its transformer config
     width: int | None = None
     resolutions: tuple[str, ...] = ()  # several "HxW" buckets instead of --height/--width
-    max_frames: int = 49
+    max_frames: int | None = None  # default: the model's native frame count, its transformer's sample_frames
     frame_buckets: tuple[int, ...] = ()  # several frame counts instead of --max-frames
     min_frames: int = 5
     fps: float = float(models.NATIVE_FPS)
@@ -90,6 +93,7 @@ class PreprocessConfig:
     repair: bool = False  # also check every listed shard's sha256 (size is always checked)
     allow_outside_paths: bool = False  # let a metadata or video-list file name videos outside its folder
     flip: bool = False  # also encode each sample's mirror image (left to right), beside it; added to a cache later too
+    image_latents: bool = False  # also encode each sample's first frame alone (image-to-video); added later too
 
     def __post_init__(self):
         self.data = hub.hub_url(self.data) or Path(self.data)  # a Path would fold hf:// into hf:/
@@ -102,14 +106,10 @@ class PreprocessConfig:
             raise ConfigError("Give either --height/--width or --resolution (repeatable), not both.")
         if (self.height or 16) % 16 or (self.width or 16) % 16:
             raise ConfigError(f"--height/--width must be multiples of 16 (got {self.height}x{self.width}).")
-        for frames in (self.max_frames, *self.frame_buckets):
+        for frames in (*self.frame_counts(None), *self.frame_buckets):
             if frames < 1 or largest_4k1(frames) != frames:
                 raise ConfigError(f"Frame counts must be of the form 4k+1 (got {frames}; try 49 or 81).")
-        if not 1 <= self.min_frames <= max(self.frame_counts):
-            raise ConfigError(
-                f"--min-frames must be between 1 and the largest frame count {max(self.frame_counts)} "
-                f"(got {self.min_frames})."
-            )
+        self._check_min_frames(self.frame_counts(None))
         if self.resize not in ("crop", "stretch"):
             raise ConfigError(f"--resize must be 'crop' or 'stretch' (got {self.resize!r}).")
         if self.fps <= 0:
@@ -129,19 +129,40 @@ class PreprocessConfig:
         if self.workers < 0:
             raise ConfigError(f"--workers cannot be negative (got {self.workers}).")
 
-    @property
-    def frame_counts(self) -> tuple[int, ...]:
-        """The frame buckets: --frame-bucket values if given, else just --max-frames."""
-        return self.frame_buckets or (self.max_frames,)
+    def frame_counts(self, native_frames: int | None) -> tuple[int, ...]:
+        """The frame buckets: --frame-bucket values if given, else --max-frames, else the model's own count
+        (``native_frames``; None: not known yet, and then nothing)."""
+        if self.frame_buckets:
+            return self.frame_buckets
+        frames = self.max_frames or native_frames
+        return (frames,) if frames else ()
 
-    def frame_spec(self, native_size: tuple[int, int]) -> FrameSpec:
+    def _check_min_frames(self, counts: tuple[int, ...]) -> None:
+        if counts and not 1 <= self.min_frames <= max(counts):
+            raise ConfigError(
+                f"--min-frames must be between 1 and the largest frame count {max(counts)} (got {self.min_frames})."
+            )
+
+    def frame_spec(self, native_size: tuple[int, int], native_frames: int, frame_step: int) -> FrameSpec:
+        """The frame settings for a model trained at ``native_frames`` x ``native_size``, whose usable frame
+        counts are ``1 + k * frame_step`` (``ModelInfo``'s fields of those names)."""
         if self.resolutions:
             resolutions = tuple((int(h), int(w)) for h, w in (r.split("x") for r in self.resolutions))
         else:
             resolutions = ((self.height or native_size[0], self.width or native_size[1]),)
+        counts = self.frame_counts(native_frames)
+        self._check_min_frames(counts)
+        unusable = [frames for frames in counts if largest_4k1(frames, frame_step) != frames]
+        if unusable:
+            flag = "--frame-bucket" if self.frame_buckets else "--max-frames"
+            lower = largest_4k1(unusable[0], frame_step)
+            raise ConfigError(
+                f"{flag} {unusable[0]}: {self.model} uses frame counts of the form {frame_step}k+1 (CogVideoX 1.5 "
+                f"packs two latent frames per token); use {flag} {lower} or {lower + frame_step} instead."
+            )
         return FrameSpec(
             resolutions=resolutions,
-            frame_buckets=self.frame_counts,
+            frame_buckets=counts,
             min_frames=self.min_frames,
             fps=float(self.fps),
             skip_frames_start=self.skip_frames_start,
@@ -149,12 +170,19 @@ class PreprocessConfig:
             resize=self.resize,
             windows=self.windows,
             max_upscale=float(self.max_upscale),
+            frame_step=frame_step,
         )
 
-    def cache_params(self, native_size: tuple[int, int]) -> dict:
+    def cache_params(self, spec: FrameSpec) -> dict:
         """Everything that changes what a sample holds: a cache is made with exactly one set."""
-        params = {**asdict(self.frame_spec(native_size)), "id_token": self.id_token, "dtype": self.dtype}
+        params = {**asdict(spec), "id_token": self.id_token, "dtype": self.dtype}
+        if spec.frame_step == VAE_FRAME_STEP:  # recorded only where it is not the VAE's own (1.5's 8), so
+            del params["frame_step"]  # caches made before it was a setting keep their parameters
         return json.loads(json.dumps(params))  # tuples as lists, exactly as the manifest stores them
+
+
+# Every CogVideoX VAE compresses time 4:1 after the first frame: 4k+1 frames.
+VAE_FRAME_STEP = 4
 
 
 def _parse_resolution(value) -> str:
@@ -177,6 +205,8 @@ class PreprocessResult:
     skipped: Counter = field(default_factory=Counter)
     truncated_captions: int = 0
     truncated_sources: list[str] = field(default_factory=list)
+    images_added: int = 0  # cached samples written again with image latents added (--image-latents)
+    images_missing: int = 0  # with image latents: samples in the cache still without them at the end
     # Listed shards found missing or damaged at the start (dropped from the manifest, their samples
     # encoded again), and the sources of their samples that no longer exist in the data: lost.
     dropped_shards: list[str] = field(default_factory=list)
@@ -209,6 +239,7 @@ class PreprocessResult:
             truncated_captions=self.truncated_captions,
             truncated_sources=list(self.truncated_sources),
             timeline=dict(self.timeline),
+            images_added=self.images_added,
         )
 
     def add(self, other: RankCounts) -> None:
@@ -218,6 +249,7 @@ class PreprocessResult:
         self.skipped.update(other.skipped)
         self.truncated_captions += other.truncated_captions
         self.truncated_sources += other.truncated_sources
+        self.images_added += other.images_added
         for name, seconds in other.timeline.items():
             self.timeline[name] = max(seconds, self.timeline.get(name, 0.0))
 
@@ -233,6 +265,7 @@ class RankCounts:
     truncated_captions: int
     truncated_sources: list[str]
     timeline: dict[str, float]
+    images_added: int = 0
 
     def save(self, path: Path) -> None:
         write_json_atomic(path, asdict(self))
@@ -295,9 +328,9 @@ def _run(
         clips = [dataclasses.replace(c, caption=f"{cfg.id_token} {c.caption}") if c.caption else c for c in clips]
 
     info = models.ModelInfo.read(cfg.model, cfg.model_revision, cfg.model_variant)
-    spec = cfg.frame_spec(info.native_size)
+    spec = cfg.frame_spec(info.native_size, info.native_frames, info.frame_step)
     producer = {"tool": "cogvx", "version": __version__, **info.recorded(), "encoders": info.encoder_identity()}
-    params = cfg.cache_params(info.native_size)
+    params = cfg.cache_params(spec)
     shown = mirror.location if mirror else cfg.output  # the cache as messages name it
     existing = cachedir.check_existing(cfg.output, producer, params, info, shown)  # every rank refuses alike
 
@@ -316,10 +349,12 @@ def _run(
                 mirror.pull_manifest()
             manifest = Manifest.load(cfg.output)
 
-        jobs, cached = _todo(clips, manifest, cfg.flip)
+        # A cache that holds image latents keeps getting them, so it serves image-to-video whole.
+        image_latents = cfg.image_latents or manifest.image_latent_count > 0
+        jobs, cached = _todo(clips, manifest, cfg.flip, image_latents)
         mine = jobs[ranks.rank :: ranks.world]
         result = PreprocessResult(
-            already_cached=cached if ranks.is_main else 0, ranks=ranks.world, manifest=manifest, started=started
+            already_cached=len(cached) if ranks.is_main else 0, ranks=ranks.world, manifest=manifest, started=started
         )
         if ranks.is_main:
             _report_found(cfg, sources, recovery, result)
@@ -350,6 +385,9 @@ def _run(
                 total=len(clips),
                 world=ranks.world,
                 show_progress=show_progress,
+                # cached clips whose samples lack image latents: each rank adds them to its share
+                refresh=cached[ranks.rank :: ranks.world] if image_latents else None,
+                clip_paths={clip.source: str(clip.path) for clip in clips},
             )
         result.mark("encoded")
 
@@ -381,6 +419,17 @@ def _run(
                 info.max_text_tokens,
                 ", ".join(result.truncated_sources[:5]) + (" ..." if result.truncated_captions > 5 else ""),
             )
+        if image_latents:
+            result.images_missing = manifest.sample_count - manifest.image_latent_count
+            if result.images_missing:
+                log.warning(
+                    "%d sample(s) in %s still have no image latents: their videos are not in %s, or their first "
+                    "frames could not be read (reasons in %s).",
+                    result.images_missing,
+                    cfg.output,
+                    cfg.data,
+                    paths.skipped(cfg.output),
+                )
         if show_progress:
             print_summary(result, shown)
         # Fatal only when the cache ends up empty: a cache that still serves samples (of sources this run
@@ -435,12 +484,13 @@ def _report_found(
         )
 
 
-def _todo(clips: list[Clip], manifest: Manifest, flip: bool) -> tuple[list[Job], int]:
-    """Clips the cache does not hold yet, and how many it does. Same answer on every rank.
+def _todo(clips: list[Clip], manifest: Manifest, flip: bool, image_latents: bool) -> tuple[list[Job], list[str]]:
+    """Clips the cache does not hold yet, and the sources of those it does. Same answer on every rank.
 
     A clip whose size, mtime and caption match its cached samples is done without reading it; any other
     clip with cached samples is hashed in a worker and skipped there if its content did not change. With
-    ``flip``, a clip the cache holds without mirrored variants is read again for them alone.
+    ``flip``, a clip the cache holds without mirrored variants is read again for them alone. (Cached
+    samples without image latents get them after the clips are encoded: ``add_image_latents``.)
     """
     known: dict[str, SampleEntry] = {}
     mirrored: set[str] = set()
@@ -449,11 +499,11 @@ def _todo(clips: list[Clip], manifest: Manifest, flip: bool) -> tuple[list[Job],
             mirrored.add(entry.source)
         else:
             known.setdefault(entry.source, entry)
-    jobs, cached = [], 0
+    jobs, cached = [], []
     for clip in clips:
         entry = known.get(clip.source)
         if entry is None:
-            jobs.append(Job(clip, mirrors=flip))
+            jobs.append(Job(clip, mirrors=flip, image_latents=image_latents))
             continue
         caption = caption_hash(clip.caption) if clip.caption else None
         try:
@@ -463,9 +513,11 @@ def _todo(clips: list[Clip], manifest: Manifest, flip: bool) -> tuple[list[Job],
             unchanged = False
         has_mirrors = clip.source in mirrored
         if unchanged and caption is not None and caption == entry.caption_hash and (has_mirrors or not flip):
-            cached += 1
+            cached.append(clip.source)
         else:  # hashed in a worker: unchanged content needs only what is missing (its mirrors, with flip)
-            jobs.append(Job(clip, entry.content_hash, entry.caption_hash, mirrors=flip, known_mirrored=has_mirrors))
+            jobs.append(
+                Job(clip, entry.content_hash, entry.caption_hash, flip, has_mirrors, image_latents=image_latents)
+            )
     return jobs, cached
 
 
@@ -519,14 +571,21 @@ def _encode(
     total: int,
     world: int,
     show_progress: bool,
+    refresh: list[str] | None,
+    clip_paths: dict[str, str],
 ) -> None:
-    """Encode (GPU) -> write (thread) this rank's clips as ``items`` come from the decoding workers."""
+    """Encode (GPU) -> write (thread) this rank's clips as ``items`` come from the decoding workers.
+
+    With ``refresh`` (image latents on: the sources of cached clips this rank looks after), the cached
+    samples of those and of the clips found unchanged here that lack image latents then get them.
+    """
     prompts = PromptBank([job.clip.caption or "" for job in jobs], encoders.encode_text, cfg.text_batch_size)
     sink = SampleSink(writer.write)
     batcher = VaeBatcher(encoders.vae, device, cfg.vae_batch, sink.put)
     started = time.time()
     base = result.already_cached  # rank 0 counts the clips found done before the loop
     bar = progress_bar(show_progress, "preprocess", total, "{task.fields[rate]:.2f} clips/s", rate=0.0)
+    unchanged: list[str] = []  # sources whose cached samples this rank found to be of the same content
     benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = device.type == "cuda"  # a few shapes, each seen many times
     try:
@@ -539,7 +598,11 @@ def _encode(
                     writer.skip(clip.source, item.reason, item.detail)
                 elif isinstance(item, Unchanged):
                     result.already_cached += 1
+                    unchanged.append(clip.source)
                 else:
+                    job = jobs[item.index]
+                    if (item.content_hash, caption_hash(clip.caption)) == (job.known_hash, job.known_caption):
+                        unchanged.append(clip.source)  # the cache holds this clip: only its mirrors were new
                     prompt = prompts.get(item.index)
                     if prompt.truncated:
                         result.truncated_captions += 1
@@ -551,14 +614,40 @@ def _encode(
                 done = base + position * world
                 update(min(done, total), rate=position * world / max(time.time() - started, 1e-9))
             batcher.flush()
-            sink.close()
-            writer.finish()
+        if refresh is not None:
+            todo = image_targets(writer.manifest, clip_paths, {*refresh, *unchanged})
+            with progress_bar(show_progress and bool(todo), "image latents", len(todo)) as update:
+                result.images_added += add_image_latents(
+                    writer.folder,
+                    writer.manifest,
+                    todo,
+                    resize=cfg.resize,
+                    vae=encoders.vae,
+                    device=device,
+                    batch=cfg.vae_batch * IMAGES_PER_CLIP,
+                    workers=cfg.workers,
+                    emit=sink.put,
+                    skip=functools.partial(_skip, result, writer),
+                    progress=update,
+                )
+        sink.close()
+        writer.finish()
     except BaseException:
         sink.abort()
         writer.abandon()
         raise
     finally:
         torch.backends.cudnn.benchmark = benchmark
+
+
+# First frames per VAE call when image latents are added to cached samples, per clip of --vae-batch: a
+# 1-frame video takes a small part of a clip's activations.
+IMAGES_PER_CLIP = 8
+
+
+def _skip(result: PreprocessResult, writer: RankWriter, source: str, reason: str, detail: str) -> None:
+    result.skipped[reason] += 1
+    writer.skip(source, reason, detail)
 
 
 def _device(name: str | None, ranks: Ranks) -> torch.device:
@@ -582,6 +671,11 @@ def print_summary(result: PreprocessResult, output: Path | str) -> None:
     table = Table(title="preprocess summary", show_header=False)
     table.add_row("encoded now", f"{result.encoded} clips, {result.samples} samples")
     table.add_row("already in cache", str(result.already_cached))
+    if result.images_added:
+        table.add_row("image latents added", f"{result.images_added} cached samples (no video encoded again)")
+    if manifest.image_latent_count:
+        missing = f", {result.images_missing} without" if result.images_missing else ""
+        table.add_row("samples with image latents", f"{manifest.image_latent_count}{missing}")
     skipped = sum(result.skipped.values())
     listed = f"{output}/{paths.SKIPPED}" if isinstance(output, str) else paths.skipped(output)
     table.add_row("skipped", f"{skipped} (listed in {listed})" if skipped else "0")

@@ -43,7 +43,7 @@ class FrameSpec:
     """
 
     resolutions: tuple[tuple[int, int], ...]  # (height, width) pixel buckets
-    frame_buckets: tuple[int, ...]  # frame counts, each 4k+1
+    frame_buckets: tuple[int, ...]  # frame counts, each 1 + k * frame_step
     min_frames: int
     fps: float
     skip_frames_start: int
@@ -51,6 +51,7 @@ class FrameSpec:
     resize: str  # "crop": cover then centre-crop; "stretch": scale each axis independently
     windows: int  # at most this many non-overlapping windows per clip, evenly spread over it
     max_upscale: float  # skip clips that would have to be enlarged more than this
+    frame_step: int  # usable frame counts are 1 + k * frame_step (4; 8 for CogVideoX 1.5: ModelInfo.frame_step)
 
 
 @dataclass(frozen=True)
@@ -62,9 +63,10 @@ class Plan:
     available: int  # frames the clip offers at the sampling rate, after the skips
 
 
-def largest_4k1(n: int) -> int:
-    """Largest frame count of the form 4k+1 not above n (the VAE compresses time 4:1 after frame one)."""
-    return 0 if n < 1 else (n - 1) // 4 * 4 + 1
+def largest_4k1(n: int, step: int = 4) -> int:
+    """Largest frame count of the form ``step``k+1 not above n (the VAE compresses time 4:1 after frame one;
+    CogVideoX 1.5 packs two latent frames per token, so its counts are 8k+1)."""
+    return 0 if n < 1 else (n - 1) // step * step + 1
 
 
 def sampling_stride(source_fps: float, fps: float) -> float:
@@ -78,8 +80,8 @@ def plan_frames(total: int, source_fps: float, spec: FrameSpec) -> tuple[int, li
     The clip is resampled to ``spec.fps`` from its real rate, between ``skip_frames_start`` and
     ``total - skip_frames_end``. Long enough for a frame bucket: the largest bucket that fits, in up to
     ``spec.windows`` non-overlapping windows spread evenly from the start to the end (the first window
-    always starts at the first frame). Shorter than every bucket: its longest 4k+1 prefix, if that is at
-    least ``min_frames``.
+    always starts at the first frame). Shorter than every bucket: its longest prefix of a usable length
+    (``1 + k * frame_step``), if that is at least ``min_frames``.
     """
     start, end = spec.skip_frames_start, total - spec.skip_frames_end
     if end <= start:
@@ -87,7 +89,7 @@ def plan_frames(total: int, source_fps: float, spec: FrameSpec) -> tuple[int, li
     stride = sampling_stride(source_fps, spec.fps)
     available = math.floor((end - start - 1) / stride) + 1
     fitting = [f for f in spec.frame_buckets if f <= available]
-    count = max(fitting) if fitting else largest_4k1(available)
+    count = max(fitting) if fitting else largest_4k1(available, spec.frame_step)
     if count < spec.min_frames:
         raise SkipClip(
             "too short", f"{available} frames at {spec.fps:g} fps, need at least {spec.min_frames} (--min-frames)"
@@ -199,52 +201,68 @@ def matroska_rotation(path: str) -> int:
     return round(quarter) % 4 * 90 if abs(quarter - round(quarter)) < 1e-3 else 0
 
 
+class OpenClip:
+    """A clip opened for decoding: its frame count, rates, upright size and display rotation."""
+
+    def __init__(self, path: str):
+        import decord
+
+        self.path = path
+        try:
+            self.reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
+            self.total, self.container_fps = len(self.reader), float(self.reader.get_avg_fps())
+            height, width = self.reader[0].shape[:2] if self.total else (0, 0)
+            self.rotation = matroska_rotation(path) if os.path.splitext(path)[1].lower() in (".mkv", ".webm") else 0
+        except Exception as err:
+            raise SkipClip("unreadable video", _unreadable(err)) from err
+        self.size = (width, height) if self.rotation in (90, 270) else (height, width)  # upright
+        if self.total < 1 or min(self.size) < 1:
+            raise SkipClip("unreadable video", "no decodable frames")
+        if self.size[0] * self.size[1] > MAX_SOURCE_PIXELS:
+            raise SkipClip(
+                "too large",
+                f"{self.size[0]}x{self.size[1]} frames are above the {MAX_SOURCE_PIXELS / 1e6:g}-megapixel limit; "
+                "scale the clip down",
+            )
+
+    def frames(self, wanted: list[int], target: tuple[int, int], resize: str) -> np.ndarray:
+        """Source frames ``wanted`` (sorted, distinct) at ``target`` size, ``[len(wanted), H, W, 3]`` uint8.
+
+        The one decoding path of preprocessing: the same frame comes out the same whether it is read with
+        its whole window or alone (image latents added to a cache later rely on that).
+        """
+        cover = decode_size(*self.size, target, resize)
+        try:
+            if self.rotation or cover[0] * cover[1] > CROP_FIRST * target[0] * target[1]:
+                return _decode_cropping_first(self.reader, wanted, self.size, cover, target, self.rotation)
+            self.reader = None  # a second live reader would halve decoding speed
+            return _decode_scaled(self.path, wanted, cover, target)
+        except SkipClip:
+            raise
+        except Exception as err:
+            raise SkipClip("decoding failed", _unreadable(err)) from err
+
+
 def read_clip(path: str, spec: FrameSpec) -> tuple[np.ndarray, Plan, dict]:
     """uint8 frames ``[windows, F, H, W, 3]`` at the bucket's size, the plan, and what was sampled.
 
     Frames are upright as a player shows them: a 90/180/270 degree display rotation is applied (by
     decord for MP4/MOV, here for Matroska/WebM), and sizes here are display sizes.
     """
-    import decord
-
+    clip = OpenClip(path)
+    src_h, src_w = clip.size
     try:
-        reader = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1)
-        total, container_fps = len(reader), float(reader.get_avg_fps())
-        src_h, src_w = reader[0].shape[:2] if total else (0, 0)
-        rotation = matroska_rotation(path) if os.path.splitext(path)[1].lower() in (".mkv", ".webm") else 0
-    except Exception as err:
-        raise SkipClip("unreadable video", _unreadable(err)) from err
-    if rotation in (90, 270):
-        src_h, src_w = src_w, src_h
-    if total < 1 or src_h < 1 or src_w < 1:
-        raise SkipClip("unreadable video", "no decodable frames")
-    if src_h * src_w > MAX_SOURCE_PIXELS:
-        raise SkipClip(
-            "too large",
-            f"{src_h}x{src_w} frames are above the {MAX_SOURCE_PIXELS / 1e6:g}-megapixel limit; scale the clip down",
-        )
-    try:
-        source_fps, nearest = _frame_times(reader, total, container_fps)
+        source_fps, nearest = _frame_times(clip.reader, clip.total, clip.container_fps)
     except SkipClip:
         raise
     except Exception as err:
         raise SkipClip("unreadable video", _unreadable(err)) from err
-    plan = plan_clip(total, source_fps, src_h, src_w, spec)
+    plan = plan_clip(clip.total, source_fps, src_h, src_w, spec)
     if nearest is not None:
         plan = Plan(plan.bucket, [[int(nearest[i]) for i in window] for window in plan.windows], plan.available)
     target = (plan.bucket.height, plan.bucket.width)
     wanted = sorted({i for window in plan.windows for i in window})
-    cover = decode_size(src_h, src_w, target, spec.resize)
-    try:
-        if rotation or cover[0] * cover[1] > CROP_FIRST * target[0] * target[1]:
-            decoded = _decode_cropping_first(reader, wanted, (src_h, src_w), cover, target, rotation)
-        else:
-            del reader  # a second live reader would halve decoding speed
-            decoded = _decode_scaled(path, wanted, cover, target)
-    except SkipClip:
-        raise
-    except Exception as err:
-        raise SkipClip("decoding failed", _unreadable(err)) from err
+    decoded = clip.frames(wanted, target, spec.resize)
     if wanted == [i for window in plan.windows for i in window]:  # windows in order, no frame twice: no copy
         frames = decoded.reshape(len(plan.windows), plan.bucket.frames, *decoded.shape[1:])
     else:
@@ -254,11 +272,26 @@ def read_clip(path: str, spec: FrameSpec) -> tuple[np.ndarray, Plan, dict]:
     info = {
         "fps": round(source_fps / stride, 4),
         "source_fps": round(source_fps, 4),
-        "source_frames": total,
+        "source_frames": clip.total,
         "source_size": [int(src_h), int(src_w)],
         "size": list(target),
     }
     return frames, plan, info
+
+
+def read_first_frames(path: str, indices: list[int], source_size: list[int], target: list[int], resize: str):
+    """Source frames ``indices`` exactly as ``read_clip`` read them for a sample of ``target`` size.
+
+    ``source_size`` is what the sample recorded: a clip that decodes to another size now is refused.
+    """
+    clip = OpenClip(path)
+    if list(clip.size) != list(source_size):
+        raise SkipClip("source changed", f"frames are {clip.size[0]}x{clip.size[1]} now, {source_size} when encoded")
+    if max(indices) >= clip.total:
+        raise SkipClip("decoding failed", f"frame {max(indices)} is past the clip's {clip.total} frames")
+    wanted = sorted(set(indices))
+    decoded = clip.frames(wanted, (int(target[0]), int(target[1])), resize)
+    return decoded[[wanted.index(i) for i in indices]]
 
 
 def _decode_cropping_first(reader, wanted: list[int], source, cover, target, rotation: int) -> np.ndarray:
@@ -304,6 +337,15 @@ def _decode_scaled(path: str, wanted: list[int], cover: tuple[int, int], target:
             batch = np.stack([reader[i].asnumpy() for i in chunk])
         out[start : start + len(chunk)] = _rgb(batch, *cover)[:, top : top + target[0], left : left + target[1]]
     return out
+
+
+def jpeg_frame(frame: np.ndarray, quality: int = 95) -> bytes:
+    """One frame ``[H, W, 3]`` uint8 as a JPEG at its own size."""
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(frame)).save(out, format="JPEG", quality=quality)
+    return out.getvalue()
 
 
 def jpeg_strip(frames: np.ndarray, count: int = 8, height: int = 64, quality: int = 85) -> bytes:

@@ -7,24 +7,30 @@ shard. Under torchrun each rank lists them in its own part file instead, which r
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cogvx.preprocess import cachedir
-from cogvx.preprocess.encoding import Encoded, caption_hash
+from cogvx.preprocess.encoding import Encoded, caption_hash, sample_key
+from cogvx.preprocess.images import Refreshed
 from cogvx.preprocess.sources import CLIPPED, INVALID_UTF8
 from cogvx.shards import Manifest, Sample, SampleEntry, ShardRecord, ShardWriter, paths
-from cogvx.shards.manifest import MIRROR_SUFFIX
+from cogvx.shards.io import INDEX
+from cogvx.shards.manifest import FIRST_FRAME, IMAGE_MOMENTS
 
 if TYPE_CHECKING:
     from cogvx.preprocess.remote import Mirror
 
 
-def sample_key(source: str, content_hash: str, window: int, caption: str = "") -> str:
-    return hashlib.sha256(f"{source}\0{content_hash}\0{window}\0{caption}".encode()).hexdigest()[:24]
+def with_image_latents(sample: Sample, entry: SampleEntry, image_moments, sigma: float, jpeg: bytes) -> None:
+    """Add a sample's image latents (``--image-latents``): the tensor, its first frame and what the index says."""
+    sample.tensors[IMAGE_MOMENTS] = image_moments
+    sample.meta |= {"image_latents": True, "image_noise_sigma": sigma}
+    sample.extras[FIRST_FRAME] = jpeg
+    entry.carries = (*entry.carries, IMAGE_MOMENTS)
 
 
 class RankWriter:
@@ -73,16 +79,36 @@ class RankWriter:
         if self.mirror is not None:
             self.mirror.publish_shard(self.rank, self.records, self.folder / record.name)
 
-    def write(self, encoded: Encoded) -> None:
+    def write(self, item: Encoded | Refreshed) -> None:
+        """The samples of one clip (one per window), or of one source written again, into one shard."""
+        if isinstance(item, Refreshed):
+            self._write_refreshed(item)
+        else:
+            self._write_encoded(item)
+
+    def _write_refreshed(self, refreshed: Refreshed) -> None:
+        """Cached samples again, under their keys, with image latents added and everything else as it was."""
+        group = []
+        size, mtime_ns = refreshed.stat
+        first = refreshed.first
+        for row, (old, entry) in enumerate(zip(refreshed.samples, refreshed.entries, strict=True)):
+            meta = {name: value for name, value in old.meta.items() if name != INDEX}  # the writer adds it again
+            entry = dataclasses.replace(entry, size=size, mtime_ns=mtime_ns)
+            sample = Sample(old.key, dict(old.tensors), meta, dict(old.extras))
+            with_image_latents(sample, entry, refreshed.image_moments[row], first.sigmas[row], first.jpegs[row])
+            group.append((sample, entry))
+        self.shards.write_group(group)
+        self.on_written()
+
+    def _write_encoded(self, encoded: Encoded) -> None:
         """The samples of one clip (one per window), into one shard."""
         read, prompt = encoded.read, encoded.prompt
         clip = read.clip
         group = []
-        for (window, mirrored), indices, moments, strip in zip(
-            read.variants, read.windows, encoded.moments, read.strips, strict=True
+        for row, ((window, mirrored), indices, moments, strip) in enumerate(
+            zip(read.variants, read.windows, encoded.moments, read.strips, strict=True)
         ):
-            original = sample_key(clip.source, read.content_hash, window, clip.caption)
-            key = original + MIRROR_SUFFIX if mirrored else original
+            original, key = sample_key(clip.source, read.content_hash, window, clip.caption), read.key(row)
             entry = SampleEntry(key, clip.source, read.content_hash, read.bucket, read.size, read.mtime_ns)
             entry.caption_hash = caption_hash(clip.caption)
             meta = {
@@ -103,7 +129,11 @@ class RankWriter:
             if mirrored:  # the frames were mirrored left to right before encoding
                 meta |= {"mirrored": True, "mirror_of": original}
             tensors = {"moments": moments, "prompt_embeds": prompt.embeds}
-            group.append((Sample(key, tensors, meta, {"jpg": strip}), entry))
+            sample = Sample(key, tensors, meta, {"jpg": strip})
+            if encoded.image_moments is not None:
+                first = read.first
+                with_image_latents(sample, entry, encoded.image_moments[row], first.sigmas[row], first.jpegs[row])
+            group.append((sample, entry))
         self.shards.write_group(group)
         self.on_written()
 

@@ -20,7 +20,7 @@ import re
 import tarfile
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -37,8 +37,11 @@ from cogvx.shards.manifest import (
     ShardRecord,
     describe_layout,
     is_plain_name,
+    joined_layout,
     merge_layouts,
     open_regular,
+    parse_carries,
+    sample_layout,
 )
 from cogvx.shards.store import LocalStore, Mismatch, Store, is_remote, open_store, parent_of
 
@@ -161,6 +164,8 @@ def check_sample(
     fix = fix or _verify_hint(origin)
     check_index(sample.meta, entry, where, fix)
     found = layout_of(sample)
+    # Tensors a sample may carry (image latents) are part of its bucket's layout only where it carries them.
+    layout = sample_layout(layout, entry.carries if entry is not None else tuple(found))
     if found != layout:
         bucket = sample.meta.get("bucket")
         raise CacheError(
@@ -192,7 +197,7 @@ def check_index(meta: Any, entry: SampleEntry | None, where: str, fix: str) -> N
 
 
 def _index_line(entry: SampleEntry) -> dict[str, Any]:
-    return {k: v for k, v in asdict(entry).items() if k != "key"}
+    return {k: v for k, v in entry.to_dict().items() if k != "key"}
 
 
 def entry_from_meta(key: str, meta: dict[str, Any]) -> SampleEntry:
@@ -201,7 +206,15 @@ def entry_from_meta(key: str, meta: dict[str, Any]) -> SampleEntry:
     if not isinstance(line, dict):  # written before the writer kept index lines: the fields it had
         line = {name: meta.get(name) for name in INDEX_FIELDS}
     kinds = {"source": str, "content_hash": str, "bucket": str, "size": int, "mtime_ns": int, "caption_hash": str}
+    line = dict(line)
+    if "carries" in line:
+        carries = line.pop("carries")
+        if not isinstance(carries, list):
+            raise CacheError(f"Sample {key}: its .json index line has an unusable carries ({_short(carries)}).")
+        line["carries"] = parse_carries(carries, f"Sample {key}: its .json index line")
     for name, value in line.items():
+        if name == "carries":
+            continue
         kind = kinds.get(name)
         optional = name not in INDEX_FIELDS and value is None
         if kind is None or not (optional or type(value) is kind):
@@ -299,13 +312,18 @@ class ShardWriter:
             if sample.key != entry.key:
                 raise ValueError(f"Sample {sample.key} comes with the index line of {entry.key}.")
             layout = layout_of(sample)
-            if layouts.setdefault(entry.bucket, layout) != layout:
+            if layout != sample_layout(layout, entry.carries):
+                raise ValueError(f"Sample {sample.key} holds {describe_layout(layout)}, its index line carries "
+                                 f"{list(entry.carries)}.")  # fmt: skip
+            joined = joined_layout(layouts.setdefault(entry.bucket, layout), layout)
+            if joined is None:
                 raise ValueError(
                     f"Sample {sample.key} of bucket {entry.bucket} holds {describe_layout(layout)}, earlier samples "
                     f"of that bucket {describe_layout(layouts[entry.bucket])}; a bucket has one layout."
                 )
+            layouts[entry.bucket] = joined
             meta = _with_index(sample, entry)
-            encoded.append(encode_sample(Sample(sample.key, sample.tensors, meta, sample.extras)))
+            encoded.append((encode_sample(Sample(sample.key, sample.tensors, meta, sample.extras)), layout))
         if self._tar is None:
             while self._path(self.index).exists():
                 self.index += 1
@@ -315,14 +333,15 @@ class ShardWriter:
             tmp = paths.temporary(self._path(self.index))
             self._tar = tarfile.open(tmp, "w", format=tarfile.PAX_FORMAT, pax_headers=pax)
         now = int(time.time())  # an int: a float mtime would add a pax header to every member
-        for members, (_, entry) in zip(encoded, group, strict=True):
+        for (members, layout), (_, entry) in zip(encoded, group, strict=True):
             for name, data in members:
                 info = tarfile.TarInfo(name)
                 info.size, info.mtime, info.mode = len(data), now, 0o644
                 self._tar.addfile(info, io.BytesIO(data))
                 self._bytes += len(data) + 1024
             self._entries.append(entry)
-            self._shard_layouts[entry.bucket] = layouts[entry.bucket]
+            # A shard records what its own samples hold: their layouts joined (checked above to agree).
+            self._shard_layouts[entry.bucket] = joined_layout(self._shard_layouts.get(entry.bucket, layout), layout)
         self.layouts = layouts
         if self._bytes >= self.max_bytes or len(self._entries) >= self.max_samples:
             self.flush()
@@ -785,7 +804,10 @@ def read_indexed_shard(folder: Path, name: str) -> IndexedShard:
                 entry = entry_from_meta(sample.key, sample.meta)
             except CacheError as err:
                 raise CacheError(f"{err} (shard {origin}) {fix}.") from err
-            check_sample(sample, entry, layouts.setdefault(entry.bucket, layout_of(sample)), origin, fix)
+            layout = layout_of(sample)
+            joined = joined_layout(layouts.setdefault(entry.bucket, layout), layout)
+            check_sample(sample, entry, layouts[entry.bucket] if joined is None else joined, origin, fix)
+            layouts[entry.bucket] = joined
             entries.append(entry)
         sha256 = hashing.finish()
     header = reader.header.get(HEADER_KEY)

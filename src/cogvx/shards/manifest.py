@@ -31,6 +31,12 @@ FORMAT_VERSION = 1
 
 # The key of a sample's mirrored variant is its own key with this suffix (keys are at most 64 characters).
 MIRROR_SUFFIX = "-mirrored"
+# Tensors a sample may hold beyond its bucket's base ones (``moments``, ``prompt_embeds``); each sample's index
+# line lists those it holds in ``carries``. ``image_moments``: the VAE moments of the first frame, for
+# image-to-video (``cogvx preprocess --image-latents``).
+IMAGE_MOMENTS = "image_moments"
+CARRIED_TENSORS = (IMAGE_MOMENTS,)
+FIRST_FRAME = "first.jpg"  # the member (K.first.jpg) holding the first frame of a sample with image latents
 KEY_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # sample keys: webdataset splits member names at a dot
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -50,11 +56,36 @@ def is_plain_name(name: object) -> bool:
     )
 
 
+def joined_layout(known: dict[str, dict[str, Any]], layout: dict[str, dict[str, Any]]) -> dict | None:
+    """One bucket's layout covering both, or None where they disagree.
+
+    They agree when they hold the same base tensors alike and every carried tensor (``CARRIED_TENSORS``) that
+    both hold alike: a bucket may hold samples with and without a carried tensor (a cache gaining image
+    latents), and its layout then lists it, for the samples that carry it (``sample_layout``).
+    """
+    if known == layout:
+        return known
+    names = set(known) | set(layout)
+    if any(n not in CARRIED_TENSORS and (n not in known or n not in layout) for n in names):
+        return None
+    if any(known[n] != layout[n] for n in set(known) & set(layout)):
+        return None
+    return {n: known.get(n) or layout[n] for n in sorted(names)}
+
+
+def sample_layout(layout: dict[str, dict[str, Any]], carries: tuple[str, ...]) -> dict[str, dict[str, Any]]:
+    """The tensors one sample of a bucket must hold: the base ones, and the carried ones it says it carries."""
+    return {n: spec for n, spec in layout.items() if n not in CARRIED_TENSORS or n in carries}
+
+
 def merge_layouts(into: Layouts, layouts: Layouts, origin: str) -> None:
     """Add ``layouts`` to ``into``; a bucket laid out differently in both is a CacheError naming ``origin``."""
     for bucket, layout in layouts.items():
         known = into.setdefault(bucket, layout)
-        if known != layout:
+        joined = joined_layout(known, layout)
+        if joined is not None:
+            into[bucket] = joined  # a new dict when it grew: the shard's own record stays as written
+        else:
             raise CacheError(
                 f"{origin} stores bucket {bucket} as {describe_layout(layout)}, but other shards of the cache as "
                 f"{describe_layout(known)}; one cache holds one layout per bucket. Write it to a new folder."
@@ -87,6 +118,18 @@ class SampleEntry:
     mtime_ns: int | None = None
     # Hash of the caption the sample was encoded with: a changed caption is a changed input too.
     caption_hash: str | None = None
+    # Tensors it holds beyond the base ones (names from CARRIED_TENSORS); written only when not empty, so
+    # caches written before samples carried any read unchanged.
+    carries: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Its index line as JSON values (``carries`` only when not empty)."""
+        data = asdict(self)
+        if self.carries:
+            data["carries"] = list(self.carries)
+        else:
+            del data["carries"]
+        return data
 
     @property
     def mirrored(self) -> bool:
@@ -124,6 +167,11 @@ class ShardRecord:
     def live_samples(self) -> list[SampleEntry]:
         excluded = set(self.excluded)
         return [s for s in self.samples if s.key not in excluded]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["samples"] = [entry.to_dict() for entry in self.samples]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], origin: Path | str = "the manifest") -> ShardRecord:
@@ -193,6 +241,11 @@ class Manifest:
         """Samples readers serve, mirrored variants not counted: what one epoch passes over."""
         return sum(1 for entry in self.live_entries() if not entry.mirrored)
 
+    @property
+    def image_latent_count(self) -> int:
+        """Samples readers serve that carry image latents (``image_moments``, for image-to-video)."""
+        return sum(1 for entry in self.live_entries() if IMAGE_MOMENTS in entry.carries)
+
     def missing_mirrors(self) -> list[str]:
         """Keys of served originals without a served mirrored variant."""
         keys = {entry.key for entry in self.live_entries()}
@@ -225,6 +278,7 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
+        data["shards"] = [shard.to_dict() for shard in self.shards]
         data["totals"] = {
             "shards": len(self.shards),
             "samples": self.sample_count,
@@ -362,7 +416,19 @@ def _sample_entry(data: Any, origin: Path | str, where: str) -> SampleEntry:
         size=fields_.get("size", int, default=None),
         mtime_ns=fields_.get("mtime_ns", int, default=None),
         caption_hash=fields_.get("caption_hash", str, default=None),
+        carries=parse_carries(fields_.get("carries", list, default=[]), f"{origin}: sample {key} of {where}"),
     )
+
+
+def parse_carries(names: list, where: str) -> tuple[str, ...]:
+    """``carries`` of an index line: distinct names of CARRIED_TENSORS; anything else is a CacheError."""
+    if not all(isinstance(n, str) and n in CARRIED_TENSORS for n in names) or len(set(names)) != len(names):
+        raise CacheError(
+            f"{where} has `carries` = {_short(names)}: it must list distinct tensor names among "
+            f"{', '.join(CARRIED_TENSORS)}. The manifest or shard is damaged; rebuild it with "
+            "`cogvx shards rebuild-manifest`."
+        )
+    return tuple(names)
 
 
 def _layouts(data: dict, origin: Path | str, where: str) -> Layouts:

@@ -69,6 +69,9 @@ class TrainConfig:
     random_flip: float = 0.0  # probability of drawing a sample's mirrored variant (a cache made with --flip)
     cache_dir: Path | None = None  # a remote cache's verified shards are kept here (by sha256) and read from here
     skip_bad_shards: bool = False  # a missing or changed shard is skipped and reported instead of stopping the run
+    # Image-to-video models: probability that a sample's image latents are all zeros (the reference I2V
+    # script's --noised_image_dropout and default). A config-file setting.
+    noised_image_dropout: float = 0.05
     # Validation: latents sampled from the cache's validation prompts (transformer only), decoded later
     validation_every: int = 0  # steps; 0 for none
     validation_steps: int = 50  # sampler steps
@@ -133,6 +136,10 @@ class TrainConfig:
             ),
             (self.max_memory is None or self.max_memory > 0, f"--max-memory must be positive (got {self.max_memory})"),
             (0 <= self.random_flip <= 1, f"--random-flip must be a probability, 0 to 1 (got {self.random_flip})"),
+            (
+                0 <= self.noised_image_dropout <= 1,
+                f"noised_image_dropout must be a probability, 0 to 1 (got {self.noised_image_dropout})",
+            ),
             (
                 not (self.push_to_hub or self.push_checkpoints) or bool(self.hub_model_id),
                 "--push-to-hub needs --hub-model-id OWNER/NAME (the model repo to upload to)",

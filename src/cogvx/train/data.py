@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cogvx.errors import CogvxError
 from cogvx.shards import CacheError, ShardRecord, decode_sample, iter_record_samples, merged_layouts, open_shard
-from cogvx.shards.manifest import MIRROR_SUFFIX
+from cogvx.shards.manifest import IMAGE_MOMENTS, MIRROR_SUFFIX
 from cogvx.shards.store import Store, StoreError, open_store
 
 SKIPPED_SHARDS = "skipped_shards"  # a batch's list of the shards its stream skipped so far (--skip-bad-shards)
@@ -244,7 +244,10 @@ def collate(samples: list) -> dict[str, Any]:
         tensors = [s.tensors[name] for s in samples]
         return tensors[0].unsqueeze(0) if len(tensors) == 1 else torch.stack(tensors)  # no copy for one
 
-    return {"moments": join("moments"), "prompt_embeds": join("prompt_embeds"), "keys": [s.key for s in samples]}
+    batch = {"moments": join("moments"), "prompt_embeds": join("prompt_embeds"), "keys": [s.key for s in samples]}
+    if all(IMAGE_MOMENTS in s.tensors for s in samples):  # a cache made with --image-latents (for I2V models)
+        batch[IMAGE_MOMENTS] = join(IMAGE_MOMENTS)
+    return batch
 
 
 def make_loader(stream: ShardStream, workers: int, pin_memory: bool, prefetch: int = 2) -> Loader:

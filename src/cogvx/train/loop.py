@@ -28,6 +28,7 @@ from cogvx.pipeline import levers, lora, memory, models
 from cogvx.pipeline.objective import Objective
 from cogvx.progress import progress_bar
 from cogvx.shards import Manifest, paths
+from cogvx.shards.manifest import IMAGE_MOMENTS
 from cogvx.shards.store import display, open_store
 from cogvx.train import checkpoint, report
 from cogvx.train.config import TrainConfig
@@ -92,6 +93,63 @@ def check_mirrors(manifest: Manifest, cfg: TrainConfig) -> None:
         )
 
 
+def check_image_latents(manifest: Manifest, info: models.ModelInfo, shards: Path) -> None:
+    """An image-to-video model conditions on each clip's first frame: refuse a cache without its latents."""
+    if not info.image_to_video:
+        return
+    missing = manifest.sample_count - manifest.image_latent_count
+    if missing:
+        data = shlex.quote(str(manifest.producer.get("data") or "VIDEOS"))
+        raise CacheError(
+            f"{info.name} is an image-to-video model, and {missing} of {manifest.sample_count} samples in {shards} "
+            f"have no image latents. Add them (videos are not encoded again): cogvx preprocess --data {data} "
+            f"--output {shlex.quote(str(shards))} --image-latents"
+        )
+
+
+def check_packable(manifest: Manifest, info: models.ModelInfo, transformer: dict[str, Any], shards: Path) -> None:
+    """Every bucket must make whole patches this transformer can place, before its weights are read.
+
+    Latent frames always pack: 1.5 pads them in front to a multiple of ``patch_size_t``, as its pipeline
+    does. Sizes may not: 1.5's rotary grid is cut from one of the transformer's sample size, so a bucket
+    may not exceed it, and learned position embeddings (5b-I2V) exist for the sample size alone.
+    """
+    p, p_t = transformer.get("patch_size") or 1, transformer.get("patch_size_t")
+    sample = (transformer.get("sample_height", 0), transformer.get("sample_width", 0))
+    pixels = "x".join(str(n * info.spatial_compression) for n in sample)
+    for bucket, layout in sorted(manifest.layouts().items()):
+        height, width = layout["moments"]["shape"][2:]
+        problem = None
+        if height % p or width % p:
+            problem = f"its latents are {height}x{width}, not a multiple of the patch size {p}"
+        elif transformer.get("use_learned_positional_embeddings") and (height, width) != sample:
+            problem = f"its learned position embeddings exist for {pixels} pixels only"
+        elif p_t and (height > sample[0] or width > sample[1]):
+            problem = f"it is larger than the {pixels} pixels its position embeddings cover"
+        if problem:
+            raise CacheError(
+                f"{info.name} cannot pack bucket {bucket} of {shards}: {problem}. Preprocess again with buckets "
+                f"it packs: cogvx preprocess --data VIDEOS --output NEW_CACHE --model {info.name} --resolution HxW"
+            )
+
+
+def frame_count_warning(manifest: Manifest, info: models.ModelInfo) -> str | None:
+    """CogVideoX 1.5 was trained on 8k+1 frames (``frame_step``): odd latent counts, one padding frame in front.
+
+    Other 4k+1 counts pack too (an even latent count needs no padding), so they train, with a word on it.
+    """
+    if info.frame_step == info.temporal_compression:
+        return None
+    odd = sorted(b for b in manifest.bucket_counts() if (int(b.split("x")[0]) - 1) % info.frame_step)
+    if not odd:
+        return None
+    return (
+        f"[warning] {info.name} was trained on {info.frame_step}k+1 frames (latents padded to whole tokens, as "
+        f"its pipeline pads them); buckets {', '.join(odd)} are not, so they train without that padding frame. "
+        f"A cache preprocessed with --model {info.name} has {info.frame_step}k+1 buckets."
+    )
+
+
 def step_seed(seed: int, *parts: int) -> int:
     """A 63-bit seed for one (step, micro-batch, rank): same inputs, same random numbers, on resume too."""
     digest = hashlib.sha256(":".join(map(str, (seed, *parts))).encode()).digest()
@@ -144,11 +202,13 @@ def train_step(
         torch.manual_seed(step_seed(seed, step, micro, rank, 1))  # LoRA dropout
         moments = batch["moments"].to(device, non_blocking=True)
         embeds = batch["prompt_embeds"].to(device, non_blocking=True)
+        image = batch.get(IMAGE_MOMENTS)
+        image = image.to(device, non_blocking=True) if image is not None else None
         # Gradients are all-reduced once per step, on the last micro-batch.
         sync = contextlib.nullcontext() if micro == count - 1 else accelerator.no_sync(model)
         with sync:
             with accelerator.autocast():
-                loss = objective(model, moments, embeds, generator, compute_dtype)
+                loss = objective(model, moments, embeds, generator, compute_dtype, image_moments=image)
             accelerator.backward(loss / count)
         total += loss.detach() / count
     grad_norm = accelerator.clip_grad_norm_(params, max_grad_norm)
@@ -214,7 +274,13 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
         cfg.model_variant or (manifest.producer.get("variant") if from_cache else None),
     )
     check_cache_fits(manifest, info, store.location)
+    info.check_task()
+    check_image_latents(manifest, info, store.location)
+    check_packable(manifest, info, info.read_config("transformer"), store.location)
     check_mirrors(manifest, cfg)
+    warning = frame_count_warning(manifest, info)
+    if warning:
+        accelerator.print(warning)
     if cfg.epochs is not None:
         epochs, cfg = cfg.epochs, cfg.steps_for(manifest.original_count, world)
         accelerator.print(
@@ -244,7 +310,13 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
     optimizer = build_optimizer(cfg, params, lr)
     schedule = build_schedule(cfg, optimizer)
     noise_scheduler = info.load_scheduler()
-    objective = Objective(transformer.config, noise_scheduler.alphas_cumprod, info.scaling_factor)
+    objective = Objective(
+        transformer.config,
+        noise_scheduler.alphas_cumprod,
+        info.scaling_factor,
+        image_latent_scale=info.image_latent_scale if info.image_to_video else None,
+        noised_image_dropout=cfg.noised_image_dropout,
+    )
 
     # The one state a checkpoint holds, saved and loaded as a whole (the raw optimizer: accelerate's wrapper
     # shares its state).
@@ -387,6 +459,7 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
             manifest=manifest,
             weights_name=weights.name,
             world_size=world,
+            image_to_video=info.image_to_video,
         )
         runs.model_card(cfg.output).write_text(card)
     # torch frees a gloo process group holding the GIL and joins gloo's worker threads, which may still

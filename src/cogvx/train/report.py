@@ -66,6 +66,7 @@ def model_card(
     manifest: Any,
     weights_name: str,
     world_size: int,
+    image_to_video: bool = False,
 ) -> str:
     """The run folder's README.md: what was trained on what, and how to load it in diffusers."""
     final = runs.final_loss(records)
@@ -75,11 +76,15 @@ def model_card(
     base = model_name if hub_like else model_source
     total_batch = config["batch_size"] * config["gradient_accumulation"] * world_size
     params = manifest.params
+    # An image-to-video LoRA is used with the I2V pipeline, which starts every video from a given picture.
+    pipeline = "CogVideoXImageToVideoPipeline" if image_to_video else "CogVideoXPipeline"
+    image_import = ", load_image" if image_to_video else ""
+    inputs = 'image=load_image("first_frame.png"), prompt="your prompt"' if image_to_video else '"your prompt"'
     lines = [
         "---",
         f"base_model: {model_name}" if hub_like else "base_model: null",
         "library_name: diffusers",
-        "tags: [cogvideox, text-to-video, lora, cogvx]",
+        f"tags: [cogvideox, {'image-to-video' if image_to_video else 'text-to-video'}, lora, cogvx]",
         "---",
         "",
         f"# LoRA for {model_name}",
@@ -115,12 +120,12 @@ def model_card(
         "",
         "```python",
         "import torch",
-        "from diffusers import CogVideoXPipeline",
-        "from diffusers.utils import export_to_video",
+        f"from diffusers import {pipeline}",
+        f"from diffusers.utils import export_to_video{image_import}",
         "",
-        f'pipe = CogVideoXPipeline.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")',
+        f'pipe = {pipeline}.from_pretrained("{base}", torch_dtype=torch.bfloat16).to("cuda")',
         f'pipe.load_lora_weights("path/to/this/folder", weight_name="{weights_name}", adapter_name="cogvx")',
-        'video = pipe("your prompt", num_frames=49, guidance_scale=6.0, num_inference_steps=50).frames[0]',
+        f"video = pipe({inputs}, num_frames=49, guidance_scale=6.0, num_inference_steps=50).frames[0]",
         f'export_to_video(video, "output.mp4", fps={NATIVE_FPS})',
         "```",
         "",

@@ -7,6 +7,12 @@ trainer samples latents for them with the transformer alone and writes
 scaled latent space (what ``CogVideoXPipeline(..., output_type="latent")`` returns) and metadata whose
 values are JSON strings (prompt, seed, step, model, guidance_scale, num_inference_steps, height,
 width, num_frames, scaling_factor). ``cogvx render`` decodes them with the VAE later.
+
+An image-to-video model conditions each prompt on a first frame stored in the cache (``cogvx preprocess
+--image-latents``): prompt k gets the k-th (cycling) of the live samples of the validation size that carry
+image latents, ordered by key, so every run and every step sees the same pairs. The sample's latents are
+the posterior mean of its first frame, scaled as the I2V pipeline scales image latents; the file also
+holds tensor ``image`` (the first frame, uint8 ``[H, W, 3]``) and metadata ``image_key``.
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from cogvx import runs
 from cogvx.errors import CacheError, ConfigError
 from cogvx.pipeline.models import ModelInfo
 from cogvx.pipeline.sampling import sample_latents
-from cogvx.shards import Manifest, paths
+from cogvx.shards import Manifest, paths, read_shard
+from cogvx.shards.manifest import FIRST_FRAME, IMAGE_MOMENTS
 from cogvx.shards.store import Store, open_store
 
 
@@ -35,6 +42,48 @@ class ValidationSet:
     num_frames: int
     height: int
     width: int
+    # Image-to-video models: per prompt, the first frame's scaled latents [N, 1, C, H, W], the frame itself
+    # (uint8 [H, W, 3]) and the key of the cache sample it comes from.
+    image_latents: torch.Tensor | None = None
+    images: list[torch.Tensor] | None = None
+    image_keys: list[str] | None = None
+
+
+def load_conditioning(
+    store: Store, manifest: Manifest, info: ModelInfo, count: int, height: int, width: int
+) -> tuple[torch.Tensor, list[torch.Tensor], list[str]]:
+    """First frames for ``count`` prompts: samples of the validation size with image latents, by key, cycling."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    candidates = sorted(
+        (entry.key, shard)
+        for shard in manifest.shards
+        for entry in shard.live_samples()
+        if IMAGE_MOMENTS in entry.carries
+        and not entry.mirrored
+        and [int(v) for v in entry.bucket.split("x")[1:]] == [height, width]
+    )
+    if not candidates:
+        raise CacheError(
+            f"{info.name} is an image-to-video model, so validation starts from first frames stored in the cache, "
+            f"and {store.location} has no sample of {height}x{width} with image latents. Pass --validation-height and "
+            "--validation-width of one of its buckets, or add them: cogvx preprocess ... --image-latents"
+        )
+    chosen = [candidates[k % len(candidates)] for k in range(count)]
+    wanted = {key for key, _ in chosen}
+    found: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for shard in {id(s): s for _, s in chosen}.values():
+        for sample in read_shard(store, shard):
+            if sample.key in wanted:
+                mean = sample.tensors[IMAGE_MOMENTS].float().chunk(2, dim=0)[0]  # [C, 1, H, W]
+                with Image.open(io.BytesIO(sample.extras[FIRST_FRAME])) as picture:
+                    frame = torch.from_numpy(np.asarray(picture.convert("RGB")).copy())
+                found[sample.key] = (mean.permute(1, 0, 2, 3) * info.image_latent_scale, frame)
+    latents = torch.stack([found[key][0] for key, _ in chosen])  # [N, 1, C, H, W]
+    return latents, [found[key][1] for key, _ in chosen], [key for key, _ in chosen]
 
 
 def load_validation_set(
@@ -80,7 +129,11 @@ def load_validation_set(
             f"--validation-height/--validation-width {height}x{width} must be multiples of {multiple} for "
             f"{info.name} (VAE compression {info.spatial_compression} x patch size {patch_size})."
         )
-    return ValidationSet(prompts, embeds, negative, frames, height, width)
+    validation = ValidationSet(prompts, embeds, negative, frames, height, width)
+    if info.image_to_video:
+        conditioning = load_conditioning(store, manifest, info, len(prompts), height, width)
+        validation.image_latents, validation.images, validation.image_keys = conditioning
+    return validation
 
 
 def _metadata(data: bytes) -> dict[str, str]:
@@ -132,6 +185,11 @@ def run_validation(
                     generator=torch.Generator().manual_seed(sample_seed),
                     spatial_compression=info.spatial_compression,
                     temporal_compression=info.temporal_compression,
+                    image_latents=(
+                        validation.image_latents[index : index + 1].to(device, dtype)
+                        if validation.image_latents is not None
+                        else None
+                    ),
                 )
             metadata = {
                 "prompt": validation.prompts[index],
@@ -145,7 +203,12 @@ def run_validation(
                 "num_frames": validation.num_frames,
                 "scaling_factor": info.scaling_factor,
             }
-            written.append(runs.write_validation_sample(runs.validation_sample(folder, index), latents, metadata))
+            extra = {}
+            if validation.images is not None:
+                metadata["image_key"] = validation.image_keys[index]
+                extra["image"] = validation.images[index]
+            path = runs.validation_sample(folder, index)
+            written.append(runs.write_validation_sample(path, latents, metadata, extra))
     finally:
         model.train(was_training)
     return written

@@ -6,7 +6,11 @@ random weights, directly on the GPU; speed and memory do not depend on weight va
     python bench/train_step.py --runs "2b:seed 2b:full 2b:selective+compile" --out results.json
 
 A run is ``MODEL:VARIANT``, or ``MODEL@FxHxW:VARIANT`` for another latent size (``1.5@21x96x170``: 81 frames
-at 768x1360). ``seed`` / ``seed-nockpt`` is the reference, the seed-style step of
+at 768x1360). ``MODEL`` may end in ``-i2v`` (``5b-i2v``, ``1.5-i2v``): the image-to-video transformer, built
+from the text-to-video config with what the published I2V configs change (twice the input channels; 5b-I2V
+learned position embeddings, 1.5-I2V the ``ofs`` embedding), trained with the image latents of each sample's
+first frame; its seed-style step is the one of diffusers' ``train_cogvideox_image_to_video_lora.py``.
+``seed`` / ``seed-nockpt`` is the reference, the seed-style step of
 diffusers' ``train_cogvideox_lora.py`` (bf16 weights, peft adapter, plain AdamW, loss in bf16 under
 autocast, with or without diffusers' gradient checkpointing), written here. Every other variant is cogvx's own step
 (its shard loader with workers and pinned memory, ``Objective`` in fp32, fused AdamW, fp32 LoRA
@@ -46,6 +50,17 @@ SHAPES = {"2b": (13, 60, 90), "5b": (13, 60, 90), "1.5": (13, 60, 90), "tiny": (
 
 
 def load_config(model: str) -> dict:
+    if model.endswith("-i2v"):
+        cfg = load_config(model.removesuffix("-i2v"))
+        t = cfg["transformer"]
+        t["in_channels"] = 2 * t["in_channels"]
+        if t.get("patch_size_t"):  # 1.5-I2V: the ofs embedding, as wide as the time embedding
+            t["ofs_embed_dim"] = t["time_embed_dim"]
+        else:  # 5b-I2V
+            t["use_learned_positional_embeddings"] = True
+        if model.startswith("1.5"):  # the 1.5 I2V pipeline divides image latents by the scaling factor
+            cfg["vae"]["invert_scale_latents"] = True
+        return cfg
     if model == "tiny":  # CPU smoke run of this script
         from cogvx.pipeline import models
 
@@ -83,6 +98,15 @@ def build_transformer(cfg: dict, device: torch.device):
     return transformer.to(device=device, dtype=torch.bfloat16)
 
 
+def image_to_video(cfg: dict) -> bool:
+    return cfg["transformer"]["in_channels"] == 2 * cfg["vae"]["latent_channels"]
+
+
+def image_scale(cfg: dict) -> float:
+    scale = cfg["vae"]["scaling_factor"]
+    return 1 / scale if cfg["vae"].get("invert_scale_latents") else scale
+
+
 def make_cache(folder: Path, cfg: dict, shape: tuple[int, int, int], samples: int = 8) -> list[ShardRecord]:
     """A small cache of real-size random samples, so cogvx's step reads through its real loader."""
     channels = cfg["vae"]["latent_channels"] * 2
@@ -95,7 +119,12 @@ def make_cache(folder: Path, cfg: dict, shape: tuple[int, int, int], samples: in
             "moments": torch.randn(channels, *shape, generator=g).to(torch.bfloat16),
             "prompt_embeds": torch.randn(226, text_dim, generator=g).to(torch.bfloat16),
         }
-        writer.write(Sample(f"s{i}", tensors, {"bucket": "b"}), SampleEntry(f"s{i}", "bench", "h", "b"))
+        carries: tuple[str, ...] = ()
+        if image_to_video(cfg):
+            tensors["image_moments"] = torch.randn(channels, 1, *shape[1:], generator=g).to(torch.bfloat16)
+            carries = ("image_moments",)
+        entry = SampleEntry(f"s{i}", "bench", "h", "b", carries=carries)
+        writer.write(Sample(f"s{i}", tensors, {"bucket": "b"}), entry)
     writer.flush()
     return records
 
@@ -118,17 +147,21 @@ class SeedStep:
         self.optimizer = torch.optim.AdamW(self.params, lr=1e-4, betas=(0.9, 0.95), weight_decay=1e-4, eps=1e-8)
         self.scheduler = CogVideoXDPMScheduler(**cfg["scheduler"])
         self.scheduler.alphas_cumprod = self.scheduler.alphas_cumprod.to(device)
-        self.scaling = cfg["vae"]["scaling_factor"]
+        self.scaling, self.image_scale = cfg["vae"]["scaling_factor"], image_scale(cfg)
         self.tcfg = cfg["transformer"]
 
     def lora_dtype(self) -> str:
         return str(self.params[0].dtype)
 
     def __call__(self) -> float:
-        moments, embeds = self.batches  # the seed keeps posteriors and embeddings on the GPU
-        mean, logvar = moments.chunk(2, dim=1)
-        latents = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * self.scaling
-        model_input = latents.permute(0, 2, 1, 3, 4).to(torch.bfloat16)
+        moments, embeds, image_moments = self.batches  # the seed keeps posteriors and embeddings on the GPU
+
+        def sample(posterior, scale):
+            mean, logvar = posterior.chunk(2, dim=1)
+            latents = (mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)) * scale
+            return latents.permute(0, 2, 1, 3, 4).to(torch.bfloat16)
+
+        model_input = sample(moments, self.scaling)
         # The seed has no patch_size_t and cannot train 1.5 at all; its step with 1.5's padding added.
         model_input = pad_for_temporal_patch(model_input, self.tcfg.get("patch_size_t"))
         b, f, _, h, w = model_input.shape
@@ -136,13 +169,23 @@ class SeedStep:
         t = torch.randint(0, self.scheduler.config.num_train_timesteps, (b,), device=self.device)
         rotary = rotary_embedding(self.tcfg, f, h, w, self.device)
         noisy = self.scheduler.add_noise(model_input, noise, t)
+        inputs, extra = noisy, {}
+        if image_moments is not None:  # the I2V script: first-frame latents, zero-padded in time, on channels
+            image = sample(image_moments, self.image_scale)
+            image = torch.cat([image, image.new_zeros((b, f - 1, *image.shape[2:]))], dim=1)
+            if torch.rand(()).item() < 0.05:  # noised_image_dropout
+                image = torch.zeros_like(image)
+            inputs = torch.cat([noisy, image], dim=2)
+            if self.tcfg.get("ofs_embed_dim"):
+                extra["ofs"] = inputs.new_full((1,), 2.0)
         with torch.autocast(self.device.type, torch.bfloat16):
             out = self.transformer(
-                hidden_states=noisy,
+                hidden_states=inputs,
                 encoder_hidden_states=embeds,
                 timestep=t,
                 image_rotary_emb=rotary,
                 return_dict=False,
+                **extra,
             )[0]
             pred = self.scheduler.get_velocity(out, noisy, t)
             weights = (1 / (1 - self.scheduler.alphas_cumprod[t])).reshape(-1, 1, 1, 1, 1)
@@ -178,7 +221,8 @@ class CogvxStep:
         from diffusers import CogVideoXDPMScheduler
 
         alphas = CogVideoXDPMScheduler(**cfg["scheduler"]).alphas_cumprod
-        self.objective = Objective(cfg["transformer"], alphas, cfg["vae"]["scaling_factor"])
+        i2v = {"image_latent_scale": image_scale(cfg), "noised_image_dropout": 0.05} if image_to_video(cfg) else {}
+        self.objective = Objective(cfg["transformer"], alphas, cfg["vae"]["scaling_factor"], **i2v)
         self.transformer, self.device, self.step = transformer, device, 0
         stream = ShardStream(folder, records, batch_size=1, seed=0, random_flip=0.0, shuffle_buffer=4)
         self.batches = iter(make_loader(stream, workers=2, pin_memory=device.type == "cuda"))
@@ -186,26 +230,29 @@ class CogvxStep:
     def lora_dtype(self) -> str:
         return str(self.params[0].dtype)
 
-    def loss(self, moments, embeds, seed: int) -> torch.Tensor:
+    def loss(self, moments, embeds, seed: int, image_moments=None) -> torch.Tensor:
         generator = torch.Generator(self.device).manual_seed(seed)
+        image = {} if image_moments is None else {"image_moments": image_moments}
         with torch.autocast(self.device.type, torch.bfloat16):
-            return self.objective(self.transformer, moments, embeds, generator, torch.bfloat16)
+            return self.objective(self.transformer, moments, embeds, generator, torch.bfloat16, **image)
 
     def __call__(self) -> float:
         self.step += 1
         batch = next(self.batches)
         moments = batch["moments"].to(self.device, non_blocking=True)
         embeds = batch["prompt_embeds"].to(self.device, non_blocking=True)
-        loss = self.loss(moments, embeds, step_seed(0, self.step, 0, 0))
+        image = batch.get("image_moments")
+        image = None if image is None else image.to(self.device, non_blocking=True)
+        loss = self.loss(moments, embeds, step_seed(0, self.step, 0, 0), image)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss.item()
 
-    def probe(self, moments, embeds) -> tuple[float, float]:
+    def probe(self, moments, embeds, image_moments=None) -> tuple[float, float]:
         """Loss and gradient norm on fixed inputs before any update: fast paths must match the plain one."""
-        loss = self.loss(moments, embeds, 1234)
+        loss = self.loss(moments, embeds, 1234, image_moments)
         loss.backward()
         norm = torch.linalg.vector_norm(torch.stack([p.grad.float().norm() for p in self.params])).item()
         self.optimizer.zero_grad(set_to_none=True)
@@ -238,7 +285,7 @@ def run_one(spec: str, device: torch.device, warmup: int, steps: int, workdir: P
     model, variant = spec.split(":")
     model, _, size = model.partition("@")
     cfg = load_config(model)
-    frames, height, width = (int(n) for n in size.split("x")) if size else SHAPES[model]
+    frames, height, width = (int(n) for n in size.split("x")) if size else SHAPES[model.removesuffix("-i2v")]
     began = time.perf_counter()
     transformer = build_transformer(cfg, device)
     base_params = sum(p.numel() for p in transformer.parameters())
@@ -248,15 +295,19 @@ def run_one(spec: str, device: torch.device, warmup: int, steps: int, workdir: P
     channels, text_dim = cfg["vae"]["latent_channels"] * 2, cfg["text_encoder"]["d_model"]
     moments = torch.randn(1, channels, frames, height, width, generator=g).to(device, torch.bfloat16)
     embeds = torch.randn(1, 226, text_dim, generator=g).to(device, torch.bfloat16)
+    image = None
+    if image_to_video(cfg):
+        image = torch.randn(1, channels, 1, height, width, generator=g).to(device, torch.bfloat16)
     if variant.startswith("seed"):
-        step = SeedStep(transformer, cfg, device, checkpointing=variant == "seed", batches=(moments, embeds))
+        batches = (moments, embeds, image)
+        step = SeedStep(transformer, cfg, device, checkpointing=variant == "seed", batches=batches)
     else:
         options = set(variant.split("+"))
         folder = Path(tempfile.mkdtemp(dir=workdir))
         shape = (frames, height, width)
         step = CogvxStep(transformer, cfg, device, options, make_cache(folder, cfg, shape), folder, shape)
         result["checkpointing"] = step.checkpointing
-        result["probe_loss"], result["probe_grad_norm"] = step.probe(moments, embeds)
+        result["probe_loss"], result["probe_grad_norm"] = step.probe(moments, embeds, image)
     if device.type == "cuda":  # what building on the device cached (swap moved most of it out) is not the step's
         torch.cuda.empty_cache()
     result["lora_params"] = sum(p.numel() for p in step.params)

@@ -147,6 +147,16 @@ def preprocess(
     vae_slicing: bool = typer.Option(
         None, "--vae-slicing/--no-vae-slicing", help=_help(P, "vae_slicing", "Encode a batch one clip at a time.")
     ),
+    compile_vae: bool = typer.Option(
+        None,
+        "--compile/--no-compile",
+        help=_help(
+            P,
+            "compile_vae",
+            "torch.compile the VAE encoder; compiled kernels are kept in ~/.cache/cogvx/torch-compile for later runs.",
+            "on with a GPU, off on a CPU",
+        ),
+    ),
     shard_max_mb: int = typer.Option(None, help=_help(P, "shard_max_mb", "Shard size limit in MiB.")),
     validation_prompt: list[str] = typer.Option(
         None, help="Store this prompt's embedding for validation during training (repeatable)."
@@ -206,6 +216,7 @@ def preprocess(
             vae_batch=vae_batch,
             vae_tiling=vae_tiling,
             vae_slicing=vae_slicing,
+            compile_vae=compile_vae,
             shard_max_mb=shard_max_mb,
             validation_prompts=_repeated(validation_prompt),
             repair=repair,

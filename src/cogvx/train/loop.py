@@ -302,6 +302,8 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
     torch.manual_seed(cfg.seed)  # LoRA A matrices start random: same seed, same start
     params = lora.add_lora(transformer, cfg.rank, cfg.alpha, cfg.targets, cfg.lora_dropout)
     compile_blocks = cfg.compile if cfg.compile is not None else accelerator.device.type == "cuda"
+    if compile_blocks:  # later launches load the compiled blocks instead of compiling them again
+        levers.use_persistent_compile_cache()
     mode = cfg.checkpointing
     if mode == levers.AUTO:
         mode = _choose_checkpointing(accelerator, cfg, transformer, manifest, compile_blocks)

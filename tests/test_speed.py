@@ -43,13 +43,36 @@ def plain():
     return _loss_and_grads("none")
 
 
-@pytest.mark.parametrize("chosen", ["full", "selective", "offload", "swap", "selective+compile"])
+@pytest.mark.parametrize("chosen", ["full", "selective", "offload", "swap", "selective+compile", "swap+compile"])
 def test_checkpointing_modes_and_compile_match_the_plain_path(plain, chosen: str):
     torch._dynamo.reset()
-    loss, grads = _loss_and_grads(chosen, passes=2 if chosen == "swap" else 1)
+    loss, grads = _loss_and_grads(chosen, passes=2 if chosen.startswith("swap") else 1)
     ref_loss, ref_grads = plain
     assert loss == pytest.approx(ref_loss, rel=1e-5)
     assert ((grads - ref_grads).norm() / ref_grads.norm()).item() < 1e-4
+
+
+@pytest.mark.parametrize("mode", ["selective", "swap"])
+def test_a_compiled_runner_is_compiled_once_for_all_blocks(mode: str):
+    """Every block reuses the same few graphs, so a 30- or 42-block model compiles no more than a 5-block one;
+    a graph per block would hit Dynamo's recompile limit and fall back to eager for the rest. (The first
+    block's input needs no gradient and later ones do; ``swap`` also runs each block once without gradients
+    and once, in the recompute, with them: at most three graphs.)"""
+    from diffusers import CogVideoXTransformer3DModel
+
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    config = dict(CogVideoXTransformer3DModel.load_config(models.resolve_model("tiny"), subfolder="transformer"))
+    config["num_layers"] = 5
+    transformer = CogVideoXTransformer3DModel.from_config(config)
+    lora.add_lora(transformer, 4, 8, lora.DEFAULT_TARGETS, 0.0)
+    levers.prepare(transformer, levers.Levers(mode, compile=True, fp8_base=False), "cpu")
+    objective = Objective(transformer.config, models.load_scheduler(models.resolve_model("tiny")).alphas_cumprod, 0.7)
+    g = torch.Generator().manual_seed(3)
+    moments, embeds = torch.randn(1, 8, 4, 8, 12, generator=g), torch.randn(1, 226, 32, generator=g)
+    for step in range(2):
+        objective(transformer, moments, embeds, torch.Generator().manual_seed(step), torch.float32).backward()
+    assert 1 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
 
 
 def test_fp8_base_weights_stay_within_one_percent_and_halve_the_bytes(plain):

@@ -97,6 +97,12 @@ def _run_plain(block, *args):
     return block(*args)
 
 
+def _run_unhooked(block, *args):
+    # For ``swap``, whose runner has brought the weights in already: each block's pre-forward hook carries
+    # its own index, and a compiled region that traced it would be recompiled for every block.
+    return block.forward(*args)
+
+
 class _PinnedPool:
     """One pinned CPU buffer per block, reused every step, and a side stream for the copies.
 
@@ -193,7 +199,6 @@ class BlockSwap:
         self.loaded: list[torch.cuda.Event | None] = [None] * self.SLOTS
         self.free: list[torch.cuda.Event | None] = [None] * self.SLOTS
         self.last: int | None = None
-        self.held = False  # the runner brought the block in: its pre-forward hook has nothing to do
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
 
     def _stash(self, block: torch.nn.Module) -> None:
@@ -220,19 +225,15 @@ class BlockSwap:
             module._buffers[name] = tensor
 
     def _before_block(self, index: int, _module, _args) -> None:
-        if not self.held:
-            self.acquire(index)
+        self.acquire(index)
 
     def running(self, inner):
-        """``inner(block, *args)`` with the block's weights brought in first, outside any compiled region."""
+        """``inner(block, *args)`` with the block's weights brought in first, outside any compiled region;
+        ``inner`` calls the block's ``forward``, past the pre-forward hook."""
 
         def run(block, *args):
             self.acquire(self.index[id(block)])
-            self.held = True
-            try:
-                return inner(block, *args)
-            finally:
-                self.held = False
+            return inner(block, *args)
 
         return run
 
@@ -299,8 +300,8 @@ def configure(transformer: torch.nn.Module, checkpointing: str, compile: bool, s
     if checkpointing == "swap" and swap is None:
         raise ValueError("checkpointing='swap' needs the transformer prepared by levers.prepare")
     if checkpointing in ("offload", "swap"):
-        inner = torch.compile(_run_plain) if compile else _run_plain
-        runner = _offloaded_runner(inner, swap)
+        inner = _run_unhooked if swap is not None else _run_plain
+        runner = _offloaded_runner(torch.compile(inner) if compile else inner, swap)
     else:
         runner = {"full": _run_full, "selective": _run_selective, "none": _run_plain}[checkpointing]
         if compile:

@@ -9,7 +9,10 @@ bench/model-configs, then measures on the same card:
 1. pure encode: VAE + T5 encode time of the clips' frames, decoded beforehand (the floor);
 2. ``cogvx preprocess`` wall time on the same clips (decoding in workers, overlapped);
 3. cache reuse: ``cogvx train`` from start to its first optimizer step on a 100-sample cache, vs a
-   seed-style start that decodes and VAE-encodes every one of 100 clips before step one.
+   seed-style start that decodes and VAE-encodes every one of 100 clips before step one;
+4. launch cost (``--parts launch``): fresh processes, each timed from just before it starts: preprocess to
+   its first written sample and to its end (VAE plain, compiled with an empty compile cache, compiled again
+   with that cache warm), then train to its first optimizer step on that cache (compiled cold, warm, plain).
 
 Clips are 720x480, 30 fps, 4 s; they are sampled at 12.5 fps so each gives 49 frames (49x480x720).
 """
@@ -262,6 +265,59 @@ def cache_reuse(source: str, clips, spec: FrameSpec, device: torch.device, count
             "seed_start_to_first_step_s": encode_all_s + cogvx_s}  # fmt: skip
 
 
+# What a launch runs, less the command-line parsing: the same imports as ``cogvx preprocess`` / ``cogvx train``.
+_PREPROCESS_LAUNCH = """
+import json, sys, time
+from pathlib import Path
+from cogvx.preprocess.run import PreprocessConfig, run
+imported = time.time()
+began, data, out, source, compiled = float(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], sys.argv[5]
+result = run(PreprocessConfig(data=data, output=out, model=source, fps=12.5, compile_vae=compiled == "1"))
+done = time.time()
+marks = {name: result.started + seconds - began for name, seconds in result.timeline.items()}
+print(json.dumps({"imported_s": imported - began, **{f"{k}_s": v for k, v in marks.items()}, "end_s": done - began}))
+"""
+_TRAIN_LAUNCH = """
+import json, sys, time
+from pathlib import Path
+from cogvx.train.config import TrainConfig
+from cogvx.train.loop import run
+imported = time.time()
+began, shards, out, compiled = float(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+first = {}
+cfg = TrainConfig(shards=shards, output=out, max_steps=1, checkpoint_every=0, compile=compiled == "1")
+run(cfg, on_step=lambda record: first.setdefault("first_step_s", time.time() - began))
+print(json.dumps({"imported_s": imported - began, **first, "end_s": time.time() - began}))
+"""
+
+
+def launch_cost(source: str, data: Path, work: Path) -> dict:
+    """Fresh processes, timed from just before each starts (interpreter start and imports included)."""
+    import subprocess
+
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
+                                                      os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    env["XDG_CACHE_HOME"] = str(work / "xdg")  # cogvx keeps compiled kernels under it: starts empty
+
+    def launch(script: str, *args: str) -> dict:
+        began = time.time()
+        out = subprocess.run([sys.executable, "-c", script, str(began), *args], env=env, check=True,
+                             capture_output=True, text=True).stdout  # fmt: skip
+        return json.loads(out.strip().splitlines()[-1])
+
+    report = {"clips": len(discover(data))}
+    preprocess_runs = (("preprocess_plain", "0"), ("preprocess_compiled_cold", "1"), ("preprocess_compiled_warm", "1"))
+    for name, compiled in preprocess_runs:
+        report[name] = launch(_PREPROCESS_LAUNCH, str(data), str(work / f"cache-{name}"), source, compiled)
+        print(name, json.dumps(report[name]), flush=True)
+    cache = str(work / "cache-preprocess_plain")
+    for name, compiled in (("train_compiled_cold", "1"), ("train_compiled_warm", "1"), ("train_plain", "0")):
+        report[name] = launch(_TRAIN_LAUNCH, cache, str(work / f"run-{name}"), compiled)
+        print(name, json.dumps(report[name]), flush=True)
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -276,7 +332,7 @@ def main() -> None:
     bench.add_argument("--vae-batch", type=int, default=1)
     bench.add_argument("--reuse-count", type=int, default=100)
     bench.add_argument("--model-dir", type=Path, help="keep the built model here and reuse it on the next run")
-    bench.add_argument("--parts", default="pure,cogvx,reuse", help="which measurements to run (also: multi)")
+    bench.add_argument("--parts", default="pure,cogvx,reuse", help="which measurements to run (also: multi, launch)")
     bench.add_argument("--gpus", type=int, default=2, help="for the multi part")
     bench.add_argument("--out", type=Path, required=True)
     rank = sub.add_parser("rank", help="internal: one process of the multi part's torchrun launch")
@@ -335,6 +391,9 @@ def main() -> None:
             report["ratio_wall_to_pure"] = ours["wall_s_per_clip"] / report["pure"]["pure_s_per_clip"]
             print(f"ratio wall / pure   {report['ratio_wall_to_pure']:.2f}")
     args.out.write_text(json.dumps(report, indent=1))
+    if "launch" in parts:
+        report["launch"] = launch_cost(source, data, work)
+        args.out.write_text(json.dumps(report, indent=1))
     if "multi" in parts:
         multi = report["multi"] = multi_gpu(source, data, work, args.gpus, args.workers)
         print(json.dumps(multi), flush=True)

@@ -8,6 +8,8 @@ Each case is one run of ``bench/train_step.py``'s cogvx step (real-size random t
 batch 1, its loader, fused AdamW): 2 warm-up steps, then the peak allocated memory of one more step.
 ``--fit CALIBRATION_SIZE`` (offline, no GPU) fits each mode's two coefficients on the cases at that
 size and prints every case's prediction error, so the other size is an out-of-sample check.
+``--fit-swap`` (offline) fits ``swap``'s compiled coefficients to the swap rows of ``bench/train_step.py``
+result files, the static part counted as ``auto`` counts it (fp8 storage, less ``levers.swap_saving``).
 """
 
 from __future__ import annotations
@@ -82,6 +84,35 @@ def fit(results: list[dict], calibration: str) -> None:
             print(f"{name:32} {'OOM':>12} {predicted / 1e9:13.2f}   ({r.get('error', '')[:40]})")
 
 
+def fit_swap(results: list[dict]) -> None:
+    """Least squares of ``swap``'s (per_block, transient) on every compiled swap row; then each row's error."""
+    from diffusers import CogVideoXTransformer3DModel
+
+    from cogvx.pipeline import levers, lora, memory
+
+    cases = []
+    for r in results:
+        options = set(r["variant"].split("+"))
+        if "swap" not in options or "compile" not in options or "peak_allocated_gb" not in r:
+            continue
+        config = train_step.load_config(r["model"].split("@")[0])["transformer"]
+        with torch.device("meta"):  # sizes only: no memory
+            transformer = CogVideoXTransformer3DModel(**config).to(torch.bfloat16)
+        lora.add_lora(transformer, 128, 128, lora.DEFAULT_TARGETS, 0.0)
+        fp8 = "fp8" in options
+        static = memory.static_bytes(transformer) - (levers.fp8_saving(transformer) if fp8 else 0)
+        static -= levers.swap_saving(transformer, fp8)
+        cases.append((r, memory.StepSize.of(config, *r["latent"], batch=1), static))
+    rows = torch.tensor([[size.layers * size.unit, size.unit] for _, size, _ in cases], dtype=torch.float64)
+    targets = torch.tensor([r["peak_allocated_gb"] * 1e9 - static for r, _, static in cases], dtype=torch.float64)
+    per_block, transient = (round(float(v), 2) for v in torch.linalg.lstsq(rows, targets[:, None]).solution.flatten())
+    print(f"swap, compiled (per_block, transient): ({per_block}, {transient})")
+    for r, size, static in cases:
+        predicted = (static + (per_block * size.layers + transient) * size.unit) / 1e9
+        measured = r["peak_allocated_gb"]
+        print(f"{r['run']:40} {measured:8.2f} {predicted:8.2f} {predicted / measured - 1:+7.1%}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=["2b", "5b"])
@@ -89,8 +120,12 @@ def main() -> None:
     parser.add_argument("--variants", default="none+compile selective+compile full+compile offload+compile")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--fit", metavar="CALIBRATION_SIZE", help="fit on this size's cases of --results")
+    parser.add_argument("--fit-swap", action="store_true", help="fit swap's coefficients on --results")
     parser.add_argument("--results", type=Path, nargs="+", help="JSON files written by earlier runs (for --fit)")
     args = parser.parse_args()
+    if args.fit_swap:
+        fit_swap([r for path in args.results for r in json.loads(path.read_text())["results"]])
+        return
     if args.fit:
         results = [r for path in args.results for r in json.loads(path.read_text())["results"]]
         fit(results, args.fit)

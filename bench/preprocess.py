@@ -299,6 +299,7 @@ def launch_cost(source: str, data: Path, work: Path) -> dict:
                                                       os.environ.get("PYTHONPATH", "")])}  # fmt: skip
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     env["XDG_CACHE_HOME"] = str(work / "xdg")  # cogvx keeps compiled kernels under it: starts empty
+    env["TRITON_CACHE_DIR"] = str(work / "triton")  # and Triton its own (~/.triton by default)
 
     def launch(script: str, *args: str) -> dict:
         began = time.time()

@@ -235,6 +235,10 @@ def runs_against_seed(name: str) -> str:
 
 
 def table_swap() -> str:
+    return runs_against_seed("train_step_swap_fixed_h200.json")
+
+
+def table_swap_first() -> str:
     return runs_against_seed("train_step_swap_h200.json")
 
 
@@ -251,7 +255,7 @@ def table_swap_prediction() -> str:
     from cogvx.pipeline import levers, lora, memory
 
     lines = ["| model (latent) | recipe | measured GB | predicted GB | error |", "|---|---|---|---|---|"]
-    files = ("train_step_swap_h200.json", "train_step_15_49x480x720_h200.json", "train_step_15_81x768x1360_h200.json")
+    files = ("train_step_swap_fixed_h200.json", "train_step_15_81x768x1360_i2v_h200.json")
     for name in files:
         for r in load(name)["results"]:
             options = set(r["variant"].split("+"))
@@ -280,6 +284,56 @@ def table_cogvideox15_49() -> str:
 
 def table_cogvideox15_81() -> str:
     return runs_against_seed("train_step_15_81x768x1360_h200.json")
+
+
+def table_i2v_49() -> str:
+    return runs_against_seed("train_step_i2v_49x480x720_h200.json")
+
+
+def table_i2v_81() -> str:
+    return runs_against_seed("train_step_15_81x768x1360_i2v_h200.json")
+
+
+def table_vae_compile() -> str:
+    cold, warm = load("vae_encode_cold_h200.json"), load("vae_encode_warm_h200.json")
+    return "\n".join([
+        "| CogVideoX-2b VAE, bf16, one 49x480x720 clip | empty compile cache | warm compile cache |",
+        "|---|---|---|",
+        f"| plain `vae.encode` (s) | {cold['plain_s']:.3f} | {warm['plain_s']:.3f} |",
+        f"| compiled encoder (s, median after the first) | {cold['compiled_s']:.3f} | {warm['compiled_s']:.3f} |",
+        f"| **speed-up** | **{cold['speedup']:.2f}x** | **{warm['speedup']:.2f}x** |",
+        f"| first compiled encode (s) | {cold['compiled_first_s']:.1f} | {warm['compiled_first_s']:.1f} |",
+        f"| whole process (s) | {cold['process_s']:.1f} | {warm['process_s']:.1f} |",
+        f"| max abs difference of the moments, compiled vs plain (largest value) | "
+        f"{cold['max_abs_difference']:.4f} ({cold['max_abs_value']:.2f}) | "
+        f"{warm['max_abs_difference']:.4f} ({warm['max_abs_value']:.2f}) |",
+        f"| mean abs difference | {cold['mean_abs_difference']:.4f} | {warm['mean_abs_difference']:.4f} |",
+    ])  # fmt: skip
+
+
+def table_launch() -> str:
+    """Seconds from just before a process starts; one row per launch of bench/preprocess.py --parts launch."""
+    files = {
+        "launch_2b_h200.json": "",
+        "launch_2b_h200_t5_thread_experiment.json": " (experiment: T5 on its own thread, straight to the GPU)",
+        "launch_2b_h200_t5_device_map_experiment.json": " (experiment: T5 straight to the GPU)",
+    }
+    lines = [
+        "| launch | imports done | VAE and T5 on the GPU | first sample written / first optimizer step | exit |",
+        "|---|---|---|---|---|",
+    ]
+    for name, label in files.items():
+        runs = load(name)["launch"]
+        for key, run in runs.items():
+            if key == "clips" or (label and not key.startswith("preprocess")):
+                continue
+            loaded = max(run.get("encoders_s", 0.0), run.get("text_encoder_s", 0.0)) or None
+            first = run.get("first_written_s", run.get("first_step_s"))
+            lines.append(
+                f"| {key.replace('_', ' ')}{label} | {run['imported_s']:.1f} | "
+                f"{f'{loaded:.1f}' if loaded else '-'} | {first:.1f} | {run['end_s']:.1f} |"
+            )
+    return "\n".join(lines)
 
 
 def table_environment() -> str:

@@ -132,6 +132,22 @@ def test_two_ranks_killed_while_uploading_then_rerun_then_repaired_then_trained_
     _no_secret(s3, staging, tmp_path / "run", texts=(log.read_text(), captured.out, captured.err))
 
 
+def test_two_ranks_write_one_remote_cache(s3, tmp_path: Path):
+    """A multi-GPU (or multi-node: the ranks share only the bucket and the launcher) run that finishes:
+    each rank's shards are in the bucket, the one manifest lists them all, every clip once."""
+    data = _clips(tmp_path / "data", 4)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "cogvx", "preprocess", "--data", str(data), "--output", str(s3), "--model", "tiny",
+        "--dtype", "fp32", "--workers", "0", "--frame-bucket", "9",
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _sources_once(s3, tmp_path / "after") == [f"clip {i:02d}.mp4" for i in range(4)]
+    ranks = {name.split("-")[1] for name in s3.names() if name.endswith(".tar")}
+    assert ranks == {"r00", "r01"}, "each rank uploads its own shards"
+
+
 def _kill_tree(launcher: subprocess.Popen) -> None:
     """SIGKILL the launcher and every rank it started (they may be in sessions of their own)."""
     import psutil

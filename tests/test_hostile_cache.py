@@ -436,6 +436,8 @@ def test_rebuild_manifest_round_trip_then_train(cache: Path, tmp_path: Path):
 
     refused = cli("shards", "rebuild-manifest", str(folder)).error_line()
     assert "manifest.json exists" in refused
+    remote = cli("shards", "rebuild-manifest", "s3://key:secret@bucket/cache").error_line()
+    assert "works on a local folder, not s3://bucket/cache" in remote and "secret" not in remote
     trained = train(folder, tmp_path)
     assert trained.code == 0, trained.stderr[-3000:]
     assert (tmp_path / "run" / "pytorch_lora_weights.safetensors").is_file()

@@ -434,7 +434,7 @@ def shards_verify(
 
 @shards_app.command("rebuild-manifest")
 def shards_rebuild_manifest(
-    folder: Path = typer.Argument(..., help="Cache folder whose manifest is lost."),
+    folder: str = typer.Argument(..., help="Cache folder whose manifest is lost."),
 ) -> None:
     """Re-create a lost manifest from the shards' own headers and metadata (every shard is checked)."""
     from cogvx.shards import paths

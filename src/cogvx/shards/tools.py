@@ -14,7 +14,7 @@ from cogvx.media import contact_sheet, write_png
 from cogvx.shards import paths
 from cogvx.shards.io import check_shards, file_sha256, read_indexed_shard, read_shard
 from cogvx.shards.manifest import Manifest, is_plain_name
-from cogvx.shards.store import LocalStore, Store, is_remote, open_store, sha256_of
+from cogvx.shards.store import LocalStore, Store, display, is_remote, open_store, sha256_of
 
 STRIP_MEMBER = "jpg"  # the extra member holding a JPEG strip of a sample's sampled frames
 MAX_STRIP_PIXELS = 64 * 1 << 18  # 64 px high and up to 262144 px wide
@@ -238,15 +238,20 @@ class RebuildResult:
     dropped_extras: list[str]  # side files named in the header that are gone or changed (not listed)
 
 
-def rebuild_manifest(folder: Path) -> RebuildResult:
+def rebuild_manifest(folder: Path | str) -> RebuildResult:
     """Re-create a lost ``manifest.json`` from the shard files in ``folder`` and save it.
 
     Every ``*.tar`` file is read completely and checked (as ``verify`` checks a listed shard); all must
     carry the same writer header (producer, params, schema). Shards are listed in the order their
     writers opened them, so, as when they were written, a later shard's samples replace earlier samples
     of the same source. Side files named in the header's ``extras`` are kept when they match their
-    sha256. Refused when the folder has a manifest.
+    sha256. Refused when the folder has a manifest, and for a remote cache (URL).
     """
+    if is_remote(folder):
+        raise ConfigError(
+            f"rebuild-manifest works on a local folder, not {display(folder)}: copy the cache's shards to a "
+            "folder (e.g. `aws s3 sync`), run it there, then upload the new manifest.json last."
+        )
     folder = Path(folder)
     if paths.manifest(folder).exists() or paths.manifest(folder).is_symlink():
         raise CacheError(

@@ -336,6 +336,16 @@ def table_launch() -> str:
     return "\n".join(lines)
 
 
+def table_cudnn() -> str:
+    on, off = load("vae_plain_cudnn_on_h200.json"), load("vae_plain_cudnn_off_h200.json")
+    return "\n".join([
+        "| plain `vae.encode`, CogVideoX-2b VAE, one 49x480x720 clip | `cudnn.benchmark` on | off |",
+        "|---|---|---|",
+        f"| first call (s) | {on['plain_first_s']:.2f} | {off['plain_first_s']:.2f} |",
+        f"| later calls (s, median) | {on['plain_s']:.3f} | {off['plain_s']:.3f} |",
+    ])  # fmt: skip
+
+
 def table_environment() -> str:
     seen = {}
     for path in sorted(RESULTS.glob("*.json")):

@@ -9,6 +9,9 @@ cold launch and a warm one:
 
     python bench/vae_encode.py --cache-dir /tmp/cc --out cold.json
     python bench/vae_encode.py --cache-dir /tmp/cc --out warm.json
+
+``--plain-only --cudnn-benchmark on|off`` times the plain encode alone, its first call included, with
+cuDNN's convolution autotuner on or off (what preprocessing's first clip pays).
 """
 
 from __future__ import annotations
@@ -48,7 +51,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cache-dir", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--plain-only", action="store_true", help="no compiled encoder")
+    parser.add_argument("--cudnn-benchmark", choices=("on", "off"), default="off")
     args = parser.parse_args()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
     began = time.perf_counter()
     levers.use_persistent_compile_cache(args.cache_dir)
     from diffusers import AutoencoderKLCogVideoX
@@ -62,8 +68,14 @@ def main() -> None:
     clip = torch.rand(1, 3, args.frames, height, width, generator=g, device=device).mul(2).sub(1).to(torch.bfloat16)
 
     with torch.no_grad():
-        _, plain = timed(lambda: vae.encode(clip).latent_dist.parameters, 1)
+        plain_first, plain = timed(lambda: vae.encode(clip).latent_dist.parameters, 1)
         plain_times, plain = timed(lambda: vae.encode(clip).latent_dist.parameters, args.repeats)
+        if args.plain_only:
+            result = {"clip": f"{args.frames}x{height}x{width}", "cudnn_benchmark": args.cudnn_benchmark,
+                      "plain_first_s": plain_first[0], "plain_s": statistics.median(plain_times)}  # fmt: skip
+            args.out.write_text(json.dumps(result, indent=1))
+            print(json.dumps(result))
+            return
         levers.compile_vae_encoder(vae)
         first, _ = timed(lambda: vae.encode(clip).latent_dist.parameters, 1)
         compiled_times, compiled = timed(lambda: vae.encode(clip).latent_dist.parameters, args.repeats)
@@ -71,6 +83,7 @@ def main() -> None:
     result = {
         "model": args.model,
         "clip": f"{args.frames}x{height}x{width}",
+        "plain_first_s": plain_first[0],
         "plain_s": statistics.median(plain_times),
         "compiled_first_s": first[0],
         "compiled_s": statistics.median(compiled_times),

@@ -314,23 +314,23 @@ def table_vae_compile() -> str:
 def table_launch() -> str:
     """Seconds from just before a process starts; one row per launch of bench/preprocess.py --parts launch."""
     files = {
-        "launch_2b_h200.json": "",
-        "launch_2b_h200_t5_thread_experiment.json": " (experiment: T5 on its own thread, straight to the GPU)",
-        "launch_2b_h200_t5_device_map_experiment.json": " (experiment: T5 straight to the GPU)",
+        "launch_2b_h200.json": "A",
+        "launch_2b_h200_t5_thread_experiment.json": "B: T5 on its own thread, straight to the GPU",
+        "launch_2b_h200_t5_device_map_experiment.json": "C: T5 straight to the GPU",
     }
     lines = [
-        "| launch | imports done | VAE and T5 on the GPU | first sample written / first optimizer step | exit |",
-        "|---|---|---|---|---|",
+        "| run | launch | imports done | VAE and T5 on the GPU | first sample written / first optimizer step | exit |",
+        "|---|---|---|---|---|---|",
     ]
     for name, label in files.items():
         runs = load(name)["launch"]
         for key, run in runs.items():
-            if key == "clips" or (label and not key.startswith("preprocess")):
+            if key == "clips":
                 continue
             loaded = max(run.get("encoders_s", 0.0), run.get("text_encoder_s", 0.0)) or None
             first = run.get("first_written_s", run.get("first_step_s"))
             lines.append(
-                f"| {key.replace('_', ' ')}{label} | {run['imported_s']:.1f} | "
+                f"| {label} | {key.replace('_', ' ')} | {run['imported_s']:.1f} | "
                 f"{f'{loaded:.1f}' if loaded else '-'} | {first:.1f} | {run['end_s']:.1f} |"
             )
     return "\n".join(lines)

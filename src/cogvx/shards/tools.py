@@ -250,7 +250,7 @@ def rebuild_manifest(folder: Path | str) -> RebuildResult:
     if is_remote(folder):
         raise ConfigError(
             f"rebuild-manifest works on a local folder, not {display(folder)}: copy the cache's shards to a "
-            "folder (e.g. `aws s3 sync`), run it there, then upload the new manifest.json last."
+            f"folder (e.g. `aws s3 sync`), run it there, then upload the new {paths.MANIFEST} last."
         )
     folder = Path(folder)
     if paths.manifest(folder).exists() or paths.manifest(folder).is_symlink():

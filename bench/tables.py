@@ -294,21 +294,29 @@ def table_i2v_81() -> str:
     return runs_against_seed("train_step_15_81x768x1360_i2v_h200.json")
 
 
+def _side_by_side(header: str, left: dict, right: dict, rows: list[tuple[str, str]]) -> str:
+    """A three-column table: each row's label, then its format string applied to ``left`` and to ``right``."""
+    lines = [header, "|---|---|---|"]
+    lines += [f"| {label} | {cell.format(**left)} | {cell.format(**right)} |" for label, cell in rows]
+    return "\n".join(lines)
+
+
 def table_vae_compile() -> str:
-    cold, warm = load("vae_encode_cold_h200.json"), load("vae_encode_warm_h200.json")
-    return "\n".join([
+    return _side_by_side(
         "| CogVideoX-2b VAE, bf16, one 49x480x720 clip | empty compile cache | warm compile cache |",
-        "|---|---|---|",
-        f"| plain `vae.encode` (s) | {cold['plain_s']:.3f} | {warm['plain_s']:.3f} |",
-        f"| compiled encoder (s, median after the first) | {cold['compiled_s']:.3f} | {warm['compiled_s']:.3f} |",
-        f"| **speed-up** | **{cold['speedup']:.2f}x** | **{warm['speedup']:.2f}x** |",
-        f"| first compiled encode (s) | {cold['compiled_first_s']:.1f} | {warm['compiled_first_s']:.1f} |",
-        f"| whole process (s) | {cold['process_s']:.1f} | {warm['process_s']:.1f} |",
-        f"| max abs difference of the moments, compiled vs plain (largest value) | "
-        f"{cold['max_abs_difference']:.4f} ({cold['max_abs_value']:.2f}) | "
-        f"{warm['max_abs_difference']:.4f} ({warm['max_abs_value']:.2f}) |",
-        f"| mean abs difference | {cold['mean_abs_difference']:.4f} | {warm['mean_abs_difference']:.4f} |",
-    ])  # fmt: skip
+        load("vae_encode_cold_h200.json"),
+        load("vae_encode_warm_h200.json"),
+        [
+            ("plain `vae.encode` (s)", "{plain_s:.3f}"),
+            ("compiled encoder (s, median after the first)", "{compiled_s:.3f}"),
+            ("**speed-up**", "**{speedup:.2f}x**"),
+            ("first compiled encode (s)", "{compiled_first_s:.1f}"),
+            ("whole process (s)", "{process_s:.1f}"),
+            ("max abs difference of the moments, compiled vs plain (largest value)",
+             "{max_abs_difference:.4f} ({max_abs_value:.2f})"),
+            ("mean abs difference", "{mean_abs_difference:.4f}"),
+        ],
+    )  # fmt: skip
 
 
 def table_launch() -> str:
@@ -337,13 +345,12 @@ def table_launch() -> str:
 
 
 def table_cudnn() -> str:
-    on, off = load("vae_plain_cudnn_on_h200.json"), load("vae_plain_cudnn_off_h200.json")
-    return "\n".join([
+    return _side_by_side(
         "| plain `vae.encode`, CogVideoX-2b VAE, one 49x480x720 clip | `cudnn.benchmark` on | off |",
-        "|---|---|---|",
-        f"| first call (s) | {on['plain_first_s']:.2f} | {off['plain_first_s']:.2f} |",
-        f"| later calls (s, median) | {on['plain_s']:.3f} | {off['plain_s']:.3f} |",
-    ])  # fmt: skip
+        load("vae_plain_cudnn_on_h200.json"),
+        load("vae_plain_cudnn_off_h200.json"),
+        [("first call (s)", "{plain_first_s:.2f}"), ("later calls (s, median)", "{plain_s:.3f}")],
+    )
 
 
 def table_environment() -> str:

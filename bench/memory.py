@@ -84,25 +84,30 @@ def fit(results: list[dict], calibration: str) -> None:
             print(f"{name:32} {'OOM':>12} {predicted / 1e9:13.2f}   ({r.get('error', '')[:40]})")
 
 
-def fit_swap(results: list[dict]) -> None:
-    """Least squares of ``swap``'s (per_block, transient) on every compiled swap row; then each row's error."""
+def swap_case(result: dict):
+    """(step size, static bytes as stored, bytes ``swap`` keeps off the device) of one measured swap run,
+    counted as ``auto`` counts them; the transformer is built on the meta device (no memory)."""
     from diffusers import CogVideoXTransformer3DModel
 
     from cogvx.pipeline import levers, lora, memory
 
+    config = train_step.load_config(result["model"].split("@")[0])["transformer"]
+    with torch.device("meta"):
+        transformer = CogVideoXTransformer3DModel(**config).to(torch.bfloat16)
+    lora.add_lora(transformer, 128, 128, lora.DEFAULT_TARGETS, 0.0)
+    fp8 = "fp8" in result["variant"].split("+")
+    static = memory.static_bytes(transformer) - (levers.fp8_saving(transformer) if fp8 else 0)
+    return memory.StepSize.of(config, *result["latent"], batch=1), static, levers.swap_saving(transformer, fp8)
+
+
+def fit_swap(results: list[dict]) -> None:
+    """Least squares of ``swap``'s (per_block, transient) on every compiled swap row; then each row's error."""
     cases = []
     for r in results:
         options = set(r["variant"].split("+"))
-        if "swap" not in options or "compile" not in options or "peak_allocated_gb" not in r:
-            continue
-        config = train_step.load_config(r["model"].split("@")[0])["transformer"]
-        with torch.device("meta"):  # sizes only: no memory
-            transformer = CogVideoXTransformer3DModel(**config).to(torch.bfloat16)
-        lora.add_lora(transformer, 128, 128, lora.DEFAULT_TARGETS, 0.0)
-        fp8 = "fp8" in options
-        static = memory.static_bytes(transformer) - (levers.fp8_saving(transformer) if fp8 else 0)
-        static -= levers.swap_saving(transformer, fp8)
-        cases.append((r, memory.StepSize.of(config, *r["latent"], batch=1), static))
+        if {"swap", "compile"} <= options and "peak_allocated_gb" in r:
+            size, static, swapped = swap_case(r)
+            cases.append((r, size, static - swapped))
     rows = torch.tensor([[size.layers * size.unit, size.unit] for _, size, _ in cases], dtype=torch.float64)
     targets = torch.tensor([r["peak_allocated_gb"] * 1e9 - static for r, _, static in cases], dtype=torch.float64)
     per_block, transient = (round(float(v), 2) for v in torch.linalg.lstsq(rows, targets[:, None]).solution.flatten())
@@ -123,12 +128,12 @@ def main() -> None:
     parser.add_argument("--fit-swap", action="store_true", help="fit swap's coefficients on --results")
     parser.add_argument("--results", type=Path, nargs="+", help="JSON files written by earlier runs (for --fit)")
     args = parser.parse_args()
-    if args.fit_swap:
-        fit_swap([r for path in args.results for r in json.loads(path.read_text())["results"]])
-        return
-    if args.fit:
+    if args.fit or args.fit_swap:
         results = [r for path in args.results for r in json.loads(path.read_text())["results"]]
-        fit(results, args.fit)
+        if args.fit_swap:
+            fit_swap(results)
+        else:
+            fit(results, args.fit)
         return
     device = torch.device("cuda")
     report = {"environment": train_step.environment(device), "command": " ".join(sys.argv), "results": []}

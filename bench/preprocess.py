@@ -271,8 +271,8 @@ import json, sys, time
 from pathlib import Path
 from cogvx.preprocess.run import PreprocessConfig, run
 imported = time.time()
-began, data, out, source, compiled = float(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), sys.argv[4], sys.argv[5]
-result = run(PreprocessConfig(data=data, output=out, model=source, fps=12.5, compile_vae=compiled == "1"))
+began, data, out, source, compiled, fps = float(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), *sys.argv[4:]
+result = run(PreprocessConfig(data=data, output=out, model=source, fps=float(fps), compile_vae=compiled == "1"))
 done = time.time()
 marks = {name: result.started + seconds - began for name, seconds in result.timeline.items()}
 print(json.dumps({"imported_s": imported - began, **{f"{k}_s": v for k, v in marks.items()}, "end_s": done - began}))
@@ -310,7 +310,7 @@ def launch_cost(source: str, data: Path, work: Path) -> dict:
     report = {"clips": len(discover(data))}
     preprocess_runs = (("preprocess_plain", "0"), ("preprocess_compiled_cold", "1"), ("preprocess_compiled_warm", "1"))
     for name, compiled in preprocess_runs:
-        report[name] = launch(_PREPROCESS_LAUNCH, str(data), str(work / f"cache-{name}"), source, compiled)
+        report[name] = launch(_PREPROCESS_LAUNCH, str(data), str(work / f"cache-{name}"), source, compiled, str(FPS))
         print(name, json.dumps(report[name]), flush=True)
     cache = str(work / "cache-preprocess_plain")
     for name, compiled in (("train_compiled_cold", "1"), ("train_compiled_warm", "1"), ("train_plain", "0")):

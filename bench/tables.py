@@ -13,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from memory import swap_case  # noqa: E402  (bench/memory.py)
 from train_step import load_config, useful_tflop  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,28 +248,16 @@ def table_swap_reserved() -> str:
 
 
 def table_swap_prediction() -> str:
-    """``auto``'s prediction for ``swap`` (offload's fitted activation terms; the static part less the swapped
-    weights) beside every swap peak measured; the transformers are built on the meta device (no memory)."""
-    import torch
-    from diffusers import CogVideoXTransformer3DModel
-
-    from cogvx.pipeline import levers, lora, memory
+    """``auto``'s prediction for ``swap`` beside every swap peak measured since the compiled-runner fix."""
+    from cogvx.pipeline import memory
 
     lines = ["| model (latent) | recipe | measured GB | predicted GB | error |", "|---|---|---|---|---|"]
-    files = ("train_step_swap_fixed_h200.json", "train_step_15_81x768x1360_i2v_h200.json")
-    for name in files:
+    for name in ("train_step_swap_fixed_h200.json", "train_step_15_81x768x1360_i2v_h200.json"):
         for r in load(name)["results"]:
             options = set(r["variant"].split("+"))
             if "swap" not in options:
                 continue
-            cfg = load_config(r["model"].split("@")[0])
-            with torch.device("meta"):
-                transformer = CogVideoXTransformer3DModel(**cfg["transformer"]).to(torch.bfloat16)
-            lora.add_lora(transformer, 128, 128, lora.DEFAULT_TARGETS, 0.0)
-            fp8 = "fp8" in options
-            static = memory.static_bytes(transformer) - (levers.fp8_saving(transformer) if fp8 else 0)
-            size = memory.StepSize.of(cfg["transformer"], *r["latent"], batch=1)
-            swapped = levers.swap_saving(transformer, fp8)
+            size, static, swapped = swap_case(r)
             predicted = memory.predict(static, size, "compile" in options, swapped)["swap"] / 1e9
             measured = r["peak_allocated_gb"]
             lines.append(

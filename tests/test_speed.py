@@ -14,10 +14,17 @@ from cogvx.train.config import TrainConfig
 from cogvx.train.loop import run as train
 
 
-def _loss_and_grads(chosen: str, passes: int = 1) -> tuple[float, torch.Tensor]:
-    """Loss and LoRA gradient on fixed inputs, with the given ``+``-joined levers (the last of ``passes``)."""
+def _loss_and_grads(chosen: str, passes: int = 1, layers: int | None = None) -> tuple[float, torch.Tensor]:
+    """Loss and LoRA gradient on fixed inputs, with the given ``+``-joined levers (the last of ``passes``);
+    ``layers``: the tiny model with that many blocks (random weights) instead of its own two."""
     source = models.resolve_model("tiny")
-    transformer = models.load_transformer(source, torch.float32)
+    if layers is None:
+        transformer = models.load_transformer(source, torch.float32)
+    else:
+        from diffusers import CogVideoXTransformer3DModel
+
+        config = dict(CogVideoXTransformer3DModel.load_config(source, subfolder="transformer"), num_layers=layers)
+        transformer = CogVideoXTransformer3DModel.from_config(config)
     torch.manual_seed(0)
     params = lora.add_lora(transformer, 4, 8, lora.DEFAULT_TARGETS, 0.0)
     with torch.no_grad():  # non-zero B matrices, so the LoRA path carries gradient and signal
@@ -58,20 +65,9 @@ def test_a_compiled_runner_is_compiled_once_for_all_blocks():
     pre-forward hooks, one per block, each carrying its index, once did that). The first block's input needs
     no gradient and later ones do, and ``swap`` runs each block once without gradients and once, in the
     recompute, with them: at most three graphs."""
-    from diffusers import CogVideoXTransformer3DModel
-
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    config = dict(CogVideoXTransformer3DModel.load_config(models.resolve_model("tiny"), subfolder="transformer"))
-    config["num_layers"] = 5
-    transformer = CogVideoXTransformer3DModel.from_config(config)
-    lora.add_lora(transformer, 4, 8, lora.DEFAULT_TARGETS, 0.0)
-    levers.prepare(transformer, levers.Levers("swap", compile=True, fp8_base=False), "cpu")
-    objective = Objective(transformer.config, models.load_scheduler(models.resolve_model("tiny")).alphas_cumprod, 0.7)
-    g = torch.Generator().manual_seed(3)
-    moments, embeds = torch.randn(1, 8, 4, 8, 12, generator=g), torch.randn(1, 226, 32, generator=g)
-    for step in range(2):
-        objective(transformer, moments, embeds, torch.Generator().manual_seed(step), torch.float32).backward()
+    _loss_and_grads("swap+compile", passes=2, layers=5)
     assert 1 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 3
 
 
@@ -158,6 +154,9 @@ def test_the_compiled_vae_encoder_traces_the_plain_function(tmp_path: Path, monk
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     levers.use_persistent_compile_cache()
     assert Path(__import__("os").environ["TORCHINDUCTOR_CACHE_DIR"]) == tmp_path / "cogvx" / "torch-compile"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "chosen"))  # the user's own setting wins
+    levers.use_persistent_compile_cache()
+    assert __import__("os").environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "chosen")
     torch._dynamo.reset()
     vae = models.load_vae(models.resolve_model("tiny"), torch.float32)
     g = torch.Generator().manual_seed(2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,12 @@ from cogvx.train.config import TrainConfig
 from cogvx.train.loop import run as train
 
 
-def _loss_and_grads(chosen: str, passes: int = 1, layers: int | None = None) -> tuple[float, torch.Tensor]:
+def _loss_and_grads(
+    chosen: str, passes: int = 1, layers: int | None = None, bf16: bool = False
+) -> tuple[float, torch.Tensor]:
     """Loss and LoRA gradient on fixed inputs, with the given ``+``-joined levers (the last of ``passes``);
-    ``layers``: the tiny model with that many blocks (random weights) instead of its own two."""
+    ``layers``: the tiny model with that many blocks (random weights) instead of its own two; ``bf16``: the
+    base weights in bf16 and the step under bf16 autocast, as a bf16 run computes (the LoRA weights stay fp32)."""
     source = models.resolve_model("tiny")
     if layers is None:
         transformer = models.load_transformer(source, torch.float32)
@@ -31,16 +35,25 @@ def _loss_and_grads(chosen: str, passes: int = 1, layers: int | None = None) -> 
         for name, p in transformer.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.1, generator=torch.Generator().manual_seed(len(name)))
+    if bf16:
+        transformer.to(torch.bfloat16)
+        for p in params:
+            p.data = p.data.float()
     options = set(chosen.split("+"))
     mode = next((o for o in options if o in levers.CHECKPOINTING), "full")
-    levers.prepare(transformer, levers.Levers(mode, compile="compile" in options, fp8_base="fp8" in options), "cpu")
+    chosen_levers = levers.Levers(
+        mode, compile="compile" in options, fp8_base="fp8" in options, fp8_matmul="fp8mm" in options
+    )
+    levers.prepare(transformer, chosen_levers, "cpu")
     objective = Objective(transformer.config, models.load_scheduler(source).alphas_cumprod, 0.7)
     g = torch.Generator().manual_seed(3)
     moments, embeds = torch.randn(1, 8, 4, 8, 12, generator=g), torch.randn(1, 226, 32, generator=g)
+    dtype = torch.bfloat16 if bf16 else torch.float32
     for _ in range(passes):  # later passes find the blocks' weights in whatever slot the last one left them
         for p in params:
             p.grad = None
-        loss = objective(transformer, moments, embeds, torch.Generator().manual_seed(1), torch.float32)
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            loss = objective(transformer, moments, embeds, torch.Generator().manual_seed(1), dtype)
         loss.backward()
     return loss.item(), torch.cat([p.grad.flatten() for p in params])
 
@@ -87,6 +100,77 @@ def test_fp8_base_weights_stay_within_one_percent_and_halve_the_bytes(plain):
     torch.testing.assert_close(stored(x), linear(x), rtol=0.1, atol=0.05)
 
 
+def _relative(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got.float() - want.float()).norm() / want.float().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def plain_bf16():
+    return _loss_and_grads("none", bf16=True)
+
+
+@pytest.mark.parametrize("mode", ["selective", "swap"])
+def test_fp8_matmul_stays_within_one_percent_of_bf16_and_multiplies_in_float8(plain_bf16, mode: str):
+    """Under bf16 autocast, the only place its float8 products engage (``swap`` blocks are quantised one at a
+    time, and the second pass finds their weights in whichever slot the first left them)."""
+    passes = 2 if mode == "swap" else 1
+    loss, grads = _loss_and_grads(f"{mode}+fp8mm", passes=passes, bf16=True)
+    ref_loss, ref_grads = plain_bf16
+    assert loss == pytest.approx(ref_loss, rel=1e-2)  # measured 3e-4
+    assert _relative(grads, ref_grads) < 0.1  # measured 0.036 (fp8 storage alone: 0.033)
+    # The products really ran in float8: falling back to the widened weights would give fp8 storage's numbers
+    # (its gradient measured 0.017 away).
+    stored_loss, stored_grads = _loss_and_grads(f"{mode}+fp8", passes=passes, bf16=True)
+    assert loss != stored_loss and _relative(grads, stored_grads) > 1e-3
+
+
+def test_fp8_matmul_compiles_without_graph_breaks_to_the_eager_function(monkeypatch):
+    """Dynamo and AOTAutograd trace the float8 product (a custom autograd Function around ``torch._scaled_mm``)
+    inside the selectively checkpointed block, and the traced graphs compute the eager numbers. Inductor's own
+    kernels are measured on the GPU (bench/curve.py, BENCHMARKS.md): compiling with it takes about a minute
+    on a CPU with a cold cache, so here the captured graphs run eagerly."""
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    loss, grads = _loss_and_grads("selective+compile+fp8mm", bf16=True)
+    assert not torch._dynamo.utils.counters["graph_break"]
+    eager_loss, eager_grads = _loss_and_grads("selective+fp8mm", bf16=True)
+    assert loss == pytest.approx(eager_loss, rel=1e-5)
+    assert _relative(grads, eager_grads) < 1e-4
+
+
+_CUDA = pytest.param(
+    "cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+)
+
+
+@pytest.mark.parametrize("device", ["cpu", _CUDA])
+def test_the_float8_product_tracks_the_widened_weights_on_float8_units_and_is_refused_without(device: str):
+    """One layer: the float8 product is close to fp8 storage's widened product, its input gradient is storage's
+    own, it engages only in bf16 compute, and a GPU without float8 units (before Ada and Hopper) refuses it."""
+    if device == "cuda" and torch.cuda.get_device_capability() < (8, 9):
+        with pytest.raises(ConfigError, match="--fp8-base"):
+            levers.check_fp8_matmul(torch.device(device))
+        return
+    levers.check_fp8_matmul(torch.device(device))
+    torch.manual_seed(4)
+    linear = torch.nn.Linear(256, 128, device=device).requires_grad_(False)
+    x = torch.randn(64, 256, device=device)
+    # fp32 compute: the widened path
+    assert torch.equal(levers.Float8Linear(linear, matmul=True)(x), levers.Float8Linear(linear)(x))
+    linear.to(torch.bfloat16)
+    stored, multiplied = levers.Float8Linear(linear), levers.Float8Linear(linear, matmul=True)
+    assert multiplied.matmul and not levers.Float8Linear(torch.nn.Linear(24, 8), matmul=True).matmul
+    inputs = [x.to(torch.bfloat16).requires_grad_(True) for _ in range(2)]
+    with torch.autocast(device, torch.bfloat16):
+        out, widened = multiplied(inputs[0]), stored(inputs[1])
+    assert out.dtype == torch.bfloat16 and 0 < _relative(out, widened) < 0.05  # measured 0.026 on a CPU
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    widened.backward(grad)
+    torch.testing.assert_close(inputs[0].grad, inputs[1].grad)
+
+
 def test_prepare_applies_the_levers_it_is_given():
     source = models.resolve_model("tiny")
     transformer = models.load_transformer(source, torch.float32)
@@ -97,6 +181,11 @@ def test_prepare_applies_the_levers_it_is_given():
     assert stored and all(m.weight_fp8.dtype == torch.float8_e4m3fn for m in stored)
     levers.prepare(transformer, levers.Levers(checkpointing="none", compile=False, fp8_base=False))
     assert not transformer.gradient_checkpointing
+    transformer = models.load_transformer(source, torch.float32)
+    lora.add_lora(transformer, 4, 8, lora.DEFAULT_TARGETS, 0.0)
+    levers.prepare(transformer, levers.Levers("selective", compile=False, fp8_base=False, fp8_matmul=True))
+    stored = [m for m in transformer.transformer_blocks.modules() if isinstance(m, levers.Float8Linear)]
+    assert stored and all(m.matmul for m in stored)  # fp8_matmul implies the storage; the tiny sizes are x16
     with pytest.raises(ConfigError, match="--checkpointing must be one of none, selective, full, offload, swap"):
         levers.configure(transformer, "sometimes", compile=False)
 
@@ -116,6 +205,24 @@ def test_the_training_loop_with_levers_tracks_the_plain_run(tiny_cache: Path, tm
     assert losses("swapped", checkpointing="swap") == pytest.approx(reference, rel=1e-5)
     with pytest.raises(ConfigError, match="--checkpointing must be one of"):
         TrainConfig(shards=tiny_cache, checkpointing="sometimes")
+
+
+def test_the_training_loop_multiplies_in_float8_when_asked(tiny_cache: Path, tmp_path: Path):
+    """``fp8_matmul`` reaches the blocks in a bf16 run (its products run only in bf16 compute, so another
+    precision is refused rather than silently ignored)."""
+
+    def losses(name: str, **chosen) -> list[float]:
+        cfg = TrainConfig(
+            shards=tiny_cache, output=tmp_path / name, max_steps=2, rank=4, mixed_precision="bf16", workers=0,
+            checkpointing="selective", checkpoint_every=0, **chosen,
+        )  # fmt: skip
+        return train(cfg).losses
+
+    reference, multiplied = losses("plain"), losses("fp8mm", fp8_matmul=True)
+    assert multiplied == pytest.approx(reference, rel=1e-2)  # measured 3e-4
+    assert multiplied != reference and multiplied != losses("fp8", fp8_base=True)  # not fp8 storage alone
+    with pytest.raises(ConfigError, match="--fp8-matmul needs --mixed-precision bf16"):
+        TrainConfig(shards=tiny_cache, fp8_matmul=True, mixed_precision="fp32")
 
 
 def test_swapped_blocks_hold_no_weights_between_uses_and_run_without_gradients():

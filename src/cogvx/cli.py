@@ -287,6 +287,15 @@ def train(
     fp8_base: bool = typer.Option(
         None, "--fp8-base/--no-fp8-base", help=_help(T, "fp8_base", "Store frozen base weights in float8.")
     ),
+    fp8_matmul: bool = typer.Option(
+        None,
+        "--fp8-matmul/--no-fp8-matmul",
+        help=_help(
+            T,
+            "fp8_matmul",
+            "Also multiply by the frozen base weights in float8 (Ada, Hopper or newer GPUs; implies --fp8-base).",
+        ),
+    ),
     seed: int = typer.Option(None, help=_help(T, "seed", "Seed for LoRA init, data order and noise.")),
     random_flip: float = typer.Option(
         None, help=_help(T, "random_flip", "Probability of drawing a sample's mirrored variant (preprocess --flip).")
@@ -364,6 +373,7 @@ def train(
             max_memory=max_memory,
             compile=compile,
             fp8_base=fp8_base,
+            fp8_matmul=fp8_matmul,
             seed=seed,
             random_flip=random_flip,
             workers=workers,

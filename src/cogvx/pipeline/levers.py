@@ -20,7 +20,10 @@ one *block runner* per block, and that runner decides what the block keeps for t
 ``compile`` compiles the runner once with ``torch.compile``; every block reuses that one graph.
 ``fp8_base`` stores the frozen base weights of the blocks' linear layers in float8 (e4m3, one scale
 per output channel) and widens them to the compute dtype just before each matmul: half the bytes of
-bf16 weights; the LoRA weights and all the arithmetic stay in their usual precision.
+bf16 weights; the LoRA weights and all the arithmetic stay in their usual precision. ``fp8_matmul`` goes
+further (it implies the storage): the forward products with those weights run on the GPU's float8 units,
+each input row scaled into e4m3 first; the input gradient and everything else stay in the compute dtype.
+That changes the numbers a little more than storage alone, so it is opt-in (BENCHMARKS.md has its loss curves).
 """
 
 from __future__ import annotations
@@ -46,6 +49,11 @@ class Levers:
     checkpointing: str  # one of CHECKPOINTING
     compile: bool  # torch.compile of the block runner
     fp8_base: bool  # frozen base weights of the blocks' linear layers in float8
+    fp8_matmul: bool = False  # their forward products in float8 too (implies fp8_base)
+
+    @property
+    def fp8(self) -> bool:
+        return self.fp8_base or self.fp8_matmul
 
 
 def prepare(transformer: torch.nn.Module, levers: Levers, device: torch.device | str | None = None) -> None:
@@ -57,14 +65,17 @@ def prepare(transformer: torch.nn.Module, levers: Levers, device: torch.device |
     weights shrink; it runs on ``device``, one block at a time for ``swap``.
     """
     device = torch.device(device) if device is not None else next(transformer.parameters()).device
+    if levers.fp8_matmul:
+        check_fp8_matmul(device)
     swap = None
     if levers.checkpointing == "swap":
-        swap = BlockSwap(transformer.transformer_blocks, device, fp8=levers.fp8_base)
+        fp8 = "matmul" if levers.fp8_matmul else levers.fp8_base
+        swap = BlockSwap(transformer.transformer_blocks, device, fp8=fp8)
         transformer.to(device)  # the rest: embeddings, final norm and projection, LoRA weights
     else:
         transformer.to(device)
-        if levers.fp8_base:
-            store_base_weights_in_fp8(transformer)
+        if levers.fp8:
+            store_base_weights_in_fp8(transformer, matmul=levers.fp8_matmul)
     configure(transformer, levers.checkpointing, levers.compile, swap)
 
 
@@ -181,7 +192,7 @@ class BlockSwap:
     SLOTS = 2
     ALIGN = 64  # bytes: every tensor's view starts aligned for any dtype and vectorised kernels
 
-    def __init__(self, blocks: torch.nn.ModuleList, device: torch.device, fp8: bool = False):
+    def __init__(self, blocks: torch.nn.ModuleList, device: torch.device, fp8: bool | str = False):
         self.device, self.count = torch.device(device), len(blocks)
         self.cuda = self.device.type == "cuda"
         self.tensors: list[list[tuple[torch.nn.Module, str, bool, torch.dtype, torch.Size, int]]] = []
@@ -189,7 +200,7 @@ class BlockSwap:
         for index, block in enumerate(blocks):
             block.to(self.device)  # one block at a time on the device: its fp8 scales are computed there
             if fp8:
-                store_base_weights_in_fp8(block)
+                store_base_weights_in_fp8(block, matmul=fp8 == "matmul")
             self._stash(block)
             block.register_forward_pre_hook(functools.partial(self._before_block, index))
         largest = max(h.numel() for h in self.host)
@@ -312,24 +323,73 @@ def configure(transformer: torch.nn.Module, checkpointing: str, compile: bool, s
     transformer.enable_gradient_checkpointing(gradient_checkpointing_func=runner)
 
 
-class Float8Linear(torch.nn.Module):
-    """A frozen linear layer whose weight is stored in float8 e4m3 with one scale per output channel."""
+E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
 
-    def __init__(self, linear: torch.nn.Linear):
+
+class Float8Linear(torch.nn.Module):
+    """A frozen linear layer whose weight is stored in float8 e4m3 with one scale per output channel.
+
+    ``matmul``: the forward product runs in float8 (``torch._scaled_mm``, input rows scaled into e4m3);
+    otherwise the weight is widened to the input's dtype and multiplied as usual.
+    """
+
+    def __init__(self, linear: torch.nn.Linear, matmul: bool = False):
         super().__init__()
         weight = linear.weight.detach()
-        scale = weight.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / torch.finfo(torch.float8_e4m3fn).max
+        scale = weight.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
         self.register_buffer("weight_fp8", (weight.float() / scale).to(torch.float8_e4m3fn))
         self.register_buffer("scale", scale.to(weight.dtype))
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
+        # The float8 units take inner and outer sizes in multiples of 16; other layers keep the widened path.
+        self.matmul = matmul and self.in_features % 16 == 0 and self.out_features % 16 == 0
 
     @property
     def weight(self) -> torch.Tensor:
         return self.weight_fp8.to(self.scale.dtype) * self.scale
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.matmul:
+            kind = x.device.type
+            dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+            if dtype == torch.bfloat16:  # the float8 product's output type on every backend
+                out = _Float8Matmul.apply(x.to(dtype), self.weight_fp8, self.scale)
+                return out if self.bias is None else out + self.bias.to(dtype)
         return F.linear(x, self.weight, self.bias)
+
+
+class _Float8Matmul(torch.autograd.Function):
+    """``x @ weight.T`` with ``x`` quantised per row to e4m3, for a frozen float8 weight with per-row scales.
+
+    Only the input needs a gradient; it is computed from the widened weight in ``x``'s dtype, so the
+    float8 rounding of activations touches the forward values and not the gradients' arithmetic.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight_fp8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight_fp8, scale)
+        rows = x.reshape(-1, x.shape[-1])
+        row_scale = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
+        quantised = (rows.float() / row_scale).to(torch.float8_e4m3fn)
+        out = torch._scaled_mm(
+            quantised, weight_fp8.t(), scale_a=row_scale, scale_b=scale.float().t(), out_dtype=x.dtype
+        )
+        return out.reshape(*x.shape[:-1], weight_fp8.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight_fp8, scale = ctx.saved_tensors
+        return grad @ (weight_fp8.to(grad.dtype) * scale.to(grad.dtype)), None, None
+
+
+def check_fp8_matmul(device: torch.device) -> None:
+    """Refuse ``fp8_matmul`` on a GPU without float8 matrix units (before Ada and Hopper)."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        name = torch.cuda.get_device_name(device)
+        raise ConfigError(
+            f"--fp8-matmul needs a GPU with float8 matrix units (Ada, Hopper or newer); {name} has none. "
+            "Use --fp8-base (float8 storage only) instead."
+        )
 
 
 def _frozen_block_linears(transformer: torch.nn.Module):
@@ -350,9 +410,9 @@ def fp8_saving(transformer: torch.nn.Module) -> int:
     return sum(child.weight.numel() * (child.weight.element_size() - 1) for child in linears)
 
 
-def store_base_weights_in_fp8(transformer: torch.nn.Module) -> int:
+def store_base_weights_in_fp8(transformer: torch.nn.Module, matmul: bool = False) -> int:
     """Swap every frozen ``nn.Linear`` inside the transformer blocks (or inside one block, given a block)
-    for a ``Float8Linear``; returns bytes saved.
+    for a ``Float8Linear`` (its forward product in float8 if ``matmul``); returns bytes saved.
 
     LoRA-wrapped layers keep their adapter and lose only the base weight's precision, as in QLoRA.
     """
@@ -361,7 +421,7 @@ def store_base_weights_in_fp8(transformer: torch.nn.Module) -> int:
     linears = _frozen_block_linears(transformer) if blocks is not None else _frozen_linears_of(transformer)
     for module, child_name, child in list(linears):
         saved += child.weight.numel() * (child.weight.element_size() - 1)
-        setattr(module, child_name, Float8Linear(child))
+        setattr(module, child_name, Float8Linear(child, matmul))
     return saved
 
 

@@ -95,6 +95,9 @@ class TrainConfig:
     # where it measured 1.31x the seed-style step at less memory (BENCHMARKS.md), off on a CPU.
     compile: bool | None = None
     fp8_base: bool = False  # frozen base weights stored in float8 with per-channel scales (half of bf16)
+    # Also their forward products in float8, on GPUs with float8 units (Ada, Hopper or newer); implies fp8_base.
+    # Opt-in: it changes the numbers a little more than storage alone (BENCHMARKS.md has its loss curves).
+    fp8_matmul: bool = False
 
     def steps_for(self, samples: int, processes: int) -> TrainConfig:
         """This config with ``max_steps`` resolved: ``epochs`` passes over ``samples`` at the global batch."""
@@ -135,6 +138,10 @@ class TrainConfig:
                 f"--checkpointing must be one of {', '.join((AUTO, *CHECKPOINTING))} (got {self.checkpointing!r})",
             ),
             (self.max_memory is None or self.max_memory > 0, f"--max-memory must be positive (got {self.max_memory})"),
+            (
+                not self.fp8_matmul or self.mixed_precision == "bf16",
+                "--fp8-matmul needs --mixed-precision bf16 (its float8 products run only in bf16 compute)",
+            ),
             (0 <= self.random_flip <= 1, f"--random-flip must be a probability, 0 to 1 (got {self.random_flip})"),
             (
                 0 <= self.noised_image_dropout <= 1,

@@ -291,6 +291,8 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
     torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
 
     # --- build ---
+    if cfg.fp8_matmul:  # before the model loads, not after
+        levers.check_fp8_matmul(accelerator.device)
     compute_dtype = models.DTYPES[cfg.mixed_precision]
     # Loaded into CPU memory: levers.prepare moves it to the device, all but the swapped weights for ``swap``.
     transformer = info.load_transformer(compute_dtype, "cpu")
@@ -307,7 +309,8 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
     mode = cfg.checkpointing
     if mode == levers.AUTO:
         mode = _choose_checkpointing(accelerator, cfg, transformer, manifest, compile_blocks)
-    levers.prepare(transformer, levers.Levers(mode, compile_blocks, cfg.fp8_base), accelerator.device)
+    chosen = levers.Levers(mode, compile_blocks, cfg.fp8_base, fp8_matmul=cfg.fp8_matmul)
+    levers.prepare(transformer, chosen, accelerator.device)
     lr = cfg.learning_rate * (cfg.batch_size * cfg.gradient_accumulation * world if cfg.scale_lr else 1)
     optimizer = build_optimizer(cfg, params, lr)
     schedule = build_schedule(cfg, optimizer)
@@ -664,8 +667,9 @@ def _choose_checkpointing(accelerator, cfg: TrainConfig, transformer, manifest: 
     shapes = [layout["moments"]["shape"][1:] for layout in manifest.layouts().values()]
     frames, height, width = max(shapes, key=lambda shape: shape[0] * shape[1] * shape[2])
     size = memory.StepSize.of(dict(transformer.config), frames, height, width, cfg.batch_size)
-    static = memory.static_bytes(transformer) - (levers.fp8_saving(transformer) if cfg.fp8_base else 0)
-    peaks = memory.predict(static, size, compiled, levers.swap_saving(transformer, cfg.fp8_base))
+    fp8 = cfg.fp8_base or cfg.fp8_matmul  # both store the blocks' frozen weights in float8
+    static = memory.static_bytes(transformer) - (levers.fp8_saving(transformer) if fp8 else 0)
+    peaks = memory.predict(static, size, compiled, levers.swap_saving(transformer, fp8))
     budget = memory.device_budget(accelerator.device, cfg.max_memory)
     if accelerator.num_processes > 1:  # one mode for all: the tightest device decides
         budget = min(gather_object([budget]))

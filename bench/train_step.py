@@ -15,8 +15,10 @@ diffusers' ``train_cogvideox_lora.py`` (bf16 weights, peft adapter, plain AdamW,
 autocast, with or without diffusers' gradient checkpointing), written here. Every other variant is cogvx's own step
 (its shard loader with workers and pinned memory, ``Objective`` in fp32, fused AdamW, fp32 LoRA
 masters, bf16 autocast), with ``+``-joined options: a checkpointing mode (``full``, ``selective``,
-``none``, ``offload``, ``swap``), ``compile``, ``fp8`` (fp8 storage of frozen base weights) and ``adam8``
-(bitsandbytes 8-bit AdamW). Timing: median of ``--steps`` steps after ``--warmup`` steps, CUDA events.
+``none``, ``offload``, ``swap``), ``compile``, ``fp8`` (fp8 storage of frozen base weights), ``fp8mm`` (their
+forward products in fp8 too) and ``adam8`` (bitsandbytes 8-bit AdamW). Timing: median of ``--steps`` steps
+after ``--warmup`` steps, CUDA events. ``--profile`` adds one profiled step per run: GPU kernel time split into
+attention, matrix products and the rest, and the share of the step the GPU was busy.
 """
 
 from __future__ import annotations
@@ -84,10 +86,10 @@ def useful_tflop(cfg: dict, frames: int, height: int, width: int) -> float:
     return t["num_layers"] * (48 * n * d * d + 14 * n * n * d) / 1e12
 
 
-def build_transformer(cfg: dict, device: torch.device):
+def build_transformer(cfg: dict, device: torch.device, seed: int = 0):
     from diffusers import CogVideoXTransformer3DModel
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -107,8 +109,13 @@ def image_scale(cfg: dict) -> float:
     return 1 / scale if cfg["vae"].get("invert_scale_latents") else scale
 
 
-def make_cache(folder: Path, cfg: dict, shape: tuple[int, int, int], samples: int = 8) -> list[ShardRecord]:
-    """A small cache of real-size random samples, so cogvx's step reads through its real loader."""
+def make_cache(
+    folder: Path, cfg: dict, shape: tuple[int, int, int], samples: int = 8, log_variance: float | None = None
+) -> list[ShardRecord]:
+    """A small cache of real-size random samples, so cogvx's step reads through its real loader.
+
+    ``log_variance``: every sample's latent log-variance set to this (a sharp posterior, as real clips give),
+    instead of random like the mean."""
     channels = cfg["vae"]["latent_channels"] * 2
     text_dim = cfg["text_encoder"]["d_model"]
     records: list[ShardRecord] = []
@@ -119,6 +126,8 @@ def make_cache(folder: Path, cfg: dict, shape: tuple[int, int, int], samples: in
             "moments": torch.randn(channels, *shape, generator=g).to(torch.bfloat16),
             "prompt_embeds": torch.randn(226, text_dim, generator=g).to(torch.bfloat16),
         }
+        if log_variance is not None:
+            tensors["moments"][channels // 2 :] = log_variance
         carries: tuple[str, ...] = ()
         if image_to_video(cfg):
             tensors["image_moments"] = torch.randn(channels, 1, *shape[1:], generator=g).to(torch.bfloat16)
@@ -207,15 +216,16 @@ def auto_mode(transformer, cfg, shape, compiled: bool, fp8: bool, device) -> str
 class CogvxStep:
     """cogvx's step: its loader, objective, optimizer and precision, with the chosen levers."""
 
-    def __init__(self, transformer, cfg, device, options: set[str], records, folder, shape):
+    def __init__(self, transformer, cfg, device, options: set[str], records, folder, shape, seed: int = 0):
         checkpointing = next((o for o in options if o in levers.CHECKPOINTING), "full")
+        torch.manual_seed(seed)  # the LoRA's initial A matrices
         self.params = lora.add_lora(transformer, 128, 128, lora.DEFAULT_TARGETS, 0.0)
         if "auto" in options:  # what `cogvx train`'s default picks on this card, the same way
-            checkpointing = auto_mode(transformer, cfg, shape, "compile" in options, "fp8" in options, device)
+            fp8 = bool(options & {"fp8", "fp8mm"})
+            checkpointing = auto_mode(transformer, cfg, shape, "compile" in options, fp8, device)
         self.checkpointing = checkpointing
-        levers.prepare(
-            transformer, levers.Levers(checkpointing, compile="compile" in options, fp8_base="fp8" in options)
-        )
+        chosen = levers.Levers(checkpointing, "compile" in options, "fp8" in options, "fp8mm" in options)
+        levers.prepare(transformer, chosen)
         train_cfg = TrainConfig(shards=folder, optimizer="adamw8bit" if "adam8" in options else "adamw")
         self.optimizer = build_optimizer(train_cfg, self.params, 1e-4)
         from diffusers import CogVideoXDPMScheduler
@@ -223,8 +233,8 @@ class CogvxStep:
         alphas = CogVideoXDPMScheduler(**cfg["scheduler"]).alphas_cumprod
         i2v = {"image_latent_scale": image_scale(cfg), "noised_image_dropout": 0.05} if image_to_video(cfg) else {}
         self.objective = Objective(cfg["transformer"], alphas, cfg["vae"]["scaling_factor"], **i2v)
-        self.transformer, self.device, self.step = transformer, device, 0
-        stream = ShardStream(folder, records, batch_size=1, seed=0, random_flip=0.0, shuffle_buffer=4)
+        self.transformer, self.device, self.step, self.seed = transformer, device, 0, seed
+        stream = ShardStream(folder, records, batch_size=1, seed=seed, random_flip=0.0, shuffle_buffer=4)
         self.batches = iter(make_loader(stream, workers=2, pin_memory=device.type == "cuda"))
 
     def lora_dtype(self) -> str:
@@ -243,7 +253,7 @@ class CogvxStep:
         embeds = batch["prompt_embeds"].to(self.device, non_blocking=True)
         image = batch.get("image_moments")
         image = None if image is None else image.to(self.device, non_blocking=True)
-        loss = self.loss(moments, embeds, step_seed(0, self.step, 0, 0), image)
+        loss = self.loss(moments, embeds, step_seed(self.seed, self.step, 0, 0), image)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
@@ -281,7 +291,34 @@ def timed(step, device, warmup: int, steps: int) -> tuple[list[float], list[floa
     return times, losses
 
 
-def run_one(spec: str, device: torch.device, warmup: int, steps: int, workdir: Path) -> dict:
+ATTENTION_KERNELS = ("sdpa", "fmha", "flash", "attention", "attn", "cudnn::fusion")  # the last: cuDNN's backward
+MATMUL_KERNELS = ("gemm", "xmma", "cutlass", "nvjet", "matmul", "_mm_")
+
+
+def profile_step(step) -> dict:
+    """One step under the profiler: seconds of GPU kernels by kind, and the step's own wall time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    began = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - began
+    split = {"attention_s": 0.0, "matmul_s": 0.0, "other_s": 0.0}
+    for event in prof.events():
+        if event.device_type != torch.autograd.DeviceType.CUDA or event.name.startswith(("Memcpy", "Memset")):
+            continue
+        name = event.name.lower()
+        kind = "attention" if any(k in name for k in ATTENTION_KERNELS) else None
+        kind = kind or ("matmul" if any(k in name for k in MATMUL_KERNELS) else "other")
+        split[f"{kind}_s"] += event.device_time / 1e6
+    split["kernels_s"] = sum(split.values())
+    split["step_wall_s"] = wall
+    return split
+
+
+def run_one(spec: str, device: torch.device, warmup: int, steps: int, workdir: Path, profiled: bool = False) -> dict:
     model, variant = spec.split(":")
     model, _, size = model.partition("@")
     cfg = load_config(model)
@@ -322,6 +359,8 @@ def run_one(spec: str, device: torch.device, warmup: int, steps: int, workdir: P
     if device.type == "cuda":
         result["peak_allocated_gb"] = torch.cuda.max_memory_allocated() / 1e9
         result["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
+        if profiled:
+            result["profile"] = profile_step(step)
     result["wall_s"] = time.perf_counter() - began
     del step, transformer
     gc.collect()
@@ -347,6 +386,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--profile", action="store_true", help="add one profiled step per run")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -355,7 +395,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as workdir:
         for spec in args.runs.split():
             try:
-                report["results"].append(run_one(spec, device, args.warmup, args.steps, Path(workdir)))
+                report["results"].append(run_one(spec, device, args.warmup, args.steps, Path(workdir), args.profile))
             except Exception as err:  # one failed variant (e.g. out of memory) must not lose the others
                 report["results"].append({"run": spec, "error": f"{type(err).__name__}: {err}"[:500]})
                 gc.collect()
@@ -389,6 +429,11 @@ def print_table(report: dict) -> None:
             f"{r.get('peak_allocated_gb', 0):9.2f} {r.get('peak_reserved_gb', 0):8.2f} "
             f"{r.get('probe_loss', float('nan')):11.5f}"
         )
+        if "profile" in r:
+            f = r["profile"]
+            busy = f["kernels_s"] / f["step_wall_s"]
+            split = f"attention {f['attention_s']:.3f} s, matmul {f['matmul_s']:.3f} s, other {f['other_s']:.3f} s"
+            print(f"{'':34s} {split}, GPU busy {busy:.0%}")
 
 
 if __name__ == "__main__":

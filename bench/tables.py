@@ -342,6 +342,185 @@ def table_cudnn() -> str:
     )
 
 
+def table_fp8_matmul() -> str:
+    """Goal 2's runs: the fastest recipes within the seed's memory, each with one profiled step."""
+    results = [r for r in load("train_step_fp8mm_h100.json")["results"] if "error" not in r]
+    seeds = {(r["model"], r["variant"]): r for r in results if r["variant"].startswith("seed")}
+    lines = [
+        "| model | step | s/step | vs seed | peak allocated GB | probe loss | attention s | matrix products s | "
+        "other kernels s | GPU busy | ceiling if only attention were left |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        seed = seeds[(r["model"], "seed-nockpt" if r.get("checkpointing") == "none" else "seed")]
+        f = r["profile"]
+        name = r["variant"] if r["variant"].startswith("seed") else f"cogvx {r['variant']}"
+        probe = f"{r['probe_loss']:.5f}" if "probe_loss" in r else "-"
+        ceiling = "-" if r["variant"].startswith("seed") else f"{seed['s_per_step'] / f['attention_s']:.2f}x"
+        lines.append(
+            f"| {r['model']} | {name} | {r['s_per_step']:.3f} | {seed['s_per_step'] / r['s_per_step']:.2f}x | "
+            f"{r['peak_allocated_gb']:.2f} | {probe} | {f['attention_s']:.3f} | {f['matmul_s']:.3f} | "
+            f"{f['other_s']:.3f} | {f['kernels_s'] / f['step_wall_s']:.0%} | "
+            f"{ceiling} |"
+        )
+    return "\n".join(lines)
+
+
+def table_attention_kernels() -> str:
+    models = load("kernels_h100.json")["models"]
+    lines = [
+        "| model | SDPA backend | forward ms | forward+backward ms | forward+backward TFLOP/s |",
+        "|---|---|---|---|---|",
+    ]
+    for model, parts in models.items():
+        attention = parts["attention"]
+        for backend, row in attention.items():
+            if backend == "default_backend" or "error" in row:
+                continue
+            label = f"default (picks {attention['default_backend']})" if backend == "default" else backend
+            lines.append(
+                f"| {model} | {label} | {row['forward_ms']:.2f} | {row['forward_backward_ms']:.2f} | "
+                f"{row['forward_backward_tflops']:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def table_linear_kernels() -> str:
+    models = load("kernels_h100.json")["models"]
+    lines = [
+        "| model | product (tokens x in -> out) | bf16 ms | float8 ms | row quantisation alone ms | "
+        "fused QKV: three products ms | one fused product ms |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for model, parts in models.items():
+        for row in parts["linears"]:
+            shape = f"{row['linear']} ({row['in']} -> {row['out']})"
+            if "three_ms" in row:
+                cells = f"| | | | {row['three_ms']:.3f} | {row['fused_ms']:.3f} |"
+            else:
+                cells = f"| {row['bf16_ms']:.3f} | {row['fp8_ms']:.3f} | {row['quantise_ms']:.3f} | | |"
+            lines.append(f"| {model} | {shape} {cells}")
+    return "\n".join(lines)
+
+
+SMOOTHING = 25  # steps in the trailing mean of every loss curve
+
+
+def _curves() -> tuple[dict, dict[str, dict[int, list[float]]]]:
+    """The curve runs of every seed's file, smoothed: {recipe: {seed: curve}}."""
+    files = sorted(RESULTS.glob("curve_2b_h200_seed*.json"))
+    curves: dict[str, dict[int, list[float]]] = {}
+    for path in files:
+        for run in json.loads(path.read_text())["runs"]:
+            losses = run["losses"]
+            smooth = [sum(losses[max(0, i - SMOOTHING + 1) : i + 1]) / (i + 1 - max(0, i - SMOOTHING + 1))
+                      for i in range(len(losses))]  # fmt: skip
+            curves.setdefault(run["recipe"], {})[run["seed"]] = smooth
+    return json.loads(files[0].read_text()), curves
+
+
+def curve_check() -> dict:
+    """The lever's smoothed curves against the plain recipe's run-to-run spread, step by step."""
+    report, curves = _curves()
+    plain_name, lever_name = report["recipes"]
+    plain, lever = curves[plain_name], curves[lever_name]
+    steps, seeds = len(next(iter(plain.values()))), sorted(plain)
+    inside, paired, spread = 0, [], []
+    for t in range(steps):
+        low, high = min(plain[s][t] for s in seeds), max(plain[s][t] for s in seeds)
+        mean = sum(lever[s][t] for s in seeds) / len(seeds)
+        inside += low <= mean <= high
+        paired.append(max(abs(lever[s][t] - plain[s][t]) for s in seeds))
+        spread.append(high - low)
+    ordered = sorted(spread)
+    return {"plain": plain_name, "lever": lever_name, "steps": steps, "seeds": seeds, "inside": inside / steps,
+            "max_paired": max(paired), "median_spread": ordered[len(ordered) // 2],
+            "min_spread": ordered[0]}  # fmt: skip
+
+
+def table_curve() -> str:
+    report, curves = _curves()
+    c = curve_check()
+    plain, lever = curves[c["plain"]], curves[c["lever"]]
+    lines = [
+        f"| steps | {c['plain']}: mean of 3 seeds (min-max) | {c['lever']}: mean (min-max) | "
+        "largest same-seed difference |",
+        "|---|---|---|---|",
+    ]
+    for start in range(0, c["steps"], 50):
+        window = range(start, min(start + 50, c["steps"]))
+
+        def stats(curve: dict[int, list[float]], window: range = window) -> str:
+            means = [sum(curve[s][t] for t in window) / len(window) for s in c["seeds"]]
+            return f"{sum(means) / len(means):.4f} ({min(means):.4f}-{max(means):.4f})"
+
+        diff = max(abs(lever[s][t] - plain[s][t]) for s in c["seeds"] for t in window)
+        lines.append(f"| {start + 1}-{window[-1] + 1} | {stats(plain)} | {stats(lever)} | {diff:.4f} |")
+    lines.append(
+        f"| all {c['steps']} | the lever's mean curve inside the plain recipe's min-max band at "
+        f"**{c['inside']:.0%}** of steps | largest same-seed difference {c['max_paired']:.4f} | "
+        f"plain run-to-run spread: median {c['median_spread']:.4f}, smallest {c['min_spread']:.4f} |"
+    )
+    write_curve_plot(curves, c)
+    return "\n".join(lines)
+
+
+def write_curve_plot(curves: dict, c: dict, path: Path = RESULTS / "curve_2b_h200.svg") -> None:
+    """An SVG line plot of the smoothed curves: the plain recipe's seeds solid, the lever's dashed."""
+    width, height, pad = 720, 360, 50
+    values = [v for recipe in curves.values() for curve in recipe.values() for v in curve[SMOOTHING:]]
+    low, high = min(values), max(values)
+
+    def point(t: int, v: float) -> str:
+        x = pad + (width - 2 * pad) * t / (c["steps"] - 1)
+        y = height - pad - (height - 2 * pad) * (v - low) / (high - low)
+        return f"{x:.1f},{y:.1f}"
+
+    colours = ["#1f77b4", "#d62728", "#2ca02c"]
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+             f'font-size="12"><rect width="100%" height="100%" fill="white"/>']  # fmt: skip
+    for recipe, style in ((c["plain"], 'stroke-width="2"'), (c["lever"], 'stroke-width="1" stroke-dasharray="3 3"')):
+        for colour, seed in zip(colours, c["seeds"], strict=False):
+            line = " ".join(point(t, v) for t, v in enumerate(curves[recipe][seed]) if t >= SMOOTHING)
+            colour = colour if recipe == c["plain"] else "black"  # drawn over the plain curve of its seed
+            parts.append(f'<polyline fill="none" stroke="{colour}" {style} points="{line}"/>')
+    parts.append(f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>')
+    parts.append(f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="black"/>')
+    for v in (low, (low + high) / 2, high):
+        x, y = point(0, v).split(",")
+        parts.append(f'<text x="{pad - 6}" y="{y}" text-anchor="end">{v:.3f}</text>')
+    for t in (SMOOTHING, c["steps"] // 2, c["steps"]):
+        x, _ = point(t - 1, low).split(",")
+        parts.append(f'<text x="{x}" y="{height - pad + 16}" text-anchor="middle">{t}</text>')
+    parts.append(f'<text x="{width / 2}" y="{height - 10}" text-anchor="middle">step (loss: mean of the last '
+                 f'{SMOOTHING} steps)</text>')  # fmt: skip
+    parts.append(f'<text x="{pad}" y="20">{c["plain"]}: seeds {", ".join(map(str, c["seeds"]))} in blue, red, '
+                 f'green; {c["lever"]}: black dashes over its seed</text>')  # fmt: skip
+    parts.append("</svg>")
+    path.write_text("\n".join(parts) + "\n")
+
+
+def table_multi_gpu_4() -> str:
+    """Whole 64-clip launches on 1 and 4 GPUs of one host, warm compile cache."""
+    lines = [
+        "| launch | GPUs | wall s | encoders on the GPU s | first sample s | last sample s | clips/min, whole "
+        "| clips/min, encoding phase |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    scaling = []
+    for name, label in (("preprocess_4gpu_64clips_h200.json", "compile cache warmed on all 4 GPUs"),
+                        ("preprocess_4gpu_64clips_h200_warm_1gpu_only.json", "warmed on GPU 0 only")):  # fmt: skip
+        m = load(name)["multi"]
+        for gpus, run in m["runs"].items():
+            t = run["timeline"]
+            lines.append(
+                f"| {label} | {gpus} | {run['wall_s']:.1f} | {t['encoders']:.1f} | {t['first_written']:.1f} | "
+                f"{t['encoded']:.1f} | {run['clips_per_min']:.1f} | {run['clips_per_min_encoding']:.1f} |"
+            )
+        scaling.append(f"{label}: **{m['scaling']:.2f}x** whole, {m['scaling_encoding']:.2f}x encoding phase")
+    return "\n".join(lines + ["", "Scaling, 4 GPUs vs 1: " + "; ".join(scaling) + "."])
+
+
 def table_environment() -> str:
     seen = {}
     for path in sorted(RESULTS.glob("*.json")):

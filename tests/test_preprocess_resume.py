@@ -134,12 +134,14 @@ def test_kill_9_then_rerun_gives_every_clip_exactly_once(twelve: Path, tmp_path:
 
 def test_torchrun_two_ranks_write_their_own_shards_and_one_manifest(twelve: Path, tmp_path: Path):
     """Also the race of two ranks starting on a fresh folder: rank 1 looks for the manifest while rank 0
-    creates it (paused there by RACE_HOOK), and must not fail with "No manifest.json"."""
+    creates it (paused there by RACE_HOOK), and must not fail with "No manifest.json". Launched the way
+    docs/preprocess.md advises for compiled encoders, ``--virtual-local-rank``: every rank's LOCAL_RANK is 0, so
+    nothing may tell ranks apart by it."""
     (twelve / "broken.mp4").write_bytes(b"not a video")
     (twelve / "broken.txt").write_text("a ball")
     out = tmp_path / "out"
     command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--virtual-local-rank",
         "-m", "cogvx", "preprocess", "--data", str(twelve), "--output", str(out), "--model", "tiny",
         "--dtype", "fp32", "--workers", "0", "--frame-bucket", "9",
     ]  # fmt: skip

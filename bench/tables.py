@@ -521,6 +521,18 @@ def table_multi_gpu_4() -> str:
     return "\n".join(lines + ["", "Scaling, 4 GPUs vs 1: " + "; ".join(scaling) + "."])
 
 
+def table_compile_index() -> str:
+    """One process after another on a 2-GPU host, one compile cache: does a warm cache serve another GPU index?"""
+    lines = ["| process, in order | device | first compiled encode s | whole process s |", "|---|---|---|---|"]
+    for label, name in (("1: empty cache", "vae_index_gpu1_cold_h200.json"),
+                        ("2: same GPU again", "vae_index_gpu1_warm_h200.json"),
+                        ("3: the other GPU", "vae_index_gpu0_after_gpu1_h200.json")):  # fmt: skip
+        r = load(name)
+        device = r["command"].split("--device ")[1].split()[0]
+        lines.append(f"| {label} | `{device}` | {r['compiled_first_s']:.1f} | {r['process_s']:.1f} |")
+    return "\n".join(lines)
+
+
 def table_environment() -> str:
     seen = {}
     for path in sorted(RESULTS.glob("*.json")):

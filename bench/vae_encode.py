@@ -11,7 +11,9 @@ cold launch and a warm one:
     python bench/vae_encode.py --cache-dir /tmp/cc --out warm.json
 
 ``--plain-only --cudnn-benchmark on|off`` times the plain encode alone, its first call included, with
-cuDNN's convolution autotuner on or off (what preprocessing's first clip pays).
+cuDNN's convolution autotuner on or off (what preprocessing's first clip pays). ``--device cuda:1`` after a
+run on ``cuda:0`` with the same ``--cache-dir`` shows whether a warm cache serves another GPU index
+(``CUDA_VISIBLE_DEVICES=1`` shows that GPU as ``cuda:0``, as ``torchrun --virtual-local-rank`` does).
 """
 
 from __future__ import annotations
@@ -53,13 +55,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--plain-only", action="store_true", help="no compiled encoder")
     parser.add_argument("--cudnn-benchmark", choices=("on", "off"), default="off")
+    parser.add_argument("--device", default="cuda", help="e.g. cuda:1: the compile cache keeps a graph per GPU index")
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
     began = time.perf_counter()
     levers.use_persistent_compile_cache(args.cache_dir)
     from diffusers import AutoencoderKLCogVideoX
 
-    device = torch.device("cuda")
+    device = torch.device(args.device)
+    if device.index is not None:
+        torch.cuda.set_device(device)  # synchronize() and the memory counters below mean this one
     cfg = json.loads((CONFIGS / args.model).read_text())["vae"]
     torch.manual_seed(0)
     vae = AutoencoderKLCogVideoX(**cfg).to(device, torch.bfloat16).eval()
@@ -93,6 +98,7 @@ def main() -> None:
     result |= {
         "peak_allocated_gb": torch.cuda.max_memory_allocated() / 1e9,
         "process_s": time.perf_counter() - began,
+        "command": " ".join(sys.argv),
         "environment": {
             "torch": torch.__version__,
             "device": torch.cuda.get_device_name(device),

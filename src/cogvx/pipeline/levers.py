@@ -383,13 +383,31 @@ class _Float8Matmul(torch.autograd.Function):
 
 
 def check_fp8_matmul(device: torch.device) -> None:
-    """Refuse ``fp8_matmul`` on a GPU without float8 matrix units (before Ada and Hopper)."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
-        name = torch.cuda.get_device_name(device)
+    """Refuse ``fp8_matmul`` on a GPU without float8 matrix units (before Ada and Hopper), or where this PyTorch
+    has no row-scaled float8 product for the card: one tiny product on the device tells."""
+    if device.type != "cuda":
+        return
+    name = torch.cuda.get_device_name(device)
+    if torch.cuda.get_device_capability(device) < (8, 9):
         raise ConfigError(
             f"--fp8-matmul needs a GPU with float8 matrix units (Ada, Hopper or newer); {name} has none. "
             "Use --fp8-base (float8 storage only) instead."
         )
+    square = torch.ones(16, 16, device=device).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(
+            square,
+            square.t(),
+            scale_a=torch.ones(16, 1, device=device),
+            scale_b=torch.ones(1, 16, device=device),
+            out_dtype=torch.bfloat16,
+        )
+    except RuntimeError as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(
+            f"--fp8-matmul: PyTorch {torch.__version__} has no row-scaled float8 product on {name} ({reason}). "
+            "Use --fp8-base (float8 storage only) instead."
+        ) from err
 
 
 def _frozen_block_linears(transformer: torch.nn.Module):

@@ -27,10 +27,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_step import environment  # noqa: E402
 
+from cogvx.pipeline.levers import quantise_rows  # noqa: E402  (train_step put src/ on the path)
+
 TOKENS = 17550 + 226
 MODELS = {"2b": {"heads": 30, "width": 1920}, "5b": {"heads": 48, "width": 3072}}
 BACKENDS = ("default", "CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")
-E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
 
 
 def milliseconds(fn, calls: int = 7) -> float:
@@ -85,19 +86,13 @@ def attention(heads: int) -> dict:
     return rows
 
 
-def quantise_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    scale = x.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
-    return (x.float() / scale).to(torch.float8_e4m3fn), scale
-
-
 def linears(width: int) -> list[dict]:
     quantise = torch.compile(quantise_rows)
     rows = []
     for name, inner, outer in (("q/k/v/out", width, width), ("ff in", width, 4 * width), ("ff out", 4 * width, width)):
         x = torch.randn(TOKENS, inner, device="cuda", dtype=torch.bfloat16)
         w = torch.randn(outer, inner, device="cuda", dtype=torch.bfloat16)
-        w_scale = w.abs().amax(dim=1, keepdim=True).float() / E4M3_MAX
-        w8 = (w.float() / w_scale).to(torch.float8_e4m3fn)
+        w8, w_scale = quantise_rows(w)
         x8, x_scale = quantise(x)
         bf16 = milliseconds(lambda x=x, w=w: x @ w.t())
         fp8 = milliseconds(

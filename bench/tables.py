@@ -420,9 +420,8 @@ def _curves() -> tuple[dict, dict[str, dict[int, list[float]]]]:
     return json.loads(files[0].read_text()), curves
 
 
-def curve_check() -> dict:
+def curve_check(report: dict, curves: dict[str, dict[int, list[float]]]) -> dict:
     """The lever's smoothed curves against the plain recipe's run-to-run spread, step by step."""
-    report, curves = _curves()
     plain_name, lever_name = report["recipes"]
     plain, lever = curves[plain_name], curves[lever_name]
     steps, seeds = len(next(iter(plain.values()))), sorted(plain)
@@ -441,7 +440,7 @@ def curve_check() -> dict:
 
 def table_curve() -> str:
     report, curves = _curves()
-    c = curve_check()
+    c = curve_check(report, curves)
     plain, lever = curves[c["plain"]], curves[c["lever"]]
     lines = [
         f"| steps | {c['plain']}: mean of 3 seeds (min-max) | {c['lever']}: mean (min-max) | "

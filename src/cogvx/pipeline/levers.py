@@ -69,8 +69,7 @@ def prepare(transformer: torch.nn.Module, levers: Levers, device: torch.device |
         check_fp8_matmul(device)
     swap = None
     if levers.checkpointing == "swap":
-        fp8 = "matmul" if levers.fp8_matmul else levers.fp8_base
-        swap = BlockSwap(transformer.transformer_blocks, device, fp8=fp8)
+        swap = BlockSwap(transformer.transformer_blocks, device, fp8=levers.fp8, fp8_matmul=levers.fp8_matmul)
         transformer.to(device)  # the rest: embeddings, final norm and projection, LoRA weights
     else:
         transformer.to(device)
@@ -192,7 +191,7 @@ class BlockSwap:
     SLOTS = 2
     ALIGN = 64  # bytes: every tensor's view starts aligned for any dtype and vectorised kernels
 
-    def __init__(self, blocks: torch.nn.ModuleList, device: torch.device, fp8: bool | str = False):
+    def __init__(self, blocks: torch.nn.ModuleList, device: torch.device, fp8: bool = False, fp8_matmul: bool = False):
         self.device, self.count = torch.device(device), len(blocks)
         self.cuda = self.device.type == "cuda"
         self.tensors: list[list[tuple[torch.nn.Module, str, bool, torch.dtype, torch.Size, int]]] = []
@@ -200,7 +199,7 @@ class BlockSwap:
         for index, block in enumerate(blocks):
             block.to(self.device)  # one block at a time on the device: its fp8 scales are computed there
             if fp8:
-                store_base_weights_in_fp8(block, matmul=fp8 == "matmul")
+                store_base_weights_in_fp8(block, matmul=fp8_matmul)
             self._stash(block)
             block.register_forward_pre_hook(functools.partial(self._before_block, index))
         largest = max(h.numel() for h in self.host)
@@ -326,6 +325,12 @@ def configure(transformer: torch.nn.Module, checkpointing: str, compile: bool, s
 E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
 
 
+def quantise_rows(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A 2-D tensor in float8 e4m3 with one float32 scale per row (its largest magnitude maps to e4m3's)."""
+    scale = t.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
+    return (t.float() / scale).to(torch.float8_e4m3fn), scale
+
+
 class Float8Linear(torch.nn.Module):
     """A frozen linear layer whose weight is stored in float8 e4m3 with one scale per output channel.
 
@@ -336,8 +341,8 @@ class Float8Linear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear, matmul: bool = False):
         super().__init__()
         weight = linear.weight.detach()
-        scale = weight.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
-        self.register_buffer("weight_fp8", (weight.float() / scale).to(torch.float8_e4m3fn))
+        weight_fp8, scale = quantise_rows(weight)
+        self.register_buffer("weight_fp8", weight_fp8)
         self.register_buffer("scale", scale.to(weight.dtype))
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
@@ -368,9 +373,7 @@ class _Float8Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight_fp8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(weight_fp8, scale)
-        rows = x.reshape(-1, x.shape[-1])
-        row_scale = rows.abs().amax(dim=1, keepdim=True).float().clamp(min=1e-12) / E4M3_MAX
-        quantised = (rows.float() / row_scale).to(torch.float8_e4m3fn)
+        quantised, row_scale = quantise_rows(x.reshape(-1, x.shape[-1]))
         out = torch._scaled_mm(
             quantised, weight_fp8.t(), scale_a=row_scale, scale_b=scale.float().t(), out_dtype=x.dtype
         )

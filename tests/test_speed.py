@@ -7,12 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cogvx.errors import ConfigError
 from cogvx.pipeline import levers, lora, models
 from cogvx.pipeline.objective import Objective
 from cogvx.train.config import TrainConfig
 from cogvx.train.loop import run as train
+
+from .conftest import property_examples
 
 
 def _loss_and_grads(
@@ -165,6 +169,37 @@ def test_the_float8_product_tracks_the_widened_weights_on_float8_units_and_is_re
     with torch.autocast(device, torch.bfloat16):
         out, widened = multiplied(inputs[0]), stored(inputs[1])
     assert out.dtype == torch.bfloat16 and 0 < _relative(out, widened) < 0.05  # measured 0.026 on a CPU
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    widened.backward(grad)
+    torch.testing.assert_close(inputs[0].grad, inputs[1].grad)
+
+
+@settings(max_examples=property_examples(12))
+@given(
+    inner=st.sampled_from([16, 24, 48, 64]),
+    outer=st.sampled_from([8, 16, 32, 80]),
+    leading=st.lists(st.integers(1, 6), min_size=1, max_size=3),
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_the_float8_product_tracks_the_widened_one_at_any_size(inner, outer, leading, bias, seed):
+    """Any layer size (the float8 product engages only for multiples of 16, else the widened path), any
+    leading shape (a single row included), with or without bias: the output keeps its shape and stays near
+    fp8 storage's, and the input gradient is storage's own."""
+    torch.manual_seed(seed)
+    linear = torch.nn.Linear(inner, outer, bias=bias).requires_grad_(False).to(torch.bfloat16)
+    stored, multiplied = levers.Float8Linear(linear), levers.Float8Linear(linear, matmul=True)
+    assert multiplied.matmul == (inner % 16 == 0 and outer % 16 == 0)
+    x = torch.randn(*leading, inner)
+    inputs = [x.to(torch.bfloat16).requires_grad_(True) for _ in range(2)]
+    with torch.autocast("cpu", torch.bfloat16):
+        out, widened = multiplied(inputs[0]), stored(inputs[1])
+    assert out.shape == widened.shape == (*leading, outer) and out.dtype == torch.bfloat16
+    if multiplied.matmul:
+        assert 0 < _relative(out, widened) < 0.1  # e4m3 rounding of the input rows: it really ran in float8
+    else:
+        assert torch.equal(out, widened)
     grad = torch.randn_like(out)
     out.backward(grad)
     widened.backward(grad)

@@ -469,7 +469,7 @@ svg.chart { border: 1px solid #eee; background: #fff; }
 svg .grid { stroke: #eee; } svg .tick { font-size: 10px; fill: #666; }
 svg .chart-title { font-size: 12px; font-weight: 600; } svg .legend { font-size: 11px; stroke: none; }
 svg polyline { stroke-width: 2; } svg .base { stroke-dasharray: 6 4; stroke: #888; stroke-width: 1.5; }
-svg text.base { fill: #888; }
+svg text.base { fill: #888; stroke: none; }
 .scroll { overflow-x: auto; }
 table.grid video { display: block; width: 192px; background: #000; }
 td.missing, td.empty, .note { color: #a60; font-size: 12px; }

@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
-import subprocess
-import tempfile
 from collections import Counter
-from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
@@ -20,101 +16,10 @@ from cogvx.report import ReportConfig, line_chart
 from cogvx.report import run as write_report
 from cogvx.shards import Manifest, read_shard
 
+from .browser import Elements, KeyValueTables, dump_dom
 from .conftest import CLIPS
 from .test_render import PROMPTS, make_validation
 from .test_sample import train_lora
-
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    # Lets the page's timers run until every video has its metadata, without waiting in real time.
-    "--virtual-time-budget=15000",
-]
-
-
-def chromium() -> str:
-    found = os.environ.get("COGVX_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
-    if found:
-        return found
-    if os.environ.get("CI"):
-        pytest.fail("CI is set but chromium is missing: .ci/run installs it with `apt-get install chromium`.")
-    pytest.skip("chromium is not installed (`apt-get install chromium`); CI installs it and runs this test.")
-
-
-def dump_dom(page: Path) -> str:
-    """The DOM after the page's scripts ran, as a headless browser sees it."""
-    browser = chromium()
-    with tempfile.TemporaryDirectory() as profile:
-        done = subprocess.run(
-            [browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "--dump-dom", page.resolve().as_uri()],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done.stdout
-
-
-class Elements(HTMLParser):
-    """Start tags with their attributes, and the text, of a dumped DOM."""
-
-    def __init__(self, dom: str):
-        super().__init__()
-        self.tags: list[tuple[str, dict[str, str]]] = []
-        self.text: list[str] = []
-        self.feed(dom)
-
-    def handle_starttag(self, tag, attrs):
-        self.tags.append((tag, {k: v or "" for k, v in attrs}))
-
-    def handle_data(self, data):
-        self.text.append(data)
-
-    def find(self, tag: str, **attrs: str) -> list[dict[str, str]]:
-        return [
-            a
-            for t, a in self.tags
-            if t == tag and all(re.search(v, a.get(k.rstrip("_").replace("_", "-"), "")) for k, v in attrs.items())
-        ]
-
-
-class KeyValueTables(HTMLParser):
-    """Every ``<table class="kv">`` of a page as {row header: cell text}, in page order."""
-
-    def __init__(self, page: str):
-        super().__init__()
-        self.tables: list[dict[str, str]] = []
-        self._cell: str | None = None  # "th" or "td" while inside one of a kv table
-        self._row: dict[str, str] = {}
-        self._in_kv = False
-        self.feed(page)
-
-    def handle_starttag(self, tag, attrs):
-        if tag == "table":
-            self._in_kv = "kv" in (dict(attrs).get("class") or "").split()
-            if self._in_kv:
-                self.tables.append({})
-        elif self._in_kv and tag in ("th", "td"):
-            self._cell, self._row[tag] = tag, ""
-
-    def handle_endtag(self, tag):
-        if tag in ("th", "td"):
-            self._cell = None
-        elif tag == "tr" and self._in_kv and "th" in self._row:
-            self.tables[-1][self._row["th"]] = self._row.get("td", "")
-            self._row = {}
-        elif tag == "table":
-            self._in_kv = False
-
-    def handle_data(self, data):
-        if self._cell:
-            self._row[self._cell] += data
 
 
 def smoothed(values: list[float], weight: float = 0.9) -> float:

@@ -145,7 +145,8 @@ MAY_IMPORT = {
     "sample": {"pipeline", "shards"},
     "render": {"pipeline", "shards"},
     "report": {"pipeline", "shards", "render"},
-    "cli": {"pipeline", "shards", "preprocess", "train", "sample", "render", "report"},
+    "compare": {"shards", "report"},
+    "cli": {"pipeline", "shards", "preprocess", "train", "sample", "render", "report", "compare"},
     "__main__": {"cli"},
 }
 

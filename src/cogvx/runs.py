@@ -23,7 +23,7 @@ import math
 import os
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from cogvx.errors import RunError
 from cogvx.files import save_safetensors
@@ -294,3 +294,34 @@ def final_loss(records: list[dict[str, Any]]) -> tuple[float, str] | None:
     if not losses:
         return None
     return media.ema(losses)[-1], f"EMA {media.EMA_WEIGHT:g} of {len(losses)} step losses"
+
+
+# --- reading a run folder through a listing (cogvx compare reads run folders on object stores too) ---
+
+SAFETENSORS_HEADER_LIMIT = 100 << 20  # bytes: the largest header safetensors itself accepts
+
+
+def validation_step_of(name: str) -> int | None:
+    """The step of a ``step-NNNNNN`` folder name inside ``validation/``, None for any other name."""
+    match = _STEP.match(name)
+    return int(match.group(1)) if match else None
+
+
+def validation_sample_of(name: str) -> int | None:
+    """KK of a ``sample-KK.safetensors`` file name, None for any other name."""
+    match = _SAMPLE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def read_validation_metadata(f: BinaryIO, where: str) -> dict[str, str]:
+    """A saved validation sample's metadata, from its safetensors header alone (the latents are not read)."""
+    size = f.read(8)
+    length = int.from_bytes(size, "little") if len(size) == 8 else -1
+    header = f.read(length) if 0 < length <= SAFETENSORS_HEADER_LIMIT else b""
+    try:
+        data = json.loads(header) if len(header) == length else None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        data = None
+    if not isinstance(data, dict):
+        raise RunError(f"{where} is not a readable safetensors file (damaged header); delete it or re-run training.")
+    return {k: _metadata_value(v) for k, v in (data.get("__metadata__") or {}).items()}

@@ -1,0 +1,531 @@
+"""``cogvx compare RUN RUN ...``: runs of one cache side by side on one self-contained HTML page.
+
+The page shows the settings that differ between the runs (one column per run), their held-out
+scores on one plot with each run's base-model score as a dashed line, the best step of each, their
+smoothed training losses, and their validation videos side by side for each prompt and step.
+
+Runs are compared only when they trained on one cache. Where two runs both record the cache's
+identity (``cache_id`` in config.json: the sha256 of its manifest) it decides, so a copy of a cache
+read from another place is the same cache; otherwise the cache location each run recorded
+(``shards``) does. Runs of different caches are refused in one line naming them.
+
+Held-out scores (the ``eval_loss`` rows of metrics.jsonl, each naming its held-out set in
+``eval_set``) are only comparable on one held-out set. Runs scored on different sets are not refused
+(their training curves and videos still compare), but each set gets a plot of its own and the page
+says, above the plots and in the runs table, that scores of different sets are not comparable.
+
+A run folder is a local (or shared-filesystem) folder or any URL fsspec reads (``s3://bucket/run``).
+A local run's videos are referenced by relative path, as ``cogvx report`` does; a remote run's videos
+are embedded in the page, since a browser cannot read ``s3://``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from cogvx import files, runs
+from cogvx.errors import ConfigError, RunError
+from cogvx.media import EMA_WEIGHT, ema
+from cogvx.report import _SCRIPT, _fmt, _plain, find_cache, line_chart
+from cogvx.shards.store import LocalStore, display, is_remote, open_store
+
+LABELS = "ABCDEFGH"  # one letter per run on the page; also the most runs one page compares
+COLOURS = ("#c33", "#26a", "#385", "#a6c", "#d80", "#0aa", "#555", "#a52")
+OWN_SETTINGS = ("output",)  # differ between any two runs by construction: not shown as a difference
+EVAL_PARTS = ("eval_high", "eval_mid", "eval_low")  # the held-out loss over high, mid and low noise levels
+
+
+@dataclass
+class CompareConfig:
+    runs: tuple[Path | str, ...]  # run folders or URLs (s3://..., https://...), two or more
+    output: Path = Path("compare.html")
+    overwrite: bool = False  # replace an existing output file
+
+    def __post_init__(self):
+        given = (self.runs,) if isinstance(self.runs, (str, Path)) else tuple(self.runs)
+        self.runs = tuple(r if is_remote(r) else Path(r) for r in given)
+        self.output = Path(self.output)
+        if len(self.runs) < 2:
+            raise ConfigError(
+                f"cogvx compare needs two or more run folders (got {len(self.runs)}); `cogvx report RUN` shows one."
+            )
+        if len(self.runs) > len(LABELS):
+            raise ConfigError(f"cogvx compare sets at most {len(LABELS)} runs side by side (got {len(self.runs)}).")
+        seen: set[str] = set()
+        for run in self.runs:
+            key = display(run).rstrip("/") if isinstance(run, str) else str(run.resolve())
+            if key in seen:
+                raise ConfigError(f"Run {run} is given twice; name each run once.")
+            seen.add(key)
+        if self.output.suffix.lower() not in (".html", ".htm"):
+            raise ConfigError(f"--output must name an .html file (got {self.output})")
+
+
+@dataclass
+class HeldOut:
+    """One run's held-out scores on one held-out set."""
+
+    eval_set: str
+    rows: dict[int, dict[str, Any]]  # step -> its eval row (the last one written for that step)
+    base: float | None  # the base model's score (LoRA off) on this set
+
+    def best(self) -> tuple[int, dict[str, Any]]:
+        """The step with the lowest held-out loss (the earliest on a tie) and its row."""
+        return min(self.rows.items(), key=lambda item: (item[1]["eval_loss"], item[0]))
+
+
+@dataclass
+class Video:
+    """One validation sample of a run: its prompt, and where the browser finds its video (None: latents only)."""
+
+    step: int
+    index: int
+    prompt: str
+    src: str | None
+
+
+@dataclass
+class Run:
+    """What the page shows of one run folder."""
+
+    label: str
+    location: str  # as shown (a URL without credentials)
+    local: Path | None  # the folder, for a local run
+    config: dict[str, Any]
+    metrics: list[dict[str, Any]]
+    bad_lines: int
+    videos: list[Video]
+
+    @property
+    def name(self) -> str:
+        if self.local is not None:
+            return self.local.resolve().name
+        return self.location.rstrip("/").rpartition("/")[2] or self.location
+
+    @property
+    def title(self) -> str:
+        return f"{self.label} {self.name}"
+
+    def held_out(self) -> list[HeldOut]:
+        """Scores per held-out set, in the order the sets first appear in its metrics."""
+        sets: dict[str, HeldOut] = {}
+        for row in self.metrics:
+            if _number(row.get("eval_loss")) or _number(row.get("eval_base_loss")):
+                name = str(row.get("eval_set") or f"unnamed ({self.label})")  # no name: comparable with nothing
+                sets.setdefault(name, HeldOut(name, {}, None))
+                if _number(row.get("eval_loss")):
+                    sets[name].rows[int(row["step"])] = row
+                if _number(row.get("eval_base_loss")):
+                    sets[name].base = float(row["eval_base_loss"])
+        return [s for s in sets.values() if s.rows or s.base is not None]
+
+    def losses(self) -> dict[int, float]:
+        """The training loss of each step (the last line written for it)."""
+        return {int(r["step"]): float(r["loss"]) for r in self.metrics if _number(r.get("loss"))}
+
+
+@dataclass
+class CompareResult:
+    path: Path
+    runs: list[str]  # the runs' locations, in page order (labels A, B, ...)
+    differing: list[str]  # the settings that differ between them
+    eval_sets: list[str]  # the held-out sets scored, in page order
+    best: dict[str, tuple[int, float]]  # label -> best step and its held-out loss (on the run's first set)
+    videos: int  # video cells on the page (rendered or not)
+    notes: list[str] = field(default_factory=list)  # what the page says is missing or not comparable
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# --------------------------------------------------------------------------- reading runs anywhere
+
+
+def _join(location: Path | str, relative: Path | str) -> Path | str:
+    if isinstance(location, Path):
+        return location / relative
+    return f"{location.rstrip('/')}/{PurePosixPath(relative).as_posix()}"
+
+
+def read_run(location: Path | str, label: str, page_dir: Path) -> Run:
+    """A run folder, local or remote: its settings, metrics and validation samples."""
+    shown = display(location) if isinstance(location, str) else str(location)
+    if isinstance(location, Path):
+        if not location.is_dir():
+            raise RunError(f"Run folder {location} does not exist.")
+        config = runs.read_config(location)
+        metrics, bad = runs.read_metrics_counted(location)
+    else:
+        config, metrics, bad = _read_remote(location)
+    if not config and not metrics:
+        raise RunError(
+            f"{shown} holds neither {runs.CONFIG_JSON} nor {runs.METRICS}: it is not a `cogvx train` run folder."
+        )
+    videos = _read_videos(location, page_dir)
+    return Run(label, shown, location if isinstance(location, Path) else None, config, metrics, bad, videos)
+
+
+def _read_remote(location: str) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
+    """A remote run's settings and metrics, read by the run folder's own readers from a local copy."""
+    store = open_store(location)
+    listed = set(store.list())
+    with tempfile.TemporaryDirectory(prefix="cogvx-compare-") as tmp:
+        copy = Path(tmp)
+        for path in (runs.config_json(copy), runs.metrics(copy)):
+            if path.name in listed:
+                path.write_bytes(store.read_bytes(path.name))
+        try:
+            config = runs.read_config(copy)
+        except RunError as err:  # name the file where it is, not the copy
+            raise RunError(str(err).replace(str(runs.config_json(copy)), store.url(runs.CONFIG_JSON))) from err
+        metrics, bad = runs.read_metrics_counted(copy)
+    return config, metrics, bad
+
+
+def _read_videos(location: Path | str, page_dir: Path) -> list[Video]:
+    """Every validation sample of a run, with its prompt and its video (None when only latents exist)."""
+    root = _join(location, runs.validation(Path()))
+    found = []
+    for name in open_store(root).list():
+        step = runs.validation_step_of(name)
+        if step is None:
+            continue
+        folder = open_store(_join(root, name))
+        listed = folder.list()
+        for sample in listed:
+            index = runs.validation_sample_of(sample)
+            if index is None:
+                continue
+            with folder.open(sample, what="Validation sample") as f:
+                prompt = runs.read_validation_metadata(f, folder.url(sample)).get("prompt", Path(sample).stem)
+            video = runs.validation_video(Path(sample)).name
+            src = None
+            if video in listed:
+                if isinstance(folder, LocalStore):
+                    src = Path(os.path.relpath(folder.path(video), page_dir)).as_posix()
+                else:
+                    src = "data:video/mp4;base64," + base64.b64encode(folder.read_bytes(video)).decode()
+            found.append(Video(step, index, prompt, src))
+    return sorted(found, key=lambda v: (v.step, v.index))
+
+
+# --------------------------------------------------------------------------- one cache
+
+
+def _cache_of(run: Run) -> tuple[str, str | None]:
+    """Where a run's cache was (resolved as ``cogvx report`` finds it) and its identity, when recorded."""
+    recorded = run.config.get("shards")
+    if not recorded:
+        raise RunError(
+            f"{run.location}: its {runs.CONFIG_JSON} records no cache (shards), so compare cannot tell that the runs "
+            "share one; compare runs written by `cogvx train`."
+        )
+    recorded = str(recorded)
+    if is_remote(recorded):
+        where = display(recorded).rstrip("/")
+    else:
+        found = find_cache(run.local, recorded) if run.local is not None else None
+        where = str(found.resolve()) if isinstance(found, Path) else os.path.normpath(recorded)
+    cache_id = run.config.get("cache_id")
+    return where, str(cache_id) if cache_id else None
+
+
+def check_one_cache(compared: list[Run]) -> None:
+    """Refuse runs of different caches: by identity where both record it, else by the recorded location."""
+    caches = [_cache_of(run) for run in compared]
+    for i, (a, (where_a, id_a)) in enumerate(zip(compared, caches, strict=True)):
+        for b, (where_b, id_b) in zip(compared[i + 1 :], caches[i + 1 :], strict=True):
+            if id_a and id_b:
+                differ, what = id_a != id_b, f"cache_id {id_a[:12]} vs {id_b[:12]}"
+            else:
+                differ, what = where_a != where_b, f"{where_a} vs {where_b}"
+            if differ:
+                raise RunError(
+                    f"Runs {a.location} and {b.location} trained on different caches ({what}); compare runs of one "
+                    "cache (`cogvx report RUN` shows any run alone)."
+                )
+
+
+# --------------------------------------------------------------------------- page parts
+
+
+def _settings(compared: list[Run]) -> tuple[str, list[str]]:
+    """The settings that differ (one column per run), and the shared ones folded away."""
+    keys = sorted({k for run in compared for k in run.config} - set(OWN_SETTINGS))
+    missing = object()
+
+    def value(run: Run, key: str) -> Any:
+        return run.config.get(key, missing)
+
+    def same(key: str) -> bool:
+        values = [value(run, key) for run in compared]
+        return all(v is not missing for v in values) and len({json.dumps(v, sort_keys=True) for v in values}) == 1
+
+    differing = [k for k in keys if not same(k)]
+    shared = [k for k in keys if same(k)]
+    head = "".join(f'<th class="r{i}">{html.escape(run.title)}</th>' for i, run in enumerate(compared))
+
+    def cell(run: Run, key: str) -> str:
+        found = value(run, key)
+        return '<td class="unset">(not set)</td>' if found is missing else f"<td>{html.escape(_plain(found))}</td>"
+
+    rows = "".join(
+        f'<tr data-setting="{html.escape(k)}"><th>{html.escape(k)}</th>{"".join(cell(r, k) for r in compared)}</tr>'
+        for k in differing
+    )
+    if differing:
+        table = f'<table id="settings" class="diff"><thead><tr><th>setting</th>{head}</tr></thead>'
+        table += f"<tbody>{rows}</tbody></table>"
+    else:
+        table = '<p id="settings" class="note">Every setting is the same in these runs.</p>'
+    if shared:
+        body = "".join(
+            f"<tr><th>{html.escape(k)}</th><td>{html.escape(_plain(compared[0].config[k]))}</td></tr>" for k in shared
+        )
+        table += f'<details><summary>{len(shared)} settings the runs share</summary><table class="kv">{body}</table>'
+        table += "</details>"
+    return table, differing
+
+
+def _chart(title: str, xs: list[float], series: list[tuple[str, list[float], str]]) -> str:
+    # line_chart lays its legend out right to left, 110 px an entry: room for every entry beside the title
+    width = max(560, 64 + 8 * len(title) + 110 * len(series) + 24)
+    return f'<div class="scroll">{line_chart(title, xs, series, width=width)}</div>'
+
+
+def _eval_section(compared: list[Run], notes: list[str]) -> tuple[str, list[str]]:
+    """One plot per held-out set (one set: one plot), each run's base score dashed."""
+    sets: dict[str, list[tuple[int, HeldOut]]] = {}
+    for i, run in enumerate(compared):
+        for scores in run.held_out():
+            sets.setdefault(scores.eval_set, []).append((i, scores))
+    if not sets:
+        notes.append("no run has held-out scores")
+        return (
+            f'<p class="note" id="no-eval">No run has held-out scores (eval_loss rows in {runs.METRICS}).</p>',
+            [],
+        )
+    parts = []
+    if len(sets) > 1:
+        named = "; ".join(
+            f"{_short(name)}: {', '.join(compared[i].label for i, _ in who)}" for name, who in sets.items()
+        )
+        notes.append(f"the runs were scored on {len(sets)} different held-out sets; their scores are not comparable")
+        parts.append(
+            f'<p class="warning" id="eval-sets-differ">Not comparable: these runs were scored on {len(sets)} '
+            f"different held-out sets ({html.escape(named)}). Each set has its own plot; compare scores only "
+            "within one.</p>"
+        )
+    for name, members in sets.items():
+        xs = sorted({step for _, scores in members for step in scores.rows})
+        series = []
+        for i, scores in members:
+            values = [float(scores.rows[x]["eval_loss"]) if x in scores.rows else math.nan for x in xs]
+            series.append((compared[i].title, values, f"r{i}"))
+        bases = {scores.base for _, scores in members if scores.base is not None}
+        if len(bases) == 1:  # the same base model on the same set: one line for all
+            series.append(("base (LoRA off)", [bases.pop()] * len(xs), "base"))
+        else:
+            for i, scores in members:
+                if scores.base is not None:
+                    series.append((f"{compared[i].label} base", [scores.base] * len(xs), f"base r{i}"))
+        title = "held-out loss" if len(sets) == 1 else f"held-out loss, set {_short(name)}"
+        parts.append(
+            f'<div class="eval-set" data-eval-set="{html.escape(name)}">{_chart(title, [float(x) for x in xs], series)}'
+            "</div>"
+        )
+    return "".join(parts), list(sets)
+
+
+def _short(eval_set: str) -> str:
+    return eval_set[:12]
+
+
+def _runs_table(compared: list[Run], eval_sets: list[str]) -> tuple[str, dict[str, tuple[int, float]]]:
+    """One row per run and held-out set: where the run is, how far it trained, its best step against the base."""
+    several = len(eval_sets) > 1
+    head = (
+        "<th>run</th><th>location</th><th>model</th><th>steps</th>"
+        f"<th>final train loss (EMA {EMA_WEIGHT:g})</th><th>held-out set</th><th>samples</th><th>base loss</th>"
+        f"<th>best step</th><th>best loss</th><th>vs base</th><th>{' / '.join(EVAL_PARTS)}</th>"
+    )
+    rows, best = [], {}
+    for i, run in enumerate(compared):
+        steps = max((int(r["step"]) for r in run.metrics if _number(r.get("loss"))), default=0)
+        final = runs.final_loss(run.metrics)
+        lead = (
+            f'<th class="r{i}">{html.escape(run.label)}</th><td>{html.escape(run.location)}</td>'
+            f"<td>{html.escape(str(run.config.get('model', '?')))}</td>"
+            f"<td>{steps} of {html.escape(str(run.config.get('max_steps', '?')))}</td>"
+            f"<td>{_fmt(final[0]) if final else '-'}</td>"
+        )
+        scored = run.held_out()
+        if not scored:
+            rows.append(f'<tr data-run="{run.label}">{lead}<td colspan="7" class="note">no held-out scores</td></tr>')
+        for scores in scored:
+            marked = ' class="not-comparable" title="not comparable with the other sets"' if several else ""
+            cells = [f"<td{marked}>{html.escape(_short(scores.eval_set))}</td>"]
+            base = _fmt(scores.base) if scores.base is not None else "-"
+            if scores.rows:
+                step, row = scores.best()
+                loss = float(row["eval_loss"])
+                best.setdefault(run.label, (step, loss))
+                change = f"{(loss - scores.base) / scores.base:+.1%}" if scores.base else "-"
+                parts = " / ".join(_fmt(float(row[k])) if _number(row.get(k)) else "-" for k in EVAL_PARTS)
+                samples = html.escape(str(row.get("eval_samples", "?")))
+                cells += [f"<td>{samples}</td><td>{base}</td>", f'<td class="best-step">{step}</td>']
+                cells += [f'<td class="best-loss">{_fmt(loss)}</td><td>{change}</td><td>{parts}</td>']
+            else:
+                cells += [f"<td>-</td><td>{base}</td>", '<td colspan="4" class="note">base score only</td>']
+            key = f'data-run="{run.label}" data-eval-set="{html.escape(scores.eval_set)}"'
+            rows.append(f"<tr {key}>{lead}{''.join(cells)}</tr>")
+    table = f'<table id="runs" class="grid"><thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    return f'<div class="scroll">{table}</div>', best
+
+
+def _loss_chart(compared: list[Run]) -> str:
+    losses = [run.losses() for run in compared]
+    xs = sorted({step for per_run in losses for step in per_run})
+    if not xs:
+        return f'<p class="note">No training losses in {runs.METRICS} yet.</p>'
+    series = []
+    for i, (run, per_run) in enumerate(zip(compared, losses, strict=True)):
+        steps = sorted(per_run)
+        smoothed = dict(zip(steps, ema([per_run[s] for s in steps]), strict=True))
+        series.append((run.title, [smoothed.get(x, math.nan) for x in xs], f"r{i}"))
+    return _chart(f"training loss (EMA {EMA_WEIGHT:g})", [float(x) for x in xs], series)
+
+
+def _videos_section(compared: list[Run], notes: list[str]) -> tuple[str, int]:
+    """Per prompt, a table of steps (rows) x runs (columns); a prompt is matched across runs by its text."""
+    prompts: list[str] = []
+    for run in compared:
+        for video in sorted(run.videos, key=lambda v: v.index):
+            if video.prompt not in prompts:
+                prompts.append(video.prompt)
+    if not prompts:
+        notes.append("no validation samples")
+        return f'<p class="note" id="no-validation">No run has validation samples ({runs.VALIDATION_LAYOUT}).</p>', 0
+    for run in compared:
+        latent_only = sum(v.src is None for v in run.videos)
+        if latent_only:
+            notes.append(f"{run.label}: {latent_only} sample(s) without a video: run `cogvx render {run.location}`")
+    head = "".join(f'<th class="r{i}">{html.escape(run.title)}</th>' for i, run in enumerate(compared))
+    tables, cells = [], 0
+    for prompt in prompts:
+        found = {
+            (run.label, v.step): v for run in compared for v in reversed(run.videos) if v.prompt == prompt
+        }  # reversed: the lowest sample index wins where a run repeats a prompt
+        rows = []
+        for step in sorted({step for _, step in found}):
+            tds = []
+            for run in compared:
+                video = found.get((run.label, step))
+                where = f'data-run="{run.label}" data-step="{step}"'
+                if video is None:
+                    tds.append(f'<td class="empty" {where}>no sample</td>')
+                    continue
+                cells += 1
+                where += f' data-sample="{video.index}"'
+                if video.src is None:
+                    hint = html.escape(f"not rendered: run cogvx render {run.location}")
+                    tds.append(f'<td class="cell missing" {where}>{hint}</td>')
+                else:
+                    label = html.escape(f"{run.title}, step {step}: {prompt}")
+                    tds.append(
+                        f'<td class="cell" {where}><video src="{html.escape(video.src)}" title="{label}" '
+                        'controls loop muted playsinline preload="auto"></video></td>'
+                    )
+            rows.append(f'<tr><th class="step">step {step}</th>{"".join(tds)}</tr>')
+        tables.append(
+            f'<h3 class="prompt">{html.escape(prompt)}</h3><div class="scroll"><table class="grid videos">'
+            f"<thead><tr><th>step \\ run</th>{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>"
+        )
+    button = '<p><button id="play-all" type="button">play all from the start</button></p>'
+    return button + "".join(tables), cells
+
+
+_STYLE = """
+body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; }
+h1 { font-size: 20px; } h2 { font-size: 16px; margin-top: 28px; border-bottom: 1px solid #ddd; }
+h3.prompt { font-size: 14px; font-weight: normal; font-style: italic; }
+table.kv th { text-align: left; padding: 2px 12px 2px 0; font-weight: 600; vertical-align: top; }
+table.kv td, table.diff td { font-family: ui-monospace, monospace; word-break: break-all; }
+table.diff, table.grid { border-collapse: collapse; }
+table.diff th, table.diff td, table.grid th, table.grid td { border: 1px solid #ddd; padding: 4px; }
+table.diff th, table.diff td { vertical-align: top; }
+table.diff th { text-align: left; } td.unset { color: #999; }
+svg.chart { border: 1px solid #eee; background: #fff; }
+svg .grid { stroke: #eee; } svg .tick { font-size: 10px; fill: #666; }
+svg .chart-title { font-size: 12px; font-weight: 600; } svg .legend { font-size: 11px; stroke: none; }
+svg polyline { stroke-width: 2; } svg .base { stroke-dasharray: 6 4; stroke: #888; stroke-width: 1.5; }
+svg text.base { fill: #888; stroke: none; }
+.scroll { overflow-x: auto; }
+table.grid video { display: block; width: 192px; background: #000; }
+td.missing, td.empty, .note { color: #a60; font-size: 12px; }
+.warning { color: #fff; background: #b22; padding: 6px 10px; font-weight: 600; }
+td.not-comparable { background: #fdd; font-weight: 600; }
+"""
+
+
+def _colours() -> str:
+    return "".join(
+        f"svg polyline.r{i} {{ stroke: {c}; }} svg text.r{i} {{ fill: {c}; }} svg circle.r{i} {{ fill: {c}; }} "
+        f"th.r{i} {{ color: {c}; }}\n"
+        for i, c in enumerate(COLOURS)
+    )
+
+
+def run(cfg: CompareConfig) -> CompareResult:
+    """Write the comparison page; refuse an existing output file unless ``overwrite``."""
+    if cfg.output.exists() and not cfg.overwrite:
+        raise ConfigError(f"{cfg.output} already exists; pass --overwrite to replace it, or choose another --output.")
+    page_dir = cfg.output.resolve().parent
+    compared = [read_run(location, label, page_dir) for location, label in zip(cfg.runs, LABELS, strict=False)]
+    check_one_cache(compared)
+
+    notes: list[str] = []
+    for run_ in compared:
+        if run_.bad_lines:
+            notes.append(f"{run_.label}: {run_.bad_lines} unreadable line(s) in {runs.METRICS} left out")
+    settings, differing = _settings(compared)
+    evals, eval_sets = _eval_section(compared, notes)
+    table, best = _runs_table(compared, eval_sets)
+    videos, cells = _videos_section(compared, notes)
+    note_list = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    title = "cogvx compare: " + ", ".join(run_.title for run_ in compared)
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{html.escape(title)}</title>
+<style>{_STYLE}{_colours()}</style>
+<script>{_SCRIPT}</script>
+</head><body>
+<h1>{html.escape(title)}</h1>
+<p>Written {time.strftime("%Y-%m-%d %H:%M:%S")}.</p>
+{f'<ul class="note" id="notes">{note_list}</ul>' if notes else ""}
+<h2>Runs and their best held-out step</h2>
+{table}
+<h2>Settings that differ</h2>
+{settings}
+<h2>Held-out loss (lower is better; dashed: the base model, LoRA off)</h2>
+{evals}
+<h2>Training loss</h2>
+{_loss_chart(compared)}
+<h2>Validation videos (per prompt: steps x runs)</h2>
+{videos}
+</body></html>
+"""
+    cfg.output.parent.mkdir(parents=True, exist_ok=True)
+    files.write_bytes_atomic(cfg.output, page.encode("utf-8"))
+    return CompareResult(cfg.output, [r.location for r in compared], differing, eval_sets, best, cells, notes)

@@ -18,6 +18,7 @@ from rich.console import Console
 
 from cogvx import __version__, runs
 from cogvx import config as configfile
+from cogvx.compare import CompareConfig
 from cogvx.errors import CogvxError
 from cogvx.preprocess.run import PreprocessConfig
 from cogvx.render import RenderConfig
@@ -630,6 +631,30 @@ def report(
 
     def go():
         result = write_report(configfile.build(ReportConfig, run=run, output=output, render=render, model=model))
+        for note in result.notes:
+            console.print(f"[yellow]note:[/yellow] {note}")
+        console.print(f"[green]wrote[/green] {result.path}")
+
+    _guard(go)
+
+
+@app.command()
+def compare(
+    run_folders: list[str] = typer.Argument(
+        ..., metavar="RUN", help="Run folders of one cache: local folders or URLs (s3://bucket/run, ...)."
+    ),
+    output: Path = typer.Option(None, help=_help(CompareConfig, "output", "HTML file.")),
+    overwrite: bool = typer.Option(
+        None, "--overwrite/--no-overwrite", help=_help(CompareConfig, "overwrite", "Replace an existing output file.")
+    ),
+) -> None:
+    """Runs of one cache side by side on one HTML page: differing settings, held-out and training curves,
+    best steps, validation videos."""
+    from cogvx.compare import run as write_compare
+
+    def go():
+        cfg = configfile.build(CompareConfig, runs=tuple(run_folders), output=output, overwrite=overwrite)
+        result = write_compare(cfg)
         for note in result.notes:
             console.print(f"[yellow]note:[/yellow] {note}")
         console.print(f"[green]wrote[/green] {result.path}")

@@ -294,3 +294,27 @@ def final_loss(records: list[dict[str, Any]]) -> tuple[float, str] | None:
     if not losses:
         return None
     return media.ema(losses)[-1], f"EMA {media.EMA_WEIGHT:g} of {len(losses)} step losses"
+
+
+# --- the best LoRA (--keep-best) ---
+
+BEST = "best"  # RUN/best/: pytorch_lora_weights.safetensors and score.json, of the lowest eval score so far
+BEST_SCORE = "score.json"
+
+
+def best(run: Path) -> Path:
+    return Path(run) / BEST
+
+
+def best_staging(run: Path, owner: str) -> Path:
+    """The hidden folder ``best/`` is written into before it is renamed into place."""
+    return Path(run) / f".{BEST}.{owner}.partial"
+
+
+def best_score(folder: Path) -> Path:
+    return Path(folder) / BEST_SCORE
+
+
+def best_leftovers(run: Path) -> list[Path]:
+    """What a killed run left half-written or half-deleted of ``best/`` (never ``best/`` itself)."""
+    return sorted(Path(run).glob(f".{BEST}.*")) if Path(run).is_dir() else []

@@ -181,12 +181,22 @@ def test_training_lowers_the_score_below_the_base_models(tiny_cache: Path, tmp_p
     result = train(cfg)
     info = models.ModelInfo.read("tiny", None, None)
     store, manifest, eval_set = heldout.separate_set(tiny_cache)
-    objective = _objective(info, result.model)
-    pairs = evaluation.pairs(eval_set.scored, len(objective.alphas_cumprod))
-    samples = evaluation.load_samples(store, manifest, eval_set.scored)
-    trained = _score(result.model, objective, pairs, samples)
-    base = _score(result.model, objective, pairs, samples, base=True)
-    assert trained.loss < base.loss, (trained, base)
+    evaluator = evaluation.Evaluator(
+        eval_set, store, manifest, _objective(info, result.model), every=5, compute_dtype=torch.float32,
+        device="cpu", keep_best=cfg.output,
+    )  # fmt: skip
+    base = evaluator.base_fields(result.model)
+    assert base["step"] == 0 and base["eval_set"] == eval_set.identity
+    assert evaluator.after_step(result.model, 4, last=False) == {}  # not due
+    trained = evaluator.after_step(result.model, 10, last=False)
+    assert trained["eval_loss"] < base["eval_base_loss"], (trained, base)
+    assert evaluation.read_best(cfg.output) == {
+        "eval_set": eval_set.identity,
+        "eval_loss": trained["eval_loss"],
+        "step": 10,
+    }
+    again = evaluator.after_step(result.model, 12, last=True)  # the last step is always scored; not lower: kept
+    assert again["eval_loss"] == trained["eval_loss"] and evaluation.read_best(cfg.output)["step"] == 10
 
 
 def test_best_is_a_checkpoint_component_and_best_folder_holds_its_lora(scored, tmp_path: Path):

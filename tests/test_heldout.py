@@ -133,6 +133,7 @@ def test_training_never_streams_a_held_out_sample(flipped_shards, world, batch, 
     assert eval_set.clips == count and len(eval_set.keys) == 2 * count  # each original with its mirror
     assert eval_set.identity == heldout.choose(Manifest.load(flipped_shards), count, "cache")[0].identity
     training = heldout.training_shards(manifest.shards, eval_set)
+    assert heldout.training_originals(manifest, eval_set) == manifest.original_count - count
     for rank in range(world):
         # The predicate on what the whole cache's stream yields, and the stream over the training shards.
         everything = _stream_keys(flipped_shards, manifest.shards, rank, world, batch, flip, 40)

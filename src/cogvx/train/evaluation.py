@@ -16,12 +16,15 @@ What it adds to ``metrics.jsonl`` (``eval_fields``): to the line of the step it 
 
     "eval_loss", "eval_high", "eval_mid", "eval_low", "eval_set", "eval_samples", "eval_seconds"
 
-and, for the base model, once, a line of the step training starts from (0 for a fresh run)
+and, for the base model (the LoRA switched off: what step 0 is), once per run folder and eval set, a line
 
     {"step": 0, "eval_base_loss", "eval_base_high", "eval_base_mid", "eval_base_low", "eval_set", ...}
 
+(one line per step, as ``runs.keep_metrics_until`` keeps them on resume; no training line has step 0).
+
 ``eval_set`` is the held-out set's identity (``EvalSet.identity``): only scores with the same one compare.
 ``--keep-best`` keeps the LoRA of the lowest ``eval_loss`` in ``best/`` (``Best``, ``write_best``).
+``Evaluator`` puts it together for the training loop: its samples, its cadence and the best LoRA.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from cogvx.pipeline.objective import Objective
 from cogvx.shards import Manifest, read_shard
 from cogvx.shards.manifest import IMAGE_MOMENTS
 from cogvx.shards.store import Store
+from cogvx.train.heldout import EvalSet
 
 EVAL_TIMESTEPS = 8  # per sample; changing it changes every score
 BANDS = ("low", "mid", "high")  # thirds of the schedule, from the least noise to the most
@@ -231,6 +235,68 @@ def score(
         losses = gather(losses)
     result = summarise(losses, all_pairs, len(objective.alphas_cumprod))
     return Score(result.loss, result.bands, result.samples, result.pairs, time.perf_counter() - started)
+
+
+class Evaluator:
+    """The eval score as a training component: it owns its samples, its cadence and ``--keep-best``.
+
+    Built on every process after the objective (each reads only the samples of its own share of the pairs);
+    ``base_fields`` once at the start, ``after_step`` after every optimizer step. Every process must make the
+    same calls (the losses are gathered); only process 0 writes ``best/``.
+    """
+
+    def __init__(
+        self,
+        eval_set: EvalSet,
+        store: Store,
+        manifest: Manifest,
+        objective: Objective,
+        *,
+        every: int,
+        compute_dtype: torch.dtype,
+        device: torch.device | str,
+        rank: int = 0,
+        world_size: int = 1,
+        gather: Callable[[list], list] | None = None,
+        autocast: Callable[[], Any] = contextlib.nullcontext,
+        keep_best: Path | None = None,  # the run folder, to keep the best LoRA in its best/
+    ):
+        self.eval_set, self.objective, self.every, self.keep_best = eval_set, objective, every, keep_best
+        self.pairs = pairs(eval_set.scored, len(objective.alphas_cumprod))
+        mine = share(len(self.pairs), rank, world_size)
+        self.samples = load_samples(store, manifest, {self.pairs[i].key for i in mine})
+        self.options = dict(
+            compute_dtype=compute_dtype,
+            device=device,
+            rank=rank,
+            world_size=world_size,
+            gather=gather,
+            autocast=autocast,
+        )
+        self.rank = rank
+        self.best = Best(eval_set.identity)  # a checkpoint component, for --keep-best
+
+    def score(self, model: torch.nn.Module, base: bool = False) -> Score:
+        return score(model, self.objective, self.samples, self.pairs, base=base, **self.options)
+
+    def due(self, step: int, last: bool) -> bool:
+        return bool(self.every) and (step % self.every == 0 or last)
+
+    def base_fields(self, model: torch.nn.Module) -> dict[str, Any]:
+        """The base model's score as the fields of its line, ``{"step": 0, ...}`` (see the module docstring)."""
+        return {"step": 0} | eval_fields(self.score(model, base=True), self.eval_set.identity, base=True)
+
+    def after_step(self, model: torch.nn.Module, step: int, last: bool) -> dict[str, Any]:
+        """The fields to add to ``step``'s metrics line: the score when one is due, else none.
+
+        With ``keep_best``, a score lower than every earlier one writes the LoRA to ``best/``.
+        """
+        if not self.due(step, last):
+            return {}
+        result = self.score(model)
+        if self.best.update(result.loss, step) and self.keep_best is not None and self.rank == 0:
+            write_best(self.keep_best, model, self.best)
+        return eval_fields(result, self.eval_set.identity)
 
 
 # --- metrics.jsonl ---

@@ -173,15 +173,19 @@ def holdout_count(request: float | None, total: int, location: str) -> tuple[int
 
 def held_out(manifest: Manifest, count: int, location: str) -> EvalSet:
     """The first ``count`` clips of the cache in hold-out order, as an EvalSet."""
-    chosen = clips(manifest)[:count]
-    return EvalSet(frozenset(k for clip in chosen for k in clip.keys), len(chosen), location)
+    return _first(clips(manifest), count, location)
 
 
 def choose(manifest: Manifest, request: float | None, location: str) -> tuple[EvalSet | None, str]:
     """The held-out set for ``request`` (None when nothing is held out), and the line the run prints."""
-    total = len(clips(manifest))
-    count, message = holdout_count(request, total, location)
-    return (held_out(manifest, count, location) if count else None), message
+    found = clips(manifest)
+    count, message = holdout_count(request, len(found), location)
+    return (_first(found, count, location) if count else None), message
+
+
+def _first(ordered: list[Clip], count: int, location: str) -> EvalSet:
+    chosen = ordered[:count]
+    return EvalSet(frozenset(k for clip in chosen for k in clip.keys), len(chosen), location)
 
 
 def training_shards(shards: Iterable[ShardRecord], eval_set: EvalSet | None) -> list[ShardRecord]:
@@ -199,6 +203,13 @@ def training_shards(shards: Iterable[ShardRecord], eval_set: EvalSet | None) -> 
         held = [entry.key for entry in record.live_samples() if entry.key in eval_set]
         out.append(replace(record, excluded=[*record.excluded, *held]) if held else record)
     return out
+
+
+def training_originals(manifest: Manifest, eval_set: EvalSet | None) -> int:
+    """Originals left to train on (``--epochs`` counts steps from them): the manifest's, less those held out."""
+    if eval_set is None or eval_set.separate:
+        return manifest.original_count
+    return manifest.original_count - sum(1 for key in eval_set.keys if not key.endswith(MIRROR_SUFFIX))
 
 
 def separate_set(folder: Path | str | Store, cache_dir: Path | None = None) -> tuple[Store, Manifest, EvalSet]:

@@ -325,3 +325,27 @@ def read_validation_metadata(f: BinaryIO, where: str) -> dict[str, str]:
     if not isinstance(data, dict):
         raise RunError(f"{where} is not a readable safetensors file (damaged header); delete it or re-run training.")
     return {k: _metadata_value(v) for k, v in (data.get("__metadata__") or {}).items()}
+
+
+# --- the best LoRA (--keep-best) ---
+
+BEST = "best"  # RUN/best/: pytorch_lora_weights.safetensors and score.json, of the lowest eval score so far
+BEST_SCORE = "score.json"
+
+
+def best(run: Path) -> Path:
+    return Path(run) / BEST
+
+
+def best_staging(run: Path, owner: str) -> Path:
+    """The hidden folder ``best/`` is written into before it is renamed into place."""
+    return Path(run) / f".{BEST}.{owner}.partial"
+
+
+def best_score(folder: Path) -> Path:
+    return Path(folder) / BEST_SCORE
+
+
+def best_leftovers(run: Path) -> list[Path]:
+    """What a killed run left half-written or half-deleted of ``best/`` (never ``best/`` itself)."""
+    return sorted(Path(run).glob(f".{BEST}.*")) if Path(run).is_dir() else []

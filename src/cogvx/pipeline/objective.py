@@ -167,21 +167,70 @@ class Objective:
     ) -> torch.Tensor:
         """Draw x0 (and the image latents), a timestep and noise per sample; predict the velocity; fp32 loss."""
         device = moments.device
-        self.alphas_cumprod = self.alphas_cumprod.to(device)
-        x0 = draw_latents(moments, self.scaling_factor, generator)
-        x0 = pad_for_temporal_patch(x0, self.config.get("patch_size_t"))
-        batch, frames, _, height, width = x0.shape
-        image = None
-        if self.image_latent_scale is not None:
-            if image_moments is None:
-                raise ValueError("An image-to-video objective needs the batch's image_moments.")
-            image = image_condition(
-                image_moments.to(device), frames, self.image_latent_scale, self.noised_image_dropout, generator
-            )
+        x0 = self._clean_latents(moments, generator)
+        image_moments = None if image_moments is None else image_moments.to(device)
+        image = self._image_latents(image_moments, x0.shape[1], self.noised_image_dropout, generator)
         timesteps = torch.randint(
-            0, len(self.alphas_cumprod), (batch,), generator=generator, device=device, dtype=torch.long
+            0, len(self.alphas_cumprod), (x0.shape[0],), generator=generator, device=device, dtype=torch.long
         )
         noise = torch.randn(x0.shape, generator=generator, device=device, dtype=torch.float32)
+        return self._loss(transformer, x0, image, timesteps, noise, prompt_embeds, compute_dtype)
+
+    def loss_at(
+        self,
+        transformer: torch.nn.Module,
+        moments: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        timesteps: torch.Tensor,
+        generator: torch.Generator,
+        compute_dtype: torch.dtype,
+        image_moments: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The loss of ``__call__`` at the given ``timesteps``, with no image dropout: a score, not a training step.
+
+        x0, the image latents and the noise are drawn, in ``__call__``'s order, from ``generator`` on the
+        generator's own device and then moved to ``prompt_embeds``' device, where the transformer runs: a CPU
+        generator gives the same draws whatever the device.
+        """
+        on = generator.device
+        x0 = self._clean_latents(moments.to(on), generator)
+        image_moments = None if image_moments is None else image_moments.to(on)
+        image = self._image_latents(image_moments, x0.shape[1], 0.0, generator)
+        noise = torch.randn(x0.shape, generator=generator, device=on, dtype=torch.float32)
+        device = prompt_embeds.device
+        image = None if image is None else image.to(device)
+        return self._loss(
+            transformer, x0.to(device), image, timesteps.to(device), noise.to(device), prompt_embeds, compute_dtype
+        )
+
+    def _clean_latents(self, moments: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        x0 = draw_latents(moments, self.scaling_factor, generator)
+        return pad_for_temporal_patch(x0, self.config.get("patch_size_t"))
+
+    def _image_latents(
+        self, image_moments: torch.Tensor | None, frames: int, dropout: float, generator: torch.Generator | None
+    ) -> torch.Tensor | None:
+        """An I2V model's image condition (None for T2V), on the device of ``image_moments``."""
+        if self.image_latent_scale is None:
+            return None
+        if image_moments is None:
+            raise ValueError("An image-to-video objective needs the batch's image_moments.")
+        return image_condition(image_moments, frames, self.image_latent_scale, dropout, generator)
+
+    def _loss(
+        self,
+        transformer: torch.nn.Module,
+        x0: torch.Tensor,
+        image: torch.Tensor | None,
+        timesteps: torch.Tensor,
+        noise: torch.Tensor,
+        prompt_embeds: torch.Tensor,
+        compute_dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """Noise ``x0`` at ``timesteps``, predict the velocity, and the fp32 loss: what every loss shares."""
+        device = x0.device
+        self.alphas_cumprod = self.alphas_cumprod.to(device)
+        _, frames, _, height, width = x0.shape
         noisy = add_noise(x0, noise, timesteps, self.alphas_cumprod)
         inputs = noisy if image is None else torch.cat([noisy, image], dim=2)
         extra = {}

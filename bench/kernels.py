@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from train_step import environment  # noqa: E402
 
-from cogvx.pipeline.levers import quantise_rows  # noqa: E402  (train_step put src/ on the path)
+from cogvx.pipeline.speed.float8 import quantise_rows  # noqa: E402  (train_step put src/ on the path)
 
 TOKENS = 17550 + 226
 MODELS = {"2b": {"heads": 30, "width": 1920}, "5b": {"heads": 48, "width": 3072}}

@@ -9,7 +9,7 @@ batch 1, its loader, fused AdamW): 2 warm-up steps, then the peak allocated memo
 ``--fit CALIBRATION_SIZE`` (offline, no GPU) fits each mode's two coefficients on the cases at that
 size and prints every case's prediction error, so the other size is an out-of-sample check.
 ``--fit-swap`` (offline) fits ``swap``'s compiled coefficients to the swap rows of ``bench/train_step.py``
-result files, the static part counted as ``auto`` counts it (fp8 storage, less ``levers.swap_saving``).
+result files, the static part counted as ``auto`` counts it (fp8 storage, less ``swap.swap_saving``).
 """
 
 from __future__ import annotations
@@ -89,15 +89,17 @@ def swap_case(result: dict):
     counted as ``auto`` counts them; the transformer is built on the meta device (no memory)."""
     from diffusers import CogVideoXTransformer3DModel
 
-    from cogvx.pipeline import levers, lora, memory
+    from cogvx.pipeline import lora, memory
+    from cogvx.pipeline.speed.float8 import fp8_saving
+    from cogvx.pipeline.speed.swap import swap_saving
 
     config = train_step.load_config(result["model"].split("@")[0])["transformer"]
     with torch.device("meta"):
         transformer = CogVideoXTransformer3DModel(**config).to(torch.bfloat16)
     lora.add_lora(transformer, 128, 128, lora.DEFAULT_TARGETS, 0.0)
     fp8 = "fp8" in result["variant"].split("+")
-    static = memory.static_bytes(transformer) - (levers.fp8_saving(transformer) if fp8 else 0)
-    return memory.StepSize.of(config, *result["latent"], batch=1), static, levers.swap_saving(transformer, fp8)
+    static = memory.static_bytes(transformer) - (fp8_saving(transformer) if fp8 else 0)
+    return memory.StepSize.of(config, *result["latent"], batch=1), static, swap_saving(transformer, fp8)
 
 
 def fit_swap(results: list[dict]) -> None:

@@ -40,6 +40,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from cogvx.pipeline import levers, lora, memory  # noqa: E402
 from cogvx.pipeline.objective import Objective, pad_for_temporal_patch, rotary_embedding  # noqa: E402
+from cogvx.pipeline.speed import checkpointing as modes  # noqa: E402
+from cogvx.pipeline.speed.float8 import fp8_saving  # noqa: E402
+from cogvx.pipeline.speed.swap import swap_saving  # noqa: E402
 from cogvx.shards import Sample, SampleEntry, ShardRecord, ShardWriter  # noqa: E402
 from cogvx.train.config import TrainConfig  # noqa: E402
 from cogvx.train.data import ShardStream, make_loader  # noqa: E402
@@ -208,16 +211,16 @@ class SeedStep:
 
 def auto_mode(transformer, cfg, shape, compiled: bool, fp8: bool, device) -> str:
     size = memory.StepSize.of(cfg["transformer"], *shape, batch=1)
-    static = memory.static_bytes(transformer) - (levers.fp8_saving(transformer) if fp8 else 0)
-    peaks = memory.predict(static, size, compiled, levers.swap_saving(transformer, fp8))
-    return memory.choose(peaks, memory.device_budget(device)) or levers.CHECKPOINTING[-1]
+    static = memory.static_bytes(transformer) - (fp8_saving(transformer) if fp8 else 0)
+    peaks = memory.predict(static, size, compiled, swap_saving(transformer, fp8))
+    return memory.plan(peaks, memory.device_budget(device)).mode.name
 
 
 class CogvxStep:
     """cogvx's step: its loader, objective, optimizer and precision, with the chosen levers."""
 
     def __init__(self, transformer, cfg, device, options: set[str], records, folder, shape, seed: int = 0):
-        checkpointing = next((o for o in options if o in levers.CHECKPOINTING), "full")
+        checkpointing = next((o for o in options if o in modes.MODES), "full")
         torch.manual_seed(seed)  # the LoRA's initial A matrices
         self.params = lora.add_lora(transformer, 128, 128, lora.DEFAULT_TARGETS, 0.0)
         if "auto" in options:  # what `cogvx train`'s default picks on this card, the same way

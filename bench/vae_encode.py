@@ -2,7 +2,7 @@
 
 A real-size CogVideoX VAE is built from a published config (bench/model-configs) with random weights.
 One process measures the plain encode (median of ``--repeats`` after one warm-up), then compiles the
-encoder as preprocessing does (``levers.compile_vae_encoder``, compile artifacts in ``--cache-dir``) and
+encoder as preprocessing does (``compiling.compile_vae_encoder``, compile artifacts in ``--cache-dir``) and
 times the first compiled encode (the compile, or the cache load) and the median after it, and the
 largest difference between the two paths' moments. Run it twice with the same ``--cache-dir`` to see a
 cold launch and a warm one:
@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from cogvx.pipeline import levers  # noqa: E402
+from cogvx.pipeline.speed import compiling  # noqa: E402
 
 CONFIGS = Path(__file__).parent / "model-configs"
 
@@ -59,7 +59,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = args.cudnn_benchmark == "on"
     began = time.perf_counter()
-    levers.use_persistent_compile_cache(args.cache_dir)
+    compiling.use_persistent_compile_cache(args.cache_dir)
     from diffusers import AutoencoderKLCogVideoX
 
     device = torch.device(args.device)
@@ -83,7 +83,7 @@ def main() -> None:
             "plain_s": statistics.median(plain_times),
         }
         if not args.plain_only:
-            levers.compile_vae_encoder(vae)
+            compiling.compile_vae_encoder(vae)
             first, _ = timed(lambda: vae.encode(clip).latent_dist.parameters, 1)
             compiled_times, compiled = timed(lambda: vae.encode(clip).latent_dist.parameters, args.repeats)
             difference = (compiled.float() - plain.float()).abs()

@@ -12,7 +12,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cogvx.pipeline import levers, memory
+from cogvx.pipeline import memory
+from cogvx.pipeline.speed.checkpointing import MODES
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bench" / "model-configs"
 MODELS = {name: json.loads((CONFIGS / f"{name}.json").read_text())["transformer"] for name in
@@ -40,7 +41,7 @@ def test_step_size_counts_tokens_as_the_transformer_does():
 def test_modes_that_keep_less_need_less(model, frames, height, width, batch, static, compiled):
     size = memory.StepSize.of(MODELS[model], frames, height, width, batch)
     peaks = memory.predict(static, size, compiled)
-    assert list(peaks) == list(levers.CHECKPOINTING)
+    assert list(peaks) == list(MODES)
     assert peaks["none"] > peaks["selective"] > peaks["full"] > peaks["offload"] > static
 
 
@@ -50,7 +51,7 @@ def test_auto_takes_the_fastest_mode_that_fits(budget_gb, compiled):
     peaks = memory.predict(11 * 10**9, size, compiled)
     budget = int(budget_gb * 1e9)
     chosen = memory.choose(peaks, budget)
-    fitting = [m for m in levers.CHECKPOINTING if peaks[m] * (1 + memory.SAFETY) <= budget]
+    fitting = [m for m in MODES if peaks[m] * (1 + memory.SAFETY) <= budget]
     assert chosen == (fitting[0] if fitting else None)
 
 

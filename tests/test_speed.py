@@ -13,6 +13,10 @@ from hypothesis import strategies as st
 from cogvx.errors import ConfigError
 from cogvx.pipeline import levers, lora, models
 from cogvx.pipeline.objective import Objective
+from cogvx.pipeline.speed import compiling
+from cogvx.pipeline.speed.checkpointing import MODES
+from cogvx.pipeline.speed.float8 import Float8Linear, check_fp8_matmul
+from cogvx.pipeline.speed.swap import swap_saving
 from cogvx.train.config import TrainConfig
 from cogvx.train.loop import run as train
 
@@ -44,7 +48,7 @@ def _loss_and_grads(
         for p in params:
             p.data = p.data.float()
     options = set(chosen.split("+"))
-    mode = next((o for o in options if o in levers.CHECKPOINTING), "full")
+    mode = next((o for o in options if o in MODES), "full")
     chosen_levers = levers.Levers(
         mode, compile="compile" in options, fp8_base="fp8" in options, fp8_matmul="fp8mm" in options
     )
@@ -98,7 +102,7 @@ def test_fp8_base_weights_stay_within_one_percent_and_halve_the_bytes(plain):
     assert swapped[0] == pytest.approx(offloaded[0], rel=1e-6)
     torch.testing.assert_close(swapped[1], offloaded[1], rtol=1e-5, atol=1e-7)
     linear = torch.nn.Linear(64, 32).requires_grad_(False)
-    stored = levers.Float8Linear(linear)
+    stored = Float8Linear(linear)
     assert stored.weight_fp8.element_size() == 1 and stored.weight_fp8.dtype == torch.float8_e4m3fn
     x = torch.randn(5, 64)
     torch.testing.assert_close(stored(x), linear(x), rtol=0.1, atol=0.05)
@@ -154,17 +158,17 @@ def test_the_float8_product_tracks_the_widened_weights_on_float8_units_and_is_re
     own, it engages only in bf16 compute, and a GPU without float8 units (before Ada and Hopper) refuses it."""
     if device == "cuda" and torch.cuda.get_device_capability() < (8, 9):
         with pytest.raises(ConfigError, match="--fp8-base"):
-            levers.check_fp8_matmul(torch.device(device))
+            check_fp8_matmul(torch.device(device))
         return
-    levers.check_fp8_matmul(torch.device(device))
+    check_fp8_matmul(torch.device(device))
     torch.manual_seed(4)
     linear = torch.nn.Linear(256, 128, device=device).requires_grad_(False)
     x = torch.randn(64, 256, device=device)
     # fp32 compute: the widened path
-    assert torch.equal(levers.Float8Linear(linear, matmul=True)(x), levers.Float8Linear(linear)(x))
+    assert torch.equal(Float8Linear(linear, matmul=True)(x), Float8Linear(linear)(x))
     linear.to(torch.bfloat16)
-    stored, multiplied = levers.Float8Linear(linear), levers.Float8Linear(linear, matmul=True)
-    assert multiplied.matmul and not levers.Float8Linear(torch.nn.Linear(24, 8), matmul=True).matmul
+    stored, multiplied = Float8Linear(linear), Float8Linear(linear, matmul=True)
+    assert multiplied.matmul and not Float8Linear(torch.nn.Linear(24, 8), matmul=True).matmul
     inputs = [x.to(torch.bfloat16).requires_grad_(True) for _ in range(2)]
     with torch.autocast(device, torch.bfloat16):
         out, widened = multiplied(inputs[0]), stored(inputs[1])
@@ -189,7 +193,7 @@ def test_the_float8_product_tracks_the_widened_one_at_any_size(inner, outer, lea
     fp8 storage's, and the input gradient is storage's own."""
     torch.manual_seed(seed)
     linear = torch.nn.Linear(inner, outer, bias=bias).requires_grad_(False).to(torch.bfloat16)
-    stored, multiplied = levers.Float8Linear(linear), levers.Float8Linear(linear, matmul=True)
+    stored, multiplied = Float8Linear(linear), Float8Linear(linear, matmul=True)
     assert multiplied.matmul == (inner % 16 == 0 and outer % 16 == 0)
     x = torch.randn(*leading, inner)
     inputs = [x.to(torch.bfloat16).requires_grad_(True) for _ in range(2)]
@@ -212,17 +216,17 @@ def test_prepare_applies_the_levers_it_is_given():
     lora.add_lora(transformer, 4, 8, lora.DEFAULT_TARGETS, 0.0)
     levers.prepare(transformer, levers.Levers(checkpointing="selective", compile=False, fp8_base=True))
     assert transformer.gradient_checkpointing
-    stored = [m for m in transformer.transformer_blocks.modules() if isinstance(m, levers.Float8Linear)]
+    stored = [m for m in transformer.transformer_blocks.modules() if isinstance(m, Float8Linear)]
     assert stored and all(m.weight_fp8.dtype == torch.float8_e4m3fn for m in stored)
     levers.prepare(transformer, levers.Levers(checkpointing="none", compile=False, fp8_base=False))
     assert not transformer.gradient_checkpointing
     transformer = models.load_transformer(source, torch.float32)
     lora.add_lora(transformer, 4, 8, lora.DEFAULT_TARGETS, 0.0)
     levers.prepare(transformer, levers.Levers("selective", compile=False, fp8_base=False, fp8_matmul=True))
-    stored = [m for m in transformer.transformer_blocks.modules() if isinstance(m, levers.Float8Linear)]
+    stored = [m for m in transformer.transformer_blocks.modules() if isinstance(m, Float8Linear)]
     assert stored and all(m.matmul for m in stored)  # fp8_matmul implies the storage; the tiny sizes are x16
     with pytest.raises(ConfigError, match="--checkpointing must be one of none, selective, full, offload, swap"):
-        levers.configure(transformer, "sometimes", compile=False)
+        levers.Levers("sometimes", compile=False, fp8_base=False)
 
 
 def test_the_training_loop_with_levers_tracks_the_plain_run(tiny_cache: Path, tmp_path: Path):
@@ -268,7 +272,7 @@ def test_swapped_blocks_hold_no_weights_between_uses_and_run_without_gradients()
     transformer = models.load_transformer(source, torch.float32)
     torch.manual_seed(0)
     lora.add_lora(transformer, 4, 8, lora.DEFAULT_TARGETS, 0.0)
-    expected = levers.swap_saving(transformer)
+    expected = swap_saving(transformer)
     levers.prepare(transformer, levers.Levers("swap", compile=False, fp8_base=False), "cpu")
     frozen = [p for p in transformer.transformer_blocks.parameters() if not p.requires_grad]
     assert frozen and all(p.numel() == 0 for p in frozen)
@@ -294,10 +298,10 @@ def test_the_compiled_vae_encoder_traces_the_plain_function(tmp_path: Path, monk
     VAE with it takes minutes on a CPU, so here the captured graphs run eagerly."""
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    levers.use_persistent_compile_cache()
+    compiling.use_persistent_compile_cache()
     assert Path(__import__("os").environ["TORCHINDUCTOR_CACHE_DIR"]) == tmp_path / "cogvx" / "torch-compile"
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "chosen"))  # the user's own setting wins
-    levers.use_persistent_compile_cache()
+    compiling.use_persistent_compile_cache()
     assert __import__("os").environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "chosen")
     torch._dynamo.reset()
     vae = models.load_vae(models.resolve_model("tiny"), torch.float32)
@@ -306,7 +310,7 @@ def test_the_compiled_vae_encoder_traces_the_plain_function(tmp_path: Path, monk
     clips = [torch.rand(1, 3, 17, 32, 48, generator=g) * 2 - 1]
     with torch.no_grad():
         plain = [vae.encode(clip).latent_dist.parameters for clip in clips]
-        levers.compile_vae_encoder(vae, backend="eager")
+        compiling.compile_vae_encoder(vae, backend="eager")
         compiled = [vae.encode(clip).latent_dist.parameters for clip in clips]
     for got, want in zip(compiled, plain, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -4,6 +4,7 @@
   cogvx/shards/paths.py); everyone else builds paths through them.
 - Every ``--flag`` that cogvx's messages and help texts tell a user to pass exists.
 - Dependencies point one way: cli -> stages -> pipeline, shards -> ground floor.
+- A checkpointing mode's name is spelled in its registry only; everyone else asks the mode object.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import typer
 
 from cogvx import runs
 from cogvx.cli import app
+from cogvx.pipeline.speed.checkpointing import MODES
 from cogvx.shards import paths
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "cogvx"
@@ -177,3 +179,42 @@ def test_dependencies_point_one_way():
             if target is not None and target not in allowed:
                 offences.append(f"{path.relative_to(SRC)}:{node.lineno} imports cogvx.{target}")
     assert not offences, "\n".join(offences)
+
+
+# --- checkpointing modes are objects (pipeline/speed/checkpointing.py), not strings switched on in places ---
+REGISTRY = SRC / "pipeline" / "speed" / "checkpointing.py"
+# "none" is also a word of other vocabularies (--report-to none): it counts only where compared with a mode.
+MODE_WORDS = re.compile(r"checkpointing|\bmode\b")
+
+
+def _mode_spellings(source: str) -> list[tuple[int, str]]:
+    """(line, literal) of every place ``source`` spells a checkpointing mode's name, docstrings aside."""
+    tree = ast.parse(source)
+    skip = _docstrings(tree)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Constant) and node.value in set(MODES) - {"none"} and id(node) not in skip:
+            found.append((node.lineno, node.value))
+        elif isinstance(node, ast.Compare) and MODE_WORDS.search(ast.unparse(node)):
+            literals = [n for n in ast.walk(node) if isinstance(n, ast.Constant) and n.value == "none"]
+            found += [(n.lineno, n.value) for n in literals]
+    return found
+
+
+def test_checkpointing_modes_are_spelled_only_in_their_registry():
+    offences = []
+    for path in _modules():
+        if path != REGISTRY:
+            where = path.relative_to(SRC)
+            offences += [f"{where}:{line}: {text!r}" for line, text in _mode_spellings(path.read_text())]
+    assert not offences, "ask the mode object (checkpointing.MODES, Mode's attributes) instead:\n" + "\n".join(offences)
+    assert _mode_spellings(REGISTRY.read_text())  # the registry itself does spell them
+
+
+def test_the_mode_scan_finds_what_it_looks_for():
+    assert _mode_spellings('if cfg.checkpointing == "swap": pass') == [(1, "swap")]
+    assert _mode_spellings('runner = {"full": a, "selective": b}[name]') == [(1, "full"), (1, "selective")]
+    assert _mode_spellings('if mode == "none": pass') == [(1, "none")]
+    assert _mode_spellings('if mode in ("offload", "swap"): pass') == [(1, "offload"), (1, "swap")]
+    assert _mode_spellings('if cfg.report_to != "none": pass') == []
+    assert _mode_spellings('def f():\n    """Like swap, but full."""') == []

@@ -257,11 +257,11 @@ def test_run_folder_holds_card_curve_tensorboard_and_a_reusable_config(tiny_cach
     assert scalars["train/loss"] == pytest.approx(result.losses)
     assert {"train/lr", "train/grad_norm", "train/samples_per_s"} <= scalars.keys()
 
-    # config.toml is the resolved config: reading it back gives the same settings, and training from it
-    # (only the output changed) repeats the run exactly.
+    # config.toml is the resolved config: reading it back gives the same settings (with the mode that
+    # --checkpointing auto chose), and training from it (only the output changed) repeats the run exactly.
     resolved = configfile.build(TrainConfig, run_dir / "config.toml")
     assert configfile.as_dict(resolved) == configfile.as_dict(_config(tiny_cache, run_dir, report_to="tensorboard",
-                                                                      model="tiny"))  # fmt: skip
+                                                                      model="tiny", checkpointing="none"))  # fmt: skip
     again = tmp_path / "again"
     args = ["train", "--config", str(run_dir / "config.toml"), "--output", str(again), "--report-to", "none"]
     out = CliRunner().invoke(app, args)

@@ -6,16 +6,11 @@ A step's peak is the static part, known exactly once the transformer and its LoR
 weights as stored, LoRA masters in fp32 with their gradients and two Adam moments), plus activations.
 Activations scale with one *unit*: the bytes of one block's hidden states, batch x (video + text tokens)
 x hidden width x 2 (bf16). With ``L`` blocks, a mode keeps ``per_block`` units for every block until its
-backward pass, plus ``transient`` units that exist while one block runs its backward:
+backward pass, plus ``transient`` units that exist while one block runs its backward. Each mode carries
+its own terms (``speed/checkpointing.py``), and says what of the static part stays on the device
+(``swap`` keeps the blocks' frozen weights off it, less two blocks' worth of slots: ``swap.swap_saving``).
 
-- ``none`` keeps everything each block computed;
-- ``selective`` keeps each block's input and its attention output;
-- ``full`` keeps each block's input only;
-- ``offload`` keeps block inputs in CPU memory: nothing per block on the GPU;
-- ``swap`` is ``offload`` whose static part also lacks the blocks' frozen weights, less two blocks'
-  worth of slots (``levers.swap_saving``); its compiled terms are fitted apart (below).
-
-The coefficients were fitted (least squares, ``bench/memory.py --fit``) to the peaks measured on an H200
+The modes' terms were fitted (least squares, ``bench/memory.py --fit``) to the peaks measured on an H200
 for CogVideoX-2b and -5b at latent 13x40x60 (49 frames at 320x480), batch 1, rank 128, each mode with and
 without ``torch.compile``. At 13x60x90 (49x480x720), which the fit never saw, they predict every
 measured peak within 6% (BENCHMARKS.md has the table; bench/results/memory_*.json the data).
@@ -28,23 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from cogvx.pipeline.levers import CHECKPOINTING
+from cogvx.pipeline.speed.checkpointing import MODES, Mode, faster_than, leanest
 
-# (per_block, transient) in activation units, per (mode, compiled); see the module docstring.
-COEFFICIENTS = {
-    ("none", True): (13.84, 30.2),
-    ("selective", True): (1.97, 19.11),
-    ("full", True): (0.61, 35.21),
-    ("offload", True): (-0.09, 39.26),  # as fitted: no block input stays on the GPU
-    # Fitted apart (bench/memory.py --fit-swap) to the compiled swap peaks of 2b, 5b, 5b-I2V, 1.5, 1.5-I2V
-    # at 13x60x90 and 1.5 at 21x96x170: the weights are in the static part, and its compiled block keeps less.
-    ("swap", True): (-0.08, 32.47),
-    ("none", False): (19.81, 31.57),
-    ("selective", False): (1.64, 42.21),
-    ("full", False): (0.61, 43.24),
-    ("offload", False): (-0.09, 44.23),
-    ("swap", False): (-0.09, 44.23),  # offload's: not measured apart
-}
 # Head room for what the model does not count: allocator rounding, cuDNN/cuBLAS workspaces, the loader's
 # pinned batches in flight. Used when picking a mode, not in the prediction itself.
 SAFETY = 0.08
@@ -84,22 +64,58 @@ def static_bytes(transformer: torch.nn.Module, optimizer_states: int = 2) -> int
 def predict(static: int, size: StepSize, compiled: bool, swapped: int = 0) -> dict[str, int]:
     """Predicted peak allocated bytes of one training step, per checkpointing mode (fastest first).
 
-    ``swapped``: the device bytes ``swap`` keeps off the GPU (``levers.swap_saving``).
+    ``swapped``: the device bytes ``swap`` keeps off the GPU (``swap.swap_saving``).
     """
     peaks = {}
-    for mode in CHECKPOINTING:
-        per_block, transient = COEFFICIENTS[mode, compiled]
-        resident = static - (swapped if mode == "swap" else 0)
-        peaks[mode] = int(resident + (per_block * size.layers + transient) * size.unit)
+    for mode in MODES.values():
+        per_block, transient = mode.terms[compiled]
+        peaks[mode.name] = int(mode.resident_bytes(static, swapped) + (per_block * size.layers + transient) * size.unit)
     return peaks
 
 
 def choose(predicted: dict[str, int], budget: int) -> str | None:
     """The fastest mode whose predicted peak, with head room, fits ``budget`` bytes; None if none does."""
-    for mode in CHECKPOINTING:
+    for mode in MODES:
         if predicted[mode] * (1 + SAFETY) <= budget:
             return mode
     return None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``--checkpointing auto`` decided, and on what: a run records it beside its settings."""
+
+    mode: Mode
+    peaks: dict[str, int]  # predicted peak allocated bytes of every mode, fastest first
+    budget: int  # bytes the step may use
+    fits: bool  # False: no mode fitted, and ``mode`` is the leanest, tried anyway
+
+    @property
+    def peak(self) -> int:
+        """The chosen mode's predicted peak, in bytes."""
+        return self.peaks[self.mode.name]
+
+    def faster(self) -> dict[str, int]:
+        """The predicted peaks of the modes that would have been faster than the chosen one."""
+        return {mode.name: self.peaks[mode.name] for mode in faster_than(self.mode)}
+
+    def recorded(self) -> dict[str, object]:
+        """JSON-friendly: the chosen mode, its predicted peak, the budget and every mode's prediction."""
+        return {
+            "mode": self.mode.name,
+            "predicted_peak_bytes": self.peak,
+            "budget_bytes": self.budget,
+            "fits": self.fits,
+            "predicted_peaks_bytes": dict(self.peaks),
+        }
+
+
+def plan(predicted: dict[str, int], budget: int) -> Plan:
+    """The fastest mode that fits ``budget`` (``choose``), else the leanest, with what led there."""
+    name = choose(predicted, budget)
+    if name is None:
+        return Plan(leanest(), dict(predicted), budget, fits=False)
+    return Plan(MODES[name], dict(predicted), budget, fits=True)
 
 
 def device_budget(device: torch.device, max_memory_gb: float | None = None) -> int:

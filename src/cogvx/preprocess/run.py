@@ -23,8 +23,9 @@ import torch
 
 from cogvx import __version__, files, hub
 from cogvx.errors import CacheError, ConfigError, InputError
-from cogvx.pipeline import levers, models
+from cogvx.pipeline import models
 from cogvx.pipeline.encode import encode_prompts
+from cogvx.pipeline.speed import compiling
 from cogvx.preprocess import cachedir, remote
 from cogvx.preprocess.encoding import (
     ClipItem,
@@ -540,8 +541,8 @@ def _load_encoders(cfg: PreprocessConfig, info: models.ModelInfo, device: torch.
     if cfg.compile_vae if cfg.compile_vae is not None else device.type == "cuda":
         # Faster than the plain encode (BENCHMARKS.md, section 9); the first run per shape compiles, later
         # runs load the kernels from the persistent cache.
-        levers.use_persistent_compile_cache()
-        levers.compile_vae_encoder(vae)
+        compiling.use_persistent_compile_cache()
+        compiling.compile_vae_encoder(vae)
     tokenizer, text_encoder = info.load_text_encoder(dtype, device)
 
     def encode_text(texts: list[str]):

@@ -8,9 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from cogvx.errors import ConfigError
-from cogvx.pipeline.levers import AUTO, CHECKPOINTING
 from cogvx.pipeline.lora import DEFAULT_TARGETS
 from cogvx.pipeline.models import DTYPES
+from cogvx.pipeline.speed.checkpointing import AUTO
+from cogvx.pipeline.speed.checkpointing import MODES as CHECKPOINTING
 from cogvx.shards.store import is_remote
 
 OPTIMIZERS = ("adamw", "adam", "prodigy", "adamw8bit")

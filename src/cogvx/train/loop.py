@@ -26,6 +26,7 @@ from cogvx import media, runs
 from cogvx.errors import CacheError, CogvxError, ConfigError, ModelError, RunError
 from cogvx.pipeline import levers, lora, memory, models
 from cogvx.pipeline.objective import Objective
+from cogvx.pipeline.speed import checkpointing, compiling, float8, swap
 from cogvx.progress import progress_bar
 from cogvx.shards import Manifest, paths
 from cogvx.shards.manifest import IMAGE_MOMENTS
@@ -292,7 +293,7 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
 
     # --- build ---
     if cfg.fp8_matmul:  # before the model loads, not after
-        levers.check_fp8_matmul(accelerator.device)
+        float8.check_fp8_matmul(accelerator.device)
     compute_dtype = models.DTYPES[cfg.mixed_precision]
     # Loaded into CPU memory: levers.prepare moves it to the device, all but the swapped weights for ``swap``.
     transformer = info.load_transformer(compute_dtype, "cpu")
@@ -305,10 +306,11 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
     params = lora.add_lora(transformer, cfg.rank, cfg.alpha, cfg.targets, cfg.lora_dropout)
     compile_blocks = cfg.compile if cfg.compile is not None else accelerator.device.type == "cuda"
     if compile_blocks:  # later launches load the compiled blocks instead of compiling them again
-        levers.use_persistent_compile_cache()
-    mode = cfg.checkpointing
-    if mode == levers.AUTO:
-        mode = _choose_checkpointing(accelerator, cfg, transformer, manifest, compile_blocks)
+        compiling.use_persistent_compile_cache()
+    plan = None
+    if cfg.checkpointing == checkpointing.AUTO:
+        plan = _choose_checkpointing(accelerator, cfg, transformer, manifest, compile_blocks)
+    mode = plan.mode if plan is not None else checkpointing.named(cfg.checkpointing)
     chosen = levers.Levers(mode, compile_blocks, cfg.fp8_base, fp8_matmul=cfg.fp8_matmul)
     levers.prepare(transformer, chosen, accelerator.device)
     lr = cfg.learning_rate * (cfg.batch_size * cfg.gradient_accumulation * world if cfg.scale_lr else 1)
@@ -355,11 +357,13 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
         skip_bad=cfg.skip_bad_shards,
     )
     batches = iter(make_loader(stream, cfg.workers, pin_memory=accelerator.device.type == "cuda"))
-    resolved = settings | {"model": model_name}
+    # The mode actually installed, not ``auto``: the TOML then reruns it as is; the JSON also keeps auto's plan.
+    resolved = settings | {"model": model_name, "checkpointing": mode.name}
     resolved |= {f"model_{key}": value for key, value in info.recorded().items() if key != "model"}
     if main:
         runs.keep_metrics_until(cfg.output, start_step)
-        runs.write_config(cfg.output, resolved, configfile.to_toml(TrainConfig(**resolved)))
+        planned = {"checkpointing_plan": plan.recorded()} if plan is not None else {}
+        runs.write_config(cfg.output, resolved | planned, configfile.to_toml(TrainConfig(**resolved)))
     if cfg.report_to != "none":
         accelerator.init_trackers("cogvx", config={k: str(v) for k, v in resolved.items()})
 
@@ -657,7 +661,9 @@ def _warn_if_data_order_changes(accelerator, found: Path, state: dict[str, Any],
         )
 
 
-def _choose_checkpointing(accelerator, cfg: TrainConfig, transformer, manifest: Manifest, compiled: bool) -> str:
+def _choose_checkpointing(
+    accelerator, cfg: TrainConfig, transformer, manifest: Manifest, compiled: bool
+) -> memory.Plan:
     """``--checkpointing auto``: the fastest mode whose predicted peak fits every process's device, said aloud.
 
     Planned for the cache's largest bucket, so no batch of the run needs more than the prediction.
@@ -668,28 +674,26 @@ def _choose_checkpointing(accelerator, cfg: TrainConfig, transformer, manifest: 
     frames, height, width = max(shapes, key=lambda shape: shape[0] * shape[1] * shape[2])
     size = memory.StepSize.of(dict(transformer.config), frames, height, width, cfg.batch_size)
     fp8 = cfg.fp8_base or cfg.fp8_matmul  # both store the blocks' frozen weights in float8
-    static = memory.static_bytes(transformer) - (levers.fp8_saving(transformer) if fp8 else 0)
-    peaks = memory.predict(static, size, compiled, levers.swap_saving(transformer, fp8))
+    static = memory.static_bytes(transformer) - (float8.fp8_saving(transformer) if fp8 else 0)
+    peaks = memory.predict(static, size, compiled, swap.swap_saving(transformer, fp8))
     budget = memory.device_budget(accelerator.device, cfg.max_memory)
     if accelerator.num_processes > 1:  # one mode for all: the tightest device decides
         budget = min(gather_object([budget]))
-    mode = memory.choose(peaks, budget)
+    plan = memory.plan(peaks, budget)
     where = f"{_size(budget)} " + ("allowed by --max-memory" if cfg.max_memory else "available")
-    if mode is None:
-        mode = levers.CHECKPOINTING[-1]
+    if not plan.fits:
         accelerator.print(
-            f"[warning] --checkpointing auto: even {mode} is predicted to need {_size(peaks[mode])}, more than "
-            f"the {where}; trying it anyway. A smaller --batch-size, --fp8-base or smaller buckets need less."
+            f"[warning] --checkpointing auto: even {plan.mode.name} is predicted to need {_size(plan.peak)}, more "
+            f"than the {where}; trying it anyway. A smaller --batch-size, --fp8-base or smaller buckets need less."
         )
-        return mode
-    faster = levers.CHECKPOINTING[: levers.CHECKPOINTING.index(mode)]
-    why = "; ".join(f"{m} would need {_size(peaks[m])}" for m in faster)
+        return plan
+    why = "; ".join(f"{name} would need {_size(peak)}" for name, peak in plan.faster().items())
     accelerator.print(
-        f"--checkpointing auto: {mode} (predicted peak {_size(peaks[mode])} of {where}"
+        f"--checkpointing auto: {plan.mode.name} (predicted peak {_size(plan.peak)} of {where}"
         + (f"; {why}" if why else "")
         + ")."
     )
-    return mode
+    return plan
 
 
 def _size(nbytes: float) -> str:

@@ -1,0 +1,6 @@
+"""The speed and memory levers of a CogVideoX transformer block, one module per concern.
+
+``checkpointing`` (what a block keeps for the backward pass, one object per mode), ``swap`` (the blocks'
+frozen weights in CPU memory), ``float8`` (float8 storage and products of the frozen weights) and
+``compiling`` (``torch.compile`` and its persistent cache). ``pipeline/levers.py`` applies them together.
+"""

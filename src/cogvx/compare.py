@@ -40,7 +40,8 @@ from cogvx.shards.store import LocalStore, display, is_remote, open_store
 
 LABELS = "ABCDEFGH"  # one letter per run on the page; also the most runs one page compares
 COLOURS = ("#c33", "#26a", "#385", "#a6c", "#d80", "#0aa", "#555", "#a52")
-OWN_SETTINGS = ("output",)  # differ between any two runs by construction: not shown as a difference
+# Not compared: the output differs between any two runs by construction, and the plan is a prediction from settings
+OWN_SETTINGS = ("output", runs.CHECKPOINTING_PLAN)
 EVAL_PARTS = ("eval_high", "eval_mid", "eval_low")  # the held-out loss over high, mid and low noise levels
 
 

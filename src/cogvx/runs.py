@@ -30,6 +30,8 @@ from cogvx.files import save_safetensors
 
 CONFIG_JSON = "config.json"
 CONFIG_TOML = "config.toml"
+# config.json only: what `--checkpointing auto` predicted for the mode it chose (a prediction, not a setting)
+CHECKPOINTING_PLAN = "checkpointing_plan"
 METRICS = "metrics.jsonl"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
 MODEL_CARD = "README.md"

@@ -362,7 +362,7 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
     resolved |= {f"model_{key}": value for key, value in info.recorded().items() if key != "model"}
     if main:
         runs.keep_metrics_until(cfg.output, start_step)
-        planned = {"checkpointing_plan": plan.recorded()} if plan is not None else {}
+        planned = {runs.CHECKPOINTING_PLAN: plan.recorded()} if plan is not None else {}
         runs.write_config(cfg.output, resolved | planned, configfile.to_toml(TrainConfig(**resolved)))
     if cfg.report_to != "none":
         accelerator.init_trackers("cogvx", config={k: str(v) for k, v in resolved.items()})

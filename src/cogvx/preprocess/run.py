@@ -200,9 +200,7 @@ def _parse_resolution(value) -> str:
         raise ConfigError(f"--resolution {value!r} must look like HEIGHTxWIDTH, e.g. 480x720.") from None
     bounds = PreprocessConfig.DOMAINS["height"]  # a bucket's sides take the values --height/--width take
     if not (bounds.holds(height) and bounds.holds(width)) or height % 16 or width % 16:
-        raise ConfigError(
-            f"--resolution {value!r}: height and width must be multiples of 16, {bounds.describe()}."
-        )
+        raise ConfigError(f"--resolution {value!r}: height and width must be multiples of 16, {bounds.describe()}.")
     return f"{height}x{width}"
 
 

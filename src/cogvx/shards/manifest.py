@@ -63,6 +63,8 @@ DTYPE_BYTES = {
     "bool": 1,
 }
 TAR_BLOCK = 512  # a tar member is a header block and its payload padded to whole blocks
+# No shard is larger: 16 times the largest --shard-max-mb allows (1 TiB). A larger `bytes` is a damaged entry.
+MAX_SHARD_BYTES = 1 << 44
 
 
 def is_plain_name(name: object) -> bool:
@@ -520,11 +522,13 @@ def _check_counts(
 ) -> None:
     """A shard entry's counts must fit the shard it describes: checked before anything is made per sample.
 
-    An index lists every sample; no more samples are excluded than the shard holds, each once; and the
-    samples fit the shard's bytes, each taking at least ``min_sample_bytes``.
+    A shard is at most ``MAX_SHARD_BYTES``; an index lists every sample; no more samples are excluded than
+    the shard holds, each once; and the samples fit the shard's bytes, each taking at least ``min_sample_bytes``.
     """
     least = min_sample_bytes(layouts)
-    if indexed and indexed != count:
+    if size > MAX_SHARD_BYTES:
+        problem = f"has `bytes` = {size}, more than any shard holds ({MAX_SHARD_BYTES >> 40} TiB)"
+    elif indexed and indexed != count:
         problem = f"has `sample_count` = {count}, but its index lists {indexed} samples"
     elif len(excluded) > count or len(set(excluded)) != len(excluded):
         problem = f"excludes {len(excluded)} keys ({len(set(excluded))} distinct) of its {count} samples"

@@ -1018,11 +1018,9 @@ def test_more_damaged_fields_named_exactly(tmp_path: Path, change, message: str)
     assert str(err).startswith(f"{tmp_path / 'manifest.json'}: ") and message in str(err), str(err)
 
 
-def test_a_layout_may_have_an_empty_dimension(tmp_path: Path):
-    raw = _written_cache(tmp_path).to_dict()
-    raw["shards"][0]["layouts"][BUCKET]["moments"]["shape"] = [0, 2]
-    (tmp_path / "manifest.json").write_text(json.dumps(raw))
-    assert Manifest.load(tmp_path).shards[0].layouts[BUCKET]["moments"]["shape"] == [0, 2]
+def test_a_layout_with_an_empty_dimension_is_refused(tmp_path: Path):
+    err = _load_with(tmp_path, lambda r: r["shards"][0]["layouts"][BUCKET]["moments"].update(shape=[2, 0, 2, 2]))
+    assert "the shape [2, 0, 2, 2]. It must be 4 positive sizes [2C, F, H, W]." in str(err)
 
 
 def test_a_shard_entry_without_an_index_loads_with_no_samples(tmp_path: Path):

@@ -2,14 +2,20 @@
 
 Precedence is CLI > file > dataclass defaults. The CLI passes only the flags the user gave
 (everything else is None), so a file value is never overwritten by a flag's default.
+
+Every numeric field of a stage config has a ``Domain`` in the class's ``DOMAINS`` table: the values it may
+take, finite and bounded, so a setting outside it is refused where it is read (a file line by ``build``,
+naming the file; a flag or a hand-built config by ``check_domains`` in ``__post_init__``), never at step 9000.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -39,14 +45,142 @@ def build(cls: type[T], file: Path | None = None, **flags: Any) -> T:
         if unknown:
             raise ConfigError(f"{file}: unknown setting(s) {', '.join(unknown)}. Known: {', '.join(sorted(names))}.")
         hints = typing.get_type_hints(cls)
+        domains = _domains(cls)
         for key, value in data.items():
             if not _fits(value, hints[key]):
                 raise ConfigError(
                     f"{file}: {key} = {_toml_value_or_repr(value)} is not {_describe(hints[key])}; fix that line."
                 )
+            if key in domains and not domains[key].holds(value):
+                raise ConfigError(
+                    f"{file}: {key} = {_toml_value_or_repr(value)} is out of range: it must be "
+                    f"{domains[key].describe()}{domains[key].reason()}; fix that line."
+                )
         values.update(data)
     values.update({k: v for k, v in flags.items() if v is not None})
     return cls(**values)
+
+
+@dataclass(frozen=True)
+class Domain:
+    """The values a numeric setting may take: finite, from ``low`` to ``high`` (an end excluded where open).
+
+    ``flag``: the setting's CLI spelling where it is not ``--field-name``; ``file_only``: it has no flag, only a
+    line in the --config file. ``meaning`` leads the description ("a probability"); ``why`` says why the
+    bound is where it is, where that is not plain. A tuple field's domain holds for each of its items.
+    """
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    meaning: str = ""
+    why: str = ""
+    flag: str | None = None
+    file_only: bool = False
+
+    def holds(self, value: Any) -> bool:
+        """Whether ``value`` (a number, or a tuple of them for a tuple field) is in the domain."""
+        if isinstance(value, (tuple, list)):
+            return all(self.holds(v) for v in value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.integer and not isinstance(value, int):
+            return False
+        if isinstance(value, float) and not math.isfinite(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def describe(self) -> str:
+        """The domain in words: "from 1 to 4096", "positive and at most 10", "a probability, from 0 to 1"."""
+        low, high = _number(self.low), _number(self.high)
+        if self.low_open or self.high_open:
+            start = ("positive" if self.low == 0 else f"above {low}") if self.low_open else f"at least {low}"
+            text = f"{start} and " + (f"below {high}" if self.high_open else f"at most {high}")
+        else:
+            text = f"from {low} to {high}"
+        return f"{self.meaning}, {text}" if self.meaning else text
+
+    def reason(self) -> str:
+        return f": {self.why}" if self.why else ""
+
+
+def integers(low: int, high: int, **kw: Any) -> Domain:
+    """Whole numbers from ``low`` to ``high``, both included."""
+    return Domain(low, high, integer=True, **kw)
+
+
+def numbers(low: float, high: float, **kw: Any) -> Domain:
+    """Finite numbers from ``low`` to ``high`` (``low_open``/``high_open`` exclude an end)."""
+    return Domain(low, high, **kw)
+
+
+def positive(high: float, **kw: Any) -> Domain:
+    """Finite numbers above 0, at most ``high``."""
+    return Domain(0, high, low_open=True, **kw)
+
+
+PROBABILITY = Domain(0, 1, meaning="a probability")
+MAX_STEPS = 10**9  # a bound on every step count: at a step per millisecond, eleven days
+SEED = integers(0, 2**63 - 1, why="a seed is a 64-bit integer for torch")
+VIDEO_FPS = integers(1, 240)  # the frame rate written into the mp4 files of cogvx sample and render
+SHEET_WIDTH = integers(1, 1024, file_only=True)  # frames per video in their contact sheets
+
+
+def check_domains(config: Any) -> None:
+    """Refuse a numeric field of ``config`` outside its domain, in one line naming its flag (or its key).
+
+    Stage configs call this first in ``__post_init__``: a flag's value is checked here, a file's by ``build``
+    already (naming the file). A numeric field without a declared domain is a bug, not a user error.
+    """
+    domains = _domains(type(config))
+    for name in numeric_fields(type(config)):
+        if name not in domains:
+            raise TypeError(f"{type(config).__name__}.{name} is numeric and has no Domain in DOMAINS")
+        value, domain = getattr(config, name), domains[name]
+        if value is None or domain.holds(value):
+            continue
+        if domain.file_only:
+            raise ConfigError(
+                f"{name} must be {domain.describe()} (got {_shown(value)}){domain.reason()}; set it in the --config "
+                "file."
+            )
+        flag = domain.flag or "--" + name.replace("_", "-")
+        raise ConfigError(f"{flag} must be {domain.describe()} (got {_shown(value)}){domain.reason()}.")
+
+
+def numeric_fields(cls: type) -> list[str]:
+    """The fields of ``cls`` that hold numbers (ints or floats, alone, optional, or in a tuple; not bools)."""
+    hints = typing.get_type_hints(cls)
+    return [f.name for f in dataclasses.fields(cls) if _is_numeric(hints[f.name])]
+
+
+def _is_numeric(hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType, tuple):
+        return any(_is_numeric(arg) for arg in args if arg is not Ellipsis)
+    return hint in (int, float)
+
+
+def _domains(cls: type) -> dict[str, Domain]:
+    return getattr(cls, "DOMAINS", {})
+
+
+def _number(value: float) -> str:
+    """A bound as people write it: 4096, 0.5, 10^9, 2^63-1."""
+    if value == 2**63 - 1:
+        return "2^63-1"
+    if value >= 10**6 and value == int(value) and str(int(value)).rstrip("0") == "1":
+        return f"10^{len(str(int(value))) - 1}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value) if not isinstance(value, float) else f"{value:g}"
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def as_dict(config: Any) -> dict[str, Any]:

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 from cogvx import runs
+from cogvx.config import SHEET_WIDTH, VIDEO_FPS, Domain, check_domains
 from cogvx.errors import ModelError, RunError
 from cogvx.media import SHEET_COLUMNS, check_video_settings, write_mp4, write_sheet
 from cogvx.pipeline import models
@@ -34,7 +36,10 @@ class RenderConfig:
     force: bool = False  # render steps again even if their videos exist
     sheet_columns: int = SHEET_COLUMNS
 
+    DOMAINS: ClassVar[dict[str, Domain]] = {"fps": VIDEO_FPS, "sheet_columns": SHEET_WIDTH}
+
     def __post_init__(self):
+        check_domains(self)
         self.run = Path(self.run)
         check_video_settings(self.fps, self.sheet_columns)
         if self.dtype is not None:

@@ -12,17 +12,17 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from rich.console import Console
 
 from cogvx import runs
+from cogvx.config import SEED, SHEET_WIDTH, VIDEO_FPS, Domain, check_domains, integers, numbers
 from cogvx.errors import ConfigError, ModelError, RunError
 from cogvx.files import save_safetensors
 from cogvx.media import (
@@ -71,7 +71,21 @@ class SampleConfig:
     vae_slicing: bool = False
     sheet_columns: int = SHEET_COLUMNS
 
+    # What each numeric setting may be (cogvx.config.Domain): checked where it is read, file or flag.
+    DOMAINS: ClassVar[dict[str, Domain]] = {
+        "lora_scale": numbers(-100, 100),
+        "steps": integers(1, 1000, why="the sampler's schedule has 1000 timesteps"),
+        "guidance": numbers(0, 100),
+        "seed": SEED,
+        "frames": integers(1, 1025),
+        "height": integers(8, 8192),
+        "width": integers(8, 8192),
+        "fps": VIDEO_FPS,
+        "sheet_columns": SHEET_WIDTH,
+    }
+
     def __post_init__(self):
+        check_domains(self)
         if isinstance(self.prompts, str):
             self.prompts = (self.prompts,)
         self.prompts = tuple(self.prompts or ())
@@ -85,13 +99,8 @@ class SampleConfig:
             (all(p.strip() for p in self.prompts), "a --prompt is empty"),
             (self.lora is not None or (self.no_lora and self.model), "pass --lora RUN_FOLDER (or --no-lora --model M)"),
             (not (self.no_lora and self.lora_scale != 1.0), "--lora-scale has no effect with --no-lora; drop one"),
-            (math.isfinite(self.lora_scale), f"--lora-scale must be a finite number (got {self.lora_scale})"),
             (self.output.suffix.lower() == ".mp4", f"--output must name an .mp4 file (got {self.output})"),
-            (self.steps >= 1, f"--steps must be at least 1 (got {self.steps})"),
-            (self.guidance >= 0, f"--guidance must be 0 or more (got {self.guidance})"),
-            (self.frames >= 1 and (self.frames - 1) % 4 == 0, f"--frames must be 4k+1: 9, 13, 49 (got {self.frames})"),
-            (self.height is None or self.height > 0, f"--height must be positive (got {self.height})"),
-            (self.width is None or self.width > 0, f"--width must be positive (got {self.width})"),
+            ((self.frames - 1) % 4 == 0, f"--frames must be 4k+1: 9, 13, 49 (got {self.frames})"),
         ]
         for ok, message in checks:
             if not ok:

@@ -17,11 +17,12 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
 from cogvx import __version__, files, hub
+from cogvx.config import Domain, check_domains, integers, positive
 from cogvx.errors import CacheError, ConfigError, InputError
 from cogvx.pipeline import models
 from cogvx.pipeline.encode import encode_prompts
@@ -97,7 +98,27 @@ class PreprocessConfig:
     flip: bool = False  # also encode each sample's mirror image (left to right), beside it; added to a cache later too
     image_latents: bool = False  # also encode each sample's first frame alone (image-to-video); added later too
 
+    # What each numeric setting may be (cogvx.config.Domain): checked where it is read, file or flag.
+    DOMAINS: ClassVar[dict[str, Domain]] = {
+        "height": integers(16, 8192),
+        "width": integers(16, 8192),
+        "max_frames": integers(1, 1025),
+        "frame_buckets": integers(1, 1025, flag="--frame-bucket"),
+        "min_frames": integers(1, 1025),
+        "fps": positive(1000),
+        "skip_frames_start": integers(0, 10**7),
+        "skip_frames_end": integers(0, 10**7),
+        "windows": integers(1, 10**4),
+        "max_upscale": positive(1000),
+        "text_batch_size": integers(1, 4096, file_only=True),
+        "vae_batch": integers(1, 4096),
+        "workers": integers(0, 256),
+        "shard_max_mb": integers(1, 1 << 20, why="1 TiB"),
+        "shard_max_samples": integers(1, 10**7, file_only=True),
+    }
+
     def __post_init__(self):
+        check_domains(self)
         self.data = hub.hub_url(self.data) or Path(self.data)  # a Path would fold hf:// into hf:/
         self.output = self.output if store.is_remote(self.output) else Path(self.output)
         models.parse_dtype(self.dtype)
@@ -114,22 +135,6 @@ class PreprocessConfig:
         self._check_min_frames(self.frame_counts(None))
         if self.resize not in ("crop", "stretch"):
             raise ConfigError(f"--resize must be 'crop' or 'stretch' (got {self.resize!r}).")
-        if self.fps <= 0:
-            raise ConfigError(f"--fps must be positive (got {self.fps}).")
-        if self.skip_frames_start < 0 or self.skip_frames_end < 0:
-            raise ConfigError("--skip-frames-start/--skip-frames-end cannot be negative.")
-        if self.windows < 1:
-            raise ConfigError(f"--windows must be at least 1 (got {self.windows}).")
-        if self.max_upscale <= 0:
-            raise ConfigError(f"--max-upscale must be positive (got {self.max_upscale}).")
-        for name in ("vae_batch", "shard_max_mb"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)}).")
-        for name in ("text_batch_size", "shard_max_samples"):  # config-file settings only: no flag
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1 in the --config file (got {getattr(self, name)}).")
-        if self.workers < 0:
-            raise ConfigError(f"--workers cannot be negative (got {self.workers}).")
 
     def frame_counts(self, native_frames: int | None) -> tuple[int, ...]:
         """The frame buckets: --frame-bucket values if given, else --max-frames, else the model's own count
@@ -194,8 +199,9 @@ def _parse_resolution(value) -> str:
         height, width = (int(part) for part in str(value).lower().split("x"))
     except ValueError:
         raise ConfigError(f"--resolution {value!r} must look like HEIGHTxWIDTH, e.g. 480x720.") from None
-    if height < 16 or width < 16 or height % 16 or width % 16:
-        raise ConfigError(f"--resolution {value!r}: height and width must be positive multiples of 16.")
+    bounds = PreprocessConfig.DOMAINS["height"]  # a bucket's sides take the values --height/--width take
+    if not (bounds.holds(height) and bounds.holds(width)) or height % 16 or width % 16:
+        raise ConfigError(f"--resolution {value!r}: height and width must be multiples of 16, {bounds.describe()}.")
     return f"{height}x{width}"
 
 

@@ -38,6 +38,7 @@ from cogvx.shards.manifest import (
     describe_layout,
     is_plain_name,
     joined_layout,
+    layout_bytes,
     merge_layouts,
     open_regular,
     parse_carries,
@@ -89,20 +90,6 @@ def layout_of(sample: Sample) -> dict[str, dict[str, Any]]:
         name: {"dtype": str(t.dtype).removeprefix("torch."), "shape": list(t.shape)}
         for name, t in sorted(sample.tensors.items())
     }
-
-
-def layout_bytes(layout: dict[str, dict[str, Any]]) -> int:
-    """Bytes the tensors of ``layout`` take in a safetensors blob (without its header)."""
-    total = 0
-    for spec in layout.values():
-        dtype = getattr(torch, spec["dtype"], None)
-        if not isinstance(dtype, torch.dtype):
-            raise CacheError(f"The manifest names an unknown tensor dtype {spec['dtype']!r}.")
-        numel = 1
-        for n in spec["shape"]:
-            numel *= n
-        total += numel * dtype.itemsize
-    return total
 
 
 def encode_sample(sample: Sample) -> list[tuple[str, bytes]]:

@@ -23,6 +23,7 @@ from cogvx.shards.store import (
     Store,
     open_regular,  # noqa: F401 -- its home is store.py; imported from here too
     open_store,
+    parent_of,
 )
 
 FORMAT_NAME = "cogvx-cache"
@@ -42,6 +43,28 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 # What each tensor of one bucket looks like: {bucket: {tensor name: {"dtype": "bfloat16", "shape": [...]}}}.
 Layouts = dict[str, dict[str, dict[str, Any]]]
+# The tensors a sample may hold, with the shape each has (its number of dimensions is checked): the base ones,
+# which every sample holds, and the carried ones. Training reads them by these names and shapes.
+TENSOR_SHAPES = {"moments": "[2C, F, H, W]", "prompt_embeds": "[L, D]", IMAGE_MOMENTS: "[2C, 1, H, W]"}
+BASE_TENSORS = ("moments", "prompt_embeds")
+# Bytes per element of each dtype a layout may name (torch's names, as the writer records them).
+DTYPE_BYTES = {
+    "float64": 8,
+    "float32": 4,
+    "float16": 2,
+    "bfloat16": 2,
+    "float8_e4m3fn": 1,
+    "float8_e5m2": 1,
+    "int64": 8,
+    "int32": 4,
+    "int16": 2,
+    "int8": 1,
+    "uint8": 1,
+    "bool": 1,
+}
+TAR_BLOCK = 512  # a tar member is a header block and its payload padded to whole blocks
+# No shard is larger: 16 times the largest --shard-max-mb allows (1 TiB). A larger `bytes` is a damaged entry.
+MAX_SHARD_BYTES = 1 << 44
 
 
 def is_plain_name(name: object) -> bool:
@@ -98,6 +121,25 @@ def merged_layouts(records: list[ShardRecord]) -> Layouts:
     for record in records:
         merge_layouts(merged, record.layouts, record.name)
     return merged
+
+
+def layout_bytes(layout: dict[str, dict[str, Any]]) -> int:
+    """Bytes the tensors of ``layout`` take in a safetensors blob (without its header)."""
+    total = 0
+    for spec in layout.values():
+        itemsize = DTYPE_BYTES.get(spec["dtype"])
+        if itemsize is None:
+            raise CacheError(f"The manifest names an unknown tensor dtype {spec['dtype']!r}.")
+        total += math.prod(spec["shape"]) * itemsize
+    return total
+
+
+def min_sample_bytes(layouts: Layouts) -> int:
+    """The fewest bytes one sample of a shard with these bucket layouts takes in its tar: two members
+    (``K.safetensors``: an 8-byte header length and the base tensors of its bucket; ``K.json``: not empty),
+    each a header block and at least one block of payload. No layouts (an older cache): 4 blocks."""
+    tensors = min((layout_bytes(sample_layout(layout, ())) for layout in layouts.values()), default=0)
+    return 3 * TAR_BLOCK + -(-(8 + tensors) // TAR_BLOCK) * TAR_BLOCK
 
 
 def describe_layout(layout: dict[str, dict[str, Any]]) -> str:
@@ -196,6 +238,7 @@ class ShardRecord:
         if not all(isinstance(key, str) for key in excluded):
             raise CacheError(f"{origin}: {where} has an `excluded` entry that is not a key string.")
         layouts = _layouts(fields_.get("layouts", dict, default={}), origin, where)
+        _check_counts(sample_count, size, len(samples), excluded, layouts, origin, where)
         return cls(name, sample_count, size, sha256, samples, list(excluded), layouts)
 
 
@@ -431,16 +474,72 @@ def parse_carries(names: list, where: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _rebuild(origin: Path | str) -> str:
+    """What to do about a manifest that says something its shards cannot hold."""
+    folder = parent_of(str(origin))
+    return (
+        f"The manifest was edited or damaged: check the cache with `cogvx shards verify {folder}`, or move the "
+        f"manifest away and rebuild it from the shards with `cogvx shards rebuild-manifest {folder}`."
+    )
+
+
 def _layouts(data: dict, origin: Path | str, where: str) -> Layouts:
+    """The layouts of a shard entry: for each bucket, the base tensors and maybe carried ones, each with a
+    known dtype and as many positive sizes as its kind has dimensions."""
     for bucket, layout in data.items():
         tensors = _Fields(layout, origin, f"layout {bucket!r} of {where}")
         for name in tensors.data:
             spec = _Fields(tensors.data[name], origin, f"tensor {name!r} of layout {bucket!r} of {where}")
-            spec.get("dtype", str)
+            dtype = spec.get("dtype", str)
             shape = spec.get("shape", list)
-            if not all(type(n) is int and n >= 0 for n in shape):
-                raise CacheError(f"{origin}: {where} gives tensor {name!r} of bucket {bucket!r} the shape {shape}.")
+            if name not in TENSOR_SHAPES:
+                raise CacheError(
+                    f"{origin}: {where} lists a tensor {_short(name)} in bucket {bucket!r}; samples hold only "
+                    f"{', '.join(TENSOR_SHAPES)}. {_rebuild(origin)}"
+                )
+            dims = TENSOR_SHAPES[name].count(",") + 1
+            if len(shape) != dims or not all(type(n) is int and n >= 1 for n in shape):
+                raise CacheError(
+                    f"{origin}: {where} gives tensor {name!r} of bucket {bucket!r} the shape {_short(shape)}. It must "
+                    f"be {dims} positive sizes {TENSOR_SHAPES[name]}. {_rebuild(origin)}"
+                )
+            if dtype not in DTYPE_BYTES:
+                raise CacheError(
+                    f"{origin}: {where} gives tensor {name!r} of bucket {bucket!r} the dtype {_short(dtype)}, not one "
+                    f"of {', '.join(DTYPE_BYTES)}. {_rebuild(origin)}"
+                )
+        missing = [name for name in BASE_TENSORS if name not in tensors.data]
+        if missing:
+            raise CacheError(
+                f"{origin}: {where} gives bucket {bucket!r} no {missing[0]!r} tensor; every sample holds "
+                f"{' and '.join(BASE_TENSORS)}. {_rebuild(origin)}"
+            )
     return data
+
+
+def _check_counts(
+    count: int, size: int, indexed: int, excluded: list[str], layouts: Layouts, origin: Path | str, where: str
+) -> None:
+    """A shard entry's counts must fit the shard it describes: checked before anything is made per sample.
+
+    A shard is at most ``MAX_SHARD_BYTES``; an index lists every sample; no more samples are excluded than
+    the shard holds, each once; and the samples fit the shard's bytes, each taking at least ``min_sample_bytes``.
+    """
+    least = min_sample_bytes(layouts)
+    if size > MAX_SHARD_BYTES:
+        problem = f"has `bytes` = {size}, more than any shard holds ({MAX_SHARD_BYTES >> 40} TiB)"
+    elif indexed and indexed != count:
+        problem = f"has `sample_count` = {count}, but its index lists {indexed} samples"
+    elif len(excluded) > count or len(set(excluded)) != len(excluded):
+        problem = f"excludes {len(excluded)} keys ({len(set(excluded))} distinct) of its {count} samples"
+    elif count * least > size:
+        problem = (
+            f"has `sample_count` = {count} in `bytes` = {size}, but a sample takes at least {least} bytes (tar "
+            f"headers and its tensors): at most {size // least} fit"
+        )
+    else:
+        return
+    raise CacheError(f"{origin}: {where} {problem}. {_rebuild(origin)}")
 
 
 def write_json_atomic(path: Path, data: Any) -> None:

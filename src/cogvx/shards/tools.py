@@ -8,7 +8,9 @@ import shlex
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
+from cogvx.config import Domain, check_domains, integers
 from cogvx.errors import CacheError, ConfigError
 from cogvx.media import contact_sheet, write_png
 from cogvx.shards import paths
@@ -26,14 +28,15 @@ class InspectConfig:
     contact_sheet: Path | None = None  # write a PNG of the samples' frame strips here
     max_strips: int = 64
 
+    DOMAINS: ClassVar[dict[str, Domain]] = {"max_strips": integers(1, 4096)}
+
     def __post_init__(self):
+        check_domains(self)
         self.folder = self.folder if is_remote(self.folder) else Path(self.folder)
         if self.contact_sheet is not None:
             self.contact_sheet = Path(self.contact_sheet)
             if self.contact_sheet.suffix.lower() != ".png":
                 raise ConfigError(f"--contact-sheet {self.contact_sheet} must end in .png.")
-        if self.max_strips < 1:
-            raise ConfigError(f"--max-strips must be at least 1 (got {self.max_strips}).")
 
 
 @dataclass

@@ -6,7 +6,9 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
+from cogvx.config import MAX_STEPS, PROBABILITY, SEED, Domain, check_domains, integers, numbers, positive
 from cogvx.errors import ConfigError
 from cogvx.pipeline.lora import DEFAULT_TARGETS
 from cogvx.pipeline.models import DTYPES
@@ -100,14 +102,55 @@ class TrainConfig:
     # Opt-in: it changes the numbers a little more than storage alone (BENCHMARKS.md has its loss curves).
     fp8_matmul: bool = False
 
+    # What each numeric setting may be (cogvx.config.Domain): checked where it is read, file or flag.
+    DOMAINS: ClassVar[dict[str, Domain]] = {
+        "max_steps": integers(1, MAX_STEPS),
+        "epochs": positive(1e6),
+        "batch_size": integers(1, 4096, why="samples per batch and process"),
+        "gradient_accumulation": integers(1, 4096),
+        "rank": integers(1, 4096, why="a rank above the width of every CogVideoX layer (3072 in 5b) adds nothing"),
+        "alpha": positive(1e6),
+        "lora_dropout": numbers(0, 1, high_open=True),
+        "learning_rate": positive(10, why="prodigy's 1.0 is the largest in common use"),
+        "lr_warmup_steps": integers(0, MAX_STEPS),
+        "lr_num_cycles": integers(1, 10**6, file_only=True),
+        "lr_power": positive(100, file_only=True),
+        "adam_beta1": numbers(0, 1, high_open=True, file_only=True),
+        "adam_beta2": numbers(0, 1, high_open=True, file_only=True),
+        "adam_epsilon": positive(1, file_only=True),
+        "weight_decay": numbers(0, 10, file_only=True),
+        "max_grad_norm": positive(1e9),
+        "max_memory": positive(1e5),  # GB
+        "seed": SEED,
+        "workers": integers(0, 256),
+        "shuffle_buffer": integers(0, 65536, why="samples held in memory; 0 or 1 for no shuffling", file_only=True),
+        "random_flip": PROBABILITY,
+        "noised_image_dropout": dataclasses.replace(PROBABILITY, file_only=True),
+        "validation_every": integers(0, MAX_STEPS),
+        "validation_steps": integers(1, 1000, why="the sampler's schedule has 1000 timesteps"),
+        "validation_guidance": numbers(0, 100),
+        "validation_frames": integers(1, 1025),
+        "validation_height": integers(8, 8192),
+        "validation_width": integers(8, 8192),
+        "checkpoint_every": integers(0, MAX_STEPS),
+        "keep_checkpoints": integers(1, 10**4),
+    }
+
     def steps_for(self, samples: int, processes: int) -> TrainConfig:
         """This config with ``max_steps`` resolved: ``epochs`` passes over ``samples`` at the global batch."""
         if self.epochs is None:
             return self
         global_batch = self.batch_size * self.gradient_accumulation * processes
-        return dataclasses.replace(self, max_steps=max(1, math.ceil(self.epochs * samples / global_batch)), epochs=None)
+        steps = max(1, math.ceil(self.epochs * samples / global_batch))
+        if steps > MAX_STEPS:
+            raise ConfigError(
+                f"--epochs {self.epochs:g} over {samples} samples at {global_batch} per step is {steps} steps, more "
+                f"than {MAX_STEPS}; give fewer --epochs or --max-steps N."
+            )
+        return dataclasses.replace(self, max_steps=steps, epochs=None)
 
     def __post_init__(self):
+        check_domains(self)
         if self.shards is None:
             raise ConfigError("cogvx train needs --shards (the cache folder), or `shards = ...` in the --config file.")
         self.shards = self.shards if is_remote(self.shards) else Path(self.shards)
@@ -123,13 +166,6 @@ class TrainConfig:
         if self.max_steps is None and self.epochs is None:
             self.max_steps = DEFAULT_MAX_STEPS
         checks = [
-            (self.max_steps is None or self.max_steps >= 1, f"--max-steps must be at least 1 (got {self.max_steps})"),
-            (self.epochs is None or self.epochs > 0, f"--epochs must be positive (got {self.epochs})"),
-            (self.batch_size >= 1, f"--batch-size must be at least 1 (got {self.batch_size})"),
-            (self.gradient_accumulation >= 1, "--gradient-accumulation must be at least 1"),
-            (self.rank >= 1, f"--rank must be at least 1 (got {self.rank})"),
-            (self.alpha > 0, f"--alpha must be positive (got {self.alpha})"),
-            (0 <= self.lora_dropout < 1, f"--lora-dropout must be in [0, 1) (got {self.lora_dropout})"),
             (bool(self.targets), "--targets names no module"),
             (self.optimizer in OPTIMIZERS, f"--optimizer must be one of {', '.join(OPTIMIZERS)}"),
             (self.lr_scheduler in SCHEDULES, f"--lr-scheduler must be one of {', '.join(SCHEDULES)}"),
@@ -138,40 +174,21 @@ class TrainConfig:
                 self.checkpointing in (AUTO, *CHECKPOINTING),
                 f"--checkpointing must be one of {', '.join((AUTO, *CHECKPOINTING))} (got {self.checkpointing!r})",
             ),
-            (self.max_memory is None or self.max_memory > 0, f"--max-memory must be positive (got {self.max_memory})"),
             (
                 not self.fp8_matmul or self.mixed_precision == "bf16",
                 "--fp8-matmul needs --mixed-precision bf16 (its float8 products run only in bf16 compute)",
-            ),
-            (0 <= self.random_flip <= 1, f"--random-flip must be a probability, 0 to 1 (got {self.random_flip})"),
-            (
-                0 <= self.noised_image_dropout <= 1,
-                f"noised_image_dropout must be a probability, 0 to 1 (got {self.noised_image_dropout})",
             ),
             (
                 not (self.push_to_hub or self.push_checkpoints) or bool(self.hub_model_id),
                 "--push-to-hub needs --hub-model-id OWNER/NAME (the model repo to upload to)",
             ),
             (self.report_to in REPORTERS, f"--report-to must be one of {', '.join(REPORTERS)}"),
-            (self.learning_rate > 0, f"--learning-rate must be positive (got {self.learning_rate})"),
-            (self.workers >= 0, "--workers must be 0 or more"),
-            (self.checkpoint_every >= 0, "--checkpoint-every must be 0 (off) or more"),
-            (self.keep_checkpoints >= 1, "--keep-checkpoints must be at least 1"),
-            (self.lr_warmup_steps >= 0, "--lr-warmup-steps must be 0 or more"),
-            (self.max_grad_norm > 0, f"--max-grad-norm must be positive (got {self.max_grad_norm})"),
             (
-                self.shuffle_buffer >= 0,
-                "shuffle_buffer must be 0 (off) or more (`shuffle_buffer = N` in the --config file)",
-            ),
-            (self.validation_every >= 0, "--validation-every must be 0 (off) or more"),
-            (self.validation_steps >= 1, "--validation-steps must be at least 1"),
-            (self.validation_guidance >= 0, "--validation-guidance must be 0 or more (1 or less: no guidance)"),
-            (
-                self.validation_frames is None or (self.validation_frames >= 1 and self.validation_frames % 4 == 1),
+                self.validation_frames is None or self.validation_frames % 4 == 1,
                 f"--validation-frames must be 4k+1, like 13 or 49 (got {self.validation_frames})",
             ),
             (
-                all(v is None or (v > 0 and v % 8 == 0) for v in (self.validation_height, self.validation_width)),
+                all(v is None or v % 8 == 0 for v in (self.validation_height, self.validation_width)),
                 "--validation-height and --validation-width must be positive multiples of 8",
             ),
         ]

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from cogvx.errors import CogvxError
+from cogvx.errors import CogvxError, ConfigError
 from cogvx.shards import CacheError, ShardRecord, decode_sample, iter_record_samples, merged_layouts, open_shard
 from cogvx.shards.manifest import IMAGE_MOMENTS, MIRROR_SUFFIX
 from cogvx.shards.store import Store, StoreError, open_store
@@ -55,27 +55,52 @@ class Piece:
         return self.keys is None and self.positions is None
 
 
-def _units(shards: list[ShardRecord]) -> tuple[dict[tuple, int], list[tuple[ShardRecord, list[tuple[tuple, Any]]]]]:
+# A shard's live samples as (unit number, key) pairs, or, for a shard whose manifest entry indexes no samples,
+# the range of unit numbers its places take (place p is unit ``start + p``): never a list over a bare count.
+Members = list[tuple[int, str]] | range
+
+
+def _units(shards: list[ShardRecord]) -> tuple[int, list[tuple[ShardRecord, Members]]]:
     """Number every live sample's unit in the manifest's order of first appearance, and list each shard's
-    live samples as (unit, key or place). A unit is a key without its mirror suffix; in a shard whose
-    manifest entry indexes no samples (readers accept one) each live sample is a unit, by its place."""
-    order: dict[tuple, int] = {}
-    listed = []
+    live samples by unit. A unit is a key without its mirror suffix; in a shard whose manifest entry indexes
+    no samples (readers accept one) each live sample is a unit, by its place. Time and memory go with the
+    shards and the index lines, not with the counts the manifest claims."""
+    order: dict[str, int] = {}  # unit (key) -> its number
+    placed = 0  # units of index-less shards so far
+    listed: list[tuple[ShardRecord, Members]] = []
     for record in shards:
         live = record.live_samples()
         if len(live) == record.live_count:
-            members = [(("key", entry.key.removesuffix(MIRROR_SUFFIX)), entry.key) for entry in live]
+            units = [order.setdefault(e.key.removesuffix(MIRROR_SUFFIX), len(order) + placed) for e in live]
+            listed.append((record, list(zip(units, (e.key for e in live), strict=True))))
         else:
-            members = [(("place", record.name, place), place) for place in range(record.live_count)]
-        for unit, _ in members:
-            order.setdefault(unit, len(order))
-        listed.append((record, members))
-    return order, listed
+            start = len(order) + placed
+            listed.append((record, range(start, start + record.live_count)))
+            placed += record.live_count
+    return len(order) + placed, listed
 
 
 def unit_count(shards: list[ShardRecord]) -> int:
     """How many samples the cache splits among ranks (a sample and its mirrored variant count once)."""
-    return len(_units(shards)[0])
+    return _units(shards)[0]
+
+
+def check_step_fits(
+    shards: list[ShardRecord], batch_size: int, accumulation: int, world_size: int, location: str
+) -> None:
+    """Refuse an optimizer step of more samples than the cache holds, before anything is loaded.
+
+    The stream draws with replacement, so it would fill any batch; but a step larger than the cache
+    holds some sample twice (or a hundred times) in one step, which no one asks for by --batch-size.
+    """
+    units, step = unit_count(shards), batch_size * accumulation * world_size
+    if step > units:
+        raise ConfigError(
+            f"--batch-size {batch_size} x --gradient-accumulation {accumulation} x {world_size} process(es) is "
+            f"{step} samples per step, more than the {units} samples in {location} (a clip and its mirror count "
+            f"once): every step would repeat samples. Take at most {units} per step, or add videos with "
+            "`cogvx preprocess`."
+        )
 
 
 def rank_share(shards: list[ShardRecord], rank: int, world_size: int) -> list[Piece]:
@@ -89,20 +114,27 @@ def rank_share(shards: list[ShardRecord], rank: int, world_size: int) -> list[Pi
 
 def _share(shards: list[ShardRecord], rank: int, world_size: int) -> tuple[int, list[Piece]]:
     """The cache's unit count and ``rank_share``, from one pass over the manifest."""
-    order, listed = _units(shards)
-    low, high = rank * len(order) // world_size, (rank + 1) * len(order) // world_size
+    units, listed = _units(shards)
+    low, high = rank * units // world_size, (rank + 1) * units // world_size
     pieces = []
     for record, members in listed:
-        mine = [name for unit, name in members if low <= order[unit] < high]
-        if not mine:
+        if isinstance(members, range):  # an index-less shard: the places of its units in [low, high)
+            mine = range(max(members.start, low) - members.start, min(members.stop, high) - members.start)
+            if not mine:
+                continue
+            if len(mine) == len(members):
+                pieces.append(Piece(record, len(mine)))
+            elif mine:
+                pieces.append(Piece(record, len(mine), positions=mine))
             continue
-        if len(mine) == len(members):
-            pieces.append(Piece(record, len(mine)))
-        elif isinstance(mine[0], str):
-            pieces.append(Piece(record, len(mine), keys=frozenset(mine)))
-        else:  # the places of an index-less shard are numbered in a row, so a rank's are one range
-            pieces.append(Piece(record, len(mine), positions=range(mine[0], mine[-1] + 1)))
-    return len(order), pieces
+        keys = [key for unit, key in members if low <= unit < high]
+        if not keys:
+            continue
+        if len(keys) == len(members):
+            pieces.append(Piece(record, len(keys)))
+        else:
+            pieces.append(Piece(record, len(keys), keys=frozenset(keys)))
+    return units, pieces
 
 
 class ShardStream(IterableDataset):

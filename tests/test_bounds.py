@@ -26,6 +26,7 @@ from typer.testing import CliRunner
 
 import cogvx
 from cogvx import config as configfile
+from cogvx import runs
 from cogvx.cli import app
 from cogvx.config import Domain, numeric_fields
 from cogvx.errors import CacheError, ConfigError
@@ -228,17 +229,23 @@ def weightless_model(tmp_path_factory) -> Path:
     return model
 
 
-@pytest.mark.parametrize("accumulated", [False, True])
-def test_a_step_larger_than_the_cache_is_refused_before_the_model_loads(
-    tiny_cache: Path, weightless_model: Path, tmp_path: Path, accumulated: bool
+def test_a_batch_larger_than_the_cache_is_refused_before_the_model_loads(
+    tiny_cache: Path, weightless_model: Path, tmp_path: Path
 ):
     samples = unit_count(Manifest.load(tiny_cache).shards)
-    batch, accumulation = (2, samples // 2 + 1) if accumulated else (samples + 1, 1)
-    step = ["--batch-size", str(batch), "--gradient-accumulation", str(accumulation)]
     args = ["train", "--shards", str(tiny_cache), "--model", str(weightless_model), "--output", str(tmp_path)]
-    line = _one_error_line(_cli(*args, *step, "--workers", "0"))
-    assert f"{batch * accumulation} samples per step, more than the {samples} samples in {tiny_cache}" in line, line
-    assert f"at most {samples} per step" in line
+    line = _one_error_line(_cli(*args, "--batch-size", str(samples + 1), "--workers", "0"))
+    assert f"{samples + 1} samples per forward pass, more than the {samples} samples in {tiny_cache}" in line, line
+    assert f"at most {samples} per pass" in line
+
+
+def test_accumulating_over_more_micro_batches_than_the_cache_holds_trains(tiny_cache: Path, tmp_path: Path):
+    """A few clips with a large --gradient-accumulation: several passes over the cache per step, as asked."""
+    samples = unit_count(Manifest.load(tiny_cache).shards)
+    args = ["train", "--shards", str(tiny_cache), "--output", str(tmp_path / "run"), "--max-steps", "1"]
+    result = _cli(*args, "--gradient-accumulation", str(samples + 1), "--workers", "0", "--checkpoint-every", "0")
+    assert result.exit_code == 0, result.output
+    assert runs.lora_weights(tmp_path / "run").is_file()
 
 
 def test_a_batch_size_of_10_to_the_9_is_refused_by_its_domain():

@@ -85,21 +85,21 @@ def unit_count(shards: list[ShardRecord]) -> int:
     return _units(shards)[0]
 
 
-def check_step_fits(
-    shards: list[ShardRecord], batch_size: int, accumulation: int, world_size: int, location: str
-) -> None:
-    """Refuse an optimizer step of more samples than the cache holds, before anything is loaded.
+def check_batch_fits(shards: list[ShardRecord], batch_size: int, world_size: int, location: str) -> None:
+    """Refuse a forward pass of more samples than the cache holds, before anything is loaded.
 
-    The stream draws with replacement, so it would fill any batch; but a step larger than the cache
-    holds some sample twice (or a hundred times) in one step, which no one asks for by --batch-size.
+    The stream draws with replacement, so it would fill any batch; but one batch across the processes larger
+    than the cache holds some sample twice (or a thousand times) in the same forward pass, which no one asks
+    for by --batch-size. Accumulating over more micro-batches than the cache holds is allowed: a small cache
+    with --gradient-accumulation passes over the cache more than once per step, as several epochs would.
     """
-    units, step = unit_count(shards), batch_size * accumulation * world_size
-    if step > units:
+    units, batch = unit_count(shards), batch_size * world_size
+    if batch > units:
         raise ConfigError(
-            f"--batch-size {batch_size} x --gradient-accumulation {accumulation} x {world_size} process(es) is "
-            f"{step} samples per step, more than the {units} samples in {location} (a clip and its mirror count "
-            f"once): every step would repeat samples. Take at most {units} per step, or add videos with "
-            "`cogvx preprocess`."
+            f"--batch-size {batch_size} x {world_size} process(es) is {batch} samples per forward pass, more than "
+            f"the {units} samples in {location} (a clip and its mirror count once): every batch would repeat "
+            f"samples. Take at most {units} per pass (--gradient-accumulation makes larger steps), or add videos "
+            "with `cogvx preprocess`."
         )
 
 

@@ -33,7 +33,7 @@ from cogvx.shards.manifest import IMAGE_MOMENTS
 from cogvx.shards.store import display, open_store
 from cogvx.train import checkpoint, report
 from cogvx.train.config import TrainConfig
-from cogvx.train.data import SKIPPED_SHARDS, ShardStream, check_step_fits, make_loader
+from cogvx.train.data import SKIPPED_SHARDS, ShardStream, check_batch_fits, make_loader
 from cogvx.train.validation import load_validation_set, run_validation
 
 # accelerate's word for each of our precisions (models.DTYPES names); used only where the Accelerator is built.
@@ -279,7 +279,7 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
     check_image_latents(manifest, info, store.location)
     check_packable(manifest, info, info.read_config("transformer"), store.location)
     check_mirrors(manifest, cfg)
-    check_step_fits(manifest.shards, cfg.batch_size, cfg.gradient_accumulation, world, store.location)
+    check_batch_fits(manifest.shards, cfg.batch_size, world, store.location)
     warning = frame_count_warning(manifest, info)
     if warning:
         accelerator.print(warning)

@@ -13,6 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from eval_cost import BUDGET, EVERY, MAX_STEPS, TARGET_STEPS, cost, once_s, smallest_every  # noqa: E402
 from memory import swap_case  # noqa: E402  (bench/memory.py)
 from train_step import load_config, useful_tflop  # noqa: E402
 
@@ -531,6 +532,36 @@ def table_compile_index() -> str:
         device = r["command"].split("--device ")[1].split()[0]
         lines.append(f"| {label} | `{device}` | {r['compiled_first_s']:.1f} | {r['process_s']:.1f} |")
     return "\n".join(lines)
+
+
+def eval_cost_rows(report: dict) -> str:
+    """bench/eval_cost.py's result: the eval pass beside the training step, and its share of a run's wall time."""
+    lines = [
+        "| model (checkpointing) | s/step | eval pass s (forwards) | once per run s (base pass, compile) | "
+        "max steps | " + " | ".join(f"eval every {every}" for every in EVERY) + " |",
+        "|---|---|---|---|---|" + "---|" * len(EVERY),
+    ]
+    notes = []
+    for r in report["results"]:
+        if "error" in r:
+            notes.append(f"{r['model']}: {r['error'][:120]}")
+            continue
+        for total in MAX_STEPS:
+            cells = " | ".join(f"{cost(r, every, total):.1%}" for every in EVERY)
+            lines.append(
+                f"| {r['model']} ({r['checkpointing']}) | {r['step_s']:.3f} | "
+                f"{r['eval_pass_s']:.2f} ({r['forwards_per_pass']}) | {once_s(r):.1f} | {total} | {cells} |"
+            )
+        every = smallest_every(r)
+        notes.append(
+            f"{r['model']}: the most frequent cadence within {BUDGET:.0%} at {TARGET_STEPS} steps is "
+            + (f"**eval every {every}**" if every else "none")
+        )
+    return "\n".join([*lines, "", "; ".join(notes) + "."])
+
+
+def table_eval_cost() -> str:
+    return eval_cost_rows(load("eval_cost_h100.json"))
 
 
 def table_environment() -> str:

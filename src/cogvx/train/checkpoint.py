@@ -130,7 +130,7 @@ def _decode(name: str, path: Path) -> Any:
     except OSError:
         raise
     except Exception as err:  # each reader has its own error types (SafetensorError, UnpicklingError, ...)
-        reason = " ".join(str(err).split())[:200] or type(err).__name__
+        reason = " ".join(str(err).split()).split(". ")[0][:200] or type(err).__name__  # its first sentence
         raise RunError(f"{path} is damaged ({reason}). {_instead(path.parent)}") from err
 
 
@@ -176,25 +176,27 @@ def _progress_problem(state: Any, folder_step: int | None) -> str | None:
     step, consumed, config = state["step"], state["batches_consumed"], state["config"]
     if not isinstance(config, dict):
         return "its config is not a JSON object of settings"
-    limit = config.get("max_steps")
-    per_step = _batches_per_step(state)
+    limit, per_step, world, workers = (
+        config.get("max_steps"),
+        _batches_per_step(state),
+        state["world_size"],
+        state["workers"],
+    )
+    # In order, each check evaluated only once the ones before it hold (they guard its types).
     checks = [
-        (_count(step), f"step {step!r} is not a whole number of 0 or more"),
-        (folder_step is None or step == folder_step, f"step {step!r} is not the folder's step {folder_step}"),
-        (not _count(limit) or step <= limit, f"step {step!r} is past its run's max_steps {limit!r}"),
-        (_count(per_step) and per_step >= 1, f"most_batches_per_step {per_step!r} is not a whole number of 1 or more"),
-        (_count(consumed), f"batches_consumed {consumed!r} is not a whole number of 0 or more"),
+        (lambda: _count(step), f"step {step!r} is not a whole number of 0 or more"),
+        (lambda: folder_step is None or step == folder_step, f"step {step!r} is not the folder's step {folder_step}"),
+        (lambda: not _count(limit) or step <= limit, f"step {step!r} is past its run's max_steps {limit!r}"),
+        (lambda: _count(per_step) and per_step >= 1, f"most_batches_per_step {per_step!r} is not a count of 1 or more"),
+        (lambda: _count(consumed), f"batches_consumed {consumed!r} is not a whole number of 0 or more"),
         (
-            not (_count(consumed) and _count(step) and _count(per_step)) or consumed <= step * per_step,
+            lambda: consumed <= step * per_step,
             f"batches_consumed {consumed!r} is more than {step!r} steps of at most {per_step!r} batches take",
         ),
-        (
-            _count(state["world_size"]) and state["world_size"] >= 1,
-            f"world_size {state['world_size']!r} is not 1 or more",
-        ),
-        (_count(state["workers"]), f"workers {state['workers']!r} is not a whole number of 0 or more"),
+        (lambda: _count(world) and world >= 1, f"world_size {world!r} is not 1 or more"),
+        (lambda: _count(workers), f"workers {workers!r} is not a whole number of 0 or more"),
     ]
-    return next((message for ok, message in checks if not ok), None)
+    return next((message for ok, message in checks if not ok()), None)
 
 
 def save(output: Path, state: Mapping[str, Stateful], keep: int) -> Path:

@@ -276,6 +276,14 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
         cfg.model_revision or (manifest.producer.get("revision") if from_cache else None),
         cfg.model_variant or (manifest.producer.get("variant") if from_cache else None),
     )
+    # What the run records and a checkpoint compares on resume: the settings in effect (never a URL's credentials).
+    settings = configfile.as_dict(cfg.steps_for(manifest.original_count, world)) | {"shards": store.location}
+    resolved = settings | {"model": model_name}
+    resolved |= {f"model_{key}": value for key, value in info.recorded().items() if key != "model"}
+    if found is not None:  # before any other check: a resume that cannot be honoured says all it changes
+        changed = resume.check(found, checkpoint.read_progress(found)["config"], resolved)
+        if changed:
+            accelerator.print(changed)
     check_cache_fits(manifest, info, store.location)
     info.check_task()
     check_image_latents(manifest, info, store.location)
@@ -292,13 +300,6 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
         )
     torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
     torch.backends.cudnn.allow_tf32 = cfg.allow_tf32
-    settings = configfile.as_dict(cfg) | {"shards": store.location}  # never a URL's credentials
-    resolved = settings | {"model": model_name}
-    resolved |= {f"model_{key}": value for key, value in info.recorded().items() if key != "model"}
-    if found is not None:  # before the model loads: a resume that cannot be honoured stops here
-        changed = resume.check(found, checkpoint.read_progress(found)["config"], resolved)
-        if changed:
-            accelerator.print(changed)
 
     # --- build ---
     if cfg.fp8_matmul:  # before the model loads, not after

@@ -215,6 +215,8 @@ def _shown(value: Any) -> str:
         return "unset"
     if isinstance(value, list):
         return ",".join(map(str, value))
+    if isinstance(value, float) and float(f"{value:g}") == value:
+        return f"{value:g}"  # 8 rather than 8.0, 0.0001 rather than 1e-04
     return str(value)
 
 

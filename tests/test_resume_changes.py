@@ -221,3 +221,52 @@ def test_a_checkpoint_with_more_batches_than_its_steps_take_now_is_fine_when_acc
     assert result.exit_code == 0, result.output
     written = json.loads(runs.checkpoint_state(run / "checkpoint-000003").read_text())
     assert (written["batches_consumed"], written["most_batches_per_step"]) == (7, 3)
+
+
+@hypothesis_settings(max_examples=property_examples(20))
+@given(
+    scheduler=st.sampled_from(["constant", "constant_with_warmup", "linear", "cosine", "polynomial"]),
+    old=st.fixed_dictionaries({"learning_rate": st.sampled_from([1e-4, 5e-3]), "lr_warmup_steps": st.integers(0, 4),
+                               "max_steps": st.integers(6, 12), "weight_decay": st.sampled_from([0.0, 1e-4])}),
+    new=st.fixed_dictionaries({"learning_rate": st.sampled_from([1e-4, 1e-2]), "lr_warmup_steps": st.integers(0, 4),
+                               "max_steps": st.integers(6, 12), "weight_decay": st.sampled_from([0.0, 0.1]),
+                               "adam_beta2": st.sampled_from([0.95, 0.99])}),
+    at=st.integers(1, 5),
+)  # fmt: skip
+def test_the_new_learning_rate_schedule_and_optimizer_settings_are_in_effect_after_loading(scheduler, old, new, at):
+    from cogvx.train.loop import build_optimizer, build_schedule
+
+    def built(settings: dict):
+        cfg = TrainConfig(shards="cache", lr_scheduler=scheduler, **settings)
+        param = torch.nn.Parameter(torch.ones(3))
+        optimizer = build_optimizer(cfg, [param], cfg.learning_rate)
+        return cfg, param, optimizer, build_schedule(cfg, optimizer)
+
+    _, param, optimizer, schedule = built(old)
+    for _ in range(at):  # the run that wrote the checkpoint
+        param.grad = torch.ones(3)
+        optimizer.step()
+        schedule.step()
+    cfg, param, resumed, resumed_schedule = built(new)
+    resumed.load_state_dict(optimizer.state_dict())
+    resumed_schedule.load_state_dict(schedule.state_dict())
+    hyper = {"betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon, "weight_decay": cfg.weight_decay}
+    said = resume.apply_to_optimizer(resumed, resumed_schedule, cfg.learning_rate, hyper)
+
+    _, _, fresh, fresh_schedule = built(new)  # the new settings' rate at each step, from the start
+    rates = [fresh_schedule.get_last_lr()[0]]
+    for _ in range(at + 1):
+        fresh.step()
+        fresh_schedule.step()
+        rates.append(fresh_schedule.get_last_lr()[0])
+    (group,) = resumed.param_groups
+    assert group["lr"] == pytest.approx(rates[at], rel=1e-12)  # the rate of the next step
+    assert (group["betas"], group["weight_decay"]) == (hyper["betas"], cfg.weight_decay)
+    param.grad = torch.ones(3)
+    resumed.step()
+    resumed_schedule.step()
+    assert resumed_schedule.get_last_lr()[0] == pytest.approx(rates[at + 1], rel=1e-12)
+    if old["learning_rate"] == new["learning_rate"]:
+        assert said is None
+    else:
+        assert said == f"learning rate {old['learning_rate']:g} -> {new['learning_rate']:g} from step {at + 1}"

@@ -66,7 +66,8 @@ def test_resuming_a_finished_run_without_checkpoints_does_nothing_or_says_how_to
     before = _files(run)
     done = _train(tiny_cache, run, "--checkpoint-every", "0", "--resume", "auto")
     assert done.exit_code == 0, done.output
-    assert f"{run} holds a run that finished at step 2 (--max-steps 2): nothing to do." in " ".join(done.output.split())
+    said = " ".join(done.output.split())
+    assert f"{run} holds a run that finished at step 2 (--max-steps 2): nothing more to train." in said
     assert _files(run) == before
 
     message = _one_line_error(_train(tiny_cache, run, "--resume", "auto", "--max-steps", "4"))

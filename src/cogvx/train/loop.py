@@ -263,8 +263,11 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
     start = _checkpoint_to_resume(accelerator, cfg)  # first: a run that cannot resume stops at once
     if start.note:
         accelerator.print(start.note)
-    if start.finished is not None:
-        return TrainResult(cfg.output, start.finished, resumed_from=start.finished)
+    if start.finished is not None:  # a finished run without checkpoints: nothing to train, maybe to push
+        done = TrainResult(cfg.output, start.finished, resumed_from=start.finished)
+        if main and cfg.push_to_hub:
+            done.pushed = _push(cfg, f"cogvx: LoRA after {start.finished} steps")
+        return done
     found = start.checkpoint
     # A remote cache is streamed (shards verified as they are copied); its display form is what the run records.
     store = open_store(cfg.shards, cache_dir=cfg.cache_dir)

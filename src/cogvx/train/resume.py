@@ -110,7 +110,8 @@ def start(output: Path, resume: str | None, max_steps: int | None) -> Start:
 
     ``--resume auto`` takes the newest checkpoint. Without one: a fresh folder starts at step 0; a run
     stopped before its first checkpoint starts again at step 0 (said aloud); a finished run without
-    checkpoints (``--checkpoint-every 0``) has nothing to do when it reached ``max_steps``, and cannot be
+    checkpoints (``--checkpoint-every 0``) has nothing to train when it reached ``max_steps`` (a failed
+    ``--push-to-hub`` is tried again), and cannot be
     continued past them (refused in one line).
     """
     output = Path(output)
@@ -137,7 +138,7 @@ def start(output: Path, resume: str | None, max_steps: int | None) -> Start:
     if max_steps is not None and done >= max_steps:
         return Start(
             finished=done,
-            note=f"{output} holds a run that finished at step {done} (--max-steps {max_steps}): nothing to do.",
+            note=f"{output} holds a run that finished at step {done} (--max-steps {max_steps}): nothing more to train.",
         )
     raise RunError(
         f"{output} holds a run that finished at step {done} without a checkpoint to continue from (it ran with "

@@ -132,7 +132,7 @@ def start(output: Path, resume: str | None, max_steps: int | None) -> Start:
     done = max(steps, default=0)
     if not runs.lora_weights(output).is_file():
         return Start(
-            note=f"{output} holds a run stopped before its first checkpoint (metrics.jsonl reaches step {done}): "
+            note=f"{output} holds a run stopped before its first checkpoint ({runs.METRICS} reaches step {done}): "
             "there is nothing to resume from, so training starts again at step 0."
         )
     if max_steps is not None and done >= max_steps:
@@ -200,7 +200,7 @@ def check(found: Path, saved: dict[str, Any], new: dict[str, Any]) -> str | None
         raise RunError(
             f"Cannot resume from {found}: it was trained with other settings that a run cannot change "
             f"({_listed(changes.refused)}). Resume with the checkpoint's settings (cogvx train --config "
-            f"{found.parent}/config.toml --resume {found}), or start a new run with another --output."
+            f"{runs.config_toml(found.parent)} --resume {found}), or start a new run with another --output."
         )
     if not changes.applied:
         return None

@@ -92,6 +92,15 @@ def test_a_cache_folder_spelled_another_way_is_the_same_cache(tmp_path: Path, mo
     assert resume.compare({"shards": str(tmp_path / "cache")}, {"shards": "elsewhere"}).refused
 
 
+def test_a_checkpoint_that_recorded_no_resolved_model_compares_the_model_as_it_was_chosen():
+    # Written before the resolved model was recorded: no "model" key when the cache's model was used.
+    legacy = {k: v for k, v in SAVED.items() if k != "model"}
+    found = Path("runs/x/checkpoint-000004")
+    assert resume.check(found, legacy, SAVED | {"model_revision": "main"}) is None
+    with pytest.raises(RunError, match=r"\(rank 4 -> 8\)"):
+        resume.check(found, legacy, SAVED | {"rank": 8})
+
+
 # --- real resumes through the CLI, with the tiny model ---
 
 

@@ -94,6 +94,7 @@ POLICY: dict[str, str] = {
     "resume": NOT_COMPARED,
 }
 MODEL_KEYS = ("model", "model_revision", "model_variant")
+FOLDERS = ("shards", "output", "cache_dir")  # the same folder may be spelled another way
 
 
 @dataclass
@@ -182,8 +183,8 @@ def _normal(name: str, value: Any) -> Any:
 def _same(name: str, old: Any, new: Any) -> bool:
     if old == new:
         return True
-    if name == "shards" and isinstance(old, str) and isinstance(new, str) and "://" not in old + new:
-        try:  # one cache folder, spelled relative once and absolute once
+    if name in FOLDERS and isinstance(old, str) and isinstance(new, str) and "://" not in old + new:
+        try:  # one folder, spelled relative once and absolute once
             return os.path.samefile(old, new)
         except OSError:
             return False
@@ -193,7 +194,9 @@ def _same(name: str, old: Any, new: Any) -> bool:
 def check(found: Path, saved: dict[str, Any], new: dict[str, Any]) -> str | None:
     """Refuse a resume from ``found`` that changes a ``REFUSED`` setting (one line listing all of them);
     else the line that says which settings the resumed run changes on purpose, or None."""
-    if "model" not in saved:  # a checkpoint written before the resolved model was recorded: the raw choice
+    # A checkpoint written before the resolved model was recorded, from the cache's model: no record of it
+    # to compare (its cache, which names the model, still is).
+    if "model" not in saved:
         new = {k: v for k, v in new.items() if k not in MODEL_KEYS} | {k: saved.get(k) for k in MODEL_KEYS}
     changes = compare(saved, new)
     if changes.refused:

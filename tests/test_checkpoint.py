@@ -55,8 +55,13 @@ def _state(step: int, lora: dict, info: dict | None = None, **components) -> dic
     return {
         checkpoint.LORA: _Box(lora),
         **{name: _Box(state) for name, state in components.items()},
-        checkpoint.PROGRESS: _Box({"step": step, **(info or {})}),
+        checkpoint.PROGRESS: _Box(_progress(step) | (info or {})),
     }
+
+
+def _progress(step: int) -> dict:
+    """A state.json a run could have written at ``step``."""
+    return {"step": step, "batches_consumed": step, "world_size": 1, "workers": 0, "config": {}}
 
 
 def _load(folder: Path, names: tuple[str, ...] = ("optimizer",)) -> tuple[dict, dict, dict]:
@@ -67,7 +72,7 @@ def _load(folder: Path, names: tuple[str, ...] = ("optimizer",)) -> tuple[dict, 
 
 
 def _save(output: Path, step: int, keep: int = 10, value: float = 1.0) -> Path:
-    state = _state(step, _lora(value), {"batches": step * 2}, optimizer=_optimizer_state())
+    state = _state(step, _lora(value), optimizer=_optimizer_state())
     return checkpoint.save(output, state, keep)
 
 
@@ -77,16 +82,16 @@ def _names(output: Path) -> list[str]:
 
 def test_save_writes_one_complete_folder_that_load_reads_back_exactly(tmp_path: Path):
     states = {"optimizer": _optimizer_state(), "scheduler": {"last_epoch": 7, "lr": [0.5]}}
-    info = {"batches": 14, "world_size": 2, "workers": 3, "config": {"rank": 4, "seed": 0}}
+    info = {"batches_consumed": 14, "world_size": 2, "workers": 3, "config": {"gradient_accumulation": 2, "seed": 0}}
     final = checkpoint.save(tmp_path, _state(7, _lora(2.0), info, **states), keep=3)
 
     assert final == tmp_path / "checkpoint-000007"
     assert _names(tmp_path) == ["checkpoint-000007"], "the staging folder must be renamed away"
     assert sorted(p.name for p in final.iterdir()) == ["lora.safetensors", "optimizer.pt", "scheduler.pt", "state.json"]
-    assert json.loads((final / "state.json").read_text()) == {"step": 7, **info}
+    assert json.loads((final / "state.json").read_text()) == _progress(7) | info
 
     read_info, lora, read_states = _load(final, ("optimizer", "scheduler"))
-    assert read_info == {"step": 7, **info}
+    assert read_info == _progress(7) | info
     assert lora.keys() == _lora().keys()
     for name, tensor in _lora(2.0).items():
         assert torch.equal(lora[name], tensor)
@@ -104,7 +109,7 @@ def test_save_and_load_are_mirror_images_over_real_components(tmp_path: Path):
         layer = torch.nn.Linear(3, 2)
         optimizer = torch.optim.AdamW(layer.parameters(), lr=0.1)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step))
-        progress = checkpoint.Progress(world_size=2, workers=3, config={"seed": seed})
+        progress = checkpoint.Progress(world_size=2, workers=3, config={"seed": seed, "gradient_accumulation": 2})
         return layer, optimizer, schedule, progress
 
     layer, optimizer, schedule, progress = components(0)
@@ -117,7 +122,8 @@ def test_save_and_load_are_mirror_images_over_real_components(tmp_path: Path):
     final = checkpoint.save(tmp_path, state, keep=1)
     assert sorted(p.name for p in final.iterdir()) == ["lora.safetensors", "lr_schedule.pt", "optimizer.pt",
                                                        "state.json"]  # fmt: skip
-    written = {"step": 2, "batches_consumed": 4, "world_size": 2, "workers": 3, "config": {"seed": 0}}
+    written = {"step": 2, "batches_consumed": 4, "most_batches_per_step": 2, "world_size": 2, "workers": 3,
+               "config": {"seed": 0, "gradient_accumulation": 2}}  # fmt: skip
     assert json.loads((final / "state.json").read_text()) == written
 
     fresh = components(1)
@@ -150,8 +156,9 @@ def test_load_reads_tensors_onto_the_cpu_and_refuses_pickled_objects(tmp_path: P
     torch.save({"hook": print}, final / "optimizer.pt")  # a pickled callable: weights_only must refuse it
     # Even where torch's own default is off (torch < 2.6, or this variable): load asks for weights_only itself.
     monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    with pytest.raises(Exception, match="[Ww]eights only load failed"):
+    with pytest.raises(RunError, match="[Ww]eights only load failed") as err:
         _load(final)
+    assert str(final / "optimizer.pt") in str(err.value) and "\n" not in str(err.value)
     monkeypatch.delenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
     (final / "optimizer.pt").write_bytes(good)
     assert _load(final)[2]["optimizer"]["state"][0]["exp_avg"].device.type == "cpu"

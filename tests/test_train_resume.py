@@ -242,7 +242,7 @@ def test_a_non_finite_loss_stops_the_run_and_writes_no_non_finite_weights(refere
 
 def test_a_new_run_refuses_a_folder_with_checkpoints(tiny_cache: Path, tmp_path: Path):
     train(_config(tiny_cache, tmp_path, max_steps=2))
-    with pytest.raises(RunError, match="already holds checkpoints.*--resume auto"):
+    with pytest.raises(RunError, match=r"already holds a run \(.*checkpoint-000002\).*--resume auto"):
         train(_config(tiny_cache, tmp_path, max_steps=2))
     with pytest.raises(RunError, match="not a complete cogvx checkpoint"):
         train(_config(tiny_cache, tmp_path, resume=str(tmp_path / "nowhere")))

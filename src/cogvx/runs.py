@@ -131,6 +131,18 @@ def checkpoint_components(folder: Path) -> dict[str, Path]:
     return {p.stem: p for p in sorted(Path(folder).glob("*.pt"))}
 
 
+def run_parts(run: Path) -> list[str]:
+    """The names in ``run`` that show a run was trained there (finished or not); [] for a fresh folder.
+
+    Anything else (a stale ``.lock``, a user's own files) does not make the folder a run's.
+    """
+    if not Path(run).is_dir():
+        return []
+    names = {p.name for p in Path(run).iterdir()}
+    made = [name for name in (CONFIG_JSON, CONFIG_TOML, METRICS, LORA_WEIGHTS) if name in names]
+    return made + sorted(name for name in names if _CHECKPOINT.match(name))
+
+
 def checkpoints(run: Path) -> list[Path]:
     """Complete checkpoints in ``run``, oldest first (an unfinished one has no state file)."""
     if not Path(run).is_dir():

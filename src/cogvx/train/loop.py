@@ -31,15 +31,13 @@ from cogvx.progress import progress_bar
 from cogvx.shards import Manifest, paths
 from cogvx.shards.manifest import IMAGE_MOMENTS
 from cogvx.shards.store import display, open_store
-from cogvx.train import checkpoint, report
+from cogvx.train import checkpoint, report, resume
 from cogvx.train.config import TrainConfig
 from cogvx.train.data import SKIPPED_SHARDS, ShardStream, check_batch_fits, make_loader
 from cogvx.train.validation import load_validation_set, run_validation
 
 # accelerate's word for each of our precisions (models.DTYPES names); used only where the Accelerator is built.
 ACCELERATE_PRECISION = {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}
-# Settings that decide which samples each step sees: changing them on resume changes the data order.
-DATA_ORDER_KEYS = ("seed", "batch_size", "gradient_accumulation", "shuffle_buffer")
 
 
 class TrainingDiverged(RunError):
@@ -263,7 +261,15 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
     rank, world, main = accelerator.process_index, accelerator.num_processes, accelerator.is_main_process
     if main:  # the folder exists: _hold_run_folder made it
         checkpoint.clean_stale(cfg.output)
-    found = _checkpoint_to_resume(accelerator, cfg)  # first: a run that cannot resume stops at once
+    start = _checkpoint_to_resume(accelerator, cfg)  # first: a run that cannot resume stops at once
+    if start.note:
+        accelerator.print(start.note)
+    if start.finished is not None:  # a finished run without checkpoints: nothing to train, maybe to push
+        done = TrainResult(cfg.output, start.finished, resumed_from=start.finished)
+        if main and cfg.push_to_hub:
+            done.pushed = _push(cfg, f"cogvx: LoRA after {start.finished} steps")
+        return done
+    found = start.checkpoint
     # A remote cache is streamed (shards verified as they are copied); its display form is what the run records.
     store = open_store(cfg.shards, cache_dir=cfg.cache_dir)
     manifest = Manifest.load(store)
@@ -274,6 +280,14 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
         cfg.model_revision or (manifest.producer.get("revision") if from_cache else None),
         cfg.model_variant or (manifest.producer.get("variant") if from_cache else None),
     )
+    # What the run records and a checkpoint compares on resume: the settings in effect (never a URL's credentials).
+    settings = configfile.as_dict(cfg.steps_for(manifest.original_count, world)) | {"shards": store.location}
+    resolved = settings | {"model": model_name}
+    resolved |= {f"model_{key}": value for key, value in info.recorded().items() if key != "model"}
+    if found is not None:  # before any other check: a resume that cannot be honoured says all it changes
+        changed = resume.check(found, checkpoint.read_progress(found)["config"], resolved)
+        if changed:
+            accelerator.print(changed)
     check_cache_fits(manifest, info, store.location)
     info.check_task()
     check_image_latents(manifest, info, store.location)
@@ -328,8 +342,7 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
 
     # The one state a checkpoint holds, saved and loaded as a whole (the raw optimizer: accelerate's wrapper
     # shares its state).
-    settings = configfile.as_dict(cfg) | {"shards": store.location}  # never a URL's credentials
-    progress = checkpoint.Progress(world_size=world, workers=cfg.workers, config=settings)
+    progress = checkpoint.Progress(world_size=world, workers=cfg.workers, config=resolved)
     state = {
         checkpoint.LORA: lora.LoraState(transformer),
         "optimizer": optimizer,
@@ -340,6 +353,11 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
         state["scaler"] = accelerator.scaler
     if found is not None:
         checkpoint.load(found, state)
+        # The loaded optimizer and schedule states hold the checkpoint's learning rate and hyperparameters.
+        hyper = {"betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon, "weight_decay": cfg.weight_decay}
+        lr_changed = resume.apply_to_optimizer(optimizer, schedule, lr, hyper)
+        if lr_changed:
+            accelerator.print(lr_changed)
         _warn_if_data_order_changes(accelerator, found, progress.written_by, cfg, world)
         accelerator.print(f"Resuming from {found} (step {progress.step}).")
     start_step = progress.step
@@ -358,9 +376,9 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
         skip_bad=cfg.skip_bad_shards,
     )
     batches = iter(make_loader(stream, cfg.workers, pin_memory=accelerator.device.type == "cuda"))
-    # The mode actually installed, not ``auto``: the TOML then reruns it as is; the JSON also keeps auto's plan.
-    resolved = settings | {"model": model_name, "checkpointing": mode.name}
-    resolved |= {f"model_{key}": value for key, value in info.recorded().items() if key != "model"}
+    # The run folder records the mode actually installed, not ``auto``: its TOML reruns it as is, and the JSON
+    # also keeps auto's plan. A checkpoint keeps the setting as given, which resume compares.
+    resolved = resolved | {"checkpointing": mode.name}
     if main:
         runs.keep_metrics_until(cfg.output, start_step)
         planned = {runs.CHECKPOINTING_PLAN: plan.recorded()} if plan is not None else {}
@@ -531,8 +549,9 @@ def _hold_run_folder(accelerator, output: Path):
         yield
 
 
-def _checkpoint_to_resume(accelerator, cfg: TrainConfig) -> Path | None:
-    """The checkpoint the main process resumes from, which every process must then be able to read.
+def _checkpoint_to_resume(accelerator, cfg: TrainConfig) -> resume.Start:
+    """Where the main process starts the run (``resume.start``): the checkpoint it resumes from, which
+    every process must then be able to read, or a finished run with nothing to do.
 
     The main process decides, as it alone looked after the run folder: on several machines the folder
     may be on node 0's disk only, and a process deciding for itself would start from step 0 while the
@@ -544,25 +563,25 @@ def _checkpoint_to_resume(accelerator, cfg: TrainConfig) -> Path | None:
     outcome: tuple = ("ok", None)
     if accelerator.is_main_process:
         try:
-            found = checkpoint.find(cfg.output, cfg.resume) if cfg.resume else None
-            if not cfg.resume and checkpoint.checkpoint_dirs(cfg.output):
-                raise RunError(
-                    f"{cfg.output} already holds checkpoints of a run. Continue it with --resume auto, or start a "
-                    "new run with another --output."
-                )
-            outcome = ("ok", None if found is None else str(found))
+            start = resume.start(cfg.output, cfg.resume, cfg.max_steps)
+            found = None if start.checkpoint is None else str(start.checkpoint)
+            outcome = ("ok", (found, start.finished, start.note))
         except Exception as err:  # told to the others first (as _hold_run_folder does), then raised here
             if accelerator.num_processes > 1:
                 kind = type(err) if isinstance(err, CogvxError) else RuntimeError
                 broadcast_object_list([("error", (kind, str(err)))])
             raise
-    if accelerator.num_processes == 1:
-        return None if outcome[1] is None else Path(outcome[1])
-    status, value = broadcast_object_list([outcome])[0]
+    if accelerator.num_processes > 1:
+        outcome = broadcast_object_list([outcome])[0]
+    status, value = outcome
     if status == "error":
         kind, message = value
         raise kind(message)
-    found = None if value is None else Path(value)
+    found, finished, note = value
+    found = None if found is None else Path(found)
+    start = resume.Start(found, finished, note)
+    if accelerator.num_processes == 1:
+        return start
     readable = found is None or runs.checkpoint_state(found).is_file()
     blind = [rank for rank, ok in enumerate(gather_object([readable])) if not ok]
     if blind:
@@ -572,7 +591,7 @@ def _checkpoint_to_resume(accelerator, cfg: TrainConfig) -> Path | None:
             "--output must be a folder every machine reads at the same path (a shared filesystem), or copy the run "
             "folder to each machine."
         )
-    return found
+    return start
 
 
 @contextlib.contextmanager
@@ -651,15 +670,9 @@ def _processes_asked_of_accelerate() -> int:
 
 def _warn_if_data_order_changes(accelerator, found: Path, state: dict[str, Any], cfg: TrainConfig, world: int) -> None:
     """``state`` is the checkpoint's progress as written: its settings, processes and data workers."""
-    saved = state.get("config", {})
-    changed = [k for k in DATA_ORDER_KEYS if k in saved and saved[k] != getattr(cfg, k)]
-    if (state["world_size"], state["workers"]) != (world, cfg.workers):
-        changed.append(f"processes x data workers {state['world_size']}x{state['workers']} -> {world}x{cfg.workers}")
-    if changed:
-        accelerator.print(
-            f"[warning] {found} was written with other settings ({', '.join(changed)}). Training resumes, but "
-            "the data order differs from an uninterrupted run."
-        )
+    warning = resume.data_order_warning(found, state, world, cfg.workers, configfile.as_dict(cfg))
+    if warning:
+        accelerator.print(warning)
 
 
 def _choose_checkpointing(

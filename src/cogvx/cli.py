@@ -509,7 +509,16 @@ def sample(
     ),
     lora: Path = typer.Option(None, help="Run folder written by `cogvx train` (or its .safetensors file)."),
     output: Path = typer.Option(
-        None, help=_help(S, "output", "mp4 file; NAME-KK.mp4 for several prompts.", "samples/lora.mp4")
+        None,
+        help=_help(
+            S,
+            "output",
+            "mp4 file; NAME-KK.mp4 for several prompts.",
+            "samples/lora-NNN.mp4, the next free number: nothing is replaced",
+        ),
+    ),
+    overwrite: bool = typer.Option(
+        None, "--overwrite", help=_help(S, "overwrite", "Replace the files of an --output that exists.")
     ),
     model: str = typer.Option(None, help=_help(S, "model", "Base model.", "the one recorded in the LoRA's run folder")),
     no_lora: bool = typer.Option(
@@ -553,6 +562,7 @@ def sample(
             image=image,
             lora=lora,
             output=output,
+            overwrite=overwrite,
             model=model,
             no_lora=no_lora,
             lora_scale=lora_scale,

@@ -671,7 +671,7 @@ def _guard(action, on_interrupt: Callable[[KeyboardInterrupt], list[tuple[str, s
         if int(os.environ.get("RANK", "0")) == 0:  # under a launcher every process is interrupted: one tells
             console.print("[yellow]interrupted[/yellow] (Ctrl-C)", soft_wrap=True)
             for what, text in on_interrupt(err) if on_interrupt is not None else []:
-                console.print(f"  {what:10} {text}", soft_wrap=True)
+                console.print(f"  {what:10} {text}", soft_wrap=True, markup=False, highlight=False)
         raise typer.Exit(130) from err
 
 
@@ -728,7 +728,8 @@ def _train_interrupted(cfg: TrainConfig | None) -> list[tuple[str, str]]:
     holds = ", ".join(held) if held else "nothing"
     return [
         ("kept", f"no checkpoint yet: nothing to resume, the run folder {cfg.output} holds {holds}"),
-        ("again", f"{_command_again()} (starts from step 0)"),
+        ("again", _command_again()),
+        ("note", "with no checkpoint, the run starts again from step 0"),
     ]
 
 
@@ -740,7 +741,11 @@ def _preprocess_interrupted(err: KeyboardInterrupt, output: Path | str | None) -
         kept = f"{_count(err.samples, 'sample')} in {_count(err.shards, 'shard')} in {err.cache}"
     else:  # stopped before or after encoding: the cache is as its manifest lists it
         kept = f"every shard the manifest of {output or 'the cache'} lists"
-    return [("kept", kept), ("continue", f"{_command_again()} (encodes only the clips not in the cache)")]
+    return [
+        ("kept", kept),
+        ("continue", _command_again()),
+        ("note", "the same command: a run encodes only the clips the cache does not hold yet"),
+    ]
 
 
 def main() -> None:

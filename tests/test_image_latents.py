@@ -382,3 +382,51 @@ def test_every_frame_count_planned_for_15_packs(total, source_fps, buckets, min_
         assert type(err).__name__ == "SkipClip"
         return
     assert (count - 1) % 8 == 0 and all(len(window) == count for window in windows)
+
+
+KILLED_IN_MANIFEST_WRITE = """
+import os, signal, sys
+from cogvx.preprocess import writer
+from cogvx.preprocess.run import PreprocessConfig, run
+
+commit, replace = writer.RankWriter.commit, os.replace
+
+def killed_before_the_rename(src, dst, *args, **kwargs):  # the new manifest is written, not yet in place
+    if os.path.basename(dst) == "manifest.json":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return replace(src, dst, *args, **kwargs)
+
+def commit_then_die(self, record):  # the first shard of added image latents is listed: kill -9 mid-save
+    os.replace = killed_before_the_rename
+    commit(self, record)
+
+writer.RankWriter.commit = commit_then_die
+run(PreprocessConfig(data=sys.argv[1], output=sys.argv[2], image_latents=True, shard_max_samples=1, **SETTINGS))
+"""
+
+
+def test_a_manifest_copy_a_killed_run_left_is_removed_by_the_next_run_never_while_one_runs(
+    plain: Path, data: Path, tmp_path: Path
+):
+    from cogvx.preprocess import cachedir
+
+    out = tmp_path / "cache"
+    shutil.copytree(plain, out)
+    code = f"SETTINGS = {SETTINGS!r}\n{KILLED_IN_MANIFEST_WRITE}"
+    done = subprocess.run([sys.executable, "-c", code, str(data), str(out)], capture_output=True, text=True)
+    assert done.returncode == -signal.SIGKILL, done.stderr[-3000:]
+    [left] = out.glob(".manifest.json.*")  # the kill -9 landed between writing the copy and renaming it
+    assert Manifest.load(out).image_latent_count == 0  # the manifest in place is the whole old one
+
+    with cachedir.writer_lock(out):  # a live run holds the folder: the next one refuses and touches nothing
+        live = out / ".manifest.json.live"
+        live.write_text("{}")
+        with pytest.raises(CacheError, match="Another `cogvx preprocess` is writing"):
+            preprocess(PreprocessConfig(data=data, output=out, image_latents=True, **SETTINGS))
+        assert left.exists() and live.exists()
+        live.unlink()
+
+    result = preprocess(PreprocessConfig(data=data, output=out, image_latents=True, **SETTINGS))
+    assert not list(out.glob(".manifest.json.*"))
+    manifest = Manifest.load(out)  # the shard renamed into place before the kill was adopted, not redone
+    assert 0 < result.images_added < manifest.image_latent_count == manifest.sample_count == 10

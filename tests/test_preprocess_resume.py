@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -20,6 +22,7 @@ from cogvx.preprocess.run import run
 from cogvx.shards import Manifest, read_shard, verify
 
 from .conftest import run_launcher
+from .test_interrupt import ENV, interrupt_when, interrupted_rows, start
 from .test_preprocess import make_clip, tiny
 
 CLIP_COUNT = 12
@@ -183,3 +186,29 @@ def test_shards_a_killed_rank_finished_are_adopted_not_encoded_again(twelve: Pat
     assert (result.encoded, result.already_cached) == (0, CLIP_COUNT)
     assert _sources_once(out) == sorted(f"clip {i:02d}.mp4" for i in range(CLIP_COUNT))
     assert (out / "shard-r01-000099.tar.damaged").read_bytes() == b"renamed into place, never listed"
+
+
+def test_ctrl_c_keeps_the_samples_of_the_open_shard_and_the_printed_command_encodes_only_the_rest(
+    twelve: Path, tmp_path: Path
+):
+    """Ctrl-C of the CLI while the first shard is being written (one shard holds all twelve clips): it is
+    finished early and listed, the block says so, and the command it prints encodes each other clip once."""
+    out = tmp_path / "out"
+    args = ["preprocess", "--data", str(twelve), "--output", str(out), "--model", "tiny", "--dtype", "fp32"]
+    args += ["--workers", "0", "--frame-bucket", "9"]
+    proc = start([sys.executable, "-m", "cogvx", *args], tmp_path)
+    code, stderr = interrupt_when(proc, lambda: any(out.glob("*.tar.tmp")))  # a clip is in the open shard
+    assert code == 130, stderr[-3000:]
+    manifest = Manifest.load(out)
+    kept = manifest.sample_count
+    assert len(manifest.shards) == 1 and 0 < kept < CLIP_COUNT, "the interrupt did not land mid-shard"
+    assert verify(out, manifest.shards) == [] and not list(out.glob("*.tmp"))
+    rows = interrupted_rows(stderr)
+    assert rows["kept"] == f"{kept} sample{'s' * (kept > 1)} in 1 shard in {out}"
+    assert shlex.split(rows["continue"])[-len(args) :] == args  # the same command
+
+    done = subprocess.run(shlex.split(rows["continue"]), cwd=tmp_path, env=ENV, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert re.search(rf"encoded now\s*│\s*{CLIP_COUNT - kept} clips", done.stderr), done.stderr[-3000:]
+    assert re.search(rf"already in cache\s*│\s*{kept}\s", done.stderr), done.stderr[-3000:]
+    assert _sources_once(out) == sorted(f"clip {i:02d}.mp4" for i in range(CLIP_COUNT))

@@ -366,3 +366,30 @@ def test_the_command_shows_denoising_progress_and_none_of_the_libraries_noise(lo
     assert "prompt 1/2" in output and "prompt 2/2" in output and "3/3" in output
     for noise in ("FutureWarning", "torch_dtype", "Loading pipeline components", "Loading weights"):
         assert noise not in output, output
+
+
+def test_a_sample_never_replaces_an_earlier_one_silently(lora_run: Path, tmp_path: Path, monkeypatch):
+    """Without --output each run takes the next number; an --output that exists needs --overwrite."""
+    monkeypatch.chdir(tmp_path)
+    args = ["sample", "--lora", str(lora_run), "--prompt", "a red ball", "--steps", "2", "--frames", "9"]
+    args += ["--height", "32", "--width", "64"]
+    runner = CliRunner(env={"COLUMNS": "2000"})
+    for seed in (1, 2):
+        result = runner.invoke(app, [*args, "--seed", str(seed)])
+        assert result.exit_code == 0, result.output
+    assert f"wrote {Path('samples', 'lora-002.mp4')}" in result.output
+    assert sorted(p.name for p in Path("samples").iterdir()) == [
+        f"lora-00{n}.{ext}" for n in (1, 2) for ext in ("json", "mp4", "png")
+    ]
+    first = Path("samples/lora-001.mp4").read_bytes()
+    assert json.loads(Path("samples/lora-001.json").read_text())["seed"] == 1  # the first run's, kept
+
+    refused = runner.invoke(app, [*args, "--seed", "3", "--output", "samples/lora-001.mp4"])
+    assert refused.exit_code == 1
+    [line] = refused.output.strip().splitlines()
+    assert line.startswith("error: samples/lora-001.mp4 exists") and "--overwrite" in line, line
+    assert Path("samples/lora-001.mp4").read_bytes() == first
+
+    replaced = runner.invoke(app, [*args, "--seed", "3", "--output", "samples/lora-001.mp4", "--overwrite"])
+    assert replaced.exit_code == 0, replaced.output
+    assert json.loads(Path("samples/lora-001.json").read_text())["seed"] == 3

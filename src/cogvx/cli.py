@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shlex
+import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -225,9 +228,11 @@ def preprocess(
             flip=flip,
             image_latents=image_latents,
         )
+        built.append(cfg)
         run(cfg, show_progress=True)
 
-    _guard(go)
+    built: list[PreprocessConfig] = []  # the config, once built: a Ctrl-C names its cache
+    _guard(go, lambda err: _preprocess_interrupted(err, built[0].output if built else output))
 
 
 T = TrainConfig
@@ -394,6 +399,7 @@ def train(
             hub_model_id=hub_model_id,
             push_checkpoints=push_checkpoints,
         )
+        built.append(cfg)
         result = run(cfg, show_progress=True)
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun/accelerate, the main process tells
             settings = result.model.config if result.model is not None else None
@@ -403,7 +409,8 @@ def train(
         for url in result.skipped_shards:  # every process says its own: each reads its share of the shards
             console.print(f"[yellow]skipped[/yellow] bad shard {url} (--skip-bad-shards)", soft_wrap=True)
 
-    _guard(go)
+    built: list[TrainConfig] = []  # the config, once built: a Ctrl-C looks into its run folder
+    _guard(go, lambda _: _train_interrupted(built[0] if built else None))
 
 
 def _say_where_the_run_is(run: Path, steps: int, image_to_video: bool = False) -> None:
@@ -503,7 +510,16 @@ def sample(
     ),
     lora: Path = typer.Option(None, help="Run folder written by `cogvx train` (or its .safetensors file)."),
     output: Path = typer.Option(
-        None, help=_help(S, "output", "mp4 file; NAME-KK.mp4 for several prompts.", "samples/lora.mp4")
+        None,
+        help=_help(
+            S,
+            "output",
+            "mp4 file; NAME-KK.mp4 for several prompts.",
+            "samples/lora-NNN.mp4, the next free number: nothing is replaced",
+        ),
+    ),
+    overwrite: bool = typer.Option(
+        None, "--overwrite", help=_help(S, "overwrite", "Replace the files of an --output that exists.")
     ),
     model: str = typer.Option(None, help=_help(S, "model", "Base model.", "the one recorded in the LoRA's run folder")),
     no_lora: bool = typer.Option(
@@ -547,6 +563,7 @@ def sample(
             image=image,
             lora=lora,
             output=output,
+            overwrite=overwrite,
             model=model,
             no_lora=no_lora,
             lora_scale=lora_scale,
@@ -667,13 +684,93 @@ def _repeated(values: list | None) -> tuple | None:
     return tuple(values) if values else None
 
 
-def _guard(action) -> None:
-    """Run a command: a user error (CogvxError) prints one line and exits 1; anything else keeps its traceback."""
+def _guard(action, on_interrupt: Callable[[KeyboardInterrupt], list[tuple[str, str]]] | None = None) -> None:
+    """Run a command: a user error (CogvxError) prints one line and exits 1; a Ctrl-C says what was kept and
+    how to go on (``on_interrupt``'s rows) and exits 130, as typer does; anything else keeps its traceback."""
     try:
         action()
     except CogvxError as err:
         console.print(f"[bold red]error:[/bold red] {err}", soft_wrap=True)
         raise typer.Exit(1) from err
+    except KeyboardInterrupt as err:
+        if int(os.environ.get("RANK", "0")) == 0:  # under a launcher every process is interrupted: one tells
+            console.print("[yellow]interrupted[/yellow] (Ctrl-C)", soft_wrap=True)
+            for what, text in on_interrupt(err) if on_interrupt is not None else []:
+                console.print(f"  {what:10} {text}", soft_wrap=True, markup=False, highlight=False)
+        raise typer.Exit(130) from err
+
+
+def _command_again(resume: str | None = None) -> str:
+    """This command as it was given, shell-quoted; with ``resume``, ``--resume RESUME`` replaces any --resume."""
+    args = sys.argv[1:]
+    if resume is not None:
+        kept, value_next = [], False
+        for arg in args:
+            if value_next or arg == "--resume" or arg.startswith("--resume="):
+                value_next = arg == "--resume"
+                continue
+            kept.append(arg)
+        args = [*kept, "--resume", resume]
+    command = shlex.join([*_program(), *args])
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the launcher's own arguments are not known here
+        command += " (launched as before: torchrun or accelerate launch, then these arguments)"
+    return command
+
+
+def _program() -> list[str]:
+    """How this process was started, as words to type again: ``cogvx`` or ``python -m cogvx`` when those
+    name the same program on the PATH, else the full path."""
+    started = Path(sys.argv[0])
+    if started.name == "__main__.py":
+        python = "python" if _same_file(shutil.which("python"), sys.executable) else sys.executable
+        return [python, "-m", "cogvx"]
+    return ["cogvx" if _same_file(shutil.which("cogvx"), started) else str(started)]
+
+
+def _same_file(found: str | None, path: str | Path) -> bool:
+    try:
+        return found is not None and os.path.samefile(found, path)
+    except OSError:
+        return False
+
+
+def _count(number: int, thing: str) -> str:
+    return f"{number} {thing}{'' if number == 1 else 's'}"
+
+
+def _train_interrupted(cfg: TrainConfig | None) -> list[tuple[str, str]]:
+    """What a Ctrl-C of ``train`` kept, read from the run folder, and the command that continues."""
+    if cfg is None:
+        return [("again", _command_again())]
+    kept = runs.checkpoints(cfg.output)
+    if kept:
+        newest = kept[-1]
+        return [
+            ("kept", f"{newest} (step {runs.checkpoint_step(newest)}), the newest checkpoint"),
+            ("continue", _command_again(resume="auto")),
+        ]
+    held = sorted(p.name for p in cfg.output.iterdir() if not p.name.startswith(".")) if cfg.output.is_dir() else []
+    holds = ", ".join(held) if held else "nothing"
+    return [
+        ("kept", f"no checkpoint yet: nothing to resume, the run folder {cfg.output} holds {holds}"),
+        ("again", _command_again()),
+        ("note", "with no checkpoint, the run starts again from step 0"),
+    ]
+
+
+def _preprocess_interrupted(err: KeyboardInterrupt, output: Path | str | None) -> list[tuple[str, str]]:
+    """What a Ctrl-C of ``preprocess`` kept, and the command that goes on (the same: it encodes only what is new)."""
+    from cogvx.preprocess.run import Interrupted
+
+    if isinstance(err, Interrupted):
+        kept = f"{_count(err.samples, 'sample')} in {_count(err.shards, 'shard')} in {err.cache}"
+    else:  # stopped before or after encoding: the cache is as its manifest lists it
+        kept = f"every shard the manifest of {output or 'the cache'} lists"
+    return [
+        ("kept", kept),
+        ("continue", _command_again()),
+        ("note", "the same command: a run encodes only the clips the cache does not hold yet"),
+    ]
 
 
 def main() -> None:

@@ -10,8 +10,10 @@ multiplies it). One mp4 per prompt, a contact sheet of them all, and a JSON file
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +53,8 @@ class SampleConfig:
     prompts: tuple[str, ...] = ()
     image: Path | None = None  # the first frame, for an image-to-video model
     lora: Path | None = None  # a run folder (or its pytorch_lora_weights.safetensors)
-    output: Path | None = None  # default: samples/lora.mp4, or samples/base.mp4 with --no-lora
+    output: Path | None = None  # default: samples/lora-NNN.mp4 (base-NNN.mp4 with --no-lora), the next free number
+    overwrite: bool = False  # replace the files of an --output that exists (else refused)
     model: str | None = None  # default: the model recorded in the LoRA's run folder
     no_lora: bool = False
     lora_scale: float = 1.0
@@ -91,15 +94,16 @@ class SampleConfig:
         self.prompts = tuple(self.prompts or ())
         self.lora = Path(self.lora) if self.lora is not None else None
         self.image = Path(self.image) if self.image is not None else None
-        if self.output is None:
-            self.output = Path("samples") / ("base.mp4" if self.no_lora else "lora.mp4")
-        self.output = Path(self.output)
+        self.output = Path(self.output) if self.output is not None else None
         checks = [
             (bool(self.prompts), 'give at least one --prompt "..." (or prompts = ["..."] in a --config file)'),
             (all(p.strip() for p in self.prompts), "a --prompt is empty"),
             (self.lora is not None or (self.no_lora and self.model), "pass --lora RUN_FOLDER (or --no-lora --model M)"),
             (not (self.no_lora and self.lora_scale != 1.0), "--lora-scale has no effect with --no-lora; drop one"),
-            (self.output.suffix.lower() == ".mp4", f"--output must name an .mp4 file (got {self.output})"),
+            (
+                self.output is None or self.output.suffix.lower() == ".mp4",
+                f"--output must name an .mp4 file (got {self.output})",
+            ),
             ((self.frames - 1) % 4 == 0, f"--frames must be 4k+1: 9, 13, 49 (got {self.frames})"),
         ]
         for ok, message in checks:
@@ -108,6 +112,12 @@ class SampleConfig:
         check_video_settings(self.fps, self.sheet_columns)
         if self.dtype is not None:
             models.parse_dtype(self.dtype)
+
+    def with_output(self) -> SampleConfig:
+        """This config with its ``output`` named: without one, the next free default (``default_output``)."""
+        if self.output is not None:
+            return self
+        return dataclasses.replace(self, output=default_output(self.no_lora))
 
     def video_paths(self) -> list[Path]:
         """One mp4 per prompt: ``--output`` itself for one prompt, ``NAME-KK.mp4`` for several."""
@@ -207,8 +217,22 @@ def _quiet(name: str):
         logger.setLevel(level)
 
 
+SAMPLES = Path("samples")  # where samples go without --output
+
+
+def default_output(no_lora: bool, folder: Path = SAMPLES) -> Path:
+    """``samples/lora-NNN.mp4`` (``base-NNN.mp4`` with --no-lora), NNN one more than the highest there: a
+    sample never replaces an earlier one, and the newest has the highest number."""
+    stem = "base" if no_lora else "lora"
+    taken = re.compile(rf"^{stem}-(\d{{3,}})(-\d+)?\.")  # its videos (NAME-KK.mp4 too), sheet and settings
+    numbers = [int(m.group(1)) for p in folder.iterdir() if (m := taken.match(p.name))] if folder.is_dir() else []
+    return folder / f"{stem}-{max(numbers, default=0) + 1:03d}.mp4"
+
+
 def check_outputs_writable(cfg: SampleConfig) -> None:
-    """Every file ``sample`` writes can be created, before any minute goes into generating."""
+    """Every file ``sample`` writes can be created, and none replaces an earlier one's without --overwrite,
+    before any minute goes into generating."""
+    cfg = cfg.with_output()
     folder = cfg.output.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -219,6 +243,11 @@ def check_outputs_writable(cfg: SampleConfig) -> None:
     for path in [*cfg.video_paths(), cfg.sheet_path, cfg.output.with_suffix(".json")]:
         if path.is_dir():
             raise ConfigError(f"{path} is a folder, so the sample cannot be written there: pick another --output.")
+        if path.exists() and not cfg.overwrite:
+            raise ConfigError(
+                f"{path} exists (an earlier sample's): pass --overwrite to replace it, or another --output "
+                f"(without --output each sample gets the next free number, {default_output(cfg.no_lora)})."
+            )
 
 
 def save_frames(video: Path, frames: np.ndarray, prompt: str, fps: int) -> Path:
@@ -338,6 +367,7 @@ def run_sample(cfg: SampleConfig, show_progress: bool = False) -> SampleResult:
     If an mp4 cannot be written after generation, the frames go to ``NAME.frames.safetensors`` instead,
     the other prompts still run, and a ``VideoWriteError`` at the end says where everything is.
     """
+    cfg = cfg.with_output()
     plan = plan_sample(cfg)
     pipe = load_pipeline(cfg, plan)
     model_name, weights, height, width, dtype = plan.model_name, plan.weights, plan.height, plan.width, plan.dtype

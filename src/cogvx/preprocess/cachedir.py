@@ -135,9 +135,10 @@ def recover(folder: Path, manifest: Manifest, check_hashes: bool) -> Recovery:
     nothing lists (renamed into place just before a kill) is adopted from its own contents if it was made
     with this cache's header; one that cannot be read is renamed to ``NAME.damaged``; one made with other
     settings is left as it is. Half-written ``.tar.tmp`` files of our writers are deleted:
-    they are never complete. Listed shards that are missing or have the wrong size (with
-    ``check_hashes``, also the wrong sha256) leave the manifest, so their samples are encoded again; a
-    damaged file is renamed to ``NAME.damaged``. Nothing else is ever deleted.
+    they are never complete; so are copies of the manifest or side files a killed run was writing (this
+    runs under the folder's lock, so no live writer's file is touched). Listed shards that are missing or
+    have the wrong size (with ``check_hashes``, also the wrong sha256) leave the manifest, so their samples
+    are encoded again; a damaged file is renamed to ``NAME.damaged``. Nothing else is ever deleted.
     """
     done = Recovery()
     folder = Path(folder)
@@ -148,6 +149,8 @@ def recover(folder: Path, manifest: Manifest, check_hashes: bool) -> Recovery:
     for path in sorted(folder.iterdir()):
         if paths.is_temporary_shard(path.name):
             path.unlink()
+    for path in paths.stale_temporaries(folder):
+        path.unlink(missing_ok=True)
     done.dropped = _drop_damaged(folder, manifest, check_hashes, done)
     listed = {s.name for s in manifest.shards}
     for path in sorted(folder.glob("*.tar")):

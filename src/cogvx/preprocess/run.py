@@ -43,7 +43,7 @@ from cogvx.preprocess.images import add_image_latents, image_targets
 from cogvx.preprocess.ranks import Ranks
 from cogvx.preprocess.sources import INVALID_UTF8, VIDEO_EXTENSIONS, Clip, Sources, find_sources
 from cogvx.preprocess.video import FrameSpec, largest_4k1
-from cogvx.preprocess.writer import RankWriter
+from cogvx.preprocess.writer import CloseShard, RankWriter
 from cogvx.progress import progress_bar
 from cogvx.shards import Manifest, SampleEntry, paths, store, write_json_atomic
 from cogvx.shards.io import SHARD_MAX_BYTES, SHARD_MAX_SAMPLES, file_sha256
@@ -372,16 +372,19 @@ def _run(
         result.mark("encoders")
         if ranks.is_main and cfg.validation_prompts:
             save_validation_prompts(cfg.output, manifest, list(cfg.validation_prompts), encoders.encode_text)
-        with RankWriter(
-            cfg.output,
-            ranks.rank,
-            ranks.world,
-            manifest,
-            max_bytes=cfg.shard_max_mb * 2**20,
-            max_samples=cfg.shard_max_samples,
-            on_written=functools.partial(result.mark, "first_written"),
-            mirror=mirror,
-        ) as writer:
+        with (
+            RankWriter(
+                cfg.output,
+                ranks.rank,
+                ranks.world,
+                manifest,
+                max_bytes=cfg.shard_max_mb * 2**20,
+                max_samples=cfg.shard_max_samples,
+                on_written=functools.partial(result.mark, "first_written"),
+                mirror=mirror,
+            ) as writer,
+            _saying_what_was_kept(writer, shown),
+        ):
             _encode(
                 cfg,
                 mine,
@@ -643,14 +646,55 @@ def _encode(
                     skip=functools.partial(_skip, result, writer),
                     progress=update,
                 )
+        sink.put(CloseShard())
         sink.close()
-        writer.finish()
+    except KeyboardInterrupt:
+        _keep_written(sink, writer)
+        raise
     except BaseException:
         sink.abort()
         writer.abandon()
         raise
     finally:
         torch.backends.cudnn.benchmark = benchmark
+
+
+def _keep_written(sink: SampleSink, writer: RankWriter) -> None:
+    """After a Ctrl-C: write the clips already encoded and commit the open shard early, as the end of a run
+    does (a shard of fewer samples is whole), so the next run encodes only what this one did not. Clips
+    still in the VAE are left to the next run. If this fails too (a second Ctrl-C, a full disk), the open
+    shard is dropped as after any failure; the shards already listed stay."""
+    try:
+        sink.put(CloseShard())  # behind anything queued: the writing thread finishes the shard, uncut
+        sink.close()
+    except BaseException:
+        sink.abort()
+        writer.abandon()
+        raise
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a preprocess run, after it kept every sample it had written: what the cache holds now.
+
+    Still a KeyboardInterrupt, so whatever stops on a Ctrl-C stops on this too.
+    """
+
+    def __init__(self, cache: Path | str, samples: int, shards: int):
+        super().__init__(f"{samples} samples in {shards} shards kept in {cache}")
+        self.cache, self.samples, self.shards = cache, samples, shards
+
+
+@contextlib.contextmanager
+def _saying_what_was_kept(writer: RankWriter, shown: Path | str) -> Iterator[None]:
+    """A Ctrl-C while encoding leaves as ``Interrupted``, counting the samples the cache keeps: those its
+    manifest lists, and under torchrun also this rank's shards that its part file lists for the next run."""
+    try:
+        yield
+    except KeyboardInterrupt as err:
+        shards = list(writer.manifest.shards)
+        if writer.world > 1:
+            shards += writer.records
+        raise Interrupted(shown, sum(s.live_count for s in shards), len(shards)) from err
 
 
 # First frames per VAE call when image latents are added to cached samples, per clip of --vae-batch: a

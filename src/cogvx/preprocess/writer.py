@@ -1,8 +1,9 @@
 """One rank's writing end of preprocessing: samples into shards, finished shards into the cache's record.
 
 A single process lists each finished shard in the manifest at once, so a kill keeps every finished
-shard. Under torchrun each rank lists them in its own part file instead, which rank 0 merges at the end
-(or the next run merges at its start); the same holds for the inputs a rank had to skip.
+shard; a Ctrl-C also keeps the shard being written, finished early with fewer samples. Under torchrun
+each rank lists them in its own part file instead, which rank 0 merges at the end (or the next run
+merges at its start); the same holds for the inputs a rank had to skip.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +25,17 @@ from cogvx.shards.manifest import FIRST_FRAME, IMAGE_MOMENTS
 
 if TYPE_CHECKING:
     from cogvx.preprocess.remote import Mirror
+
+
+@dataclass(frozen=True)
+class CloseShard:
+    """Queued behind the last sample: the writing thread finishes and commits the open shard.
+
+    Shards are finished on that thread only, which a Ctrl-C (delivered to the main thread) never cuts
+    short: a shard is closed, renamed and listed whole, or not at all.
+    """
+
+    ready: None = None  # what the sample sink waits on before writing: nothing
 
 
 def with_image_latents(sample: Sample, entry: SampleEntry, image_moments, sigma: float, jpeg: bytes) -> None:
@@ -79,9 +92,12 @@ class RankWriter:
         if self.mirror is not None:
             self.mirror.publish_shard(self.rank, self.records, self.folder / record.name)
 
-    def write(self, item: Encoded | Refreshed) -> None:
-        """The samples of one clip (one per window), or of one source written again, into one shard."""
-        if isinstance(item, Refreshed):
+    def write(self, item: Encoded | Refreshed | CloseShard) -> None:
+        """The samples of one clip (one per window), or of one source written again, into one shard; or,
+        given ``CloseShard``, finish and commit the open shard."""
+        if isinstance(item, CloseShard):
+            self.finish()
+        elif isinstance(item, Refreshed):
             self._write_refreshed(item)
         else:
             self._write_encoded(item)

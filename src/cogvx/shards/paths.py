@@ -89,6 +89,13 @@ def is_temporary_shard(name: str) -> bool:
     return bool(_TEMPORARY_SHARD.match(name))
 
 
+def stale_temporaries(folder: Path) -> list[Path]:
+    """Copies of the manifest, the skipped list and side files that were being written (``.NAME.*``: written,
+    then renamed over NAME). Only a run that holds the folder's lock may delete them: their writers are gone."""
+    names = (MANIFEST, SKIPPED, VALIDATION_PROMPTS)
+    return sorted(p for p in Path(folder).iterdir() if any(p.name.startswith(f".{name}.") for name in names))
+
+
 def temporary_shards(folder: Path, rank: int) -> list[Path]:
     """The half-written shards of ``rank`` in ``folder``."""
     return sorted(Path(folder).glob(f"{shard_prefix(rank)}-*.tar{TEMPORARY_SUFFIX}"))

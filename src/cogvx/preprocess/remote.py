@@ -40,7 +40,7 @@ from cogvx.pipeline.models import cache_home
 from cogvx.preprocess import cachedir
 from cogvx.preprocess.ranks import Ranks
 from cogvx.shards import Manifest, ShardRecord, paths
-from cogvx.shards.store import Store, display, open_store, sha256_of
+from cogvx.shards.store import Store, display, join, open_store, sha256_of
 
 log = logging.getLogger("cogvx.preprocess")
 
@@ -67,7 +67,7 @@ class Mirror:
         self.location = display(location).rstrip("/")  # for messages: never holds credentials
         self.ranks = ranks
         self.store: Store = open_store(location)
-        self.parts: Store = open_store(f"{str(location).rstrip('/')}/{paths.PARTS}")
+        self.parts: Store = open_store(join(location, paths.PARTS))
         self.staging = staging_folder(location, ranks.rank)
         self.confirmed: set[str] = set()  # shards seen remote with their manifest size in this run
         self.names: list[str] = []  # the remote listing at the start

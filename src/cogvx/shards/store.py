@@ -104,6 +104,11 @@ class StoreError(CacheError):
     """A store that cannot be reached, or refuses access: nothing is known about the file asked for."""
 
 
+class LocalCopyError(StoreError):
+    """The local disk that takes a downloaded copy (``cache_dir``, or the temporary folder) cannot be written:
+    nothing is known about the file asked for."""
+
+
 class Mismatch(Exception):
     """``Store.fetch`` found a file whose size or sha256 differs from the expected (``size``: what it found)."""
 
@@ -319,23 +324,26 @@ class FsspecStore(Store):
             try:
                 return _open_checked(cached, size, sha256 if full else None, what="Cached copy")
             except (FileNotFoundError, Mismatch):  # gone or damaged since: fetch it again
-                cached.unlink(missing_ok=True)
+                with self._keeping():
+                    cached.unlink(missing_ok=True)
         with self._errors(name):
             return self._download(name, size, sha256, cached)
 
     def _cached(self, name: str, sha256: str) -> Path | None:
         if self.cache_dir is None or not re.fullmatch(r"[0-9a-f]{64}", sha256):
             return None
+        with self._keeping():
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
         return self.cache_dir / (sha256 + "".join(Path(name).suffixes))
 
     def _download(self, name: str, size: int, sha256: str, cached: Path | None) -> BinaryIO:
         """Copy ``name`` through a sha256 into a temporary file; keep it in the cache only once it matched."""
-        if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{cached.name}.", suffix=PARTIAL_SUFFIX, dir=cached.parent)
-            out = os.fdopen(fd, "w+b")
-        else:
-            tmp, out = None, tempfile.TemporaryFile()  # gone when closed, or when this process ends
+        with self._keeping():
+            if cached is not None:
+                fd, tmp = tempfile.mkstemp(prefix=f".{cached.name}.", suffix=PARTIAL_SUFFIX, dir=cached.parent)
+                out = os.fdopen(fd, "w+b")
+            else:
+                tmp, out = None, tempfile.TemporaryFile()  # gone when closed, or when this process ends
         try:
             digest, copied = hashlib.sha256(), 0
             with self._stream(self._path(name), whole=True) as remote:
@@ -344,23 +352,45 @@ class FsspecStore(Store):
                     if not block:
                         break
                     digest.update(block)
-                    out.write(block)
+                    with self._keeping():
+                        out.write(block)
                     copied += len(block)
             if copied != size or digest.hexdigest() != sha256:
                 raise Mismatch(copied)
-            out.flush()
-            if tmp is not None:
-                os.fsync(out.fileno())
-                files.follow_umask(Path(tmp))
-                os.replace(tmp, cached)  # atomic: a reader (another run, a killed one) never sees a part
-                tmp = None
+            with self._keeping():
+                out.flush()
+                if tmp is not None:
+                    os.fsync(out.fileno())
+                    files.follow_umask(Path(tmp))
+                    os.replace(tmp, cached)  # atomic: a reader (another run, a killed one) never sees a part
+                    tmp = None
             out.seek(0)
             return out
         except BaseException:
-            out.close()
+            # Closing flushes what is buffered: on a full disk that fails again, after the error being raised.
+            with contextlib.suppress(OSError):
+                out.close()
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
             raise
+
+    @contextlib.contextmanager
+    def _keeping(self) -> Iterator[None]:
+        """A failure of the local disk that takes a downloaded copy, as one line naming that disk: not the store's."""
+        try:
+            yield
+        except OSError as err:
+            if self.cache_dir is None:
+                raise LocalCopyError(
+                    f"Cannot copy a file of {self.location} into a temporary file in {tempfile.gettempdir()} "
+                    f"({err.strerror or err}): free space there, or set TMPDIR to a folder with room."
+                ) from err
+            folder = self.cache_dir
+            why = "it is a file, not a folder" if folder.exists() and not folder.is_dir() else err.strerror or err
+            raise LocalCopyError(
+                f"Cannot keep verified copies in --cache-dir {folder} ({why}): free space there or make it writable, "
+                "give another --cache-dir, or leave --cache-dir out to stream the shards without keeping copies."
+            ) from err
 
     @contextlib.contextmanager
     def _errors(self, name: str, writing: bool = False) -> Iterator[None]:

@@ -88,9 +88,9 @@ for line in sys.stdin:
 """
 
 
-def _config(data: Path, output: Path | str) -> dict:
+def _config(data: Path, output: Path | str, **more) -> dict:
     return dict(data=str(data), output=str(output), model="tiny", dtype="fp32", workers=0, frame_buckets=[9],
-                shard_max_samples=1)  # fmt: skip
+                shard_max_samples=1, **more)  # fmt: skip
 
 
 @pytest.fixture
@@ -106,9 +106,14 @@ def launcher(s3, tmp_path: Path):
     process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
     log, counts = tmp_path / "runs.log", tmp_path / "counts.json"
 
-    def launch(data: Path, url: str, kill_before: int) -> tuple[int, dict | None]:
+    def launch(data: Path, url: str, kill_before: int, **more) -> tuple[int, dict | None]:
         counts.unlink(missing_ok=True)
-        asked = {"config": _config(data, url), "kill_before": kill_before, "log": str(log), "result": str(counts)}
+        asked = {
+            "config": _config(data, url, **more),
+            "kill_before": kill_before,
+            "log": str(log),
+            "result": str(counts),
+        }
         process.stdin.write(json.dumps(asked) + "\n")
         process.stdin.flush()
         answer = process.stdout.readline()
@@ -152,6 +157,10 @@ class Bucket:
         shards = self.shards()
         for record in manifest.shards:
             assert shards.get(record.name) == record.sha256, f"the manifest lists {record.name}: missing or changed"
+        for label, extra in manifest.extras.items():
+            if isinstance(extra, dict) and "sha256" in extra:
+                found = hashlib.sha256(self.get(extra["file"])).hexdigest()
+                assert found == extra["sha256"], f"the manifest's {label} names {extra['file']}, which was changed"
         return manifest
 
 
@@ -188,3 +197,23 @@ def test_killed_at_any_write_then_run_again_every_clip_once_and_nothing_publishe
     names = bucket.names()
     assert {n for n in names if n.endswith(".tar")} == set(listed), "every shard in the bucket is listed"
     assert not [n for n in names if n.startswith((".parts/", ".lock"))], names
+
+
+def test_new_validation_prompts_killed_while_published_never_leave_a_manifest_naming_other_bytes(
+    s3, launcher, tmp_path: Path
+):
+    """The manifest names the validation prompts file with its sha256, and one PUT replaces one object: a run
+    with new prompts publishes the manifest without them, then the file, then the manifest with them."""
+    data = tmp_path / "data"
+    make_clip(data, "clip 0.mp4", frames=15)
+    bucket = Bucket(s3, "prompts")
+    assert launcher(data, bucket.url, 0, validation_prompts=["a red disc"])[0] == 0
+    # Writes of a run with new prompts and no new clip: 1 the lock, 2 the manifest (start), 3 skipped.jsonl,
+    # 4 the manifest without the prompts, 5 the prompts, 6 the manifest.
+    for k in (5, 6):
+        assert launcher(data, bucket.url, k, validation_prompts=["a blue square"])[0] == -signal.SIGKILL
+        bucket.manifest(tmp_path / f"after-kill-{k}")  # every file it names holds what it says
+    assert launcher(data, bucket.url, 0, validation_prompts=["a blue square"])[0] == 0
+    assert launcher(data, bucket.url, 0)[0] == 0  # a run without the flag keeps them
+    final = bucket.manifest(tmp_path / "final")
+    assert final.extras["validation"]["prompts"] == ["a blue square"]

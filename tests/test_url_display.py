@@ -116,7 +116,7 @@ def test_preprocess_refuses_a_bucket_url_whose_secret_would_name_the_objects(s3,
         out = runner.invoke(app, ["preprocess", "--data", str(data), "--output", url, "--model", "tiny"])
         assert out.exit_code == 1, out.output
         line = " ".join(out.output.split())
-        assert line.startswith(f"error: {bucket_root}/{s3.prefix}: a s3:// location takes no"), line
+        assert line.startswith(f"error: {bucket_root}/{s3.prefix} cannot be used: s3:// takes no"), line
         assert SECRET not in out.output
     listed = s3.client.list_objects_v2(Bucket=s3.bucket).get("Contents", [])
     assert listed == [], "a refused run writes nothing"

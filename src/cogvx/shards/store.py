@@ -87,8 +87,8 @@ def _refuse_misread_parts(location: str) -> None:
         misread.append("no user:password@")
     if misread:
         raise ConfigError(
-            f"{display(location)}: a {scheme}:// location takes {' and '.join(misread)}; its client would read it "
-            "as part of the bucket's or the objects' names. Drop it: credentials come from the standard places "
+            f"{display(location)} cannot be used: {scheme}:// takes {' and '.join(misread)}, which its client would "
+            "read as part of the bucket's or the objects' names. Drop it: credentials come from the standard places "
             "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE for s3://, fsspec's configuration)."
         )
 

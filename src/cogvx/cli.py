@@ -491,7 +491,7 @@ def shards_inspect(
     def show():
         cfg = configfile.build(InspectConfig, folder=folder, contact_sheet=contact_sheet, max_strips=max_strips)
         summary = inspect(cfg)
-        table = Table(title=f"cache {folder}", show_header=False)
+        table = Table(title=f"cache {summary.folder}", show_header=False)
         for name, value in summary.rows():
             table.add_row(name, value)
         Console().print(table)

@@ -40,7 +40,7 @@ from cogvx.pipeline.models import cache_home
 from cogvx.preprocess import cachedir
 from cogvx.preprocess.ranks import Ranks
 from cogvx.shards import Manifest, ShardRecord, paths
-from cogvx.shards.store import Store, display, open_store, sha256_of
+from cogvx.shards.store import Store, display, join, open_store, sha256_of
 
 log = logging.getLogger("cogvx.preprocess")
 
@@ -67,7 +67,7 @@ class Mirror:
         self.location = display(location).rstrip("/")  # for messages: never holds credentials
         self.ranks = ranks
         self.store: Store = open_store(location)
-        self.parts: Store = open_store(f"{str(location).rstrip('/')}/{paths.PARTS}")
+        self.parts: Store = open_store(join(location, paths.PARTS))
         self.staging = staging_folder(location, ranks.rank)
         self.confirmed: set[str] = set()  # shards seen remote with their manifest size in this run
         self.names: list[str] = []  # the remote listing at the start
@@ -277,10 +277,39 @@ class Mirror:
                     f"{record.bytes} bytes; the manifest was not uploaded. Run preprocess again."
                 )
         self.confirmed.update(unconfirmed)
-        for side in (paths.skipped(folder), paths.validation_prompts(folder)):
-            if side.is_file():
-                self.store.put_file(side, side.name)
+        if paths.skipped(folder).is_file():
+            self.store.put_file(paths.skipped(folder), paths.SKIPPED)
+        self._publish_side_files(folder, manifest)
         self._publish_manifest(folder)
+
+    def _publish_side_files(self, folder: Path, manifest: Manifest) -> None:
+        """Upload the side files this run wrote (the validation prompts) where the remote ones differ.
+
+        The manifest names each with its sha256, and an object store replaces one object at a time: the
+        manifest without their entries goes first, then the files, then (``finish``) the whole manifest. A run
+        killed in between leaves a manifest whose every named file matches, at worst naming none of them.
+        """
+        changed: dict[str, Path] = {}
+        for label, extra in manifest.extras.items():
+            if not isinstance(extra, dict) or not extra.get("file") or not extra.get("sha256"):
+                continue
+            local = Path(folder) / extra["file"]
+            if local.is_file() and self._remote_sha256(extra["file"]) != extra["sha256"]:
+                changed[label] = local
+        if not changed:
+            return
+        trimmed = manifest.to_dict()
+        trimmed["extras"] = {label: extra for label, extra in trimmed["extras"].items() if label not in changed}
+        self.store.put_bytes(paths.MANIFEST, _json(trimmed))
+        for local in changed.values():
+            self.store.put_file(local, local.name)
+
+    def _remote_sha256(self, name: str) -> str | None:
+        try:
+            with self.store.open(name) as f:
+                return sha256_of(f)
+        except FileNotFoundError:
+            return None
 
     def _publish_manifest(self, folder: Path) -> None:
         self.store.put_file(paths.manifest(folder), paths.MANIFEST)

@@ -297,7 +297,7 @@ def run(cfg: PreprocessConfig, show_progress: bool = False) -> PreprocessResult:
                 return _run(staged, ranks, show_progress and ranks.is_main, mirror)
         return _run(cfg, ranks, show_progress and ranks.is_main)
     except OSError as err:
-        problem = _write_problem(err, cfg.output)
+        problem = _write_problem(err, store.display(cfg.output))
         if problem is None:
             raise
         raise CacheError(problem) from err
@@ -734,7 +734,7 @@ def print_summary(result: PreprocessResult, output: Path | str) -> None:
         missing = f", {result.images_missing} without" if result.images_missing else ""
         table.add_row("samples with image latents", f"{manifest.image_latent_count}{missing}")
     skipped = sum(result.skipped.values())
-    listed = f"{output}/{paths.SKIPPED}" if isinstance(output, str) else paths.skipped(output)
+    listed = store.join(output, paths.SKIPPED)
     table.add_row("skipped", f"{skipped} (listed in {listed})" if skipped else "0")
     for reason, count in result.skipped.most_common():
         table.add_row(f"  {reason}", str(count))
@@ -750,7 +750,7 @@ def print_summary(result: PreprocessResult, output: Path | str) -> None:
         table.add_row(f"  bucket {bucket}", str(count))
     table.add_row("size on disk", f"{manifest.total_bytes / 2**20:.1f} MiB in {len(manifest.shards)} shards")
     table.add_row("time", _timing(result))
-    table.add_row("cache", str(output))
+    table.add_row("cache", store.display(output))
     Console(stderr=True).print(table)
 
 

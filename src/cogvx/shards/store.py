@@ -5,9 +5,11 @@ the same: named files directly inside it, opened for streaming, listed, and repl
 
 Credentials never travel in cogvx's own files: they come from the standard places (``AWS_*``
 environment variables, ``~/.aws`` profiles, fsspec's configuration), an S3-compatible endpoint from
-``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``. ``display`` is the form of a location that may be
+``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``. ``display`` is the one form of a location that may be
 printed or written (it drops ``user:password@`` and any query string); a Store keeps the given form
-privately, for access only.
+privately, for access only, and ``join`` puts a file's name before the query string, which a web server
+reads with every request. Where a client would read a query string or ``user:password@`` as part of a
+name (``s3://``), the location is refused rather than written under a name holding the secret.
 
 A remote file is never trusted as it streams: ``Store.fetch`` copies one file through a sha256 into a
 local temporary file (or the read-through cache of ``cache_dir``, keyed by that sha256) and hands it
@@ -27,7 +29,7 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from cogvx import files
 from cogvx.errors import CacheError, CogvxError, ConfigError
@@ -37,6 +39,8 @@ CHUNK = 8 << 20  # bytes per read of a file being streamed (one ranged GET on ob
 FETCH_CHUNK = 32 << 20  # bytes per ranged GET when a whole file is copied: fewer, larger requests
 _CLIENT_SETTINGS = ("AWS_", "FSSPEC_")  # environment variables that configure the clients of remote stores
 PARTIAL_SUFFIX = ".part"  # a download into the read-through cache, renamed once its sha256 matched
+_QUERY_SCHEMES = ("http", "https")  # a query string is part of each request (a signed URL's token)
+_USERINFO_SCHEMES = ("http", "https", "ftp", "sftp", "ssh", "smb")  # user:password@ is a login there
 
 
 def is_remote(location: str | Path) -> bool:
@@ -48,13 +52,45 @@ def is_remote(location: str | Path) -> bool:
 
 
 def display(location: str | Path) -> str:
-    """``location`` without ``user:password@`` or a query string: safe for logs, config files and model cards."""
+    """``location`` without ``user:password@`` or a query string: the one form of a location that cogvx prints
+    or writes (messages, tables, progress lines, config files, model cards, manifests)."""
     text = str(location)
     if not _SCHEME.match(text):
         return text
-    parts = urlsplit(text)
-    host = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+    scheme, _, rest = text.partition("?")[0].partition("://")
+    authority, slash, path = rest.partition("/")
+    return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
+
+
+def join(location: str | Path, name: str) -> str:
+    """The location of ``name`` inside ``location``: after its path, before its query string, which a web
+    server reads with every request (``https://host/cache/?sig=x`` -> ``https://host/cache/manifest.json?sig=x``).
+
+    A location's first ``?`` starts its query: a ``?`` in a path or a password is written ``%3F`` in a URL.
+    """
+    text = str(location)
+    if not _SCHEME.match(text):
+        return str(Path(text) / name)
+    base, mark, query = text.partition("?")
+    return f"{base.rstrip('/')}/{name}{mark}{query}"
+
+
+def _refuse_misread_parts(location: str) -> None:
+    """A query string or ``user:password@`` that the location's client would not read as such, but as part of
+    a bucket's or an object's name (``s3://bucket/cache?token=x`` names objects ``cache?token=x/...``)."""
+    scheme = _SCHEME.match(location).group(1).lower()
+    authority = location.partition("://")[2].partition("/")[0].partition("?")[0]
+    misread = []
+    if "?" in location and scheme not in _QUERY_SCHEMES:
+        misread.append("no query string (?...)")
+    if "@" in authority and scheme not in _USERINFO_SCHEMES:
+        misread.append("no user:password@")
+    if misread:
+        raise ConfigError(
+            f"{display(location)} cannot be used: {scheme}:// takes {' and '.join(misread)}, which its client would "
+            "read as part of the bucket's or the objects' names. Drop it: credentials come from the standard places "
+            "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE for s3://, fsspec's configuration)."
+        )
 
 
 def parent_of(origin: str) -> str:
@@ -66,6 +102,11 @@ def parent_of(origin: str) -> str:
 
 class StoreError(CacheError):
     """A store that cannot be reached, or refuses access: nothing is known about the file asked for."""
+
+
+class LocalCopyError(StoreError):
+    """The local disk that takes a downloaded copy (``cache_dir``, or the temporary folder) cannot be written:
+    nothing is known about the file asked for."""
 
 
 class Mismatch(Exception):
@@ -191,6 +232,10 @@ class FsspecStore(Store):
     def __init__(self, location: str, cache_dir: Path | None = None):
         self._given = str(location)  # may hold credentials: used for access only, never shown
         self.location = display(location).rstrip("/")
+        _refuse_misread_parts(self._given)
+        # The query goes after each file's path (``join``), never into the filesystem's root.
+        self._base, mark, query = self._given.partition("?")
+        self._query = mark + query
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._fs = None
         self._root = ""
@@ -209,16 +254,17 @@ class FsspecStore(Store):
     @property
     def fs(self):
         if self._fs is None or self._pid != os.getpid():
-            self._fs, self._root = _filesystem(self._given, self.location)
+            self._fs, self._root = _filesystem(self._base, self.location)
             self._pid = os.getpid()
         return self._fs
 
     def _path(self, name: str) -> str:
         self.fs  # noqa: B018 -- sets self._root
-        return f"{self._root.rstrip('/')}/{name}"
+        # The root is the filesystem's own form of the location (``bucket/prefix`` for s3fs): joined as ``join`` does.
+        return f"{self._root.rstrip('/')}/{name}{self._query}" if name else f"{self._root}{self._query}"
 
     def url(self, name: str) -> str:
-        return f"{self.location}/{name}"
+        return join(self.location, name)
 
     def open(self, name: str, what: str = "File") -> BinaryIO:
         with self._errors(name):
@@ -253,7 +299,7 @@ class FsspecStore(Store):
         with self._errors(""):
             self.fs.invalidate_cache()  # another process may have written since this one last looked
             try:
-                entries = self.fs.ls(self._root, detail=False)
+                entries = self.fs.ls(self._path(""), detail=False)
             except FileNotFoundError:
                 return []
         names = {str(entry).rstrip("/").rpartition("/")[2] for entry in entries}
@@ -278,23 +324,26 @@ class FsspecStore(Store):
             try:
                 return _open_checked(cached, size, sha256 if full else None, what="Cached copy")
             except (FileNotFoundError, Mismatch):  # gone or damaged since: fetch it again
-                cached.unlink(missing_ok=True)
+                with self._keeping():
+                    cached.unlink(missing_ok=True)
         with self._errors(name):
             return self._download(name, size, sha256, cached)
 
     def _cached(self, name: str, sha256: str) -> Path | None:
         if self.cache_dir is None or not re.fullmatch(r"[0-9a-f]{64}", sha256):
             return None
+        with self._keeping():
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
         return self.cache_dir / (sha256 + "".join(Path(name).suffixes))
 
     def _download(self, name: str, size: int, sha256: str, cached: Path | None) -> BinaryIO:
         """Copy ``name`` through a sha256 into a temporary file; keep it in the cache only once it matched."""
-        if cached is not None:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{cached.name}.", suffix=PARTIAL_SUFFIX, dir=cached.parent)
-            out = os.fdopen(fd, "w+b")
-        else:
-            tmp, out = None, tempfile.TemporaryFile()  # gone when closed, or when this process ends
+        with self._keeping():
+            if cached is not None:
+                fd, tmp = tempfile.mkstemp(prefix=f".{cached.name}.", suffix=PARTIAL_SUFFIX, dir=cached.parent)
+                out = os.fdopen(fd, "w+b")
+            else:
+                tmp, out = None, tempfile.TemporaryFile()  # gone when closed, or when this process ends
         try:
             digest, copied = hashlib.sha256(), 0
             with self._stream(self._path(name), whole=True) as remote:
@@ -303,23 +352,45 @@ class FsspecStore(Store):
                     if not block:
                         break
                     digest.update(block)
-                    out.write(block)
+                    with self._keeping():
+                        out.write(block)
                     copied += len(block)
             if copied != size or digest.hexdigest() != sha256:
                 raise Mismatch(copied)
-            out.flush()
-            if tmp is not None:
-                os.fsync(out.fileno())
-                files.follow_umask(Path(tmp))
-                os.replace(tmp, cached)  # atomic: a reader (another run, a killed one) never sees a part
-                tmp = None
+            with self._keeping():
+                out.flush()
+                if tmp is not None:
+                    os.fsync(out.fileno())
+                    files.follow_umask(Path(tmp))
+                    os.replace(tmp, cached)  # atomic: a reader (another run, a killed one) never sees a part
+                    tmp = None
             out.seek(0)
             return out
         except BaseException:
-            out.close()
+            # Closing flushes what is buffered: on a full disk that fails again, after the error being raised.
+            with contextlib.suppress(OSError):
+                out.close()
             if tmp is not None:
                 Path(tmp).unlink(missing_ok=True)
             raise
+
+    @contextlib.contextmanager
+    def _keeping(self) -> Iterator[None]:
+        """A failure of the local disk that takes a downloaded copy, as one line naming that disk: not the store's."""
+        try:
+            yield
+        except OSError as err:
+            if self.cache_dir is None:
+                raise LocalCopyError(
+                    f"Cannot copy a file of {self.location} into a temporary file in {tempfile.gettempdir()} "
+                    f"({err.strerror or err}): free space there, or set TMPDIR to a folder with room."
+                ) from err
+            folder = self.cache_dir
+            why = "it is a file, not a folder" if folder.exists() and not folder.is_dir() else err.strerror or err
+            raise LocalCopyError(
+                f"Cannot keep verified copies in --cache-dir {folder} ({why}): free space there or make it writable, "
+                "give another --cache-dir, or leave --cache-dir out to stream the shards without keeping copies."
+            ) from err
 
     @contextlib.contextmanager
     def _errors(self, name: str, writing: bool = False) -> Iterator[None]:

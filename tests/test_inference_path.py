@@ -22,8 +22,10 @@ import torch
 
 from cogvx import runs
 from cogvx.pipeline import levers, lora, models
+from cogvx.pipeline.objective import Objective
 from cogvx.pipeline.sampling import sample_latents
 from cogvx.pipeline.speed.checkpointing import MODES
+from cogvx.train import evaluation
 from cogvx.train.config import TrainConfig
 from cogvx.train.loop import run as train
 
@@ -41,9 +43,9 @@ def captured_graphs_run_eagerly(monkeypatch):
     torch._dynamo.reset()
 
 
-def _sampled(chosen: str, layers: int = 5) -> torch.Tensor:
-    """Validation latents (3 steps, guidance batched) of a tiny transformer of ``layers`` blocks with a non-zero
-    LoRA, prepared with the ``+``-joined levers: a checkpointing mode, ``compile``, ``fp8`` (base weights)."""
+def _prepared(chosen: str, layers: int = 5) -> torch.nn.Module:
+    """A tiny transformer of ``layers`` blocks with a non-zero LoRA, prepared with the ``+``-joined levers: a
+    checkpointing mode, ``compile``, ``fp8`` (base weights in float8)."""
     from diffusers import CogVideoXTransformer3DModel
 
     source = models.resolve_model("tiny")
@@ -58,12 +60,18 @@ def _sampled(chosen: str, layers: int = 5) -> torch.Tensor:
     options = set(chosen.split("+"))
     mode = next(o for o in options if o in MODES)
     levers.prepare(transformer, levers.Levers(mode, "compile" in options, "fp8" in options), "cpu")
+    return transformer
+
+
+def _sampled(chosen: str) -> torch.Tensor:
+    """Validation latents (3 steps, guidance batched) of ``_prepared(chosen)``."""
+    transformer = _prepared(chosen)
     g = torch.Generator().manual_seed(0)
     embeds, negative = torch.randn(1, 226, 32, generator=g), torch.randn(1, 226, 32, generator=g)
     info = models.ModelInfo.read("tiny")
     latents = sample_latents(
-        transformer, dict(models.load_scheduler(source).config), embeds, negative, num_frames=9, height=64,
-        width=96, num_inference_steps=3, guidance_scale=6.0, generator=torch.Generator().manual_seed(7),
+        transformer, dict(info.load_scheduler().config), embeds, negative, num_frames=9, height=64, width=96,
+        num_inference_steps=3, guidance_scale=6.0, generator=torch.Generator().manual_seed(7),
         spatial_compression=info.spatial_compression, temporal_compression=info.temporal_compression,
     )  # fmt: skip
     assert not any("forward" in vars(block) for block in transformer.transformer_blocks)  # handed back
@@ -89,6 +97,25 @@ def test_swapped_weights_stream_in_for_sampling_and_give_the_resident_latents():
     resident = _sampled("none")
     torch.testing.assert_close(_sampled("swap"), resident, rtol=0, atol=0)
     torch.testing.assert_close(_sampled("swap+fp8"), _sampled("full+fp8"), rtol=0, atol=0)
+
+
+def test_the_eval_score_runs_the_compiled_block_and_matches_the_eager_blocks(captured_graphs_run_eagerly):
+    def losses(chosen: str) -> list[float]:
+        transformer = _prepared(chosen)
+        source = models.resolve_model("tiny")
+        objective = Objective(transformer.config, models.load_scheduler(source).alphas_cumprod, 0.7)
+        g = torch.Generator().manual_seed(3)
+        moments, embeds = torch.randn(1, 8, 4, 8, 12, generator=g), torch.randn(1, 226, 32, generator=g)
+        with evaluation.scoring(transformer):
+            return [
+                objective.loss_at(transformer, moments, embeds, torch.tensor([t]), torch.Generator().manual_seed(t),
+                                  torch.float32).item()
+                for t in (100, 500, 900)
+            ]  # fmt: skip
+
+    compiled = losses("selective+compile")
+    assert 1 <= torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2
+    assert compiled == pytest.approx(losses("selective"), rel=1e-6)
 
 
 def test_a_compiled_run_validates_on_the_inference_path_between_its_steps(

@@ -3,7 +3,8 @@
 Training and the benchmarks ask for them together (``prepare(transformer, Levers(...), device)``); each lever
 lives in a module of its own under ``pipeline/speed/``: checkpointing modes and their block runners
 (``checkpointing``), block swapping (``swap``), float8 storage and products (``float8``), ``torch.compile``
-and its persistent cache (``compiling``). All of them know the CogVideoX block layout
+and its persistent cache (``compiling``), and the path of forwards without gradients, validation and the eval
+score (``inference``). All of them know the CogVideoX block layout
 (``transformer.transformer_blocks``) and the block call signature (hidden states, encoder hidden states,
 then the rest), so they live with the model code.
 """
@@ -14,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cogvx.pipeline.speed import inference
 from cogvx.pipeline.speed.checkpointing import Mode, install, named
 from cogvx.pipeline.speed.float8 import check_fp8_matmul, store_base_weights_in_fp8
 from cogvx.pipeline.speed.swap import BlockSwap
@@ -41,7 +43,8 @@ def prepare(transformer: torch.nn.Module, levers: Levers, device: torch.device |
     ``device``: where training runs; the transformer is moved there (all of it, or for ``swap`` all but the
     blocks' frozen weights, which go to pinned CPU memory block by block, so the GPU never holds the
     whole model). fp8 storage comes after ``add_lora``: the adapters wrap the linear layers whose base
-    weights shrink; it runs on ``device``, one block at a time for ``swap``.
+    weights shrink; it runs on ``device``, one block at a time for ``swap``. Forwards without gradients get
+    the same levers without the checkpointing: the compiled block, the float8 layers, the swapped weights.
     """
     device = torch.device(device) if device is not None else next(transformer.parameters()).device
     if levers.fp8_matmul:
@@ -55,3 +58,4 @@ def prepare(transformer: torch.nn.Module, levers: Levers, device: torch.device |
         if levers.fp8:
             store_base_weights_in_fp8(transformer, matmul=levers.fp8_matmul)
     install(transformer, levers.checkpointing, levers.compile, swap)
+    inference.install(transformer, levers.compile, swap)

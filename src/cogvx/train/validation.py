@@ -13,13 +13,19 @@ An image-to-video model conditions each prompt on a first frame stored in the ca
 image latents, ordered by key, so every run and every step sees the same pairs. The sample's latents are
 the posterior mean of its first frame, scaled as the I2V pipeline scales image latents; the file also
 holds tensor ``image`` (the first frame, uint8 ``[H, W, 3]``) and metadata ``image_key``.
+
+Sampling runs without gradients, so the transformer's blocks take the run's inference path
+(``pipeline/speed/inference.py``: the compiled block, the float8 layers, swapped weights streamed in);
+classifier-free guidance runs as one batch of two (``sample_latents``). ``run_validation`` times each prompt.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -144,6 +150,22 @@ def _metadata(data: bytes) -> dict[str, str]:
     return metadata if isinstance(metadata, dict) else {}
 
 
+@dataclass
+class Validated:
+    """What one ``run_validation`` call did on this process: the files it wrote and each one's wall time."""
+
+    paths: list[Path] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)  # per prompt, sampling and writing, in ``paths``' order
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.seconds)
+
+    def __iter__(self) -> Iterator[Path]:
+        # The paths, so that a list of written files grows by ``files += run_validation(...)``.
+        return iter(self.paths)
+
+
 def run_validation(
     model: torch.nn.Module,
     validation: ValidationSet,
@@ -160,16 +182,18 @@ def run_validation(
     autocast: Any,
     rank: int = 0,
     world_size: int = 1,
-) -> list[Path]:
-    """Sample this process's share of the prompts (prompt k on rank k % world) and write one file each."""
+) -> Validated:
+    """Sample this process's share of the prompts (prompt k on rank k % world) and write one file each, timed:
+    each prompt's seconds run from its sampling's start until its file is written (the device's work done)."""
     folder = runs.validation_step(output, step)
     folder.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    written = []
+    done = Validated()
     try:
         for index in range(rank, len(validation.prompts), world_size):
+            started = time.perf_counter()
             sample_seed = seed + index
             with autocast():
                 latents = sample_latents(
@@ -208,7 +232,8 @@ def run_validation(
                 metadata["image_key"] = validation.image_keys[index]
                 extra["image"] = validation.images[index]
             path = runs.validation_sample(folder, index)
-            written.append(runs.write_validation_sample(path, latents, metadata, extra))
+            done.paths.append(runs.write_validation_sample(path, latents, metadata, extra))
+            done.seconds.append(time.perf_counter() - started)  # the write copied the latents off the device
     finally:
         model.train(was_training)
-    return written
+    return done

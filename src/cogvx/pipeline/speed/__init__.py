@@ -2,5 +2,7 @@
 
 ``checkpointing`` (what a block keeps for the backward pass, one object per mode), ``swap`` (the blocks'
 frozen weights in CPU memory), ``float8`` (float8 storage and products of the frozen weights) and
-``compiling`` (``torch.compile`` and its persistent cache). ``pipeline/levers.py`` applies them together.
+``compiling`` (``torch.compile`` and its persistent cache); ``inference`` serves forwards without gradients
+(validation, the eval score) with the same levers, less the checkpointing. ``pipeline/levers.py`` applies
+them together.
 """

@@ -75,18 +75,20 @@ class BlockSwap:
     def _before_block(self, index: int, _module, _args) -> None:
         self.acquire(index)
 
-    def running(self, inner):
+    def running(self, inner, loop: bool = False):
         """``inner(block, *args)`` with the block's weights brought in first, outside any compiled region;
-        ``inner`` calls the block's ``forward``, past the pre-forward hook."""
+        ``inner`` calls the block's ``forward``, past the pre-forward hook. ``loop``: the blocks run forward
+        only, pass after pass (sampling), so the first block is prefetched while the last one computes."""
 
-        def run(block, *args):
-            self.acquire(self.index[id(block)])
-            return inner(block, *args)
+        def run(block, *args, **kwargs):
+            self.acquire(self.index[id(block)], loop)
+            return inner(block, *args, **kwargs)
 
         return run
 
-    def acquire(self, index: int) -> None:
-        """Make block ``index``'s weights usable by work queued from now on, and prefetch the next block."""
+    def acquire(self, index: int, loop: bool = False) -> None:
+        """Make block ``index``'s weights usable by work queued from now on, and prefetch the next block
+        (the next one up the stack after the last one for a ``loop``, see ``running``)."""
         if self.cuda:
             # Everything queued so far, earlier blocks included, must finish before their slot is refilled.
             mark = torch.cuda.Event()
@@ -101,7 +103,9 @@ class BlockSwap:
         if step == 0:  # the same block twice: the turn between the forward pass and the backward pass
             step = -1 if index == self.count - 1 else 1
         self.last = index
-        if 0 <= index + step < self.count:
+        if loop:
+            self._load((index + 1) % self.count)
+        elif 0 <= index + step < self.count:
             self._load(index + step)
 
     def _load(self, index: int) -> int:

@@ -105,3 +105,61 @@ def test_validation_does_not_change_training(cache_with_prompts: Path, tmp_path:
     plain = train(TrainConfig(output=tmp_path / "a", **common))
     validated = train(TrainConfig(output=tmp_path / "b", validation_every=1, validation_steps=2, **common))
     assert validated.losses == plain.losses
+
+
+KILL_AFTER_PROMPTS = """
+import os
+from cogvx import files
+
+_save = files.save_safetensors
+
+
+def _save_then_die(path, *args, **kwargs):
+    written = _save(path, *args, **kwargs)
+    if str(path).endswith("validation_prompts.safetensors"):
+        os._exit(137)  # killed between writing the prompts file and the manifest that names it
+    return written
+
+
+files.save_safetensors = _save_then_die
+"""
+
+
+def test_a_run_killed_while_it_replaces_validation_prompts_never_leaves_a_manifest_naming_other_bytes(
+    cache_with_prompts: Path, tmp_path: Path
+):
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    from cogvx.shards import Manifest, paths
+
+    cache = tmp_path / "shards"
+    shutil.copytree(cache_with_prompts, cache)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(KILL_AFTER_PROMPTS)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(hook), env.get("PYTHONPATH")) if p)
+    command = [sys.executable, "-m", "cogvx", "preprocess", "--data", str(CLIPS), "--output", str(cache),
+               "--model", "tiny", "--dtype", "fp32", "--workers", "0",
+               "--validation-prompt", "a new prompt"]  # fmt: skip
+    killed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == 137, killed.stderr[-2000:]
+
+    entry = Manifest.load(cache).extras.get(paths.VALIDATION_ENTRY)
+    data = paths.validation_prompts(cache).read_bytes()
+    assert json.loads(safe_open_metadata(data)["prompts"]) == ["a new prompt"], "the kill came after the new file"
+    assert entry is None or entry["sha256"] == hashlib.sha256(data).hexdigest()
+    again = subprocess.run(command, env={**env, "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
+                           capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert again.returncode == 0, again.stderr[-2000:]
+    entry = Manifest.load(cache).extras[paths.VALIDATION_ENTRY]
+    assert entry["prompts"] == ["a new prompt"]
+    assert entry["sha256"] == hashlib.sha256(paths.validation_prompts(cache).read_bytes()).hexdigest()
+
+
+def safe_open_metadata(data: bytes) -> dict[str, str]:
+    length = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + length])["__metadata__"]

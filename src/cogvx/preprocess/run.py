@@ -757,7 +757,9 @@ def print_summary(result: PreprocessResult, output: Path | str) -> None:
 def save_validation_prompts(folder: Path, manifest: Manifest, prompts: list[str], encode) -> None:
     """Store the embeddings of validation prompts, and of the empty prompt (for guidance), in the cache.
 
-    Training samples validation latents from these without loading T5.
+    Training samples validation latents from these without loading T5. The manifest stops naming the old
+    file before it is replaced and names the new one after: a kill in between leaves a cache without
+    validation prompts (which training says in one line), never a manifest naming other bytes.
     """
     embeds, _ = encode([*prompts, ""])
     path = paths.validation_prompts(folder)
@@ -765,6 +767,8 @@ def save_validation_prompts(folder: Path, manifest: Manifest, prompts: list[str]
         "prompt_embeds": embeds[:-1].contiguous().cpu(),
         "negative_prompt_embeds": embeds[-1:].contiguous().cpu(),
     }
+    if manifest.extras.pop(paths.VALIDATION_ENTRY, None) is not None:
+        manifest.save(folder)
     files.save_safetensors(path, tensors, metadata={"prompts": json.dumps(prompts)})
     manifest.extras[paths.VALIDATION_ENTRY] = {
         "file": paths.VALIDATION_PROMPTS,

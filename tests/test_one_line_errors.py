@@ -5,6 +5,7 @@ network, a damaged file, a package that cannot be imported); nothing is patched 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -13,8 +14,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
+from cogvx import runs
+from cogvx.cli import app
 from cogvx.pipeline import models
+from tests.test_render import PROMPTS, make_validation
+from tests.test_sample import train_lora
 
 # The command is timed inside the child after the heavy imports, so a loaded machine's slow imports do not
 # count; huggingface_hub's own retries for a file it cannot fetch wait 23 s and more.
@@ -107,3 +113,110 @@ def test_train_names_the_transformer_a_half_cached_hub_model_lacks_in_one_line_a
     assert "the transformer files of model someorg/tinyish" in message, message
     assert "hf download someorg/tinyish" in message, message
     assert took(done) < FAST_S, done.stderr[-2000:]
+
+
+# --------------------------------------------------------------------------- damaged run folders
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_cache, tmp_path_factory) -> Path:
+    """A finished tiny run with one step of validation latents: what report, render and sample read."""
+    run = train_lora(tiny_cache, tmp_path_factory.mktemp("trained") / "run", steps=2)
+    make_validation(run, steps=(2,), prompts=PROMPTS[:1])
+    return run
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path) -> Path:
+    return Path(shutil.copytree(trained_run, tmp_path / "run"))
+
+
+def cli_one_line_error(*argv: str) -> str:
+    """``cogvx ARGV`` through the real CLI in this process: exit 1 with one ``error:`` line and nothing else."""
+    result = CliRunner().invoke(app, list(argv))
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), (result.output, result.exception)
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def set_config(run: Path, text: str) -> Path:
+    runs.config_json(run).write_text(text)
+    return runs.config_json(run)
+
+
+def test_report_names_a_config_json_that_is_not_json(run_copy):
+    path = set_config(run_copy, '{"model": "tiny", "rank": ')
+    message = cli_one_line_error("report", str(run_copy))
+    assert str(path) in message and "not valid JSON" in message
+
+
+@pytest.mark.parametrize(
+    ("command", "key", "value"),
+    [("report", "model", 5), ("report", "shards", ["a", "b"]), ("sample", "model", {"name": "tiny"})],
+)
+def test_a_config_json_value_of_the_wrong_type_is_one_line_naming_the_file_and_key(run_copy, command, key, value):
+    config = json.loads(runs.config_json(run_copy).read_text()) | {key: value}
+    path = set_config(run_copy, json.dumps(config))
+    argv = ["report", str(run_copy)] if command == "report" else ["sample", "--lora", str(run_copy), "--prompt", "x"]
+    message = cli_one_line_error(*argv)
+    assert str(path) in message and key in message, message
+    assert repr(value) in message, message
+
+
+def test_a_config_json_without_keys_still_reports_from_what_the_run_holds(run_copy):
+    set_config(run_copy, "{}")
+    result = CliRunner().invoke(app, ["report", str(run_copy)])
+    assert result.exit_code == 0, result.output
+    assert (
+        runs.report(run_copy).is_file()
+        and runs.validation_video(runs.validation_sample(runs.validation_step(run_copy, 2), 0)).is_file()
+    )
+
+
+@pytest.mark.parametrize("size", [0, 50, 4000])
+def test_sample_names_a_cut_short_lora_file_before_loading_the_model(run_copy, size):
+    weights = runs.lora_weights(run_copy)
+    with weights.open("r+b") as f:
+        f.truncate(size)
+    message = cli_one_line_error("sample", "--lora", str(run_copy), "--prompt", "x", "--steps", "1")
+    assert str(weights) in message and "not a readable safetensors file" in message, message
+    assert "copy it again" in message and "train it again" in message, message
+
+
+def test_render_names_cut_short_validation_latents(run_copy):
+    sample = runs.validation_sample(runs.validation_step(run_copy, 2), 0)
+    with sample.open("r+b") as f:
+        f.truncate(sample.stat().st_size // 2)
+    message = cli_one_line_error("render", str(run_copy))
+    assert str(sample) in message and "not a readable safetensors file" in message, message
+
+
+# --------------------------------------------------------------------------- a missing optional package
+
+# Put first on PYTHONPATH, this makes ``import imageio_ffmpeg`` fail in the child as if it were not installed.
+BLOCK_IMAGEIO_FFMPEG = """
+import sys
+
+
+class BlockImageioFfmpeg:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] == "imageio_ffmpeg":
+            raise ModuleNotFoundError(f"No module named {name!r}")
+        return None
+
+
+sys.meta_path.insert(0, BlockImageioFfmpeg())
+"""
+
+
+def test_report_without_imageio_ffmpeg_is_one_line_with_the_pip_command(run_copy, tmp_path):
+    blocker = tmp_path / "blocker"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(BLOCK_IMAGEIO_FFMPEG)
+    path = os.pathsep.join(p for p in (str(blocker), os.environ.get("PYTHONPATH", "")) if p)
+    done = cogvx_cli("report", str(run_copy), env={"PYTHONPATH": path})
+
+    message = one_line_error(done)
+    assert "pip install imageio imageio-ffmpeg" in message and "imageio_ffmpeg" in message, message
+    assert not list(runs.validation(run_copy).rglob("*.mp4")) and not runs.report(run_copy).exists()

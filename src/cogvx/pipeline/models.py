@@ -71,7 +71,11 @@ def choose_model(given: str | None, *recorded: tuple[str | None, str]) -> str:
     """
     if given:
         return given
-    for name, _where in recorded:
+    for name, where in recorded:
+        if name is not None and not isinstance(name, str):
+            raise ModelError(
+                f"{where} names the model as {name!r}, not a model name: correct it there, or pass --model."
+            )
         if name:
             return name
     places = " nor ".join(where for _name, where in recorded) or "the input"
@@ -326,7 +330,7 @@ def quiet_loading():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*`torch_dtype` is deprecated", category=FutureWarning)
         # diffusers still passes this argument to huggingface_hub, which ignores it.
-        warnings.filterwarnings("ignore", message=".*`local_dir_use_symlinks` argument is deprecated", category=UserWarning)
+        warnings.filterwarnings("ignore", message=".*`local_dir_use_symlinks` argument", category=UserWarning)
         for module, _ in bars:
             module.disable_progress_bar()
         try:

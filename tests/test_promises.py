@@ -1,12 +1,16 @@
-"""Promises that only a real run can keep, checked through ``cogvx train --config FILE`` as a user sets them:
-``max_grad_norm`` scales a large gradient down to it, and ``noised_image_dropout`` reaches the I2V objective.
+"""Promises no other test guards: ``max_grad_norm`` scales a large gradient down to it and ``noised_image_dropout``
+reaches the I2V objective (real runs, set through ``cogvx train --config FILE`` as a user sets them), and
+every file the README's quick start writes is ignored by git.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
+import shlex
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -16,8 +20,11 @@ from typer.testing import CliRunner
 
 from cogvx import runs
 from cogvx.cli import app
+from cogvx.preprocess.run import PreprocessConfig
+from cogvx.sample import SampleConfig
 from cogvx.shards import Manifest, Sample, ShardWriter, read_shard
 from cogvx.shards.io import INDEX
+from cogvx.train.config import TrainConfig
 from tests.i2vcache import with_image_latents
 
 
@@ -84,3 +91,65 @@ def test_noised_image_dropout_from_the_config_file_reaches_the_i2v_objective(tin
     zeros = losses("zeros", blank, 0.0)
     assert dropped == pytest.approx(zeros, rel=1e-5), (dropped, zeros)
     assert all(abs(a - b) > 1e-4 * abs(b) for a, b in zip(dropped, kept, strict=True)), (dropped, kept)
+
+
+# --------------------------------------------------------------------------- the README's outputs stay out of git
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_section(title: str) -> str:
+    text = (ROOT / "README.md").read_text()
+    start = text.index(f"\n## {title}\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else len(text)]
+
+
+def readme_commands() -> list[list[str]]:
+    """Each ``cogvx`` command of the quick start's bash blocks and of "Seeing results" (inline), as its words."""
+    quick = readme_section("Quick start")
+    lines = [line for block in re.findall(r"```bash\n(.*?)```", quick, re.S) for line in block.splitlines()]
+    lines += re.findall(r"`(cogvx [^`]+)`", readme_section("Seeing results"))
+    commands = []
+    for line in lines:
+        for part in line.split("&&"):
+            words = shlex.split(part, comments=True)
+            if words[:1] == ["cogvx"]:
+                commands.append(words[1:])
+    return commands
+
+
+def written_paths(words: list[str]) -> list[str]:
+    """A file each command writes, by its flags or, where it gives none, the stage's default."""
+    command, flags, positional, rest = words[0], {}, [], iter(words[1:])
+    for word in rest:
+        if word.startswith("--"):
+            flags[word] = next(rest, "")
+        else:
+            positional.append(word)
+    if command == "preprocess":
+        return [f"{flags.get('--output', PreprocessConfig.output)}/manifest.json"]
+    if command == "train":
+        run = flags.get("--output", str(TrainConfig.output))
+        return [str(runs.config_json(Path(run))), str(runs.checkpoint(Path(run), 1) / "state.json")]
+    if command == "sample":
+        cfg = SampleConfig(prompts=("a", "b"), lora=Path("run"), output=flags.get("--output"))
+        return [str(path) for path in [*cfg.video_paths(), cfg.sheet_path]]
+    if command == "render":
+        return [str(runs.validation_video(runs.validation_sample(runs.validation_step(Path(positional[0]), 1), 0)))]
+    if command == "report":
+        return [flags.get("--output") or str(runs.report(Path(positional[0])))]
+    raise AssertionError(f"the README runs `cogvx {command}`: say here which files it writes")
+
+
+def test_every_file_the_readme_quick_start_writes_is_ignored_by_git():
+    commands = readme_commands()
+    assert {words[0] for words in commands} >= {"preprocess", "train", "sample", "render", "report"}, commands
+    written = sorted({path for words in commands for path in written_paths(words)})
+    checked = subprocess.run(
+        ["git", "check-ignore", "--no-index", "--stdin"], cwd=ROOT, input="\n".join(written), capture_output=True,
+        text=True,
+    )  # fmt: skip
+    ignored = set(checked.stdout.splitlines())
+    assert checked.returncode in (0, 1), checked.stderr
+    assert [path for path in written if path not in ignored] == [], "add these to .gitignore"

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from cogvx import runs
 from cogvx.cli import app
 from cogvx.pipeline import models
+from tests.hubserver import HubServer
 from tests.test_render import PROMPTS, make_validation
 from tests.test_sample import train_lora
 
@@ -220,3 +221,22 @@ def test_report_without_imageio_ffmpeg_is_one_line_with_the_pip_command(run_copy
     message = one_line_error(done)
     assert "pip install imageio imageio-ffmpeg" in message and "imageio_ffmpeg" in message, message
     assert not list(runs.validation(run_copy).rglob("*.mp4")) and not runs.report(run_copy).exists()
+
+
+def test_a_hub_model_downloaded_once_needs_no_network_after(tmp_path):
+    """The same command first downloads the model from the hub (tests/hubserver.py), then runs from the cache
+    alone while the endpoint refuses connections."""
+    env = {"HF_HOME": str(tmp_path / "hf")}
+    argv = ["preprocess", "--data", "examples/clips", "--model", "someorg/tinyhub", "--workers", "0"]
+    with HubServer() as hub:
+        hub.serve_model("someorg/tinyhub", Path(models.resolve_model("tiny")))
+        online = cogvx_cli(*argv, "--output", str(tmp_path / "online"), env=env | {"HF_ENDPOINT": hub.url})
+        assert online.returncode == 0, online.stderr[-3000:]
+        assert hub.requests_to("GET", "/someorg/tinyhub/resolve/")
+
+    offline = cogvx_cli(*argv, "--output", str(tmp_path / "offline"), env=env | {"HF_ENDPOINT": closed_port_endpoint()})
+    assert offline.returncode == 0, offline.stderr[-3000:]
+    manifests = [json.loads((tmp_path / name / "manifest.json").read_text()) for name in ("online", "offline")]
+    assert (
+        manifests[0]["producer"] == manifests[1]["producer"] and manifests[0]["producer"]["model"] == "someorg/tinyhub"
+    )

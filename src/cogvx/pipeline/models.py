@@ -348,7 +348,7 @@ def _from_pretrained(load, source: str, subfolder: str, revision: str | None, **
         return load(source, subfolder=subfolder, revision=revision, **kwargs)
     from cogvx import hub
 
-    config = "scheduler_config.json" if subfolder == "scheduler" else "config.json"
+    config = {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json"}.get(subfolder, "config.json")
     why = hub.unreachable(source, f"{subfolder}/{config}", revision)
     if why is None:
         return load(source, subfolder=subfolder, revision=revision, **kwargs)

@@ -240,3 +240,13 @@ def test_a_hub_model_downloaded_once_needs_no_network_after(tmp_path):
     assert (
         manifests[0]["producer"] == manifests[1]["producer"] and manifests[0]["producer"]["model"] == "someorg/tinyhub"
     )
+
+
+def test_a_hub_model_the_endpoint_does_not_have_is_one_line(tmp_path):
+    argv = ["preprocess", "--data", "examples/clips", "--output", str(tmp_path / "shards")]
+    with HubServer() as hub:
+        done = cogvx_cli(
+            *argv, "--model", "someorg/nosuchmodel", env={"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": hub.url}
+        )
+    message = one_line_error(done)
+    assert "someorg/nosuchmodel" in message and "no such model" in message and hub.url in message, message

@@ -6,7 +6,9 @@ offline mode (``HF_HUB_OFFLINE=1``), its endpoint (``HF_ENDPOINT``) and its toke
 cogvx never takes it as a setting, never writes it anywhere and never puts it in a message.
 
 Errors the user can fix (a malformed URL or repo id, a repo that does not exist or needs a login, no
-network and nothing downloaded) are one-line ``InputError``s; anything else keeps its traceback.
+network and nothing downloaded) are one-line ``InputError``s (``ModelError``s for a model's files); anything
+else keeps its traceback. Where a model file is not cached, one request without retries tells whether the
+endpoint can be reached, so no network means one line at once rather than the client's half minute of retries.
 """
 
 from __future__ import annotations

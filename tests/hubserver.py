@@ -3,6 +3,8 @@
 It speaks just enough of the Hub's API for huggingface_hub's real client, pointed at it with
 ``HF_ENDPOINT``, to:
 
+- download a model's files served from a local folder (``hf_hub_download``, ``from_pretrained``:
+  ``HEAD``/``GET /ID/resolve/REV/PATH``, its info as below);
 - download a dataset repo served from a local folder (``snapshot_download``): repo info
   (``GET /api/datasets/ID[/revision/REV]``), the recursive tree listing (``GET /api/datasets/ID/tree/REV``)
   and the files (``HEAD``/``GET /datasets/ID/resolve/REV/PATH``, with the ``X-Repo-Commit``, ``ETag`` and
@@ -110,6 +112,16 @@ class HubServer:
         repo.refs[revision] = commit
         return commit
 
+    def serve_model(self, repo_id: str, folder: Path, revision: str = "main") -> str:
+        """Serve every file under ``folder`` (a diffusers model folder) as model ``repo_id``; returns the commit."""
+        paths = [path for path in sorted(Path(folder).rglob("*")) if path.is_file()]
+        files = {path.relative_to(folder).as_posix(): path.read_bytes() for path in paths}
+        repo = self.models.setdefault(repo_id, Repo())
+        commit = _commit_id(repo_id, revision, files)
+        repo.commits[commit] = files
+        repo.refs[revision] = commit
+        return commit
+
     def model_files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
         repo = self.models[repo_id]
         return dict(repo.commits[repo.refs[revision]])
@@ -140,6 +152,13 @@ class HubServer:
                 return self._tree(request, repo_id, rest[1], "/".join(rest[2:]))
         if parts[:1] == ["datasets"] and method in ("GET", "HEAD") and len(parts) >= 6 and parts[3] == "resolve":
             return self._resolve(request, "/".join(parts[1:3]), parts[4], "/".join(parts[5:]))
+        if (
+            parts[0] not in ("api", "datasets")
+            and method in ("GET", "HEAD")
+            and len(parts) >= 5
+            and parts[2] == "resolve"
+        ):
+            return self._resolve(request, "/".join(parts[:2]), parts[3], "/".join(parts[4:]), self.models)
         if parts == ["api", "repos", "create"] and method == "POST":
             return self._create_repo(request)
         if parts == ["api", "validate-yaml"] and method == "POST":
@@ -208,8 +227,8 @@ class HubServer:
         entries += [{"type": "directory", "oid": "0" * 40, "size": 0, "path": f} for f in sorted(folders)]
         return _json(200, entries)
 
-    def _resolve(self, request, repo_id, revision, path) -> tuple[int, dict[str, str], bytes]:
-        repo = self._repo(request, self.datasets, repo_id)
+    def _resolve(self, request, repo_id, revision, path, repos=None) -> tuple[int, dict[str, str], bytes]:
+        repo = self._repo(request, self.datasets if repos is None else repos, repo_id)
         commit = self._commit_or_404(repo, revision)
         authorized = self.token is not None and request.headers.get("authorization") == f"Bearer {self.token}"
         if repo.gated and not authorized:

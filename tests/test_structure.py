@@ -53,6 +53,7 @@ ALLOWED = {("pipeline/models.py", runs.CONFIG_JSON), ("pipeline/tiny.py", runs.C
 
 # Flags of the launchers and tools cogvx's messages point to (accelerate, torchrun, pip).
 OTHER_TOOLS_FLAGS = {"--multi-gpu", "--num-processes", "--num_processes", "--nproc-per-node", "--nnodes", "--upgrade"}
+OTHER_TOOLS_FLAGS |= {"--revision"}  # `hf download ID --revision REV`, for a hub model not in the cache
 
 
 def _modules() -> list[Path]:

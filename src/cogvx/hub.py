@@ -1,4 +1,4 @@
-"""The Hugging Face Hub: dataset repos in (``--data hf://datasets/OWNER/NAME``), a run's LoRA out (push).
+"""The Hugging Face Hub: model files and dataset repos in (``--data hf://datasets/OWNER/NAME``), a run's LoRA out.
 
 Everything goes through huggingface_hub's own client, so its cache (``HF_HOME`` / ``HF_HUB_CACHE``), its
 offline mode (``HF_HUB_OFFLINE=1``), its endpoint (``HF_ENDPOINT``) and its token (``HF_TOKEN``, or the one
@@ -6,18 +6,21 @@ offline mode (``HF_HUB_OFFLINE=1``), its endpoint (``HF_ENDPOINT``) and its toke
 cogvx never takes it as a setting, never writes it anywhere and never puts it in a message.
 
 Errors the user can fix (a malformed URL or repo id, a repo that does not exist or needs a login, no
-network and nothing downloaded) are one-line ``InputError``s; anything else keeps its traceback.
+network and nothing downloaded) are one-line ``InputError``s (``ModelError``s for a model's files); anything
+else keeps its traceback. Where a model file is not cached, one request without retries tells whether the
+endpoint can be reached, so no network means one line at once rather than the client's half minute of retries.
 """
 
 from __future__ import annotations
 
+import importlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import unquote
 
 from cogvx import runs
-from cogvx.errors import InputError, RunError
+from cogvx.errors import InputError, ModelError, RunError
 
 SCHEME = "hf://"
 DATASET_FORM = "hf://datasets/OWNER/NAME[@REVISION][/FOLDER]"
@@ -144,6 +147,96 @@ def resolve_dataset(data: str | Path) -> Path:
             f"(the downloaded files are in {snapshot})."
         )
     return folder
+
+
+def model_file(repo_id: str, filename: str, revision: str | None = None) -> Path:
+    """One file of hub model ``repo_id``, from huggingface_hub's cache or downloaded into it.
+
+    A file not in the cache costs one request first: an endpoint that cannot be reached, or HF_HUB_OFFLINE=1,
+    is a one-line ModelError at once, where the client alone would retry for about half a minute and then raise.
+    """
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        hf_hub_download(repo_id, filename, revision=revision, local_files_only=True)
+    except LocalEntryNotFoundError:
+        why = unreachable(repo_id, filename, revision)
+        if why:
+            raise ModelError(model_not_cached(repo_id, revision, why)) from None
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision))
+    except GatedRepoError as err:
+        raise ModelError(f"model {repo_id} is gated; accept its terms on its Hub page, then {_LOGIN}.") from err
+    except RepositoryNotFoundError as err:
+        raise ModelError(
+            f"model {repo_id}: no such model on {constants.ENDPOINT}, or it is private and you are not logged in; "
+            f"check the name (or pass a local diffusers folder), or {_LOGIN}."
+        ) from err
+    except RevisionNotFoundError as err:
+        raise ModelError(
+            f"model {repo_id} has no revision {revision!r}; pass a branch, tag or commit it has to --model-revision."
+        ) from err
+    except LocalEntryNotFoundError as err:  # the endpoint went away between the request above and this one
+        raise ModelError(model_not_cached(repo_id, revision, f"cannot reach {constants.ENDPOINT}")) from err
+    except EntryNotFoundError as err:
+        at = f" at revision {revision!r}" if revision else ""
+        raise ModelError(
+            f"model {repo_id}{at} has no {filename}: it is not a CogVideoX model in diffusers format; pass one that "
+            "is (such as THUDM/CogVideoX-2b) or a local diffusers folder."
+        ) from err
+
+
+def unreachable(repo_id: str, filename: str, revision: str | None = None) -> str | None:
+    """Why hub model files cannot be downloaded now (HF_HUB_OFFLINE, or no answer to one request for
+    ``filename``), or None when the endpoint answers, whatever the answer."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url
+    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, OfflineModeIsEnabled
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    try:
+        get_hf_file_metadata(hf_hub_url(repo_id, filename, revision=revision))
+    except (HfHubHTTPError, EntryNotFoundError):
+        return None  # it answered: the download says what the answer means
+    except OfflineModeIsEnabled:
+        return "HF_HUB_OFFLINE is set"
+    except _network_errors() as err:
+        return f"cannot reach {constants.ENDPOINT} ({_first_line(err)})"
+    return None
+
+
+def model_not_cached(repo_id: str, revision: str | None, why: str, part: str = "") -> str:
+    """The one line for a hub model (or ``part`` of it, e.g. "transformer") missing from the cache."""
+    from huggingface_hub import constants
+
+    pinned = f" --revision {revision}" if revision else ""
+    model = f"model {repo_id}" + (f" at revision {revision!r}" if revision else "")
+    missing = f"the {part} files of {model} are" if part else f"{model} is"
+    return (
+        f"{missing} not in the local Hugging Face cache "
+        f"({constants.HF_HUB_CACHE}) and {why}: download it on a machine with network (`hf download "
+        f"{repo_id}{pinned}`, or `huggingface-cli download {repo_id}{pinned}`) into this cache and run with "
+        "HF_HUB_OFFLINE=1, or point --model at a local diffusers folder."
+    )
+
+
+def _network_errors() -> tuple[type[BaseException], ...]:
+    """What huggingface_hub's HTTP client raises when the endpoint cannot be reached, for each client it has
+    used (requests before 1.0, httpx, httpx2); status codes come as HfHubHTTPError, which is none of these."""
+    kinds: list[type[BaseException]] = []
+    for module, name in (("requests", "RequestException"), ("httpx", "TransportError"), ("httpx2", "TransportError")):
+        try:
+            kinds.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue  # that client is not installed: huggingface_hub does not use it here
+    return tuple(kinds)
 
 
 def push_run(

@@ -13,7 +13,7 @@ from typing import ClassVar
 from cogvx import runs
 from cogvx.config import SHEET_WIDTH, VIDEO_FPS, Domain, check_domains
 from cogvx.errors import ModelError, RunError
-from cogvx.media import SHEET_COLUMNS, check_video_settings, write_mp4, write_sheet
+from cogvx.media import SHEET_COLUMNS, check_mp4_writer, check_video_settings, write_mp4, write_sheet
 from cogvx.pipeline import models
 from cogvx.pipeline.decode import check_decoded_size, decode_latents, device_and_dtype
 
@@ -87,6 +87,7 @@ def run_render(cfg: RenderConfig, show_progress: bool = False) -> RenderResult:
     result = RenderResult([], [s for s in steps if s not in todo])
     if not todo:
         return result
+    check_mp4_writer()  # before the VAE is loaded and anything decoded
 
     first_meta = runs.read_validation_sample(todo[0].samples[0])[1]
     model_name = models.choose_model(

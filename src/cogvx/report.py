@@ -165,7 +165,13 @@ def _plain(value: Any) -> str:
 def _data_section(run: Path, config: dict[str, Any], notes: list[str]) -> str:
     from cogvx.shards import CacheError, Manifest
 
-    cache = find_cache(run, config.get("shards"))
+    shards = config.get("shards")
+    if shards is not None and not isinstance(shards, str):
+        raise RunError(
+            f'{runs.config_json(run)} gives "shards" as {shards!r}, not the path of a cache: write there the path '
+            "of the cache the run trained on, or remove the line."
+        )
+    cache = find_cache(run, shards)
     if cache is None:
         where = config.get("shards", f"({runs.CONFIG_JSON} names none)")
         notes.append(f"cache not found at {where}")

@@ -149,6 +149,16 @@ def lora_file(lora: Path) -> Path:
             f"No LoRA weights at {path}. Point --lora at a run folder written by `cogvx train` "
             f"(it holds {runs.LORA_WEIGHTS}) or at the .safetensors file itself."
         )
+    from safetensors import SafetensorError, safe_open
+
+    try:  # the header and the file's length, checked before minutes go into loading the base model
+        with safe_open(str(path), framework="pt"):
+            pass
+    except SafetensorError as err:
+        raise RunError(
+            f"--lora {path} is not a readable safetensors file ({err}): it is damaged or was cut short (copied "
+            "while training wrote it?); copy it again from where it was trained, or train it again."
+        ) from err
     return path
 
 

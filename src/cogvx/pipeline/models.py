@@ -71,7 +71,11 @@ def choose_model(given: str | None, *recorded: tuple[str | None, str]) -> str:
     """
     if given:
         return given
-    for name, _where in recorded:
+    for name, where in recorded:
+        if name is not None and not isinstance(name, str):
+            raise ModelError(
+                f"{where} names the model as {name!r}, not a model name: correct it there, or pass --model."
+            )
         if name:
             return name
     places = " nor ".join(where for _name, where in recorded) or "the input"
@@ -129,9 +133,9 @@ def read_config(source: str, subfolder: str, revision: str | None = None) -> dic
     local = Path(source) / subfolder / name
     if local.is_file():
         return json.loads(local.read_text())
-    from huggingface_hub import hf_hub_download
+    from cogvx import hub
 
-    return json.loads(Path(hf_hub_download(source, name, subfolder=subfolder, revision=revision)).read_text())
+    return json.loads(hub.model_file(source, f"{subfolder}/{name}", revision).read_text())
 
 
 def _digest(fields: dict[str, Any]) -> str:
@@ -317,13 +321,16 @@ class ModelInfo:
 @contextlib.contextmanager
 def quiet_loading():
     """Load weights without the libraries' noise in cogvx's output: their loading progress bars, and the
-    FutureWarning diffusers raises for ``torch_dtype`` (the keyword every supported diffusers accepts)."""
+    FutureWarning diffusers raises for ``torch_dtype`` (the keyword every supported diffusers accepts), and the
+    UserWarning huggingface_hub raises for an argument diffusers passes it."""
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
     bars = [(m, m.is_progress_bar_enabled()) for m in (diffusers_logging, transformers_logging)]
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*`torch_dtype` is deprecated", category=FutureWarning)
+        # diffusers still passes this argument to huggingface_hub, which ignores it.
+        warnings.filterwarnings("ignore", message=".*`local_dir_use_symlinks` argument", category=UserWarning)
         for module, _ in bars:
             module.disable_progress_bar()
         try:
@@ -334,14 +341,46 @@ def quiet_loading():
                     module.enable_progress_bar()
 
 
+def _from_pretrained(load, source: str, subfolder: str, revision: str | None, **kwargs):
+    """``load(source, subfolder=...)`` (a ``from_pretrained``), that for a hub model the hub cannot serve now reads
+    the local cache alone and says in one line what is missing, instead of retrying for minutes."""
+    if Path(source).is_dir():
+        return load(source, subfolder=subfolder, revision=revision, **kwargs)
+    from cogvx import hub
+
+    config = {"scheduler": "scheduler_config.json", "tokenizer": "tokenizer_config.json"}.get(subfolder, "config.json")
+    why = hub.unreachable(source, f"{subfolder}/{config}", revision)
+    if why is None:
+        return load(source, subfolder=subfolder, revision=revision, **kwargs)
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    # Their messages about each weights file they looked for and did not find would precede the one line.
+    levels = [(module, module.get_verbosity()) for module in (diffusers_logging, transformers_logging)]
+    for module, _ in levels:
+        module.set_verbosity(module.CRITICAL)
+    try:
+        return load(source, subfolder=subfolder, revision=revision, local_files_only=True, **kwargs)
+    except OSError as err:  # what diffusers and transformers raise for a file the cache does not hold
+        raise ModelError(hub.model_not_cached(source, revision, why, subfolder)) from err
+    finally:
+        for module, level in levels:
+            module.set_verbosity(level)
+
+
 def load_transformer(
     source: str, dtype: torch.dtype, device: torch.device | str = "cpu", *, revision=None, variant=None
 ):
     from diffusers import CogVideoXTransformer3DModel
 
     with quiet_loading():
-        model = CogVideoXTransformer3DModel.from_pretrained(
-            source, subfolder="transformer", torch_dtype=dtype, revision=revision, variant=variant
+        model = _from_pretrained(
+            CogVideoXTransformer3DModel.from_pretrained,
+            source,
+            "transformer",
+            revision,
+            torch_dtype=dtype,
+            variant=variant,
         )
     return model.to(device)
 
@@ -350,8 +389,8 @@ def load_vae(source: str, dtype: torch.dtype, device: torch.device | str = "cpu"
     from diffusers import AutoencoderKLCogVideoX
 
     with quiet_loading():
-        vae = AutoencoderKLCogVideoX.from_pretrained(
-            source, subfolder="vae", torch_dtype=dtype, revision=revision, variant=variant
+        vae = _from_pretrained(
+            AutoencoderKLCogVideoX.from_pretrained, source, "vae", revision, torch_dtype=dtype, variant=variant
         )
     return vae.to(device)
 
@@ -362,9 +401,9 @@ def load_text_encoder(
     from transformers import AutoTokenizer, T5EncoderModel
 
     with quiet_loading():
-        tokenizer = AutoTokenizer.from_pretrained(source, subfolder="tokenizer", revision=revision)
-        encoder = T5EncoderModel.from_pretrained(
-            source, subfolder="text_encoder", dtype=dtype, revision=revision, variant=variant
+        tokenizer = _from_pretrained(AutoTokenizer.from_pretrained, source, "tokenizer", revision)
+        encoder = _from_pretrained(
+            T5EncoderModel.from_pretrained, source, "text_encoder", revision, dtype=dtype, variant=variant
         ).to(device)
     return tokenizer, encoder.eval()
 
@@ -372,4 +411,4 @@ def load_text_encoder(
 def load_scheduler(source: str, *, revision=None):
     from diffusers import CogVideoXDPMScheduler
 
-    return CogVideoXDPMScheduler.from_pretrained(source, subfolder="scheduler", revision=revision)
+    return _from_pretrained(CogVideoXDPMScheduler.from_pretrained, source, "scheduler", revision)

@@ -343,7 +343,8 @@ def test_fifo_and_device_shards_are_refused_without_reading(tmp_path: Path):
 
 
 def test_member_sizes_are_bounded_by_the_layout_and_the_file(tmp_path: Path):
-    from cogvx.shards.io import TENSOR_HEADER_ALLOWANCE, MemberLimits, layout_bytes
+    from cogvx.shards.manifest import layout_bytes
+    from cogvx.shards.tar import TENSOR_HEADER_ALLOWANCE, MemberLimits
 
     manifest = _written_cache(tmp_path)
     record = manifest.shards[0]
@@ -367,7 +368,7 @@ def test_member_sizes_are_bounded_by_the_layout_and_the_file(tmp_path: Path):
 
 def iter_raw_samples_of(path: Path):
     from cogvx.shards import iter_raw_samples
-    from cogvx.shards.io import MemberLimits
+    from cogvx.shards.tar import MemberLimits
 
     with open(path, "rb") as f:
         yield from iter_raw_samples(f, str(path), limits=MemberLimits(meta=4 << 30))
@@ -415,7 +416,7 @@ def test_writer_records_layouts_and_refuses_what_readers_would(tmp_path: Path):
 )
 def test_check_sample_names_what_is_wrong(change, message):
     from cogvx.shards import check_sample
-    from cogvx.shards.io import _with_index
+    from cogvx.shards.codec import with_index as _with_index
 
     sample, entry = _sample(0)
     sample.meta = _with_index(sample, entry)

@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from cogvx.files import write_json_atomic
 from cogvx.shards import CacheError, Manifest, Sample, SampleEntry, ShardRecord, paths
-from cogvx.shards.manifest import describe_layout, is_plain_name, merge_layouts, write_json_atomic
+from cogvx.shards.manifest import describe_layout, is_plain_name, merge_layouts
 
 from .test_shards import BUCKET, LAYOUT, _written_cache, refusal_without_blocking
 
@@ -486,11 +487,11 @@ def test_merge_skipped_sorts_every_ranks_rows_by_source_as_utf8(tmp_path: Path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [".parts", "skipped.jsonl"]
 
 
-# --- shards/io.py ---------------------------------------------------------------------------------
+# --- shards/codec.py, tar.py, checks.py, shardfile.py, reader.py, verify.py, rebuild.py ----------------
 
 
 def test_layout_bytes_counts_each_dtypes_itemsize_and_refuses_an_unknown_dtype():
-    from cogvx.shards.io import layout_bytes
+    from cogvx.shards.manifest import layout_bytes
 
     layout = {
         "a": {"dtype": "bfloat16", "shape": [3, 5]},
@@ -517,7 +518,7 @@ def test_layout_bytes_counts_each_dtypes_itemsize_and_refuses_an_unknown_dtype()
 )
 def test_encode_sample_refuses_keys_and_member_names_readers_would(key: str, extras: dict, message: str):
     from cogvx.shards import Sample
-    from cogvx.shards.io import encode_sample
+    from cogvx.shards.codec import encode_sample
 
     with pytest.raises(ValueError) as err:
         encode_sample(Sample(key, {"x": torch.zeros(1)}, {}, extras))
@@ -528,7 +529,7 @@ def test_encode_sample_writes_tensors_then_sorted_json_then_sorted_extras():
     from safetensors.torch import load
 
     from cogvx.shards import Sample
-    from cogvx.shards.io import encode_sample
+    from cogvx.shards.codec import encode_sample
 
     members = encode_sample(Sample("k-1", {"x": torch.arange(4.0)[::2]}, {"b": 1, "a": 2}, {"z": b"1", "a.b": b"2"}))
     assert [name for name, _ in members] == ["k-1.safetensors", "k-1.json", "k-1.a.b", "k-1.z"]
@@ -538,7 +539,7 @@ def test_encode_sample_writes_tensors_then_sorted_json_then_sorted_extras():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
 def test_nan_and_inf_are_found_in_every_float_dtype_and_the_largest_finite_is_not(dtype):
-    from cogvx.shards.io import _all_finite
+    from cogvx.shards.checks import all_finite as _all_finite
 
     largest = torch.finfo(dtype).max
     assert _all_finite(torch.tensor([0.0, -largest, largest], dtype=dtype))
@@ -548,7 +549,7 @@ def test_nan_and_inf_are_found_in_every_float_dtype_and_the_largest_finite_is_no
 
 
 def test_finiteness_of_rare_and_integer_dtypes():
-    from cogvx.shards.io import _all_finite
+    from cogvx.shards.checks import all_finite as _all_finite
 
     assert _all_finite(torch.tensor([-1, 2**31 - 1], dtype=torch.int32))
     assert _all_finite(torch.tensor([448.0], dtype=torch.float8_e4m3fn))
@@ -557,7 +558,7 @@ def test_finiteness_of_rare_and_integer_dtypes():
 
 
 def test_entry_from_meta_reads_the_index_line_or_the_top_level_fields():
-    from cogvx.shards.io import entry_from_meta
+    from cogvx.shards.codec import entry_from_meta
 
     line = {"source": "v", "content_hash": "h", "bucket": "b", "size": 1, "mtime_ns": 2, "caption_hash": None}
     assert entry_from_meta("k", {"index": line}) == SampleEntry("k", "v", "h", "b", 1, 2, None)
@@ -578,7 +579,7 @@ def test_entry_from_meta_reads_the_index_line_or_the_top_level_fields():
 
 
 def test_short_values_are_cut_at_60_characters():
-    from cogvx.shards.io import _short
+    from cogvx.shards.codec import short as _short
 
     assert _short("x" * 58) == repr("x" * 58)
     assert _short("x" * 59) == "'" + "x" * 56 + "..."
@@ -587,7 +588,8 @@ def test_short_values_are_cut_at_60_characters():
 
 def _one_sample_bytes() -> int:
     """What the writer counts for one ``_sample`` (each member's bytes plus 1024 for its headers)."""
-    from cogvx.shards.io import _with_index, encode_sample
+    from cogvx.shards.codec import encode_sample
+    from cogvx.shards.codec import with_index as _with_index
 
     from .test_shards import _sample
 
@@ -615,7 +617,8 @@ def test_the_writer_never_takes_an_existing_name_and_resets_after_abandon(tmp_pa
     import tarfile
 
     from cogvx.shards import ShardWriter
-    from cogvx.shards.io import HEADER_KEY, OPENED_KEY, file_sha256
+    from cogvx.shards.codec import HEADER_KEY, OPENED_KEY
+    from cogvx.shards.shardfile import file_sha256
 
     from .test_shards import _sample
 
@@ -641,7 +644,7 @@ def test_the_writer_never_takes_an_existing_name_and_resets_after_abandon(tmp_pa
 
 
 def test_metadata_that_contradicts_its_index_line_is_refused_by_the_writer():
-    from cogvx.shards.io import _with_index
+    from cogvx.shards.codec import with_index as _with_index
 
     from .test_shards import _sample
 
@@ -656,7 +659,7 @@ def test_hashes_stop_at_the_limit_and_refusals_name_the_shard_and_the_fix(tmp_pa
     import hashlib
 
     from cogvx.shards import open_shard, read_verified
-    from cogvx.shards.io import check_shard, file_sha256
+    from cogvx.shards.shardfile import check_shard, file_sha256
 
     data = bytes(range(256)) * 40000  # 10 MB: more than one 4 MiB block
     (tmp_path / "f").write_bytes(data)
@@ -699,7 +702,7 @@ def test_hashes_stop_at_the_limit_and_refusals_name_the_shard_and_the_fix(tmp_pa
 
 
 def test_member_limits_by_kind():
-    from cogvx.shards.io import MAX_EXTRA_BYTES, MAX_META_BYTES, TENSOR_HEADER_ALLOWANCE, MemberLimits
+    from cogvx.shards.tar import MAX_EXTRA_BYTES, MAX_META_BYTES, TENSOR_HEADER_ALLOWANCE, MemberLimits
 
     assert (MAX_META_BYTES, MAX_EXTRA_BYTES, TENSOR_HEADER_ALLOWANCE) == (1 << 20, 16 << 20, 1 << 20)
     limits = MemberLimits.for_layouts(
@@ -729,7 +732,7 @@ def _raw(data: bytes, **kwargs) -> list[dict]:
 
 
 def test_the_reader_groups_members_and_reads_the_global_header():
-    from cogvx.shards.io import ShardReader
+    from cogvx.shards.tar import ShardReader
 
     data = _tar_bytes([("a.json", b"{}"), ("a.x.y", b"1"), ("b.json", b"[]")], pax={"cogvx.opened": "5", "k": "é"})
     assert _raw(data) == [
@@ -747,7 +750,7 @@ def test_the_reader_groups_members_and_reads_the_global_header():
 
 
 def test_a_member_exactly_at_its_limit_is_read_and_one_byte_more_is_refused():
-    from cogvx.shards.io import MemberLimits
+    from cogvx.shards.tar import MemberLimits
 
     data = _tar_bytes([("k.json", b"12345"), ("k.jpg", b"123"), ("k.safetensors", b"1234567")])
     assert len(_raw(data, limits=MemberLimits(tensors=7, meta=5, extra=3))) == 1
@@ -770,7 +773,7 @@ def test_64_members_per_sample_are_read():
 def test_a_truncated_tar_and_a_stream_without_a_size_are_refused_at_the_cut(tmp_path: Path):
     import io
 
-    from cogvx.shards.io import ShardReader
+    from cogvx.shards.tar import ShardReader
 
     data = _tar_bytes([("k.json", b"x" * 700)])
     cut = data[: 512 + 600]  # the member header and part of its data
@@ -791,7 +794,7 @@ def test_pax_headers_name_and_size_members_and_malformed_ones_are_refused():
     import io
     import tarfile
 
-    from cogvx.shards.io import _pax_records
+    from cogvx.shards.tar import _pax_records
 
     info = tarfile.TarInfo("x" * 60 + "." + "j" * 60)  # over 100 characters: tarfile writes a pax path record
     info.size = 2
@@ -938,7 +941,7 @@ def test_iter_record_samples_checks_each_raw_sample_against_the_index(tmp_path: 
 
 
 def test_read_indexed_shard_rebuilds_the_record_and_refuses_what_it_cannot_use(tmp_path: Path):
-    from cogvx.shards.io import index_shard, read_indexed_shard
+    from cogvx.shards.rebuild import index_shard, read_indexed_shard
 
     manifest = _written_cache(tmp_path, samples=2)
     record = manifest.shards[0]
@@ -1068,7 +1071,7 @@ def test_decode_sample_names_a_missing_or_unparsable_member_and_learns_an_unreco
 
 
 def test_an_index_field_in_the_json_must_equal_the_whole_index_line():
-    from cogvx.shards.io import check_index
+    from cogvx.shards.checks import check_index
 
     entry = SampleEntry("k", "v", "h", "b", 1, 2, "c")
     line = {"source": "v", "content_hash": "h", "bucket": "b", "size": 1, "mtime_ns": 2, "caption_hash": "c"}
@@ -1095,7 +1098,7 @@ def test_an_index_field_in_the_json_must_equal_the_whole_index_line():
 
 def test_empty_members_and_members_of_whole_blocks_are_read_through_the_hash(tmp_path: Path):
     from cogvx.shards import ShardWriter
-    from cogvx.shards.io import read_indexed_shard
+    from cogvx.shards.rebuild import read_indexed_shard
 
     from .test_shards import _sample
 
@@ -1203,7 +1206,7 @@ def test_verify_decodes_tensors_only_when_deep(tmp_path: Path):
 
 
 def test_index_shard_says_when_the_header_differs(tmp_path: Path):
-    from cogvx.shards.io import index_shard
+    from cogvx.shards.rebuild import index_shard
 
     _written_cache(tmp_path, samples=1, header={"b": 1, "a": {"d": 2, "c": 3}})
     assert index_shard(tmp_path, "shard-r00-000000.tar", header={"a": {"c": 3, "d": 2}, "b": 1}).sample_count == 1
@@ -1244,7 +1247,7 @@ def test_check_shards_names_a_missing_json_and_a_lying_one_without_decoding(tmp_
     import hashlib
 
     from cogvx.shards import check_shards
-    from cogvx.shards.io import read_indexed_shard
+    from cogvx.shards.rebuild import read_indexed_shard
 
     def listed(name: str, members: list[tuple[str, bytes]]) -> ShardRecord:
         data = _tar_bytes(members)
@@ -1269,7 +1272,7 @@ def test_read_indexed_shard_refusals_name_the_shard_and_say_to_move_it_out(tmp_p
 
     from safetensors.torch import save
 
-    from cogvx.shards.io import read_indexed_shard
+    from cogvx.shards.rebuild import read_indexed_shard
 
     path = tmp_path / "s.tar"
     fix = f"Move it out of {tmp_path} (a later `cogvx preprocess` re-encodes its clips)."
@@ -1310,7 +1313,7 @@ def test_the_hashing_reader_never_reads_past_its_size():
     import hashlib
     import io
 
-    from cogvx.shards.io import _HashingReader
+    from cogvx.files import HashingReader as _HashingReader
 
     reader = _HashingReader(io.BytesIO(b"0123456789"), 4)
     assert (reader.read(3), reader.read(3), reader.read(3)) == (b"012", b"3", b"")
@@ -1380,7 +1383,7 @@ def test_the_manifest_is_written_to_a_hidden_temporary_beside_it_then_renamed(tm
 
 
 def test_file_hashing_refuses_a_fifo_as_a_file(tmp_path: Path):
-    from cogvx.shards.io import file_sha256
+    from cogvx.shards.shardfile import file_sha256
 
     os.mkfifo(tmp_path / "p")
     err = refusal_without_blocking(tmp_path / "p", lambda: file_sha256(tmp_path / "p"))
@@ -1405,7 +1408,7 @@ def test_last_io_survivors(tmp_path: Path):
     import hashlib
 
     from cogvx.shards import ShardWriter, check_sample
-    from cogvx.shards.io import check_shard, file_sha256
+    from cogvx.shards.shardfile import check_shard, file_sha256
 
     from .test_shards import _sample
 
@@ -1436,7 +1439,7 @@ def _pax_within(data: bytes, seconds: float = 5.0):
     """The records ``_pax_records`` reads from ``data``, or the error it raises; fails if it never returns."""
     import threading
 
-    from cogvx.shards.io import ShardReader, _pax_records
+    from cogvx.shards.tar import ShardReader, _pax_records
 
     out: list = []
 
@@ -1515,7 +1518,7 @@ def test_check_shards_names_the_shard_of_each_problem_and_lists_three_keys(tmp_p
     import dataclasses
 
     from cogvx.shards import ShardWriter, check_shards
-    from cogvx.shards.io import file_sha256
+    from cogvx.shards.shardfile import file_sha256
 
     from .test_shards import _sample
 
@@ -1616,7 +1619,7 @@ def test_a_shard_without_an_opened_time_was_opened_at_0(tmp_path: Path):
     import io
     import tarfile
 
-    from cogvx.shards.io import read_indexed_shard
+    from cogvx.shards.rebuild import read_indexed_shard
 
     record = _written_cache(tmp_path, samples=2).shards[0]
     with (

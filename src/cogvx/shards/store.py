@@ -398,7 +398,7 @@ def _open_checked(path: Path, size: int, sha256: str | None, what: str) -> Binar
     f = open_regular(path, what=what)
     try:
         found = os.fstat(f.fileno()).st_size
-        if found != size or (sha256 is not None and sha256_of(f, size) != sha256):
+        if found != size or (sha256 is not None and files.sha256_of(f, size) != sha256):
             raise Mismatch(found)
         f.seek(0)
         return f

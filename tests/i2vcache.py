@@ -21,7 +21,7 @@ from cogvx.pipeline import models
 from cogvx.pipeline.encode import encode_prompts, image_noise_seed
 from cogvx.preprocess.run import save_validation_prompts
 from cogvx.shards import Manifest, Sample, ShardWriter, read_shard
-from cogvx.shards.io import INDEX
+from cogvx.shards.codec import INDEX
 from cogvx.shards.manifest import IMAGE_MOMENTS
 
 

@@ -6,6 +6,7 @@ a 0600 LoRA or a 0700 model folder breaks the other users and nodes.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -17,6 +18,7 @@ import pytest
 import torch
 
 from cogvx import files
+from cogvx.files import write_json_atomic
 from tests.conftest import CLIPS
 
 
@@ -87,3 +89,37 @@ def test_umask_is_read_without_changing_it():
         assert files.umask() == 0o027
     finally:
         os.umask(previous)
+
+
+def test_the_hashing_reader_never_reads_past_its_size():
+    import hashlib
+    import io
+
+    from cogvx.files import HashingReader as _HashingReader
+
+    reader = _HashingReader(io.BytesIO(b"0123456789"), 4)
+    assert (reader.read(3), reader.read(3), reader.read(3)) == (b"012", b"3", b"")
+    assert reader.finish() == hashlib.sha256(b"0123").hexdigest()
+    whole = _HashingReader(io.BytesIO(b"0123456789"), 6)
+    assert whole.read() == b"012345" and whole.finish() == hashlib.sha256(b"012345").hexdigest()
+    rest = _HashingReader(io.BytesIO(b"0123456789"), 7)
+    assert rest.read(2) == b"01" and rest.finish() == hashlib.sha256(b"0123456").hexdigest()
+
+
+def test_the_manifest_is_written_to_a_hidden_temporary_beside_it_then_renamed(tmp_path: Path):
+    seen: list[list[str]] = []
+
+    class Watched(dict):
+        def items(self):  # json.dump (indented) asks for the items while the temporary is open
+            seen.append(sorted(os.listdir(tmp_path)))
+            return super().items()
+
+    (tmp_path / "manifest.json").write_text("old")
+    write_json_atomic(tmp_path / "manifest.json", Watched(a=1))
+    (during,) = seen
+    assert len(during) == 2 and "manifest.json" in during
+    temporary = next(name for name in during if name != "manifest.json")
+    assert temporary.startswith(".manifest.json.")
+    assert sorted(os.listdir(tmp_path)) == ["manifest.json"] and json.loads(
+        (tmp_path / "manifest.json").read_text()
+    ) == {"a": 1}

@@ -26,7 +26,7 @@ from cogvx.preprocess.cachedir import cache_header
 from cogvx.preprocess.run import run
 from cogvx.preprocess.sources import MAX_CAPTION_CHARS, discover, find_sources, read_caption
 from cogvx.shards import Manifest, read_shard, verify
-from cogvx.shards.io import read_indexed_shard
+from cogvx.shards.rebuild import read_indexed_shard
 
 from .test_preprocess import make_clip, make_video, tiny
 

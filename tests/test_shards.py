@@ -30,6 +30,7 @@ from cogvx.shards import (
 from cogvx.train.data import ShardStream
 
 from .conftest import property_examples
+from .shardcache import BUCKET, LAYOUT, manifest_of, refusal_without_blocking, sample_and_entry, written_cache
 
 
 class _Exploit:
@@ -55,19 +56,13 @@ def _tar(members: list[tuple[str, bytes]], path: Path) -> ShardRecord:
 META = json.dumps({"bucket": "b", "source": "s", "content_hash": "h"}).encode()  # agrees with _tar's index
 
 
-def _manifest(folder: Path, records: list[ShardRecord]) -> Manifest:
-    manifest = Manifest(producer={"model": "test"}, params={}, schema={}, shards=records)
-    manifest.save(folder)
-    return manifest
-
-
 @pytest.mark.parametrize("ext", ["pth", "pyd", "pickle", "pkl", "npy", "bin", "cls"])
 def test_pickle_payload_under_any_extension_is_never_executed(tmp_path: Path, ext: str):
     marker = tmp_path / "marker"
     payload = pickle.dumps(_Exploit(marker))
     tensors = save_tensors({"moments": torch.zeros(2, 1, 1, 1), "prompt_embeds": torch.zeros(2, 2)})
     record = _tar([("k.safetensors", tensors), ("k.json", META), (f"k.{ext}", payload)], tmp_path / "s.tar")
-    _manifest(tmp_path, [record])
+    manifest_of(tmp_path, [record])
 
     samples = list(read_shard(tmp_path, record))
     assert samples[0].extras == {ext: payload}, "unknown members must stay raw bytes"
@@ -88,32 +83,8 @@ def test_pickle_disguised_as_tensors_or_metadata_is_refused_not_run(tmp_path: Pa
     assert not marker.exists()
 
 
-BUCKET = "1x16x16"
-
-
-def _sample(i: int) -> tuple[Sample, SampleEntry]:
-    tensors = {"moments": torch.full((2, 1, 2, 2), float(i)), "prompt_embeds": torch.arange(12.0).reshape(3, 4) + i}
-    entry = SampleEntry(f"k{i}", f"v{i}", f"h{i}", BUCKET, size=100 + i, mtime_ns=10**18 + i, caption_hash=f"c{i}")
-    return Sample(f"k{i}", tensors, {"bucket": BUCKET, "i": i}, {"jpg": bytes([i]) * 3}), entry
-
-
-def _written_cache(folder: Path, samples: int = 3, header: dict | None = None) -> Manifest:
-    records: list[ShardRecord] = []
-    writer = ShardWriter(folder, "shard-r00", records.append, max_samples=2, header=header)
-    for i in range(samples):
-        writer.write(*_sample(i))
-    writer.flush()
-    return _manifest(folder, records)
-
-
-LAYOUT = {
-    "moments": {"dtype": "float32", "shape": [2, 1, 2, 2]},
-    "prompt_embeds": {"dtype": "float32", "shape": [3, 4]},
-}
-
-
 def test_round_trip_and_atomic_names(tmp_path: Path):
-    manifest = _written_cache(tmp_path)
+    manifest = written_cache(tmp_path)
     assert [r.sample_count for r in manifest.shards] == [2, 1]
     assert not list(tmp_path.glob("*.tmp")), "temporary shard names must be gone after a flush"
     loaded = Manifest.load(tmp_path)
@@ -121,10 +92,10 @@ def test_round_trip_and_atomic_names(tmp_path: Path):
         data = (tmp_path / record.name).read_bytes()
         assert (record.bytes, record.sha256) == (len(data), hashlib.sha256(data).hexdigest())
         assert record.layouts == {BUCKET: LAYOUT}
-    assert [e for r in loaded.shards for e in r.samples] == [_sample(i)[1] for i in range(3)]
+    assert [e for r in loaded.shards for e in r.samples] == [sample_and_entry(i)[1] for i in range(3)]
     samples = [s for r in loaded.shards for s in read_shard(tmp_path, r)]
     for i, sample in enumerate(samples):  # tensors, metadata and extras come back exactly as written
-        written, entry = _sample(i)
+        written, entry = sample_and_entry(i)
         assert sample.key == written.key and sample.extras == written.extras
         assert sample.tensors.keys() == written.tensors.keys()
         for name, tensor in written.tensors.items():
@@ -141,7 +112,7 @@ def test_shards_are_plain_pax_tars_that_webdataset_reads_without_seeing_the_head
     import webdataset as wds
 
     header = {"producer": {"model": "m"}, "params": {"fps": 8}, "schema": {}}
-    manifest = _written_cache(tmp_path, header=header)
+    manifest = written_cache(tmp_path, header=header)
     path = tmp_path / manifest.shards[0].name
     with tarfile.open(path, "r:") as tar:  # plain, uncompressed
         assert json.loads(tar.pax_headers["cogvx.header"]) == header
@@ -155,7 +126,7 @@ def test_shards_are_plain_pax_tars_that_webdataset_reads_without_seeing_the_head
 
 
 def test_a_changed_shard_is_refused_with_its_name(tmp_path: Path):
-    manifest = _written_cache(tmp_path)
+    manifest = written_cache(tmp_path)
     target = tmp_path / manifest.shards[0].name
     data = bytearray(target.read_bytes())
     data[700] ^= 0xFF  # same size, different bytes
@@ -169,7 +140,7 @@ def test_a_changed_shard_is_refused_with_its_name(tmp_path: Path):
 
 
 def test_missing_shard_and_bad_manifest_give_clear_errors(tmp_path: Path):
-    manifest = _written_cache(tmp_path)
+    manifest = written_cache(tmp_path)
     os.remove(tmp_path / manifest.shards[1].name)
     with pytest.raises(CacheError, match="missing"):
         list(read_shard(tmp_path, manifest.shards[1]))
@@ -199,7 +170,7 @@ def test_the_exploit_payload_is_live(tmp_path: Path):
 def test_excluded_samples_are_not_served_and_old_manifests_still_load(tmp_path: Path):
     from cogvx.shards import iter_raw_samples, iter_record_samples
 
-    manifest = _written_cache(tmp_path)
+    manifest = written_cache(tmp_path)
     first = manifest.shards[0]
     replacement = ShardRecord("r.tar", 1, 1, "x", [SampleEntry("k9", "v0", "h2", BUCKET)])
     manifest.add_shard(replacement)  # a newer sample of source v0 replaces k0
@@ -238,7 +209,7 @@ def test_any_corruption_of_a_shard_is_a_cache_error_or_reads_the_same(tmp_path_f
     from cogvx.shards import iter_record_samples
 
     folder = tmp_path_factory.mktemp("fuzz")
-    record = _written_cache(folder, samples=2).shards[0]
+    record = written_cache(folder, samples=2).shards[0]
     shard = (folder / record.name).read_bytes()
     position = data.draw(st.integers(0, len(shard) - 1))
     kind = data.draw(st.sampled_from(["flip", "cut", "insert", "zero-block"]))
@@ -262,7 +233,7 @@ def test_any_corruption_of_a_shard_is_a_cache_error_or_reads_the_same(tmp_path_f
 @given(data=st.data())
 def test_any_mistyped_manifest_field_is_a_cache_error_naming_the_manifest(tmp_path_factory, data):
     folder = tmp_path_factory.mktemp("manifest")
-    raw = _written_cache(folder).to_dict()
+    raw = written_cache(folder).to_dict()
     # Pick any field, at any depth, and give it a value of another JSON type.
     target, path = raw, []
     while isinstance(target, dict | list) and target and (not path or data.draw(st.booleans())):
@@ -289,7 +260,7 @@ def test_any_mistyped_manifest_field_is_a_cache_error_naming_the_manifest(tmp_pa
 
 @pytest.mark.parametrize("version", [1.0, True, "1", 2, None])
 def test_the_version_must_be_the_integer_1(tmp_path: Path, version):
-    raw = _written_cache(tmp_path).to_dict()
+    raw = written_cache(tmp_path).to_dict()
     raw["version"] = version
     (tmp_path / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(CacheError, match=f"version {version!r}, this cogvx reads version 1"):
@@ -298,7 +269,7 @@ def test_the_version_must_be_the_integer_1(tmp_path: Path, version):
 
 @pytest.mark.parametrize("name", ["../x.tar", "/etc/passwd", "a/b.tar", "..", ".hidden.tar", "", "a\\b.tar", "x\0.tar"])
 def test_shard_names_must_be_plain_file_names(tmp_path: Path, name: str):
-    raw = _written_cache(tmp_path).to_dict()
+    raw = written_cache(tmp_path).to_dict()
     raw["shards"][0]["name"] = name
     (tmp_path / "manifest.json").write_text(json.dumps(raw))
     with pytest.raises(CacheError) as err:
@@ -306,31 +277,8 @@ def test_shard_names_must_be_plain_file_names(tmp_path: Path, name: str):
     assert str(tmp_path / "manifest.json") in str(err.value) and repr(name) in str(err.value)
 
 
-def refusal_without_blocking(fifo: Path, call, seconds: float = 5.0) -> BaseException:
-    """What ``call`` raises for a FIFO nobody writes to; fails (instead of hanging) if it blocks opening it."""
-    import threading
-
-    raised: list[BaseException] = []
-
-    def target():
-        try:
-            call()
-        except BaseException as err:  # handed to the test below
-            raised.append(err)
-
-    thread = threading.Thread(target=target, daemon=True)
-    thread.start()
-    thread.join(seconds)
-    if thread.is_alive():
-        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))  # a writer appears: the blocked open returns
-        thread.join(seconds)
-        pytest.fail(f"opening {fifo} blocked")
-    assert raised, f"{fifo} was read as if it were a file"
-    return raised[0]
-
-
 def test_fifo_and_device_shards_are_refused_without_reading(tmp_path: Path):
-    manifest = _written_cache(tmp_path)
+    manifest = written_cache(tmp_path)
     record = manifest.shards[0]
     (tmp_path / record.name).unlink()
     os.mkfifo(tmp_path / record.name)  # nobody writes: a plain open() would block forever
@@ -343,9 +291,10 @@ def test_fifo_and_device_shards_are_refused_without_reading(tmp_path: Path):
 
 
 def test_member_sizes_are_bounded_by_the_layout_and_the_file(tmp_path: Path):
-    from cogvx.shards.io import TENSOR_HEADER_ALLOWANCE, MemberLimits, layout_bytes
+    from cogvx.shards.manifest import layout_bytes
+    from cogvx.shards.tar import TENSOR_HEADER_ALLOWANCE, MemberLimits
 
-    manifest = _written_cache(tmp_path)
+    manifest = written_cache(tmp_path)
     record = manifest.shards[0]
     assert MemberLimits.for_layouts(record.layouts).tensors == layout_bytes(LAYOUT) + TENSOR_HEADER_ALLOWANCE
     assert layout_bytes(LAYOUT) == (2 * 1 * 2 * 2 + 3 * 4) * 4
@@ -367,7 +316,7 @@ def test_member_sizes_are_bounded_by_the_layout_and_the_file(tmp_path: Path):
 
 def iter_raw_samples_of(path: Path):
     from cogvx.shards import iter_raw_samples
-    from cogvx.shards.io import MemberLimits
+    from cogvx.shards.tar import MemberLimits
 
     with open(path, "rb") as f:
         yield from iter_raw_samples(f, str(path), limits=MemberLimits(meta=4 << 30))
@@ -379,7 +328,7 @@ def iter_raw_samples_of(path: Path):
 def test_writer_records_layouts_and_refuses_what_readers_would(tmp_path: Path):
     records: list[ShardRecord] = []
     writer = ShardWriter(tmp_path, "s", records.append)
-    sample, entry = _sample(0)
+    sample, entry = sample_and_entry(0)
     with pytest.raises(ValueError, match="index line of k9"):
         writer.write(sample, SampleEntry("k9", "v", "h", BUCKET))
     with pytest.raises(ValueError, match="says bucket '1x16x16', its index line 'other'"):
@@ -393,7 +342,7 @@ def test_writer_records_layouts_and_refuses_what_readers_would(tmp_path: Path):
     assert [e.key for e in records[0].samples] == ["k0", "k2"]
     assert records[0].layouts == {BUCKET: LAYOUT, "b2": {"x": {"dtype": "int8", "shape": [1]}}}
     # A shard laid out differently from the cache cannot join its manifest.
-    manifest = _manifest(tmp_path, records)
+    manifest = manifest_of(tmp_path, records)
     other = ShardRecord("o.tar", 1, 1, "0" * 64, [], layouts={"b2": {"x": {"dtype": "int16", "shape": [1]}}})
     with pytest.raises(CacheError, match="o.tar stores bucket b2 as x int16 \\[1\\]"):
         manifest.add_shard(other)
@@ -415,9 +364,9 @@ def test_writer_records_layouts_and_refuses_what_readers_would(tmp_path: Path):
 )
 def test_check_sample_names_what_is_wrong(change, message):
     from cogvx.shards import check_sample
-    from cogvx.shards.io import _with_index
+    from cogvx.shards.codec import with_index as _with_index
 
-    sample, entry = _sample(0)
+    sample, entry = sample_and_entry(0)
     sample.meta = _with_index(sample, entry)
     check_sample(sample, entry, LAYOUT, "/c/s.tar")  # as written: fine
     change(sample)
@@ -429,14 +378,14 @@ def test_check_sample_names_what_is_wrong(change, message):
 def test_huge_finite_values_are_not_mistaken_for_inf():
     from cogvx.shards import check_sample
 
-    sample, entry = _sample(0)
+    sample, entry = sample_and_entry(0)
     sample.tensors["moments"] = torch.full((2, 1, 2, 2), 3e38)  # the float32 sum overflows; no element does
     sample.meta.update(source=entry.source, content_hash=entry.content_hash)
     check_sample(sample, entry, LAYOUT, "s.tar")
 
 
 def test_a_cache_without_recorded_layouts_checks_that_a_bucket_agrees_with_itself(tmp_path: Path):
-    manifest = _written_cache(tmp_path, samples=2)
+    manifest = written_cache(tmp_path, samples=2)
     record = manifest.shards[0]
     # An older cache: no layouts in the manifest; the second sample's moments are wider than the first's.
     tensors = [{"moments": torch.zeros(2, 1, 2, 2), "prompt_embeds": torch.zeros(3, 4)},
@@ -464,7 +413,7 @@ def test_index_shard_rebuilds_the_writers_record_and_checks_the_header(tmp_path:
     from cogvx.shards import index_shard
 
     header = {"producer": {"model": "m"}, "params": {"fps": 8.0}, "schema": {"moments": "…"}}
-    manifest = _written_cache(tmp_path, header=header)
+    manifest = written_cache(tmp_path, header=header)
     for record in manifest.shards:
         assert index_shard(tmp_path, record.name) == record
         assert index_shard(tmp_path, record.name, header=header) == record
@@ -499,7 +448,7 @@ def test_rebuild_lists_side_files_of_the_header_only_when_they_match(tmp_path: P
         "gone": {"file": "gone.safetensors", "sha256": "0" * 64},
     }
     header = {"producer": {"model": "m"}, "params": {}, "schema": {}, "extras": extras}
-    written = _written_cache(tmp_path, header=header)
+    written = written_cache(tmp_path, header=header)
     (tmp_path / "manifest.json").unlink()
     result = rebuild_manifest(tmp_path)
     assert result.manifest.extras == {"validation": extras["validation"]}
@@ -516,10 +465,10 @@ def test_contact_sheet_refuses_a_huge_strip_before_decoding_it(tmp_path: Path):
     Image.new("L", (65_000, 300)).save(strip, "JPEG")  # 19.5 Mpixels, a few hundred KB on disk
     records: list[ShardRecord] = []
     writer = ShardWriter(tmp_path, "s", records.append)
-    sample, entry = _sample(0)
+    sample, entry = sample_and_entry(0)
     writer.write(Sample(sample.key, sample.tensors, sample.meta, {"jpg": strip.getvalue()}), entry)
     writer.flush()
-    manifest = _manifest(tmp_path, records)
+    manifest = manifest_of(tmp_path, records)
     with pytest.raises(CacheError, match="has a 65000x300 frame strip"):
         write_contact_sheet(tmp_path, manifest, tmp_path / "sheet.png", max_strips=64)
 

@@ -5,6 +5,8 @@
 - Every ``--flag`` that cogvx's messages and help texts tell a user to pass exists.
 - Dependencies point one way: cli -> stages -> pipeline, shards -> ground floor.
 - A checkpointing mode's name is spelled in its registry only; everyone else asks the mode object.
+- The cache package's modules import in one direction (codec <- tar <- checks <- ... <- rebuild).
+- Files are replaced through ``cogvx.files`` (one atomic writer), except the renames named here.
 """
 
 from __future__ import annotations
@@ -219,3 +221,100 @@ def test_the_mode_scan_finds_what_it_looks_for():
     assert _mode_spellings('if mode in ("offload", "swap"): pass') == [(1, "offload"), (1, "swap")]
     assert _mode_spellings('if cfg.report_to != "none": pass') == []
     assert _mode_spellings('def f():\n    """Like swap, but full."""') == []
+
+
+# --- the cache package: one job per module, imported in one direction --------------------------------------
+# Each module of cogvx/shards may import only those before it (``__init__`` gathers them all).
+SHARDS_LAYERS = [
+    "paths",
+    "store",
+    "manifest",
+    "codec",
+    "tar",
+    "checks",
+    "shardfile",
+    "reader",
+    "writer",
+    "verify",
+    "rebuild",
+    "tools",
+]
+
+
+def _shards_imports(source: str) -> list[tuple[int, str]]:
+    """(line, module) of every cogvx.shards module that ``source`` imports."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom) and node.module == "cogvx.shards":
+            found += [(node.lineno, alias.name) for alias in node.names]  # a module, or a name of __init__
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("cogvx.shards."):
+            found.append((node.lineno, node.module.split(".")[2]))
+        elif isinstance(node, ast.Import):
+            found += [(node.lineno, a.name.split(".")[2]) for a in node.names if a.name.startswith("cogvx.shards.")]
+    return found
+
+
+def test_shards_modules_import_in_one_direction():
+    folder = SRC / "shards"
+    assert sorted(p.stem for p in folder.glob("*.py") if p.stem != "__init__") == sorted(SHARDS_LAYERS)
+    offences = []
+    for place, name in enumerate(SHARDS_LAYERS):
+        for line, target in _shards_imports((folder / f"{name}.py").read_text()):
+            if target not in SHARDS_LAYERS[:place]:
+                offences.append(f"shards/{name}.py:{line} imports {target} (allowed: {SHARDS_LAYERS[:place]})")
+    assert not offences, "\n".join(offences)
+    assert _shards_imports("from cogvx.shards.reader import decode\nfrom cogvx.shards import paths") == [
+        (1, "reader"),
+        (2, "paths"),
+    ]
+
+
+# --- one atomic writer: files.atomic_file / publish ---------------------------------------------------------
+# (module, function) that rename with os.replace / Path.replace / Path.rename themselves, and why.
+OWN_RENAMES = {
+    ("files.py", "_rename"): "the atomic writer itself",
+    ("media.py", "write_mp4"): "ffmpeg writes the partial file by its path; renamed when it is complete",
+    ("pipeline/tiny.py", "materialise"): "a folder built beside its target",
+    ("train/checkpoint.py", "save"): "a checkpoint folder staged, then renamed",
+    ("train/checkpoint.py", "_discard"): "a checkpoint folder set aside before it is deleted",
+    ("train/evaluation.py", "write_best"): "the best-LoRA folder staged, then renamed",
+    ("preprocess/cachedir.py", "_set_aside"): "a damaged shard renamed aside, not written",
+    ("runs.py", "_write_text"): "settings and metrics, rewritten by every run, deliberately not fsynced",
+    # Files written by hand that files.write_bytes_atomic / atomic_file would write the same way:
+    ("preprocess/cachedir.py", "merge_skipped"): "to move to files.write_bytes_atomic",
+    ("preprocess/remote.py", "pull_manifest"): "to move to files.write_bytes_atomic",
+    ("shards/store.py", "put_file"): "to move to files.atomic_file",
+    ("shards/store.py", "_download"): "to move to files.atomic_file (a read-through cache entry)",
+}
+
+
+def _renames(source: str) -> list[tuple[str, int]]:
+    """(function, line) of every os.replace, and of every one-argument ``.replace``/``.rename`` (a Path's)."""
+    found = []
+
+    def visit(node: ast.AST, function: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) else function
+            if isinstance(child, ast.Call) and isinstance(child.func, ast.Attribute):
+                call = child.func
+                by_os = call.attr == "replace" and isinstance(call.value, ast.Name) and call.value.id == "os"
+                by_path = call.attr in ("replace", "rename") and len(child.args) == 1 and not child.keywords
+                if by_os or by_path:
+                    found.append((function, child.lineno))
+            visit(child, inner)
+
+    visit(ast.parse(source), "<module>")
+    return found
+
+
+def test_files_are_replaced_only_through_the_one_atomic_writer():
+    offences = []
+    for path in _modules():
+        where = path.relative_to(SRC).as_posix()
+        for function, line in _renames(path.read_text()):
+            if (where, function) not in OWN_RENAMES:
+                offences.append(f"{where}:{line} ({function})")
+    assert not offences, "write files with cogvx.files.atomic_file / write_bytes_atomic:\n" + "\n".join(offences)
+    source = "import os\ndef f(tmp, p):\n    os.replace(tmp, p)\n    tmp.replace(p)\n    p.rename(tmp)\n"
+    assert _renames(source) == [("f", 3), ("f", 4), ("f", 5)]
+    assert _renames("text.replace('a', 'b')") == []

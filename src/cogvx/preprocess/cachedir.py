@@ -18,7 +18,8 @@ from pathlib import Path
 from cogvx.errors import CacheError
 from cogvx.pipeline import models
 from cogvx.shards import Manifest, ShardRecord, paths, write_json_atomic
-from cogvx.shards.io import check_shard, read_indexed_shard
+from cogvx.shards.rebuild import read_indexed_shard
+from cogvx.shards.shardfile import check_shard
 
 log = logging.getLogger("cogvx.preprocess")
 

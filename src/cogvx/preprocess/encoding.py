@@ -26,8 +26,8 @@ import torch
 from cogvx.pipeline.encode import encode_image_moments, encode_video_moments, noised_first_frame
 from cogvx.preprocess.sources import Clip
 from cogvx.preprocess.video import FrameSpec, SkipClip, jpeg_frame, jpeg_strip, read_clip
-from cogvx.shards.io import file_sha256
 from cogvx.shards.manifest import MIRROR_SUFFIX
+from cogvx.shards.shardfile import file_sha256
 
 
 def caption_hash(caption: str) -> str:

@@ -30,8 +30,8 @@ from cogvx.pipeline.encode import encode_image_moments
 from cogvx.preprocess.encoding import FirstFrames, failure, to_host
 from cogvx.preprocess.video import SkipClip, read_first_frames
 from cogvx.shards import Manifest, Sample, SampleEntry, read_shard
-from cogvx.shards.io import file_sha256
 from cogvx.shards.manifest import IMAGE_MOMENTS
+from cogvx.shards.shardfile import file_sha256
 
 
 @dataclass(frozen=True)

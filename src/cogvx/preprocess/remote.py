@@ -36,11 +36,12 @@ from dataclasses import asdict
 from pathlib import Path
 
 from cogvx.errors import CacheError
+from cogvx.files import sha256_of
 from cogvx.pipeline.models import cache_home
 from cogvx.preprocess import cachedir
 from cogvx.preprocess.ranks import Ranks
 from cogvx.shards import Manifest, ShardRecord, paths
-from cogvx.shards.store import Store, display, join, open_store, sha256_of
+from cogvx.shards.store import Store, display, join, open_store
 
 log = logging.getLogger("cogvx.preprocess")
 

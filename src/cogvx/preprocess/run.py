@@ -46,7 +46,8 @@ from cogvx.preprocess.video import FrameSpec, largest_4k1
 from cogvx.preprocess.writer import CloseShard, RankWriter
 from cogvx.progress import progress_bar
 from cogvx.shards import Manifest, SampleEntry, paths, store, write_json_atomic
-from cogvx.shards.io import SHARD_MAX_BYTES, SHARD_MAX_SAMPLES, file_sha256
+from cogvx.shards.shardfile import file_sha256
+from cogvx.shards.writer import SHARD_MAX_BYTES, SHARD_MAX_SAMPLES
 
 log = logging.getLogger("cogvx.preprocess")
 

@@ -20,7 +20,7 @@ from cogvx.preprocess.encoding import Encoded, caption_hash, sample_key
 from cogvx.preprocess.images import Refreshed
 from cogvx.preprocess.sources import CLIPPED, INVALID_UTF8
 from cogvx.shards import Manifest, Sample, SampleEntry, ShardRecord, ShardWriter, paths
-from cogvx.shards.io import INDEX
+from cogvx.shards.codec import INDEX
 from cogvx.shards.manifest import FIRST_FRAME, IMAGE_MOMENTS
 
 if TYPE_CHECKING:

@@ -8,16 +8,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cogvx import files
 from cogvx.errors import CacheError
+from cogvx.files import write_json_atomic
 from cogvx.shards import paths
 from cogvx.shards.store import (
     Store,
@@ -540,18 +538,3 @@ def _check_counts(
     else:
         return
     raise CacheError(f"{origin}: {where} {problem}. {_rebuild(origin)}")
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        files.follow_umask(Path(tmp))  # mkstemp makes it private; a cache is shared like the shards beside it
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

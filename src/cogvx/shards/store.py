@@ -469,26 +469,13 @@ def _open_checked(path: Path, size: int, sha256: str | None, what: str) -> Binar
     f = open_regular(path, what=what)
     try:
         found = os.fstat(f.fileno()).st_size
-        if found != size or (sha256 is not None and sha256_of(f, size) != sha256):
+        if found != size or (sha256 is not None and files.sha256_of(f, size) != sha256):
             raise Mismatch(found)
         f.seek(0)
         return f
     except BaseException:
         f.close()
         raise
-
-
-def sha256_of(f: BinaryIO, limit: int | None = None) -> str:
-    """sha256 of what ``f`` holds from its position on (at most ``limit`` bytes)."""
-    digest = hashlib.sha256()
-    left = limit if limit is not None else -1
-    while left:
-        block = f.read(CHUNK if left < 0 else min(CHUNK, left))
-        if not block:
-            break
-        digest.update(block)
-        left -= len(block) if left > 0 else 0
-    return digest.hexdigest()
 
 
 def _filesystem(given: str, shown: str):

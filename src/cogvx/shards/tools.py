@@ -12,11 +12,15 @@ from typing import ClassVar
 
 from cogvx.config import Domain, check_domains, integers
 from cogvx.errors import CacheError, ConfigError
+from cogvx.files import sha256_of
 from cogvx.media import contact_sheet, write_png
 from cogvx.shards import paths
-from cogvx.shards.io import check_shards, file_sha256, read_indexed_shard, read_shard
 from cogvx.shards.manifest import Manifest, is_plain_name
-from cogvx.shards.store import LocalStore, Store, display, is_remote, open_store, sha256_of
+from cogvx.shards.reader import read_shard
+from cogvx.shards.rebuild import read_indexed_shard
+from cogvx.shards.shardfile import file_sha256
+from cogvx.shards.store import LocalStore, Store, display, is_remote, open_store
+from cogvx.shards.verify import check_shards
 
 STRIP_MEMBER = "jpg"  # the extra member holding a JPEG strip of a sample's sampled frames
 MAX_STRIP_PIXELS = 64 * 1 << 18  # 64 px high and up to 262144 px wide

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from cogvx.errors import CogvxError, ConfigError
-from cogvx.shards import CacheError, ShardRecord, decode_sample, iter_record_samples, merged_layouts, open_shard
+from cogvx.shards import CacheError, RawSample, ShardRecord, decode, merged_layouts, open_shard, record_samples
 from cogvx.shards.manifest import IMAGE_MOMENTS, MIRROR_SUFFIX
 from cogvx.shards.store import Store, StoreError, open_store
 
@@ -182,12 +182,12 @@ class ShardStream(IterableDataset):
         raw = self._shuffled(self._flipped(self._raw_samples(rng), rng), rng)
         for index, group in enumerate(self._bucketed(raw)):
             if index >= skip:
-                batch = collate([decode_sample(r, r["__url__"]) for r in group])
+                batch = collate([decode(r) for r in group])
                 if self.skipped:
                     batch[SKIPPED_SHARDS] = sorted(self.skipped)
                 yield batch
 
-    def _raw_samples(self, rng: random.Random) -> Iterator[dict[str, Any]]:
+    def _raw_samples(self, rng: random.Random) -> Iterator[RawSample]:
         """Endless raw samples of this rank's share: its shards drawn with replacement, weighted by how
         many of the share's samples each holds (a fully replaced shard is never drawn)."""
         weights = [piece.count for piece in self.pieces]
@@ -207,7 +207,7 @@ class ShardStream(IterableDataset):
             try:
                 with open_shard(self.store, record, full=record.name not in verified) as stream:
                     verified.add(record.name)
-                    samples = iter_record_samples(stream, record, url, layouts)
+                    samples = record_samples(stream, record, url, layouts)
                     yield from samples if piece.whole else _only(piece, samples)
             except StoreError:
                 raise  # the store cannot be reached: nothing is known about the shard
@@ -231,7 +231,7 @@ class ShardStream(IterableDataset):
                 f"nothing is left to train on. Run `cogvx shards verify {self.store.location}`."
             )
 
-    def _flipped(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
+    def _flipped(self, samples: Iterator[RawSample], rng: random.Random) -> Iterator[RawSample]:
         """Each sample as drawn, or its mirrored variant with probability ``random_flip``.
 
         The two variants are separate samples of the cache: an original is kept with probability 1 - p
@@ -240,23 +240,23 @@ class ShardStream(IterableDataset):
         """
         p = self.random_flip
         for raw in samples:
-            mirrored = bool(raw["__meta__"].get("mirrored"))
+            mirrored = bool(raw.meta.get("mirrored"))
             certain = p in (0, 1)  # nothing to draw: only originals (p = 0) or only mirrors (p = 1)
             if (mirrored == (p == 1)) if certain else ((rng.random() < p) == mirrored):
                 yield raw
 
-    def _shuffled(self, samples: Iterator[dict[str, Any]], rng: random.Random) -> Iterator[dict[str, Any]]:
+    def _shuffled(self, samples: Iterator[RawSample], rng: random.Random) -> Iterator[RawSample]:
         from webdataset.filters import shuffle
 
         if self.shuffle_buffer <= 1:
             return samples
         return shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, rng=rng)(samples)
 
-    def _bucketed(self, samples: Iterator[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
+    def _bucketed(self, samples: Iterator[RawSample]) -> Iterator[list[RawSample]]:
         """Groups of ``batch_size`` raw samples of one bucket (shape), in the order they fill up."""
-        pending: dict[str, list[dict[str, Any]]] = {}
+        pending: dict[str, list[RawSample]] = {}
         for raw in samples:
-            bucket = raw["__meta__"]["bucket"]  # parsed and checked by iter_record_samples
+            bucket = raw.meta["bucket"]  # parsed and checked by record_samples
             group = pending.setdefault(bucket, [])
             group.append(raw)
             if len(group) == self.batch_size:
@@ -264,10 +264,10 @@ class ShardStream(IterableDataset):
                 yield group
 
 
-def _only(piece: Piece, samples: Iterator[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+def _only(piece: Piece, samples: Iterator[RawSample]) -> Iterator[RawSample]:
     """The samples of a shard that belong to ``piece`` (the others are skipped before any decoding)."""
     for place, raw in enumerate(samples):
-        if (raw["__key__"] in piece.keys) if piece.keys is not None else (place in piece.positions):
+        if (raw.key in piece.keys) if piece.keys is not None else (place in piece.positions):
             yield raw
 
 

@@ -477,7 +477,7 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
     if cfg.report_to != "none":
         accelerator.init_trackers("cogvx", config={k: str(v) for k, v in resolved.items()})
     if evaluator is not None:
-        _score_base(accelerator, cfg, evaluator, accelerator.unwrap_model(model))
+        _score_base(accelerator, cfg, evaluator, accelerator.unwrap_model(model), start_step)
 
     # --- fit ---
     result = TrainResult(cfg.output, start_step, resumed_from=start_step)
@@ -601,7 +601,9 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
     return result
 
 
-def _score_base(accelerator, cfg: TrainConfig, evaluator: evaluation.Evaluator, model: torch.nn.Module) -> None:
+def _score_base(
+    accelerator, cfg: TrainConfig, evaluator: evaluation.Evaluator, model: torch.nn.Module, start_step: int
+) -> None:
     """The base model's score (the LoRA off), once per run folder and eval set: step 0 of every eval curve.
 
     The main process decides from the run's metrics (its folder alone may hold them) and tells the others:
@@ -621,6 +623,8 @@ def _score_base(accelerator, cfg: TrainConfig, evaluator: evaluation.Evaluator, 
     fields = evaluator.base_fields(model)
     if accelerator.is_main_process:
         runs.append_metrics(cfg.output, fields)
+        if start_step:  # a resumed run scoring a new eval set: its line goes first, as the steps are in order
+            runs.keep_metrics_until(cfg.output, start_step)
     if cfg.report_to != "none":
         accelerator.log(evaluation.tracker_scalars(fields), step=0)
     accelerator.print(

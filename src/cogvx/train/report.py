@@ -25,13 +25,13 @@ def draw_loss_curve(records: list[dict[str, Any]], path: Path, size: tuple[int, 
         return None
     scores = evaluation.summary(records)
     width, height = size
-    panel = height if scores is None else height * 2 - 30
+    panel = height if scores is None else height * 2 - 40
     image = Image.new("RGB", (width, panel), "white")
     draw = ImageDraw.Draw(image)
     losses = [v for _, v in points]
     title = f"training loss ({len(points)} steps; blue: moving average)"
     frame = _Panel(draw, (0, 0, width, height), [s for s, _ in points], losses)
-    frame.axes(title)
+    frame.axes(title, step_label=scores is None)  # the panel below labels the shared step axis
     if len(points) > 1:
         frame.line(points, (170, 170, 170), 1)
         frame.line(list(zip([s for s, _ in points], ema(losses), strict=True)), (30, 90, 200), 2)
@@ -44,7 +44,7 @@ def draw_loss_curve(records: list[dict[str, Any]], path: Path, size: tuple[int, 
         base = scores.base_loss
         values = [v for _, v in evals] + ([base] if base is not None and math.isfinite(base) else [])
         steps = [s for s, _ in points] + [s for s, _ in evals]
-        below = _Panel(draw, (0, height - 30, width, panel), steps, values)
+        below = _Panel(draw, (0, height - 40, width, panel), steps, values, margin=0.05)
         below.axes(
             f"eval loss on {scores.samples} held-out samples (orange)"
             + ("; dashed: the base model's" if base is not None else "")
@@ -61,12 +61,16 @@ def draw_loss_curve(records: list[dict[str, Any]], path: Path, size: tuple[int, 
 class _Panel:
     """One plot of a step axis and a value axis inside ``box`` (left, top, right, bottom) of the image."""
 
-    def __init__(self, draw: Any, box: tuple[int, int, int, int], steps: list[float], values: list[float]):
+    def __init__(
+        self, draw: Any, box: tuple[int, int, int, int], steps: list[float], values: list[float], margin: float = 0.0
+    ):
         self.draw, self.box = draw, box
         self.x0, self.x1 = min(steps), max(max(steps), min(steps) + 1)
         self.y0, self.y1 = min(values), max(values)
         if self.y1 - self.y0 < 1e-12:
             self.y0, self.y1 = self.y0 - 0.5, self.y1 + 0.5
+        pad = (self.y1 - self.y0) * margin  # keeps a line at the extremes (the base score) off the frame
+        self.y0, self.y1 = self.y0 - pad, self.y1 + pad
 
     def xy(self, step: float, value: float) -> tuple[float, float]:
         left, top, right, bottom = self.box
@@ -74,7 +78,7 @@ class _Panel:
         y = bottom - 50 - (value - self.y0) / (self.y1 - self.y0) * (bottom - top - 80)
         return x, y
 
-    def axes(self, title: str) -> None:
+    def axes(self, title: str, step_label: bool = True) -> None:
         left, top, right, bottom = self.box
         draw = self.draw
         draw.rectangle([left + 70, top + 30, right - 20, bottom - 50], outline="black")
@@ -87,7 +91,8 @@ class _Panel:
             x, _ = self.xy(step, self.y0)
             draw.line([x, bottom - 50, x, bottom - 46], fill="black")
             draw.text((x - 10, bottom - 42), f"{step:.0f}", fill="black")
-        draw.text(((left + right) // 2 - 15, bottom - 20), "step", fill="black")
+        if step_label:
+            draw.text(((left + right) // 2 - 15, bottom - 20), "step", fill="black")
         draw.text((left + 70, top + 8), title, fill="black")
 
     def line(self, points: list[tuple[float, float]], colour: tuple[int, int, int], width: int) -> None:

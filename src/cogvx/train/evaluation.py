@@ -86,8 +86,9 @@ class Score:
     seconds: float = 0.0
 
 
-def timesteps(num_train_timesteps: int, count: int = EVAL_TIMESTEPS) -> list[int]:
-    """The midpoints of ``count`` equal bands of ``[0, num_train_timesteps)``."""
+def timesteps(num_train_timesteps: int, count: int | None = None) -> list[int]:
+    """The midpoints of ``count`` (default ``EVAL_TIMESTEPS``) equal bands of ``[0, num_train_timesteps)``."""
+    count = EVAL_TIMESTEPS if count is None else count
     edges = [band * num_train_timesteps // count for band in range(count + 1)]
     return [(low + high) // 2 for low, high in zip(edges, edges[1:], strict=False)]
 

@@ -353,10 +353,10 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
     check_mirrors(manifest, cfg)
     if eval_set is not None and eval_set.separate:
         check_eval_cache(eval_manifest, info, transformer_config, eval_store.location)
-    if eval_line:
-        accelerator.print(eval_line)
     train_shards = heldout.training_shards(manifest.shards, eval_set)  # never a held-out sample, on any rank
     check_training_left(train_shards, eval_set, cfg.batch_size, world, store.location)
+    if eval_line:
+        accelerator.print(eval_line)
     warning = frame_count_warning(manifest, info)
     if warning:
         accelerator.print(warning)

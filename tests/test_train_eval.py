@@ -246,3 +246,18 @@ def test_bad_eval_input_is_one_line_naming_the_fix(tiny_cache: Path, tmp_path: P
     lines = [line for line in out.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and words.format(**fill) in " ".join(out.output.split()), out.output
     assert not (tmp_path / "run").exists()  # refused before the run folder holds anything
+
+
+def test_a_resume_that_would_train_on_other_clips_is_refused_in_one_line(tiny_cache: Path, tmp_path: Path, monkeypatch):
+    # Held out by the default rule (here from 6 clips on): --eval-every 0 on resume would hold nothing out.
+    monkeypatch.setattr(heldout, "DEFAULT_MIN_CLIPS", 6)
+    args = ["--shards", str(tiny_cache), "--output", str(tmp_path / "run"), "--workers", "0", "--checkpoint-every", "1"]
+    first = _train(*args, "--max-steps", "1")
+    assert first.exit_code == 0, first.output
+    again = _train(*args, "--max-steps", "2", "--eval-every", "0", "--resume", "auto")
+    assert again.exit_code == 1
+    line = " ".join(again.output.split())
+    assert "it held other clips out of training (held-out set " in line and ", now none)" in line, again.output
+    assert "--eval-every and --eval-holdout" in line
+    resumed = _train(*args, "--max-steps", "2", "--resume", "auto")  # as it was: resumes
+    assert resumed.exit_code == 0, resumed.output

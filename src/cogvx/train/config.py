@@ -84,8 +84,8 @@ class TrainConfig:
     validation_height: int | None = None
     validation_width: int | None = None
     # The eval score: the loss on held-out clips at fixed timesteps and noise (docs/training.md)
-    # Steps between scores (and at the end); 0 for none, and then nothing is held out. 500 keeps the pass at
-    # about 5% of a run's time or less (BENCHMARKS.md).
+    # Steps between scores (and at the end); 0 for none, and then nothing is held out. 500 is meant to keep the
+    # pass at about 5% of a run's time or less (bench/eval_cost.py measures it).
     eval_every: int = 500
     # Clips held out of the cache: a whole number of clips, a fraction in (0, 1), or 0 for none; default: a
     # tenth (at most 8) of a cache of 20 clips or more, none of a smaller one

@@ -206,12 +206,25 @@ def test_the_default_holds_out_of_a_big_cache_and_says_why_not_for_a_small_one(
     # A cache as big as the default rule asks (20 clips; here the threshold is this cache's 6 clips).
     monkeypatch.setattr(heldout, "DEFAULT_MIN_CLIPS", 6)
     big = _train("--shards", str(tiny_cache), "--output", str(tmp_path / "big"), "--max-steps", "2",
-                 "--workers", "0", "--checkpoint-every", "0")  # fmt: skip
+                 "--workers", "0", "--checkpoint-every", "0", "--report-to", "tensorboard")  # fmt: skip
     assert big.exit_code == 0, big.output
     assert f"Eval score on 1 of 6 clips of {tiny_cache}, held out of training (by default;" in big.output
     records = runs.read_metrics(tmp_path / "big")
     assert records[0]["step"] == 0 and "eval_base_loss" in records[0]  # the base score, at step 0
     assert [r["step"] for r in records if "eval_loss" in r] == [2]  # not due at 500: the last step is scored
+
+    # The trackers and the report page show it too.
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in runs.logs(tmp_path / "big").rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    assert {"eval/loss", "eval/high", "eval/mid", "eval/low", "eval/base_loss"} <= tags
+    page = CliRunner().invoke(app, ["report", str(tmp_path / "big")])
+    assert page.exit_code == 0, page.output
+    assert "held-out eval loss (1 samples)" in runs.report(tmp_path / "big").read_text()
 
 
 def _other_encoders(cache: Path, target: Path) -> Path:

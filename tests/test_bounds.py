@@ -379,6 +379,7 @@ SNAP = {
     "frame_buckets": lambda v: v - (v - 1) % 4,
     "validation_height": lambda v: max(8, v - v % 8),
     "validation_width": lambda v: max(8, v - v % 8),
+    "eval_holdout": lambda v: v if v < 1 else float(int(v)),  # a fraction below 1, else a whole number of clips
 }
 
 

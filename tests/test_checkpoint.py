@@ -123,7 +123,7 @@ def test_save_and_load_are_mirror_images_over_real_components(tmp_path: Path):
     assert sorted(p.name for p in final.iterdir()) == ["lora.safetensors", "lr_schedule.pt", "optimizer.pt",
                                                        "state.json"]  # fmt: skip
     written = {"step": 2, "batches_consumed": 4, "most_batches_per_step": 2, "world_size": 2, "workers": 3,
-               "config": {"seed": 0, "gradient_accumulation": 2}}  # fmt: skip
+               "config": {"seed": 0, "gradient_accumulation": 2}, "held_out": ""}  # fmt: skip
     assert json.loads((final / "state.json").read_text()) == written
 
     fresh = components(1)

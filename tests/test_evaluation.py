@@ -67,10 +67,24 @@ def _numbers(score: evaluation.Score) -> tuple:
 
 
 def test_timesteps_are_band_midpoints_and_thirds_name_the_noise():
-    assert evaluation.timesteps(1000) == [62, 187, 312, 437, 562, 687, 812, 937]
+    assert evaluation.timesteps(1000) == [83, 249, 416, 583, 749, 916]
     bands = [evaluation.band(t, 1000) for t in evaluation.timesteps(1000)]
-    assert bands == ["low"] * 3 + ["mid"] * 2 + ["high"] * 3
-    assert evaluation.pair_seed("a", 62) == evaluation.pair_seed("a", 62) != evaluation.pair_seed("a", 187)
+    assert bands == ["low"] * 2 + ["mid"] * 2 + ["high"] * 2  # two per band
+    assert evaluation.pair_seed("a", 83) == evaluation.pair_seed("a", 83) != evaluation.pair_seed("a", 249)
+
+
+def test_a_scores_identity_names_its_samples_and_how_they_were_scored(monkeypatch):
+    # Scores of another protocol (another version, other timesteps) never compare as equal, nor other samples.
+    eval_set = heldout.EvalSet(frozenset({"a", "b"}), 2, "cache")
+    same = evaluation.identity(heldout.EvalSet(frozenset({"b", "a"}), 2, "elsewhere"), 1000)
+    assert evaluation.identity(eval_set, 1000) == same != eval_set.keys_hash
+    assert evaluation.identity(heldout.EvalSet(frozenset({"a"}), 1, "cache"), 1000) != same
+    assert evaluation.identity(eval_set, 500) != same  # other timesteps
+    monkeypatch.setattr(evaluation, "EVAL_TIMESTEPS", 8)
+    assert evaluation.identity(eval_set, 1000) != same
+    monkeypatch.setattr(evaluation, "EVAL_TIMESTEPS", 6)
+    monkeypatch.setattr(evaluation, "PROTOCOL", evaluation.PROTOCOL + 1)
+    assert evaluation.identity(eval_set, 1000) != same
 
 
 def test_the_score_is_the_same_on_every_call_and_leaves_the_model_as_it_was(scored):
@@ -81,7 +95,7 @@ def test_the_score_is_the_same_on_every_call_and_leaves_the_model_as_it_was(scor
     assert _numbers(first) == _numbers(second)  # exactly: LoRA dropout off, every draw seeded by (key, timestep)
     assert first.samples == 2 and first.pairs == 2 * evaluation.EVAL_TIMESTEPS and math.isfinite(first.loss)
     assert all(math.isfinite(v) for v in first.bands.values())
-    assert first.loss == pytest.approx((3 * first.bands["low"] + 2 * first.bands["mid"] + 3 * first.bands["high"]) / 8)
+    assert first.loss == pytest.approx(sum(first.bands.values()) / 3)  # two timesteps in each band
     assert transformer.training and trainable == [n for n, p in transformer.named_parameters() if p.requires_grad]
     base = _score(transformer, objective, pairs, samples, base=True)
     assert base.loss != first.loss  # the LoRA changes the model, and base switches it off
@@ -186,12 +200,12 @@ def test_training_lowers_the_score_below_the_base_models(tiny_cache: Path, tmp_p
         device="cpu", keep_best=cfg.output,
     )  # fmt: skip
     base = evaluator.base_fields(result.model)
-    assert base["step"] == 0 and base["eval_set"] == eval_set.identity
+    assert base["step"] == 0 and base["eval_set"] == evaluator.identity == evaluation.identity(eval_set, 1000)
     assert evaluator.after_step(result.model, 4, last=False) == {}  # not due
     trained = evaluator.after_step(result.model, 10, last=False)
     assert trained["eval_loss"] < base["eval_base_loss"], (trained, base)
     assert evaluation.read_best(cfg.output) == {
-        "eval_set": eval_set.identity,
+        "eval_set": evaluator.identity,
         "eval_loss": trained["eval_loss"],
         "step": 10,
     }

@@ -52,7 +52,7 @@ def test_the_held_out_clips_are_the_same_for_any_shard_order_and_whole(clips, sh
     count = data.draw(st.integers(1, len(clips) - 1))
     reference = heldout.held_out(_manifest(clips, 5, None), count, "cache")
     shuffled = heldout.held_out(_manifest(clips, shard_size, random.Random(seed)), count, "cache")
-    assert shuffled.keys == reference.keys and shuffled.identity == reference.identity
+    assert shuffled.keys == reference.keys and shuffled.keys_hash == reference.keys_hash
     assert reference.clips == count
     # Whole clips: every window, mirror and copy of a held-out content, and nothing of the others.
     contents = {int(key[1:].split("-")[0]) for key in reference.keys}
@@ -131,7 +131,7 @@ def test_training_never_streams_a_held_out_sample(flipped_shards, world, batch, 
     assert len(manifest.shards) > 1 and manifest.missing_mirrors() == []
     eval_set, line = heldout.choose(manifest, count, "cache")
     assert eval_set.clips == count and len(eval_set.keys) == 2 * count  # each original with its mirror
-    assert eval_set.identity == heldout.choose(Manifest.load(flipped_shards), count, "cache")[0].identity
+    assert eval_set.keys_hash == heldout.choose(Manifest.load(flipped_shards), count, "cache")[0].keys_hash
     training = heldout.training_shards(manifest.shards, eval_set)
     assert heldout.training_originals(manifest, eval_set) == manifest.original_count - count
     for rank in range(world):

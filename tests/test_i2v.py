@@ -25,6 +25,7 @@ from cogvx.errors import CacheError, ConfigError, ModelError
 from cogvx.media import to_uint8
 from cogvx.pipeline import models
 from cogvx.pipeline.sampling import sample_latents
+from cogvx.runs import read_metrics
 from cogvx.sample import LORA_ADAPTER, SampleConfig, load_pipeline, plan_sample, run_sample
 from cogvx.shards import Manifest, ShardRecord, read_shard
 from cogvx.train.config import TrainConfig
@@ -278,7 +279,7 @@ def test_i2v_resume_repeats_the_uninterrupted_run(i2v_cache: Path, tmp_path: Pat
     from cogvx import config as configfile
 
     toml = tmp_path / "train.toml"
-    toml.write_text("noised_image_dropout = 0.5\n")
+    toml.write_text("noised_image_dropout = 0.5\neval_every = 2\neval_holdout = 2\n")  # scored with image latents
     settings = {"shards": i2v_cache, "model": "tiny-1.5-i2v", "rank": 4, "learning_rate": 1e-2, "workers": 0,
                 "mixed_precision": "fp32", "checkpoint_every": 2}  # fmt: skip
     full = train(configfile.build(TrainConfig, toml, output=tmp_path / "full", max_steps=4, **settings))
@@ -289,5 +290,12 @@ def test_i2v_resume_repeats_the_uninterrupted_run(i2v_cache: Path, tmp_path: Pat
         configfile.build(TrainConfig, toml, output=tmp_path / "cut", max_steps=4, resume="auto", **settings)
     )
     assert resumed.resumed_from == 2 and resumed.losses == full.losses[2:]
+
+    def scores(run: Path) -> list[dict]:
+        return [{k: v for k, v in r.items() if "eval" in k and k != "eval_seconds"} for r in read_metrics(run)]
+
+    assert scores(tmp_path / "cut") == scores(tmp_path / "full")
+    assert [r["step"] for r in read_metrics(tmp_path / "full") if "eval_loss" in r] == [2, 4]
+    assert full.eval is not None and np.isfinite(full.eval.loss) and full.eval.base_loss is not None
     with pytest.raises(ConfigError, match="noised_image_dropout must be a probability"):
         TrainConfig(shards=i2v_cache, noised_image_dropout=1.5)

@@ -332,6 +332,28 @@ def train(
     validation_width: int = typer.Option(
         None, help=_help(T, "validation_width", "Validation width in pixels.", "the first bucket's")
     ),
+    eval_every: int = typer.Option(
+        None,
+        help=_help(T, "eval_every", "Steps between eval scores (loss on held-out clips, fixed noise), 0 for none."),
+    ),
+    eval_holdout: float = typer.Option(
+        None,
+        help=_help(
+            T,
+            "eval_holdout",
+            "Clips of --shards held out for the eval score: N clips, a fraction (0.1), or 0 for none.",
+            "a tenth (at most 8) of a cache of 20 clips or more, else none",
+        ),
+    ),
+    eval_shards: str = typer.Option(
+        None,
+        help=_help(
+            T, "eval_shards", "Score another cache (same encoders) instead of holding clips out, a folder or URL."
+        ),
+    ),
+    keep_best: bool = typer.Option(
+        None, "--keep-best", help=_help(T, "keep_best", "Keep the LoRA of the lowest eval score in RUN/best/.")
+    ),
     checkpoint_every: int = typer.Option(
         None, help=_help(T, "checkpoint_every", "Steps between checkpoints, 0 for none.")
     ),
@@ -391,6 +413,10 @@ def train(
             validation_frames=validation_frames,
             validation_height=validation_height,
             validation_width=validation_width,
+            eval_every=eval_every,
+            eval_holdout=eval_holdout,
+            eval_shards=eval_shards,
+            keep_best=keep_best,
             checkpoint_every=checkpoint_every,
             keep_checkpoints=keep_checkpoints,
             resume=resume,
@@ -405,7 +431,7 @@ def train(
             settings = result.model.config if result.model is not None else None
             # An image-to-video transformer reads twice the channels it writes: its videos need a first frame.
             i2v = settings is not None and settings.in_channels != (settings.out_channels or settings.in_channels)
-            _say_where_the_run_is(result.output, result.steps, i2v)
+            _say_where_the_run_is(result.output, result.steps, i2v, result.eval.line() if result.eval else None)
         for url in result.skipped_shards:  # every process says its own: each reads its share of the shards
             console.print(f"[yellow]skipped[/yellow] bad shard {url} (--skip-bad-shards)", soft_wrap=True)
 
@@ -413,12 +439,15 @@ def train(
     _guard(go, lambda _: _train_interrupted(built[0] if built else None))
 
 
-def _say_where_the_run_is(run: Path, steps: int, image_to_video: bool = False) -> None:
+def _say_where_the_run_is(run: Path, steps: int, image_to_video: bool = False, eval_line: str | None = None) -> None:
     final = runs.final_loss(runs.read_metrics(run))
     loss = f", final loss {final[0]:.4f} ({final[1]})" if final else ""
     console.print(f"[green]trained[/green] {steps} steps{loss}", soft_wrap=True)
+    if eval_line:  # "eval loss 0.412 at step 1200, best; base 0.455"
+        console.print(f"  {eval_line}", soft_wrap=True)
     for what, path in (
         ("LoRA", runs.lora_weights(run)),
+        ("best LoRA", runs.lora_weights(runs.best(run))),
         ("model card", runs.model_card(run)),
         ("loss curve", runs.loss_curve(run)),
     ):

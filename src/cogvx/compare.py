@@ -237,7 +237,7 @@ def _cache_of(run: Run) -> tuple[str, str | None]:
     else:
         found = find_cache(run.local, recorded) if run.local is not None else None
         where = str(found.resolve()) if isinstance(found, Path) else os.path.normpath(recorded)
-    cache_id = run.config.get("cache_id")
+    cache_id = run.config.get(runs.CACHE_ID)
     return where, str(cache_id) if cache_id else None
 
 

@@ -149,6 +149,22 @@ def line_chart(title: str, xs: list[float], series: list[tuple[str, list[float],
 # --------------------------------------------------------------------------- page parts
 
 
+def _eval_chart(metrics: list[dict[str, Any]]) -> str | None:
+    """The held-out score per step (``eval_loss``) on the eval set of its last row, the base model's dashed."""
+    rows = [m for m in metrics if isinstance(m.get("eval_loss"), (int, float))]
+    if not rows:
+        return None
+    scored_on = max(rows, key=lambda m: m["step"]).get("eval_set")
+    rows = sorted((m for m in rows if m.get("eval_set") == scored_on), key=lambda m: m["step"])
+    xs = [float(m["step"]) for m in rows]
+    series = [("eval loss", [float(m["eval_loss"]) for m in rows], "eval")]
+    base = [m["eval_base_loss"] for m in metrics if m.get("eval_set") == scored_on and "eval_base_loss" in m]
+    if base and isinstance(base[-1], (int, float)):
+        xs = [0.0, *xs]
+        series = [("eval loss", [math.nan, *series[0][1]], "eval"), ("base model", [float(base[-1])] * len(xs), "base")]
+    return line_chart(f"held-out eval loss ({rows[-1].get('eval_samples', '?')} samples)", xs, series)
+
+
 def _table(rows: list[tuple[str, Any]], css: str = "kv") -> str:
     body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_plain(v))}</td></tr>" for k, v in rows)
     return f'<table class="{css}">{body}</table>'
@@ -313,6 +329,8 @@ svg .lr { stroke: #26a; stroke-width: 2; } svg .gn { stroke: #385; stroke-width:
 svg text.raw, svg text.smooth, svg text.lr, svg text.gn { stroke: none; }
 svg text.raw { fill: #9ab; } svg text.smooth { fill: #c33; } svg text.lr { fill: #26a; } svg text.gn { fill: #385; }
 svg circle { fill: currentColor; }
+svg .eval { stroke: #d80; stroke-width: 2; } svg .base { stroke: #555; stroke-width: 1; stroke-dasharray: 6 4; }
+svg text.eval { fill: #d80; stroke: none; } svg text.base { fill: #555; stroke: none; }
 .scroll { overflow-x: auto; }
 table.grid { border-collapse: collapse; }
 table.grid th, table.grid td { border: 1px solid #ddd; padding: 4px; vertical-align: top; }
@@ -373,6 +391,9 @@ def run(cfg: ReportConfig) -> ReportResult:
             line_chart("loss", xs, [("loss", losses, "raw"), ("EMA 0.9", ema(losses), "smooth")]),
             line_chart("learning rate", xs, [("lr", column("lr"), "lr")]),
         ]
+        held_out = _eval_chart(metrics)
+        if held_out:
+            charts.insert(1, held_out)
         if any(math.isfinite(v) for v in column("grad_norm")):
             charts.append(line_chart("gradient norm (before clipping)", xs, [("grad norm", column("grad_norm"), "gn")]))
         curves = f'<div class="charts">{"".join(charts)}</div>'

@@ -32,6 +32,10 @@ CONFIG_JSON = "config.json"
 CONFIG_TOML = "config.toml"
 # config.json only: what `--checkpointing auto` predicted for the mode it chose (a prediction, not a setting)
 CHECKPOINTING_PLAN = "checkpointing_plan"
+# config.json only: the cache's identity (sha256 of its manifest), and the eval score's set and its sample count
+CACHE_ID = "cache_id"
+EVAL_SET = "eval_set"
+EVAL_SAMPLES = "eval_samples"
 METRICS = "metrics.jsonl"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for
 MODEL_CARD = "README.md"

@@ -6,6 +6,7 @@ place, and the manifest itself is replaced atomically, so a reader never sees a 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -394,6 +395,13 @@ class Manifest:
                 f"`cogvx shards rebuild-manifest {store.location}`."
             ) from err
         return cls.from_dict(data, where if store.remote else Path(where))
+
+    @staticmethod
+    def identity(folder: Path | str | Store) -> str:
+        """sha256 of the manifest's bytes as stored: the cache's identity, the same for a copy read elsewhere."""
+        store = open_store(folder)
+        with store.open(paths.MANIFEST, what="The manifest") as f:
+            return hashlib.sha256(f.read(MAX_MANIFEST_BYTES + 1)).hexdigest()
 
     def save(self, folder: Path) -> None:
         """Replace the manifest atomically: readers see the old one or the new one, never a mix."""

@@ -45,8 +45,11 @@ from cogvx.errors import RunError
 
 LORA = "lora"
 PROGRESS = "progress"
-# A run resumed with fp16 from a checkpoint written without it has no scaler state: the scaler starts fresh.
-MAY_BE_MISSING = ("scaler",)
+BEST = "best"  # --keep-best: the lowest eval score so far and its step (evaluation.Best)
+HELD_OUT = "held_out"  # state.json: the hash of the keys held out of training, "" for none
+# A run resumed with fp16 (or --keep-best) from a checkpoint written without it has no scaler (or best)
+# state: it starts fresh.
+MAY_BE_MISSING = ("scaler", BEST)
 
 
 class Stateful(Protocol):
@@ -71,10 +74,12 @@ class Progress:
     written_by: dict[str, Any] = field(default_factory=dict)
     # The most batches one step took so far (resumes may change the accumulation): bounds batches_consumed.
     most_batches_per_step: int = 1
+    held_out: str = ""  # heldout.EvalSet.keys_hash of the samples the stream skips, "" for none
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "step": self.step,
+            HELD_OUT: self.held_out,
             "batches_consumed": self.batches_consumed,
             "most_batches_per_step": max(self.most_batches_per_step, self.config.get("gradient_accumulation", 1)),
             "world_size": self.world_size,

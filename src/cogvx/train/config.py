@@ -15,6 +15,7 @@ from cogvx.pipeline.models import DTYPES
 from cogvx.pipeline.speed.checkpointing import AUTO
 from cogvx.pipeline.speed.checkpointing import MODES as CHECKPOINTING
 from cogvx.shards.store import is_remote
+from cogvx.train.heldout import check_request
 
 OPTIMIZERS = ("adamw", "adam", "prodigy", "adamw8bit")
 SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -82,6 +83,15 @@ class TrainConfig:
     validation_frames: int | None = None  # default: the cache's first bucket
     validation_height: int | None = None
     validation_width: int | None = None
+    # The eval score: the loss on held-out clips at fixed timesteps and noise (docs/training.md)
+    # Steps between scores (and at the end); 0 for none, and then nothing is held out. 500 is meant to keep the
+    # pass at about 5% of a run's time or less (bench/eval_cost.py measures it).
+    eval_every: int = 500
+    # Clips held out of the cache: a whole number of clips, a fraction in (0, 1), or 0 for none; default: a
+    # tenth (at most 8) of a cache of 20 clips or more, none of a smaller one
+    eval_holdout: float | None = None
+    eval_shards: Path | str | None = None  # score another cache instead (same encoders); nothing is held out
+    keep_best: bool = False  # keep the LoRA of the lowest eval score in RUN/best/
     # Checkpoints, logging
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
@@ -132,6 +142,8 @@ class TrainConfig:
         "validation_frames": integers(1, 1025),
         "validation_height": integers(8, 8192),
         "validation_width": integers(8, 8192),
+        "eval_every": integers(0, MAX_STEPS),
+        "eval_holdout": numbers(0, 10**6, why="a number of clips, or a fraction of them below 1"),
         "checkpoint_every": integers(0, MAX_STEPS),
         "keep_checkpoints": integers(1, 10**4),
     }
@@ -157,6 +169,9 @@ class TrainConfig:
         self.output = Path(self.output)
         if self.cache_dir is not None:
             self.cache_dir = Path(self.cache_dir)
+        if self.eval_shards is not None and not is_remote(self.eval_shards):
+            self.eval_shards = Path(self.eval_shards)
+        check_request(self.eval_holdout)
         if isinstance(self.targets, str):
             self.targets = tuple(t.strip() for t in self.targets.split(",") if t.strip())
         self.targets = tuple(self.targets)
@@ -181,6 +196,20 @@ class TrainConfig:
             (
                 not (self.push_to_hub or self.push_checkpoints) or bool(self.hub_model_id),
                 "--push-to-hub needs --hub-model-id OWNER/NAME (the model repo to upload to)",
+            ),
+            (
+                self.eval_holdout is None or self.eval_shards is None,
+                "Give --eval-holdout (clips held out of --shards) or --eval-shards (another cache), not both",
+            ),
+            (
+                self.eval_every > 0 or (self.eval_shards is None and not self.eval_holdout),
+                "--eval-holdout and --eval-shards choose what --eval-every scores, and --eval-every 0 scores "
+                "nothing; give --eval-every N, or drop them",
+            ),
+            (
+                not self.keep_best or (self.eval_every > 0 and self.eval_holdout != 0),
+                "--keep-best keeps the LoRA of the lowest eval score, and this run computes none (--eval-every 0 or "
+                "--eval-holdout 0); give --eval-every N with held-out clips or --eval-shards DIR, or drop --keep-best",
             ),
             (self.report_to in REPORTERS, f"--report-to must be one of {', '.join(REPORTERS)}"),
             (

@@ -22,7 +22,8 @@ and, for the base model (the LoRA switched off: what step 0 is), once per run fo
 
 (one line per step, as ``runs.keep_metrics_until`` keeps them on resume; no training line has step 0).
 
-``eval_set`` is the held-out set's identity (``EvalSet.identity``): only scores with the same one compare.
+``eval_set`` is the score's identity (``identity``): a hash of the held-out keys and of the scoring protocol
+(``PROTOCOL``, the timesteps): only scores with the same one compare.
 ``--keep-best`` keeps the LoRA of the lowest ``eval_loss`` in ``best/`` (``Best``, ``write_best``).
 ``Evaluator`` puts it together for the training loop: its samples, its cadence and the best LoRA.
 """
@@ -53,7 +54,10 @@ from cogvx.shards.manifest import IMAGE_MOMENTS
 from cogvx.shards.store import Store
 from cogvx.train.heldout import EvalSet
 
-EVAL_TIMESTEPS = 8  # per sample; changing it changes every score
+EVAL_TIMESTEPS = 6  # per sample: two per band (BANDS); changing it changes every score (and ``identity``)
+# The version of how a pair is scored (its draws, its loss): a change that alters any score bumps it, so
+# scores from before never compare as equal.
+PROTOCOL = 1
 BANDS = ("low", "mid", "high")  # thirds of the schedule, from the least noise to the most
 PREFIX, BASE_PREFIX = "eval_", "eval_base_"
 
@@ -82,10 +86,20 @@ class Score:
     seconds: float = 0.0
 
 
-def timesteps(num_train_timesteps: int, count: int = EVAL_TIMESTEPS) -> list[int]:
-    """The midpoints of ``count`` equal bands of ``[0, num_train_timesteps)``."""
+def timesteps(num_train_timesteps: int, count: int | None = None) -> list[int]:
+    """The midpoints of ``count`` (default ``EVAL_TIMESTEPS``) equal bands of ``[0, num_train_timesteps)``."""
+    count = EVAL_TIMESTEPS if count is None else count
     edges = [band * num_train_timesteps // count for band in range(count + 1)]
     return [(low + high) // 2 for low, high in zip(edges, edges[1:], strict=False)]
+
+
+def identity(eval_set: EvalSet, num_train_timesteps: int) -> str:
+    """What a score's ``eval_set`` field says: sha256 over the protocol, the timesteps and the held-out keys.
+
+    Two scores with the same identity were computed the same way on the same samples, so they compare.
+    """
+    protocol = f"cogvx-eval-protocol:{PROTOCOL}:{timesteps(num_train_timesteps)}"
+    return hashlib.sha256("\n".join([protocol, *sorted(eval_set.keys)]).encode()).hexdigest()
 
 
 def band(timestep: int, num_train_timesteps: int) -> str:
@@ -274,7 +288,8 @@ class Evaluator:
             autocast=autocast,
         )
         self.rank = rank
-        self.best = Best(eval_set.identity)  # a checkpoint component, for --keep-best
+        self.identity = identity(eval_set, len(objective.alphas_cumprod))
+        self.best = Best(self.identity)  # a checkpoint component, for --keep-best
 
     def score(self, model: torch.nn.Module, base: bool = False) -> Score:
         return score(model, self.objective, self.samples, self.pairs, base=base, **self.options)
@@ -284,7 +299,7 @@ class Evaluator:
 
     def base_fields(self, model: torch.nn.Module) -> dict[str, Any]:
         """The base model's score as the fields of its line, ``{"step": 0, ...}`` (see the module docstring)."""
-        return {"step": 0} | eval_fields(self.score(model, base=True), self.eval_set.identity, base=True)
+        return {"step": 0} | eval_fields(self.score(model, base=True), self.identity, base=True)
 
     def after_step(self, model: torch.nn.Module, step: int, last: bool) -> dict[str, Any]:
         """The fields to add to ``step``'s metrics line: the score when one is due, else none.
@@ -296,7 +311,7 @@ class Evaluator:
         result = self.score(model)
         if self.best.update(result.loss, step) and self.keep_best is not None and self.rank == 0:
             write_best(self.keep_best, model, self.best)
-        return eval_fields(result, self.eval_set.identity)
+        return eval_fields(result, self.identity)
 
 
 # --- metrics.jsonl ---
@@ -320,6 +335,58 @@ def needs_base(records: Iterable[dict[str, Any]], eval_set: str) -> bool:
     """Whether the run has yet to score the base model on ``eval_set`` (a fresh run, or one resumed from a run
     that scored none)."""
     return not eval_records(records, eval_set, base=True)
+
+
+@dataclass(frozen=True)
+class Summary:
+    """A run's scores on one eval set, as the end message and the model card tell them."""
+
+    loss: float  # the last score
+    step: int
+    best_loss: float
+    best_step: int
+    base_loss: float | None  # the base model's (LoRA off), None when the run has none
+    samples: int
+    eval_set: str  # ``identity``: the scores of this set alone
+
+    def line(self) -> str:
+        """ "eval loss 0.412 at step 1200, best; base 0.455" (or the best one after it when the last is not)."""
+        text = f"eval loss {self.loss:.4g} at step {self.step}"
+        if self.best_step == self.step:
+            text += ", best"
+        else:
+            text += f" (best {self.best_loss:.4g} at step {self.best_step})"
+        return text + (f"; base {self.base_loss:.4g}" if self.base_loss is not None else "")
+
+
+def summary(records: Iterable[dict[str, Any]]) -> Summary | None:
+    """The scores of ``records`` (metrics.jsonl) on the eval set of their last score; None before any."""
+    records = list(records)
+    scored = [r for r in records if isinstance(r.get(f"{PREFIX}loss"), (int, float))]
+    if not scored:
+        return None
+    last = max(scored, key=lambda r: r["step"])
+    on_set = [r for r in eval_records(records, last.get("eval_set")) if math.isfinite(r[f"{PREFIX}loss"])]
+    best = min(on_set, key=lambda r: (r[f"{PREFIX}loss"], r["step"]), default=last)
+    base = eval_records(records, last.get("eval_set"), base=True)
+    return Summary(
+        loss=last[f"{PREFIX}loss"],
+        step=last["step"],
+        best_loss=best[f"{PREFIX}loss"],
+        best_step=best["step"],
+        base_loss=base[-1][f"{BASE_PREFIX}loss"] if base else None,
+        samples=int(last.get("eval_samples", 0)),
+        eval_set=str(last.get("eval_set")),
+    )
+
+
+def tracker_scalars(fields: dict[str, Any]) -> dict[str, float]:
+    """``eval_*`` fields as tracker scalars ``eval/loss``, ``eval/high``, ... (``eval/base_loss`` for the base)."""
+    return {
+        f"eval/{name.removeprefix(PREFIX)}": value
+        for name, value in fields.items()
+        if name.startswith(PREFIX) and name not in ("eval_set", "eval_samples") and isinstance(value, (int, float))
+    }
 
 
 # --- --keep-best ---

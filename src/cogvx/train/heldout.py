@@ -72,8 +72,9 @@ class EvalSet:
         return key in self.keys
 
     @property
-    def identity(self) -> str:
-        """sha256 over the sorted keys: two runs with equal identities were scored on the same samples."""
+    def keys_hash(self) -> str:
+        """sha256 over the sorted keys: the samples alone. A score names its set by ``evaluation.identity``,
+        which adds how the samples are scored."""
         return hashlib.sha256("\n".join(sorted(self.keys)).encode()).hexdigest()
 
     @property

@@ -28,12 +28,13 @@ from cogvx.pipeline import levers, lora, memory, models
 from cogvx.pipeline.objective import Objective
 from cogvx.pipeline.speed import checkpointing, compiling, float8, swap
 from cogvx.progress import progress_bar
-from cogvx.shards import Manifest, paths
+from cogvx.shards import Manifest, ShardRecord, paths
 from cogvx.shards.manifest import IMAGE_MOMENTS
-from cogvx.shards.store import display, open_store
-from cogvx.train import checkpoint, report, resume
+from cogvx.shards.store import Store, display, open_store
+from cogvx.train import checkpoint, evaluation, heldout, report, resume
 from cogvx.train.config import TrainConfig
-from cogvx.train.data import SKIPPED_SHARDS, ShardStream, check_batch_fits, make_loader
+from cogvx.train.data import SKIPPED_SHARDS, ShardStream, check_batch_fits, make_loader, unit_count
+from cogvx.train.heldout import EvalSet
 from cogvx.train.validation import load_validation_set, run_validation
 
 # accelerate's word for each of our precisions (models.DTYPES names); used only where the Accelerator is built.
@@ -54,6 +55,7 @@ class TrainResult:
     model: torch.nn.Module | None = None  # the trained transformer with its LoRA, unwrapped
     validation: list[Path] = field(default_factory=list)  # latents this process wrote
     pushed: str | None = None  # the Hub commit URL of --push-to-hub
+    eval: evaluation.Summary | None = None  # the eval scores (main process), for the end message
 
 
 @dataclass
@@ -130,6 +132,54 @@ def check_packable(manifest: Manifest, info: models.ModelInfo, transformer: dict
                 f"{info.name} cannot pack bucket {bucket} of {shards}: {problem}. Preprocess again with buckets "
                 f"it packs: cogvx preprocess --data VIDEOS --output NEW_CACHE --model {info.name} --resolution HxW"
             )
+
+
+def choose_eval_set(
+    cfg: TrainConfig, store: Store, manifest: Manifest
+) -> tuple[EvalSet | None, Store, Manifest, str | None]:
+    """What the eval score is computed on (None: no score), the cache it is read from, and the line to print.
+
+    ``--eval-shards``: all of another cache, nothing held out; else, with ``--eval-every``, the clips of the
+    training cache that ``--eval-holdout`` (or the default rule) holds out.
+    """
+    if cfg.eval_shards is not None:
+        eval_store, eval_manifest, eval_set = heldout.separate_set(cfg.eval_shards, cfg.cache_dir)
+        line = (
+            f"Eval score on the {eval_set.clips} clips ({len(eval_set.scored)} samples) of {eval_store.location} "
+            f"({heldout.flag(heldout.EVAL_SHARDS_FIELD)}); nothing is held out of training."
+        )
+        return eval_set, eval_store, eval_manifest, line
+    if not cfg.eval_every:
+        return None, store, manifest, None
+    eval_set, line = heldout.choose(manifest, cfg.eval_holdout, store.location)
+    if eval_set is None and cfg.keep_best:
+        raise ConfigError(f"--keep-best keeps the LoRA of the lowest eval score, and this run has none. {line}")
+    return eval_set, store, manifest, line
+
+
+def check_eval_cache(manifest: Manifest, info: models.ModelInfo, transformer: dict[str, Any], location: str) -> None:
+    """``--eval-shards``: the same checks as the training cache's, the message saying which cache it was."""
+    try:
+        check_cache_fits(manifest, info, location)
+        check_image_latents(manifest, info, location)
+        check_packable(manifest, info, transformer, location)
+    except CogvxError as err:
+        raise type(err)(f"{heldout.flag(heldout.EVAL_SHARDS_FIELD)} {location}: {err}") from err
+
+
+def check_training_left(
+    shards: list[ShardRecord], eval_set: EvalSet | None, batch_size: int, world: int, location: str
+) -> None:
+    """The samples left to train on (held-out ones taken away) must fill one forward pass."""
+    left, batch = unit_count(shards), batch_size * world
+    if eval_set is not None and not eval_set.separate and left < batch:
+        raise ConfigError(
+            f"The {eval_set.clips} clips held out for the eval score leave {left} samples of {location} to train on, "
+            f"fewer than the {batch} of one forward pass (--batch-size {batch_size} x {world} process(es)). Hold out "
+            f"fewer ({heldout.flag(heldout.HOLDOUT_FIELD)} N, 0 for none), take a smaller --batch-size, or score a "
+            f"cache of its own with {heldout.flag(heldout.EVAL_SHARDS_FIELD)} DIR."
+        )
+    check_batch_fits(shards, batch_size, world, location)
 
 
 def frame_count_warning(manifest: Manifest, info: models.ModelInfo) -> str | None:
@@ -280,27 +330,41 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
         cfg.model_revision or (manifest.producer.get("revision") if from_cache else None),
         cfg.model_variant or (manifest.producer.get("variant") if from_cache else None),
     )
+    eval_set, eval_store, eval_manifest, eval_line = choose_eval_set(cfg, store, manifest)
+    originals = heldout.training_originals(manifest, eval_set)  # what --epochs counts
+    held_out = eval_set.keys_hash if eval_set is not None and not eval_set.separate else ""
     # What the run records and a checkpoint compares on resume: the settings in effect (never a URL's credentials).
-    settings = configfile.as_dict(cfg.steps_for(manifest.original_count, world)) | {"shards": store.location}
+    settings = configfile.as_dict(cfg.steps_for(originals, world)) | {"shards": store.location}
+    if eval_set is not None and eval_set.separate:
+        settings["eval_shards"] = eval_store.location
     resolved = settings | {"model": model_name}
     resolved |= {f"model_{key}": value for key, value in info.recorded().items() if key != "model"}
     if found is not None:  # before any other check: a resume that cannot be honoured says all it changes
-        changed = resume.check(found, checkpoint.read_progress(found)["config"], resolved)
+        saved = checkpoint.read_progress(found)
+        changed = resume.check(found, saved["config"], resolved)
+        resume.check_held_out(found, saved, held_out)
         if changed:
             accelerator.print(changed)
     check_cache_fits(manifest, info, store.location)
     info.check_task()
     check_image_latents(manifest, info, store.location)
-    check_packable(manifest, info, info.read_config("transformer"), store.location)
+    transformer_config = info.read_config("transformer")
+    check_packable(manifest, info, transformer_config, store.location)
     check_mirrors(manifest, cfg)
-    check_batch_fits(manifest.shards, cfg.batch_size, world, store.location)
+    if eval_set is not None and eval_set.separate:
+        check_eval_cache(eval_manifest, info, transformer_config, eval_store.location)
+    train_shards = heldout.training_shards(manifest.shards, eval_set)  # never a held-out sample, on any rank
+    check_training_left(train_shards, eval_set, cfg.batch_size, world, store.location)
+    if eval_line:
+        accelerator.print(eval_line)
     warning = frame_count_warning(manifest, info)
     if warning:
         accelerator.print(warning)
     if cfg.epochs is not None:
-        epochs, cfg = cfg.epochs, cfg.steps_for(manifest.original_count, world)
+        epochs, cfg = cfg.epochs, cfg.steps_for(originals, world)
+        counted = "samples not held out" if held_out else "samples"
         accelerator.print(
-            f"--epochs {epochs:g}: {cfg.max_steps} steps ({manifest.original_count} samples, "
+            f"--epochs {epochs:g}: {cfg.max_steps} steps ({originals} {counted}, "
             f"{cfg.batch_size * cfg.gradient_accumulation * world} per step)."
         )
     torch.backends.cuda.matmul.allow_tf32 = cfg.allow_tf32
@@ -339,10 +403,26 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
         image_latent_scale=info.image_latent_scale if info.image_to_video else None,
         noised_image_dropout=cfg.noised_image_dropout,
     )
+    evaluator = None
+    if eval_set is not None:  # every process reads the samples of its own share of the score
+        evaluator = evaluation.Evaluator(
+            eval_set,
+            eval_store,
+            eval_manifest,
+            objective,
+            every=cfg.eval_every,
+            compute_dtype=compute_dtype,
+            device=accelerator.device,
+            rank=rank,
+            world_size=world,
+            gather=gather_object,
+            autocast=accelerator.autocast,
+            keep_best=cfg.output if cfg.keep_best else None,
+        )
 
     # The one state a checkpoint holds, saved and loaded as a whole (the raw optimizer: accelerate's wrapper
     # shares its state).
-    progress = checkpoint.Progress(world_size=world, workers=cfg.workers, config=resolved)
+    progress = checkpoint.Progress(world_size=world, workers=cfg.workers, config=resolved, held_out=held_out)
     state = {
         checkpoint.LORA: lora.LoraState(transformer),
         "optimizer": optimizer,
@@ -351,8 +431,15 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
     }
     if accelerator.scaler is not None:
         state["scaler"] = accelerator.scaler
+    if evaluator is not None and cfg.keep_best:
+        state[checkpoint.BEST] = evaluator.best
     if found is not None:
         checkpoint.load(found, state)
+        if evaluator is not None and evaluator.best.discarded is not None:
+            accelerator.print(
+                f"[warning] {found} kept its best LoRA by scores on another eval set: --keep-best starts over "
+                "from this run's scores."
+            )
         # The loaded optimizer and schedule states hold the checkpoint's learning rate and hyperparameters.
         hyper = {"betas": (cfg.adam_beta1, cfg.adam_beta2), "eps": cfg.adam_epsilon, "weight_decay": cfg.weight_decay}
         lr_changed = resume.apply_to_optimizer(optimizer, schedule, lr, hyper)
@@ -365,7 +452,7 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
     model, optimizer = accelerator.prepare(transformer, optimizer)
     stream = ShardStream(
         store,
-        manifest.shards,
+        train_shards,
         cfg.batch_size,
         cfg.seed,
         rank,
@@ -381,10 +468,16 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
     resolved = resolved | {"checkpointing": mode.name}
     if main:
         runs.keep_metrics_until(cfg.output, start_step)
-        planned = {runs.CHECKPOINTING_PLAN: plan.recorded()} if plan is not None else {}
-        runs.write_config(cfg.output, resolved | planned, configfile.to_toml(TrainConfig(**resolved)))
+        recorded = {runs.CACHE_ID: Manifest.identity(store)}  # `cogvx compare` knows a cache by it
+        if plan is not None:
+            recorded[runs.CHECKPOINTING_PLAN] = plan.recorded()
+        if evaluator is not None:
+            recorded |= {runs.EVAL_SET: evaluator.identity, runs.EVAL_SAMPLES: len(eval_set.scored)}
+        runs.write_config(cfg.output, resolved | recorded, configfile.to_toml(TrainConfig(**resolved)))
     if cfg.report_to != "none":
         accelerator.init_trackers("cogvx", config={k: str(v) for k, v in resolved.items()})
+    if evaluator is not None:
+        _score_base(accelerator, cfg, evaluator, accelerator.unwrap_model(model), start_step)
 
     # --- fit ---
     result = TrainResult(cfg.output, start_step, resumed_from=start_step)
@@ -440,13 +533,16 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
                 result.skipped_shards += skipped
             result.losses.append(out.loss)
             result.steps = progress.step = step
+            last = step == cfg.max_steps
+            scored = {} if evaluator is None else evaluator.after_step(accelerator.unwrap_model(model), step, last)
+            record |= scored
             if main:
                 runs.append_metrics(cfg.output, record)
             if cfg.report_to != "none":
                 scalars = ("loss", "lr", "grad_norm", "samples_per_s", "peak_memory_gb")
-                accelerator.log({f"train/{k}": record[k] for k in scalars}, step=step)
+                logged = {f"train/{k}": record[k] for k in scalars} | evaluation.tracker_scalars(scored)
+                accelerator.log(logged, step=step)
             update(step, loss=smoothed.update(out.loss) if math.isfinite(out.loss) else out.loss, rate=1.0 / seconds)
-            last = step == cfg.max_steps
             if validation is not None and (step % cfg.validation_every == 0 or last):
                 result.validation += run_validation(
                     accelerator.unwrap_model(model),
@@ -477,6 +573,7 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
     if main:
         weights = lora.save_lora(result.model, cfg.output)
         records = runs.read_metrics(cfg.output)
+        result.eval = evaluation.summary(records)
         report.draw_loss_curve(records, runs.loss_curve(cfg.output))
         card = report.model_card(
             model_name=model_name,
@@ -488,6 +585,7 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
             weights_name=weights.name,
             world_size=world,
             image_to_video=info.image_to_video,
+            eval_summary=result.eval,
         )
         runs.model_card(cfg.output).write_text(card)
     # torch frees a gloo process group holding the GIL and joins gloo's worker threads, which may still
@@ -501,6 +599,38 @@ def _run(accelerator, cfg: TrainConfig, on_step, show_progress: bool) -> TrainRe
     if main and cfg.push_to_hub:  # after the other processes are done: a failed upload must not hang them
         result.pushed = _push(cfg, f"cogvx: LoRA after {result.steps} steps")
     return result
+
+
+def _score_base(
+    accelerator, cfg: TrainConfig, evaluator: evaluation.Evaluator, model: torch.nn.Module, start_step: int
+) -> None:
+    """The base model's score (the LoRA off), once per run folder and eval set: step 0 of every eval curve.
+
+    The main process decides from the run's metrics (its folder alone may hold them) and tells the others:
+    the score is split across processes, so all of them compute it or none.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    needed = (
+        evaluation.needs_base(runs.read_metrics(cfg.output), evaluator.identity)
+        if accelerator.is_main_process
+        else None
+    )
+    if accelerator.num_processes > 1:
+        needed = broadcast_object_list([needed])[0]
+    if not needed:
+        return
+    fields = evaluator.base_fields(model)
+    if accelerator.is_main_process:
+        runs.append_metrics(cfg.output, fields)
+        if start_step:  # a resumed run scoring a new eval set: its line goes first, as the steps are in order
+            runs.keep_metrics_until(cfg.output, start_step)
+    if cfg.report_to != "none":
+        accelerator.log(evaluation.tracker_scalars(fields), step=0)
+    accelerator.print(
+        f"Base model's eval loss {fields['eval_base_loss']:.4g} on {fields['eval_samples']} held-out samples "
+        f"({fields['eval_seconds']:.1f} s); the LoRA is scored every {cfg.eval_every} steps."
+    )
 
 
 def _push(cfg: TrainConfig, message: str, checkpoint_folder: Path | None = None) -> str:

@@ -9,51 +9,105 @@ from typing import Any
 from cogvx import runs
 from cogvx.media import ema, write_png
 from cogvx.pipeline.models import NATIVE_FPS
+from cogvx.train import evaluation
 
 
 def draw_loss_curve(records: list[dict[str, Any]], path: Path, size: tuple[int, int] = (800, 450)) -> Path | None:
-    """Loss per step (grey) and its moving average (blue) as a PNG, drawn with Pillow."""
+    """Loss per step (grey) and its moving average (blue) as a PNG, drawn with Pillow.
+
+    A run with eval scores gets a second panel below: the held-out score per step (orange) and the base
+    model's score (dashed), on the eval set of its last score (``evaluation.summary``).
+    """
     from PIL import Image, ImageDraw
 
     points = [(r["step"], r["loss"]) for r in records if math.isfinite(r.get("loss", math.nan))]
     if not points:
         return None
+    scores = evaluation.summary(records)
     width, height = size
-    left, right, top, bottom = 70, 20, 30, 50
-    image = Image.new("RGB", size, "white")
+    panel = height if scores is None else height * 2 - 40
+    image = Image.new("RGB", (width, panel), "white")
     draw = ImageDraw.Draw(image)
-    steps = [s for s, _ in points]
     losses = [v for _, v in points]
-    smooth = ema(losses)
-    x0, x1 = min(steps), max(max(steps), min(steps) + 1)
-    y0, y1 = min(losses), max(losses)
-    if y1 - y0 < 1e-12:
-        y0, y1 = y0 - 0.5, y1 + 0.5
+    title = f"training loss ({len(points)} steps; blue: moving average)"
+    frame = _Panel(draw, (0, 0, width, height), [s for s, _ in points], losses)
+    frame.axes(title, step_label=scores is None)  # the panel below labels the shared step axis
+    if len(points) > 1:
+        frame.line(points, (170, 170, 170), 1)
+        frame.line(list(zip([s for s, _ in points], ema(losses), strict=True)), (30, 90, 200), 2)
+    else:
+        frame.dot(points[0], (30, 90, 200))
+    if scores is not None:
+        name = evaluation.PREFIX + "loss"
+        rows = [r for r in evaluation.eval_records(records, scores.eval_set) if math.isfinite(r[name])]
+        evals = [(r["step"], r[name]) for r in rows]
+        base = scores.base_loss
+        values = [v for _, v in evals] + ([base] if base is not None and math.isfinite(base) else [])
+        steps = [s for s, _ in points] + [s for s, _ in evals]
+        below = _Panel(draw, (0, height - 40, width, panel), steps, values, margin=0.05)
+        below.axes(
+            f"eval loss on {scores.samples} held-out samples (orange)"
+            + ("; dashed: the base model's" if base is not None else "")
+        )
+        if base is not None and math.isfinite(base):
+            below.dashed(base, (90, 90, 90))
+        if len(evals) > 1:
+            below.line(evals, (220, 110, 20), 2)
+        for point in evals:
+            below.dot(point, (220, 110, 20))
+    return write_png(path, image)
 
-    def xy(step: float, loss: float) -> tuple[float, float]:
-        x = left + (step - x0) / (x1 - x0) * (width - left - right)
-        y = height - bottom - (loss - y0) / (y1 - y0) * (height - top - bottom)
+
+class _Panel:
+    """One plot of a step axis and a value axis inside ``box`` (left, top, right, bottom) of the image."""
+
+    def __init__(
+        self, draw: Any, box: tuple[int, int, int, int], steps: list[float], values: list[float], margin: float = 0.0
+    ):
+        self.draw, self.box = draw, box
+        self.x0, self.x1 = min(steps), max(max(steps), min(steps) + 1)
+        self.y0, self.y1 = min(values), max(values)
+        if self.y1 - self.y0 < 1e-12:
+            self.y0, self.y1 = self.y0 - 0.5, self.y1 + 0.5
+        pad = (self.y1 - self.y0) * margin  # keeps a line at the extremes (the base score) off the frame
+        self.y0, self.y1 = self.y0 - pad, self.y1 + pad
+
+    def xy(self, step: float, value: float) -> tuple[float, float]:
+        left, top, right, bottom = self.box
+        x = left + 70 + (step - self.x0) / (self.x1 - self.x0) * (right - left - 90)
+        y = bottom - 50 - (value - self.y0) / (self.y1 - self.y0) * (bottom - top - 80)
         return x, y
 
-    draw.rectangle([left, top, width - right, height - bottom], outline="black")
-    for i in range(5):
-        loss = y0 + (y1 - y0) * i / 4
-        _, y = xy(x0, loss)
-        draw.line([left - 4, y, left, y], fill="black")
-        draw.text((4, y - 6), f"{loss:.4g}", fill="black")
-        step = x0 + (x1 - x0) * i / 4
-        x, _ = xy(step, y0)
-        draw.line([x, height - bottom, x, height - bottom + 4], fill="black")
-        draw.text((x - 10, height - bottom + 8), f"{step:.0f}", fill="black")
-    draw.text((width // 2 - 15, height - 20), "step", fill="black")
-    draw.text((left, 8), f"training loss ({len(points)} steps; blue: moving average)", fill="black")
-    if len(points) > 1:
-        draw.line([xy(s, v) for s, v in points], fill=(170, 170, 170), width=1)
-        draw.line([xy(s, v) for s, v in zip(steps, smooth, strict=True)], fill=(30, 90, 200), width=2)
-    else:
-        x, y = xy(*points[0])
-        draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=(30, 90, 200))
-    return write_png(path, image)
+    def axes(self, title: str, step_label: bool = True) -> None:
+        left, top, right, bottom = self.box
+        draw = self.draw
+        draw.rectangle([left + 70, top + 30, right - 20, bottom - 50], outline="black")
+        for i in range(5):
+            value = self.y0 + (self.y1 - self.y0) * i / 4
+            _, y = self.xy(self.x0, value)
+            draw.line([left + 66, y, left + 70, y], fill="black")
+            draw.text((left + 4, y - 6), f"{value:.4g}", fill="black")
+            step = self.x0 + (self.x1 - self.x0) * i / 4
+            x, _ = self.xy(step, self.y0)
+            draw.line([x, bottom - 50, x, bottom - 46], fill="black")
+            draw.text((x - 10, bottom - 42), f"{step:.0f}", fill="black")
+        if step_label:
+            draw.text(((left + right) // 2 - 15, bottom - 20), "step", fill="black")
+        draw.text((left + 70, top + 8), title, fill="black")
+
+    def line(self, points: list[tuple[float, float]], colour: tuple[int, int, int], width: int) -> None:
+        self.draw.line([self.xy(s, v) for s, v in points], fill=colour, width=width)
+
+    def dot(self, point: tuple[float, float], colour: tuple[int, int, int]) -> None:
+        x, y = self.xy(*point)
+        self.draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colour)
+
+    def dashed(self, value: float, colour: tuple[int, int, int]) -> None:
+        (start, y), (end, _) = self.xy(self.x0, value), self.xy(self.x1, value)
+        x = start
+        while x < end:
+            self.draw.line([x, y, min(x + 8, end), y], fill=colour, width=1)
+            x += 14
 
 
 def model_card(
@@ -67,6 +121,7 @@ def model_card(
     weights_name: str,
     world_size: int,
     image_to_video: bool = False,
+    eval_summary: evaluation.Summary | None = None,
 ) -> str:
     """The run folder's README.md: what was trained on what, and how to load it in diffusers."""
     final = runs.final_loss(records)
@@ -107,7 +162,9 @@ def model_card(
         f"| mixed precision | {config['mixed_precision']} |",
         f"| seed | {config['seed']} |",
         f"| final loss | {mean_loss} |",
+        *_eval_rows(eval_summary),
         "",
+        *_eval_note(eval_summary),
         "## Data",
         "",
         f"{manifest.sample_count} samples in {len(manifest.shards)} shard(s), encoded with "
@@ -135,3 +192,27 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _eval_rows(scores: evaluation.Summary | None) -> list[str]:
+    if scores is None:
+        return []
+    base = f"{scores.base_loss:.4f}" if scores.base_loss is not None else "n/a"
+    return [
+        f"| eval loss (held out) | {scores.loss:.4f} at step {scores.step} |",
+        f"| best eval loss | {scores.best_loss:.4f} at step {scores.best_step} |",
+        f"| base model's eval loss | {base} |",
+    ]
+
+
+def _eval_note(scores: evaluation.Summary | None) -> list[str]:
+    if scores is None:
+        return []
+    return [
+        f"The eval loss is the training loss on {scores.samples} held-out samples the LoRA never trained on, at "
+        f"{evaluation.EVAL_TIMESTEPS} fixed timesteps each with fixed noise: runs scored on the same held-out set "
+        f"(`{runs.EVAL_SET}` in `{runs.CONFIG_JSON}`) compare with `cogvx compare`, and below the base model's it "
+        "says the LoRA learned something that carries over to unseen clips. It is a learning signal, not a "
+        "measure of visual quality: watch the validation videos for that.",
+        "",
+    ]

@@ -49,6 +49,9 @@ POLICY: dict[str, str] = {
     "lr_scheduler": REFUSED,  # the saved schedule position belongs to its kind
     "mixed_precision": REFUSED,  # the loss scaler's state and the numbers trained so far depend on it
     "random_flip": REFUSED,  # drawn from the data stream's generator: a change shifts every later sample
+    # Held-out clips are not trained on: another request is other training data. (What is held out is also
+    # compared as a whole, by ``check_held_out``: --eval-every 0 holds nothing out under the default rule.)
+    "eval_holdout": REFUSED,
     # Honoured from the new settings from the resumed step on.
     "output": APPLIED,
     "max_steps": APPLIED,  # train further (a decaying schedule now ends at the new step)
@@ -79,6 +82,9 @@ POLICY: dict[str, str] = {
     "validation_height": APPLIED,
     "validation_width": APPLIED,
     "checkpoint_every": APPLIED,
+    "eval_every": APPLIED,
+    "eval_shards": APPLIED,  # another cache to score takes nothing from training; --keep-best starts over on it
+    "keep_best": APPLIED,
     "keep_checkpoints": APPLIED,
     "report_to": APPLIED,
     "push_to_hub": APPLIED,
@@ -94,7 +100,7 @@ POLICY: dict[str, str] = {
     "resume": NOT_COMPARED,
 }
 MODEL_KEYS = ("model", "model_revision", "model_variant")
-FOLDERS = ("shards", "output", "cache_dir")  # the same folder may be spelled another way
+FOLDERS = ("shards", "output", "cache_dir", "eval_shards")  # the same folder may be spelled another way
 
 
 @dataclass
@@ -208,6 +214,21 @@ def check(found: Path, saved: dict[str, Any], new: dict[str, Any]) -> str | None
     if not changes.applied:
         return None
     return f"Resuming from {found} with changed settings: {_listed(changes.applied)}."
+
+
+def check_held_out(found: Path, saved: dict[str, Any], held_out: str) -> None:
+    """Refuse a resume from ``found`` whose training would see other samples: ``saved`` is its state.json,
+    ``held_out`` the hash of the keys this run holds out of training ("" for none)."""
+    before = saved.get(checkpoint.HELD_OUT)
+    if before is None or before == held_out:  # a checkpoint that recorded none: written before held-out sets
+        return
+    said = {"": "none"}
+    raise RunError(
+        f"Cannot resume from {found}: it held other clips out of training (held-out set "
+        f"{said.get(before, before[:12])}, now {said.get(held_out, held_out[:12])}), so its data stream means other "
+        f"samples. Resume with its --eval-every and --eval-holdout (cogvx train --config "
+        f"{runs.config_toml(found.parent)} --resume {found}), or start a new run with another --output."
+    )
 
 
 def _listed(changes: dict[str, tuple[Any, Any]]) -> str:

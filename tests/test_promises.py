@@ -23,7 +23,7 @@ from cogvx.cli import app
 from cogvx.preprocess.run import PreprocessConfig
 from cogvx.sample import SampleConfig
 from cogvx.shards import Manifest, Sample, ShardWriter, read_shard
-from cogvx.shards.io import INDEX
+from cogvx.shards.codec import INDEX
 from cogvx.train.config import TrainConfig
 from tests.i2vcache import with_image_latents
 

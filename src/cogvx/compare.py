@@ -35,7 +35,8 @@ from typing import Any
 from cogvx import files, runs
 from cogvx.errors import ConfigError, RunError
 from cogvx.media import EMA_WEIGHT, ema
-from cogvx.report import _SCRIPT, _fmt, _plain, find_cache, line_chart
+from cogvx.pages import SCRIPT, fmt, line_chart, plain
+from cogvx.report import find_cache
 from cogvx.shards.store import LocalStore, display, is_remote, open_store
 
 LABELS = "ABCDEFGH"  # one letter per run on the page; also the most runs one page compares
@@ -278,7 +279,7 @@ def _settings(compared: list[Run]) -> tuple[str, list[str]]:
 
     def cell(run: Run, key: str) -> str:
         found = value(run, key)
-        return '<td class="unset">(not set)</td>' if found is missing else f"<td>{html.escape(_plain(found))}</td>"
+        return '<td class="unset">(not set)</td>' if found is missing else f"<td>{html.escape(plain(found))}</td>"
 
     rows = "".join(
         f'<tr data-setting="{html.escape(k)}"><th>{html.escape(k)}</th>{"".join(cell(r, k) for r in compared)}</tr>'
@@ -291,7 +292,7 @@ def _settings(compared: list[Run]) -> tuple[str, list[str]]:
         table = '<p id="settings" class="note">Every setting is the same in these runs.</p>'
     if shared:
         body = "".join(
-            f"<tr><th>{html.escape(k)}</th><td>{html.escape(_plain(compared[0].config[k]))}</td></tr>" for k in shared
+            f"<tr><th>{html.escape(k)}</th><td>{html.escape(plain(compared[0].config[k]))}</td></tr>" for k in shared
         )
         table += f'<details><summary>{len(shared)} settings the runs share</summary><table class="kv">{body}</table>'
         table += "</details>"
@@ -368,7 +369,7 @@ def _runs_table(compared: list[Run], eval_sets: list[str]) -> tuple[str, dict[st
             f'<th class="r{i}">{html.escape(run.label)}</th><td>{html.escape(run.location)}</td>'
             f"<td>{html.escape(str(run.config.get('model', '?')))}</td>"
             f"<td>{steps} of {html.escape(str(run.config.get('max_steps', '?')))}</td>"
-            f"<td>{_fmt(final[0]) if final else '-'}</td>"
+            f"<td>{fmt(final[0]) if final else '-'}</td>"
         )
         scored = run.held_out()
         if not scored:
@@ -376,16 +377,16 @@ def _runs_table(compared: list[Run], eval_sets: list[str]) -> tuple[str, dict[st
         for scores in scored:
             marked = ' class="not-comparable" title="not comparable with the other sets"' if several else ""
             cells = [f"<td{marked}>{html.escape(_short(scores.eval_set))}</td>"]
-            base = _fmt(scores.base) if scores.base is not None else "-"
+            base = fmt(scores.base) if scores.base is not None else "-"
             if scores.rows:
                 step, row = scores.best()
                 loss = float(row["eval_loss"])
                 best.setdefault(run.label, (step, loss))
                 change = f"{(loss - scores.base) / scores.base:+.1%}" if scores.base else "-"
-                parts = " / ".join(_fmt(float(row[k])) if _number(row.get(k)) else "-" for k in EVAL_PARTS)
+                parts = " / ".join(fmt(float(row[k])) if _number(row.get(k)) else "-" for k in EVAL_PARTS)
                 samples = html.escape(str(row.get("eval_samples", "?")))
                 cells += [f"<td>{samples}</td><td>{base}</td>", f'<td class="best-step">{step}</td>']
-                cells += [f'<td class="best-loss">{_fmt(loss)}</td><td>{change}</td><td>{parts}</td>']
+                cells += [f'<td class="best-loss">{fmt(loss)}</td><td>{change}</td><td>{parts}</td>']
             else:
                 cells += [f"<td>-</td><td>{base}</td>", '<td colspan="4" class="note">base score only</td>']
             key = f'data-run="{run.label}" data-eval-set="{html.escape(scores.eval_set)}"'
@@ -510,7 +511,7 @@ def run(cfg: CompareConfig) -> CompareResult:
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{html.escape(title)}</title>
 <style>{_STYLE}{_colours()}</style>
-<script>{_SCRIPT}</script>
+<script>{SCRIPT}</script>
 </head><body>
 <h1>{html.escape(title)}</h1>
 <p>Written {time.strftime("%Y-%m-%d %H:%M:%S")}.</p>

@@ -149,8 +149,10 @@ MAY_IMPORT = {
     "train": {"pipeline", "shards"},
     "sample": {"pipeline", "shards"},
     "render": {"pipeline", "shards"},
-    "report": {"pipeline", "shards", "render"},
-    "compare": {"shards", "report"},
+    "pages": set(),
+    "report": {"pipeline", "shards", "render", "pages"},
+    "compare_runs": {"shards", "report"},
+    "compare": {"shards", "pages", "compare_runs"},
     "cli": {"pipeline", "shards", "preprocess", "train", "sample", "render", "report", "compare"},
     "__main__": {"cli"},
 }

@@ -229,7 +229,9 @@ def test_the_mode_scan_finds_what_it_looks_for():
 # Each module of cogvx/shards may import only those before it (``__init__`` gathers them all).
 SHARDS_LAYERS = [
     "paths",
+    "urls",
     "store",
+    "layouts",
     "manifest",
     "codec",
     "tar",

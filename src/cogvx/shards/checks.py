@@ -96,8 +96,8 @@ def check_listed(
 
 
 # Floating dtypes by their bits: a value is NaN or Inf exactly when its exponent bits are all ones, so
-# "magnitude bits >= that exponent" over an integer view finds one in a single pass (numpy: ~1 ms for a
-# 5b-size latent, 20x faster than torch.isfinite on bfloat16).
+# "magnitude bits >= that exponent" over an integer view finds one in a single pass, with no float
+# arithmetic on a tensor that may hold anything.
 _FLOAT_BITS = {
     torch.bfloat16: (torch.int16, 0x7FFF, 0x7F80),
     torch.float16: (torch.int16, 0x7FFF, 0x7C00),

@@ -12,7 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cogvx.cli import app
-from cogvx.report import ReportConfig, line_chart
+from cogvx.pages import line_chart
+from cogvx.report import ReportConfig
 from cogvx.report import run as write_report
 from cogvx.shards import Manifest, read_shard
 

@@ -7,6 +7,8 @@
 - A checkpointing mode's name is spelled in its registry only; everyone else asks the mode object.
 - The cache package's modules import in one direction (codec <- tar <- checks <- ... <- rebuild).
 - Files are replaced through ``cogvx.files`` (one atomic writer), except the renames named here.
+- Every module's docstring says its one job; a file over 500 lines or a function over 80 says why
+  ("Long because ..." in its docstring).
 """
 
 from __future__ import annotations
@@ -149,8 +151,10 @@ MAY_IMPORT = {
     "train": {"pipeline", "shards"},
     "sample": {"pipeline", "shards"},
     "render": {"pipeline", "shards"},
-    "report": {"pipeline", "shards", "render"},
-    "compare": {"shards", "report"},
+    "pages": set(),
+    "report": {"pipeline", "shards", "render", "pages"},
+    "compare_runs": {"shards", "report"},
+    "compare": {"shards", "pages", "compare_runs"},
     "cli": {"pipeline", "shards", "preprocess", "train", "sample", "render", "report", "compare"},
     "__main__": {"cli"},
 }
@@ -227,7 +231,9 @@ def test_the_mode_scan_finds_what_it_looks_for():
 # Each module of cogvx/shards may import only those before it (``__init__`` gathers them all).
 SHARDS_LAYERS = [
     "paths",
+    "urls",
     "store",
+    "layouts",
     "manifest",
     "codec",
     "tar",
@@ -318,3 +324,83 @@ def test_files_are_replaced_only_through_the_one_atomic_writer():
     source = "import os\ndef f(tmp, p):\n    os.replace(tmp, p)\n    tmp.replace(p)\n    p.rename(tmp)\n"
     assert _renames(source) == [("f", 3), ("f", 4), ("f", 5)]
     assert _renames("text.replace('a', 'b')") == []
+
+
+# --- sizes: every module says its job; a long file or function says why it is long ---------------------------
+MAX_FILE_LINES = 500
+MAX_FUNCTION_LINES = 80
+LONG_REASON = "Long because"
+# Files ("path") and functions ("path:qualified.name") another restructuring is splitting right now; the test
+# fails once one of them fits (or is gone), so the list only shrinks. Empty it when those land.
+PENDING_SIZE_EXCEPTIONS = {
+    "cli.py",
+    "cli.py:preprocess",
+    "cli.py:train",
+    "cli.py:sample",
+    "preprocess/run.py",
+    "preprocess/run.py:_run",
+    "preprocess/run.py:_encode",
+    "train/loop.py",
+    "train/loop.py:_run",
+    "train/report.py:model_card",
+}
+# Package files of parts being restructured right now, still without a docstring.
+PENDING_DOCSTRINGS = {"preprocess/__init__.py", "train/__init__.py"}
+
+
+def _oversized(source: str, where: str) -> list[str]:
+    """``where`` (a file over MAX_FILE_LINES) and ``where:name`` (a function over MAX_FUNCTION_LINES) that do not
+    say in their docstrings why they are long."""
+    tree = ast.parse(source)
+    found = []
+    if len(source.splitlines()) > MAX_FILE_LINES and LONG_REASON not in (ast.get_docstring(tree) or ""):
+        found.append(where)
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                name = f"{prefix}{child.name}"
+                if not isinstance(child, ast.ClassDef):
+                    lines = child.end_lineno - child.lineno + 1
+                    if lines > MAX_FUNCTION_LINES and LONG_REASON not in (ast.get_docstring(child) or ""):
+                        found.append(f"{where}:{name}")
+                visit(child, f"{name}.")
+
+    visit(tree, "")
+    return found
+
+
+def test_every_module_says_its_job():
+    silent = []
+    for path in _modules():
+        where = path.relative_to(SRC).as_posix()
+        doc = ast.get_docstring(ast.parse(path.read_text()))
+        if not (doc and doc.splitlines()[0].strip()) and where not in PENDING_DOCSTRINGS:
+            silent.append(where)
+    assert not silent, "start each module with a one-line docstring saying its one job:\n" + "\n".join(silent)
+
+
+def test_long_files_and_functions_say_why():
+    found = set()
+    for path in _modules():
+        found.update(_oversized(path.read_text(), path.relative_to(SRC).as_posix()))
+    assert not found - PENDING_SIZE_EXCEPTIONS, (
+        f"split these, or give the docstring a last line '{LONG_REASON} ...':\n"
+        + "\n".join(sorted(found - PENDING_SIZE_EXCEPTIONS))
+    )
+    assert not PENDING_SIZE_EXCEPTIONS - found, (
+        f"no longer long, drop from PENDING_SIZE_EXCEPTIONS: {PENDING_SIZE_EXCEPTIONS - found}"
+    )
+
+
+def test_the_size_scan_finds_what_it_looks_for():
+    body = "    x = 1\n" * MAX_FUNCTION_LINES
+    assert _oversized(f"def f():\n{body}", "m.py") == ["m.py:f"]
+    assert _oversized(f"class C:\n    def f(self):\n    {body.replace(chr(10), chr(10) + '    ')}", "m.py") == [
+        "m.py:C.f"
+    ]
+    assert _oversized(f'def f():\n    """Long because one table."""\n{body}', "m.py") == []
+    assert _oversized("def f():\n" + "    x = 1\n" * (MAX_FUNCTION_LINES - 1), "m.py") == []
+    long_file = "x = 1\n" * (MAX_FILE_LINES + 1)
+    assert _oversized(long_file, "m.py") == ["m.py"]
+    assert _oversized(f'"""One job.\n\nLong because one table."""\n{long_file}', "m.py") == []

@@ -21,22 +21,20 @@ are embedded in the page, since a browser cannot read ``s3://``.
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from cogvx import files, runs
-from cogvx.errors import ConfigError, RunError
+from cogvx.compare_runs import HeldOut, Run, check_one_cache, finite_number, read_run
+from cogvx.errors import ConfigError
 from cogvx.media import EMA_WEIGHT, ema
-from cogvx.report import _SCRIPT, _fmt, _plain, find_cache, line_chart
-from cogvx.shards.store import LocalStore, display, is_remote, open_store
+from cogvx.pages import SCRIPT, fmt, line_chart, plain
+from cogvx.shards.store import display, is_remote
 
 LABELS = "ABCDEFGH"  # one letter per run on the page; also the most runs one page compares
 COLOURS = ("#c33", "#26a", "#385", "#a6c", "#d80", "#0aa", "#555", "#a52")
@@ -72,69 +70,6 @@ class CompareConfig:
 
 
 @dataclass
-class HeldOut:
-    """One run's held-out scores on one held-out set."""
-
-    eval_set: str
-    rows: dict[int, dict[str, Any]]  # step -> its eval row (the last one written for that step)
-    base: float | None  # the base model's score (LoRA off) on this set
-
-    def best(self) -> tuple[int, dict[str, Any]]:
-        """The step with the lowest held-out loss (the earliest on a tie) and its row."""
-        return min(self.rows.items(), key=lambda item: (item[1]["eval_loss"], item[0]))
-
-
-@dataclass
-class Video:
-    """One validation sample of a run: its prompt, and where the browser finds its video (None: latents only)."""
-
-    step: int
-    index: int
-    prompt: str
-    src: str | None
-
-
-@dataclass
-class Run:
-    """What the page shows of one run folder."""
-
-    label: str
-    location: str  # as shown (a URL without credentials)
-    local: Path | None  # the folder, for a local run
-    config: dict[str, Any]
-    metrics: list[dict[str, Any]]
-    bad_lines: int
-    videos: list[Video]
-
-    @property
-    def name(self) -> str:
-        if self.local is not None:
-            return self.local.resolve().name
-        return self.location.rstrip("/").rpartition("/")[2] or self.location
-
-    @property
-    def title(self) -> str:
-        return f"{self.label} {self.name}"
-
-    def held_out(self) -> list[HeldOut]:
-        """Scores per held-out set, in the order the sets first appear in its metrics."""
-        sets: dict[str, HeldOut] = {}
-        for row in self.metrics:
-            if _number(row.get("eval_loss")) or _number(row.get("eval_base_loss")):
-                name = str(row.get("eval_set") or f"unnamed ({self.label})")  # no name: comparable with nothing
-                sets.setdefault(name, HeldOut(name, {}, None))
-                if _number(row.get("eval_loss")):
-                    sets[name].rows[int(row["step"])] = row
-                if _number(row.get("eval_base_loss")):
-                    sets[name].base = float(row["eval_base_loss"])
-        return [s for s in sets.values() if s.rows or s.base is not None]
-
-    def losses(self) -> dict[int, float]:
-        """The training loss of each step (the last line written for it)."""
-        return {int(r["step"]): float(r["loss"]) for r in self.metrics if _number(r.get("loss"))}
-
-
-@dataclass
 class CompareResult:
     path: Path
     runs: list[str]  # the runs' locations, in page order (labels A, B, ...)
@@ -143,118 +78,6 @@ class CompareResult:
     best: dict[str, tuple[int, float]]  # label -> best step and its held-out loss (on the run's first set)
     videos: int  # video cells on the page (rendered or not)
     notes: list[str] = field(default_factory=list)  # what the page says is missing or not comparable
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-# --------------------------------------------------------------------------- reading runs anywhere
-
-
-def _join(location: Path | str, relative: Path | str) -> Path | str:
-    if isinstance(location, Path):
-        return location / relative
-    return f"{location.rstrip('/')}/{PurePosixPath(relative).as_posix()}"
-
-
-def read_run(location: Path | str, label: str, page_dir: Path) -> Run:
-    """A run folder, local or remote: its settings, metrics and validation samples."""
-    shown = display(location) if isinstance(location, str) else str(location)
-    if isinstance(location, Path):
-        if not location.is_dir():
-            raise RunError(f"Run folder {location} does not exist.")
-        config = runs.read_config(location)
-        metrics, bad = runs.read_metrics_counted(location)
-    else:
-        config, metrics, bad = _read_remote(location)
-    if not config and not metrics:
-        raise RunError(
-            f"{shown} holds neither {runs.CONFIG_JSON} nor {runs.METRICS}: it is not a `cogvx train` run folder."
-        )
-    videos = _read_videos(location, page_dir)
-    return Run(label, shown, location if isinstance(location, Path) else None, config, metrics, bad, videos)
-
-
-def _read_remote(location: str) -> tuple[dict[str, Any], list[dict[str, Any]], int]:
-    """A remote run's settings and metrics, read by the run folder's own readers from a local copy."""
-    store = open_store(location)
-    listed = set(store.list())
-    with tempfile.TemporaryDirectory(prefix="cogvx-compare-") as tmp:
-        copy = Path(tmp)
-        for path in (runs.config_json(copy), runs.metrics(copy)):
-            if path.name in listed:
-                path.write_bytes(store.read_bytes(path.name))
-        try:
-            config = runs.read_config(copy)
-        except RunError as err:  # name the file where it is, not the copy
-            raise RunError(str(err).replace(str(runs.config_json(copy)), store.url(runs.CONFIG_JSON))) from err
-        metrics, bad = runs.read_metrics_counted(copy)
-    return config, metrics, bad
-
-
-def _read_videos(location: Path | str, page_dir: Path) -> list[Video]:
-    """Every validation sample of a run, with its prompt and its video (None when only latents exist)."""
-    root = _join(location, runs.validation(Path()))
-    found = []
-    for name in open_store(root).list():
-        step = runs.validation_step_of(name)
-        if step is None:
-            continue
-        folder = open_store(_join(root, name))
-        listed = folder.list()
-        for sample in listed:
-            index = runs.validation_sample_of(sample)
-            if index is None:
-                continue
-            with folder.open(sample, what="Validation sample") as f:
-                prompt = runs.read_validation_metadata(f, folder.url(sample)).get("prompt", Path(sample).stem)
-            video = runs.validation_video(Path(sample)).name
-            src = None
-            if video in listed:
-                if isinstance(folder, LocalStore):
-                    src = Path(os.path.relpath(folder.path(video), page_dir)).as_posix()
-                else:
-                    src = "data:video/mp4;base64," + base64.b64encode(folder.read_bytes(video)).decode()
-            found.append(Video(step, index, prompt, src))
-    return sorted(found, key=lambda v: (v.step, v.index))
-
-
-# --------------------------------------------------------------------------- one cache
-
-
-def _cache_of(run: Run) -> tuple[str, str | None]:
-    """Where a run's cache was (resolved as ``cogvx report`` finds it) and its identity, when recorded."""
-    recorded = run.config.get("shards")
-    if not recorded:
-        raise RunError(
-            f"{run.location}: its {runs.CONFIG_JSON} records no cache (shards), so compare cannot tell that the runs "
-            "share one; compare runs written by `cogvx train`."
-        )
-    recorded = str(recorded)
-    if is_remote(recorded):
-        where = display(recorded).rstrip("/")
-    else:
-        found = find_cache(run.local, recorded) if run.local is not None else None
-        where = str(found.resolve()) if isinstance(found, Path) else os.path.normpath(recorded)
-    cache_id = run.config.get(runs.CACHE_ID)
-    return where, str(cache_id) if cache_id else None
-
-
-def check_one_cache(compared: list[Run]) -> None:
-    """Refuse runs of different caches: by identity where both record it, else by the recorded location."""
-    caches = [_cache_of(run) for run in compared]
-    for i, (a, (where_a, id_a)) in enumerate(zip(compared, caches, strict=True)):
-        for b, (where_b, id_b) in zip(compared[i + 1 :], caches[i + 1 :], strict=True):
-            if id_a and id_b:
-                differ, what = id_a != id_b, f"cache_id {id_a[:12]} vs {id_b[:12]}"
-            else:
-                differ, what = where_a != where_b, f"{where_a} vs {where_b}"
-            if differ:
-                raise RunError(
-                    f"Runs {a.location} and {b.location} trained on different caches ({what}); compare runs of one "
-                    "cache (`cogvx report RUN` shows any run alone)."
-                )
 
 
 # --------------------------------------------------------------------------- page parts
@@ -278,7 +101,7 @@ def _settings(compared: list[Run]) -> tuple[str, list[str]]:
 
     def cell(run: Run, key: str) -> str:
         found = value(run, key)
-        return '<td class="unset">(not set)</td>' if found is missing else f"<td>{html.escape(_plain(found))}</td>"
+        return '<td class="unset">(not set)</td>' if found is missing else f"<td>{html.escape(plain(found))}</td>"
 
     rows = "".join(
         f'<tr data-setting="{html.escape(k)}"><th>{html.escape(k)}</th>{"".join(cell(r, k) for r in compared)}</tr>'
@@ -291,7 +114,7 @@ def _settings(compared: list[Run]) -> tuple[str, list[str]]:
         table = '<p id="settings" class="note">Every setting is the same in these runs.</p>'
     if shared:
         body = "".join(
-            f"<tr><th>{html.escape(k)}</th><td>{html.escape(_plain(compared[0].config[k]))}</td></tr>" for k in shared
+            f"<tr><th>{html.escape(k)}</th><td>{html.escape(plain(compared[0].config[k]))}</td></tr>" for k in shared
         )
         table += f'<details><summary>{len(shared)} settings the runs share</summary><table class="kv">{body}</table>'
         table += "</details>"
@@ -362,13 +185,13 @@ def _runs_table(compared: list[Run], eval_sets: list[str]) -> tuple[str, dict[st
     )
     rows, best = [], {}
     for i, run in enumerate(compared):
-        steps = max((int(r["step"]) for r in run.metrics if _number(r.get("loss"))), default=0)
+        steps = max((int(r["step"]) for r in run.metrics if finite_number(r.get("loss"))), default=0)
         final = runs.final_loss(run.metrics)
         lead = (
             f'<th class="r{i}">{html.escape(run.label)}</th><td>{html.escape(run.location)}</td>'
             f"<td>{html.escape(str(run.config.get('model', '?')))}</td>"
             f"<td>{steps} of {html.escape(str(run.config.get('max_steps', '?')))}</td>"
-            f"<td>{_fmt(final[0]) if final else '-'}</td>"
+            f"<td>{fmt(final[0]) if final else '-'}</td>"
         )
         scored = run.held_out()
         if not scored:
@@ -376,16 +199,16 @@ def _runs_table(compared: list[Run], eval_sets: list[str]) -> tuple[str, dict[st
         for scores in scored:
             marked = ' class="not-comparable" title="not comparable with the other sets"' if several else ""
             cells = [f"<td{marked}>{html.escape(_short(scores.eval_set))}</td>"]
-            base = _fmt(scores.base) if scores.base is not None else "-"
+            base = fmt(scores.base) if scores.base is not None else "-"
             if scores.rows:
                 step, row = scores.best()
                 loss = float(row["eval_loss"])
                 best.setdefault(run.label, (step, loss))
                 change = f"{(loss - scores.base) / scores.base:+.1%}" if scores.base else "-"
-                parts = " / ".join(_fmt(float(row[k])) if _number(row.get(k)) else "-" for k in EVAL_PARTS)
+                parts = " / ".join(fmt(float(row[k])) if finite_number(row.get(k)) else "-" for k in EVAL_PARTS)
                 samples = html.escape(str(row.get("eval_samples", "?")))
                 cells += [f"<td>{samples}</td><td>{base}</td>", f'<td class="best-step">{step}</td>']
-                cells += [f'<td class="best-loss">{_fmt(loss)}</td><td>{change}</td><td>{parts}</td>']
+                cells += [f'<td class="best-loss">{fmt(loss)}</td><td>{change}</td><td>{parts}</td>']
             else:
                 cells += [f"<td>-</td><td>{base}</td>", '<td colspan="4" class="note">base score only</td>']
             key = f'data-run="{run.label}" data-eval-set="{html.escape(scores.eval_set)}"'
@@ -510,7 +333,7 @@ def run(cfg: CompareConfig) -> CompareResult:
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{html.escape(title)}</title>
 <style>{_STYLE}{_colours()}</style>
-<script>{_SCRIPT}</script>
+<script>{SCRIPT}</script>
 </head><body>
 <h1>{html.escape(title)}</h1>
 <p>Written {time.strftime("%Y-%m-%d %H:%M:%S")}.</p>

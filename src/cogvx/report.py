@@ -9,7 +9,6 @@ travel together.
 from __future__ import annotations
 
 import html
-import json
 import math
 import os
 import time
@@ -20,6 +19,7 @@ from typing import Any
 from cogvx import files, render, runs
 from cogvx.errors import ConfigError, RunError
 from cogvx.media import ema
+from cogvx.pages import SCRIPT, fmt, line_chart, plain
 from cogvx.shards import paths
 from cogvx.shards.store import is_remote
 
@@ -60,92 +60,6 @@ def find_cache(run: Path, shards: str | None) -> Path | str | None:
     return next((c for c in candidates if paths.manifest(c).is_file()), None)
 
 
-# --------------------------------------------------------------------------- SVG charts
-
-
-def _nice_ticks(low: float, high: float, count: int = 5, integer: bool = False) -> list[float]:
-    if not (math.isfinite(low) and math.isfinite(high)):
-        return []
-    if high <= low:
-        pad = abs(low) * 0.1 or 1.0
-        low, high = low - pad, high + pad
-    raw = (high - low) / max(count - 1, 1)
-    magnitude = 10 ** math.floor(math.log10(raw))
-    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
-    if integer:  # optimizer steps: no tick at step 1.5
-        step = max(1, math.ceil(step))
-    first = math.floor(low / step) * step
-    ticks, value = [], first
-    while value <= high + step * 1e-9:
-        ticks.append(round(value, 12))
-        value += step
-    if ticks[-1] < high:
-        ticks.append(ticks[-1] + step)
-    return ticks
-
-
-def _fmt(value: float) -> str:
-    if value == 0:
-        return "0"
-    if abs(value) >= 1e4 or abs(value) < 1e-3:
-        return f"{value:.1e}"
-    return f"{value:.4g}"
-
-
-def _finite_pairs(xs: list[float], ys: list[float]) -> list[tuple[float, float]]:
-    return [(x, y) for x, y in zip(xs, ys, strict=True) if math.isfinite(x) and math.isfinite(y)]
-
-
-def line_chart(title: str, xs: list[float], series: list[tuple[str, list[float], str]], width: int = 520) -> str:
-    """An inline SVG line chart; ``series`` are (label, values, css class). Non-finite values are left out."""
-    height, left, right, top, bottom = 240, 64, 12, 28, 36
-    points = [pair for _, ys, _ in series for pair in _finite_pairs(xs, ys)]
-    head = f'<svg class="chart" role="img" viewBox="0 0 {width} {height}" width="{width}" height="{height}">'
-    head += f"<title>{html.escape(title)}</title>"
-    head += f'<text class="chart-title" x="{left}" y="18">{html.escape(title)}</text>'
-    if not points:
-        return head + f'<text x="{left}" y="{height // 2}">no finite values</text></svg>'
-    x_ticks = _nice_ticks(min(p[0] for p in points), max(p[0] for p in points), integer=True)
-    y_ticks = _nice_ticks(min(p[1] for p in points), max(p[1] for p in points))
-    x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
-    plot_w, plot_h = width - left - right, height - top - bottom
-
-    def sx(x: float) -> float:
-        return left + (x - x0) / ((x1 - x0) or 1) * plot_w
-
-    def sy(y: float) -> float:
-        return top + plot_h - (y - y0) / ((y1 - y0) or 1) * plot_h
-
-    parts = [head]
-    for y in y_ticks:
-        parts.append(f'<line class="grid" x1="{left}" x2="{left + plot_w}" y1="{sy(y):.1f}" y2="{sy(y):.1f}"/>')
-        parts.append(f'<text class="tick" x="{left - 6}" y="{sy(y) + 4:.1f}" text-anchor="end">{_fmt(y)}</text>')
-    for x in x_ticks:
-        parts.append(f'<line class="grid" x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{top}" y2="{top + plot_h}"/>')
-        label = _fmt(x)
-        parts.append(f'<text class="tick" x="{sx(x):.1f}" y="{top + plot_h + 16}" text-anchor="middle">{label}</text>')
-    parts.append(f'<text class="tick" x="{left + plot_w}" y="{height - 4}" text-anchor="end">step</text>')
-    for label, ys, css in series:
-        coords = [f"{sx(x):.1f},{sy(y):.1f}" for x, y in _finite_pairs(xs, ys)]
-        if len(coords) == 1:
-            cx, cy = coords[0].split(",")
-            name = html.escape(label)
-            parts.append(f'<circle class="{css}" cx="{cx}" cy="{cy}" r="3"><title>{name}</title></circle>')
-        elif coords:
-            parts.append(
-                f'<polyline class="{css}" fill="none" points="{" ".join(coords)}"><title>{html.escape(label)}</title>'
-                "</polyline>"
-            )
-    legend_x = left + plot_w
-    for i, (label, _, css) in enumerate(reversed(series)):
-        parts.append(
-            f'<text class="legend {css}" x="{legend_x}" y="{18}" dx="{-i * 110}" text-anchor="end">'
-            f"{html.escape(label)}</text>"
-        )
-    parts.append("</svg>")
-    return "".join(parts)
-
-
 # --------------------------------------------------------------------------- page parts
 
 
@@ -166,16 +80,8 @@ def _eval_chart(metrics: list[dict[str, Any]]) -> str | None:
 
 
 def _table(rows: list[tuple[str, Any]], css: str = "kv") -> str:
-    body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(_plain(v))}</td></tr>" for k, v in rows)
+    body = "".join(f"<tr><th>{html.escape(str(k))}</th><td>{html.escape(plain(v))}</td></tr>" for k, v in rows)
     return f'<table class="{css}">{body}</table>'
-
-
-def _plain(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return ", ".join(str(v) for v in value)
-    if isinstance(value, dict):
-        return json.dumps(value, sort_keys=True)
-    return str(value)
 
 
 def _data_section(run: Path, config: dict[str, Any], notes: list[str]) -> str:
@@ -279,42 +185,6 @@ def _conditioning_image(sample: Path) -> str | None:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-# The only script on the page: it records load errors (a missing video, a broken image, a script
-# error) and marks the page ready once every video has its metadata or failed, so a headless
-# browser test can read both from the DOM. "Play all" restarts every video together.
-_SCRIPT = """
-(function () {
-  var errors = [];
-  window.addEventListener("error", function (e) {
-    var t = e.target;
-    errors.push(e.message ? String(e.message) : "failed to load " + (t && (t.currentSrc || t.src) || "?"));
-  }, true);
-  function finish() {
-    var videos = document.querySelectorAll("video");
-    for (var i = 0; i < videos.length; i++) {
-      videos[i].setAttribute("data-size", videos[i].videoWidth + "x" + videos[i].videoHeight);
-    }
-    document.body.setAttribute("data-errors", JSON.stringify(errors));
-    document.body.setAttribute("data-ready", "1");
-  }
-  window.addEventListener("load", function () {
-    var started = Date.now();
-    (function poll() {
-      var videos = document.querySelectorAll("video"), settled = 0;
-      for (var i = 0; i < videos.length; i++) {
-        if (videos[i].readyState >= 1 || videos[i].error) settled++;
-      }
-      if (settled === videos.length || Date.now() - started > 10000) finish(); else setTimeout(poll, 50);
-    })();
-    var button = document.getElementById("play-all");
-    if (button) button.addEventListener("click", function () {
-      var videos = document.querySelectorAll("video");
-      for (var i = 0; i < videos.length; i++) { videos[i].currentTime = 0; videos[i].play(); }
-    });
-  });
-})();
-"""
-
 _STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #222; }
 h1 { font-size: 20px; } h2 { font-size: 16px; margin-top: 28px; border-bottom: 1px solid #ddd; }
@@ -342,6 +212,65 @@ td.missing { color: #a60; font-size: 12px; }
 """
 
 
+def _summary(run: Path, config: dict[str, Any], metrics: list[dict[str, Any]]) -> list[tuple[str, Any]]:
+    """The rows above the curves: the run, its base model, how far it trained, its loss and its LoRA."""
+    summary: list[tuple[str, Any]] = [
+        ("run", run.resolve()),
+        ("base model", config.get("model", "?")),
+        ("steps trained", f"{int(float(metrics[-1]['step'])) if metrics else 0} of {config.get('max_steps', '?')}"),
+    ]
+    if metrics:
+        final = runs.final_loss(metrics)
+        if final:
+            summary.append((f"final loss ({final[1]})", fmt(final[0])))
+        summary.append(("last step's loss", fmt(_column(metrics, "loss")[-1])))
+    targets = plain(config.get("targets", "?"))
+    return summary + [
+        ("LoRA", f"rank {config.get('rank', '?')}, alpha {config.get('alpha', '?')}, on {targets}"),
+        ("written", time.strftime("%Y-%m-%d %H:%M:%S")),
+    ]
+
+
+def _column(metrics: list[dict[str, Any]], key: str) -> list[float]:
+    """One metric per metrics line, NaN where a line lacks it (so every curve shares the steps)."""
+    return [float(m[key]) if isinstance(m.get(key), (int, float)) else math.nan for m in metrics]
+
+
+def _curves(metrics: list[dict[str, Any]], notes: list[str]) -> str:
+    """Loss (raw and smoothed), held-out loss, learning rate and gradient norm per step."""
+    if not metrics:
+        notes.append(f"no {runs.METRICS}")
+        return f'<p class="note">No {runs.METRICS} in this run yet.</p>'
+    xs = [float(m["step"]) for m in metrics]
+    losses = _column(metrics, "loss")
+    charts = [
+        line_chart("loss", xs, [("loss", losses, "raw"), ("EMA 0.9", ema(losses), "smooth")]),
+        line_chart("learning rate", xs, [("lr", _column(metrics, "lr"), "lr")]),
+    ]
+    held_out = _eval_chart(metrics)
+    if held_out:
+        charts.insert(1, held_out)
+    grad_norm = _column(metrics, "grad_norm")
+    if any(math.isfinite(v) for v in grad_norm):
+        charts.append(line_chart("gradient norm (before clipping)", xs, [("grad norm", grad_norm, "gn")]))
+    return f'<div class="charts">{"".join(charts)}</div>'
+
+
+def _validation(page_dir: Path, steps: list[render.ValidationStep], notes: list[str]) -> tuple[str, list[str], int]:
+    """The video grid with its play-all button, or a note on how to get videos; returns (html, prompts, cells)."""
+    if not steps:
+        notes.append("no validation latents")
+        return (
+            f'<p class="note" id="no-validation">This run has no validation samples ({runs.VALIDATION_LAYOUT}). '
+            f"{html.escape(render.NO_VALIDATION_HINT)}</p>",
+            [],
+            0,
+        )
+    grid, prompts, cells = _video_grid(page_dir, steps)
+    button = '<p><button id="play-all" type="button">play all from the start</button></p>'
+    return f'{button}<div class="scroll">{grid}</div>', prompts, cells
+
+
 def run(cfg: ReportConfig) -> ReportResult:
     """Write the report page; render validation videos first when some are missing (``render=True``)."""
     if not cfg.run.is_dir():
@@ -358,62 +287,12 @@ def run(cfg: ReportConfig) -> ReportResult:
     if steps and cfg.render and any(not s.rendered for s in steps):
         result = render.run_render(render.RenderConfig(cfg.run, model=cfg.model))
         rendered = [s.step for s in result.rendered]
-    page_dir = cfg.output.resolve().parent
-
-    # --- summary and curves ---
-    xs = [float(m["step"]) for m in metrics]
-
-    def column(key: str) -> list[float]:
-        return [float(m[key]) if isinstance(m.get(key), (int, float)) else math.nan for m in metrics]
-
-    losses = column("loss")
-    summary: list[tuple[str, Any]] = [
-        ("run", cfg.run.resolve()),
-        ("base model", config.get("model", "?")),
-        ("steps trained", f"{int(xs[-1]) if xs else 0} of {config.get('max_steps', '?')}"),
-    ]
-    if losses:
-        final = runs.final_loss(metrics)
-        if final:
-            summary.append((f"final loss ({final[1]})", _fmt(final[0])))
-        summary.append(("last step's loss", _fmt(losses[-1])))
-    targets = _plain(config.get("targets", "?"))
-    summary += [
-        ("LoRA", f"rank {config.get('rank', '?')}, alpha {config.get('alpha', '?')}, on {targets}"),
-        ("written", time.strftime("%Y-%m-%d %H:%M:%S")),
-    ]
     metrics_note = ""
     if bad_lines:
         notes.append(f"{bad_lines} unreadable line(s) in {runs.METRICS} left out")
         metrics_note = f'<p class="note">{html.escape(notes[-1])}</p>'
-    if metrics:
-        charts = [
-            line_chart("loss", xs, [("loss", losses, "raw"), ("EMA 0.9", ema(losses), "smooth")]),
-            line_chart("learning rate", xs, [("lr", column("lr"), "lr")]),
-        ]
-        held_out = _eval_chart(metrics)
-        if held_out:
-            charts.insert(1, held_out)
-        if any(math.isfinite(v) for v in column("grad_norm")):
-            charts.append(line_chart("gradient norm (before clipping)", xs, [("grad norm", column("grad_norm"), "gn")]))
-        curves = f'<div class="charts">{"".join(charts)}</div>'
-    else:
-        curves = f'<p class="note">No {runs.METRICS} in this run yet.</p>'
-        notes.append(f"no {runs.METRICS}")
-
-    # --- validation grid ---
-    prompts, cells = [], 0
-    if steps:
-        grid, prompts, cells = _video_grid(page_dir, steps)
-        validation = '<p><button id="play-all" type="button">play all from the start</button></p>'
-        validation += f'<div class="scroll">{grid}</div>'
-    else:
-        notes.append("no validation latents")
-        validation = (
-            f'<p class="note" id="no-validation">This run has no validation samples '
-            f"({runs.VALIDATION_LAYOUT}). "
-            f"{html.escape(render.NO_VALIDATION_HINT)}</p>"
-        )
+    curves = _curves(metrics, notes)
+    validation, prompts, cells = _validation(cfg.output.resolve().parent, steps, notes)
 
     title = f"cogvx run {cfg.run.resolve().name}"
     page = f"""<!DOCTYPE html>
@@ -421,10 +300,10 @@ def run(cfg: ReportConfig) -> ReportResult:
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <title>{html.escape(title)}</title>
 <style>{_STYLE}</style>
-<script>{_SCRIPT}</script>
+<script>{SCRIPT}</script>
 </head><body>
 <h1>{html.escape(title)}</h1>
-{_table(summary)}
+{_table(_summary(cfg.run, config, metrics))}
 {metrics_note}
 <h2>Training curves</h2>
 {curves}

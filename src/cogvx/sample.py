@@ -371,6 +371,63 @@ def load_pipeline(cfg: SampleConfig, plan: SamplePlan):
     return pipe
 
 
+def _generate(
+    pipe, plan: SamplePlan, cfg: SampleConfig, prompt: str, label: str, quiet: bool, show_progress: bool
+) -> np.ndarray:
+    """One prompt's video from the pipeline, as its float frames, with a progress bar per denoising step."""
+    # One generator per prompt, seeded alike: a prompt's video does not depend on the others,
+    # and --no-lora starts from exactly the same noise.
+    generator = torch.Generator("cpu").manual_seed(cfg.seed)
+    with (
+        _quiet(type(pipe).__module__) if quiet else contextlib.nullcontext(),
+        progress_bar(show_progress, label, cfg.steps) as update,
+    ):
+
+        def step_done(_pipe, index, _timestep, outputs, update=update):
+            update(index + 1)
+            return outputs
+
+        conditioning = {"image": plan.image} if plan.image is not None else {}
+        return pipe(
+            **conditioning,
+            prompt=prompt,
+            negative_prompt=cfg.negative_prompt or None,
+            height=plan.height,
+            width=plan.width,
+            num_frames=cfg.frames,
+            num_inference_steps=cfg.steps,
+            guidance_scale=cfg.guidance,
+            use_dynamic_cfg=cfg.dynamic_cfg,
+            generator=generator,
+            output_type="np",
+            max_sequence_length=pipe.transformer.config.max_text_seq_length,
+            callback_on_step_end=step_done,
+        ).frames[0]
+
+
+def _settings(cfg: SampleConfig, plan: SamplePlan, videos: list[Path], truncated: list[bool]) -> dict[str, Any]:
+    """What NAME.json records: the model, the LoRA and every setting that decides the videos."""
+    return {
+        "model": plan.model_name,
+        "lora": None if cfg.no_lora or plan.weights is None else str(plan.weights),
+        "lora_scale": None if cfg.no_lora else cfg.lora_scale,
+        "prompts": list(cfg.prompts),
+        "image": str(cfg.image) if cfg.image is not None else None,
+        "videos": [p.name for p in videos],
+        "truncated": truncated,
+        "seed": cfg.seed,
+        "steps": cfg.steps,
+        "guidance": cfg.guidance,
+        "dynamic_cfg": cfg.dynamic_cfg,
+        "negative_prompt": cfg.negative_prompt,
+        "frames": cfg.frames,
+        "height": plan.height,
+        "width": plan.width,
+        "fps": cfg.fps,
+        "dtype": str(plan.dtype).removeprefix("torch."),
+    }
+
+
 def run_sample(cfg: SampleConfig, show_progress: bool = False) -> SampleResult:
     """Generate one video per prompt with the base model plus the LoRA (or without it, ``--no-lora``).
 
@@ -380,41 +437,14 @@ def run_sample(cfg: SampleConfig, show_progress: bool = False) -> SampleResult:
     cfg = cfg.with_output()
     plan = plan_sample(cfg)
     pipe = load_pipeline(cfg, plan)
-    model_name, weights, height, width, dtype = plan.model_name, plan.weights, plan.height, plan.width, plan.dtype
+    height, width = plan.height, plan.width
 
     truncated = _warn_truncated(pipe.tokenizer, cfg.prompts, pipe.transformer.config.max_text_seq_length)
     videos, all_frames, warned_frames = cfg.video_paths(), [], False
     unwritten: list[tuple[Path, Path, Exception]] = []  # (mp4, frames file, error)
     for prompt, path in zip(cfg.prompts, videos, strict=True):
-        # One generator per prompt, seeded alike: a prompt's video does not depend on the others,
-        # and --no-lora starts from exactly the same noise.
-        generator = torch.Generator("cpu").manual_seed(cfg.seed)
         label = f"prompt {len(all_frames) + 1}/{len(cfg.prompts)}"
-        with (
-            _quiet(type(pipe).__module__) if any(truncated) else contextlib.nullcontext(),
-            progress_bar(show_progress, label, cfg.steps) as update,
-        ):
-
-            def step_done(_pipe, index, _timestep, outputs, update=update):
-                update(index + 1)
-                return outputs
-
-            conditioning = {"image": plan.image} if plan.image is not None else {}
-            out = pipe(
-                **conditioning,
-                prompt=prompt,
-                negative_prompt=cfg.negative_prompt or None,
-                height=height,
-                width=width,
-                num_frames=cfg.frames,
-                num_inference_steps=cfg.steps,
-                guidance_scale=cfg.guidance,
-                use_dynamic_cfg=cfg.dynamic_cfg,
-                generator=generator,
-                output_type="np",
-                max_sequence_length=pipe.transformer.config.max_text_seq_length,
-                callback_on_step_end=step_done,
-            ).frames[0]
+        out = _generate(pipe, plan, cfg, prompt, label, quiet=any(truncated), show_progress=show_progress)
         frames = to_uint8(np.asarray(out))
         check_decoded_size(frames, height, width, cfg.vae_tiling)
         if len(frames) != cfg.frames and not warned_frames:
@@ -431,25 +461,7 @@ def run_sample(cfg: SampleConfig, show_progress: bool = False) -> SampleResult:
             unwritten.append((path, save_frames(path, frames, prompt, cfg.fps), err))
         all_frames.append(frames)
     sheet = write_sheet(cfg.sheet_path, list(zip(cfg.prompts, all_frames, strict=True)), cfg.sheet_columns)
-    settings = {
-        "model": model_name,
-        "lora": None if cfg.no_lora or weights is None else str(weights),
-        "lora_scale": None if cfg.no_lora else cfg.lora_scale,
-        "prompts": list(cfg.prompts),
-        "image": str(cfg.image) if cfg.image is not None else None,
-        "videos": [p.name for p in videos],
-        "truncated": truncated,
-        "seed": cfg.seed,
-        "steps": cfg.steps,
-        "guidance": cfg.guidance,
-        "dynamic_cfg": cfg.dynamic_cfg,
-        "negative_prompt": cfg.negative_prompt,
-        "frames": cfg.frames,
-        "height": height,
-        "width": width,
-        "fps": cfg.fps,
-        "dtype": str(dtype).removeprefix("torch."),
-    }
+    settings = _settings(cfg, plan, videos, truncated)
     if unwritten:
         settings["frames_files"] = {mp4.name: saved.name for mp4, saved, _ in unwritten}
     cfg.output.with_suffix(".json").write_text(json.dumps(settings, indent=1))
@@ -461,4 +473,4 @@ def run_sample(cfg: SampleConfig, show_progress: bool = False) -> SampleResult:
             f"(tensor 'frames', uint8 [F, H, W, 3]) and the contact sheet in {sheet}. Fix the mp4 writer (ffmpeg "
             "with libx264, disk space) and write them with cogvx.media.write_mp4."
         ) from first
-    return SampleResult(model_name, videos, sheet, all_frames, truncated)
+    return SampleResult(plan.model_name, videos, sheet, all_frames, truncated)

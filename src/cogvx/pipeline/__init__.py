@@ -1,0 +1,1 @@
+"""Everything CogVideoX-specific: its components, variants, objective, LoRA, sampling, and the speed levers."""

@@ -10,10 +10,10 @@ backward pass, plus ``transient`` units that exist while one block runs its back
 its own terms (``speed/checkpointing.py``), and says what of the static part stays on the device
 (``swap`` keeps the blocks' frozen weights off it, less two blocks' worth of slots: ``swap.swap_saving``).
 
-The modes' terms were fitted (least squares, ``bench/memory.py --fit``) to the peaks measured on an H200
-for CogVideoX-2b and -5b at latent 13x40x60 (49 frames at 320x480), batch 1, rank 128, each mode with and
-without ``torch.compile``. At 13x60x90 (49x480x720), which the fit never saw, they predict every
-measured peak within 6% (BENCHMARKS.md has the table; bench/results/memory_*.json the data).
+The modes' terms are fitted (least squares, ``bench/memory.py --fit``) to measured peaks of CogVideoX-2b
+and -5b at one latent size, each mode with and without ``torch.compile``, and checked at a size the fit
+never saw: a model of the activations, not a guess per model (BENCHMARKS.md section 6 has the table and
+the errors; bench/results/memory_*.json the data).
 """
 
 from __future__ import annotations
@@ -133,8 +133,7 @@ def device_budget(device: torch.device, max_memory_gb: float | None = None) -> i
 def use_expandable_segments() -> None:
     """Let PyTorch's CUDA allocator grow segments instead of caching fixed blocks, unless the user chose.
 
-    Reserved memory then stays close to allocated, which is what ``auto`` budgets with (measured for
-    compiled training steps: 1-4% above allocated, against 3-16%, and 59% for offload+fp8, without it;
-    BENCHMARKS.md). Only effective before CUDA's first allocation.
+    Reserved memory then stays close to allocated, which is what ``auto`` budgets with (BENCHMARKS.md
+    has the reserved against allocated figures). Only effective before CUDA's first allocation.
     """
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")

@@ -38,6 +38,16 @@ def latent_shape(
 
 
 @torch.no_grad()
+def _image_condition(
+    image_latents: torch.Tensor, frames: int, device: torch.device, dtype: torch.dtype, guided: bool
+) -> torch.Tensor:
+    """The first frame's latents padded with zeros to ``frames`` latent frames (twice over when guided), as
+    ``CogVideoXImageToVideoPipeline`` concatenates them on channels at every step."""
+    image = image_latents.to(device, dtype)
+    image = torch.cat([image, image.new_zeros((image.shape[0], frames - 1, *image.shape[2:]))], dim=1)
+    return torch.cat([image] * 2) if guided else image
+
+
 def sample_latents(
     transformer: torch.nn.Module,
     scheduler_config: dict[str, Any],
@@ -83,11 +93,7 @@ def sample_latents(
     latents = torch.randn(shape, generator=generator, device=noise_device, dtype=dtype).to(device)
     latents = latents * scheduler.init_noise_sigma
     rotary = rotary_embedding(config, shape[1], shape[3], shape[4], device)
-    image = None
-    if image_latents is not None:
-        image = image_latents.to(device, dtype)
-        image = torch.cat([image, image.new_zeros((batch, shape[1] - 1, *image.shape[2:]))], dim=1)
-        image = torch.cat([image] * 2) if guided else image
+    image = _image_condition(image_latents, shape[1], device, dtype, guided) if image_latents is not None else None
     extra = {"ofs": latents.new_full((1,), OFS_VALUE)} if config.get("ofs_embed_dim") else {}
 
     old_pred_original_sample = None

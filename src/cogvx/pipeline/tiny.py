@@ -183,7 +183,6 @@ def build(variant: str, folder: Path, transformer_config: dict | None = None) ->
     prompts of 30 tokens with ``{"max_text_seq_length": 30}``); VAE and text encoder stay the variant's.
     """
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDPMScheduler, CogVideoXTransformer3DModel
-    from transformers import T5Config, T5EncoderModel
 
     spec = VARIANTS[variant]
     transformer_settings = (
@@ -209,22 +208,7 @@ def build(variant: str, folder: Path, transformer_config: dict | None = None) ->
     tokenizer = _tokenizer(transformer_settings["max_text_seq_length"])
     tokenizer.save_pretrained(folder / "tokenizer")
 
-    torch.manual_seed(0)
-    text_encoder = T5EncoderModel(
-        T5Config(
-            vocab_size=len(tokenizer),
-            d_model=TEXT_DIM,
-            d_kv=8,
-            d_ff=64,
-            num_layers=2,
-            num_heads=4,
-            relative_attention_num_buckets=8,
-            feed_forward_proj="gated-gelu",
-            pad_token_id=0,
-            eos_token_id=1,
-        )
-    )
-    _save_text_encoder(text_encoder, folder / "text_encoder")
+    _write_text_encoder(len(tokenizer), folder / "text_encoder")
 
     torch.manual_seed(1)
     vae = AutoencoderKLCogVideoX(
@@ -257,6 +241,28 @@ def build(variant: str, folder: Path, transformer_config: dict | None = None) ->
         "vae": ["diffusers", "AutoencoderKLCogVideoX"],
     }
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+
+
+def _write_text_encoder(vocab_size: int, folder: Path) -> None:
+    """A tiny random T5 encoder (seeded, so every build of a variant is the same model) into ``folder``."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(0)
+    text_encoder = T5EncoderModel(
+        T5Config(
+            vocab_size=vocab_size,
+            d_model=TEXT_DIM,
+            d_kv=8,
+            d_ff=64,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            feed_forward_proj="gated-gelu",
+            pad_token_id=0,
+            eos_token_id=1,
+        )
+    )
+    _save_text_encoder(text_encoder, folder)
 
 
 def _save_text_encoder(model, folder: Path) -> None:

@@ -6,7 +6,8 @@ checks shards and samples against the manifest, and never unpickles anything. Se
 One module per job, importing only those before it: ``codec`` (a sample's members) <- ``tar`` (the
 bounded tar reader) <- ``checks`` (the one sample check) <- ``shardfile`` (a listed shard, opened through
 its sha256) <- ``reader`` (checked samples of a shard) <- ``writer`` <- ``verify`` (a whole cache) <-
-``rebuild`` (a record from a shard alone); ``manifest``, ``paths`` and ``store`` are below them all.
+``rebuild`` (a record from a shard alone); ``manifest``, ``layouts``, ``paths``, ``urls`` and ``store`` are
+below them all.
 """
 
 from cogvx.files import write_json_atomic

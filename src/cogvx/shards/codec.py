@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from cogvx.shards.manifest import KEY_PATTERN, CacheError, Layouts, SampleEntry, parse_carries
+from cogvx.shards.layouts import Layouts
+from cogvx.shards.manifest import KEY_PATTERN, CacheError, SampleEntry, parse_carries
 
 TENSORS = "safetensors"
 META = "json"

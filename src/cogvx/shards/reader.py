@@ -14,7 +14,8 @@ from typing import Any, BinaryIO
 
 from cogvx.shards.checks import check_listed, check_sample, verify_hint
 from cogvx.shards.codec import META, TENSORS, RawSample, Sample, decode_members, layout_of
-from cogvx.shards.manifest import CacheError, Layouts, SampleEntry, ShardRecord
+from cogvx.shards.layouts import Layouts
+from cogvx.shards.manifest import CacheError, SampleEntry, ShardRecord
 from cogvx.shards.shardfile import open_shard, shard_location
 from cogvx.shards.store import Store, open_store
 from cogvx.shards.tar import MemberLimits, ShardReader

@@ -11,7 +11,8 @@ from typing import Any
 from cogvx.files import HashingReader
 from cogvx.shards.checks import check_sample
 from cogvx.shards.codec import HEADER_KEY, OPENED_KEY, decode_members, entry_from_meta, layout_of
-from cogvx.shards.manifest import CacheError, Layouts, SampleEntry, ShardRecord, is_plain_name, joined_layout
+from cogvx.shards.layouts import Layouts, joined_layout
+from cogvx.shards.manifest import CacheError, SampleEntry, ShardRecord, is_plain_name
 from cogvx.shards.store import open_regular
 from cogvx.shards.tar import ShardReader
 

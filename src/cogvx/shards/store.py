@@ -5,11 +5,9 @@ the same: named files directly inside it, opened for streaming, listed, and repl
 
 Credentials never travel in cogvx's own files: they come from the standard places (``AWS_*``
 environment variables, ``~/.aws`` profiles, fsspec's configuration), an S3-compatible endpoint from
-``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``. ``display`` is the one form of a location that may be
-printed or written (it drops ``user:password@`` and any query string); a Store keeps the given form
-privately, for access only, and ``join`` puts a file's name before the query string, which a web server
-reads with every request. Where a client would read a query string or ``user:password@`` as part of a
-name (``s3://``), the location is refused rather than written under a name holding the secret.
+``AWS_ENDPOINT_URL`` / ``AWS_ENDPOINT_URL_S3``. A Store keeps the given form of its location privately,
+for access only, and shows ``display``'s form (``urls.py`` handles the forms of a location; its names are
+imported from here too).
 
 A remote file is never trusted as it streams: ``Store.fetch`` copies one file through a sha256 into a
 local temporary file (or the read-through cache of ``cache_dir``, keyed by that sha256) and hands it
@@ -33,71 +31,19 @@ from urllib.parse import urlsplit
 
 from cogvx import files
 from cogvx.errors import CacheError, CogvxError, ConfigError
+from cogvx.shards.urls import (  # noqa: F401 -- their home is urls.py; imported from here too
+    SCHEME,
+    display,
+    is_remote,
+    join,
+    parent_of,
+    refuse_misread_parts,
+)
 
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 CHUNK = 8 << 20  # bytes per read of a file being streamed (one ranged GET on object stores)
 FETCH_CHUNK = 32 << 20  # bytes per ranged GET when a whole file is copied: fewer, larger requests
 _CLIENT_SETTINGS = ("AWS_", "FSSPEC_")  # environment variables that configure the clients of remote stores
 PARTIAL_SUFFIX = ".part"  # a download into the read-through cache, renamed once its sha256 matched
-_QUERY_SCHEMES = ("http", "https")  # a query string is part of each request (a signed URL's token)
-_USERINFO_SCHEMES = ("http", "https", "ftp", "sftp", "ssh", "smb")  # user:password@ is a login there
-
-
-def is_remote(location: str | Path) -> bool:
-    """True for a URL with a scheme other than ``file://`` (``s3://``, ``https://``, ``gs://``, ``memory://`` ...)."""
-    if isinstance(location, Path):
-        return False
-    match = _SCHEME.match(str(location))
-    return bool(match) and match.group(1).lower() != "file"
-
-
-def display(location: str | Path) -> str:
-    """``location`` without ``user:password@`` or a query string: the one form of a location that cogvx prints
-    or writes (messages, tables, progress lines, config files, model cards, manifests)."""
-    text = str(location)
-    if not _SCHEME.match(text):
-        return text
-    scheme, _, rest = text.partition("?")[0].partition("://")
-    authority, slash, path = rest.partition("/")
-    return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
-
-
-def join(location: str | Path, name: str) -> str:
-    """The location of ``name`` inside ``location``: after its path, before its query string, which a web
-    server reads with every request (``https://host/cache/?sig=x`` -> ``https://host/cache/manifest.json?sig=x``).
-
-    A location's first ``?`` starts its query: a ``?`` in a path or a password is written ``%3F`` in a URL.
-    """
-    text = str(location)
-    if not _SCHEME.match(text):
-        return str(Path(text) / name)
-    base, mark, query = text.partition("?")
-    return f"{base.rstrip('/')}/{name}{mark}{query}"
-
-
-def _refuse_misread_parts(location: str) -> None:
-    """A query string or ``user:password@`` that the location's client would not read as such, but as part of
-    a bucket's or an object's name (``s3://bucket/cache?token=x`` names objects ``cache?token=x/...``)."""
-    scheme = _SCHEME.match(location).group(1).lower()
-    authority = location.partition("://")[2].partition("/")[0].partition("?")[0]
-    misread = []
-    if "?" in location and scheme not in _QUERY_SCHEMES:
-        misread.append("no query string (?...)")
-    if "@" in authority and scheme not in _USERINFO_SCHEMES:
-        misread.append("no user:password@")
-    if misread:
-        raise ConfigError(
-            f"{display(location)} cannot be used: {scheme}:// takes {' and '.join(misread)}, which its client would "
-            "read as part of the bucket's or the objects' names. Drop it: credentials come from the standard places "
-            "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE for s3://, fsspec's configuration)."
-        )
-
-
-def parent_of(origin: str) -> str:
-    """The location holding the file ``origin`` (a path or a URL), for messages."""
-    if _SCHEME.match(origin):
-        return origin.rstrip("/").rpartition("/")[0]
-    return str(Path(origin).parent)
 
 
 class StoreError(CacheError):
@@ -232,7 +178,7 @@ class FsspecStore(Store):
     def __init__(self, location: str, cache_dir: Path | None = None):
         self._given = str(location)  # may hold credentials: used for access only, never shown
         self.location = display(location).rstrip("/")
-        _refuse_misread_parts(self._given)
+        refuse_misread_parts(self._given)
         # The query goes after each file's path (``join``), never into the filesystem's root.
         self._base, mark, query = self._given.partition("?")
         self._query = mark + query
@@ -436,7 +382,7 @@ def open_store(location: str | Path | Store, *, cache_dir: Path | None = None) -
     if is_remote(location):
         return FsspecStore(str(location), cache_dir)
     text = str(location)
-    if _SCHEME.match(text):  # file://
+    if SCHEME.match(text):  # file://
         text = urlsplit(text).path
     return LocalStore(Path(text))
 
@@ -482,7 +428,7 @@ def _filesystem(given: str, shown: str):
     """The fsspec filesystem and root path of ``given`` (a fresh instance: see ``FsspecStore``)."""
     import fsspec
 
-    scheme = _SCHEME.match(given).group(1).lower()
+    scheme = SCHEME.match(given).group(1).lower()
     options: dict = {"skip_instance_cache": True}
     if scheme in ("s3", "s3a"):
         # botocore reads AWS_ENDPOINT_URL(_S3) itself in recent versions; saying it here covers older ones.

@@ -6,7 +6,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cogvx.shards.checks import check_listed
-from cogvx.shards.manifest import CacheError, Layouts, ShardRecord, merge_layouts
+from cogvx.shards.layouts import Layouts, merge_layouts
+from cogvx.shards.manifest import CacheError, ShardRecord
 from cogvx.shards.reader import decode
 from cogvx.shards.shardfile import open_shard, shard_location
 from cogvx.shards.store import Store, open_store

@@ -13,7 +13,8 @@ from typing import Any
 from cogvx import files
 from cogvx.shards import paths
 from cogvx.shards.codec import HEADER_KEY, OPENED_KEY, Sample, encode_sample, layout_of, with_index
-from cogvx.shards.manifest import Layouts, SampleEntry, ShardRecord, describe_layout, joined_layout, sample_layout
+from cogvx.shards.layouts import Layouts, describe_layout, joined_layout, sample_layout
+from cogvx.shards.manifest import SampleEntry, ShardRecord
 from cogvx.shards.shardfile import file_sha256
 
 # A shard is finished once it reaches either limit (PreprocessConfig's shard_max_mb / shard_max_samples).

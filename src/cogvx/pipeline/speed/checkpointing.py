@@ -3,8 +3,8 @@
 Every mode goes through diffusers' ``gradient_checkpointing_func`` hook: the transformer then calls one
 *block runner* per block, and that runner decides what the block keeps for the backward pass. Each mode
 also carries its activation terms in the memory model (``pipeline/memory.py``): ``(per_block, transient)``
-units, with and without ``torch.compile``, fitted (least squares, ``bench/memory.py --fit``) to peaks
-measured on an H200.
+units, with and without ``torch.compile``, fitted (least squares, ``bench/memory.py --fit``) to measured
+peaks (BENCHMARKS.md section 6).
 
 This module is the only place that spells the modes' names: everything else looks a mode up in ``MODES``
 (``named``) and asks the object.

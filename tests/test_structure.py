@@ -7,6 +7,7 @@
 - A checkpointing mode's name is spelled in its registry only; everyone else asks the mode object.
 - The cache package's modules import in one direction (codec <- tar <- checks <- ... <- rebuild).
 - Files are replaced through ``cogvx.files`` (one atomic writer), except the renames named here.
+- Preprocess chooses its cache target (a local folder or an object store) once; its stages never ask which.
 """
 
 from __future__ import annotations
@@ -318,3 +319,58 @@ def test_files_are_replaced_only_through_the_one_atomic_writer():
     source = "import os\ndef f(tmp, p):\n    os.replace(tmp, p)\n    tmp.replace(p)\n    p.rename(tmp)\n"
     assert _renames(source) == [("f", 3), ("f", 4), ("f", 5)]
     assert _renames("text.replace('a', 'b')") == []
+
+
+# --- preprocess: the cache target is chosen once (preprocess/target.py's open_target) -----------------------
+# The stage's modules call the CacheTarget protocol; which target it is they never test.
+PREPROCESS_STAGES = ["run.py", "plan.py", "loop.py", "report.py", "writer.py"]
+TARGET_KINDS = {"is_remote", "mirror", "Mirror", "RemoteTarget", "remote"}
+
+
+def _target_checks(source: str) -> list[tuple[int, str]]:
+    """(line, name) of every use of a name that tells a remote cache from a local one, outside the config
+    class (``PreprocessConfig`` normalises ``--output`` before any target exists)."""
+    found = []
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef) and child.name == "PreprocessConfig":
+                continue
+            if isinstance(child, ast.Name) and child.id in TARGET_KINDS:
+                found.append((child.lineno, child.id))
+            elif isinstance(child, ast.Attribute) and child.attr in TARGET_KINDS:
+                found.append((child.lineno, child.attr))
+            elif isinstance(child, ast.alias) and child.name.split(".")[-1] in TARGET_KINDS:
+                found.append((child.lineno, child.name))
+            elif isinstance(child, ast.ImportFrom) and (child.module or "").endswith(".remote"):
+                found.append((child.lineno, child.module))
+            elif isinstance(child, ast.arg) and child.arg in TARGET_KINDS:
+                found.append((child.lineno, child.arg))
+            visit(child)
+
+    visit(ast.parse(source))
+    return found
+
+
+def test_preprocess_stages_never_ask_whether_the_cache_is_remote():
+    folder = SRC / "preprocess"
+    offences = [
+        f"preprocess/{name}:{line} uses {what}"
+        for name in PREPROCESS_STAGES
+        for line, what in _target_checks((folder / name).read_text())
+    ]
+    assert not offences, "call the CacheTarget protocol (preprocess/target.py) instead:\n" + "\n".join(offences)
+    source = (
+        "from cogvx.preprocess import remote\nfrom cogvx.preprocess.remote import RemoteTarget\n"
+        "def f(cfg, mirror=None):\n    if store.is_remote(cfg.output) or mirror:\n        pass\n"
+        "class PreprocessConfig:\n    def g(self):\n        store.is_remote(self.output)\n"
+    )
+    assert _target_checks(source) == [
+        (1, "remote"),
+        (2, "cogvx.preprocess.remote"),
+        (2, "RemoteTarget"),
+        (3, "mirror"),
+        (4, "is_remote"),
+        (4, "mirror"),
+    ]
+    assert _target_checks("entry.mirrored\nmirrors = 1\ntarget.publish(manifest)\n") == []

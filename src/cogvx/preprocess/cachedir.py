@@ -26,6 +26,9 @@ from cogvx.shards.shardfile import check_shard, file_sha256
 if TYPE_CHECKING:
     import torch
 
+    # texts -> (their T5 embeddings, which were cut to fit)
+    EncodeText = Callable[[list[str]], tuple[torch.Tensor, list[bool]]]
+
 log = logging.getLogger("cogvx.preprocess")
 
 
@@ -248,12 +251,7 @@ def close_run(folder: Path, manifest: Manifest) -> None:
     manifest.save(folder)
 
 
-def save_validation_prompts(
-    folder: Path,
-    manifest: Manifest,
-    prompts: list[str],
-    encode: Callable[[list[str]], tuple[torch.Tensor, list[bool]]],
-) -> None:
+def save_validation_prompts(folder: Path, manifest: Manifest, prompts: list[str], encode: EncodeText) -> None:
     """Store the embeddings of validation prompts, and of the empty prompt (for guidance), in the cache.
 
     Training samples validation latents from these without loading T5. The manifest stops naming the old

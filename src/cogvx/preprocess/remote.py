@@ -31,7 +31,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -45,9 +45,7 @@ from cogvx.shards import Manifest, ShardRecord, paths
 from cogvx.shards.store import Store, display, join, open_store
 
 if TYPE_CHECKING:
-    import torch
-
-    EncodeText = Callable[[list[str]], tuple[torch.Tensor, list[bool]]]
+    from cogvx.preprocess.cachedir import EncodeText
 
 log = logging.getLogger("cogvx.preprocess")
 

@@ -10,7 +10,7 @@ never ask which target they hold (``tests/test_structure.py`` checks it).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -21,9 +21,7 @@ from cogvx.preprocess.remote import RemoteTarget
 from cogvx.shards import Manifest, ShardRecord, paths, store
 
 if TYPE_CHECKING:
-    import torch
-
-    EncodeText = Callable[[list[str]], tuple[torch.Tensor, list[bool]]]
+    from cogvx.preprocess.cachedir import EncodeText
 
 
 class CacheTarget(Protocol):

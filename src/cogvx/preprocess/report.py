@@ -22,6 +22,8 @@ log = logging.getLogger("cogvx.preprocess")
 
 @dataclass
 class PreprocessResult:
+    """What this rank did; on rank 0 at the end, what the whole run did (``add``)."""
+
     encoded: int = 0  # clips encoded by this run
     samples: int = 0  # samples written by this run (one per window)
     already_cached: int = 0

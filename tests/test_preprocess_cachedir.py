@@ -291,3 +291,19 @@ def test_check_existing_names_the_manifest_it_cannot_use(tmp_path: Path):
     with pytest.raises(CacheError) as err:
         check_existing(tmp_path, {"model": "m"}, {}, _info())
     assert str(err.value) == f"{tmp_path / 'manifest.json'} is not a cogvx cache manifest (format is 'other')."
+
+
+def test_both_cache_targets_implement_the_whole_protocol_with_its_signatures():
+    import inspect
+
+    from cogvx.preprocess.remote import RemoteTarget
+    from cogvx.preprocess.target import CacheTarget, LocalTarget
+
+    members = ["__enter__", "__exit__"]
+    members += [name for name, value in vars(CacheTarget).items() if inspect.isfunction(value) and name[0] != "_"]
+    assert {"recover", "publish_shard", "publish", "save_validation_prompts", "writing"} <= set(members)
+    for target in (LocalTarget, RemoteTarget):
+        for name in members:
+            expected = inspect.signature(getattr(CacheTarget, name)).parameters
+            assert list(inspect.signature(getattr(target, name)).parameters) == list(expected), (target, name)
+    assert {"folder", "shown"} <= set(CacheTarget.__annotations__)

@@ -9,6 +9,8 @@
 - Files are replaced through ``cogvx.files`` (one atomic writer), except the renames named here.
 - Every module's docstring says its one job; a file over 500 lines or a function over 80 says why
   ("Long because ..." in its docstring).
+=======
+- Preprocess chooses its cache target (a local folder or an object store) once; its stages never ask which.
 """
 
 from __future__ import annotations
@@ -404,3 +406,58 @@ def test_the_size_scan_finds_what_it_looks_for():
     long_file = "x = 1\n" * (MAX_FILE_LINES + 1)
     assert _oversized(long_file, "m.py") == ["m.py"]
     assert _oversized(f'"""One job.\n\nLong because one table."""\n{long_file}', "m.py") == []
+
+
+# --- preprocess: the cache target is chosen once (preprocess/target.py's open_target) -----------------------
+# The stage's modules call the CacheTarget protocol; which target it is they never test.
+PREPROCESS_STAGES = ["run.py", "plan.py", "loop.py", "report.py", "writer.py"]
+TARGET_KINDS = {"is_remote", "mirror", "Mirror", "RemoteTarget", "remote"}
+
+
+def _target_checks(source: str) -> list[tuple[int, str]]:
+    """(line, name) of every use of a name that tells a remote cache from a local one, outside the config
+    class (``PreprocessConfig`` normalises ``--output`` before any target exists)."""
+    found = []
+
+    def visit(node: ast.AST) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef) and child.name == "PreprocessConfig":
+                continue
+            if isinstance(child, ast.Name) and child.id in TARGET_KINDS:
+                found.append((child.lineno, child.id))
+            elif isinstance(child, ast.Attribute) and child.attr in TARGET_KINDS:
+                found.append((child.lineno, child.attr))
+            elif isinstance(child, ast.alias) and child.name.split(".")[-1] in TARGET_KINDS:
+                found.append((child.lineno, child.name))
+            elif isinstance(child, ast.ImportFrom) and (child.module or "").endswith(".remote"):
+                found.append((child.lineno, child.module))
+            elif isinstance(child, ast.arg) and child.arg in TARGET_KINDS:
+                found.append((child.lineno, child.arg))
+            visit(child)
+
+    visit(ast.parse(source))
+    return found
+
+
+def test_preprocess_stages_never_ask_whether_the_cache_is_remote():
+    folder = SRC / "preprocess"
+    offences = [
+        f"preprocess/{name}:{line} uses {what}"
+        for name in PREPROCESS_STAGES
+        for line, what in _target_checks((folder / name).read_text())
+    ]
+    assert not offences, "call the CacheTarget protocol (preprocess/target.py) instead:\n" + "\n".join(offences)
+    source = (
+        "from cogvx.preprocess import remote\nfrom cogvx.preprocess.remote import RemoteTarget\n"
+        "def f(cfg, mirror=None):\n    if store.is_remote(cfg.output) or mirror:\n        pass\n"
+        "class PreprocessConfig:\n    def g(self):\n        store.is_remote(self.output)\n"
+    )
+    assert _target_checks(source) == [
+        (1, "remote"),
+        (2, "cogvx.preprocess.remote"),
+        (2, "RemoteTarget"),
+        (3, "mirror"),
+        (4, "is_remote"),
+        (4, "mirror"),
+    ]
+    assert _target_checks("entry.mirrored\nmirrors = 1\ntarget.publish(manifest)\n") == []

@@ -11,15 +11,23 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from cogvx import files
 from cogvx.errors import CacheError
 from cogvx.pipeline import models
 from cogvx.shards import Manifest, ShardRecord, paths, write_json_atomic
 from cogvx.shards.rebuild import read_indexed_shard
-from cogvx.shards.shardfile import check_shard
+from cogvx.shards.shardfile import check_shard, file_sha256
+
+if TYPE_CHECKING:
+    import torch
+
+    # texts -> (their T5 embeddings, which were cut to fit)
+    EncodeText = Callable[[list[str]], tuple[torch.Tensor, list[bool]]]
 
 log = logging.getLogger("cogvx.preprocess")
 
@@ -233,3 +241,35 @@ def merge_skipped(folder: Path) -> list[dict]:
     tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
     tmp.replace(path)
     return rows
+
+
+def close_run(folder: Path, manifest: Manifest) -> None:
+    """The end of a run in the folder (rank 0, every rank's parts there): ``skipped.jsonl`` from the ranks'
+    lists, the part files gone, the manifest saved."""
+    merge_skipped(folder)
+    clear_parts(folder, keep_folder=False)
+    manifest.save(folder)
+
+
+def save_validation_prompts(folder: Path, manifest: Manifest, prompts: list[str], encode: EncodeText) -> None:
+    """Store the embeddings of validation prompts, and of the empty prompt (for guidance), in the cache.
+
+    Training samples validation latents from these without loading T5. The manifest stops naming the old
+    file before it is replaced and names the new one after: a kill in between leaves a cache without
+    validation prompts (which training says in one line), never a manifest naming other bytes.
+    """
+    embeds, _ = encode([*prompts, ""])
+    path = paths.validation_prompts(folder)
+    tensors = {
+        "prompt_embeds": embeds[:-1].contiguous().cpu(),
+        "negative_prompt_embeds": embeds[-1:].contiguous().cpu(),
+    }
+    if manifest.extras.pop(paths.VALIDATION_ENTRY, None) is not None:
+        manifest.save(folder)
+    files.save_safetensors(path, tensors, metadata={"prompts": json.dumps(prompts)})
+    manifest.extras[paths.VALIDATION_ENTRY] = {
+        "file": paths.VALIDATION_PROMPTS,
+        "prompts": prompts,
+        "sha256": file_sha256(path),
+    }
+    manifest.save(folder)

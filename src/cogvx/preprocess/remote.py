@@ -34,6 +34,7 @@ import uuid
 from collections.abc import Iterable
 from dataclasses import asdict
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cogvx.errors import CacheError
 from cogvx.files import sha256_of
@@ -42,6 +43,9 @@ from cogvx.preprocess import cachedir
 from cogvx.preprocess.ranks import Ranks
 from cogvx.shards import Manifest, ShardRecord, paths
 from cogvx.shards.store import Store, display, join, open_store
+
+if TYPE_CHECKING:
+    from cogvx.preprocess.cachedir import EncodeText
 
 log = logging.getLogger("cogvx.preprocess")
 
@@ -57,8 +61,8 @@ def staging_folder(location: str, rank: int) -> Path:
     return cache_home() / STAGING / digest / f"r{rank:02d}"
 
 
-class Mirror:
-    """The remote cache at ``location`` as one rank of a preprocess run writes it (a context manager).
+class RemoteTarget:
+    """The remote cache at ``location`` as one rank of a preprocess run writes it (``target.CacheTarget``).
 
     Entering locks this rank's staging folder (and on rank 0 the remote cache), clears it and downloads
     the remote manifest and, on rank 0, the remote part records into it.
@@ -70,6 +74,8 @@ class Mirror:
         self.store: Store = open_store(location)
         self.parts: Store = open_store(join(location, paths.PARTS))
         self.staging = staging_folder(location, ranks.rank)
+        self.folder = self.staging  # the local machinery runs here
+        self.shown: Path | str = self.location
         self.confirmed: set[str] = set()  # shards seen remote with their manifest size in this run
         self.names: list[str] = []  # the remote listing at the start
         self._stack = contextlib.ExitStack()
@@ -77,7 +83,7 @@ class Mirror:
 
     # -- start ---------------------------------------------------------------------------------------------
 
-    def __enter__(self) -> Mirror:
+    def __enter__(self) -> RemoteTarget:
         try:
             self.staging.mkdir(parents=True, exist_ok=True)
             self._stack.enter_context(cachedir.writer_lock(self.staging))
@@ -93,8 +99,18 @@ class Mirror:
             raise
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stack.close()
+
+    def writing(self, ranks: Ranks) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # the locks are held from ``__enter__`` on: staging exists already
+
+    def load_manifest(self) -> Manifest:
+        self.pull_manifest()
+        return Manifest.load(self.staging)
+
+    def skipped_listing(self) -> Path | str:
+        return self.store.url(paths.SKIPPED)
 
     def _clear_staging(self) -> None:
         """Staging is scratch: what a killed run left here is redone (the remote cache is the record)."""
@@ -139,7 +155,7 @@ class Mirror:
 
     # -- recovery (rank 0, before any rank writes) -----------------------------------------------------------
 
-    def recover(self, folder: Path, manifest: Manifest, check_hashes: bool) -> cachedir.Recovery:
+    def recover(self, manifest: Manifest, check_hashes: bool) -> cachedir.Recovery:
         """``cachedir.recover`` for the remote cache: list the shards a killed run finished, drop damaged ones.
 
         Shards named in part records are listed if they are remote with their recorded size (a part record
@@ -150,8 +166,9 @@ class Mirror:
         Then the manifest is uploaded and the part records deleted.
         """
         done = cachedir.Recovery()
+        folder = self.staging
         before = {s.name for s in manifest.shards}
-        self.merge_shard_parts(folder, manifest)
+        self.merge_shard_parts(manifest)
         done.adopted += [s.name for s in manifest.shards if s.name not in before]
         sizes = self._sizes(s.name for s in manifest.shards if s.name not in self.confirmed)
         for record in list(manifest.shards):
@@ -194,12 +211,12 @@ class Mirror:
         log.warning("%s does not match the manifest; renamed to %s", self.store.url(name), target)
         return target
 
-    def merge_shard_parts(self, folder: Path, manifest: Manifest) -> int:
+    def merge_shard_parts(self, manifest: Manifest) -> int:
         """``cachedir.merge_shard_parts`` against the remote cache: a recorded shard is listed if it is remote
         with its recorded size."""
         records = [
             ShardRecord.from_dict(data, part)
-            for part in paths.shard_parts(folder)
+            for part in paths.shard_parts(self.staging)
             for data in json.loads(part.read_text())
         ]
         known = {s.name for s in manifest.shards}
@@ -229,8 +246,14 @@ class Mirror:
             return None
 
     def next_shard_index(self, rank: int) -> int:
-        """The first shard number of ``rank`` that no remote object uses (unlisted and damaged ones included)."""
-        return max(paths.shard_numbers_in(self.names, rank), default=-1) + 1
+        """The first shard number of ``rank`` that no remote object nor staged file uses (unlisted and damaged
+        ones included)."""
+        remote = max(paths.shard_numbers_in(self.names, rank), default=-1) + 1
+        return max(cachedir.next_shard_index(self.staging, rank), remote)
+
+    def save_validation_prompts(self, manifest: Manifest, prompts: list[str], encode: EncodeText) -> None:
+        """Staged now, uploaded by ``publish`` in the same kill-safe order (``_publish_side_files``)."""
+        cachedir.save_validation_prompts(self.staging, manifest, prompts, encode)
 
     # -- while encoding ----------------------------------------------------------------------------------------
 
@@ -253,7 +276,7 @@ class Mirror:
 
     # -- the end --------------------------------------------------------------------------------------------------
 
-    def push_parts(self) -> None:
+    def share_parts(self) -> None:
         """Upload this rank's skipped list and counts (a distributed run: rank 0 may be on another machine)."""
         if self.ranks.world == 1:
             return
@@ -267,8 +290,11 @@ class Mirror:
         if self.ranks.world > 1:
             self._pull_parts()
 
-    def finish(self, folder: Path, manifest: Manifest) -> None:
-        """Publish the run (rank 0, the manifest saved in ``folder``): side files, then the manifest, last."""
+    def publish(self, manifest: Manifest) -> None:
+        """Close the run in staging as a local one closes, then publish it (rank 0): side files, then the
+        manifest, last, only after every shard it names was confirmed remote with its size."""
+        folder = self.staging
+        cachedir.close_run(folder, manifest)
         unconfirmed = [s.name for s in manifest.shards if s.name not in self.confirmed]
         sizes = self._sizes(unconfirmed)
         for record in manifest.shards:
@@ -287,7 +313,7 @@ class Mirror:
         """Upload the side files this run wrote (the validation prompts) where the remote ones differ.
 
         The manifest names each with its sha256, and an object store replaces one object at a time: the
-        manifest without their entries goes first, then the files, then (``finish``) the whole manifest. A run
+        manifest without their entries goes first, then the files, then (``publish``) the whole manifest. A run
         killed in between leaves a manifest whose every named file matches, at worst naming none of them.
         """
         changed: dict[str, Path] = {}

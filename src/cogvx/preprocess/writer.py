@@ -13,18 +13,15 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cogvx.preprocess import cachedir
 from cogvx.preprocess.encoding import Encoded, caption_hash, sample_key
 from cogvx.preprocess.images import Refreshed
 from cogvx.preprocess.sources import CLIPPED, INVALID_UTF8
+from cogvx.preprocess.target import CacheTarget, LocalTarget
 from cogvx.shards import Manifest, Sample, SampleEntry, ShardRecord, ShardWriter, paths
 from cogvx.shards.codec import INDEX
 from cogvx.shards.manifest import FIRST_FRAME, IMAGE_MOMENTS
-
-if TYPE_CHECKING:
-    from cogvx.preprocess.remote import Mirror
 
 
 @dataclass(frozen=True)
@@ -49,26 +46,23 @@ def with_image_latents(sample: Sample, entry: SampleEntry, image_moments, sigma:
 class RankWriter:
     """Writes one rank's encoded clips into its shards and commits each finished shard; logs its skips.
 
+    ``target`` is the cache (a folder: written in place), ``target.folder`` where the shards are written;
     ``on_written`` is called after each clip's samples are written (the timeline's first write).
     """
 
     def __init__(
         self,
-        folder: Path,
+        target: CacheTarget | Path,
         rank: int,
         world: int,
         manifest: Manifest,
         max_bytes: int,
         max_samples: int,
         on_written: Callable[[], None],
-        mirror: Mirror | None = None,
     ):
-        self.folder, self.rank, self.world, self.manifest = Path(folder), rank, world, manifest
+        self.target = LocalTarget(target) if isinstance(target, (Path, str)) else target
+        self.folder, self.rank, self.world, self.manifest = self.target.folder, rank, world, manifest
         self.on_written = on_written
-        self.mirror = mirror  # a remote --output: each finished shard is uploaded (preprocess/remote.py)
-        first_index = cachedir.next_shard_index(self.folder, rank)
-        if mirror is not None:
-            first_index = max(first_index, mirror.next_shard_index(rank))
         self.records: list[ShardRecord] = []  # this rank's finished shards, as its part file lists them
         self.shards = ShardWriter(
             self.folder,
@@ -76,7 +70,7 @@ class RankWriter:
             self.commit,
             max_bytes=max_bytes,
             max_samples=max_samples,
-            first_index=first_index,
+            first_index=self.target.next_shard_index(rank),
             header=cachedir.cache_header(manifest),  # so a lost manifest can be rebuilt from the shards alone
         )
         self.skipped_log = open(paths.skipped_part(self.folder, rank), "a", encoding="utf-8")
@@ -89,8 +83,7 @@ class RankWriter:
             self.manifest.save(self.folder)
         else:
             cachedir.save_shard_part(self.folder, self.rank, self.records)
-        if self.mirror is not None:
-            self.mirror.publish_shard(self.rank, self.records, self.folder / record.name)
+        self.target.publish_shard(self.rank, self.records, self.folder / record.name)
 
     def write(self, item: Encoded | Refreshed | CloseShard) -> None:
         """The samples of one clip (one per window), or of one source written again, into one shard; or,

@@ -141,7 +141,9 @@ def test_every_flag_a_message_names_exists():
 
 
 # Which top-level parts each part may import (besides itself and the ground floor).
-GROUND = {"errors", "runs", "config", "files", "progress", "media", "hub", "__init__"}
+# names, locations and stage_configs hold what the configs (and so the CLI's help) need without torch.
+GROUND = {"errors", "runs", "config", "files", "progress", "media", "hub", "__init__", "names", "locations"}
+GROUND |= {"stage_configs"}
 MAY_IMPORT = {
     "shards": set(),
     "pipeline": {"shards"},
@@ -151,7 +153,8 @@ MAY_IMPORT = {
     "render": {"pipeline", "shards"},
     "report": {"pipeline", "shards", "render"},
     "compare": {"shards", "report"},
-    "cli": {"pipeline", "shards", "preprocess", "train", "sample", "render", "report", "compare"},
+    "cligen": set(),
+    "cli": {"cligen", "pipeline", "shards", "preprocess", "train", "sample", "render", "report", "compare"},
     "__main__": {"cli"},
 }
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cogvx.names import ALLOC_CONF
 from cogvx.pipeline.speed.checkpointing import MODES, Mode, faster_than, leanest
 
 # Head room for what the model does not count: allocator rounding, cuDNN/cuBLAS workspaces, the loader's
@@ -137,4 +138,4 @@ def use_expandable_segments() -> None:
     compiled training steps: 1-4% above allocated, against 3-16%, and 59% for offload+fp8, without it;
     BENCHMARKS.md). Only effective before CUDA's first allocation.
     """
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    os.environ.setdefault(*ALLOC_CONF)

@@ -33,33 +33,15 @@ from urllib.parse import urlsplit
 
 from cogvx import files
 from cogvx.errors import CacheError, CogvxError, ConfigError
+from cogvx.locations import SCHEME as _SCHEME
+from cogvx.locations import display, is_remote  # noqa: F401 (re-exported: the cache package's names for them)
 
-_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 CHUNK = 8 << 20  # bytes per read of a file being streamed (one ranged GET on object stores)
 FETCH_CHUNK = 32 << 20  # bytes per ranged GET when a whole file is copied: fewer, larger requests
 _CLIENT_SETTINGS = ("AWS_", "FSSPEC_")  # environment variables that configure the clients of remote stores
 PARTIAL_SUFFIX = ".part"  # a download into the read-through cache, renamed once its sha256 matched
 _QUERY_SCHEMES = ("http", "https")  # a query string is part of each request (a signed URL's token)
 _USERINFO_SCHEMES = ("http", "https", "ftp", "sftp", "ssh", "smb")  # user:password@ is a login there
-
-
-def is_remote(location: str | Path) -> bool:
-    """True for a URL with a scheme other than ``file://`` (``s3://``, ``https://``, ``gs://``, ``memory://`` ...)."""
-    if isinstance(location, Path):
-        return False
-    match = _SCHEME.match(str(location))
-    return bool(match) and match.group(1).lower() != "file"
-
-
-def display(location: str | Path) -> str:
-    """``location`` without ``user:password@`` or a query string: the one form of a location that cogvx prints
-    or writes (messages, tables, progress lines, config files, model cards, manifests)."""
-    text = str(location)
-    if not _SCHEME.match(text):
-        return text
-    scheme, _, rest = text.partition("?")[0].partition("://")
-    authority, slash, path = rest.partition("/")
-    return f"{scheme}://{authority.rpartition('@')[2]}{slash}{path}"
 
 
 def join(location: str | Path, name: str) -> str:

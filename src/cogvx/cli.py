@@ -24,7 +24,15 @@ from cogvx.cligen import shown as _shown  # noqa: F401
 from cogvx.errors import CogvxError
 from cogvx.names import ALLOC_CONF
 from cogvx.preprocess.config import PreprocessConfig
-from cogvx.stage_configs import CompareConfig, InspectConfig, RenderConfig, ReportConfig, SampleConfig, VerifyConfig
+from cogvx.stage_configs import (
+    CompareConfig,
+    InspectConfig,
+    RebuildConfig,
+    RenderConfig,
+    ReportConfig,
+    SampleConfig,
+    VerifyConfig,
+)
 from cogvx.train.config import TrainConfig
 
 app = typer.Typer(
@@ -125,15 +133,14 @@ def shards_verify(build: Callable[[], VerifyConfig]) -> None:
     _guard(check)
 
 
-@shards_app.command("rebuild-manifest")
-def shards_rebuild_manifest(
-    folder: str = typer.Argument(..., help="Cache folder whose manifest is lost."),
-) -> None:
+@command(shards_app, RebuildConfig, name="rebuild-manifest", config_file=False)
+def shards_rebuild_manifest(build: Callable[[], RebuildConfig]) -> None:
     """Re-create a lost manifest from the shards' own headers and metadata (every shard is checked)."""
     from cogvx.shards import paths
     from cogvx.shards.tools import rebuild_manifest
 
     def rebuild():
+        folder = build().folder
         result = rebuild_manifest(folder)
         m = result.manifest
         for label in result.dropped_extras:
@@ -238,17 +245,17 @@ def _guard(action, on_interrupt: Callable[[KeyboardInterrupt], list[tuple[str, s
         raise typer.Exit(130) from err
 
 
-def _command_again(resume: str | None = None) -> str:
-    """This command as it was given, shell-quoted; with ``resume``, ``--resume RESUME`` replaces any --resume."""
+def _command_again(resuming: str | None = None) -> str:
+    """This command as it was given, shell-quoted; with ``resuming``, ``--resume RESUMING`` replaces any --resume."""
     args = sys.argv[1:]
-    if resume is not None:
+    if resuming is not None:
         kept, value_next = [], False
         for arg in args:
             if value_next or arg == "--resume" or arg.startswith("--resume="):
                 value_next = arg == "--resume"
                 continue
             kept.append(arg)
-        args = [*kept, "--resume", resume]
+        args = [*kept, "--resume", resuming]
     command = shlex.join([*_program(), *args])
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # the launcher's own arguments are not known here
         command += " (launched as before: torchrun or accelerate launch, then these arguments)"
@@ -285,7 +292,7 @@ def _train_interrupted(cfg: TrainConfig | None) -> list[tuple[str, str]]:
         newest = kept[-1]
         return [
             ("kept", f"{newest} (step {runs.checkpoint_step(newest)}), the newest checkpoint"),
-            ("continue", _command_again(resume="auto")),
+            ("continue", _command_again(resuming="auto")),
         ]
     held = sorted(p.name for p in cfg.output.iterdir() if not p.name.startswith(".")) if cfg.output.is_dir() else []
     holds = ", ".join(held) if held else "nothing"

@@ -131,6 +131,8 @@ def command(
         run_command.__annotations__ = {p.name: p.annotation for p in params}
         run_command.__doc__ = action.__doc__
         run_command.__name__ = action.__name__
+        run_command.config = config  # type: ignore[attr-defined]  # which config the command's flags fill
+        run_command.field_for = field_for  # type: ignore[attr-defined]
         app.command(name or action.__name__.replace("_", "-"))(run_command)
         return action
 

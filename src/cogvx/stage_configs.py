@@ -176,6 +176,14 @@ class InspectConfig:
 
 
 @stage
+class RebuildConfig:
+    folder: Path | str = setting(help="Cache folder whose manifest is lost.", argument=True)
+
+    def __post_init__(self):
+        self.folder = as_location(self.folder)
+
+
+@stage
 class VerifyConfig:
     folder: Path | str = setting(help=CACHE_LOCATION, argument=True)  # read-only
     deep: bool = setting(

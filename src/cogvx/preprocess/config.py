@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cogvx import hub
-from cogvx.config import check_choices, check_domains, integers, positive, setting, stage
+from cogvx.config import check_domains, integers, positive, setting, stage
 from cogvx.errors import ConfigError
 from cogvx.locations import as_location
 from cogvx.names import DEFAULT_MODEL, DTYPE_NAMES, NATIVE_FPS, SHARD_MAX_BYTES, SHARD_MAX_SAMPLES
@@ -61,7 +61,7 @@ class PreprocessConfig:
     )
     skip_frames_start: int = setting(0, "Source frames to drop at the start.", domain=integers(0, 10**7))
     skip_frames_end: int = setting(0, "Source frames to drop at the end.", domain=integers(0, 10**7))
-    resize: str = setting("crop", "crop (cover, centre crop) or stretch.", choices=("crop", "stretch"))
+    resize: str = setting("crop", "crop (cover, centre crop) or stretch.")
     windows: int = setting(1, "Up to this many evenly spaced windows from a long clip.", domain=integers(1, 10**4))
     max_upscale: float = setting(4.0, "Skip clips that need more enlarging than this.", domain=positive(1000))
     id_token: str | None = setting(None, "Prepended to every caption with a space.")
@@ -121,7 +121,8 @@ class PreprocessConfig:
             if frames < 1 or (frames - 1) % VAE_FRAME_STEP:
                 raise ConfigError(f"Frame counts must be of the form 4k+1 (got {frames}; try 49 or 81).")
         self._check_min_frames(self.frame_counts(None))
-        check_choices(self)
+        if self.resize not in ("crop", "stretch"):
+            raise ConfigError(f"--resize must be 'crop' or 'stretch' (got {self.resize!r}).")
 
     def frame_counts(self, native_frames: int | None) -> tuple[int, ...]:
         """The frame buckets: --frame-bucket values if given, else --max-frames, else the model's own count

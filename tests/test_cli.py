@@ -13,7 +13,11 @@ import typer
 from typer.testing import CliRunner
 
 from cogvx import __version__, cli
+from cogvx import config as configfile
 from cogvx.cli import app
+from cogvx.cligen import command
+from cogvx.config import integers, setting, stage
+from cogvx.train import config as train_config
 
 # Each command's config dataclass, and the flags whose field has another (plural) name.
 CONFIGS = {
@@ -125,3 +129,69 @@ def test_an_error_that_is_not_the_users_keeps_its_traceback(tmp_path, kind):
     assert "Traceback (most recent call last)" in result.stderr
     assert f"{kind}:" in result.stderr and "raised below cogvx" in result.stderr
     assert "error:" not in result.stderr.splitlines()[-1]
+
+
+# --- the generated CLI: one declaration per setting gives its flag, its help and its TOML key ----------------
+
+
+@stage
+class _ToyConfig:
+    name: str = setting(help="A required positional.", argument=True)
+    steps: int = setting(3, "Steps.", domain=integers(1, 100))
+    tags: tuple[str, ...] = setting((), "A tag, repeatable.", name="tag")
+    modules: tuple[str, ...] = setting(("a", "b"), "Comma-separated.", comma_list=True)
+    fast: bool = setting(True, "Go fast.", decls=("--fast/--no-fast",))
+    deep: bool = setting(True, "Deep or quick.", decls=("--deep/--quick",))
+    secret: int = setting(7, domain=integers(0, 9), file_only=True)
+
+    def __post_init__(self):
+        configfile.check_domains(self)
+        if isinstance(self.modules, str):
+            self.modules = tuple(self.modules.split(","))
+
+
+def _toy(*args: str) -> tuple[object, _ToyConfig | None]:
+    toy, built = typer.Typer(rich_markup_mode=None), []  # as cogvx: "[default: ...]" is plain text
+
+    @command(toy, _ToyConfig)
+    def go(build):
+        """Build the toy config."""
+        built.append(build())
+
+    @toy.callback()
+    def group() -> None:
+        """Keeps ``go`` a subcommand."""
+
+    result = CliRunner(env={"COLUMNS": "200"}).invoke(toy, ["go", *args])
+    return result, built[0] if built else None
+
+
+def test_the_generated_command_builds_the_config_from_the_flags_given_over_the_file(tmp_path):
+    result, cfg = _toy("n")
+    assert result.exit_code == 0, result.output
+    assert (cfg.name, cfg.steps, cfg.tags, cfg.modules, cfg.fast, cfg.deep) == ("n", 3, (), ("a", "b"), True, True)
+    file = tmp_path / "toy.toml"
+    file.write_text("steps = 5\nsecret = 2\nfast = false\n")
+    result, cfg = _toy("n", "--config", str(file), "--tag", "x", "--tag", "y", "--modules", "c,d", "--quick")
+    assert result.exit_code == 0, result.output
+    assert (cfg.steps, cfg.secret, cfg.fast) == (5, 2, False)  # the file's, where no flag was given
+    assert (cfg.tags, cfg.modules, cfg.deep) == (("x", "y"), ("c", "d"), False)
+    result, cfg = _toy("n", "--config", str(file), "--steps", "9", "--fast")
+    assert (cfg.steps, cfg.fast) == (9, True)  # a flag wins over the file
+
+
+def test_the_generated_help_shows_each_default_once_from_the_dataclass():
+    result, _ = _toy("--help")
+    text = " ".join(result.output.split())
+    assert "Steps. [default: 3]" in text and "Comma-separated. [default: a,b]" in text
+    assert "--fast / --no-fast" in text and "Go fast. [default: on]" in text
+    assert "--deep / --quick" in text and "[default: deep]" in text
+    assert "--secret" not in text and "--tag" in text and "--config" in text
+
+
+def test_train_sections_keep_the_fields_flat_and_each_checks_its_own(tmp_path):
+    sections = [{f.name for f in dataclasses.fields(s)} for s in train_config.SECTIONS]
+    assert sum(len(s) for s in sections) == len(dataclasses.fields(cli.TrainConfig))  # each field in one section
+    assert {"rank", "learning_rate", "checkpointing", "eval_every", "hub_model_id"} <= set().union(*sections)
+    result = _cogvx("train", "--shards", str(tmp_path), "--push-checkpoints")  # the hub section refuses it
+    assert result.returncode == 1 and "--push-to-hub needs --hub-model-id" in result.stderr

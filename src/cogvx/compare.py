@@ -34,39 +34,12 @@ from cogvx.compare_runs import HeldOut, Run, check_one_cache, finite_number, rea
 from cogvx.errors import ConfigError
 from cogvx.media import EMA_WEIGHT, ema
 from cogvx.pages import SCRIPT, fmt, line_chart, plain
-from cogvx.shards.store import display, is_remote
+from cogvx.stage_configs import LABELS, CompareConfig  # noqa: F401 (re-exported)
 
-LABELS = "ABCDEFGH"  # one letter per run on the page; also the most runs one page compares
 COLOURS = ("#c33", "#26a", "#385", "#a6c", "#d80", "#0aa", "#555", "#a52")
 # Not compared: the output differs between any two runs by construction, and the plan is a prediction from settings
 OWN_SETTINGS = ("output", runs.CHECKPOINTING_PLAN)
 EVAL_PARTS = ("eval_high", "eval_mid", "eval_low")  # the held-out loss over high, mid and low noise levels
-
-
-@dataclass
-class CompareConfig:
-    runs: tuple[Path | str, ...]  # run folders or URLs (s3://..., https://...), two or more
-    output: Path = Path("compare.html")
-    overwrite: bool = False  # replace an existing output file
-
-    def __post_init__(self):
-        given = (self.runs,) if isinstance(self.runs, (str, Path)) else tuple(self.runs)
-        self.runs = tuple(r if is_remote(r) else Path(r) for r in given)
-        self.output = Path(self.output)
-        if len(self.runs) < 2:
-            raise ConfigError(
-                f"cogvx compare needs two or more run folders (got {len(self.runs)}); `cogvx report RUN` shows one."
-            )
-        if len(self.runs) > len(LABELS):
-            raise ConfigError(f"cogvx compare sets at most {len(LABELS)} runs side by side (got {len(self.runs)}).")
-        seen: set[str] = set()
-        for run in self.runs:
-            key = display(run).rstrip("/") if isinstance(run, str) else str(run.resolve())
-            if key in seen:
-                raise ConfigError(f"Run {run} is given twice; name each run once.")
-            seen.add(key)
-        if self.output.suffix.lower() not in (".html", ".htm"):
-            raise ConfigError(f"--output must name an .html file (got {self.output})")
 
 
 @dataclass

@@ -3,9 +3,11 @@
 Precedence is CLI > file > dataclass defaults. The CLI passes only the flags the user gave
 (everything else is None), so a file value is never overwritten by a flag's default.
 
-Every numeric field of a stage config has a ``Domain`` in the class's ``DOMAINS`` table: the values it may
-take, finite and bounded, so a setting outside it is refused where it is read (a file line by ``build``,
-naming the file; a flag or a hand-built config by ``check_domains`` in ``__post_init__``), never at step 9000.
+Each field is declared once with ``setting``: its default, its help text, its flag (``Option``) and, for a
+number, its ``Domain``: the values it may take, finite and bounded, so a setting outside it is refused where it
+is read (a file line by ``build``, naming the file; a flag or a hand-built config by ``check_domains`` in
+``__post_init__``), never at step 9000. ``stage`` gathers the domains into the class's ``DOMAINS`` table; the
+CLI (``cogvx.cligen``) is generated from the same metadata.
 """
 
 from __future__ import annotations
@@ -106,6 +108,80 @@ class Domain:
 
     def reason(self) -> str:
         return f": {self.why}" if self.why else ""
+
+
+@dataclass(frozen=True)
+class Option:
+    """How a config field appears on the command line (``cogvx.cligen`` reads it).
+
+    ``help``: the text, to which ``[default: ...]`` is added from the field's default, or ``rule`` (what an unset
+    field means) where the default is None. ``name``: the CLI parameter where it is not the field's (a repeatable
+    ``--resolution`` fills ``resolutions``). ``decls``: the flag spellings where they are not ``--field-name``
+    (``--x/--no-x`` booleans, ``--compile`` for ``compile_vae``). ``argument``: positional; ``metavar`` its name.
+    ``file_only``: no flag, a line in the --config file only. ``choices``: the values a string may take.
+    ``comma_list``: a tuple field given as one comma-separated text, not a repeatable flag.
+    """
+
+    help: str = ""
+    rule: str | None = None
+    name: str | None = None
+    decls: tuple[str, ...] = ()
+    argument: bool = False
+    metavar: str | None = None
+    file_only: bool = False
+    choices: tuple[str, ...] = ()
+    comma_list: bool = False
+
+    def flag(self, field_name: str) -> str:
+        """The flag a message names: ``--max-steps``, ``--compile`` (for ``compile_vae``)."""
+        if self.decls:
+            return self.decls[0].split("/")[0]
+        return "--" + (self.name or field_name).replace("_", "-")
+
+
+OPTION = "cogvx"  # the field metadata key holding a field's Option
+DOMAIN = "cogvx.domain"  # ... and its Domain
+
+
+def setting(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    domain: Domain | None = None,
+    factory: Any = dataclasses.MISSING,
+    **option: Any,
+) -> Any:
+    """A config field declared once: default, help text, flag spelling (``Option``'s fields) and domain."""
+    opt = Option(help=help, **option)
+    if domain is not None:
+        custom = opt.flag("x") if (opt.decls or opt.name) else None
+        domain = dataclasses.replace(domain, flag=domain.flag or custom, file_only=domain.file_only or opt.file_only)
+    meta = {OPTION: opt, DOMAIN: domain}
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def option_of(field: dataclasses.Field) -> Option:
+    """A field's ``Option`` (a plain field is a flag of its own name, without help)."""
+    return field.metadata.get(OPTION) or Option()
+
+
+def stage(cls: type[T]) -> type[T]:
+    """Decorator: ``cls`` as a dataclass whose ``DOMAINS`` table gathers its fields' domains (and any it declares)."""
+    cls = dataclass(cls)
+    declared = {f.name: f.metadata[DOMAIN] for f in dataclasses.fields(cls) if f.metadata.get(DOMAIN)}
+    cls.DOMAINS = {**declared, **vars(cls).get("DOMAINS", {})}
+    return cls
+
+
+def check_choices(config: Any) -> None:
+    """Refuse a field whose ``Option`` lists choices and whose value is not one of them, naming the flag."""
+    for field in dataclasses.fields(config):
+        opt, value = option_of(field), getattr(config, field.name)
+        if opt.choices and value is not None and value not in opt.choices:
+            where = f"{field.name} (in the --config file)" if opt.file_only else opt.flag(field.name)
+            raise ConfigError(f"{where} must be one of {', '.join(opt.choices)} (got {value!r}).")
 
 
 def integers(low: int, high: int, **kw: Any) -> Domain:

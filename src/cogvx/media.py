@@ -17,12 +17,10 @@ import numpy as np
 
 from cogvx import files
 from cogvx.errors import CogvxError, ConfigError
+from cogvx.names import SHEET_COLUMNS  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from PIL import Image
-
-
-SHEET_COLUMNS = 8  # frames per video in a contact sheet, unless sheet_columns says otherwise
 
 
 class VideoWriteError(CogvxError):

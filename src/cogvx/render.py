@@ -8,42 +8,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
 from cogvx import runs
-from cogvx.config import SHEET_WIDTH, VIDEO_FPS, Domain, check_domains
 from cogvx.errors import ModelError, RunError
-from cogvx.media import SHEET_COLUMNS, check_mp4_writer, check_video_settings, write_mp4, write_sheet
+from cogvx.media import check_mp4_writer, write_mp4, write_sheet
 from cogvx.pipeline import models
 from cogvx.pipeline.decode import check_decoded_size, decode_latents, device_and_dtype
+from cogvx.stage_configs import RenderConfig  # noqa: F401 (re-exported)
 
 NO_VALIDATION_HINT = (
     "Training saves them when the cache holds validation prompts and validation is switched on: "
     '`cogvx preprocess --data VIDEOS --output shards --validation-prompt "..."`, then '
     "`cogvx train --shards shards --output RUN --validation-every N`."
 )
-
-
-@dataclass
-class RenderConfig:
-    run: Path
-    model: str | None = None  # default: the model in the run's resolved settings
-    fps: int = models.NATIVE_FPS
-    dtype: str | None = None  # default: bf16 on a GPU, fp32 on a CPU
-    device: str | None = None
-    vae_tiling: bool = False
-    vae_slicing: bool = False
-    force: bool = False  # render steps again even if their videos exist
-    sheet_columns: int = SHEET_COLUMNS
-
-    DOMAINS: ClassVar[dict[str, Domain]] = {"fps": VIDEO_FPS, "sheet_columns": SHEET_WIDTH}
-
-    def __post_init__(self):
-        check_domains(self)
-        self.run = Path(self.run)
-        check_video_settings(self.fps, self.sheet_columns)
-        if self.dtype is not None:
-            models.parse_dtype(self.dtype)
 
 
 @dataclass

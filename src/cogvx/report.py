@@ -17,25 +17,12 @@ from pathlib import Path
 from typing import Any
 
 from cogvx import files, render, runs
-from cogvx.errors import ConfigError, RunError
+from cogvx.errors import RunError
 from cogvx.media import ema
 from cogvx.pages import SCRIPT, fmt, line_chart, plain
 from cogvx.shards import paths
 from cogvx.shards.store import is_remote
-
-
-@dataclass
-class ReportConfig:
-    run: Path
-    output: Path | None = None  # default: RUN/report.html
-    render: bool = True  # decode validation latents that have no videos yet (VAE only)
-    model: str | None = None  # for rendering; default: the run's model
-
-    def __post_init__(self):
-        self.run = Path(self.run)
-        self.output = Path(self.output) if self.output is not None else runs.report(self.run)
-        if self.output.suffix.lower() not in (".html", ".htm"):
-            raise ConfigError(f"--output must name an .html file (got {self.output})")
+from cogvx.stage_configs import ReportConfig  # noqa: F401 (re-exported)
 
 
 @dataclass

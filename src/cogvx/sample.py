@@ -17,21 +17,18 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
 from rich.console import Console
 
 from cogvx import runs
-from cogvx.config import SEED, SHEET_WIDTH, VIDEO_FPS, Domain, check_domains, integers, numbers
 from cogvx.errors import ConfigError, ModelError, RunError
 from cogvx.files import save_safetensors
 from cogvx.media import (
-    SHEET_COLUMNS,
     VideoWriteError,
     check_mp4_writer,
-    check_video_settings,
     to_uint8,
     write_mp4,
     write_sheet,
@@ -39,6 +36,7 @@ from cogvx.media import (
 from cogvx.pipeline import models
 from cogvx.pipeline.decode import check_decoded_size, device_and_dtype
 from cogvx.progress import progress_bar
+from cogvx.stage_configs import SampleConfig  # noqa: F401 (re-exported)
 
 LORA_ADAPTER = "cogvx"
 # An --image whose aspect ratio is within this of the video's is resized to it; anything else is refused
@@ -46,88 +44,6 @@ LORA_ADAPTER = "cogvx"
 ASPECT_TOLERANCE = 0.01
 
 console = Console(stderr=True)
-
-
-@dataclass
-class SampleConfig:
-    prompts: tuple[str, ...] = ()
-    image: Path | None = None  # the first frame, for an image-to-video model
-    lora: Path | None = None  # a run folder (or its pytorch_lora_weights.safetensors)
-    output: Path | None = None  # default: samples/lora-NNN.mp4 (base-NNN.mp4 with --no-lora), the next free number
-    overwrite: bool = False  # replace the files of an --output that exists (else refused)
-    model: str | None = None  # default: the model recorded in the LoRA's run folder
-    no_lora: bool = False
-    lora_scale: float = 1.0
-    steps: int = 50
-    guidance: float = 6.0
-    dynamic_cfg: bool = False
-    negative_prompt: str = ""
-    seed: int = 0
-    frames: int = 49
-    height: int | None = None  # default: the model's native size
-    width: int | None = None
-    fps: int = models.NATIVE_FPS
-    dtype: str | None = None  # default: bf16 on a GPU, fp32 on a CPU
-    device: str | None = None
-    cpu_offload: bool = False
-    vae_tiling: bool = False
-    vae_slicing: bool = False
-    sheet_columns: int = SHEET_COLUMNS
-
-    # What each numeric setting may be (cogvx.config.Domain): checked where it is read, file or flag.
-    DOMAINS: ClassVar[dict[str, Domain]] = {
-        "lora_scale": numbers(-100, 100),
-        "steps": integers(1, 1000, why="the sampler's schedule has 1000 timesteps"),
-        "guidance": numbers(0, 100),
-        "seed": SEED,
-        "frames": integers(1, 1025),
-        "height": integers(8, 8192),
-        "width": integers(8, 8192),
-        "fps": VIDEO_FPS,
-        "sheet_columns": SHEET_WIDTH,
-    }
-
-    def __post_init__(self):
-        check_domains(self)
-        if isinstance(self.prompts, str):
-            self.prompts = (self.prompts,)
-        self.prompts = tuple(self.prompts or ())
-        self.lora = Path(self.lora) if self.lora is not None else None
-        self.image = Path(self.image) if self.image is not None else None
-        self.output = Path(self.output) if self.output is not None else None
-        checks = [
-            (bool(self.prompts), 'give at least one --prompt "..." (or prompts = ["..."] in a --config file)'),
-            (all(p.strip() for p in self.prompts), "a --prompt is empty"),
-            (self.lora is not None or (self.no_lora and self.model), "pass --lora RUN_FOLDER (or --no-lora --model M)"),
-            (not (self.no_lora and self.lora_scale != 1.0), "--lora-scale has no effect with --no-lora; drop one"),
-            (
-                self.output is None or self.output.suffix.lower() == ".mp4",
-                f"--output must name an .mp4 file (got {self.output})",
-            ),
-            ((self.frames - 1) % 4 == 0, f"--frames must be 4k+1: 9, 13, 49 (got {self.frames})"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ConfigError(message)
-        check_video_settings(self.fps, self.sheet_columns)
-        if self.dtype is not None:
-            models.parse_dtype(self.dtype)
-
-    def with_output(self) -> SampleConfig:
-        """This config with its ``output`` named: without one, the next free default (``default_output``)."""
-        if self.output is not None:
-            return self
-        return dataclasses.replace(self, output=default_output(self.no_lora))
-
-    def video_paths(self) -> list[Path]:
-        """One mp4 per prompt: ``--output`` itself for one prompt, ``NAME-KK.mp4`` for several."""
-        if len(self.prompts) == 1:
-            return [self.output]
-        return [self.output.with_name(f"{self.output.stem}-{k:02d}.mp4") for k in range(len(self.prompts))]
-
-    @property
-    def sheet_path(self) -> Path:
-        return self.output.with_suffix(".png")
 
 
 @dataclass
@@ -230,6 +146,13 @@ def _quiet(name: str):
 SAMPLES = Path("samples")  # where samples go without --output
 
 
+def with_output(cfg: SampleConfig) -> SampleConfig:
+    """``cfg`` with its ``output`` named: without one, the next free default (``default_output``)."""
+    if cfg.output is not None:
+        return cfg
+    return dataclasses.replace(cfg, output=default_output(cfg.no_lora))
+
+
 def default_output(no_lora: bool, folder: Path = SAMPLES) -> Path:
     """``samples/lora-NNN.mp4`` (``base-NNN.mp4`` with --no-lora), NNN one more than the highest there: a
     sample never replaces an earlier one, and the newest has the highest number."""
@@ -242,7 +165,7 @@ def default_output(no_lora: bool, folder: Path = SAMPLES) -> Path:
 def check_outputs_writable(cfg: SampleConfig) -> None:
     """Every file ``sample`` writes can be created, and none replaces an earlier one's without --overwrite,
     before any minute goes into generating."""
-    cfg = cfg.with_output()
+    cfg = with_output(cfg)
     folder = cfg.output.parent
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -434,7 +357,7 @@ def run_sample(cfg: SampleConfig, show_progress: bool = False) -> SampleResult:
     If an mp4 cannot be written after generation, the frames go to ``NAME.frames.safetensors`` instead,
     the other prompts still run, and a ``VideoWriteError`` at the end says where everything is.
     """
-    cfg = cfg.with_output()
+    cfg = with_output(cfg)
     plan = plan_sample(cfg)
     pipe = load_pipeline(cfg, plan)
     height, width = plan.height, plan.width

@@ -8,8 +8,7 @@ import torch
 
 from cogvx import files, runs
 from cogvx.errors import ConfigError, ModelError
-
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # TrainConfig.targets' default: attention projections
+from cogvx.names import DEFAULT_TARGETS  # noqa: F401 (re-exported)
 
 
 def add_lora(

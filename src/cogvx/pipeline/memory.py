@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from cogvx.names import ALLOC_CONF
 from cogvx.pipeline.speed.checkpointing import MODES, Mode, faster_than, leanest
 
 # Head room for what the model does not count: allocator rounding, cuDNN/cuBLAS workspaces, the loader's
@@ -136,4 +137,4 @@ def use_expandable_segments() -> None:
     Reserved memory then stays close to allocated, which is what ``auto`` budgets with (BENCHMARKS.md
     has the reserved against allocated figures). Only effective before CUDA's first allocation.
     """
-    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    os.environ.setdefault(*ALLOC_CONF)

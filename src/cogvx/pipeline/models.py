@@ -19,10 +19,8 @@ from typing import Any
 import torch
 
 from cogvx.errors import ConfigError, ModelError
+from cogvx.names import DEFAULT_MODEL, DTYPE_NAMES, NATIVE_FPS  # noqa: F401 (re-exported)
 
-DEFAULT_MODEL = "THUDM/CogVideoX-2b"
-# The frame rate CogVideoX 1.0 was trained at: clips are sampled at it and videos written at it by default.
-NATIVE_FPS = 8
 # Prompt length in T5 tokens when a transformer config does not say (every published CogVideoX says 226);
 # the model's own `max_text_seq_length` decides it everywhere else.
 DEFAULT_TEXT_TOKENS = 226
@@ -36,7 +34,7 @@ DEFAULT_FRAMES = 49
 # native size is sample_height/sample_width times the VAE's spatial compression (480x720 for 2b and 5b).
 ROTARY_TABLE_NATIVE_SIZES = {(300, 300): (768, 1360)}
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = dict(zip(DTYPE_NAMES, (torch.bfloat16, torch.float16, torch.float32), strict=True))
 
 # The T5 fields that change what the encoder computes from token ids. Everything else in its config file
 # (storage dtype, spelled `torch_dtype` by transformers 4 and `dtype` by 5, `architectures`, library
@@ -88,6 +86,12 @@ def native_size(transformer: dict[str, Any], spatial: int) -> tuple[int, int]:
     if transformer.get("patch_size_t") and grid in ROTARY_TABLE_NATIVE_SIZES:
         return ROTARY_TABLE_NATIVE_SIZES[grid]
     return grid[0] * spatial, grid[1] * spatial
+
+
+def is_image_to_video(transformer_config: Any) -> bool:
+    """Whether a transformer (its ``config``) reads twice the channels it writes: its videos need a first frame."""
+    c = transformer_config
+    return c.in_channels != (c.out_channels or c.in_channels)
 
 
 def parse_dtype(name: str) -> torch.dtype:

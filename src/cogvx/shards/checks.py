@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
+from cogvx.locations import parent_of
 from cogvx.shards.codec import INDEX, INDEX_FIELDS, META, RawSample, Sample, index_line, layout_of, short
 from cogvx.shards.layouts import describe_layout, sample_layout
 from cogvx.shards.manifest import CacheError, SampleEntry, ShardRecord
-from cogvx.shards.urls import parent_of
 
 
 def verify_hint(origin: str) -> str:

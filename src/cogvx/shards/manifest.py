@@ -17,6 +17,7 @@ from typing import Any
 
 from cogvx.errors import CacheError
 from cogvx.files import write_json_atomic
+from cogvx.locations import parent_of
 from cogvx.shards import paths
 from cogvx.shards.layouts import (  # noqa: F401 -- their home is layouts.py; imported from here too
     BASE_TENSORS,
@@ -38,7 +39,6 @@ from cogvx.shards.store import (
     open_regular,  # noqa: F401 -- its home is store.py; imported from here too
     open_store,
 )
-from cogvx.shards.urls import parent_of
 
 FORMAT_NAME = "cogvx-cache"
 FORMAT_VERSION = 1

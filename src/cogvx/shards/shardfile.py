@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from cogvx.files import sha256_of
+from cogvx.locations import parent_of
 from cogvx.shards.manifest import CacheError, ShardRecord, is_plain_name
 from cogvx.shards.store import LocalStore, Mismatch, Store, open_regular, open_store
-from cogvx.shards.urls import parent_of
 
 
 def file_sha256(path: Path, limit: int | None = None) -> str:

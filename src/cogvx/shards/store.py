@@ -31,7 +31,7 @@ from urllib.parse import urlsplit
 
 from cogvx import files
 from cogvx.errors import CacheError, CogvxError, ConfigError
-from cogvx.shards.urls import (  # noqa: F401 -- their home is urls.py; imported from here too
+from cogvx.locations import (  # noqa: F401 -- their home is cogvx/locations.py; imported from here too
     SCHEME,
     display,
     is_remote,

@@ -15,10 +15,10 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
+from cogvx.locations import parent_of
 from cogvx.shards.codec import MEMBER_EXT, META, TENSORS, RawSample, short
 from cogvx.shards.layouts import Layouts, layout_bytes
 from cogvx.shards.manifest import KEY_PATTERN, CacheError
-from cogvx.shards.urls import parent_of
 
 # Reader limits (bytes). A member larger than its limit is refused before it is read.
 MAX_META_BYTES = 1 << 20  # a sample's .json

@@ -8,9 +8,7 @@ import shlex
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
 
-from cogvx.config import Domain, check_domains, integers
 from cogvx.errors import CacheError, ConfigError
 from cogvx.files import sha256_of
 from cogvx.media import contact_sheet, write_png
@@ -21,26 +19,10 @@ from cogvx.shards.rebuild import read_indexed_shard
 from cogvx.shards.shardfile import file_sha256
 from cogvx.shards.store import LocalStore, Store, display, is_remote, open_store
 from cogvx.shards.verify import check_shards
+from cogvx.stage_configs import InspectConfig, VerifyConfig
 
 STRIP_MEMBER = "jpg"  # the extra member holding a JPEG strip of a sample's sampled frames
 MAX_STRIP_PIXELS = 64 * 1 << 18  # 64 px high and up to 262144 px wide
-
-
-@dataclass
-class InspectConfig:
-    folder: Path | str  # a cache folder or a URL (read-only)
-    contact_sheet: Path | None = None  # write a PNG of the samples' frame strips here
-    max_strips: int = 64
-
-    DOMAINS: ClassVar[dict[str, Domain]] = {"max_strips": integers(1, 4096)}
-
-    def __post_init__(self):
-        check_domains(self)
-        self.folder = self.folder if is_remote(self.folder) else Path(self.folder)
-        if self.contact_sheet is not None:
-            self.contact_sheet = Path(self.contact_sheet)
-            if self.contact_sheet.suffix.lower() != ".png":
-                raise ConfigError(f"--contact-sheet {self.contact_sheet} must end in .png.")
 
 
 @dataclass
@@ -154,15 +136,6 @@ def write_contact_sheet(folder: Path | str | Store, manifest: Manifest, path: Pa
         )
     write_png(path, contact_sheet(rows, pad=4, label_width=320, label_chars=48))
     return len(rows)
-
-
-@dataclass
-class VerifyConfig:
-    folder: Path | str  # a cache folder or a URL (read-only)
-    deep: bool = True  # also parse every sample's tensors and metadata
-
-    def __post_init__(self):
-        self.folder = self.folder if is_remote(self.folder) else Path(self.folder)
 
 
 @dataclass

@@ -11,15 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from cogvx import files
+from cogvx.names import SHARD_MAX_BYTES, SHARD_MAX_SAMPLES
 from cogvx.shards import paths
 from cogvx.shards.codec import HEADER_KEY, OPENED_KEY, Sample, encode_sample, layout_of, with_index
 from cogvx.shards.layouts import Layouts, describe_layout, joined_layout, sample_layout
 from cogvx.shards.manifest import SampleEntry, ShardRecord
 from cogvx.shards.shardfile import file_sha256
-
-# A shard is finished once it reaches either limit (PreprocessConfig's shard_max_mb / shard_max_samples).
-SHARD_MAX_BYTES = 512 * 2**20
-SHARD_MAX_SAMPLES = 1000
 
 
 class ShardWriter:

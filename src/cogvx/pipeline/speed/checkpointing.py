@@ -21,12 +21,12 @@ import torch
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from cogvx.errors import ConfigError
+from cogvx.names import AUTO  # noqa: F401 (re-exported)
 from cogvx.pipeline.speed.compiling import compile_runner
 
 if TYPE_CHECKING:
     from cogvx.pipeline.speed.swap import BlockSwap
 
-AUTO = "auto"  # predict each mode's peak memory and take the fastest that fits (pipeline/memory.py)
 
 Runner = Callable[..., Any]  # runner(block, hidden_states, encoder_hidden_states, *rest)
 

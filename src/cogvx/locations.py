@@ -1,9 +1,12 @@
-"""Locations of a cache: telling a URL from a path, the form of a URL that may be shown, and joining names.
+"""Locations (a cache, a run folder): telling a URL from a path, the form of one that may be shown, joining names.
 
 ``display`` is the one form of a location that may be printed or written (it drops ``user:password@`` and
 any query string); ``join`` puts a file's name before the query string, which a web server reads with
 every request. Where a client would read a query string or ``user:password@`` as part of a name
 (``s3://``), ``refuse_misread_parts`` refuses the location rather than let a secret become a name.
+
+Dependency-free (no torch), so the stage configs tell a URL from a path without loading the cache package;
+``cogvx.shards.store`` re-exports these names.
 """
 
 from __future__ import annotations
@@ -73,3 +76,8 @@ def parent_of(origin: str) -> str:
     if SCHEME.match(origin):
         return origin.rstrip("/").rpartition("/")[0]
     return str(Path(origin).parent)
+
+
+def as_location(value: str | Path) -> str | Path:
+    """A URL stays text, anything else becomes a ``Path`` (a Path would fold ``s3://`` into ``s3:/``)."""
+    return value if is_remote(value) else Path(value)

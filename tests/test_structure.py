@@ -7,6 +7,8 @@
 - A checkpointing mode's name is spelled in its registry only; everyone else asks the mode object.
 - The cache package's modules import in one direction (codec <- tar <- checks <- ... <- rebuild).
 - Files are replaced through ``cogvx.files`` (one atomic writer), except the renames named here.
+- The training run's parts keep their jobs: only the checkpoint manager saves and loads checkpoints,
+  only the validator validates, and no function in train/ runs past ~80 lines without saying why.
 """
 
 from __future__ import annotations
@@ -318,3 +320,79 @@ def test_files_are_replaced_only_through_the_one_atomic_writer():
     source = "import os\ndef f(tmp, p):\n    os.replace(tmp, p)\n    tmp.replace(p)\n    p.rename(tmp)\n"
     assert _renames(source) == [("f", 3), ("f", 4), ("f", 5)]
     assert _renames("text.replace('a', 'b')") == []
+
+
+# --- the training run's parts (docs/architecture.md, "The training run") ---
+TRAIN = SRC / "train"
+LONGEST = 80  # lines of a function, its signature and docstring included
+
+
+def _calls(source: str) -> list[tuple[str, int]]:
+    """(dotted name, line) of every call: ``checkpoint.save(...)`` gives ``("checkpoint.save", n)``."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Call):
+            func, parts = node.func, []
+            while isinstance(func, ast.Attribute):
+                parts.append(func.attr)
+                func = func.value
+            if isinstance(func, ast.Name):
+                found.append((".".join([func.id, *reversed(parts)]), node.lineno))
+    return found
+
+
+# call -> the one module of src/cogvx that may make it
+ONE_CALLER = {
+    "checkpoint.save": "train/checkpointer.py",
+    "checkpoint.load": "train/checkpointer.py",
+    "run_validation": "train/validator.py",
+    "validation.run_validation": "train/validator.py",
+}
+
+
+def test_only_the_checkpoint_manager_saves_and_only_the_validator_validates():
+    offences = []
+    for path in _modules():
+        where = path.relative_to(SRC).as_posix()
+        for name, line in _calls(path.read_text()):
+            if name in ONE_CALLER and ONE_CALLER[name] != where:
+                offences.append(f"{where}:{line} calls {name} (only {ONE_CALLER[name]} may)")
+    assert not offences, "\n".join(offences)
+    assert _calls("checkpoint.save(a, b)\nrun_validation(m)") == [("checkpoint.save", 1), ("run_validation", 2)]
+
+
+def _long_functions(source: str) -> list[tuple[str, int]]:
+    """(name, lines) of every function longer than LONGEST whose docstring gives no line "Long because ..."."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            lines = node.end_lineno - node.lineno + 1
+            reason = any(
+                line.strip().startswith("Long because") for line in (ast.get_docstring(node) or "").splitlines()
+            )
+            if lines > LONGEST and not reason:
+                found.append((node.name, lines))
+    return found
+
+
+def test_no_function_of_the_training_run_is_long_without_a_reason():
+    offences = [
+        f"{path.relative_to(SRC).as_posix()}: {name} has {lines} lines"
+        for path in sorted(TRAIN.glob("*.py"))
+        for name, lines in _long_functions(path.read_text())
+    ]
+    assert not offences, "split these, or say why in their docstring (a line 'Long because ...'):\n" + "\n".join(
+        offences
+    )
+    body = "\n".join(["    x = 1"] * LONGEST)
+    assert _long_functions(f"def f():\n{body}\n") == [("f", LONGEST + 1)]
+    assert _long_functions(f'def f():\n    """Long because it is.\n\n    More."""\n{body}\n') == []
+
+
+def test_every_module_of_the_training_run_says_its_one_job():
+    missing = [
+        path.name
+        for path in sorted(TRAIN.glob("*.py"))
+        if path.stem != "__init__" and not ast.get_docstring(ast.parse(path.read_text()))
+    ]
+    assert not missing, f"give these modules a first docstring line saying their one job: {missing}"

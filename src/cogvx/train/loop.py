@@ -30,7 +30,7 @@ from cogvx.train.config import TrainConfig
 from cogvx.train.data import SKIPPED_SHARDS, ShardStream, make_loader
 from cogvx.train.logbook import Logbook
 from cogvx.train.step import build_optimizer, build_schedule, train_step
-from cogvx.train.validator import Validator
+from cogvx.train.validator import SECONDS_FIELD, Validator
 
 
 @dataclass
@@ -229,9 +229,11 @@ class TrainingRun:
                 trained = self.accelerator.unwrap_model(self.model)
                 scored = {} if self.evaluator is None else self.evaluator.after_step(trained, step, last)
                 record |= scored
+                validated = None if self.validator is None else self.validator.after_step(trained, step, last)
+                if validated is not None:  # before the record is written, so that it carries the time
+                    result.validation += validated
+                    record[SECONDS_FIELD] = validated.total_seconds
                 self.log.write(record, scored)
-                if self.validator is not None:
-                    result.validation += self.validator.after_step(trained, step, last) or []
                 self.checkpoints.after_step(step, last)
                 if on_step:
                     on_step(record)

@@ -1,8 +1,9 @@
 """The validator: samples the cache's validation prompts with the LoRA on the validation cadence, and times it.
 
 It owns ``--validation-every`` (and the last step); the loop calls ``after_step`` after every step and
-adds what it returns to that step's metrics line. Every process must call it: the prompts are shared
-out across processes, and all of them wait for the others before training goes on.
+writes the seconds it took (``SECONDS_FIELD``) into that step's metrics line. Every process must call
+it: the prompts are shared out across processes, and all of them wait for the others before training
+goes on.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from cogvx.shards.store import Store
 from cogvx.train.config import TrainConfig
 from cogvx.train.validation import Validated, ValidationSet, load_validation_set, run_validation
 
-# The metrics field of a validation step: this process's seconds sampling and writing its prompts.
+# The metrics field of a validation step: the main process's seconds sampling and writing its prompts.
 SECONDS_FIELD = "validation_seconds"
 
 

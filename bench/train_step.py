@@ -46,7 +46,7 @@ from cogvx.pipeline.speed.swap import swap_saving  # noqa: E402
 from cogvx.shards import Sample, SampleEntry, ShardRecord, ShardWriter  # noqa: E402
 from cogvx.train.config import TrainConfig  # noqa: E402
 from cogvx.train.data import ShardStream, make_loader  # noqa: E402
-from cogvx.train.loop import build_optimizer, step_seed  # noqa: E402
+from cogvx.train.step import build_optimizer, step_seed  # noqa: E402
 
 CONFIGS = Path(__file__).parent / "model-configs"
 MODELS = {"2b": "CogVideoX-2b.json", "5b": "CogVideoX-5b.json", "1.5": "CogVideoX1.5-5B.json"}

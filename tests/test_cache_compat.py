@@ -11,9 +11,9 @@ import pytest
 
 from cogvx.errors import CacheError, ModelError
 from cogvx.pipeline import models
+from cogvx.pipeline.compat import check_cache_fits
 from cogvx.preprocess.run import run
 from cogvx.shards import Manifest
-from cogvx.train.loop import check_cache_fits
 
 from .test_preprocess import make_clip, tiny
 

@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 
 from cogvx.errors import ModelError
 from cogvx.pipeline import models
+from cogvx.pipeline.compat import check_cache_fits
 from cogvx.shards import Manifest
-from cogvx.train.loop import check_cache_fits
 
 from .conftest import ROOT, property_examples
 

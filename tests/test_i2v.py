@@ -24,12 +24,12 @@ from cogvx.cli import app
 from cogvx.errors import CacheError, ConfigError, ModelError
 from cogvx.media import to_uint8
 from cogvx.pipeline import models
+from cogvx.pipeline.compat import check_packable
 from cogvx.pipeline.sampling import sample_latents
 from cogvx.runs import read_metrics
 from cogvx.sample import LORA_ADAPTER, SampleConfig, load_pipeline, plan_sample, run_sample
 from cogvx.shards import Manifest, ShardRecord, read_shard
 from cogvx.train.config import TrainConfig
-from cogvx.train.loop import check_packable
 from cogvx.train.loop import run as train
 
 from .i2vcache import with_image_latents
@@ -209,7 +209,7 @@ def test_buckets_a_model_cannot_pack_are_refused_before_its_weights_load(model, 
 
 def test_a_15_model_warns_of_frame_counts_it_was_not_trained_on(i2v_cache: Path):
     """13 and 21 frames (4 and 6 latent frames) pack without the padding frame 1.5's 8k+1 training had."""
-    from cogvx.train.loop import frame_count_warning
+    from cogvx.pipeline.compat import frame_count_warning
 
     manifest = Manifest.load(i2v_cache)
     assert sorted(manifest.bucket_counts()) == ["13x64x96", "17x64x96", "21x64x96"]

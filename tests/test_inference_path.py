@@ -126,7 +126,7 @@ def test_a_compiled_run_validates_on_the_inference_path_between_its_steps(
     and the validation latents are the eager run's."""
     from cogvx.preprocess.run import PreprocessConfig
     from cogvx.preprocess.run import run as preprocess
-    from cogvx.train import loop, validation
+    from cogvx.train import validation, validator
 
     cache = tmp_path / "shards"
     shutil.copytree(tiny_cache, cache)  # its clips are encoded already: only the prompt is added
@@ -141,7 +141,7 @@ def test_a_compiled_run_validates_on_the_inference_path_between_its_steps(
         assert len(done.seconds) == len(done.paths) == 1 and done.total_seconds > 0
         return done
 
-    monkeypatch.setattr(loop, "run_validation", counted)
+    monkeypatch.setattr(validator, "run_validation", counted)
 
     def validated(name: str, **chosen) -> list[torch.Tensor]:
         cfg = TrainConfig(shards=cache, output=tmp_path / name, max_steps=3, rank=4, learning_rate=1e-2,

@@ -243,7 +243,7 @@ def test_a_checkpoint_with_more_batches_than_its_steps_take_now_is_fine_when_acc
     at=st.integers(1, 5),
 )  # fmt: skip
 def test_the_new_learning_rate_schedule_and_optimizer_settings_are_in_effect_after_loading(scheduler, old, new, at):
-    from cogvx.train.loop import build_optimizer, build_schedule
+    from cogvx.train.step import build_optimizer, build_schedule
 
     def built(settings: dict):
         cfg = TrainConfig(shards="cache", lr_scheduler=scheduler, **settings)

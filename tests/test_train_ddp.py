@@ -76,7 +76,7 @@ _DIVERGED = """
 import sys
 import torch
 from accelerate import Accelerator
-from cogvx.train.loop import _check_replicas_agree
+from cogvx.train.launch import check_replicas_agree as _check_replicas_agree
 
 accelerator = Accelerator(cpu=True)
 rank = accelerator.process_index

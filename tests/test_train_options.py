@@ -24,8 +24,9 @@ from cogvx.preprocess.run import run as preprocess
 from cogvx.runs import read_metrics
 from cogvx.shards import Manifest
 from cogvx.train.config import PRECISIONS, SCHEDULES, TrainConfig
-from cogvx.train.loop import ACCELERATE_PRECISION, build_optimizer, build_schedule
+from cogvx.train.launch import ACCELERATE_PRECISION
 from cogvx.train.loop import run as train
+from cogvx.train.step import build_optimizer, build_schedule
 
 from .conftest import CLIPS
 
@@ -119,7 +120,7 @@ def _independent_15_loss(model: Path, cache: Path, keys: list[str], seed: int, s
     from diffusers import CogVideoXDPMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
 
     from cogvx.shards import read_shard
-    from cogvx.train.loop import step_seed
+    from cogvx.train.step import step_seed
 
     (key,) = keys
     (sample,) = [s for r in Manifest.load(cache).shards for s in read_shard(cache, r) if s.key == key]

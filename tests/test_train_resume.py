@@ -26,8 +26,8 @@ from cogvx.errors import RunError
 from cogvx.runs import read_metrics
 from cogvx.shards import Manifest
 from cogvx.train.config import TrainConfig
-from cogvx.train.loop import TrainingDiverged
 from cogvx.train.loop import run as train
+from cogvx.train.step import TrainingDiverged
 
 
 class Stop(Exception):

@@ -9,11 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from typer.testing import CliRunner
 
+from cogvx.cli import app
 from cogvx.pipeline import models
 from cogvx.pipeline.sampling import sample_latents
 from cogvx.preprocess.run import PreprocessConfig
 from cogvx.preprocess.run import run as preprocess
+from cogvx.runs import read_metrics
 from cogvx.train.config import TrainConfig
 from cogvx.train.loop import run as train
 
@@ -163,3 +166,20 @@ def test_a_run_killed_while_it_replaces_validation_prompts_never_leaves_a_manife
 def safe_open_metadata(data: bytes) -> dict[str, str]:
     length = int.from_bytes(data[:8], "little")
     return json.loads(data[8 : 8 + length])["__metadata__"]
+
+
+def test_a_validation_step_records_its_seconds_in_the_metrics(cache_with_prompts: Path, tmp_path: Path):
+    """Through the CLI: the steps that validate (every 2nd, the last) carry ``validation_seconds``, no other does."""
+    run_dir = tmp_path / "run"
+    args = ["train", "--shards", str(cache_with_prompts), "--output", str(run_dir), "--max-steps", "3", "--rank", "4",
+            "--mixed-precision", "fp32", "--workers", "0", "--checkpoint-every", "0", "--validation-every", "2",
+            "--validation-steps", "2"]  # fmt: skip
+    out = CliRunner().invoke(app, args)
+    assert out.exit_code == 0, out.output
+    seconds = {r["step"]: r.get("validation_seconds") for r in read_metrics(run_dir)}
+    assert set(seconds) == {1, 2, 3}
+    assert seconds[1] is None and all(seconds[s] > 0 for s in (2, 3))
+    assert (
+        sorted(p.parent.name for p in (run_dir / "validation").rglob("*.safetensors"))
+        == ["step-000002"] * 2 + ["step-000003"] * 2
+    )

@@ -215,7 +215,7 @@ def training_originals(manifest: Manifest, eval_set: EvalSet | None) -> int:
 
 def separate_set(folder: Path | str | Store, cache_dir: Path | None = None) -> tuple[Store, Manifest, EvalSet]:
     """``--eval-shards``: every live sample of another cache. Check its encoders as the training cache's
-    (``loop.check_cache_fits``) before scoring on it."""
+    (``compat.check_cache_fits``) before scoring on it."""
     store = open_store(folder, cache_dir=cache_dir)
     manifest = Manifest.load(store)
     entries = manifest.live_entries()

@@ -123,7 +123,10 @@ def model_card(
     image_to_video: bool = False,
     eval_summary: evaluation.Summary | None = None,
 ) -> str:
-    """The run folder's README.md: what was trained on what, and how to load it in diffusers."""
+    """The run folder's README.md: what was trained on what, and how to load it in diffusers.
+
+    Long because the card is one template read top to bottom, its values filled in where they appear.
+    """
     final = runs.final_loss(records)
     mean_loss = f"{final[0]:.4f} ({final[1]})" if final else "n/a"
     buckets = ", ".join(f"{b} x{n}" for b, n in manifest.bucket_counts().items()) or "none"

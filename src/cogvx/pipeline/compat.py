@@ -1,8 +1,9 @@
 """Whether a cache fits a model: the same encoders, whole patches, image latents, mirrors, frame counts.
 
-Preprocess writes a cache for one model; training (and anything else that reads a cache for a model)
-asks these questions before reading weights, so a mismatch stops in one line naming the command that
-fixes it. Each check takes the manifest, the model's facts and the cache's location as shown to users.
+Preprocess writes a cache for one model, and adds to an existing cache only with the encoders that made
+it (``encoder_differences``); training (and anything else that reads a cache for a model) asks these
+questions before reading weights, so a mismatch stops in one line naming the command that fixes it. Each
+check takes the manifest, the model's facts and the cache's location as shown to users.
 """
 
 from __future__ import annotations
@@ -16,10 +17,15 @@ from cogvx.pipeline import models
 from cogvx.shards import Manifest
 
 
+def encoder_differences(manifest: Manifest, info: models.ModelInfo) -> list[str]:
+    """The encoder facts (VAE, text encoder, prompt length) in which the cache's producer and ``info`` differ."""
+    return info.identity_mismatch(manifest.producer.get("encoders") or {})
+
+
 def check_cache_fits(manifest: Manifest, info: models.ModelInfo, shards: Path | str) -> None:
     """Refuse a cache whose latents or prompt embeddings another VAE, text encoder or prompt length made."""
-    stored, wanted = manifest.producer.get("encoders", {}), info.encoder_identity()
-    differs = info.identity_mismatch(stored)
+    stored, wanted = manifest.producer.get("encoders") or {}, info.encoder_identity()
+    differs = encoder_differences(manifest, info)
     if differs:
         details = "; ".join(f"{k}: cache {stored.get(k)!r}, model {wanted[k]!r}" for k in differs)
         raise ModelError(

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from cogvx import files
 from cogvx.errors import CacheError
-from cogvx.pipeline import models
+from cogvx.pipeline import compat, models
 from cogvx.shards import Manifest, ShardRecord, paths, write_json_atomic
 from cogvx.shards.rebuild import read_indexed_shard
 from cogvx.shards.shardfile import check_shard, file_sha256
@@ -54,7 +54,7 @@ def check_existing(
                 "(preprocess never deletes shards it did not write)."
             )
         return None
-    encoders_differ = bool(info.identity_mismatch(manifest.producer.get("encoders") or {}))
+    encoders_differ = bool(compat.encoder_differences(manifest, info))
     if manifest.params != params or encoders_differ:
         changed = sorted(k for k in {*manifest.params, *params} if manifest.params.get(k) != params.get(k))
         if encoders_differ:

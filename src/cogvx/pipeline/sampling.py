@@ -37,7 +37,6 @@ def latent_shape(
     return frames, channels, height // spatial_compression, width // spatial_compression
 
 
-@torch.no_grad()
 def _image_condition(
     image_latents: torch.Tensor, frames: int, device: torch.device, dtype: torch.dtype, guided: bool
 ) -> torch.Tensor:
@@ -48,6 +47,7 @@ def _image_condition(
     return torch.cat([image] * 2) if guided else image
 
 
+@torch.no_grad()
 def sample_latents(
     transformer: torch.nn.Module,
     scheduler_config: dict[str, Any],

@@ -6,13 +6,13 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
 from cogvx.train import evaluation, heldout
+from tests.conftest import ROOT
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+BENCH = ROOT / "bench"
 
 
 @pytest.mark.slow

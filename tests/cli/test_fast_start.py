@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT
+
 HEAVY = {"torch", "diffusers", "transformers", "peft", "accelerate", "numpy", "PIL", "safetensors"}
-SRC = str(Path(__file__).resolve().parents[2] / "src")
+SRC = str(ROOT / "src")
 
 
 def _python(*args: str) -> subprocess.CompletedProcess:

@@ -20,8 +20,7 @@ from cogvx import runs
 from cogvx.cli import app
 from cogvx.pipeline import models
 from tests.helpers.hubserver import HubServer
-from tests.stages.test_render import PROMPTS, make_validation
-from tests.stages.test_sample import train_lora
+from tests.helpers.runfolders import PROMPTS, make_validation, train_lora
 
 # The command is timed inside the child after the heavy imports, so a loaded machine's slow imports do not
 # count; huggingface_hub's own retries for a file it cannot fetch wait 23 s and more.

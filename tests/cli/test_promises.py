@@ -25,6 +25,7 @@ from cogvx.sample import SampleConfig
 from cogvx.shards import Manifest, Sample, ShardWriter, read_shard
 from cogvx.shards.codec import INDEX
 from cogvx.train.config import TrainConfig
+from tests.conftest import ROOT
 from tests.helpers.i2vcache import with_image_latents
 
 
@@ -94,8 +95,6 @@ def test_noised_image_dropout_from_the_config_file_reaches_the_i2v_objective(tin
 
 
 # --------------------------------------------------------------------------- the README's outputs stay out of git
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def readme_section(title: str) -> str:

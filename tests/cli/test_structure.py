@@ -15,6 +15,8 @@
 - The CLI imports its stages lazily: at module level cli.py imports only torch-free modules.
 - The training run's parts keep their jobs: only the checkpoint manager saves and loads checkpoints,
   only the validator validates.
+- The tests mirror the package (a folder per part, each a package) and share helpers only through
+  ``tests/helpers`` and ``tests/conftest.py``: no test file imports from another, nor a ``_private`` name.
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from cogvx import cligen, runs
 from cogvx.cli import app
 from cogvx.pipeline.speed.checkpointing import MODES
 from cogvx.shards import paths
+from tests.conftest import ROOT
 
-SRC = Path(__file__).resolve().parents[2] / "src" / "cogvx"
+SRC = ROOT / "src" / "cogvx"
+TESTS = ROOT / "tests"
 OWNERS = {SRC / "runs.py", SRC / "shards" / "paths.py"}
 
 # Names unique enough to be searched anywhere inside a string; bare words only as a whole literal or path part.
@@ -578,3 +582,59 @@ def test_only_the_checkpoint_manager_saves_and_only_the_validator_validates():
                 offences.append(f"{where}:{line} calls {name} (only {ONE_CALLER[name]} may)")
     assert not offences, "\n".join(offences)
     assert _calls("checkpoint.save(a, b)\nrun_validation(m)") == [("checkpoint.save", 1), ("run_validation", 2)]
+
+
+def _crossing_imports(path: Path, source: str) -> list[str]:
+    """Imports in the test module at ``path`` that reach into a test file or take a private name from tests/."""
+    package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            base = package.rsplit(".", node.level - 1)[0] if node.level else ""
+            module = ".".join(p for p in (base, node.module or "") if p)
+            imported = [(module, alias.name) for alias in node.names]
+            if node.module is None:  # ``from . import test_x``: the names are modules
+                imported = [(f"{module}.{alias.name}", "") for alias in node.names]
+        elif isinstance(node, ast.Import):
+            imported = [(alias.name, "") for alias in node.names]
+        else:
+            continue
+        for module, name in imported:
+            if module != "tests" and not module.startswith("tests."):
+                continue
+            if any(part.startswith("test_") for part in module.split(".")):
+                found.append(f"{path.name}:{node.lineno} imports from the test file {module}")
+            elif name.startswith("_"):
+                found.append(f"{path.name}:{node.lineno} imports the private {name} from {module}")
+    return found
+
+
+def test_no_test_file_imports_from_another_or_a_private_name():
+    """Shared helpers live in tests/helpers (public names) and fixtures in tests/conftest.py."""
+    found = [v for path in sorted(TESTS.rglob("*.py")) for v in _crossing_imports(path, path.read_text())]
+    assert found == [], "move what is shared into tests/helpers or tests/conftest.py:\n" + "\n".join(found)
+
+
+def test_the_test_import_scan_finds_what_it_looks_for():
+    here = TESTS / "train" / "test_x.py"
+    crossing = [
+        "from tests.train.test_resume import stop_after",
+        "from .test_resume import stop_after",
+        "from ..preprocess.test_preprocess import live_samples",
+        "from . import test_resume",
+        "import tests.stages.test_render",
+        "from tests.helpers.processes import _private",
+        "from ..conftest import _private",
+    ]
+    for line in crossing:
+        assert len(_crossing_imports(here, line)) == 1, line
+    fine = ["from tests.helpers.processes import wait_for", "from tests.conftest import CLIPS", "from cogvx import _x"]
+    for line in fine:
+        assert _crossing_imports(here, line) == [], line
+
+
+def test_the_tests_mirror_the_package():
+    """Test files sit in one folder per part of the package; every folder is a package (unique module names)."""
+    assert sorted(p.name for p in TESTS.glob("test_*.py")) == [], "test files belong in a folder of tests/"
+    folders = [p for p in TESTS.rglob("*") if p.is_dir() and p.name != "__pycache__"]
+    assert folders and all((folder / "__init__.py").is_file() for folder in folders), folders

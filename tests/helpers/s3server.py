@@ -133,8 +133,3 @@ def http_server_fixture(tmp_path: Path):
     finally:
         server.shutdown()
         server.server_close()
-
-
-# Import these (``from tests.helpers.s3server import s3_fixture, http_server_fixture``) and ask for ``s3`` or
-# ``http_server``.
-s3, http_server = s3_fixture, http_server_fixture  # the names of the first version, still importable

@@ -14,7 +14,7 @@ from cogvx.pipeline import models
 from cogvx.pipeline.compat import check_cache_fits
 from cogvx.preprocess.run import run
 from cogvx.shards import Manifest
-from tests.preprocess.test_preprocess import make_clip, tiny
+from tests.helpers.preprocessing import captioned_clip, tiny_config
 
 
 def _rewrite_encoders(folder: Path, **fields) -> None:
@@ -52,8 +52,8 @@ def test_a_cache_with_older_fingerprints_of_the_same_encoders_still_trains_and_g
     check_cache_fits(Manifest.load(cache), info, cache)  # no error: the same encoders
     before = Manifest.load(cache).sample_count
     data = tmp_path / "more"
-    make_clip(data, "new.mp4", frames=48)
-    result = run(tiny(data, cache, frame_buckets=()))  # the fixture's settings: defaults, fp32, tiny
+    captioned_clip(data, "new.mp4", frames=48)
+    result = run(tiny_config(data, cache, frame_buckets=()))  # the fixture's settings: defaults, fp32, tiny
     assert result.encoded == 1
     assert Manifest.load(cache).sample_count == before + 1
 
@@ -68,21 +68,21 @@ def test_an_older_fingerprint_of_another_encoder_is_still_refused(tmp_path: Path
     with pytest.raises(ModelError, match="text_encoder_fingerprint"):
         check_cache_fits(Manifest.load(cache), info, cache)
     data = tmp_path / "more"
-    make_clip(data, "new.mp4", frames=48)
+    captioned_clip(data, "new.mp4", frames=48)
     with pytest.raises(CacheError, match="model encoders"):
-        run(tiny(data, cache, frame_buckets=()))
+        run(tiny_config(data, cache, frame_buckets=()))
 
 
 def test_a_rerun_whose_only_changed_clip_no_longer_decodes_keeps_the_cache_and_exits_cleanly(tmp_path: Path):
     data, cache = tmp_path / "data", tmp_path / "cache"
-    make_clip(data, "a.mp4", frames=48, seed=1)
-    make_clip(data, "b.mp4", frames=48, seed=2)
-    run(tiny(data, cache))
+    captioned_clip(data, "a.mp4", frames=48, seed=1)
+    captioned_clip(data, "b.mp4", frames=48, seed=2)
+    run(tiny_config(data, cache))
     keys = sorted(e.key for e in Manifest.load(cache).live_entries())
 
     (data / "a.mp4").unlink()  # a vanished source keeps its samples
     (data / "b.mp4").write_bytes(b"not a video any more")
-    result = run(tiny(data, cache))  # no "Nothing usable" error: the cache still serves both samples
+    result = run(tiny_config(data, cache))  # no "Nothing usable" error: the cache still serves both samples
     assert (result.encoded, result.already_cached, dict(result.skipped)) == (0, 0, {"unreadable video": 1})
     assert sorted(e.key for e in Manifest.load(cache).live_entries()) == keys  # b's earlier sample is kept
     rows = [json.loads(line) for line in (cache / "skipped.jsonl").read_text().splitlines()]

@@ -31,6 +31,7 @@ from cogvx.sample import LORA_ADAPTER, SampleConfig, load_pipeline, plan_sample,
 from cogvx.shards import Manifest, ShardRecord, read_shard
 from cogvx.train.config import TrainConfig
 from cogvx.train.loop import run as train
+from tests.conftest import ROOT
 from tests.helpers.i2vcache import with_image_latents
 
 # tiny-i2v has learned position embeddings for its sample size (64x96) alone, as 5b-I2V has for 480x720.
@@ -234,9 +235,9 @@ def test_image_of_another_aspect_is_refused_and_a_near_one_resized(frame: Path, 
 
 def test_readme_i2v_quick_start_runs_as_written(tmp_path: Path, monkeypatch):
     """The README's image-to-video line, flag for flag, through the real `cogvx preprocess --image-latents`."""
-    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    readme = (ROOT / "README.md").read_text()
     [line] = [ln for ln in readme.splitlines() if ln.startswith("cogvx preprocess") and "--image-latents" in ln]
-    (tmp_path / "examples").symlink_to(Path(__file__).resolve().parents[2] / "examples")
+    (tmp_path / "examples").symlink_to(ROOT / "examples")
     monkeypatch.chdir(tmp_path)
     for command in line.split(" && "):
         args = shlex.split(command)

@@ -28,9 +28,7 @@ from cogvx.pipeline.speed.checkpointing import MODES
 from cogvx.train import evaluation
 from cogvx.train.config import TrainConfig
 from cogvx.train.loop import run as train
-from tests.conftest import CLIPS
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import CLIPS, ROOT
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ How close its numbers are to real peaks is measured on a GPU (BENCHMARKS.md sect
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -14,8 +13,9 @@ from hypothesis import strategies as st
 
 from cogvx.pipeline import memory
 from cogvx.pipeline.speed.checkpointing import MODES
+from tests.conftest import ROOT
 
-CONFIGS = Path(__file__).resolve().parents[2] / "bench" / "model-configs"
+CONFIGS = ROOT / "bench" / "model-configs"
 MODELS = {name: json.loads((CONFIGS / f"{name}.json").read_text())["transformer"] for name in
           ("CogVideoX-2b", "CogVideoX-5b", "CogVideoX1.5-5B")}  # fmt: skip
 

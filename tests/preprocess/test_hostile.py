@@ -27,7 +27,7 @@ from cogvx.preprocess.run import run
 from cogvx.preprocess.sources import MAX_CAPTION_CHARS, discover, find_sources, read_caption
 from cogvx.shards import Manifest, read_shard, verify
 from cogvx.shards.rebuild import read_indexed_shard
-from tests.preprocess.test_preprocess import make_clip, make_video, tiny
+from tests.helpers.preprocessing import captioned_clip, make_video, tiny_config
 
 CLI = CliRunner(env={"COLUMNS": "300"})
 
@@ -58,7 +58,7 @@ def _skipped(out: Path) -> dict[str, dict]:
 def five(tmp_path: Path) -> Path:
     data = tmp_path / "data"
     for i in range(5):
-        make_clip(data, f"c{i}.mp4", frames=15, seed=i)
+        captioned_clip(data, f"c{i}.mp4", frames=15, seed=i)
     return data
 
 
@@ -67,7 +67,7 @@ def five(tmp_path: Path) -> Path:
 
 def test_shards_without_a_manifest_are_refused_and_kept(five: Path, tmp_path: Path):
     out = tmp_path / "out"
-    run(tiny(five, out, shard_max_samples=2))
+    run(tiny_config(five, out, shard_max_samples=2))
     before = {p.name: p.read_bytes() for p in out.glob("*.tar")}
     (out / "manifest.json").unlink()
     done = _preprocess_cli(five, out)
@@ -78,19 +78,19 @@ def test_shards_without_a_manifest_are_refused_and_kept(five: Path, tmp_path: Pa
     assert len(before) == 3
     # The way out the message names: the rebuilt manifest makes the folder a cache this run adds to.
     assert CLI.invoke(app, ["shards", "rebuild-manifest", str(out)]).exit_code == 0
-    again = run(tiny(five, out, shard_max_samples=2))
+    again = run(tiny_config(five, out, shard_max_samples=2))
     assert (again.encoded, again.already_cached) == (0, 5)
 
 
 def test_a_complete_shard_no_manifest_lists_is_adopted_and_an_unreadable_one_set_aside(five: Path, tmp_path: Path):
     out = tmp_path / "out"
-    run(tiny(five, out, shard_max_samples=2))
+    run(tiny_config(five, out, shard_max_samples=2))
     manifest = Manifest.load(out)
     orphan = manifest.shards.pop()  # renamed into place just before a kill: the manifest never listed it
     manifest.save(out)
     orphan_bytes = (out / orphan.name).read_bytes()
     (out / "shard-r00-000042.tar").write_bytes(b"renamed into place, never listed, and not a tar")
-    result = run(tiny(five, out, shard_max_samples=2))
+    result = run(tiny_config(five, out, shard_max_samples=2))
     assert (result.encoded, result.already_cached) == (0, 5), "the orphan's clips are not encoded again"
     assert (out / orphan.name).read_bytes() == orphan_bytes
     assert orphan.name in {r.name for r in Manifest.load(out).shards}
@@ -99,17 +99,17 @@ def test_a_complete_shard_no_manifest_lists_is_adopted_and_an_unreadable_one_set
 
     # A complete shard made with other settings is not adopted, and not touched either.
     other = tmp_path / "other"
-    run(tiny(five, other, fps=12, shard_max_samples=5))
+    run(tiny_config(five, other, fps=12, shard_max_samples=5))
     foreign = (other / "shard-r00-000000.tar").read_bytes()
     (out / "shard-r00-000077.tar").write_bytes(foreign)
-    assert run(tiny(five, out, shard_max_samples=2)).already_cached == 5
+    assert run(tiny_config(five, out, shard_max_samples=2)).already_cached == 5
     assert (out / "shard-r00-000077.tar").read_bytes() == foreign
     assert "shard-r00-000077.tar" not in {r.name for r in Manifest.load(out).shards}
 
 
 def test_the_data_path_is_recorded_outside_the_parameters(five: Path, tmp_path: Path):
     out = tmp_path / "out"
-    run(tiny(five, out))
+    run(tiny_config(five, out))
     manifest = Manifest.load(out)
     assert manifest.producer["data"] == str(five.resolve())
     assert "data" not in manifest.params
@@ -132,7 +132,7 @@ def test_damaged_shards_are_set_aside_and_exactly_their_samples_encoded_again(fi
     from cogvx.train.loop import run as train
 
     out = tmp_path / "out"
-    run(tiny(five, out, shard_max_samples=1))
+    run(tiny_config(five, out, shard_max_samples=1))
     records = {r.samples[0].source: r for r in Manifest.load(out).shards}
     keys = {source: r.samples[0].key for source, r in records.items()}
     files = {r.name: (out / r.name).read_bytes() for r in records.values()}
@@ -145,14 +145,14 @@ def test_damaged_shards_are_set_aside_and_exactly_their_samples_encoded_again(fi
     (out / lost).unlink()
     (five / "c3.mp4").unlink()  # its samples cannot be made again
 
-    first = run(tiny(five, out, shard_max_samples=1))
+    first = run(tiny_config(five, out, shard_max_samples=1))
     assert (first.encoded, first.already_cached) == (2, 2), "the missing and the truncated shard's clips"
     assert sorted(first.dropped_shards) == sorted([deleted, truncated, lost])
     assert first.lost_sources == ["c3.mp4"]
     assert (out / f"{truncated}.damaged").read_bytes() == files[truncated][:-512], "set aside, not deleted"
     assert not (out / truncated).exists()
 
-    second = run(tiny(five, out, shard_max_samples=1, repair=True))  # only hashing finds the flipped byte
+    second = run(tiny_config(five, out, shard_max_samples=1, repair=True))  # only hashing finds the flipped byte
     assert (second.encoded, second.already_cached) == (1, 3)
     assert second.dropped_shards == [flipped] and second.lost_sources == []
     assert (out / f"{flipped}.damaged").read_bytes() == bytes(flip)
@@ -164,7 +164,7 @@ def test_damaged_shards_are_set_aside_and_exactly_their_samples_encoded_again(fi
     assert (out / untouched).read_bytes() == files[untouched], "a good shard is never rewritten"
     assert untouched in {r.name for r in Manifest.load(out).shards}
     assert verify(out, Manifest.load(out).shards) == []
-    assert run(tiny(five, out, shard_max_samples=1, repair=True)).encoded == 0, "repaired: nothing left to do"
+    assert run(tiny_config(five, out, shard_max_samples=1, repair=True)).encoded == 0, "repaired: nothing left to do"
 
     cfg = TrainConfig(shards=out, output=tmp_path / "run", max_steps=2, rank=4, mixed_precision="no", workers=0,
                       checkpoint_every=0)  # fmt: skip
@@ -175,7 +175,7 @@ def test_damaged_shards_are_set_aside_and_exactly_their_samples_encoded_again(fi
 
 def test_repair_through_the_cli_reports_the_lost_sources(five: Path, tmp_path: Path, caplog):
     out = tmp_path / "out"
-    run(tiny(five, out, shard_max_samples=1))
+    run(tiny_config(five, out, shard_max_samples=1))
     record = next(r for r in Manifest.load(out).shards if r.samples[0].source == "c2.mp4")
     (out / record.name).unlink()
     (five / "c2.mp4").unlink()
@@ -250,7 +250,7 @@ def test_captions_are_utf8_with_replacement_and_bounded():
 
 def test_hostile_folder_entries_are_listed_never_dropped_or_fatal(tmp_path: Path, caplog):
     data, out = tmp_path / "data", tmp_path / "out"
-    make_clip(data, "a.mp4", frames=15, seed=1)
+    captioned_clip(data, "a.mp4", frames=15, seed=1)
     os.link(data / "a.mp4", data / "b hardlink.mp4")
     (data / "b hardlink.txt").write_text("a ball")
     (data / "c symlink.mp4").symlink_to(data / "a.mp4")
@@ -266,7 +266,7 @@ def test_hostile_folder_entries_are_listed_never_dropped_or_fatal(tmp_path: Path
     (data / "sub").mkdir()
     (data / "sub" / "up").symlink_to("..")
     with caplog.at_level(logging.WARNING, logger="cogvx.preprocess"):
-        result = run(tiny(data, out))
+        result = run(tiny_config(data, out))
     skipped = _skipped(out)
     assert {source: row["reason"] for source, row in skipped.items()} == {
         "b hardlink.mp4": "duplicate",
@@ -295,27 +295,27 @@ def test_hostile_folder_entries_are_listed_never_dropped_or_fatal(tmp_path: Path
 
 def test_an_unchanged_size_and_mtime_is_trusted_without_reading_the_file(tmp_path: Path):
     data, out = tmp_path / "data", tmp_path / "out"
-    path = make_clip(data, "a.mp4", frames=15, seed=1)
-    make_clip(data, "b.mp4", frames=15, seed=2)
-    run(tiny(data, out))
+    path = captioned_clip(data, "a.mp4", frames=15, seed=1)
+    captioned_clip(data, "b.mp4", frames=15, seed=2)
+    run(tiny_config(data, out))
     stat = os.stat(path)
     content = bytearray(path.read_bytes())
     middle = len(content) // 2
     content[middle : middle + 64] = bytes(255 - b for b in content[middle : middle + 64])  # same size, other bytes
     path.write_bytes(bytes(content))
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert run(tiny(data, out)).already_cached == 2, "size and mtime equal: the file was not read"
+    assert run(tiny_config(data, out)).already_cached == 2, "size and mtime equal: the file was not read"
     os.utime(path)  # now the mtime differs: the file is read, and the change found (it no longer decodes)
-    changed = run(tiny(data, out))
+    changed = run(tiny_config(data, out))
     assert changed.already_cached == 1 and changed.encoded + sum(changed.skipped.values()) == 1
 
 
 def test_a_vanished_source_keeps_its_samples(five: Path, tmp_path: Path):
     out = tmp_path / "out"
-    run(tiny(five, out))
+    run(tiny_config(five, out))
     before = _samples(out)["c1.mp4"]
     (five / "c1.mp4").unlink()
-    result = run(tiny(five, out))
+    result = run(tiny_config(five, out))
     assert (result.encoded, result.already_cached) == (0, 4)
     after = _samples(out)
     assert len(after) == 5 and after["c1.mp4"].key == before.key
@@ -323,8 +323,8 @@ def test_a_vanished_source_keeps_its_samples(five: Path, tmp_path: Path):
 
 
 def test_vae_batch_above_one_gives_the_moments_of_one(five: Path, tmp_path: Path):
-    one = _samples_after(run(tiny(five, tmp_path / "one", vae_batch=1)), tmp_path / "one")
-    three = _samples_after(run(tiny(five, tmp_path / "three", vae_batch=3)), tmp_path / "three")
+    one = _samples_after(run(tiny_config(five, tmp_path / "one", vae_batch=1)), tmp_path / "one")
+    three = _samples_after(run(tiny_config(five, tmp_path / "three", vae_batch=3)), tmp_path / "three")
     assert sorted(one) == sorted(three) == [f"c{i}.mp4" for i in range(5)]
     for source, sample in one.items():
         assert sample.key == three[source].key
@@ -363,7 +363,7 @@ def _join(thread: threading.Thread) -> None:
 
 def test_a_second_concurrent_run_is_refused_with_one_line(five: Path, tmp_path: Path):
     out = tmp_path / "out"
-    first = _in_thread(lambda: run(tiny(five, out, shard_max_samples=1)))
+    first = _in_thread(lambda: run(tiny_config(five, out, shard_max_samples=1)))
     while not (out / "manifest.json").exists() and first.is_alive():
         time.sleep(0.001)  # the manifest is saved under the lock, before anything is encoded
     done = _preprocess_cli(five, out)
@@ -378,7 +378,7 @@ def test_a_second_concurrent_run_is_refused_with_one_line(five: Path, tmp_path: 
 def test_a_reader_polling_the_manifest_never_sees_it_change_under_it(five: Path, tmp_path: Path):
     """The manifest is replaced, never rewritten: a reader's open file stays the complete version it opened."""
     out = tmp_path / "out"
-    writer = _in_thread(lambda: run(tiny(five, out, shard_max_samples=1)))  # saved after each shard
+    writer = _in_thread(lambda: run(tiny_config(five, out, shard_max_samples=1)))  # saved after each shard
     opened, versions = [], set()
     while writer.is_alive():
         try:
@@ -427,21 +427,21 @@ def mount_tmpfs(tmp_path: Path):
 def test_a_full_disk_ends_with_one_line_and_leaves_a_valid_cache(tmp_path: Path, mount_tmpfs, per_shard: int):
     data = tmp_path / "data"
     for i in range(12):
-        make_clip(data, f"clip {i:02d}.mp4", frames=15, seed=i)
+        captioned_clip(data, f"clip {i:02d}.mp4", frames=15, seed=i)
     disk = mount_tmpfs("1m")
     out = disk / "out"
     ballast = disk / "ballast"
     free = shutil.disk_usage(disk).free
     ballast.write_bytes(b"\0" * (free - 160 * 1024))  # room for the manifest and a few 40 KB shards
     with pytest.raises(CacheError) as failed:
-        run(tiny(data, out, shard_max_samples=per_shard))
+        run(tiny_config(data, out, shard_max_samples=per_shard))
     line = str(failed.value)
     assert "\n" not in line and "No space left on the device" in line and str(out) in line and "Free some" in line
     assert not list(out.glob("*.tmp")) and not list(out.glob(".*.tmp")), "no temporary file is left"
     manifest = Manifest.load(out)  # still valid
     assert verify(out, manifest.shards) == []
     ballast.unlink()
-    again = run(tiny(data, out))
+    again = run(tiny_config(data, out))
     # A shard renamed into place when the manifest could no longer be saved is adopted, not encoded again.
     assert again.encoded + again.already_cached == 12 and again.already_cached >= manifest.sample_count
     assert len(_samples(out)) == 12
@@ -450,9 +450,9 @@ def test_a_full_disk_ends_with_one_line_and_leaves_a_valid_cache(tmp_path: Path,
 def test_a_read_only_cache_folder_ends_with_one_line(five: Path, tmp_path: Path, mount_tmpfs):
     disk = mount_tmpfs("4m")
     out = disk / "out"
-    run(tiny(five, out))
+    run(tiny_config(five, out))
     before = (out / "manifest.json").read_bytes()
-    make_clip(five, "new.mp4", frames=15, seed=9)
+    captioned_clip(five, "new.mp4", frames=15, seed=9)
     subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
     done = _preprocess_cli(five, out)
     assert done.exit_code == 1

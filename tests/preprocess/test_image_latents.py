@@ -36,8 +36,8 @@ from cogvx.preprocess.video import plan_frames, read_clip, read_first_frames
 from cogvx.shards import Manifest, read_shard, rebuild_manifest, verify
 from tests.conftest import ROOT, property_examples
 from tests.helpers.clipgen import frame_spec, make_clip, pyav_frames, sized
-from tests.preprocess.test_resume import _listed, _wait_for
-from tests.shards.test_hostile_cache import cli
+from tests.helpers.commands import cli
+from tests.helpers.processes import listed_shards, wait_for
 
 SETTINGS = dict(
     model="tiny", dtype="fp32", workers=0, frame_buckets=(5,), windows=2, resolutions=("32x48", "48x32"), flip=True
@@ -227,10 +227,10 @@ run(PreprocessConfig(data=sys.argv[1], output=sys.argv[2], image_latents=True, s
 def test_killed_while_adding_then_run_again(plain: Path, data: Path, made_with: Path, tmp_path: Path):
     out = tmp_path / "cache"
     shutil.copytree(plain, out)
-    listed = _listed(out)
+    listed = listed_shards(out)
     code = f"SETTINGS = {SETTINGS!r}\n{KILLED_RUN}"
     proc = subprocess.Popen([sys.executable, "-c", code, str(data), str(out)], stderr=subprocess.DEVNULL)
-    _wait_for(lambda: _listed(out) > listed, proc, timeout=120)
+    wait_for(lambda: listed_shards(out) > listed, proc, timeout=120)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     half = Manifest.load(out)

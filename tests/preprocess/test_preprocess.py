@@ -12,7 +12,6 @@ import os
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -24,38 +23,7 @@ from cogvx.preprocess.video import SkipClip, closest_resolution, plan_clip, plan
 from cogvx.shards import Manifest, read_shard, verify
 from tests.conftest import CLIPS, SEED_LAYOUT
 from tests.helpers.clipgen import frame_spec
-
-
-def make_video(path: Path, frames: int = 24, height: int = 64, width: int = 96, fps: int = 24, seed: int = 0) -> Path:
-    """A small H.264 clip whose content depends on ``seed`` (so two seeds give two different files)."""
-    import imageio.v2 as imageio
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    base = rng.integers(0, 255, size=3)
-    writer = imageio.get_writer(
-        str(path), format="FFMPEG", fps=fps, codec="libx264", macro_block_size=1, ffmpeg_log_level="error",
-        output_params=["-pix_fmt", "yuv420p"],
-    )  # fmt: skip
-    for i in range(frames):
-        frame = np.empty((height, width, 3), np.uint8)
-        frame[:] = (base + 7 * i) % 255
-        frame[:, (3 * i) % width :, 1] = 200
-        writer.append_data(frame)
-    writer.close()
-    return path
-
-
-def make_clip(folder: Path, name: str, caption: str | None = "a red ball", **video) -> Path:
-    path = make_video(folder / name, **video)
-    if caption is not None:
-        path.with_suffix(".txt").write_text(caption, encoding="utf-8")
-    return path
-
-
-def tiny(data: Path, output: Path, **overrides) -> PreprocessConfig:
-    values = {"model": "tiny", "dtype": "fp32", "workers": 0, "frame_buckets": (9,)} | overrides
-    return PreprocessConfig(data=data, output=output, **values)
+from tests.helpers.preprocessing import captioned_clip, make_video, tiny_config
 
 
 def live_samples(folder: Path) -> list:
@@ -181,8 +149,8 @@ def test_seed_layout_and_its_errors(tmp_path: Path):
 
 
 def test_id_token_is_prepended_with_a_space(tmp_path: Path):
-    make_clip(tmp_path / "data", "a.mp4", caption="a red ball")
-    run(tiny(tmp_path / "data", tmp_path / "out", id_token="TOK"))
+    captioned_clip(tmp_path / "data", "a.mp4", caption="a red ball")
+    run(tiny_config(tmp_path / "data", tmp_path / "out", id_token="TOK"))
     (sample,) = live_samples(tmp_path / "out")
     assert sample.meta["caption"] == "TOK a red ball"
 
@@ -190,7 +158,7 @@ def test_id_token_is_prepended_with_a_space(tmp_path: Path):
 def test_no_videos_is_a_clear_error(tmp_path: Path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(InputError, match="No videos found"):
-        run(tiny(tmp_path / "empty", tmp_path / "out"))
+        run(tiny_config(tmp_path / "empty", tmp_path / "out"))
 
 
 # --- bad input --------------------------------------------------------------------------------
@@ -200,10 +168,10 @@ def test_no_videos_is_a_clear_error(tmp_path: Path):
 def messy(tmp_path: Path) -> Path:
     """Every kind of bad input from the issue, beside a few good clips."""
     root = tmp_path / "messy"
-    make_clip(root, "good.mp4", seed=1)
-    make_clip(root, "nested/portrait.mp4", height=96, width=48, seed=2)
-    make_clip(root, "vidéo d'été 1.mp4", caption="a ball, été", seed=3)
-    make_clip(root, "long caption.mp4", caption=" ".join(["a red ball moves left"] * 60), seed=4)
+    captioned_clip(root, "good.mp4", seed=1)
+    captioned_clip(root, "nested/portrait.mp4", height=96, width=48, seed=2)
+    captioned_clip(root, "vidéo d'été 1.mp4", caption="a ball, été", seed=3)
+    captioned_clip(root, "long caption.mp4", caption=" ".join(["a red ball moves left"] * 60), seed=4)
     good = (root / "good.mp4").read_bytes()
     corrupt = bytearray(good)
     for i in range(len(good) // 3, len(good) // 3 + 400):
@@ -212,10 +180,10 @@ def messy(tmp_path: Path) -> Path:
                        ("text.mp4", b"this is not a video\n" * 20)]:  # fmt: skip
         (root / name).write_bytes(data)
         (root / name).with_suffix(".txt").write_text("a ball")
-    make_clip(root, "single frame.mp4", frames=1)
-    make_clip(root, "tiny8.mp4", height=8, width=8)
-    make_clip(root, "no caption.mp4", caption=None, seed=5)
-    make_clip(root, "empty caption.mp4", caption="  \n", seed=6)
+    captioned_clip(root, "single frame.mp4", frames=1)
+    captioned_clip(root, "tiny8.mp4", height=8, width=8)
+    captioned_clip(root, "no caption.mp4", caption=None, seed=5)
+    captioned_clip(root, "empty caption.mp4", caption="  \n", seed=6)
     return root
 
 
@@ -235,7 +203,7 @@ EXPECTED_SKIPS = {
 def test_bad_inputs_are_skipped_listed_and_counted(messy: Path, tmp_path: Path, caplog):
     out = tmp_path / "out"
     with caplog.at_level(logging.WARNING, logger="cogvx.preprocess"):
-        result = run(tiny(messy, out, workers=1))
+        result = run(tiny_config(messy, out, workers=1))
     skipped = {row["source"]: row for row in map(json.loads, (out / "skipped.jsonl").read_text().splitlines())}
     assert set(skipped) == set(EXPECTED_SKIPS)
     assert all(skipped[source]["reason"] in reasons for source, reasons in EXPECTED_SKIPS.items())
@@ -254,7 +222,7 @@ def test_bad_inputs_are_skipped_listed_and_counted(messy: Path, tmp_path: Path, 
 
 
 def test_the_timeline_says_where_the_time_went(tmp_path: Path):
-    result = run(tiny(CLIPS, tmp_path / "out", workers=1))
+    result = run(tiny_config(CLIPS, tmp_path / "out", workers=1))
     line = dict(result.timeline)
     assert 0 < line["encoders"] <= line["first_written"] <= line["encoded"] <= result.seconds
     other = dataclasses.replace(result.share(), timeline={"encoders": 1e6, "first_written": 0.0, "encoded": 2e6})
@@ -289,10 +257,10 @@ def test_cli_exit_code_is_nonzero_only_when_nothing_usable(messy: Path, tmp_path
 
 def test_buckets_windows_and_strips_in_the_cache(tmp_path: Path):
     data = tmp_path / "data"
-    make_clip(data, "wide.mp4", frames=60, seed=1)  # 20 frames at 8 fps: two 9-frame windows
-    make_clip(data, "tall.mp4", frames=30, height=96, width=64, seed=2)  # 10 frames: one window
+    captioned_clip(data, "wide.mp4", frames=60, seed=1)  # 20 frames at 8 fps: two 9-frame windows
+    captioned_clip(data, "tall.mp4", frames=30, height=96, width=64, seed=2)  # 10 frames: one window
     out = tmp_path / "out"
-    cfg = tiny(data, out, resolutions=("64x96", "96x64"), frame_buckets=(9, 17), windows=2)
+    cfg = tiny_config(data, out, resolutions=("64x96", "96x64"), frame_buckets=(9, 17), windows=2)
     result = run(cfg)
     assert result.encoded == 2 and result.samples == 2
     samples = live_samples(out)
@@ -303,7 +271,7 @@ def test_buckets_windows_and_strips_in_the_cache(tmp_path: Path):
     assert latent_frames == {"wide.mp4": 5, "tall.mp4": 3}  # (frames - 1) / 4 + 1
 
     out2 = tmp_path / "out2"
-    run(tiny(data, out2, resolutions=("64x96", "96x64"), frame_buckets=(9,), windows=2))
+    run(tiny_config(data, out2, resolutions=("64x96", "96x64"), frame_buckets=(9,), windows=2))
     wide = sorted((s for s in live_samples(out2) if s.meta["source"] == "wide.mp4"), key=lambda s: s.meta["window"])
     assert [s.meta["window"] for s in wide] == [0, 1]
     assert wide[0].meta["frame_indices"] == list(range(0, 27, 3)) and wide[1].meta["frame_indices"][-1] == 57
@@ -320,24 +288,24 @@ def test_buckets_windows_and_strips_in_the_cache(tmp_path: Path):
 def test_incremental_runs_encode_only_new_and_changed_clips(tmp_path: Path):
     data, out = tmp_path / "data", tmp_path / "out"
     for i in range(3):
-        make_clip(data, f"first/{i}.mp4", frames=15, seed=i)
-    assert run(tiny(data, out)).encoded == 3
+        captioned_clip(data, f"first/{i}.mp4", frames=15, seed=i)
+    assert run(tiny_config(data, out)).encoded == 3
     first = Manifest.load(out).shards
     first_bytes = {r.name: (out / r.name).read_bytes() for r in first}
 
-    again = run(tiny(data, out))
+    again = run(tiny_config(data, out))
     assert (again.encoded, again.already_cached) == (0, 3)
 
     for i in range(10):
-        make_clip(data, f"new/{i}.mp4", frames=15, seed=100 + i)
-    added = run(tiny(data, out))
+        captioned_clip(data, f"new/{i}.mp4", frames=15, seed=100 + i)
+    added = run(tiny_config(data, out))
     assert (added.encoded, added.already_cached) == (10, 3)
 
     # A changed video and a changed caption are encoded again; their old samples stop being served.
     make_video(data / "first" / "0.mp4", frames=15, seed=999)
     (data / "first" / "1.txt").write_text("a blue ball")
     os.utime(data / "first" / "2.mp4")  # touched, same content: not re-encoded
-    changed = run(tiny(data, out))
+    changed = run(tiny_config(data, out))
     assert (changed.encoded, changed.already_cached) == (2, 11)
     manifest = Manifest.load(out)
     assert manifest.sample_count == 13 and manifest.excluded_count == 2
@@ -349,7 +317,7 @@ def test_incremental_runs_encode_only_new_and_changed_clips(tmp_path: Path):
     all_old = list(read_shard(out, manifest.shards[0], include_excluded=True))
     assert len(all_old) == 3 and len(list(read_shard(out, manifest.shards[0]))) == 1
     assert verify(out, manifest.shards) == []
-    assert run(tiny(data, out)).encoded == 0
+    assert run(tiny_config(data, out)).encoded == 0
 
 
 def test_other_parameters_or_model_into_an_existing_cache_are_refused(tmp_path: Path):
@@ -358,16 +326,16 @@ def test_other_parameters_or_model_into_an_existing_cache_are_refused(tmp_path: 
     from cogvx.pipeline import models
 
     data, out = tmp_path / "data", tmp_path / "out"
-    make_clip(data, "a.mp4", frames=15)
-    run(tiny(data, out))
+    captioned_clip(data, "a.mp4", frames=15)
+    run(tiny_config(data, out))
     with pytest.raises(CacheError, match=r"fps differ.*new --output folder"):
-        run(tiny(data, out, fps=12))
+        run(tiny_config(data, out, fps=12))
     other = tmp_path / "other"
     shutil.copytree(models.resolve_model("tiny"), other)
     config = json.loads((other / "vae" / "config.json").read_text())
     config["latent_channels"] = 8
     AutoencoderKLCogVideoX.from_config(config).save_pretrained(other / "vae")
     with pytest.raises(CacheError, match="model encoders"):
-        run(tiny(data, out, model=str(other)))
+        run(tiny_config(data, out, model=str(other)))
     # tiny-2b shares tiny's VAE and text encoder, like the real 2b and 5b: the cache accepts it.
-    assert run(tiny(data, out, model="tiny-2b")).already_cached == 1
+    assert run(tiny_config(data, out, model="tiny-2b")).already_cached == 1

@@ -23,15 +23,14 @@ import pytest
 from cogvx.preprocess import remote
 from cogvx.preprocess.run import run
 from cogvx.shards import Manifest, read_shard, verify
-from tests.helpers.s3server import s3_fixture  # noqa: F401 -- the fixture s3: moto's server on localhost, and a bucket
-from tests.preprocess.test_preprocess import make_clip, tiny
+from tests.helpers.preprocessing import captioned_clip, tiny_config
 
 TRAIN = dict(max_steps=2, rank=4, alpha=4, mixed_precision="fp32", checkpoint_every=0, seed=3, workers=0)
 
 
 def _clips(folder: Path, count: int, start: int = 0) -> Path:
     for i in range(start, start + count):
-        make_clip(folder, f"clip {i:02d}.mp4", frames=15, seed=i)
+        captioned_clip(folder, f"clip {i:02d}.mp4", frames=15, seed=i)
     return folder
 
 
@@ -101,7 +100,7 @@ def test_two_ranks_killed_while_uploading_then_rerun_then_repaired_then_trained_
     assert json.loads(s3.get("manifest.json"))["shards"] == [], "the start published the empty manifest, no more"
     assert any(n.startswith(".parts/shards.r") for n in names) and ".lock" in names, names
 
-    result = run(tiny(data, s3, shard_max_samples=1))  # the lock's owner is gone: taken over at once
+    result = run(tiny_config(data, s3, shard_max_samples=1))  # the lock's owner is gone: taken over at once
     assert result.already_cached >= len(uploaded), "shards in the bucket before the kill are listed, not redone"
     assert result.encoded + result.already_cached == 4
     assert _sources_once(s3, tmp_path / "after") == [f"clip {i:02d}.mp4" for i in range(4)]
@@ -116,7 +115,7 @@ def test_two_ranks_killed_while_uploading_then_rerun_then_repaired_then_trained_
     raw = bytearray(s3.get(tampered))
     raw[len(raw) // 2] ^= 0xFF
     s3.put(tampered, bytes(raw))
-    repaired = run(tiny(data, s3, shard_max_samples=1, repair=True))
+    repaired = run(tiny_config(data, s3, shard_max_samples=1, repair=True))
     assert repaired.dropped_shards == [tampered]
     assert (repaired.encoded, repaired.already_cached) == (2, 3), "only the new clip and the damaged one's"
     assert s3.get(tampered + ".damaged") == bytes(raw)
@@ -168,7 +167,7 @@ def test_a_live_lock_refuses_a_second_writer_and_a_dead_or_silent_one_does_not(s
     live = {"host": socket.gethostname(), "pid": os.getpid(), "token": "other", "started": now, "renewed": now}
     s3.put(".lock", json.dumps(live).encode())
     with pytest.raises(CacheError, match=r"Another `cogvx preprocess` .* delete s3://.*/\.lock"):
-        run(tiny(tmp_path, s3))
+        run(tiny_config(tmp_path, s3))
     assert s3.names() == [".lock"], "a refused run writes nothing"
     assert json.loads(s3.get(".lock"))["token"] == "other", "nor takes the lock"
 

@@ -25,8 +25,7 @@ from hypothesis import strategies as st
 
 from cogvx.shards import Manifest
 from tests.conftest import property_examples
-from tests.helpers.s3server import s3_fixture  # noqa: F401 -- the fixture s3: moto's server on localhost, and a bucket
-from tests.preprocess.test_preprocess import make_clip
+from tests.helpers.preprocessing import captioned_clip
 
 CLIPS = 2  # one clip a shard. Writes: the lock, the start's manifest, a record and a shard per clip,
 WRITES = 2 + 2 * CLIPS + 4  # skipped.jsonl, the manifest, the part record's deletion, the lock's deletion
@@ -97,7 +96,7 @@ def launcher(s3, tmp_path: Path):
     """``launch(data, url, kill_before)``: a real preprocess process, killed just before its ``kill_before``-th
     write to the bucket (never for 0, or when it makes fewer); its exit status (-9 when killed) and counts."""
     warm = tmp_path / "warm"
-    make_clip(warm / "data", "clip.mp4", frames=15)
+    captioned_clip(warm / "data", "clip.mp4", frames=15)
     script = tmp_path / "launcher.py"
     script.write_text(LAUNCHER)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -175,7 +174,7 @@ def test_killed_at_any_write_then_run_again_every_clip_once_and_nothing_publishe
     data = tmp_path / "data"
     if not data.exists():
         for i in range(CLIPS):
-            make_clip(data, f"clip {i}.mp4", frames=15, seed=i)
+            captioned_clip(data, f"clip {i}.mp4", frames=15, seed=i)
     case = tmp_path / uuid.uuid4().hex[:8]
     bucket = Bucket(s3, case.name)
     published: dict[str, str] = {}  # every shard a killed run left in the bucket: its sha256
@@ -204,7 +203,7 @@ def test_new_validation_prompts_killed_while_published_never_leave_a_manifest_na
     """The manifest names the validation prompts file with its sha256, and one PUT replaces one object: a run
     with new prompts publishes the manifest without them, then the file, then the manifest with them."""
     data = tmp_path / "data"
-    make_clip(data, "clip 0.mp4", frames=15)
+    captioned_clip(data, "clip 0.mp4", frames=15)
     bucket = Bucket(s3, "prompts")
     assert launcher(data, bucket.url, 0, validation_prompts=["a red disc"])[0] == 0
     # Writes of a run with new prompts and no new clip: 1 the lock, 2 the manifest (start), 3 skipped.jsonl,

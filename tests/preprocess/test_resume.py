@@ -13,7 +13,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,8 +20,8 @@ import pytest
 from cogvx.preprocess.run import run
 from cogvx.shards import Manifest, read_shard, verify
 from tests.conftest import run_launcher
-from tests.preprocess.test_preprocess import make_clip, tiny
-from tests.train.test_interrupt import ENV, interrupt_when, interrupted_rows, start
+from tests.helpers.preprocessing import captioned_clip, tiny_config
+from tests.helpers.processes import ENV, interrupt_when, interrupted_rows, listed_shards, start, wait_for
 
 CLIP_COUNT = 12
 
@@ -31,7 +30,7 @@ CLIP_COUNT = 12
 def twelve(tmp_path: Path) -> Path:
     data = tmp_path / "data"
     for i in range(CLIP_COUNT):
-        make_clip(data, f"clip {i:02d}.mp4", frames=15, seed=i)
+        captioned_clip(data, f"clip {i:02d}.mp4", frames=15, seed=i)
     return data
 
 
@@ -53,22 +52,6 @@ def _spawn(data: Path, out: Path) -> subprocess.Popen:
         " frame_buckets=(9,), shard_max_samples=2))\n"
     )
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def _wait_for(condition, proc: subprocess.Popen, timeout: float = 60.0) -> None:
-    deadline = time.time() + timeout
-    while not condition():
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            pytest.fail("the run ended (or hung) before the moment this test kills it at")
-        time.sleep(0.005)
-
-
-def _listed(out: Path) -> int:
-    try:
-        return len(json.loads((out / "manifest.json").read_text())["shards"])
-    except (FileNotFoundError, json.JSONDecodeError, KeyError):
-        return 0
 
 
 # Injected into both ranks (as sitecustomize): rank 1 pauses right after it first finds no manifest.json,
@@ -119,9 +102,9 @@ def test_kill_9_then_rerun_gives_every_clip_exactly_once(twelve: Path, tmp_path:
     out = tmp_path / "out"
     proc = _spawn(twelve, out)
     if moment == "first shard half written":
-        _wait_for(lambda: any(out.glob("*.tar.tmp")), proc)
+        wait_for(lambda: any(out.glob("*.tar.tmp")), proc)
     else:
-        _wait_for(lambda: _listed(out) >= 2, proc)
+        wait_for(lambda: listed_shards(out) >= 2, proc)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait() == -signal.SIGKILL
     before = Manifest.load(out).sample_count if (out / "manifest.json").exists() else 0
@@ -129,7 +112,7 @@ def test_kill_9_then_rerun_gives_every_clip_exactly_once(twelve: Path, tmp_path:
     if before:
         assert verify(out, Manifest.load(out).shards) == [], "what a killed run left listed must be whole"
 
-    result = run(tiny(twelve, out, shard_max_samples=2))
+    result = run(tiny_config(twelve, out, shard_max_samples=2))
     assert result.encoded == CLIP_COUNT - before and result.already_cached == before
     assert _sources_once(out) == sorted(f"clip {i:02d}.mp4" for i in range(CLIP_COUNT))
 
@@ -163,7 +146,7 @@ def test_torchrun_two_ranks_write_their_own_shards_and_one_manifest(twelve: Path
     assert "encoded now" in done.stderr and "12 clips" in done.stderr, "rank 0 prints the totals of all ranks"
     assert "on 2 ranks" in done.stderr and "loading the encoders" in done.stderr
 
-    again = run(tiny(twelve, out))
+    again = run(tiny_config(twelve, out))
     assert (again.encoded, again.already_cached) == (0, CLIP_COUNT)
 
 
@@ -174,14 +157,14 @@ def test_shards_a_killed_rank_finished_are_adopted_not_encoded_again(twelve: Pat
     from cogvx.shards import write_json_atomic
 
     out = tmp_path / "out"
-    run(tiny(twelve, out, shard_max_samples=5))
+    run(tiny_config(twelve, out, shard_max_samples=5))
     manifest = Manifest.load(out)
     records, manifest.shards = manifest.shards, []
     manifest.save(out)
     write_json_atomic(out / ".parts" / "shards.r01.json", [asdict(r) for r in records])
     (out / "shard-r01-000099.tar").write_bytes(b"renamed into place, never listed")  # unreadable: set aside
     (out / "shard-r01-000100.tar.tmp").write_bytes(b"half written")  # never complete: deleted
-    result = run(tiny(twelve, out, shard_max_samples=5))
+    result = run(tiny_config(twelve, out, shard_max_samples=5))
     assert (result.encoded, result.already_cached) == (0, CLIP_COUNT)
     assert _sources_once(out) == sorted(f"clip {i:02d}.mp4" for i in range(CLIP_COUNT))
     assert (out / "shard-r01-000099.tar.damaged").read_bytes() == b"renamed into place, never listed"

@@ -19,7 +19,6 @@ from typer.testing import CliRunner
 
 from cogvx.cli import app
 from cogvx.shards import Manifest
-from tests.helpers.s3server import http_server_fixture  # noqa: F401 -- the fixture http_server
 
 TRAIN = dict(max_steps=1, rank=4, alpha=4, mixed_precision="fp32", checkpoint_every=0, seed=3, shuffle_buffer=2)
 

@@ -23,7 +23,6 @@ from cogvx.shards.store import LocalStore, Mismatch, display, is_remote, open_st
 from cogvx.train.config import TrainConfig
 from cogvx.train.loop import run as train
 from tests.conftest import CLIPS
-from tests.helpers.s3server import http_server_fixture, s3_fixture  # noqa: F401 -- the fixtures s3 and http_server
 
 # A small shuffle buffer: a stream without --cache-dir fetches a shard per draw, and the buffer fills first.
 STEPS = dict(max_steps=3, rank=4, alpha=4, learning_rate=1e-2, mixed_precision="fp32", checkpoint_every=0, seed=3,

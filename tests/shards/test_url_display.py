@@ -18,8 +18,7 @@ from cogvx.cli import app
 from cogvx.shards import Manifest
 from cogvx.shards.store import display, join
 from tests.conftest import property_examples
-from tests.helpers.s3server import http_server_fixture, s3_fixture  # noqa: F401 -- the fixtures s3 and http_server
-from tests.preprocess.test_preprocess import make_clip
+from tests.helpers.preprocessing import captioned_clip
 
 SECRET = "cogvx-url-secret-7f3a"
 TRAIN = dict(max_steps=1, rank=4, alpha=4, mixed_precision="fp32", checkpoint_every=0, seed=3, shuffle_buffer=2)
@@ -108,7 +107,7 @@ def test_inspect_verify_and_train_from_a_url_with_a_password_and_a_token_show_ne
 
 def test_preprocess_refuses_a_bucket_url_whose_secret_would_name_the_objects(s3, tmp_path: Path, capfd):
     data = tmp_path / "data"
-    make_clip(data, "clip.mp4", frames=15)
+    captioned_clip(data, "clip.mp4", frames=15)
     runner = CliRunner()
     bucket_root = f"s3://{s3.bucket}"
     for url in (f"{s3}?token={SECRET}", f"s3://reader:{SECRET}@{s3.bucket}/{s3.prefix}"):

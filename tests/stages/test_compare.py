@@ -20,8 +20,7 @@ from cogvx.render import RenderConfig, run_render
 from cogvx.train.config import TrainConfig
 from cogvx.train.loop import run as train
 from tests.helpers.browser import Elements, Tables, dump_dom
-from tests.helpers.s3server import s3_fixture  # noqa: F401 -- the fixture s3: moto's server on localhost, and a bucket
-from tests.stages.test_render import PROMPTS, make_validation
+from tests.helpers.runfolders import PROMPTS, make_validation
 
 HELD_OUT = "9f2c4e1ab37d" * 5 + "abcd"  # a held-out set's identity hash, as eval rows carry it
 BASE = 0.9  # the base model's held-out loss (LoRA scale 0)

@@ -13,47 +13,11 @@ from typer.testing import CliRunner
 
 from cogvx.cli import app
 from cogvx.errors import ModelError, RunError
-from cogvx.media import to_uint8
 from cogvx.pipeline import models
 from cogvx.pipeline.decode import decode_latents
 from cogvx.render import RenderConfig, run_render
 from cogvx.runs import read_validation_sample
-
-PROMPTS = ("a red ball bounces", "a blue box & <b>bold</b> slides left")
-SIZE = {"num_frames": 9, "height": 32, "width": 64}
-
-
-def make_validation(run: Path, model: str = "tiny", steps: tuple[int, ...] = (2, 4), prompts=PROMPTS) -> dict:
-    """Validation files as training writes them (the issue-4 contract), made with the diffusers pipeline.
-
-    Returns {(step, k): frames the pipeline itself decodes from the same seed}, to compare decoding with.
-    """
-    from diffusers import CogVideoXPipeline
-    from safetensors.torch import save_file
-
-    pipe = CogVideoXPipeline.from_pretrained(models.resolve_model(model), torch_dtype=torch.float32)
-    pipe.set_progress_bar_config(disable=True)
-    expected = {}
-    for step in steps:
-        folder = run / "validation" / f"step-{step:06d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        for k, prompt in enumerate(prompts):
-            seed = 100 * step + k
-            call = {"num_inference_steps": 2, "guidance_scale": 6.0, **SIZE}
-            latents = pipe(prompt, generator=torch.Generator().manual_seed(seed), output_type="latent", **call).frames
-            pixels = pipe(prompt, generator=torch.Generator().manual_seed(seed), output_type="np", **call).frames
-            expected[step, k] = to_uint8(np.asarray(pixels[0]))
-            meta = {
-                "prompt": prompt, "seed": seed, "step": step, "model": model, "guidance_scale": 6.0,
-                "num_inference_steps": 2, **SIZE, "scaling_factor": pipe.vae.config.scaling_factor,
-            }  # fmt: skip
-            # Training stores JSON-encoded strings; render must read them (plain strings too).
-            save_file(
-                {"latents": latents.contiguous()},
-                folder / f"sample-{k:02d}.safetensors",
-                metadata={key: json.dumps(value) for key, value in meta.items()},
-            )
-    return expected
+from tests.helpers.runfolders import PROMPTS, make_validation
 
 
 def read_video(path: Path) -> np.ndarray:

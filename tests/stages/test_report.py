@@ -18,8 +18,7 @@ from cogvx.report import run as write_report
 from cogvx.shards import Manifest, read_shard
 from tests.conftest import CLIPS
 from tests.helpers.browser import Elements, KeyValueTables, dump_dom
-from tests.stages.test_render import PROMPTS, make_validation
-from tests.stages.test_sample import train_lora
+from tests.helpers.runfolders import PROMPTS, make_validation, train_lora
 
 
 def smoothed(values: list[float], weight: float = 0.9) -> float:

@@ -18,20 +18,10 @@ from cogvx.errors import ConfigError, ModelError, RunError
 from cogvx.media import VideoWriteError, to_uint8
 from cogvx.pipeline import models
 from cogvx.sample import LORA_ADAPTER, SampleConfig, load_pipeline, plan_sample, run_sample
-from cogvx.train.config import TrainConfig
-from cogvx.train.loop import run as train
+from tests.helpers.runfolders import train_lora
 
 # Tiny requests keep every pipeline call well under a second on a CPU.
 FAST = {"steps": 2, "frames": 9, "height": 32, "width": 64}
-
-
-def train_lora(shards: Path, output: Path, model: str | None = None, steps: int = 3) -> Path:
-    cfg = TrainConfig(
-        shards=shards, output=output, model=model, max_steps=steps, rank=4, learning_rate=1e-2,
-        mixed_precision="no", workers=0, checkpoint_every=0,
-    )  # fmt: skip
-    train(cfg)
-    return output
 
 
 @pytest.fixture(scope="module")

@@ -27,9 +27,8 @@ from cogvx.train.config import PRECISIONS, SCHEDULES, TrainConfig
 from cogvx.train.launch import ACCELERATE_PRECISION
 from cogvx.train.loop import run as train
 from cogvx.train.step import build_optimizer, build_schedule
-from tests.conftest import CLIPS
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import CLIPS, ROOT
+from tests.helpers.training import tiny_15
 
 
 def _config(shards: Path, output: Path, **overrides) -> TrainConfig:
@@ -60,20 +59,8 @@ def test_a_2b_cache_trains_the_5b_style_model_with_its_own_scaling(tiny_cache: P
     assert (tmp_path / "c" / "pytorch_lora_weights.safetensors").is_file()
 
 
-def _tiny_15(folder: Path) -> Path:
-    """tiny with a CogVideoX 1.5-style transformer: two latent frames per token (patch_size_t=2)."""
-    from diffusers import CogVideoXTransformer3DModel
-
-    shutil.copytree(models.resolve_model("tiny"), folder)
-    config = json.loads((folder / "transformer" / "config.json").read_text())
-    config.update(patch_size_t=2, patch_bias=False, sample_frames=81)
-    torch.manual_seed(3)
-    CogVideoXTransformer3DModel.from_config(config).save_pretrained(folder / "transformer")
-    return folder
-
-
 def test_cogvideox_15_style_transformer_trains_and_validates(tiny_cache: Path, tmp_path: Path):
-    model = _tiny_15(tmp_path / "tiny-15")
+    model = tiny_15(tmp_path / "tiny-15")
     cfg = _config(
         tiny_cache, tmp_path / "run", model=str(model), validation_every=3, validation_steps=2, validation_frames=9
     )

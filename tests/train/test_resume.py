@@ -10,8 +10,6 @@ from __future__ import annotations
 import io
 import json
 import signal
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
@@ -21,35 +19,12 @@ from safetensors.torch import load as load_tensors
 from safetensors.torch import load_file
 from safetensors.torch import save as save_tensors
 
-from cogvx import config as configfile
 from cogvx.errors import RunError
 from cogvx.runs import read_metrics
 from cogvx.shards import Manifest
-from cogvx.train.config import TrainConfig
 from cogvx.train.loop import run as train
 from cogvx.train.step import TrainingDiverged
-
-
-class Stop(Exception):
-    pass
-
-
-def _config(shards: Path, output: Path, **overrides) -> TrainConfig:
-    # Dropout, warm-up and a cosine schedule make every piece of state matter for the next step's loss.
-    settings = dict(
-        shards=shards, output=output, max_steps=6, rank=4, alpha=8, lora_dropout=0.1, learning_rate=5e-3,
-        lr_scheduler="cosine", lr_warmup_steps=2, mixed_precision="no", workers=0, checkpoint_every=2,
-        keep_checkpoints=2, shuffle_buffer=4,
-    )  # fmt: skip
-    return TrainConfig(**(settings | overrides))
-
-
-def _stop_after(step: int):
-    def hook(record):
-        if record["step"] == step:
-            raise Stop
-
-    return hook
+from tests.helpers.training import Stop, resume_config, stop_after, train_until_killed
 
 
 def _metric_steps(output: Path) -> list[int]:
@@ -65,7 +40,7 @@ def reference(tiny_cache: Path, tmp_path_factory):
         key = tuple(sorted(overrides.items()))
         if key not in runs:
             output = tmp_path_factory.mktemp("reference")
-            runs[key] = (train(_config(tiny_cache, output, **overrides)), output)
+            runs[key] = (train(resume_config(tiny_cache, output, **overrides)), output)
         return runs[key]
 
     return get
@@ -81,12 +56,12 @@ def test_resume_after_an_exception_repeats_the_uninterrupted_run(data, reference
     assert len(set(full.losses)) == len(full.losses) == 6
 
     with pytest.raises(Stop):
-        train(_config(tiny_cache, tmp_path, **data), on_step=_stop_after(3))
+        train(resume_config(tiny_cache, tmp_path, **data), on_step=stop_after(3))
     assert [p.name for p in sorted(tmp_path.glob("checkpoint-*"))] == ["checkpoint-000002"]
     assert _metric_steps(tmp_path) == [1, 2, 3]
     assert not (tmp_path / "pytorch_lora_weights.safetensors").exists()
 
-    resumed = train(_config(tiny_cache, tmp_path, resume="auto", **data))
+    resumed = train(resume_config(tiny_cache, tmp_path, resume="auto", **data))
     assert resumed.resumed_from == 2
     assert resumed.losses == full.losses[2:]  # exactly: same data, noise, dropout, optimizer and LR state
     records = read_metrics(tmp_path)
@@ -98,52 +73,9 @@ def test_resume_after_an_exception_repeats_the_uninterrupted_run(data, reference
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
     # --keep-checkpoints 2, and a final checkpoint: resuming a finished run trains nothing more.
     assert [p.name for p in sorted(tmp_path.glob("checkpoint-*"))] == ["checkpoint-000004", "checkpoint-000006"]
-    again = train(_config(tiny_cache, tmp_path, resume="auto", **data))
+    again = train(resume_config(tiny_cache, tmp_path, resume="auto", **data))
     assert again.resumed_from == 6 and again.losses == []
     assert _metric_steps(tmp_path) == [1, 2, 3, 4, 5, 6]
-
-
-# A run in its own process that SIGKILLs itself at a chosen point: after step N ("step", N) or at the
-# N-th durable write into the run folder ("write", N: each fsync or rename there, counted before it
-# happens), which lands inside a checkpoint write. The kill is the real signal: no cleanup runs.
-_KILLED_RUN = """
-import os, signal, sys
-from cogvx import config as configfile
-from cogvx.train.config import TrainConfig
-from cogvx.train.loop import run
-
-cfg = configfile.build(TrainConfig, sys.argv[1])
-kind, at = sys.argv[2], int(sys.argv[3])
-folder = os.path.realpath(cfg.output)
-writes = [0]
-
-def die():
-    os.kill(os.getpid(), signal.SIGKILL)
-
-def counted(real, path_of):
-    def call(*args, **kwargs):
-        path = os.path.realpath(path_of(*args))
-        if path == folder or path.startswith(folder + os.sep):
-            writes[0] += 1
-            if kind == "write" and writes[0] == at:
-                die()
-        return real(*args, **kwargs)
-    return call
-
-os.fsync = counted(os.fsync, lambda fd: os.readlink(f"/proc/self/fd/{fd}"))
-os.replace = counted(os.replace, lambda source, target: source)
-run(cfg, on_step=lambda record: die() if kind == "step" and record["step"] == at else None)
-"""
-
-
-def train_until_killed(cfg: TrainConfig, kind: str, at: int, folder: Path) -> int:
-    """Run ``cfg`` in a child process that SIGKILLs itself at ("step"|"write", at); its return code."""
-    (folder / "killed.toml").write_text(configfile.to_toml(cfg))
-    (folder / "killed.py").write_text(_KILLED_RUN)
-    command = [sys.executable, str(folder / "killed.py"), str(folder / "killed.toml"), kind, str(at)]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode in (0, -signal.SIGKILL), done.stderr[-3000:]
-    return done.returncode
 
 
 def test_resume_after_sigkill_in_the_middle_of_a_checkpoint_write(reference, tiny_cache: Path, tmp_path: Path):
@@ -153,7 +85,7 @@ def test_resume_after_sigkill_in_the_middle_of_a_checkpoint_write(reference, tin
     output = tmp_path / "run"
     # checkpoint-000003 takes durable writes 1-7 (4 files, the staging folder, the rename, the run
     # folder); write 13 is checkpoint-000006's rename: its staging folder is complete, not yet in place.
-    assert train_until_killed(_config(tiny_cache, output, **data), "write", 13, tmp_path) == -signal.SIGKILL
+    assert train_until_killed(resume_config(tiny_cache, output, **data), "write", 13, tmp_path) == -signal.SIGKILL
     assert [p.name for p in output.glob("checkpoint-*")] == ["checkpoint-000003"]
     (staging,) = output.glob(".checkpoint-000006.*.partial")
     assert sorted(p.name for p in staging.iterdir()) == ["lora.safetensors", "lr_schedule.pt", "optimizer.pt",
@@ -164,7 +96,7 @@ def test_resume_after_sigkill_in_the_middle_of_a_checkpoint_write(reference, tin
     with open(output / "metrics.jsonl", "a") as f:
         f.write('{"step": 7, "loss": 0.')
 
-    resumed = train(_config(tiny_cache, output, resume="auto", **data))
+    resumed = train(resume_config(tiny_cache, output, resume="auto", **data))
     assert resumed.resumed_from == 3
     assert resumed.losses == pytest.approx(full.losses[3:], rel=1e-6, abs=0)
     records = read_metrics(output)
@@ -174,12 +106,12 @@ def test_resume_after_sigkill_in_the_middle_of_a_checkpoint_write(reference, tin
 
 
 def test_resume_with_other_data_settings_warns_that_the_order_changes(tiny_cache: Path, tmp_path: Path, capsys):
-    train(_config(tiny_cache, tmp_path, max_steps=2))
+    train(resume_config(tiny_cache, tmp_path, max_steps=2))
     capsys.readouterr()
-    train(_config(tiny_cache, tmp_path, max_steps=3, resume="auto"))
+    train(resume_config(tiny_cache, tmp_path, max_steps=3, resume="auto"))
     assert "[warning]" not in capsys.readouterr().out  # same settings: no warning
 
-    train(_config(tiny_cache, tmp_path, max_steps=4, resume="auto", seed=1, workers=2))
+    train(resume_config(tiny_cache, tmp_path, max_steps=4, resume="auto", seed=1, workers=2))
     out = capsys.readouterr().out
     (line,) = [line for line in out.splitlines() if "[warning]" in line]
     assert str(tmp_path / "checkpoint-000003") in line
@@ -229,7 +161,7 @@ def test_a_non_finite_loss_stops_the_run_and_writes_no_non_finite_weights(refere
 
     output = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match=rf"step {first}\b.*loss (nan|inf).*{key}.*learning-rate"):
-        train(_config(cache, output, checkpoint_every=1, keep_checkpoints=10))
+        train(resume_config(cache, output, checkpoint_every=1, keep_checkpoints=10))
     assert _metric_steps(output) == list(range(1, first))
     assert not (output / "pytorch_lora_weights.safetensors").exists()
     saved = sorted(output.glob("checkpoint-*"))
@@ -241,8 +173,8 @@ def test_a_non_finite_loss_stops_the_run_and_writes_no_non_finite_weights(refere
 
 
 def test_a_new_run_refuses_a_folder_with_checkpoints(tiny_cache: Path, tmp_path: Path):
-    train(_config(tiny_cache, tmp_path, max_steps=2))
+    train(resume_config(tiny_cache, tmp_path, max_steps=2))
     with pytest.raises(RunError, match=r"already holds a run \(.*checkpoint-000002\).*--resume auto"):
-        train(_config(tiny_cache, tmp_path, max_steps=2))
+        train(resume_config(tiny_cache, tmp_path, max_steps=2))
     with pytest.raises(RunError, match="not a complete cogvx checkpoint"):
-        train(_config(tiny_cache, tmp_path, resume=str(tmp_path / "nowhere")))
+        train(resume_config(tiny_cache, tmp_path, resume=str(tmp_path / "nowhere")))

@@ -25,7 +25,7 @@ from cogvx.shards import Manifest
 from cogvx.train.data import ShardStream, make_loader
 from cogvx.train.loop import run as train
 from tests.conftest import property_examples
-from tests.train.test_resume import Stop, _config, _stop_after, train_until_killed
+from tests.helpers.training import Stop, resume_config, stop_after, train_until_killed
 
 # 3 workers on a 2-core machine are a tested setting here, not a mistake torch needs to warn about.
 pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")
@@ -64,7 +64,7 @@ def _reference(cache: Path, data: dict, folders) -> list[dict]:
     key = tuple(sorted(data.items()))
     if key not in _references:
         output = folders.mktemp("reference")
-        train(_config(cache, output, **data))
+        train(resume_config(cache, output, **data))
         _references[key] = read_metrics(output)
     return _references[key]
 
@@ -98,14 +98,14 @@ def test_a_run_interrupted_anywhere_resumes_to_the_uninterrupted_losses(tiny_cac
     full = _reference(tiny_cache, data, tmp_path_factory)
     with tempfile.TemporaryDirectory(prefix="interrupted-") as folder:
         output = Path(folder) / "run"
-        cfg = _config(tiny_cache, output, **data)
+        cfg = resume_config(tiny_cache, output, **data)
         if how == "exception":
             with pytest.raises(Stop):
-                train(cfg, on_step=_stop_after(at))
+                train(cfg, on_step=stop_after(at))
         else:
             code = train_until_killed(cfg, "step" if how == "sigkill" else "write", at, Path(folder))
             assert code == -signal.SIGKILL
-        train(_config(tiny_cache, output, resume="auto", **data))
+        train(resume_config(tiny_cache, output, resume="auto", **data))
 
         records = read_metrics(output)
         assert [r["step"] for r in records] == [r["step"] for r in full]

@@ -20,7 +20,7 @@ from cogvx.runs import read_metrics
 from cogvx.train.config import TrainConfig
 from cogvx.train.loop import run as train
 from tests.conftest import CLIPS
-from tests.train.test_options import _tiny_15
+from tests.helpers.training import tiny_15
 
 PROMPTS = ("a red disc moves left", "a white square moves up")
 
@@ -29,7 +29,7 @@ PROMPTS = ("a red disc moves left", "a white square moves up")
 def test_sampler_equals_the_diffusers_pipeline(variant: str, tmp_path: Path):
     from diffusers import CogVideoXPipeline
 
-    source = str(_tiny_15(tmp_path / "m")) if variant == "tiny-15" else models.resolve_model(variant)
+    source = str(tiny_15(tmp_path / "m")) if variant == "tiny-15" else models.resolve_model(variant)
     transformer = models.load_transformer(source, torch.float32)
     scheduler = models.load_scheduler(source)
     g = torch.Generator().manual_seed(0)

@@ -24,6 +24,10 @@ settings.register_profile(
 )
 settings.load_profile("cogvx")
 
+# The fixtures ``s3`` (moto's S3 server on localhost, and a bucket) and ``http_server`` (a static web server),
+# for every test that asks for them; they import boto3 and moto only when one does.
+pytest_plugins = ["tests.helpers.s3server"]
+
 
 def property_examples(ci: int) -> int:
     """Cases for one property: ``ci`` by default, COGVX_PROPERTY_EXAMPLES when that is set."""

@@ -4,7 +4,7 @@
 a URL a ``remote.RemoteTarget`` (a private staging folder per rank, mirrored to the store). Both run the
 same local machinery in ``target.folder`` (shards written as ``.tar.tmp`` and renamed, part records,
 merging); the target adds what differs: locks, recovery, publishing. The stages call the protocol and
-never ask which target they hold (``tests/test_structure.py`` checks it).
+never ask which target they hold (``tests/cli/test_structure.py`` checks it).
 """
 
 from __future__ import annotations

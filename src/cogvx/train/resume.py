@@ -13,7 +13,7 @@ settings, model included). On resume each setting is compared with the new one:
   says which changed (with the number of processes and data workers).
 - ``NOT_COMPARED``: how this run starts, not what it trains.
 
-``tests/test_resume_changes.py`` fails when a field of ``TrainConfig`` is missing from the table.
+``tests/train/test_resume_changes.py`` fails when a field of ``TrainConfig`` is missing from the table.
 """
 
 from __future__ import annotations

@@ -1,0 +1,1 @@
+"""Tests of the modules every stage shares: file permissions, the Hub client."""

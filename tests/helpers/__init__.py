@@ -1,0 +1,1 @@
+"""Helpers the tests share: clip generators, local servers, small caches, a headless browser."""

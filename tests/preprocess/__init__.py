@@ -1,0 +1,1 @@
+"""Tests of cogvx.preprocess: clips in, samples out, local and remote caches, resume after a kill."""

@@ -1,0 +1,1 @@
+"""Tests of cogvx.train: the loop, checkpoints and resume, the stream, evaluation, launchers."""

@@ -560,8 +560,45 @@ def eval_cost_rows(report: dict) -> str:
     return "\n".join([*lines, "", "; ".join(notes) + "."])
 
 
+def at_clips(result: dict, clips: int) -> dict:
+    """``result`` (measured with ``held_out_samples`` clips) with its passes scaled to ``clips`` clips: a pass is
+    one forward per (clip, timestep), so its seconds scale with the forwards; the first pass's compile does not."""
+    scale = clips / result["held_out_samples"]
+    compile_s = max(0.0, result["eval_first_pass_s"] - result["eval_pass_s"])
+    return result | {
+        "held_out_samples": clips,
+        "forwards_per_pass": round(result["forwards_per_pass"] * scale),
+        "eval_pass_s": result["eval_pass_s"] * scale,
+        "base_pass_s": result["base_pass_s"] * scale,
+        "eval_first_pass_s": result["eval_pass_s"] * scale + compile_s,
+    }
+
+
 def table_eval_cost() -> str:
     return eval_cost_rows(load("eval_cost_h100.json"))
+
+
+def table_eval_cost_default() -> str:
+    from cogvx.train import heldout
+
+    measured = load("eval_cost_h100.json")
+    return eval_cost_rows(measured | {"results": [at_clips(r, heldout.DEFAULT_MAX_CLIPS) for r in measured["results"]]})
+
+
+def table_validation() -> str:
+    """bench/validation.py: one prompt, 50 steps, guidance 6, 49x480x720, the seed's pipeline vs cogvx's validation."""
+    lines = [
+        "| model | cogvx recipe | seed-style s (peak GB) | cogvx s (peak GB) | speedup | first call s | latents rel. diff |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in load("validation_5b_h100.json")["results"]:
+        recipe = r["checkpointing"] + ("+compile" if r["compile"] else "") + ("+fp8mm" if r["fp8_matmul"] else "")
+        lines.append(
+            f"| {r['model']} | {recipe} | {r['seed_validation_s']:.1f} ({r['seed_peak_allocated_gb']:.1f}) | "
+            f"{r['validation_s']:.1f} ({r['peak_allocated_gb']:.1f}) | **{r['speedup']:.2f}x** | "
+            f"{r['first_call_s']:.1f} | {r['latents_rel_diff']:.1e} |"
+        )
+    return "\n".join(lines)
 
 
 def table_environment() -> str:

@@ -211,7 +211,7 @@ class HeldOutSection:
     eval_holdout: float | None = setting(
         None,
         "Clips of --shards held out for the eval score: N clips, a fraction (0.1), or 0 for none.",
-        rule="a tenth (at most 8) of a cache of 20 clips or more, else none",
+        rule="a tenth (at most 6) of a cache of 20 clips or more, else none",
         domain=numbers(0, 10**6, why="a number of clips, or a fraction of them below 1"),
     )
     eval_shards: Path | str | None = setting(

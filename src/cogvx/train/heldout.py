@@ -38,7 +38,7 @@ EVAL_SHARDS_FIELD = "eval_shards"
 # at least DEFAULT_MIN_CLIPS clips; a smaller cache trains on everything, and says so.
 DEFAULT_MIN_CLIPS = 20
 DEFAULT_FRACTION = 0.1
-DEFAULT_MAX_CLIPS = 8
+DEFAULT_MAX_CLIPS = 6
 
 
 def flag(field: str) -> str:

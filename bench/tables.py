@@ -588,7 +588,8 @@ def table_eval_cost_default() -> str:
 def table_validation() -> str:
     """bench/validation.py: one prompt, 50 steps, guidance 6, 49x480x720, the seed's pipeline vs cogvx's validation."""
     lines = [
-        "| model | cogvx recipe | seed-style s (peak GB) | cogvx s (peak GB) | speedup | first call s | latents rel. diff |",
+        "| model | cogvx recipe | seed-style s (peak GB) | cogvx s (peak GB) | speedup | first call s "
+        "| latents rel. diff |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in load("validation_5b_h100.json")["results"]:

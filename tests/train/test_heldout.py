@@ -72,7 +72,7 @@ def test_the_default_rule_and_its_line():
     assert "fewer than the 20" in heldout.holdout_count(None, 19, "CACHE")[1]
     assert heldout.holdout_count(None, 20, "CACHE")[0] == 2
     assert heldout.holdout_count(None, 45, "CACHE")[0] == 4
-    assert heldout.holdout_count(None, 500, "CACHE")[0] == 6  # a tenth, at most six (BENCHMARKS.md 13: the cost of a pass)
+    assert heldout.holdout_count(None, 500, "CACHE")[0] == 6  # a tenth, at most six
     assert heldout.holdout_count(0, 500, "CACHE") == (0, "No eval score (--eval-holdout 0).")
     assert heldout.holdout_count(3, 5, "CACHE")[0] == 3
     assert heldout.holdout_count(0.25, 10, "CACHE")[0] == 2

@@ -300,10 +300,6 @@ OWN_RENAMES = {
     ("preprocess/cachedir.py", "_set_aside"): "a damaged shard renamed aside, not written",
     ("runs.py", "_write_text"): "settings and metrics, rewritten by every run, deliberately not fsynced",
     # Files written by hand that files.write_bytes_atomic / atomic_file would write the same way:
-    ("preprocess/cachedir.py", "merge_skipped"): "to move to files.write_bytes_atomic",
-    ("preprocess/remote.py", "pull_manifest"): "to move to files.write_bytes_atomic",
-    ("shards/store.py", "put_file"): "to move to files.atomic_file",
-    ("shards/store.py", "_download"): "to move to files.atomic_file (a read-through cache entry)",
 }
 
 

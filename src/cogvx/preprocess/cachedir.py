@@ -236,10 +236,8 @@ def merge_skipped(folder: Path) -> list[dict]:
     for part in paths.skipped_parts(folder):
         rows += [json.loads(line) for line in part.read_text(encoding="utf-8").splitlines() if line.strip()]
     rows.sort(key=lambda row: row["source"])
-    path = paths.skipped(folder)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    tmp.replace(path)
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    files.write_bytes_atomic(paths.skipped(folder), text.encode("utf-8"))
     return rows
 
 

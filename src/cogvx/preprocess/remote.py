@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from cogvx.errors import CacheError
-from cogvx.files import sha256_of
+from cogvx.files import sha256_of, write_bytes_atomic
 from cogvx.pipeline.models import cache_home
 from cogvx.preprocess import cachedir
 from cogvx.preprocess.ranks import Ranks
@@ -144,9 +144,7 @@ class RemoteTarget:
             raise CacheError(
                 f"{self.store.url(paths.MANIFEST)} is not valid JSON ({err}); restore it, or write to another --output."
             ) from err
-        tmp = paths.temporary(local)
-        tmp.write_bytes(data)
-        tmp.replace(local)
+        write_bytes_atomic(local, data)
 
     def _pull_parts(self) -> None:
         """The part records a killed run left remote, into staging's ``.parts`` (rank 0, to recover)."""

@@ -17,7 +17,6 @@ out only when its size and hash match what the caller expects.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 import re
@@ -141,17 +140,8 @@ class LocalStore(Store):
 
     def put_file(self, local: Path, name: str) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=PARTIAL_SUFFIX, dir=self.folder)
-        try:
-            with os.fdopen(fd, "wb") as out, open(local, "rb") as f:
-                shutil.copyfileobj(f, out, CHUNK)
-                out.flush()
-                os.fsync(out.fileno())
-            files.follow_umask(Path(tmp))
-            os.replace(tmp, self.folder / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with files.atomic_file(self.folder / name) as out, open(local, "rb") as f:
+            shutil.copyfileobj(f, out, CHUNK)
 
     def put_bytes(self, name: str, data: bytes) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -291,24 +281,20 @@ class FsspecStore(Store):
             else:
                 tmp, out = None, tempfile.TemporaryFile()  # gone when closed, or when this process ends
         try:
-            digest, copied = hashlib.sha256(), 0
+            copied = 0
             with self._stream(self._path(name), whole=True) as remote:
-                while copied <= size:  # one byte past the expected size tells a longer file
-                    block = remote.read(min(FETCH_CHUNK, size + 1 - copied))
-                    if not block:
-                        break
-                    digest.update(block)
+                hashed = files.HashingReader(remote, size + 1)  # one byte past the size tells a longer file
+                while block := hashed.read(FETCH_CHUNK):
                     with self._keeping():
                         out.write(block)
                     copied += len(block)
-            if copied != size or digest.hexdigest() != sha256:
+                found = hashed.finish()  # read to the end (or the limit) already: nothing more is read
+            if copied != size or found != sha256:
                 raise Mismatch(copied)
             with self._keeping():
                 out.flush()
                 if tmp is not None:
-                    os.fsync(out.fileno())
-                    files.follow_umask(Path(tmp))
-                    os.replace(tmp, cached)  # atomic: a reader (another run, a killed one) never sees a part
+                    files.publish(Path(tmp), cached)  # atomic: a reader (another run, a killed one) never sees a part
                     tmp = None
             out.seek(0)
             return out

@@ -133,3 +133,12 @@ class HashingReader(io.RawIOBase):
 def sha256_of(f: BinaryIO, limit: int | None = None) -> str:
     """sha256 of what ``f`` holds from its position on (at most ``limit`` bytes)."""
     return HashingReader(f, limit).finish()
+
+
+def fsync_folder(path: Path) -> None:
+    """Flush a folder's entries to disk: a file renamed into it, or a folder renamed into place, survives a crash."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

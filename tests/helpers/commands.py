@@ -57,3 +57,11 @@ def cli(*args: str) -> Run:
     out = RUNNER.invoke(app, list(args))
     assert out.exception is None or isinstance(out.exception, SystemExit), out.output
     return Run(out.exit_code, out.output, out.output, 0.0)
+
+
+def error_of(result) -> str:
+    """A typer runner result's one user-facing error, without its ``error:`` mark; fails on a traceback."""
+    assert result.exit_code == 1, result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert "Traceback" not in result.output, result.output
+    return line.removeprefix("error:").strip()

@@ -24,6 +24,7 @@ from cogvx.errors import RunError
 from cogvx.train import resume
 from cogvx.train.config import TrainConfig
 from tests.conftest import property_examples
+from tests.helpers.commands import error_of
 
 FIELDS = [f.name for f in dataclasses.fields(TrainConfig)]
 
@@ -110,13 +111,6 @@ def _train(tiny_cache: Path, run: Path, *flags: str):
     return CliRunner().invoke(app, argv)
 
 
-def _one_line_error(result) -> str:
-    assert result.exit_code == 1, result.output
-    (line,) = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert "Traceback" not in result.output, result.output
-    return line.removeprefix("error:").strip()
-
-
 @pytest.fixture(scope="module")
 def two_steps(tiny_cache: Path, tmp_path_factory) -> Path:
     """A run stopped after 2 of 6 steps, with a checkpoint after each."""
@@ -158,7 +152,7 @@ def test_changed_settings_a_run_cannot_change_are_refused_in_one_line_listing_al
     before = runs.metrics(run).read_bytes()
     changed = ["--rank", "8", "--alpha", "4", "--random-flip", "0.5", "--optimizer", "adam", "--lr-scheduler",
                "linear", "--targets", "to_q", "--model", "tiny-i2v", "--learning-rate", "0.01"]  # fmt: skip
-    message = _one_line_error(_train(tiny_cache, run, "--resume", "auto", "--max-steps", "4", *changed))
+    message = error_of(_train(tiny_cache, run, "--resume", "auto", "--max-steps", "4", *changed))
     listed = message.split("cannot change (", 1)[1].split(")", 1)[0]
     assert listed == (
         "alpha 8 -> 4, lr_scheduler constant -> linear, model tiny -> tiny-i2v, optimizer adamw -> adam, "
@@ -211,7 +205,7 @@ def test_a_damaged_checkpoint_is_refused_in_one_line_naming_the_file_and_the_one
     name, spoil, reason = DAMAGE[damage]
     spoil(run / "checkpoint-000002")
     before = runs.metrics(run).read_bytes()
-    message = _one_line_error(_train(tiny_cache, run, "--resume", "auto", "--max-steps", "4"))
+    message = error_of(_train(tiny_cache, run, "--resume", "auto", "--max-steps", "4"))
     assert f"{run / 'checkpoint-000002' / name} is damaged" in message and reason in message
     assert f"--resume {run / 'checkpoint-000001'}" in message and f"delete {run / 'checkpoint-000002'}" in message
     assert runs.metrics(run).read_bytes() == before

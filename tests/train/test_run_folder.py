@@ -11,19 +11,13 @@ from typer.testing import CliRunner
 
 from cogvx import runs
 from cogvx.cli import app
+from tests.helpers.commands import error_of
 
 
 def _train(tiny_cache: Path, run: Path, *flags: str):
     argv = ["train", "--shards", str(tiny_cache), "--output", str(run), "--rank", "4", "--workers", "0",
             "--mixed-precision", "fp32", "--max-steps", "2", *flags]  # fmt: skip
     return CliRunner().invoke(app, argv)
-
-
-def _one_line_error(result) -> str:
-    assert result.exit_code == 1, result.output
-    (line,) = [line for line in result.output.splitlines() if line.startswith("error:")]
-    assert "Traceback" not in result.output, result.output
-    return line.removeprefix("error:").strip()
 
 
 def _files(run: Path) -> dict[str, bytes]:
@@ -51,7 +45,7 @@ def test_a_finished_run_is_not_overwritten_by_a_new_one(finished: Path, tiny_cac
                                                         checkpoint_every: str):  # fmt: skip
     run = _copy(finished, tmp_path)
     before = _files(run)
-    message = _one_line_error(_train(tiny_cache, run, "--checkpoint-every", checkpoint_every, "--learning-rate", "1"))
+    message = error_of(_train(tiny_cache, run, "--checkpoint-every", checkpoint_every, "--learning-rate", "1"))
     assert message == (
         f"{run} already holds a run (config.json, config.toml, metrics.jsonl, pytorch_lora_weights.safetensors). "
         "Continue it with --resume auto, or start a new run with another --output."
@@ -70,7 +64,7 @@ def test_resuming_a_finished_run_without_checkpoints_does_nothing_or_says_how_to
     assert f"{run} holds a run that finished at step 2 (--max-steps 2): nothing more to train." in said
     assert _files(run) == before
 
-    message = _one_line_error(_train(tiny_cache, run, "--resume", "auto", "--max-steps", "4"))
+    message = error_of(_train(tiny_cache, run, "--resume", "auto", "--max-steps", "4"))
     assert f"{run} holds a run that finished at step 2 without a checkpoint to continue from" in message
     assert "Start a new run with another --output" in message
     assert _files(run) == before
@@ -82,7 +76,7 @@ def test_a_run_stopped_before_its_first_checkpoint_is_refused_and_resume_starts_
     run = _copy(finished, tmp_path)
     runs.lora_weights(run).unlink()  # stopped at step 2 of 4, before its first checkpoint
     before = _files(run)
-    message = _one_line_error(_train(tiny_cache, run, "--max-steps", "4", "--checkpoint-every", "3"))
+    message = error_of(_train(tiny_cache, run, "--max-steps", "4", "--checkpoint-every", "3"))
     assert "already holds a run (config.json, config.toml, metrics.jsonl)" in message
     assert _files(run) == before
 
@@ -107,16 +101,16 @@ def test_an_empty_folder_or_one_holding_only_a_stale_lock_is_trained_into(tiny_c
 def test_a_failed_start_leaves_no_folder_it_created_and_keeps_every_folder_it_did_not(tmp_path: Path):
     missing = tmp_path / "no-cache"
     created = tmp_path / "new" / "run"
-    assert "no-cache" in _one_line_error(_train(missing, created))
+    assert "no-cache" in error_of(_train(missing, created))
     assert not (tmp_path / "new").exists()
 
     existing = tmp_path / "existing"
     existing.mkdir()
-    _one_line_error(_train(missing, existing))
+    error_of(_train(missing, existing))
     assert existing.is_dir()
 
     mine = tmp_path / "mine"
     mine.mkdir()
     (mine / "notes.txt").write_text("mine")
-    _one_line_error(_train(missing, mine / "run"))
+    error_of(_train(missing, mine / "run"))
     assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]

@@ -40,7 +40,7 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as encode_safetensors
 
-from cogvx import runs
+from cogvx import files, runs
 from cogvx.errors import RunError
 
 LORA = "lora"
@@ -221,11 +221,11 @@ def save(output: Path, state: Mapping[str, Stateful], keep: int) -> Path:
         staging.mkdir(parents=True)
         for name in sorted(states, key=lambda name: name == PROGRESS):  # the state file last
             _write(_path(staging, name), _encode(name, states[name]))
-        _fsync(staging)
+        files.fsync_folder(staging)
         if final.exists():
             _discard(final)
         os.replace(staging, final)
-        _fsync(output)
+        files.fsync_folder(output)
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(err, OSError):  # full disk, read-only or vanished folder, I/O error: not a bug
@@ -322,14 +322,6 @@ def _discard(path: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
     os.replace(path, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def find(output: Path, resume: str) -> Path | None:

@@ -437,16 +437,16 @@ def write_best(run: Path, transformer: torch.nn.Module, best: Best) -> Path:
             shutil.rmtree(leftover, ignore_errors=True)
         staging.mkdir(parents=True)
         weights = lora.save_lora(transformer, staging)
-        _fsync(weights)
+        files.fsync_folder(weights)
         files.write_bytes_atomic(runs.best_score(staging), json.dumps(best.state_dict(), indent=1).encode())
-        _fsync(staging)
+        files.fsync_folder(staging)
         if final.exists():
             doomed = runs.checkpoint_discarded(final)
             shutil.rmtree(doomed, ignore_errors=True)
             os.replace(final, doomed)
             shutil.rmtree(doomed)
         os.replace(staging, final)
-        _fsync(run)
+        files.fsync_folder(run)
     except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(err, OSError):
@@ -467,11 +467,3 @@ def read_best(run: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise RunError(f"{path} is not valid JSON ({err}); delete {runs.best(run)} and train again.") from err
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -211,6 +211,10 @@ def _summary(run: Path, config: dict[str, Any], metrics: list[dict[str, Any]]) -
         if final:
             summary.append((f"final loss ({final[1]})", fmt(final[0])))
         summary.append(("last step's loss", fmt(_column(metrics, "loss")[-1])))
+        seconds = sorted(v for v in _column(metrics, runs.VALIDATION_SECONDS) if math.isfinite(v))
+        if seconds:
+            median = seconds[len(seconds) // 2]
+            summary.append(("time per validation", f"{median:.1f} s (median of {len(seconds)})"))
     targets = plain(config.get("targets", "?"))
     return summary + [
         ("LoRA", f"rank {config.get('rank', '?')}, alpha {config.get('alpha', '?')}, on {targets}"),

@@ -34,6 +34,8 @@ CONFIG_TOML = "config.toml"
 CHECKPOINTING_PLAN = "checkpointing_plan"
 # config.json only: the cache's identity (sha256 of its manifest), and the eval score's set and its sample count
 CACHE_ID = "cache_id"
+# metrics.jsonl, at a validation step: the main process's seconds sampling and writing its prompts
+VALIDATION_SECONDS = "validation_seconds"
 EVAL_SET = "eval_set"
 EVAL_SAMPLES = "eval_samples"
 METRICS = "metrics.jsonl"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from cogvx import runs
 from cogvx.cli import app
 from cogvx.pages import line_chart
 from cogvx.report import ReportConfig
@@ -155,3 +156,16 @@ def test_line_chart_handles_single_points_and_non_finite_values():
     gaps = line_chart("loss", [1.0, 2.0, 3.0], [("loss", [0.5, float("nan"), 0.25], "raw")])
     assert gaps.count("<polyline") == 1 and "nan" not in gaps.lower().replace("no finite", "")
     assert "no finite values" in line_chart("loss", [1.0], [("loss", [float("inf")], "raw")])
+
+
+def test_report_says_what_a_validation_costs(trained_run: Path, tmp_path: Path):
+    """The validator writes its seconds into the step's metrics line; the report shows their median."""
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    rows = [json.loads(line) for line in runs.metrics(run).read_text().splitlines()]
+    for row, seconds in zip(rows[1::2], (3.0, 5.0), strict=True):
+        row[runs.VALIDATION_SECONDS] = seconds
+    runs.metrics(run).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    write_report(ReportConfig(run, output=tmp_path / "page.html", render=False))
+    summary = KeyValueTables((tmp_path / "page.html").read_text()).tables[0]
+    assert summary["time per validation"] == "5.0 s (median of 2)"

@@ -12,14 +12,14 @@ from typing import Any
 
 import torch
 
+from cogvx import runs
 from cogvx.pipeline import models
 from cogvx.shards import Manifest
 from cogvx.shards.store import Store
 from cogvx.train.config import TrainConfig
 from cogvx.train.validation import Validated, ValidationSet, load_validation_set, run_validation
 
-# The metrics field of a validation step: the main process's seconds sampling and writing its prompts.
-SECONDS_FIELD = "validation_seconds"
+SECONDS_FIELD = runs.VALIDATION_SECONDS  # named by the run folder's owner: the report reads it too
 
 
 class Validator:

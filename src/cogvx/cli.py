@@ -79,7 +79,6 @@ def preprocess(build: Callable[[], PreprocessConfig]) -> None:
 @command(app, TrainConfig)
 def train(build: Callable[[], TrainConfig]) -> None:
     """Train a LoRA on a cache. Never loads the VAE or the text encoder."""
-    from cogvx.pipeline.models import is_image_to_video
     from cogvx.train.loop import run
 
     def go():  # the config is built inside _guard: a bad setting is one line too
@@ -87,8 +86,8 @@ def train(build: Callable[[], TrainConfig]) -> None:
         built.append(cfg)
         result = run(cfg, show_progress=True)
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun/accelerate, the main process tells
-            i2v = result.model is not None and is_image_to_video(result.model.config)
-            _say_where_the_run_is(result.output, result.steps, i2v, result.eval.line() if result.eval else None)
+            eval_line = result.eval.line() if result.eval else None
+            _say_where_the_run_is(result.output, result.steps, result.image_to_video, eval_line)
         for url in result.skipped_shards:  # every process says its own: each reads its share of the shards
             console.print(f"[yellow]skipped[/yellow] bad shard {url} (--skip-bad-shards)", soft_wrap=True)
 

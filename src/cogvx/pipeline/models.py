@@ -88,12 +88,6 @@ def native_size(transformer: dict[str, Any], spatial: int) -> tuple[int, int]:
     return grid[0] * spatial, grid[1] * spatial
 
 
-def is_image_to_video(transformer_config: Any) -> bool:
-    """Whether a transformer (its ``config``) reads twice the channels it writes: its videos need a first frame."""
-    c = transformer_config
-    return c.in_channels != (c.out_channels or c.in_channels)
-
-
 def parse_dtype(name: str) -> torch.dtype:
     """``bf16`` / ``fp16`` / ``fp32`` to a torch dtype, with a clear error otherwise."""
     if name not in DTYPES:

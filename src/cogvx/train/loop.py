@@ -44,6 +44,7 @@ class TrainResult:
     validation: list[Path] = field(default_factory=list)  # latents this process wrote
     pushed: str | None = None  # the Hub commit URL of --push-to-hub
     eval: evaluation.Summary | None = None  # the eval scores (main process), for the end message
+    image_to_video: bool = False  # the model conditions on a first frame: sampling its LoRA needs one
 
 
 def run(
@@ -220,7 +221,7 @@ class TrainingRun:
     def fit(self, on_step: Callable[[dict[str, Any]], None] | None, show_progress: bool) -> TrainResult:
         """Train to ``max_steps``; after each step, every part does what is due, then ``on_step`` sees the record."""
         cfg, start = self.cfg, self.progress.step
-        result = TrainResult(cfg.output, start, resumed_from=start)
+        result = TrainResult(cfg.output, start, resumed_from=start, image_to_video=self.prepared.info.image_to_video)
         self.model.train()
         with self.log.progress(show_progress, start):
             for step in range(start + 1, cfg.max_steps + 1):

@@ -13,7 +13,7 @@ import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from cogvx.errors import CacheError
 from cogvx.files import write_json_atomic
@@ -183,6 +183,9 @@ class Manifest:
     updated: float = field(default_factory=time.time)
     format: str = FORMAT_NAME
     version: int = FORMAT_VERSION
+    # sha256 of the bytes ``load`` read (not a field: never written): the cache's identity, the same for a copy
+    # read elsewhere. None for a manifest built in memory.
+    sha256: ClassVar[str | None] = None
 
     @property
     def sample_count(self) -> int:
@@ -323,14 +326,9 @@ class Manifest:
                 f"{where} is not valid JSON ({err}); move it away and rebuild it with "
                 f"`cogvx shards rebuild-manifest {store.location}`."
             ) from err
-        return cls.from_dict(data, where if store.remote else Path(where))
-
-    @staticmethod
-    def identity(folder: Path | str | Store) -> str:
-        """sha256 of the manifest's bytes as stored: the cache's identity, the same for a copy read elsewhere."""
-        store = open_store(folder)
-        with store.open(paths.MANIFEST, what="The manifest") as f:
-            return hashlib.sha256(f.read(MAX_MANIFEST_BYTES + 1)).hexdigest()
+        manifest = cls.from_dict(data, where if store.remote else Path(where))
+        manifest.sha256 = hashlib.sha256(text).hexdigest()
+        return manifest
 
     def save(self, folder: Path) -> None:
         """Replace the manifest atomically: readers see the old one or the new one, never a mix."""

@@ -203,7 +203,7 @@ class ValidationSection:
 class HeldOutSection:
     """The eval score: the loss on held-out clips at fixed timesteps and noise (docs/training.md)."""
 
-    # 500 is meant to keep the pass at about 5% of a run's time or less (bench/eval_cost.py measures it).
+    # 500 keeps the score within 5% of a 1000-step run's time at real size (BENCHMARKS.md, section 13).
     eval_every: int = setting(
         500, "Steps between eval scores (loss on held-out clips, fixed noise), 0 for none.",
         domain=integers(0, MAX_STEPS),

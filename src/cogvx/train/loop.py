@@ -22,7 +22,6 @@ from cogvx import runs
 from cogvx.pipeline import levers, lora, memory, models
 from cogvx.pipeline.objective import Objective
 from cogvx.pipeline.speed import checkpointing, compiling, float8
-from cogvx.shards import Manifest
 from cogvx.train import checkpoint, evaluation, folder, launch, report, setup
 from cogvx.train.auto import choose_checkpointing
 from cogvx.train.checkpointer import CheckpointManager
@@ -187,7 +186,7 @@ class TrainingRun:
         prepared = self.prepared
         self.resolved = prepared.resolved | {"checkpointing": mode.name}
         if self.main:
-            recorded = {runs.CACHE_ID: Manifest.identity(prepared.store)}  # `cogvx compare` knows a cache by it
+            recorded = {runs.CACHE_ID: prepared.manifest.sha256}  # `cogvx compare` knows a cache by it
             if plan is not None:
                 recorded[runs.CHECKPOINTING_PLAN] = plan.recorded()
             if self.evaluator is not None:

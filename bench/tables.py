@@ -387,6 +387,65 @@ def table_attention_kernels() -> str:
     return "\n".join(lines)
 
 
+def attention_rates(model: str) -> dict[str, float]:
+    """Measured attention forward+backward TFLOP/s by kernel at the model's shape (kernels_h100.json, and
+    attention_h100.json's FlashAttention-3 rows where that build was measured)."""
+    attention = load("kernels_h100.json")["models"][model]["attention"]
+    rates: dict[str, float] = {}
+    for name, row in attention.items():
+        if name == "default_backend" or "error" in row:
+            continue
+        label = f"SDPA {attention['default_backend'] if name == 'default' else name}"  # default: the kernel it picked
+        rates[label] = max(rates.get(label, 0.0), row["forward_backward_tflops"])
+    if (RESULTS / "attention_h100.json").exists():
+        for name, row in load("attention_h100.json")["models"][model].items():
+            if "forward_backward_tflops" in row and name != "sdpa":
+                rates[name] = row["forward_backward_tflops"]
+    return rates
+
+
+def roofline(r: dict) -> dict:
+    """The step ``r`` would take with attention at the fastest measured kernel rate and its products as profiled.
+
+    Attention work per step: layers x 4 N^2 d for a forward, 2.5 times that for the backward, and one forward
+    more where the block is recomputed (full checkpointing: the seed-style step); selective and none run it once.
+    """
+    t = load_config(r["model"])["transformer"]
+    d = t["num_attention_heads"] * t["attention_head_dim"]
+    p, p_t = t["patch_size"], t.get("patch_size_t") or 1
+    frames, height, width = r["latent"]
+    n = (frames + p_t - 1) // p_t * (height // p) * (width // p) + t["max_text_seq_length"]
+    forwards = 3.5 if r.get("checkpointing") in ("selective", "none") else 4.5
+    attention_tflop = t["num_layers"] * forwards * 4 * n * n * d / 1e12
+    kernel, rate = max(attention_rates(r["model"]).items(), key=lambda item: item[1])
+    step = attention_tflop / rate + r["profile"]["matmul_s"]
+    return {"attention_tflop": attention_tflop, "kernel": kernel, "rate": rate, "step_s": step}
+
+
+def table_roofline() -> str:
+    """Each recipe against its roofline: attention at the fastest measured rate, products at their profiled rates,
+    every other kernel and all idle time gone."""
+    results = [r for r in load("train_step_fp8mm_h100.json")["results"] if "error" not in r]
+    seeds = {(r["model"], r["variant"]): r for r in results if r["variant"].startswith("seed")}
+    lines = [
+        "| model | step | s/step | vs seed | attention TFLOP | fastest attention kernel (TFLOP/s) | roofline step s "
+        "| step / roofline | roofline vs seed |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if r["variant"].startswith("seed"):
+            continue
+        seed = seeds[(r["model"], "seed-nockpt" if r.get("checkpointing") == "none" else "seed")]
+        roof = roofline(r)
+        lines.append(
+            f"| {r['model']} | cogvx {r['variant']} | {r['s_per_step']:.3f} | "
+            f"{seed['s_per_step'] / r['s_per_step']:.2f}x | {roof['attention_tflop']:.0f} | "
+            f"{roof['kernel']} ({roof['rate']:.0f}) | {roof['step_s']:.3f} | {r['s_per_step'] / roof['step_s']:.2f} | "
+            f"{seed['s_per_step'] / roof['step_s']:.2f}x |"
+        )
+    return "\n".join(lines)
+
+
 def table_linear_kernels() -> str:
     models = load("kernels_h100.json")["models"]
     lines = [

@@ -32,12 +32,12 @@ import torch.nn.functional as F
 
 from cogvx.errors import ConfigError
 from cogvx.names import AUTO
+from cogvx.pipeline.speed.float8 import E4M3_MAX
 
 SDPA, FA3, FA3_FP8 = "sdpa", "fa3", "fa3-fp8"
 SETTINGS = (AUTO, SDPA, FA3)  # --attention's values
 FA3_MODULE = "flash_attn_interface"
 FA3_BUILD = "bench/fa3_build.sh"
-E4M3_MAX = torch.finfo(torch.float8_e4m3fn).max
 TIMED_CALLS = 3  # per kernel, after one warm-up call; the median decides
 
 # The kernels whose outputs the selective checkpointing mode keeps: SDPA's backends and FA3's forward op.

@@ -286,11 +286,35 @@ class SpeedSection:
         decls=("--fp8-matmul/--no-fp8-matmul",),
     )
 
+    # auto: FlashAttention-3 where it is installed, on a Hopper GPU, for each shape where it measured faster
+    # than PyTorch's SDPA (timed once per shape at the start); sdpa: PyTorch's only; fa3: FlashAttention-3's.
+    attention: str = setting(
+        AUTO, "Attention kernel: auto (FlashAttention-3 where installed and faster, on Hopper), sdpa or fa3."
+    )
+    # Opt-in: float8 q, k, v change the validation samples and the eval score a little; training stays bf16.
+    fp8_attention: bool = setting(
+        False,
+        "Float8 attention forward for validation and the eval score (FlashAttention-3 on Hopper).",
+        decls=("--fp8-attention/--no-fp8-attention",),
+    )
+
     def validate(self) -> None:
-        if self.fp8_matmul and getattr(self, "mixed_precision", "bf16") != "bf16":
+        from cogvx.pipeline.speed import attention  # the kernels and their check (it loads torch)
+
+        precision = getattr(self, "mixed_precision", "bf16")
+        if self.fp8_matmul and precision != "bf16":
             raise ConfigError(
                 "--fp8-matmul needs --mixed-precision bf16 (its float8 products run only in bf16 compute)"
             )
+        if self.fp8_attention and self.attention == attention.SDPA:
+            raise ConfigError("--fp8-attention runs FlashAttention-3, which --attention sdpa rules out; drop one")
+        wanted = [flag for flag, on in (("--attention fa3", self.attention == attention.FA3),
+                                        ("--fp8-attention", self.fp8_attention)) if on]  # fmt: skip
+        if wanted and precision == "fp32":
+            raise ConfigError(
+                f"{' and '.join(wanted)} needs --mixed-precision bf16 or fp16 (FlashAttention-3 has no fp32 kernels)"
+            )
+        attention.check(self.attention, self.fp8_attention)  # installed? (the GPU is checked when it is known)
 
 
 # Reversed: a dataclass lists the fields of its last base first, and the TOML files list them in this order.

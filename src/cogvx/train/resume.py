@@ -72,6 +72,8 @@ POLICY: dict[str, str] = {
     "compile": APPLIED,
     "fp8_base": APPLIED,
     "fp8_matmul": APPLIED,
+    "attention": APPLIED,  # a kernel computes the same attention: the checkpoint's state means the same
+    "fp8_attention": APPLIED,  # only forwards without gradients: validation and the eval score
     "cache_dir": APPLIED,
     "skip_bad_shards": APPLIED,
     "noised_image_dropout": APPLIED,

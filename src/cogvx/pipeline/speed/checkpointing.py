@@ -22,6 +22,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from cogvx.errors import ConfigError
 from cogvx.names import AUTO  # noqa: F401 (re-exported)
+from cogvx.pipeline.speed.attention import is_attention_kernel, primed
 from cogvx.pipeline.speed.compiling import compile_runner
 
 if TYPE_CHECKING:
@@ -62,8 +63,8 @@ class NoCheckpointing(Mode):
 
 
 class Selective(Mode):
-    """Keep each block's input and its attention kernel's outputs: the recompute skips the most expensive op
-    (a second attention forward) and redoes only the cheap projections, norms and MLP."""
+    """Keep each block's input and its attention kernel's outputs (SDPA's or FlashAttention-3's): the recompute
+    skips the most expensive op (a second attention forward) and redoes only the cheap projections, norms and MLP."""
 
     name = "selective"
     terms = {True: (1.97, 19.11), False: (1.64, 42.21)}
@@ -139,23 +140,12 @@ def install(transformer: torch.nn.Module, mode: Mode, compile: bool, swap: Block
     if runner is None:
         transformer.disable_gradient_checkpointing()
         return
-    transformer.enable_gradient_checkpointing(gradient_checkpointing_func=runner)
-
-
-_ATTENTION_OPS = tuple(
-    getattr(torch.ops.aten, name).default
-    for name in (
-        "_scaled_dot_product_flash_attention",
-        "_scaled_dot_product_cudnn_attention",
-        "_scaled_dot_product_efficient_attention",
-        "_scaled_dot_product_flash_attention_for_cpu",
-    )
-    if hasattr(torch.ops.aten, name)
-)
+    # The attention kernel is chosen before the block runs: a compiled block cannot time kernels inside.
+    transformer.enable_gradient_checkpointing(gradient_checkpointing_func=primed(runner))
 
 
 def _keep_attention(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    return CheckpointPolicy.MUST_SAVE if op in _ATTENTION_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE if is_attention_kernel(op) else CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _run_full(block, *args):

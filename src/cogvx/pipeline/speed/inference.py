@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from cogvx.pipeline.speed.attention import primed
 from cogvx.pipeline.speed.compiling import compile_runner
 
 if TYPE_CHECKING:
@@ -63,7 +64,7 @@ def inference_runner(block_forward: Callable[..., Any], compile: bool, swap: Blo
     # all of them share one graph (``type(block).forward`` there would break the graph).
     run = _forwarding(block_forward)
     run = compile_runner(run) if compile else run
-    return swap.running(run, loop=True) if swap is not None else run
+    return primed(swap.running(run, loop=True) if swap is not None else run)
 
 
 def install(transformer: torch.nn.Module, compile: bool, swap: BlockSwap | None = None) -> InferencePath | None:

@@ -25,7 +25,8 @@ Settings chosen so both sides do the same work:
 - Training set: all clips on both sides: cogvx's eval score is off (``--eval-every 0 --eval-holdout 0``;
   by default it holds out a tenth of a cache of 20 clips or more).
 - LoRA rank 128, alpha 128, default targets (to_q, to_k, to_v, to_out.0) on both; AdamW, lr 1e-4,
-  constant schedule without warm-up, gradient clipping at 1, bf16, seed 0, batch 1.
+  constant schedule without warm-up, gradient clipping at 1, bf16, seed 0, batch 1 (both sides' Adam
+  defaults agree: betas 0.9/0.95, weight decay 1e-4, eps 1e-8).
 - Checkpoints: none before the end (cogvx ``--checkpoint-every 0``; seed ``--checkpointing_steps`` past
   the last step).
 - Memory: the seed with ``--gradient_checkpointing`` (full recompute, as its seed-style step in
@@ -43,6 +44,11 @@ Settings chosen so both sides do the same work:
 - The seed is started with ``python`` (one process, as ``accelerate launch`` with one GPU runs it), the
   model folder is named ``CogVideoX-2b``/``CogVideoX-5b`` because the seed loads the transformer in bf16
   only when the path says ``5b``. Both sides see the same environment otherwise.
+
+The defaults (5b, 200 steps) need about half an hour of one H100 (an estimate from bench/results: steps of
+2.4 s for cogvx and 3.9 s seed-style in train_step_5b_h100.json, validations of 77 s and 99 s in
+validation_5b_h100.json). Where a command may run only minutes, run the sides apart on one ``--work`` folder
+(the model and the clips are reused when there) with ``--skip-seed`` and ``--skip-cogvx``, and fewer steps.
 
 Phases: cogvx's preprocess and train walls (with preprocess's own encoder-loading time from its summary,
 and train's step and validation seconds from the run's metrics); the seed's, from the times its log lines
@@ -328,12 +334,14 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cuda", "cpu"])
     parser.add_argument("--seed-script", type=Path, help="diffusers' examples/cogvideo/train_cogvideox_lora.py")
     parser.add_argument("--skip-seed", action="store_true", help="time cogvx only")
+    parser.add_argument("--skip-cogvx", action="store_true", help="time the seed only (the sides in two commands)")
     parser.add_argument("--seed-final-inference", action="store_true", help="let the seed sample after its LoRA")
     parser.add_argument("--work", type=Path, help="work folder (model, clips, runs, logs); default: a temporary one")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     if not args.skip_seed and (args.seed_script is None or not args.seed_script.is_file()):
         parser.error("--seed-script must name diffusers' train_cogvideox_lora.py (or pass --skip-seed)")
+    cogvx_validation_every(args.validate_at, args.steps)  # a cadence cogvx cannot follow fails before any work
     work = args.work or Path(tempfile.mkdtemp(prefix="cogvx-experiment-"))
     work.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
@@ -366,6 +374,7 @@ def main() -> None:
         model = str(work / f"CogVideoX-{args.model}")  # "5b" in the path: the seed loads the transformer in bf16
         if not (Path(model) / "model_index.json").is_file():
             build_model_folder(args.model, Path(model), device)
+            torch.cuda.empty_cache()  # the building's cached blocks would be memory neither side can use
     clips = work / "clips"
     if len(list(clips.glob("*.mp4"))) != args.clips:
         fresh(clips)
@@ -374,8 +383,8 @@ def main() -> None:
     fresh(work / "xdg", work / "triton")  # cogvx's compile cache starts empty: a first experiment's cost
     env = base_env(work, args.device)
 
-    report["cogvx"] = run_cogvx(args, model, clips, work, env)
-    report["cogvx_wall_s"] = report["cogvx"].get("wall_s")
+    report["cogvx"] = None if args.skip_cogvx else run_cogvx(args, model, clips, work, env)
+    report["cogvx_wall_s"] = report["cogvx"].get("wall_s") if report["cogvx"] else None
     args.out.write_text(json.dumps(report, indent=1))
     report["seed"] = None if args.skip_seed else run_seed(args, model, clips, work, env)
     report["seed_wall_s"] = report["seed"].get("wall_s") if report["seed"] else None

@@ -216,6 +216,11 @@ def auto_mode(transformer, cfg, shape, compiled: bool, fp8: bool, device) -> str
     return memory.plan(peaks, memory.device_budget(device)).mode.name
 
 
+def attention_of(options: set[str]) -> str:
+    """``--attention`` of a variant: ``sdpa`` or ``fa3`` where it names one, else cogvx's default (auto)."""
+    return "fa3" if "fa3" in options else "sdpa" if "sdpa" in options else "auto"
+
+
 class CogvxStep:
     """cogvx's step: its loader, objective, optimizer and precision, with the chosen levers."""
 
@@ -227,7 +232,9 @@ class CogvxStep:
             fp8 = bool(options & {"fp8", "fp8mm"})
             checkpointing = auto_mode(transformer, cfg, shape, "compile" in options, fp8, device)
         self.checkpointing = checkpointing
-        chosen = levers.Levers(checkpointing, "compile" in options, "fp8" in options, "fp8mm" in options)
+        chosen = levers.Levers(
+            checkpointing, "compile" in options, "fp8" in options, "fp8mm" in options, attention=attention_of(options)
+        )
         levers.prepare(transformer, chosen)
         train_cfg = TrainConfig(shards=folder, optimizer="adamw8bit" if "adam8" in options else "adamw")
         self.optimizer = build_optimizer(train_cfg, self.params, 1e-4)

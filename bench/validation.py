@@ -39,10 +39,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from train_step import auto_mode, build_transformer, environment, load_config  # noqa: E402
+from train_step import attention_of, auto_mode, build_transformer, environment, load_config  # noqa: E402
 
 from cogvx import runs  # noqa: E402
 from cogvx.pipeline import levers, lora, models  # noqa: E402
+from cogvx.pipeline.speed import attention  # noqa: E402
 from cogvx.pipeline.speed import checkpointing as modes  # noqa: E402
 from cogvx.train.validation import ValidationSet, run_validation  # noqa: E402
 
@@ -139,7 +140,11 @@ def cogvx_run(model: str, cfg: dict, device, variant: str, embeds, negative, siz
         mode = auto_mode(transformer, cfg, latent, "compile" in options, fp8, device)
     else:
         mode = next((o for o in options if o in modes.MODES), "none")
-    levers.prepare(transformer, levers.Levers(mode, "compile" in options, "fp8" in options, "fp8mm" in options))
+    chosen = levers.Levers(
+        mode, "compile" in options, "fp8" in options, "fp8mm" in options,
+        attention=attention_of(options), fp8_attention="fp8attn" in options,
+    )  # fmt: skip
+    levers.prepare(transformer, chosen)
     validation = ValidationSet(["a benchmark prompt"], embeds, negative, frames, height, width)
     autocast = functools.partial(torch.autocast, device.type, torch.bfloat16)
 
@@ -156,6 +161,8 @@ def cogvx_run(model: str, cfg: dict, device, variant: str, embeds, negative, siz
     peak = torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else 0.0
     levers_used = {"checkpointing": mode, "compile": "compile" in options, "fp8_base": "fp8" in options}
     levers_used["fp8_matmul"] = "fp8mm" in options
+    kernels = attention.installed(transformer)
+    levers_used["attention"] = kernels.recorded() if kernels is not None else "diffusers"
     return first, seconds, latents, peak, levers_used
 
 

@@ -32,6 +32,8 @@ CONFIG_JSON = "config.json"
 CONFIG_TOML = "config.toml"
 # config.json only: what `--checkpointing auto` predicted for the mode it chose (a prediction, not a setting)
 CHECKPOINTING_PLAN = "checkpointing_plan"
+# config.json only: the attention kernel that ran (--attention, FlashAttention-3's state, auto's choice per shape)
+ATTENTION_KERNELS = "attention_kernels"
 # config.json only: the cache's identity (sha256 of its manifest), and the eval score's set and its sample count
 CACHE_ID = "cache_id"
 # metrics.jsonl, at a validation step: the main process's seconds sampling and writing its prompts

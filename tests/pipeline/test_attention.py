@@ -233,10 +233,6 @@ def test_the_cli_refuses_fa3_where_it_cannot_run_in_one_line(flags: list[str], m
     assert not (tmp_path / "run").exists()  # refused before any work
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs the loop.py change that passes the settings to Levers and records runs.ATTENTION_KERNELS",
-)
 def test_the_attention_setting_of_a_config_file_reaches_the_model(tiny_cache: Path, tmp_path: Path):
     toml = tmp_path / "run.toml"
     toml.write_text(f'shards = "{tiny_cache}"\nattention = "sdpa"\n')

@@ -21,7 +21,7 @@ from cogvx import config as configfile
 from cogvx import runs
 from cogvx.pipeline import levers, lora, memory, models
 from cogvx.pipeline.objective import Objective
-from cogvx.pipeline.speed import checkpointing, compiling, float8
+from cogvx.pipeline.speed import attention, checkpointing, compiling, float8
 from cogvx.train import checkpoint, evaluation, folder, launch, report, setup
 from cogvx.train.auto import choose_checkpointing
 from cogvx.train.checkpointer import CheckpointManager
@@ -89,6 +89,7 @@ class TrainingRun:
         accelerator, cfg, prepared = self.accelerator, self.cfg, self.prepared
         if cfg.fp8_matmul:  # before the model loads, not after
             float8.check_fp8_matmul(accelerator.device)
+        attention.check(cfg.attention, cfg.fp8_attention, accelerator.device)  # FA3 on Hopper, before the model loads
         self.compute_dtype = models.DTYPES[cfg.mixed_precision]
         # Loaded into CPU memory: levers.prepare moves it to the device, all but the swapped weights for ``swap``.
         transformer = prepared.info.load_transformer(self.compute_dtype, "cpu")
@@ -133,9 +134,10 @@ class TrainingRun:
         if cfg.checkpointing == checkpointing.AUTO:
             plan = choose_checkpointing(self.accelerator, cfg, transformer, self.prepared.manifest, compile_blocks)
         mode = plan.mode if plan is not None else checkpointing.named(cfg.checkpointing)
-        levers.prepare(
-            transformer, levers.Levers(mode, compile_blocks, cfg.fp8_base, fp8_matmul=cfg.fp8_matmul), device
+        chosen = levers.Levers(
+            mode, compile_blocks, cfg.fp8_base, cfg.fp8_matmul, attention=cfg.attention, fp8_attention=cfg.fp8_attention
         )
+        levers.prepare(transformer, chosen, device)
         return mode, plan
 
     def _evaluator(self) -> evaluation.Evaluator | None:
@@ -189,12 +191,24 @@ class TrainingRun:
             recorded = {runs.CACHE_ID: prepared.manifest.sha256}  # `cogvx compare` knows a cache by it
             if plan is not None:
                 recorded[runs.CHECKPOINTING_PLAN] = plan.recorded()
+            recorded[runs.ATTENTION_KERNELS] = attention.installed(self.accelerator.unwrap_model(self.model)).recorded()
             if self.evaluator is not None:
                 recorded |= {runs.EVAL_SET: self.evaluator.identity, runs.EVAL_SAMPLES: len(prepared.eval_set.scored)}
             runs.keep_metrics_until(self.cfg.output, self.progress.step)
             toml = configfile.to_toml(TrainConfig(**self.resolved))
             runs.write_config(self.cfg.output, self.resolved | recorded, toml)
+            self.recorded, self.toml = recorded, toml
         self.log.start(self.resolved, self.progress.step)
+
+    def _record_kernels(self) -> None:
+        """config.json again when ``--attention auto`` has chosen kernels for new shapes (the first step's,
+        the first validation's, the first eval score's): the run folder says which kernel ran."""
+        if not self.main:
+            return
+        kernels = attention.installed(self.accelerator.unwrap_model(self.model)).recorded()
+        if kernels != self.recorded[runs.ATTENTION_KERNELS]:
+            self.recorded[runs.ATTENTION_KERNELS] = kernels
+            runs.write_config(self.cfg.output, self.resolved | self.recorded, self.toml)
 
     def _score_base(self) -> None:
         """The base model's score (the LoRA off), once per run folder and eval set: step 0 of every eval curve.
@@ -235,6 +249,7 @@ class TrainingRun:
                     record[SECONDS_FIELD] = validated.total_seconds
                 self.log.write(record, scored)
                 self.checkpoints.after_step(step, last)
+                self._record_kernels()
                 if on_step:
                     on_step(record)
         return self._finish(result)

@@ -377,9 +377,8 @@ def load_transformer(
 
     device = torch.device(device)
     if device.type == "meta":
-        config = _from_pretrained(CogVideoXTransformer3DModel.load_config, source, "transformer", revision)
         with device:
-            model = CogVideoXTransformer3DModel.from_config(config)
+            model = CogVideoXTransformer3DModel.from_config(read_config(source, "transformer", revision))
         # diffusers' ``to`` warns of the modules kept in float32 even when there are none, as for this model.
         return torch.nn.Module.to(model, dtype)
     with quiet_loading():

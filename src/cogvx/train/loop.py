@@ -324,7 +324,9 @@ class TrainingRun:
         return record
 
     def _first_forward(self, *_) -> None:
-        """The forward hook of the first step: its forward computed (the device waited for), marked."""
+        """The forward hook of the first step: its first forward computed (the device waited for), marked."""
+        if runs.LAUNCH_FIRST_FORWARD in self.timeline.phases:  # a later micro-batch of the first step
+            return
         self._synchronize()
         self.timeline.mark(runs.LAUNCH_FIRST_FORWARD)
 

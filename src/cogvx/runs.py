@@ -39,6 +39,31 @@ CACHE_ID = "cache_id"
 # metrics.jsonl, at a validation step: the main process's seconds sampling and writing its prompts
 VALIDATION_SECONDS = "validation_seconds"
 EVAL_SET = "eval_set"
+# metrics.jsonl, on the first step a process trains: seconds from the process's start (interpreter and imports
+# counted) to each phase of its launch, in the order they were reached
+LAUNCH = "launch"
+LAUNCH_IMPORTS = "imports"  # the training code and its libraries imported
+LAUNCH_SETUP = "setup"  # the cache's manifest and the model's configs read, every check passed
+LAUNCH_LOADER = "loader_started"  # the data loader's workers started, the first batches prefetching
+LAUNCH_TRANSFORMER = "transformer_loaded"  # the transformer's weights read (onto the device, unless swap)
+LAUNCH_LORA = "lora_added"
+LAUNCH_LEVERS = "levers_installed"  # compile wrapper, checkpointing, float8, swap; the model on the device
+LAUNCH_OPTIMIZER = "optimizer_built"  # and the checkpoint restored, on resume
+LAUNCH_FIRST_BATCH = "first_batch"  # the first step's batches in hand
+LAUNCH_FIRST_FORWARD = "first_forward"  # the first forward pass computed
+LAUNCH_FIRST_STEP = "first_step"  # the first optimizer step computed
+LAUNCH_PHASES = (
+    LAUNCH_IMPORTS,
+    LAUNCH_SETUP,
+    LAUNCH_LOADER,
+    LAUNCH_TRANSFORMER,
+    LAUNCH_LORA,
+    LAUNCH_LEVERS,
+    LAUNCH_OPTIMIZER,
+    LAUNCH_FIRST_BATCH,
+    LAUNCH_FIRST_FORWARD,
+    LAUNCH_FIRST_STEP,
+)
 EVAL_SAMPLES = "eval_samples"
 METRICS = "metrics.jsonl"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for

@@ -32,7 +32,7 @@ from tests.conftest import CLIPS, property_examples, run_launcher
 
 # A tiny LoRA that learns in a few steps, in fp32 so that numbers compare exactly.
 SMALL = ["--rank", "4", "--alpha", "8", "--learning-rate", "1e-2", "--mixed-precision", "fp32"]
-TIMING = ("step_seconds", "samples_per_s", "eval_seconds", "peak_memory_gb")
+TIMING = ("step_seconds", "samples_per_s", "eval_seconds", "peak_memory_gb", runs.LAUNCH)
 
 
 def _train(*args: str):

@@ -369,18 +369,29 @@ def _from_pretrained(load, source: str, subfolder: str, revision: str | None, **
 def load_transformer(
     source: str, dtype: torch.dtype, device: torch.device | str = "cpu", *, revision=None, variant=None
 ):
+    """The transformer in ``dtype`` on ``device``, each weight read from its file straight to the device.
+
+    On the ``meta`` device nothing is read but the config: the model's shapes and dtypes, for planning.
+    """
     from diffusers import CogVideoXTransformer3DModel
 
+    device = torch.device(device)
+    if device.type == "meta":
+        with device:
+            model = CogVideoXTransformer3DModel.from_config(read_config(source, "transformer", revision))
+        # diffusers' ``to`` warns of the modules kept in float32 even when there are none, as for this model.
+        return torch.nn.Module.to(model, dtype)
     with quiet_loading():
-        model = _from_pretrained(
+        # With a device map of one device no full copy is made in CPU memory first (then moved by .to).
+        return _from_pretrained(
             CogVideoXTransformer3DModel.from_pretrained,
             source,
             "transformer",
             revision,
             torch_dtype=dtype,
             variant=variant,
+            device_map={"": device},
         )
-    return model.to(device)
 
 
 def load_vae(source: str, dtype: torch.dtype, device: torch.device | str = "cpu", *, revision=None, variant=None):

@@ -301,10 +301,16 @@ class Loader:
         self.loader = loader
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        for batch in self.loader:
-            if isinstance(batch, _WorkerError):
-                raise batch.error()
-            yield batch
+        """The batches, the workers started now (not at the first batch asked for): each fetches its first
+        batches while the caller does other work, such as loading the model."""
+        return _checked(iter(self.loader))
+
+
+def _checked(batches: Iterator[Any]) -> Iterator[dict[str, Any]]:
+    for batch in batches:
+        if isinstance(batch, _WorkerError):
+            raise batch.error()
+        yield batch
 
 
 class _WorkerError:

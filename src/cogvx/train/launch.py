@@ -1,12 +1,15 @@
 """The Accelerator a run trains under: built once from the config, checked against what the launcher started.
 
-Also the end-of-run check that every data-parallel process holds the same LoRA.
+Also the launch's timeline (how long the process took to reach each phase of its first step) and the
+end-of-run check that every data-parallel process holds the same LoRA.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
@@ -87,3 +90,33 @@ def check_replicas_agree(accelerator, params: Sequence[torch.nn.Parameter]) -> N
             f"The LoRA weights differ between processes at the end of training ({everyone.tolist()}); "
             f"data-parallel training went out of sync. Please report this with the run's {runs.CONFIG_TOML}."
         )
+
+
+class Timeline:
+    """Seconds from this process's start to each phase of its launch (``runs.LAUNCH_PHASES``), in the order reached.
+
+    Recorded on the first step's row of metrics.jsonl (``runs.LAUNCH``): what a slow launch spent its time on.
+    """
+
+    def __init__(self):
+        self.phases: dict[str, float] = {}
+
+    def mark(self, phase: str) -> None:
+        """``phase`` reached now (its first time only: a phase is reached once per launch)."""
+        self.phases.setdefault(phase, round(process_seconds(), 3))
+
+
+def process_seconds() -> float:
+    """Seconds since this process started: the interpreter's start and every import count.
+
+    On Linux from the process's start in clock ticks since boot (to 10 ms); psutil's ``create_time`` adds a
+    boot time rounded to whole seconds, up to a second wrong, which a 15 s launch cannot afford.
+    """
+    try:
+        stat = Path("/proc/self/stat").read_text()
+        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime (the name before it may hold spaces)
+        return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, AttributeError, ValueError, IndexError):  # not Linux: no /proc, no CLOCK_BOOTTIME
+        import psutil
+
+        return time.time() - psutil.Process().create_time()

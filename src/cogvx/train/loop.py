@@ -50,10 +50,12 @@ def run(
     cfg: TrainConfig, on_step: Callable[[dict[str, Any]], None] | None = None, show_progress: bool = False
 ) -> TrainResult:
     """Train a LoRA as ``cfg`` says, holding the run folder against other runs from start to end."""
+    timeline = launch.Timeline()
+    timeline.mark(runs.LAUNCH_IMPORTS)  # this module's imports: torch, diffusers' and peft's are the bulk
     memory.use_expandable_segments()  # before the accelerator touches CUDA
     accelerator = launch.make_accelerator(cfg)
     with folder.guard(accelerator, cfg.output):
-        training = TrainingRun(accelerator, cfg)
+        training = TrainingRun(accelerator, cfg, timeline)
         finished = training.setup()
         if finished is not None:
             return finished
@@ -64,8 +66,9 @@ def run(
 class TrainingRun:
     """One run: ``setup`` (what it trains on, checked), ``build`` (the model and the parts), ``fit`` (the loop)."""
 
-    def __init__(self, accelerator, cfg: TrainConfig):
+    def __init__(self, accelerator, cfg: TrainConfig, timeline: launch.Timeline | None = None):
         self.accelerator, self.cfg = accelerator, cfg
+        self.timeline = timeline or launch.Timeline()
         self.main, self.world = accelerator.is_main_process, accelerator.num_processes
         self.checkpoints = CheckpointManager(accelerator, cfg)
         self.log = Logbook(accelerator, cfg)
@@ -82,17 +85,31 @@ class TrainingRun:
             return done
         self.prepared = setup.prepare(self.accelerator, self.cfg, self.checkpoints)
         self.cfg = self.prepared.cfg
+        self.timeline.mark(runs.LAUNCH_SETUP)
         return None
 
     def build(self) -> None:
-        """The transformer with its LoRA and speed levers, the optimizer, the parts, the stream; resumed if asked."""
-        accelerator, cfg, prepared = self.accelerator, self.cfg, self.prepared
+        """The stream, the transformer with its LoRA and speed levers, the optimizer, the parts; resumed if asked."""
+        accelerator, cfg, prepared, timeline = self.accelerator, self.cfg, self.prepared, self.timeline
         if cfg.fp8_matmul:  # before the model loads, not after
             float8.check_fp8_matmul(accelerator.device)
         attention.check(cfg.attention, cfg.fp8_attention, accelerator.device)  # FA3 on Hopper, before the model loads
         self.compute_dtype = models.DTYPES[cfg.mixed_precision]
-        # Loaded into CPU memory: levers.prepare moves it to the device, all but the swapped weights for ``swap``.
-        transformer = prepared.info.load_transformer(self.compute_dtype, "cpu")
+        self.progress = checkpoint.Progress(
+            world_size=self.world, workers=cfg.workers, config=prepared.resolved, held_out=prepared.held_out
+        )
+        # The loader's workers start first and fetch the first batches while the weights load.
+        resumed_at = self._batches_resumed()
+        self.batches = self._batches(resumed_at)
+        timeline.mark(runs.LAUNCH_LOADER)
+        compile_blocks = cfg.compile if cfg.compile is not None else accelerator.device.type == "cuda"
+        mode, plan = self._checkpointing(compile_blocks)
+        # Read straight onto the device, but for ``swap``, whose blocks' weights live in CPU memory: levers.prepare
+        # moves all the rest there, one block at a time, so the device never holds the whole model.
+        transformer = prepared.info.load_transformer(
+            self.compute_dtype, "cpu" if mode.swaps_weights else accelerator.device
+        )
+        timeline.mark(runs.LAUNCH_TRANSFORMER)
         noise_scheduler = prepared.info.load_scheduler()
         self.validator = Validator.build(
             accelerator, cfg, prepared.store, prepared.manifest, prepared.info, transformer.config.patch_size,
@@ -100,7 +117,22 @@ class TrainingRun:
         )  # fmt: skip
         torch.manual_seed(cfg.seed)  # LoRA A matrices start random: same seed, same start
         self.params = lora.add_lora(transformer, cfg.rank, cfg.alpha, cfg.targets, cfg.lora_dropout)
-        mode, plan = self._install_levers(transformer)
+        timeline.mark(runs.LAUNCH_LORA)
+        if compile_blocks:  # later launches load the compiled blocks instead of compiling them again
+            compiling.use_persistent_compile_cache()
+        levers.prepare(
+            transformer,
+            levers.Levers(
+                mode,
+                compile_blocks,
+                cfg.fp8_base,
+                cfg.fp8_matmul,
+                attention=cfg.attention,
+                fp8_attention=cfg.fp8_attention,
+            ),  # fmt: skip
+            accelerator.device,
+        )
+        timeline.mark(runs.LAUNCH_LEVERS)
         lr = cfg.learning_rate * (cfg.batch_size * cfg.gradient_accumulation * self.world if cfg.scale_lr else 1)
         optimizer = build_optimizer(cfg, self.params, lr)
         self.schedule = build_schedule(cfg, optimizer)
@@ -112,33 +144,33 @@ class TrainingRun:
             noised_image_dropout=cfg.noised_image_dropout,
         )
         self.evaluator = self._evaluator()
-        self.progress = checkpoint.Progress(
-            world_size=self.world, workers=cfg.workers, config=prepared.resolved, held_out=prepared.held_out
-        )
         best = self.evaluator.best if self.evaluator is not None and cfg.keep_best else None
         self.checkpoints.track(lora.LoraState(transformer), optimizer, self.schedule, self.progress, best)
         self.checkpoints.restore(cfg, lr)
+        if self.progress.batches_consumed != resumed_at:  # the stream started where the checkpoint says
+            raise RuntimeError(
+                f"The data stream started after {resumed_at} batches, the checkpoint restored "
+                f"{self.progress.batches_consumed}: the resumed run would train on other batches."
+            )
         self.model, self.optimizer = accelerator.prepare(transformer, optimizer)
-        self.batches = self._batches()
+        timeline.mark(runs.LAUNCH_OPTIMIZER)
         self._record_run(mode, plan)
         if self.evaluator is not None:
             self._score_base()
 
-    def _install_levers(self, transformer: torch.nn.Module) -> tuple[checkpointing.Mode, memory.Plan | None]:
-        """Compile, checkpointing (``auto``: planned), float8 and swap put on ``transformer``; the mode and plan."""
-        cfg, device = self.cfg, self.accelerator.device
-        compile_blocks = cfg.compile if cfg.compile is not None else device.type == "cuda"
-        if compile_blocks:  # later launches load the compiled blocks instead of compiling them again
-            compiling.use_persistent_compile_cache()
-        plan = None
-        if cfg.checkpointing == checkpointing.AUTO:
-            plan = choose_checkpointing(self.accelerator, cfg, transformer, self.prepared.manifest, compile_blocks)
-        mode = plan.mode if plan is not None else checkpointing.named(cfg.checkpointing)
-        chosen = levers.Levers(
-            mode, compile_blocks, cfg.fp8_base, cfg.fp8_matmul, attention=cfg.attention, fp8_attention=cfg.fp8_attention
-        )
-        levers.prepare(transformer, chosen, device)
-        return mode, plan
+    def _checkpointing(self, compile_blocks: bool) -> tuple[checkpointing.Mode, memory.Plan | None]:
+        """The checkpointing mode, and for ``auto`` its plan, known before any weight is read.
+
+        ``auto`` plans on the transformer's shapes alone (on the meta device, its LoRA added as training adds
+        it): the same sizes as the loaded model's, so the same plan.
+        """
+        cfg = self.cfg
+        if cfg.checkpointing != checkpointing.AUTO:
+            return checkpointing.named(cfg.checkpointing), None
+        shapes = self.prepared.info.load_transformer(self.compute_dtype, "meta")
+        lora.add_lora(shapes, cfg.rank, cfg.alpha, cfg.targets, cfg.lora_dropout)
+        plan = choose_checkpointing(self.accelerator, cfg, shapes, self.prepared.manifest, compile_blocks)
+        return plan.mode, plan
 
     def _evaluator(self) -> evaluation.Evaluator | None:
         """The held-out scorer, when the run has an eval set: every process reads the samples of its own share."""
@@ -162,8 +194,13 @@ class TrainingRun:
             keep_best=self.cfg.output if self.cfg.keep_best else None,
         )
 
-    def _batches(self):
-        """This process's batches, from where the resumed checkpoint (if any) left the stream."""
+    def _batches_resumed(self) -> int:
+        """The batches the run had consumed at the checkpoint it resumes from (0 for a new run)."""
+        found = self.checkpoints.found
+        return 0 if found is None else checkpoint.read_progress(found)["batches_consumed"]
+
+    def _batches(self, skip_batches: int):
+        """This process's batches after the first ``skip_batches``, its loader's workers started now."""
         cfg, accelerator = self.cfg, self.accelerator
         stream = ShardStream(
             self.prepared.store,
@@ -174,7 +211,7 @@ class TrainingRun:
             self.world,
             shuffle_buffer=cfg.shuffle_buffer,
             random_flip=cfg.random_flip,
-            skip_batches=self.progress.batches_consumed,
+            skip_batches=skip_batches,
             skip_bad=cfg.skip_bad_shards,
         )
         return iter(make_loader(stream, cfg.workers, pin_memory=accelerator.device.type == "cuda"))
@@ -259,9 +296,13 @@ class TrainingRun:
         from accelerate.utils import gather_object
 
         cfg = self.cfg
+        first = not result.losses  # this process's first step: the end of its launch
         started = time.perf_counter()
         micro_batches = [next(self.batches) for _ in range(cfg.gradient_accumulation)]
         self.progress.batches_consumed += cfg.gradient_accumulation
+        if first:
+            self.timeline.mark(runs.LAUNCH_FIRST_BATCH)
+            forwarded = self.accelerator.unwrap_model(self.model).register_forward_hook(self._first_forward)
         out = train_step(
             self.accelerator,
             self.model,
@@ -276,6 +317,10 @@ class TrainingRun:
             schedule=self.schedule,
         )
         seconds = time.perf_counter() - started
+        if first:
+            forwarded.remove()
+            self._synchronize()
+            self.timeline.mark(runs.LAUNCH_FIRST_STEP)
         keys = [k for batch in micro_batches for k in batch["keys"]]
         skipped = sorted({s for b in micro_batches for s in b.get(SKIPPED_SHARDS, ())} - set(result.skipped_shards))
         record = {
@@ -288,6 +333,8 @@ class TrainingRun:
             "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if torch.cuda.is_available() else 0.0,
             "samples": gather_object([keys]) if self.world > 1 else [keys],  # per process
         }
+        if first:
+            record[runs.LAUNCH] = dict(self.timeline.phases)
         if out.skipped:
             record["skipped"] = True
         if skipped:  # --skip-bad-shards: said once, at the step that first went without them
@@ -296,6 +343,18 @@ class TrainingRun:
         result.losses.append(out.loss)
         result.steps = self.progress.step = step
         return record
+
+    def _first_forward(self, *_) -> None:
+        """The forward hook of the first step: its first forward computed (the device waited for), marked."""
+        if runs.LAUNCH_FIRST_FORWARD in self.timeline.phases:  # a later micro-batch of the first step
+            return
+        self._synchronize()
+        self.timeline.mark(runs.LAUNCH_FIRST_FORWARD)
+
+    def _synchronize(self) -> None:
+        """Wait for the device's queued work: once per launch, so that the timeline says when work was done."""
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.synchronize(self.accelerator.device)
 
     def _finish(self, result: TrainResult) -> TrainResult:
         """The LoRA, loss curve and model card written; the processes taken down together; the push."""

@@ -12,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+import psutil
 import pytest
 from typer.testing import CliRunner
 
@@ -224,7 +225,12 @@ def test_bad_inputs_are_skipped_listed_and_counted(messy: Path, tmp_path: Path, 
 def test_the_timeline_says_where_the_time_went(tmp_path: Path):
     result = run(tiny_config(CLIPS, tmp_path / "out", workers=1))
     line = dict(result.timeline)
-    assert 0 < line["encoders"] <= line["first_written"] <= line["encoded"] <= result.seconds
+    assert result.started == psutil.Process().create_time()  # seconds since this process started
+    # the start's steps in the order one run makes them; the first clip decodes while the encoders load
+    assert 0 < line["imports"] <= line["configs"] <= line["loader"] <= line["vae"] <= line["t5"] <= line["encoders"]
+    assert line["loader"] <= line["first_decoded"] <= line["first_prompt"]
+    assert line["encoders"] <= line["first_prompt"] <= line["first_latent"] <= line["first_written"] <= line["encoded"]
+    assert line["encoded"] - line["imports"] <= result.seconds
     other = dataclasses.replace(result.share(), timeline={"encoders": 1e6, "first_written": 0.0, "encoded": 2e6})
     result.add(other)  # a slower rank sets the merged timeline; a faster one does not
     assert result.timeline["encoders"] == 1e6 and result.timeline["encoded"] == 2e6

@@ -345,3 +345,27 @@ def test_other_parameters_or_model_into_an_existing_cache_are_refused(tmp_path: 
         run(tiny_config(data, out, model=str(other)))
     # tiny-2b shares tiny's VAE and text encoder, like the real 2b and 5b: the cache accepts it.
     assert run(tiny_config(data, out, model="tiny-2b")).already_cached == 1
+
+
+@pytest.mark.parametrize(
+    "variant, wanted",
+    [
+        (None, {"vae/diffusion_pytorch_model.safetensors", "text_encoder/model-00001-of-00002.safetensors",
+                "text_encoder/model-00002-of-00002.safetensors"}),
+        ("fp16", {"vae/diffusion_pytorch_model.fp16.safetensors",
+                  "text_encoder/model.fp16-00001-of-00001.safetensors"}),
+    ],
+)  # fmt: skip
+def test_the_weights_read_ahead_are_the_encoders_of_the_variant_loaded(variant, wanted, tmp_path: Path):
+    from cogvx.pipeline import models
+    from cogvx.preprocess.loop import weights_files
+
+    folder = tmp_path / "model"
+    shutil.copytree(models.resolve_model("tiny"), folder)
+    for name in {*wanted, "vae/diffusion_pytorch_model.fp16.safetensors", "transformer/x.safetensors"}:
+        (folder / name).touch()
+    for old in (folder / "text_encoder").glob("model.safetensors"):
+        old.unlink()
+    info = models.ModelInfo.read(str(folder), variant=variant)
+    assert {str(path.relative_to(folder)) for path in weights_files(info)} == wanted
+    assert weights_files(dataclasses.replace(info, source="THUDM/CogVideoX-2b")) == []

@@ -11,6 +11,8 @@ import contextlib
 import functools
 import multiprocessing
 import multiprocessing.forkserver
+import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -111,6 +113,38 @@ def start_decoder_server(workers: int) -> None:
     if workers:
         multiprocessing.set_forkserver_preload(["__main__", "cogvx.preprocess.encoding"])
         multiprocessing.forkserver.ensure_running()
+
+
+def weights_files(info: models.ModelInfo) -> list[Path]:
+    """The VAE's and T5's weights files of a local model folder, of its variant (none for a hub model)."""
+    folder = Path(info.source)
+    if not folder.is_dir():
+        return []
+    found = [path for sub in ("vae", "text_encoder") for path in sorted((folder / sub).glob("*.safetensors"))]
+    # NAME.safetensors, NAME-00001-of-00002.safetensors; with a variant NAME.VARIANT[-00001-of-00002].safetensors
+    middles = {path: path.name.split(".")[1:-1] for path in found}
+    if info.variant is None:
+        return [path for path in found if not middles[path]]
+    return [path for path in found if middles[path] and middles[path][0].split("-")[0] == info.variant]
+
+
+def prefetch_weights(info: models.ModelInfo) -> None:
+    """Have the OS read the encoders' weights files into memory now, while the run starts (a thread asks)."""
+    files = weights_files(info)
+    if files and hasattr(os, "posix_fadvise"):
+        threading.Thread(target=_will_need, args=(files,), name="cogvx-prefetch", daemon=True).start()
+
+
+def _will_need(files: list[Path]) -> None:
+    for path in files:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+        except OSError:
+            continue  # a hint only: loading reads the file either way, and reports what is wrong with it
 
 
 def clip_loader(jobs: list[Job], spec: FrameSpec, workers: int, device: torch.device) -> torch.utils.data.DataLoader:

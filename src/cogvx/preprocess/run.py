@@ -26,6 +26,7 @@ from cogvx.preprocess.loop import (
     encode,
     load_encoders,
     pick_device,
+    prefetch_weights,
     saying_what_was_kept,
     start_decoder_server,
 )
@@ -115,6 +116,7 @@ def _run(cfg: PreprocessConfig, target: CacheTarget, ranks: Ranks, show_progress
     result.mark("configs")
     # every rank refuses alike
     existing = cachedir.check_existing(target.folder, inputs.producer, inputs.params, inputs.info, target.shown)
+    prefetch_weights(inputs.info)  # a model folder fresh from disk is read while the run starts
     device = pick_device(cfg.device, ranks)
     with target.writing(ranks):
         manifest, recovery = _open_cache(cfg, inputs, target, ranks, existing)

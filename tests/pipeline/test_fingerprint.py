@@ -212,3 +212,34 @@ def test_a_cache_from_another_t5_is_refused_by_training(tmp_path: Path):
     (other / "text_encoder" / "config.json").write_text(json.dumps(text | {"num_layers": 12}))
     with pytest.raises(ModelError, match="text_encoder_fingerprint"):
         check_cache_fits(cache_manifest(made_by), models.ModelInfo.read(str(other)), tmp_path / "shards")
+
+
+# The fingerprints caches already record for the published models: they may never change.
+RECORDED = {"vae_fingerprint": "7d95657d88ce3b7d", "text_encoder_fingerprint": "414133ca345b233b"}
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_the_published_models_keep_the_fingerprints_their_caches_record(name, tmp_path: Path):
+    info = models.ModelInfo.read(str(model_folder(tmp_path, name, "bfloat16", "transformers-4")))
+    assert {key: info.encoder_identity()[key] for key in RECORDED} == RECORDED
+
+
+def test_the_vae_arguments_are_those_of_the_installed_diffusers_class():
+    """The fingerprint fills in defaults from a table, not from diffusers' class (importing it takes seconds)."""
+    import inspect
+
+    from diffusers import AutoencoderKLCogVideoX
+
+    arguments = inspect.signature(AutoencoderKLCogVideoX.__init__).parameters
+    assert {name: arg.default for name, arg in arguments.items() if name != "self"} == models.VAE_ARGUMENTS
+
+
+def test_reading_a_model_imports_no_diffusers_model(tmp_path: Path):
+    """``ModelInfo.read`` runs before any work of a preprocess run starts: configs only, no model classes."""
+    import subprocess
+    import sys
+
+    folder = model_folder(tmp_path, "CogVideoX-2b", "bfloat16", "transformers-4")
+    code = f"import sys; from cogvx.pipeline import models; models.ModelInfo.read({str(folder)!r}); print(*sys.modules)"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert not [name for name in loaded if name.split(".")[0] in ("diffusers", "peft", "sklearn")]

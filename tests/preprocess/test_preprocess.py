@@ -12,6 +12,7 @@ import os
 import shutil
 from pathlib import Path
 
+import psutil
 import pytest
 from typer.testing import CliRunner
 
@@ -224,7 +225,12 @@ def test_bad_inputs_are_skipped_listed_and_counted(messy: Path, tmp_path: Path, 
 def test_the_timeline_says_where_the_time_went(tmp_path: Path):
     result = run(tiny_config(CLIPS, tmp_path / "out", workers=1))
     line = dict(result.timeline)
-    assert 0 < line["encoders"] <= line["first_written"] <= line["encoded"] <= result.seconds
+    assert result.started == psutil.Process().create_time()  # seconds since this process started
+    # the start's steps in the order one run makes them; the first clip decodes while the encoders load
+    assert 0 < line["imports"] <= line["configs"] <= line["loader"] <= line["vae"] <= line["t5"] <= line["encoders"]
+    assert line["loader"] <= line["first_decoded"] <= line["first_prompt"]
+    assert line["encoders"] <= line["first_prompt"] <= line["first_latent"] <= line["first_written"] <= line["encoded"]
+    assert line["encoded"] - line["imports"] <= result.seconds
     other = dataclasses.replace(result.share(), timeline={"encoders": 1e6, "first_written": 0.0, "encoded": 2e6})
     result.add(other)  # a slower rank sets the merged timeline; a faster one does not
     assert result.timeline["encoders"] == 1e6 and result.timeline["encoded"] == 2e6
@@ -339,3 +345,27 @@ def test_other_parameters_or_model_into_an_existing_cache_are_refused(tmp_path: 
         run(tiny_config(data, out, model=str(other)))
     # tiny-2b shares tiny's VAE and text encoder, like the real 2b and 5b: the cache accepts it.
     assert run(tiny_config(data, out, model="tiny-2b")).already_cached == 1
+
+
+@pytest.mark.parametrize(
+    "variant, wanted",
+    [
+        (None, {"vae/diffusion_pytorch_model.safetensors", "text_encoder/model-00001-of-00002.safetensors",
+                "text_encoder/model-00002-of-00002.safetensors"}),
+        ("fp16", {"vae/diffusion_pytorch_model.fp16.safetensors",
+                  "text_encoder/model.fp16-00001-of-00001.safetensors"}),
+    ],
+)  # fmt: skip
+def test_the_weights_read_ahead_are_the_encoders_of_the_variant_loaded(variant, wanted, tmp_path: Path):
+    from cogvx.pipeline import models
+    from cogvx.preprocess.loop import weights_files
+
+    folder = tmp_path / "model"
+    shutil.copytree(models.resolve_model("tiny"), folder)
+    for name in {*wanted, "vae/diffusion_pytorch_model.fp16.safetensors", "transformer/x.safetensors"}:
+        (folder / name).touch()
+    for old in (folder / "text_encoder").glob("model.safetensors"):
+        old.unlink()
+    info = models.ModelInfo.read(str(folder), variant=variant)
+    assert {str(path.relative_to(folder)) for path in weights_files(info)} == wanted
+    assert weights_files(dataclasses.replace(info, source="THUDM/CogVideoX-2b")) == []

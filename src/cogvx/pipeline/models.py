@@ -61,6 +61,35 @@ T5_COMPUTE_FIELDS = (
 VAE_NON_COMPUTE_FIELDS = ("scaling_factor", "force_upcast", "invert_scale_latents")
 
 
+# The constructor arguments of diffusers' AutoencoderKLCogVideoX and their defaults, which the VAE fingerprint
+# fills in for keys a config file leaves out. Written out here because importing that class imports all of
+# diffusers' models (seconds at every preprocess start, before any work can begin); tests/pipeline/
+# test_fingerprint.py checks the table against the installed class, so a diffusers that changes it is noticed.
+VAE_ARGUMENTS: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("CogVideoXDownBlock3D",) * 4,
+    "up_block_types": ("CogVideoXUpBlock3D",) * 4,
+    "block_out_channels": (128, 256, 256, 512),
+    "latent_channels": 16,
+    "layers_per_block": 3,
+    "act_fn": "silu",
+    "norm_eps": 1e-06,
+    "norm_num_groups": 32,
+    "temporal_compression_ratio": 4,
+    "sample_height": 480,
+    "sample_width": 720,
+    "scaling_factor": 1.15258426,
+    "shift_factor": None,
+    "latents_mean": None,
+    "latents_std": None,
+    "force_upcast": True,
+    "use_quant_conv": False,
+    "use_post_quant_conv": False,
+    "invert_scale_latents": False,
+}
+
+
 def choose_model(given: str | None, *recorded: tuple[str | None, str]) -> str:
     """``--model``'s one rule: the model given, else the first one recorded with the input, else an error.
 
@@ -150,12 +179,7 @@ def text_encoder_fields(config: dict[str, Any]) -> dict[str, Any]:
 
 def vae_fields(config: dict[str, Any]) -> dict[str, Any]:
     """The VAE's constructor arguments that decide its latents, defaults filled in; file-only keys dropped."""
-    import inspect
-
-    from diffusers import AutoencoderKLCogVideoX
-
-    arguments = inspect.signature(AutoencoderKLCogVideoX.__init__).parameters
-    fields = {name: config.get(name, arg.default) for name, arg in arguments.items() if name != "self"}
+    fields = {name: config.get(name, default) for name, default in VAE_ARGUMENTS.items()}
     # JSON round trip: tuples (the class's defaults) and lists (a file's values) hash alike.
     return {k: json.loads(json.dumps(v)) for k, v in fields.items() if k not in VAE_NON_COMPUTE_FIELDS}
 

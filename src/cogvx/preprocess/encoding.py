@@ -15,6 +15,7 @@ import hashlib
 import os
 import queue
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -86,6 +87,7 @@ class ReadClip:
     # Per row of frames: (window number, mirrored). Rows are the windows, their mirrors, or both, in order.
     variants: list[tuple[int, bool]]
     first: FirstFrames | None = None  # with image latents: each row's first frame
+    decoded_at: float = 0.0  # when the worker had it ready (time.time()): the run's timeline
 
     def pin_memory(self) -> ReadClip:
         """Called by the DataLoader's pinning thread: frames leave it page-locked, for a non-blocking copy."""
@@ -186,6 +188,7 @@ class ClipReader(torch.utils.data.Dataset):
         )
         if job.image_latents:
             read.first = FirstFrames.of(frames[:, 0], [read.key(row) for row in range(len(frames))])
+        read.decoded_at = time.time()
         return read
 
 
@@ -248,12 +251,14 @@ class VaeBatcher:
 
     With image latents, the first frames of the same clips are encoded right after them, in one call of
     1-frame videos (their shapes differ from the clips', so they cannot share the clips' call).
+    ``autotune``: cuDNN's autotuner on from the second call (``calls`` counts them).
     """
 
-    def __init__(self, vae, device: torch.device, batch: int, emit: Callable[[Encoded], None]):
-        self.vae, self.device, self.batch, self.emit = vae, device, batch, emit
+    def __init__(self, vae, device: torch.device, batch: int, emit: Callable[[Encoded], None], autotune: bool = False):
+        self.vae, self.device, self.batch, self.emit, self.autotune = vae, device, batch, emit, autotune
         self.pending: list[tuple[ReadClip, Prompt, torch.Tensor, torch.Tensor | None]] = []
         self.count = 0
+        self.calls = 0
 
     def add(self, clip: ReadClip, prompt: Prompt) -> None:
         frames, clip.frames = clip.frames, None  # the host copy is not kept while the clip waits to be written
@@ -274,6 +279,9 @@ class VaeBatcher:
         moments = torch.cat([encode_video_moments(self.vae, chunk) for chunk in frames.split(self.batch)])
         firsts = [first for *_, first in self.pending if first is not None]
         images = [encode_image_moments(self.vae, torch.cat(firsts))] if firsts else []
+        self.calls += 1
+        if self.autotune:
+            torch.backends.cudnn.benchmark = True
         (host, *host_images), ready = to_host(moments, *images)
         offset, image_offset = 0, 0
         for clip, prompt, clip_frames, first in self.pending:

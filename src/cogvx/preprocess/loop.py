@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -54,8 +58,15 @@ class Encoders:
     encode_text: Callable[[list[str]], tuple[torch.Tensor, list[bool]]]
 
 
-def load_encoders(cfg: PreprocessConfig, info: models.ModelInfo, device: torch.device) -> Encoders:
-    """The VAE (tiled, sliced, compiled as ``cfg`` says) and T5 of ``info``'s model, on ``device``."""
+def load_encoders(
+    cfg: PreprocessConfig, info: models.ModelInfo, device: torch.device, result: PreprocessResult
+) -> Encoders:
+    """The VAE (tiled, sliced, compiled as ``cfg`` says) and T5 of ``info``'s model, on ``device``.
+
+    One after the other on this thread, while the decoding workers start: loading either while the other
+    loads or runs is not safe, as both libraries' ``from_pretrained`` change process-wide state for a
+    while (transformers sets torch's default dtype; accelerate's empty-weights patch is class-wide).
+    """
     dtype = models.parse_dtype(cfg.dtype)
     vae = info.load_vae(dtype, device).eval()
     if cfg.vae_tiling:
@@ -67,7 +78,9 @@ def load_encoders(cfg: PreprocessConfig, info: models.ModelInfo, device: torch.d
         # runs load the kernels from the persistent cache.
         compiling.use_persistent_compile_cache()
         compiling.compile_vae_encoder(vae)
+    result.mark("vae")
     tokenizer, text_encoder = info.load_text_encoder(dtype, device)
+    result.mark("t5")
 
     def encode_text(texts: list[str]):
         encoding = encode_prompts(tokenizer, text_encoder, texts, info.max_text_tokens)
@@ -88,6 +101,50 @@ def pick_device(name: str | None, ranks: Ranks) -> torch.device:
         # would open a CUDA context on GPU 0.
         torch.cuda.set_device(device)
     return device
+
+
+def start_decoder_server(workers: int) -> None:
+    """Start the fork server the decoding workers come from now, with torch and the clip reader imported in it.
+
+    Each worker forked from it then starts decoding at once, instead of importing them first (seconds, at
+    the start of every run); the server imports them while this process reads the configs and loads the
+    encoders. It holds no decoder state: workers still start clean.
+    """
+    if workers:
+        multiprocessing.set_forkserver_preload(["__main__", "cogvx.preprocess.encoding"])
+        multiprocessing.forkserver.ensure_running()
+
+
+def weights_files(info: models.ModelInfo) -> list[Path]:
+    """The VAE's and T5's weights files of a local model folder, of its variant (none for a hub model)."""
+    folder = Path(info.source)
+    if not folder.is_dir():
+        return []
+    found = [path for sub in ("vae", "text_encoder") for path in sorted((folder / sub).glob("*.safetensors"))]
+    # NAME.safetensors, NAME-00001-of-00002.safetensors; with a variant NAME.VARIANT[-00001-of-00002].safetensors
+    middles = {path: path.name.split(".")[1:-1] for path in found}
+    if info.variant is None:
+        return [path for path in found if not middles[path]]
+    return [path for path in found if middles[path] and middles[path][0].split("-")[0] == info.variant]
+
+
+def prefetch_weights(info: models.ModelInfo) -> None:
+    """Have the OS read the encoders' weights files into memory now, while the run starts (a thread asks)."""
+    files = weights_files(info)
+    if files and hasattr(os, "posix_fadvise"):
+        threading.Thread(target=_will_need, args=(files,), name="cogvx-prefetch", daemon=True).start()
+
+
+def _will_need(files: list[Path]) -> None:
+    for path in files:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+        except OSError:
+            continue  # a hint only: loading reads the file either way, and reports what is wrong with it
 
 
 def clip_loader(jobs: list[Job], spec: FrameSpec, workers: int, device: torch.device) -> torch.utils.data.DataLoader:
@@ -127,11 +184,14 @@ def encode(
     """
     prompts = PromptBank([job.clip.caption or "" for job in jobs], encoders.encode_text, cfg.text_batch_size)
     sink = SampleSink(writer.write)
-    batcher = VaeBatcher(encoders.vae, device, cfg.vae_batch, sink.put)
+    # cuDNN's autotuner (a few shapes, each seen many times) only from the second VAE call: on the first it
+    # costs seconds (BENCHMARKS.md, section 10), and the first sample waits for that call.
+    batcher = VaeBatcher(encoders.vae, device, cfg.vae_batch, sink.put, autotune=device.type == "cuda")
     benchmark = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = device.type == "cuda"  # a few shapes, each seen many times
+    torch.backends.cudnn.benchmark = False
     try:
         unchanged = _encode_clips(jobs, items, prompts, batcher, writer, result, total, world, show_progress)
+        torch.backends.cudnn.benchmark = device.type == "cuda"
         if refresh is not None:
             todo = image_targets(writer.manifest, clip_paths, {*refresh, *unchanged})
             with progress_bar(show_progress and bool(todo), "image latents", len(todo)) as update:
@@ -189,20 +249,26 @@ def _encode_clips(
                 result.already_cached += 1
                 unchanged.append(clip.source)
             else:
+                result.timeline.setdefault("first_decoded", item.decoded_at - result.started)
                 job = jobs[item.index]
                 if (item.content_hash, caption_hash(clip.caption)) == (job.known_hash, job.known_caption):
                     unchanged.append(clip.source)  # the cache holds this clip: only its mirrors were new
                 prompt = prompts.get(item.index)
+                result.mark("first_prompt")
                 if prompt.truncated:
                     result.truncated_captions += 1
                     result.truncated_sources.append(clip.source)
                 batcher.add(item, prompt)
+                if batcher.calls:
+                    result.mark("first_latent")  # the first VAE call made: its kernels queued
                 result.encoded += 1
                 result.samples += len(item.windows)
             # Other ranks' progress is not known here; rank 0's bar shows its own share scaled up.
             done = base + position * world
             update(min(done, total), rate=position * world / max(time.time() - started, 1e-9))
         batcher.flush()
+        if batcher.calls:
+            result.mark("first_latent")
     return unchanged
 
 

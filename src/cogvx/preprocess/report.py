@@ -13,6 +13,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import psutil
+
 from cogvx.preprocess.cachedir import Recovery
 from cogvx.preprocess.sources import INVALID_UTF8, Sources
 from cogvx.shards import Manifest, paths, store, write_json_atomic
@@ -36,13 +38,17 @@ class PreprocessResult:
     # encoded again), and the sources of their samples that no longer exist in the data: lost.
     dropped_shards: list[str] = field(default_factory=list)
     lost_sources: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    # Seconds from the start to: the encoders on the device ("encoders"), the first clip's samples
-    # written ("first_written") and every sample written ("encoded"). Across ranks: the slowest.
+    seconds: float = 0.0  # from the run's start ("imports") to its end
+    # Seconds from the process's start (``started``) to each step of the run's start, in the order they
+    # usually come: the run begins, its imports done ("imports"); the model's configs read ("configs"); the
+    # decoding workers started ("loader"); the first clip decoded, by a worker meanwhile ("first_decoded");
+    # the VAE on the device ("vae"); T5 too ("t5", "encoders"); the first prompt embedded ("first_prompt");
+    # the first VAE call made, its kernels queued ("first_latent"); the first clip's samples written
+    # ("first_written"); every sample written ("encoded"). Across ranks: the slowest.
     timeline: dict[str, float] = field(default_factory=dict)
     ranks: int = 1
     manifest: Manifest | None = None
-    started: float = field(default_factory=time.time)
+    started: float = field(default_factory=lambda: psutil.Process().create_time())
 
     def mark(self, name: str) -> None:
         """Put ``name`` on the timeline at now, unless it is there already."""
@@ -214,10 +220,10 @@ def print_summary(result: PreprocessResult, output: Path | str) -> None:
 def _timing(result: PreprocessResult) -> str:
     """E.g. "95.2 s on 2 ranks: 21.0 s loading the encoders, then 70.1 clips/min"."""
     text = f"{result.seconds:.1f} s" + (f" on {result.ranks} ranks" if result.ranks > 1 else "")
-    loaded, encoded = result.timeline.get("encoders"), result.timeline.get("encoded")
-    if loaded is None or encoded is None:
+    began, loaded, encoded = (result.timeline.get(name) for name in ("imports", "encoders", "encoded"))
+    if began is None or loaded is None or encoded is None:
         return text
-    text += f": {loaded:.1f} s loading the encoders"
+    text += f": {loaded - began:.1f} s loading the encoders"
     if result.encoded and encoded > loaded:
         text += f", then {60 * result.encoded / (encoded - loaded):.1f} clips/min"
     return text

@@ -20,7 +20,16 @@ from cogvx.pipeline import models
 from cogvx.preprocess import cachedir
 from cogvx.preprocess.cachedir import Recovery, save_validation_prompts
 from cogvx.preprocess.config import VAE_FRAME_STEP, PreprocessConfig  # noqa: F401 (re-exported)
-from cogvx.preprocess.loop import Interrupted, clip_loader, encode, load_encoders, pick_device, saying_what_was_kept
+from cogvx.preprocess.loop import (
+    Interrupted,
+    clip_loader,
+    encode,
+    load_encoders,
+    pick_device,
+    prefetch_weights,
+    saying_what_was_kept,
+    start_decoder_server,
+)
 from cogvx.preprocess.plan import find_clips, todo
 from cogvx.preprocess.ranks import Ranks
 from cogvx.preprocess.report import PreprocessResult, RankCounts, print_summary, report_end, report_found
@@ -99,10 +108,15 @@ def _read_inputs(cfg: PreprocessConfig) -> _Inputs:
 
 
 def _run(cfg: PreprocessConfig, target: CacheTarget, ranks: Ranks, show_progress: bool) -> PreprocessResult:
-    started = time.time()
+    began = time.time()
+    result = PreprocessResult(ranks=ranks.world)
+    result.mark("imports")
+    start_decoder_server(cfg.workers)  # its imports run while the configs are read and the encoders load
     inputs = _read_inputs(cfg)
+    result.mark("configs")
     # every rank refuses alike
     existing = cachedir.check_existing(target.folder, inputs.producer, inputs.params, inputs.info, target.shown)
+    prefetch_weights(inputs.info)  # a model folder fresh from disk is read while the run starts
     device = pick_device(cfg.device, ranks)
     with target.writing(ranks):
         manifest, recovery = _open_cache(cfg, inputs, target, ranks, existing)
@@ -110,14 +124,14 @@ def _run(cfg: PreprocessConfig, target: CacheTarget, ranks: Ranks, show_progress
         image_latents = cfg.image_latents or manifest.image_latent_count > 0
         jobs, cached = todo(inputs.clips, manifest, cfg.flip, image_latents)
         mine = jobs[ranks.rank :: ranks.world]
-        result = PreprocessResult(
-            already_cached=len(cached) if ranks.is_main else 0, ranks=ranks.world, manifest=manifest, started=started
-        )
+        result.manifest = manifest
+        result.already_cached = len(cached) if ranks.is_main else 0
         if ranks.is_main:
             report_found(target.folder, cfg.data, inputs.sources, recovery, result)
         # The workers start decoding now, while the encoders load (seconds for T5's 4.8 B parameters).
         items = iter(clip_loader(mine, inputs.spec, cfg.workers, device))
-        encoders = load_encoders(cfg, inputs.info, device)
+        result.mark("loader")
+        encoders = load_encoders(cfg, inputs.info, device, result)
         result.mark("encoders")
         if ranks.is_main and cfg.validation_prompts:
             target.save_validation_prompts(manifest, list(cfg.validation_prompts), encoders.encode_text)
@@ -150,7 +164,7 @@ def _run(cfg: PreprocessConfig, target: CacheTarget, ranks: Ranks, show_progress
             )
         result.mark("encoded")
         _close_cache(target, ranks, result, manifest)
-    result.seconds = time.time() - started
+    result.seconds = time.time() - began
     if ranks.is_main:
         _conclude(cfg, inputs, target, result, image_latents, show_progress)
     return result

@@ -76,6 +76,25 @@ class _StandIn(types.ModuleType):
             return self.op(q, k, v).to(torch.bfloat16)
         return self.op(q, k, v)
 
+    def _flash_attn_forward(self, q, k, v, softmax_scale=None):
+        """FA3's internal forward as cogvx's op calls it: [B, L, H, D] out and [B, H, L] log-sum-exp (fp32)."""
+        assert q.stride(-1) == 1 and softmax_scale == q.shape[-1] ** -0.5
+        _stand_in_forward_op.calls += 1
+        scores = (q.transpose(1, 2).float() @ k.transpose(1, 2).float().transpose(-1, -2)) * softmax_scale
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        return out.contiguous(), torch.logsumexp(scores, dim=-1), None, None  # FA3 writes a contiguous output
+
+    def _flash_attn_backward(self, dout, q, k, v, out, lse, dq, dk, dv, softmax_scale):
+        """FA3's internal backward: softmax attention's gradients, in closed form from the forward's log-sum-exp,
+        written into ``dq``, ``dk``, ``dv`` (an op's body runs below autograd: no recompute with autograd here)."""
+        assert lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.dtype == torch.float32
+        q, k, v, o, do = (t.transpose(1, 2).float() for t in (q, k, v, out, dout))  # [B, H, L, D]
+        p = torch.exp(q @ k.transpose(-1, -2) * softmax_scale - lse[..., None])  # the softmax, from lse
+        ds = p * (do @ v.transpose(-1, -2) - (do * o).sum(-1, keepdim=True))
+        grads = (ds @ k * softmax_scale, ds.transpose(-1, -2) @ q * softmax_scale, p.transpose(-1, -2) @ do)
+        for into, grad in zip((dq, dk, dv), grads, strict=True):
+            into.copy_(grad.transpose(1, 2))
+
     @property
     def calls(self) -> int:
         return _stand_in_forward_op.calls
@@ -85,6 +104,10 @@ class _StandIn(types.ModuleType):
 def stand_in(monkeypatch) -> _StandIn:
     if FA3_INSTALLED:
         pytest.skip("FlashAttention-3 is installed here: its op name is taken")
+    # diffusers and transformers look for FA3 while importing their models (lazily, at first use): they import
+    # first, so that whatever order the tests run in, they never meet the stand-in (it has no import spec).
+    _tiny()
+    importlib.import_module("diffusers.loaders.peft")
     module = _StandIn()
     monkeypatch.setitem(sys.modules, attention.FA3_MODULE, module)
     return module
@@ -115,6 +138,16 @@ def _loss_and_grads(transformer: torch.nn.Module, bf16: bool = False) -> tuple[t
     return loss.detach(), [p.grad for p in transformer.parameters()]
 
 
+def _close(a, b, exact_loss: bool = False) -> bool:
+    """Same loss (exactly, or to 1e-3) and the same gradients to bf16 rounding."""
+    if not (torch.equal(a[0], b[0]) if exact_loss else torch.allclose(a[0], b[0], rtol=1e-3)):
+        return False
+    return all(
+        (x is None) == (y is None) and (x is None or torch.allclose(x.float(), y.float(), rtol=1e-2, atol=1e-3))
+        for x, y in zip(a[1], b[1], strict=True)
+    )
+
+
 def _same(a, b) -> bool:
     (loss_a, grads_a), (loss_b, grads_b) = a, b
     return torch.equal(loss_a, loss_b) and all(torch.equal(x, y) for x, y in zip(grads_a, grads_b, strict=True))
@@ -139,7 +172,9 @@ def test_fa3_gets_its_layout_and_its_forward_is_kept_by_selective_checkpointing(
         levers.prepare(transformer, levers.Levers(mode, compile=False, fp8_base=False, attention="sdpa"), "cpu")
         attention.install(transformer, attention.Attention(attention.FA3, flash=stand_in.flash_attn_func))
         before = stand_in.calls
-        assert _same(_loss_and_grads(transformer, bf16=True), reference), mode
+        # The forward is SDPA's exactly; the stand-in's backward is softmax attention's in closed form (fp32 from
+        # the log-sum-exp, as FA3's), so the gradients agree to bf16 rounding, not bit for bit.
+        assert _close(_loss_and_grads(transformer, bf16=True), reference, exact_loss=True), mode
         assert stand_in.calls - before == forwards, mode
 
 
@@ -166,12 +201,13 @@ def test_auto_times_both_kernels_once_per_shape_without_touching_the_run(stand_i
 
 def test_fp8_attention_runs_only_forwards_without_gradients(stand_in: _StandIn):
     """``--fp8-attention``: a no-grad forward (validation, the eval score) runs the float8 kernel, within a few
-    percent of bf16 (per-head scaling); a training step's forward and backward stay exactly bf16."""
+    percent of bf16 (per-head scaling); a training step's forward and backward stay bf16."""
     reference = _loss_and_grads(_tiny(torch.bfloat16), bf16=True)
     transformer = _tiny(torch.bfloat16)
     levers.prepare(transformer, levers.Levers("selective", compile=False, fp8_base=False, attention="sdpa"), "cpu")
     attention.install(transformer, attention.Attention(attention.FA3, True, flash=stand_in.flash_attn_func))
-    assert _same(_loss_and_grads(transformer, bf16=True), reference) and stand_in.float8_calls == 0
+    # The training step runs the bf16 kernel (its gradients the stand-in's closed form: bf16 rounding apart).
+    assert _close(_loss_and_grads(transformer, bf16=True), reference, exact_loss=True) and stand_in.float8_calls == 0
     with torch.no_grad():
         fp8_loss = _loss(transformer, bf16=True)
     assert stand_in.float8_calls == 2  # one per block

@@ -51,14 +51,59 @@ _SDPA_OPS = tuple(
     )
     if hasattr(torch.ops.aten, name)
 )
-_FA3_FORWARD_OP = "flash_attn_3::_flash_attn_forward"
+_FA3_FORWARD_OPS = ("flash_attn_3::_flash_attn_forward", "cogvx::flash_attention_3")
 
 Key = tuple[tuple[int, ...], torch.dtype, bool]  # (q's [B, H, L, D] shape, compute dtype, gradients on)
 
 
 def is_attention_kernel(op: Any) -> bool:
     """Whether a dispatched op is an attention kernel (an SDPA backend or FlashAttention-3's forward)."""
-    return op in _SDPA_OPS or getattr(getattr(op, "_schema", None), "name", None) == _FA3_FORWARD_OP
+    return op in _SDPA_OPS or getattr(getattr(op, "_schema", None), "name", None) in _FA3_FORWARD_OPS
+
+
+# FlashAttention-3's bf16 product as one op of ours with its own autograd: FA3's public function is an
+# autograd.Function around an in-place backward op, which Dynamo fails to trace inside a compiled block with
+# gradients (measured on an H100: "RuntimeError when making fake tensor call" on its backward). One functional
+# op with a fake and a registered backward compiles as a single node, and selective checkpointing saves its outputs.
+@torch.library.custom_op("cogvx::flash_attention_3", mutates_args=())
+def flash_attention_3_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FA3's forward of [B, L, H, D] tensors (no mask, not causal): the output and the softmax's log-sum-exp."""
+    out, lse, *_ = importlib.import_module(FA3_MODULE)._flash_attn_forward(q, k, v, softmax_scale=q.shape[-1] ** -0.5)
+    return out, lse
+
+
+@flash_attention_3_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, length, heads, _ = q.shape
+    return q.new_empty((*q.shape[:3], v.shape[-1])), q.new_empty((batch, heads, length), dtype=torch.float32)
+
+
+@torch.library.custom_op("cogvx::flash_attention_3_backward", mutates_args=())
+def flash_attention_3_backward(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FA3's backward: the gradients of q, k and v from the forward's output and log-sum-exp."""
+    dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+    importlib.import_module(FA3_MODULE)._flash_attn_backward(
+        dout, q, k, v, out, lse, dq=dq, dk=dk, dv=dv, softmax_scale=q.shape[-1] ** -0.5
+    )
+    return dq, dk, dv
+
+
+@flash_attention_3_backward.register_fake
+def _(dout, q, k, v, out, lse) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _keep_for_backward(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _flash_attention_3_grads(ctx, dout: torch.Tensor, _dlse: torch.Tensor):
+    return flash_attention_3_backward(dout, *ctx.saved_tensors)
+
+
+flash_attention_3_op.register_autograd(_flash_attention_3_grads, setup_context=_keep_for_backward)
 
 
 def flash_attention_3() -> tuple[Callable[..., torch.Tensor] | None, str | None]:
@@ -160,7 +205,7 @@ class Attention:
             (q, q_descale), (k, k_descale), (v, v_descale) = (per_head_e4m3(t) for t in (q, k, v))
             out = self.flash(q, k, v, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale)
         else:
-            out = self.flash(q, k, v)
+            out = flash_attention_3_op(q, k, v)[0]
         return out.transpose(1, 2)
 
     def kernel_for(self, query: torch.Tensor) -> str:
@@ -230,7 +275,7 @@ class Attention:
         if kernel == SDPA:
             out = F.scaled_dot_product_attention(q, k, v)
         else:
-            out = self.flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+            out = flash_attention_3_op(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))[0].transpose(1, 2)
         if grad:
             out.backward(torch.ones_like(out))
 

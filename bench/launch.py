@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,8 +67,9 @@ def main() -> None:
         make_clips(work / "clips", args.clips)
         for model in args.models:
             source = _model_folder(model, args.model_dir or work / "models", device)
-            report["rows"] += measure(model, source, work / model, work / "clips", device, compiled)
-            args.out.write_text(json.dumps(report, indent=1))
+            for row in measure(model, source, work / model, work / "clips", device, compiled):
+                report["rows"].append(row)
+                args.out.write_text(json.dumps(report, indent=1))  # row by row: a run cut short keeps what it measured
     print(table(report["rows"]))
 
 
@@ -80,8 +82,8 @@ def _model_folder(model: str, models_dir: Path, device: torch.device) -> str:
     return str(folder)
 
 
-def measure(model: str, source: str, work: Path, clips: Path, device: torch.device, compiled: bool) -> list[dict]:
-    """Preprocess and train, cold then warm, then plain train: one row each, in that order."""
+def measure(model: str, source: str, work: Path, clips: Path, device: torch.device, compiled: bool) -> Iterator[dict]:
+    """Preprocess and train, cold then warm, then plain train: one row each, in that order, as each ends."""
     env = os.environ | {"PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     env["XDG_CACHE_HOME"] = str(work / "xdg")  # cogvx keeps compiled kernels under it: starts empty
@@ -89,7 +91,7 @@ def measure(model: str, source: str, work: Path, clips: Path, device: torch.devi
     env["COGVX_HOME"] = os.environ.get("COGVX_HOME", str(work / "cogvx-home"))  # the tiny models, not compiled code
     if device.type == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""  # `cogvx train` trains on the GPU whenever it sees one
-    rows, cache = [], work / "cache-cold"
+    count, cache = 0, work / "cache-cold"
     for temperature in ("cold", "warm"):
         out = work / f"cache-{temperature}"
         command = [
@@ -106,16 +108,17 @@ def measure(model: str, source: str, work: Path, clips: Path, device: torch.devi
         launched = _launch(command, env)
         timeline = json.loads(launched.stdout.strip().splitlines()[-1])
         row = _row(model, "preprocess", temperature, compiled, launched, timeline)
-        rows.append(row | {"first_sample_s": timeline["first_written"]})
+        count += 1
+        yield row | {"first_sample_s": timeline["first_written"]}
     for temperature, compile_blocks in (("cold", compiled), ("warm", compiled), ("warm", False)):
-        run = work / f"run-{len(rows)}"
+        run = work / f"run-{count}"
         command = ["-m", "cogvx", "train", "--shards", str(cache), "--output", str(run), "--max-steps", "1"]
         command += ["--checkpoint-every", "0", "--compile" if compile_blocks else "--no-compile"]
         launched = _launch(command, env)
         launch = runs.read_metrics(run)[0][runs.LAUNCH]  # seconds from the process's start
         row = _row(model, "train", temperature, compile_blocks, launched, launch)
-        rows.append(row | {"first_step_s": launched.start_s + launch[runs.LAUNCH_FIRST_STEP]})
-    return rows
+        count += 1
+        yield row | {"first_step_s": launched.start_s + launch[runs.LAUNCH_FIRST_STEP]}
 
 
 def _row(model: str, command: str, temperature: str, compiled: bool, launched: Launched, timeline: dict) -> dict:

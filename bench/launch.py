@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -57,6 +58,7 @@ def main() -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, help="default: on with a GPU")
     parser.add_argument("--clips", type=int, default=2, help="clips preprocessed (the cache trained on)")
     parser.add_argument("--model-dir", type=Path, help="keep the built model folders here and reuse them")
+    parser.add_argument("--clips-from", type=Path, help="clips made beforehand (make_clips needs imageio-ffmpeg)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -64,7 +66,10 @@ def main() -> None:
     report = {"environment": environment(device), "command": " ".join(sys.argv), "compile": compiled, "rows": []}
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(scratch)
-        make_clips(work / "clips", args.clips)
+        if args.clips_from is not None:
+            shutil.copytree(args.clips_from, work / "clips")
+        else:
+            make_clips(work / "clips", args.clips)
         for model in args.models:
             source = _model_folder(model, args.model_dir or work / "models", device)
             for row in measure(model, source, work / model, work / "clips", device, compiled):

@@ -280,3 +280,20 @@ def test_the_attention_setting_of_a_config_file_reaches_the_model(tiny_cache: Pa
     assert used is not None and used.setting == "sdpa"
     recorded = runs.read_config(tmp_path / "run")[runs.ATTENTION_KERNELS]
     assert recorded["setting"] == "sdpa" and recorded["fa3"] == "not asked for"
+
+
+def test_the_eval_score_never_runs_float8_attention(stand_in: _StandIn):
+    """``--fp8-attention`` speeds up validation sampling only: the held-out score's forwards run the bf16 kernel,
+    so runs with and without it score alike; after scoring, validation's forwards are float8 again."""
+    from cogvx.train import evaluation
+
+    reference = _loss(_tiny(torch.bfloat16), bf16=True).detach()
+    transformer = _tiny(torch.bfloat16)
+    levers.prepare(transformer, levers.Levers("selective", compile=False, fp8_base=False, attention="sdpa"), "cpu")
+    attention.install(transformer, attention.Attention(attention.FA3, True, flash=stand_in.flash_attn_func))
+    with evaluation.scoring(transformer):
+        scored = _loss(transformer, bf16=True)
+    assert stand_in.float8_calls == 0 and torch.equal(scored, reference)
+    with torch.no_grad():
+        _loss(transformer, bf16=True)
+    assert stand_in.float8_calls == 2  # one per block

@@ -49,6 +49,7 @@ from cogvx import files, runs
 from cogvx.errors import CacheError, RunError
 from cogvx.pipeline import lora
 from cogvx.pipeline.objective import Objective
+from cogvx.pipeline.speed import attention
 from cogvx.shards import Manifest, read_shard
 from cogvx.shards.manifest import IMAGE_MOMENTS
 from cogvx.shards.store import Store
@@ -145,13 +146,14 @@ def load_samples(store: Store, manifest: Manifest, keys: Iterable[str]) -> dict[
 
 @contextlib.contextmanager
 def scoring(model: torch.nn.Module, base: bool = False) -> Iterator[None]:
-    """Eval mode, no gradients, and the LoRA switched off for ``base``; the model is left as it was found."""
+    """Eval mode, no gradients, bf16 attention (never ``--fp8-attention``'s), and the LoRA switched off for ``base``;
+    the model is left as it was found."""
     training = model.training
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     base = base and bool(getattr(model, "peft_config", None))  # without a LoRA the model is the base already
     model.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), attention.bf16_forwards(model):
             if base:
                 model.disable_adapters()
             try:

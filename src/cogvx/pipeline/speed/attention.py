@@ -20,11 +20,12 @@ float8 backward at head size 64.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -399,6 +400,21 @@ def install(transformer: torch.nn.Module, attention: Attention) -> None:
 def installed(transformer: torch.nn.Module) -> Attention | None:
     """The ``Attention`` installed on ``transformer`` (None: diffusers' own processors)."""
     return getattr(transformer, "_cogvx_attention", None)
+
+
+@contextlib.contextmanager
+def bf16_forwards(model: torch.nn.Module) -> Iterator[None]:
+    """Forwards without gradients in the bf16 kernel, whatever ``--fp8-attention`` says: the eval score is computed
+    as every run computes it, so scores of runs with and without float8 attention compare."""
+    kernels = next((m._cogvx_attention for m in model.modules() if hasattr(m, "_cogvx_attention")), None)
+    if kernels is None or not kernels.fp8_forward:
+        yield
+        return
+    kernels.fp8_forward = False
+    try:
+        yield
+    finally:
+        kernels.fp8_forward = True
 
 
 def primed(runner: Callable[..., Any]) -> Callable[..., Any]:

@@ -422,28 +422,124 @@ def roofline(r: dict) -> dict:
     return {"attention_tflop": attention_tflop, "kernel": kernel, "rate": rate, "step_s": step}
 
 
+ROOFLINE_RUNS = ("train_step_fp8mm_h100.json", "train_step_fa3_h100.json")
+# train_step_fa3_h100.json has no 5b seed-style step: the run before it, on another H100 of the same session, has.
+SEED_ELSEWHERE = "train_step_fa3_first_attempt_h100.json"
+
+
+def _seed_steps(name: str) -> dict[tuple[str, str], dict]:
+    results = [r for r in load(name)["results"] if "error" not in r]
+    return {(r["model"], r["variant"]): r for r in results if r["variant"].startswith("seed")}
+
+
 def table_roofline() -> str:
     """Each recipe against its roofline: attention at the fastest measured rate, products at their profiled rates,
     every other kernel and all idle time gone."""
-    results = [r for r in load("train_step_fp8mm_h100.json")["results"] if "error" not in r]
-    seeds = {(r["model"], r["variant"]): r for r in results if r["variant"].startswith("seed")}
     lines = [
-        "| model | step | s/step | vs seed | attention TFLOP | fastest attention kernel (TFLOP/s) | roofline step s "
-        "| step / roofline | roofline vs seed |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| result file | model | step | s/step | vs seed | attention TFLOP | fastest attention kernel (TFLOP/s) "
+        "| roofline step s | step / roofline | roofline vs seed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in results:
-        if r["variant"].startswith("seed"):
-            continue
-        seed = seeds[(r["model"], "seed-nockpt" if r.get("checkpointing") == "none" else "seed")]
-        roof = roofline(r)
-        lines.append(
-            f"| {r['model']} | cogvx {r['variant']} | {r['s_per_step']:.3f} | "
-            f"{seed['s_per_step'] / r['s_per_step']:.2f}x | {roof['attention_tflop']:.0f} | "
-            f"{roof['kernel']} ({roof['rate']:.0f}) | {roof['step_s']:.3f} | {r['s_per_step'] / roof['step_s']:.2f} | "
-            f"{seed['s_per_step'] / roof['step_s']:.2f}x |"
-        )
+    for name in ROOFLINE_RUNS:
+        seeds = _seed_steps(name)
+        for r in load(name)["results"]:
+            if "error" in r or r["variant"].startswith("seed"):
+                continue
+            wanted = (r["model"], "seed-nockpt" if r.get("checkpointing") == "none" else "seed")
+            seed, mark = seeds.get(wanted), ""
+            if seed is None:
+                seed, mark = _seed_steps(SEED_ELSEWHERE)[wanted], "\\*"
+            roof = roofline(r)
+            lines.append(
+                f"| `{name}` | {r['model']} | cogvx {r['variant']} | {r['s_per_step']:.3f} | "
+                f"{seed['s_per_step'] / r['s_per_step']:.2f}x{mark} | {roof['attention_tflop']:.0f} | "
+                f"{roof['kernel']} ({roof['rate']:.0f}) | {roof['step_s']:.3f} | "
+                f"{r['s_per_step'] / roof['step_s']:.2f} | {seed['s_per_step'] / roof['step_s']:.2f}x{mark} |"
+            )
     return "\n".join(lines)
+
+
+def table_fa3_kernels() -> str:
+    """bench/attention.py: SDPA (cuDNN) against FlashAttention-3's bf16 and float8-forward kernels, same card."""
+    lines = [
+        "| model | kernel | forward ms | forward TFLOP/s | forward+backward ms | forward+backward TFLOP/s "
+        "| output vs SDPA: max abs (rel.) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for model, rows in load("attention_h100.json")["models"].items():
+        for kernel, row in rows.items():
+            both = (
+                f"{row['forward_backward_ms']:.2f} | {row['forward_backward_tflops']:.0f}"
+                if "forward_backward_ms" in row
+                else "- | -"
+            )
+            label = {"sdpa": "SDPA (cuDNN)", "fa3": "FlashAttention-3 bf16"}.get(
+                kernel, "FlashAttention-3 float8 forward"
+            )
+            if "with_quantisation_ms" in row:
+                label += f" ({row['with_quantisation_ms']:.2f} ms with its eager per-head quantisation)"
+            lines.append(
+                f"| {model} | {label} | {row['forward_ms']:.2f} | {row['forward_tflops']:.0f} | {both} | "
+                f"{row['max_abs_diff']:.1e} ({row['rel_diff']:.1e}) |"
+            )
+    return "\n".join(lines)
+
+
+def table_fa3_step() -> str:
+    """bench/train_step.py --profile: the fastest recipe with SDPA and with FlashAttention-3, one H100."""
+    lines = [
+        "| result file | model | step | s/step | vs seed | peak allocated GB | probe loss | attention s "
+        "| matrix products s | other kernels s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in (SEED_ELSEWHERE, "train_step_fa3_h100.json"):
+        seeds = _seed_steps(name)
+        for r in load(name)["results"]:
+            if "error" in r:
+                model, variant = r["run"].split(":", 1)
+                lines.append(f"| `{name}` | {model} | cogvx {variant} | failed: {r['error'].splitlines()[0][:50]} |"
+                             " | | | | | |")  # fmt: skip
+                continue
+            seed, mark = seeds.get((r["model"], "seed")), ""
+            if seed is None:
+                seed, mark = _seed_steps(SEED_ELSEWHERE)[(r["model"], "seed")], "\\*"
+            f = r["profile"]
+            name_ = r["variant"] if r["variant"].startswith("seed") else f"cogvx {r['variant']}"
+            probe = f"{r['probe_loss']:.5f}" if "probe_loss" in r else "-"
+            lines.append(
+                f"| `{name}` | {r['model']} | {name_} | {r['s_per_step']:.3f} | "
+                f"{seed['s_per_step'] / r['s_per_step']:.2f}x{mark} | {r['peak_allocated_gb']:.2f} | {probe} | "
+                f"{f['attention_s']:.3f} | {f['matmul_s']:.3f} | {f['other_s']:.3f} |"
+            )
+    return "\n".join(lines)
+
+
+LAUNCH_PHASES = {
+    "train": ("imports", "setup", "loader_started", "transformer_loaded", "lora_added", "levers_installed",
+              "first_batch", "first_forward", "first_step"),
+    "preprocess": ("imports", "configs", "loader", "first_decoded", "vae", "t5", "first_prompt", "first_latent",
+                   "first_written"),
+}  # fmt: skip
+
+
+def table_launch_h100() -> str:
+    """bench/launch.py: fresh processes, seconds from just before each starts to each phase of its own timeline."""
+    lines = []
+    for command, phases in LAUNCH_PHASES.items():
+        lines += [
+            f"| {command} | compile | compile cache | " + " | ".join(phases) + " |",
+            "|---|---|---|" + "---|" * len(phases),
+        ]
+        for r in load("launch_2b_h100.json")["rows"]:
+            if r["command"] != command:
+                continue
+            offset = r["first_step_s"] - r["timeline"]["first_step"] if command == "train" else 0.0
+            cells = " | ".join(f"{r['timeline'][phase] + offset:.1f}" for phase in phases)
+            lines.append(
+                f"| {r['model']} {command} | {'yes' if r['compile'] else 'no'} | {r['compile_cache']} | {cells} |"
+            )
+        lines.append("")
+    return "\n".join(lines).rstrip()
 
 
 def table_linear_kernels() -> str:

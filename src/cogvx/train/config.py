@@ -291,10 +291,10 @@ class SpeedSection:
     attention: str = setting(
         AUTO, "Attention kernel: auto (FlashAttention-3 where installed and faster, on Hopper), sdpa or fa3."
     )
-    # Opt-in: float8 q, k, v change the validation samples and the eval score a little; training stays bf16.
+    # Opt-in: float8 q, k, v change the validation samples a little; training and the eval score stay bf16.
     fp8_attention: bool = setting(
         False,
-        "Float8 attention forward for validation and the eval score (FlashAttention-3 on Hopper).",
+        "Float8 attention forward for validation sampling (FlashAttention-3 on Hopper); the eval score stays bf16.",
         decls=("--fp8-attention/--no-fp8-attention",),
     )
 

@@ -13,9 +13,9 @@ computes the same projections, norms and rotary embedding and hands the one atte
   (on random inputs of its own generator: the run's numbers and random streams stay as they were); SDPA
   elsewhere. Under ``torch.compile`` the choice is made before the compiled block runs (``primed``).
 
-``--fp8-attention``: forwards without gradients (validation sampling, the eval score) run FA3's float8
-kernel, q, k and v scaled per head into e4m3; training steps stay in bf16, since no released kernel has a
-float8 backward at head size 64.
+``--fp8-attention``: validation sampling's forwards run FA3's float8 kernel, q, k and v scaled per head into
+e4m3; training steps stay in bf16, since no released kernel has a float8 backward at head size 64, and so does
+the eval score (``bf16_forwards``), so that scores compare across runs.
 """
 
 from __future__ import annotations

@@ -515,10 +515,10 @@ def table_fa3_step() -> str:
 
 
 LAUNCH_PHASES = {
-    "train": ("imports", "setup", "loader_started", "transformer_loaded", "lora_added", "levers_installed",
-              "first_batch", "first_forward", "first_step"),
-    "preprocess": ("imports", "configs", "loader", "first_decoded", "vae", "t5", "first_prompt", "first_latent",
-                   "first_written"),
+    "train": ("imports", "accelerator", "setup", "loader_started", "transformer_loaded", "lora_added",
+              "levers_installed", "first_batch", "first_forward", "first_step"),
+    "preprocess": ("imports", "clips_found", "configs", "loader", "first_decoded", "vae", "t5", "first_prompt",
+                   "first_latent", "first_written"),
 }  # fmt: skip
 
 
@@ -534,7 +534,10 @@ def table_launch_h100() -> str:
             if r["command"] != command:
                 continue
             offset = r["first_step_s"] - r["timeline"]["first_step"] if command == "train" else 0.0
-            cells = " | ".join(f"{r['timeline'][phase] + offset:.1f}" for phase in phases)
+            # Phases added after a run was measured show as "-" in its row.
+            cells = " | ".join(
+                f"{r['timeline'][phase] + offset:.1f}" if phase in r["timeline"] else "-" for phase in phases
+            )
             lines.append(
                 f"| {r['model']} {command} | {'yes' if r['compile'] else 'no'} | {r['compile_cache']} | {cells} |"
             )

@@ -43,6 +43,7 @@ EVAL_SET = "eval_set"
 # counted) to each phase of its launch, in the order they were reached
 LAUNCH = "launch"
 LAUNCH_IMPORTS = "imports"  # the training code and its libraries imported
+LAUNCH_ACCELERATOR = "accelerator"  # accelerate's state built (the device initialised), the run folder held
 LAUNCH_SETUP = "setup"  # the cache's manifest and the model's configs read, every check passed
 LAUNCH_LOADER = "loader_started"  # the data loader's workers started, the first batches prefetching
 LAUNCH_TRANSFORMER = "transformer_loaded"  # the transformer's weights read (onto the device, unless swap)
@@ -54,6 +55,7 @@ LAUNCH_FIRST_FORWARD = "first_forward"  # the first forward pass computed
 LAUNCH_FIRST_STEP = "first_step"  # the first optimizer step computed
 LAUNCH_PHASES = (
     LAUNCH_IMPORTS,
+    LAUNCH_ACCELERATOR,
     LAUNCH_SETUP,
     LAUNCH_LOADER,
     LAUNCH_TRANSFORMER,

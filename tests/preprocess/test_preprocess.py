@@ -227,7 +227,8 @@ def test_the_timeline_says_where_the_time_went(tmp_path: Path):
     line = dict(result.timeline)
     assert result.started == psutil.Process().create_time()  # seconds since this process started
     # the start's steps in the order one run makes them; the first clip decodes while the encoders load
-    assert 0 < line["imports"] <= line["configs"] <= line["loader"] <= line["vae"] <= line["t5"] <= line["encoders"]
+    assert 0 < line["imports"] <= line["clips_found"] <= line["configs"]
+    assert line["configs"] <= line["loader"] <= line["vae"] <= line["t5"] <= line["encoders"]
     assert line["loader"] <= line["first_decoded"] <= line["first_prompt"]
     assert line["encoders"] <= line["first_prompt"] <= line["first_latent"] <= line["first_written"] <= line["encoded"]
     assert line["encoded"] - line["imports"] <= result.seconds

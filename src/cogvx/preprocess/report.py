@@ -40,7 +40,8 @@ class PreprocessResult:
     lost_sources: list[str] = field(default_factory=list)
     seconds: float = 0.0  # from the run's start ("imports") to its end
     # Seconds from the process's start (``started``) to each step of the run's start, in the order they
-    # usually come: the run begins, its imports done ("imports"); the model's configs read ("configs"); the
+    # usually come: the run begins, its imports done ("imports"); the clips found, their captions read
+    # ("clips_found"); the model's configs read ("configs"); the
     # decoding workers started ("loader"); the first clip decoded, by a worker meanwhile ("first_decoded");
     # the VAE on the device ("vae"); T5 too ("t5", "encoders"); the first prompt embedded ("first_prompt");
     # the first VAE call made, its kernels queued ("first_latent"); the first clip's samples written

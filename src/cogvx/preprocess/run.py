@@ -98,9 +98,10 @@ class _Inputs:
     params: dict
 
 
-def _read_inputs(cfg: PreprocessConfig) -> _Inputs:
+def _read_inputs(cfg: PreprocessConfig, result: PreprocessResult) -> _Inputs:
     data = hub.resolve_dataset(cfg.data)  # a hub dataset is downloaded to huggingface_hub's cache first
     sources, clips = find_clips(cfg, data)
+    result.mark("clips_found")
     info = models.ModelInfo.read(cfg.model, cfg.model_revision, cfg.model_variant)
     spec = cfg.frame_spec(info.native_size, info.native_frames, info.frame_step)
     producer = {"tool": "cogvx", "version": __version__, **info.recorded(), "encoders": info.encoder_identity()}
@@ -112,7 +113,7 @@ def _run(cfg: PreprocessConfig, target: CacheTarget, ranks: Ranks, show_progress
     result = PreprocessResult(ranks=ranks.world)
     result.mark("imports")
     start_decoder_server(cfg.workers)  # its imports run while the configs are read and the encoders load
-    inputs = _read_inputs(cfg)
+    inputs = _read_inputs(cfg, result)
     result.mark("configs")
     # every rank refuses alike
     existing = cachedir.check_existing(target.folder, inputs.producer, inputs.params, inputs.info, target.shown)

@@ -55,6 +55,7 @@ def run(
     memory.use_expandable_segments()  # before the accelerator touches CUDA
     accelerator = launch.make_accelerator(cfg)
     with folder.guard(accelerator, cfg.output):
+        timeline.mark(runs.LAUNCH_ACCELERATOR)
         training = TrainingRun(accelerator, cfg, timeline)
         finished = training.setup()
         if finished is not None:

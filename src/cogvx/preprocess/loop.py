@@ -184,9 +184,14 @@ def encode(
     """
     prompts = PromptBank([job.clip.caption or "" for job in jobs], encoders.encode_text, cfg.text_batch_size)
     sink = SampleSink(writer.write)
+
     # cuDNN's autotuner (a few shapes, each seen many times) only from the second VAE call: on the first it
     # costs seconds (BENCHMARKS.md, section 10), and the first sample waits for that call.
-    batcher = VaeBatcher(encoders.vae, device, cfg.vae_batch, sink.put, autotune=device.type == "cuda")
+    def emit(encoded) -> None:
+        result.mark("first_latent")  # the first VAE call made, its kernels queued: before its sample can be written
+        sink.put(encoded)
+
+    batcher = VaeBatcher(encoders.vae, device, cfg.vae_batch, emit, autotune=device.type == "cuda")
     benchmark = torch.backends.cudnn.benchmark
     torch.backends.cudnn.benchmark = False
     try:
@@ -259,16 +264,12 @@ def _encode_clips(
                     result.truncated_captions += 1
                     result.truncated_sources.append(clip.source)
                 batcher.add(item, prompt)
-                if batcher.calls:
-                    result.mark("first_latent")  # the first VAE call made: its kernels queued
                 result.encoded += 1
                 result.samples += len(item.windows)
             # Other ranks' progress is not known here; rank 0's bar shows its own share scaled up.
             done = base + position * world
             update(min(done, total), rate=position * world / max(time.time() - started, 1e-9))
         batcher.flush()
-        if batcher.calls:
-            result.mark("first_latent")
     return unchanged
 
 

@@ -14,8 +14,6 @@ milliseconds (median of 7 after a warm-up, CUDA events), TFLOP/s, and its output
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -24,8 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from kernels import MODELS, TOKENS, milliseconds  # noqa: E402
-from train_step import environment  # noqa: E402
+from kernels import TOKENS, measure_models, milliseconds  # noqa: E402
 
 FP8_MAX = 448.0  # e4m3's largest finite value
 
@@ -101,14 +98,9 @@ def rows_for(heads: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    report = {"environment": environment(torch.device("cuda")), "command": " ".join(sys.argv), "models": {}}
-    report["environment"]["flash_attention_3"] = flash_attention_3() is not None
-    for model, sizes in MODELS.items():
-        report["models"][model] = rows_for(sizes["heads"])
-        args.out.write_text(json.dumps(report, indent=1))
+    report = measure_models(
+        __doc__, lambda sizes: rows_for(sizes["heads"]), flash_attention_3=flash_attention_3() is not None
+    )
     for model, rows in report["models"].items():
         for name, row in rows.items():
             cells = "  ".join(f"{key} {value:.4g}" for key, value in row.items() if isinstance(value, float))

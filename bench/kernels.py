@@ -111,14 +111,23 @@ def linears(width: int) -> list[dict]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def measure_models(doc: str, measure, **environment_extra) -> dict:
+    """``--out`` from the command line, then ``measure(sizes)`` for each of MODELS, the report written after each."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     report = {"environment": environment(torch.device("cuda")), "command": " ".join(sys.argv), "models": {}}
+    report["environment"] |= environment_extra
     for model, sizes in MODELS.items():
-        report["models"][model] = {"attention": attention(sizes["heads"]), "linears": linears(sizes["width"])}
+        report["models"][model] = measure(sizes)
         args.out.write_text(json.dumps(report, indent=1))
+    return report
+
+
+def main() -> None:
+    report = measure_models(
+        __doc__, lambda sizes: {"attention": attention(sizes["heads"]), "linears": linears(sizes["width"])}
+    )
     for model, parts in report["models"].items():
         print(f"{model}: default attention backend {parts['attention']['default_backend']}")
         for backend in BACKENDS:

@@ -17,7 +17,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from cogvx import __version__, runs
+from cogvx import __version__, interrupts, runs
 from cogvx.cligen import command
 from cogvx.cligen import help_text as _help  # noqa: F401 (tests call cli._help and cli._shown)
 from cogvx.cligen import shown as _shown  # noqa: F401
@@ -232,7 +232,8 @@ def _guard(action, on_interrupt: Callable[[KeyboardInterrupt], list[tuple[str, s
     """Run a command: a user error (CogvxError) prints one line and exits 1; a Ctrl-C says what was kept and
     how to go on (``on_interrupt``'s rows) and exits 130, as typer does; anything else keeps its traceback."""
     try:
-        action()
+        with interrupts.catching():
+            action()
     except CogvxError as err:
         console.print(f"[bold red]error:[/bold red] {err}", soft_wrap=True)
         raise typer.Exit(1) from err

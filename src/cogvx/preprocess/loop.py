@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from cogvx import interrupts
 from cogvx.pipeline import models
 from cogvx.pipeline.encode import encode_prompts
 from cogvx.pipeline.speed import compiling
@@ -246,6 +247,7 @@ def _encode_clips(
     with bar as update:
         update(base)
         for position, item in enumerate(items, 1):
+            interrupts.check()  # a Ctrl-C swallowed inside a decoder's __del__ stops the run here
             clip = jobs[item.index].clip
             if isinstance(item, Skipped):
                 result.skipped[item.reason] += 1
@@ -270,6 +272,7 @@ def _encode_clips(
             done = base + position * world
             update(min(done, total), rate=position * world / max(time.time() - started, 1e-9))
         batcher.flush()
+    interrupts.check()  # nor does one that landed after the last clip: the samples are kept, the exit says 130
     return unchanged
 
 

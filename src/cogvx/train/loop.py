@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from cogvx import config as configfile
-from cogvx import runs
+from cogvx import interrupts, runs
 from cogvx.pipeline import levers, lora, memory, models
 from cogvx.pipeline.objective import Objective
 from cogvx.pipeline.speed import attention, checkpointing, compiling, float8
@@ -276,6 +276,7 @@ class TrainingRun:
         self.model.train()
         with self.log.progress(show_progress, start):
             for step in range(start + 1, cfg.max_steps + 1):
+                interrupts.check()  # a Ctrl-C swallowed inside some __del__ stops the run here
                 record = self._step(step, result)
                 last = step == cfg.max_steps
                 trained = self.accelerator.unwrap_model(self.model)

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from preprocess import FPS, build_model_folder, make_clips  # noqa: E402
 from train_step import environment  # noqa: E402
 
-from cogvx import runs  # noqa: E402
+from cogvx import clock, runs  # noqa: E402
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -147,10 +147,10 @@ class Launched:
 
 def _launch(command: list[str], env: dict[str, str]) -> Launched:
     """Run ``python COMMAND``, ``{began}`` in it replaced by the time just before the process starts."""
-    boot_began, began = _boot_seconds(), time.time()
+    boot_began, began = clock.boot_seconds(), time.time()
     argv = [sys.executable, *(arg.replace("{began}", repr(began)) for arg in command)]
     process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    started = _process_start(process.pid)
+    started = clock.started_after_boot(process.pid)
     stdout, stderr = process.communicate()
     end_s = time.time() - began
     if process.returncode:
@@ -158,19 +158,6 @@ def _launch(command: list[str], env: dict[str, str]) -> Launched:
     # Both from the clock the kernel counts a process's start on (to 10 ms); 0 where it cannot be read.
     start_s = max(0.0, started - boot_began) if started is not None and boot_began is not None else 0.0
     return Launched(stdout, start_s, end_s)
-
-
-def _boot_seconds() -> float | None:
-    return time.clock_gettime(time.CLOCK_BOOTTIME) if hasattr(time, "CLOCK_BOOTTIME") else None
-
-
-def _process_start(pid: int) -> float | None:
-    """Seconds since boot at which process ``pid`` started (Linux; None elsewhere)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        return int(stat.rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 def table(rows: list[dict]) -> str:

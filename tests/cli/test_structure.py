@@ -156,7 +156,7 @@ def test_every_flag_a_message_names_exists():
 # Which top-level parts each part may import (besides itself and the ground floor).
 # names, locations and stage_configs hold what the configs (and so the CLI's help) need without torch.
 GROUND = {"errors", "runs", "config", "files", "progress", "media", "hub", "__init__", "names", "locations"}
-GROUND |= {"stage_configs", "interrupts"}
+GROUND |= {"stage_configs", "interrupts", "clock"}
 MAY_IMPORT = {
     "shards": set(),
     "pipeline": {"shards"},

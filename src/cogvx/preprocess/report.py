@@ -13,8 +13,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import psutil
-
+from cogvx import clock
 from cogvx.preprocess.cachedir import Recovery
 from cogvx.preprocess.sources import INVALID_UTF8, Sources
 from cogvx.shards import Manifest, paths, store, write_json_atomic
@@ -49,7 +48,7 @@ class PreprocessResult:
     timeline: dict[str, float] = field(default_factory=dict)
     ranks: int = 1
     manifest: Manifest | None = None
-    started: float = field(default_factory=lambda: psutil.Process().create_time())
+    started: float = field(default_factory=lambda: time.time() - clock.process_seconds())  # the process's start
 
     def mark(self, name: str) -> None:
         """Put ``name`` on the timeline at now, unless it is there already."""

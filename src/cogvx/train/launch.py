@@ -7,13 +7,11 @@ end-of-run check that every data-parallel process holds the same LoRA.
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
-from cogvx import runs
+from cogvx import clock, runs
 from cogvx.errors import ConfigError
 from cogvx.train.config import TrainConfig
 
@@ -103,20 +101,4 @@ class Timeline:
 
     def mark(self, phase: str) -> None:
         """``phase`` reached now (its first time only: a phase is reached once per launch)."""
-        self.phases.setdefault(phase, round(process_seconds(), 3))
-
-
-def process_seconds() -> float:
-    """Seconds since this process started: the interpreter's start and every import count.
-
-    On Linux from the process's start in clock ticks since boot (to 10 ms); psutil's ``create_time`` adds a
-    boot time rounded to whole seconds, up to a second wrong, which a 15 s launch cannot afford.
-    """
-    try:
-        stat = Path("/proc/self/stat").read_text()
-        ticks = int(stat.rsplit(")", 1)[1].split()[19])  # field 22, starttime (the name before it may hold spaces)
-        return time.clock_gettime(time.CLOCK_BOOTTIME) - ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, AttributeError, ValueError, IndexError):  # not Linux: no /proc, no CLOCK_BOOTTIME
-        import psutil
-
-        return time.time() - psutil.Process().create_time()
+        self.phases.setdefault(phase, round(clock.process_seconds(), 3))

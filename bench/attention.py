@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from kernels import TOKENS, measure_models, milliseconds  # noqa: E402
 
-FP8_MAX = 448.0  # e4m3's largest finite value
+from cogvx.pipeline.speed.attention import per_head_e4m3  # noqa: E402  (what validation runs)
 
 
 def flash_attention_3():
@@ -34,14 +34,6 @@ def flash_attention_3():
     except ImportError:
         return None
     return flash_attn_func
-
-
-def per_head_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x`` [B, L, H, D] in e4m3 with one scale per (batch, head), and the descale FlashAttention-3 takes."""
-    amax = x.abs().amax(dim=(1, 3)).float().clamp(min=1e-12)  # [B, H]
-    scale = FP8_MAX / amax
-    quantised = (x.float() * scale[:, None, :, None]).to(torch.float8_e4m3fn)
-    return quantised, (1.0 / scale).contiguous()
 
 
 def compare(out: torch.Tensor, reference: torch.Tensor) -> dict:
@@ -80,13 +72,13 @@ def rows_for(heads: int) -> dict:
     rows["fa3"] = timed(bf16)  # forward and backward: outside no_grad
     with torch.no_grad():
         rows["fa3"] |= compare(bf16(), reference)
-        q8, k8, v8 = (per_head_fp8(t.detach().contiguous()) for t in (ql, kl, vl))
+        q8, k8, v8 = (per_head_e4m3(t.detach().contiguous()) for t in (ql, kl, vl))
 
         def fp8():
             return fa3(q8[0], k8[0], v8[0], q_descale=q8[1], k_descale=k8[1], v_descale=v8[1])
 
         def fp8_with_quantisation():
-            parts = [per_head_fp8(t.contiguous()) for t in (ql, kl, vl)]
+            parts = [per_head_e4m3(t.contiguous()) for t in (ql, kl, vl)]
             return fa3(*(p[0] for p in parts), q_descale=parts[0][1], k_descale=parts[1][1], v_descale=parts[2][1])
 
         try:

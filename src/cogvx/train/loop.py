@@ -243,9 +243,9 @@ class TrainingRun:
         the first validation's, the first eval score's): the run folder says which kernel ran."""
         if not self.main:
             return
-        kernels = attention.installed(self.accelerator.unwrap_model(self.model)).recorded()
-        if kernels != self.recorded[runs.ATTENTION_KERNELS]:
-            self.recorded[runs.ATTENTION_KERNELS] = kernels
+        kernels = attention.installed(self.accelerator.unwrap_model(self.model))
+        if len(kernels.chosen) != len(self.recorded[runs.ATTENTION_KERNELS]["chosen"]):  # a choice is never undone
+            self.recorded[runs.ATTENTION_KERNELS] = kernels.recorded()
             runs.write_config(self.cfg.output, self.resolved | self.recorded, self.toml)
 
     def _score_base(self) -> None:

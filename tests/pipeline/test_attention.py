@@ -297,3 +297,16 @@ def test_the_eval_score_never_runs_float8_attention(stand_in: _StandIn):
     with torch.no_grad():
         _loss(transformer, bf16=True)
     assert stand_in.float8_calls == 2  # one per block
+
+
+def test_fp8_attention_without_validation_is_refused_not_ignored(stand_in: _StandIn, tiny_cache, tmp_path):
+    """FlashAttention-3 importable (the stand-in): ``--fp8-attention`` on a run that samples no validation videos
+    would change nothing, so the CLI refuses it in one line; with ``--validation-every`` it gets past the config."""
+    result = cli("train", "--shards", str(tiny_cache), "--output", str(tmp_path / "run"), "--fp8-attention")
+    assert "--fp8-attention samples the validation videos" in result.error_line()
+    assert "--validation-every N" in result.error_line()
+    assert not (tmp_path / "run").exists()
+    cfg = configfile.build(
+        TrainConfig, None, shards=tiny_cache, output=tmp_path / "run", fp8_attention=True, validation_every=5
+    )
+    assert cfg.fp8_attention

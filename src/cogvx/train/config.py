@@ -315,6 +315,11 @@ class SpeedSection:
                 f"{' and '.join(wanted)} needs --mixed-precision bf16 or fp16 (FlashAttention-3 has no fp32 kernels)"
             )
         attention.check(self.attention, self.fp8_attention)  # installed? (the GPU is checked when it is known)
+        if self.fp8_attention and not getattr(self, "validation_every", 0):
+            raise ConfigError(
+                "--fp8-attention samples the validation videos with float8 attention, and this run samples none "
+                "(--validation-every 0): add --validation-every N, or drop --fp8-attention"
+            )
 
 
 # Reversed: a dataclass lists the fields of its last base first, and the TOML files list them in this order.

@@ -251,6 +251,17 @@ def run_cogvx(args, model: str, clips: Path, work: Path, env: dict) -> dict:
     }
 
 
+def copy_clips(source: Path, clips: Path, count: int) -> None:
+    """The first ``count`` clips of ``source`` (each .mp4 with its .txt caption), refused if it has fewer."""
+    videos = sorted(source.glob("*.mp4"))[:count]
+    if len(videos) < count:
+        raise SystemExit(f"--clips-from {source}: {len(videos)} clips, --clips asks for {count}")
+    clips.mkdir(parents=True)
+    for video in videos:
+        for path in (video, video.with_suffix(".txt")):
+            shutil.copy2(path, clips / path.name)
+
+
 def seed_dataset(clips: Path, folder: Path) -> None:
     """The seed's layout for the same clips: one caption per line in prompts.txt, one path in videos.txt."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -336,6 +347,7 @@ def main() -> None:
     parser.add_argument("--skip-seed", action="store_true", help="time cogvx only")
     parser.add_argument("--skip-cogvx", action="store_true", help="time the seed only (the sides in two commands)")
     parser.add_argument("--seed-final-inference", action="store_true", help="let the seed sample after its LoRA")
+    parser.add_argument("--clips-from", type=Path, help="clips made beforehand (make_clips needs imageio-ffmpeg)")
     parser.add_argument("--work", type=Path, help="work folder (model, clips, runs, logs); default: a temporary one")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
@@ -378,7 +390,10 @@ def main() -> None:
     clips = work / "clips"
     if len(list(clips.glob("*.mp4"))) != args.clips:
         fresh(clips)
-        make_clips(clips, args.clips)
+        if args.clips_from is None:
+            make_clips(clips, args.clips)
+        else:
+            copy_clips(args.clips_from, clips, args.clips)
     report["setup_s"] = time.perf_counter() - began
     fresh(work / "xdg", work / "triton")  # cogvx's compile cache starts empty: a first experiment's cost
     env = base_env(work, args.device)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import CLIPS, ROOT
 
 BENCH = ROOT / "bench"
 
@@ -18,7 +18,7 @@ def test_experiment_times_cogvx_from_the_command_to_the_lora(tmp_path):
     out = tmp_path / "experiment.json"
     command = [sys.executable, str(BENCH / "experiment.py"), "--model", "tiny", "--device", "cpu", "--clips", "2"]
     command += ["--steps", "4", "--validate-at", "2", "4", "--sampling-steps", "2", "--skip-seed"]
-    command += ["--work", str(tmp_path / "work"), "--out", str(out)]
+    command += ["--clips-from", str(CLIPS), "--work", str(tmp_path / "work"), "--out", str(out)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -37,6 +37,9 @@ def test_experiment_times_cogvx_from_the_command_to_the_lora(tmp_path):
     # The seed was skipped: its fields are there, empty.
     assert report["seed"] is None and report["seed_wall_s"] is None and "ratio_seed_to_cogvx" not in report
     assert done.stdout.strip().splitlines()[-1].startswith("cogvx ")
+    # The clips came from --clips-from (the GPU machine has no imageio-ffmpeg to make them), captions with them.
+    copied = sorted(p.name for p in (tmp_path / "work" / "clips").iterdir())
+    assert copied == sorted(p.name for p in CLIPS.iterdir())[:4]
 
 
 def test_the_seed_validates_at_the_epochs_closest_to_the_asked_steps(monkeypatch):

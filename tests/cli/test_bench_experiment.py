@@ -33,6 +33,7 @@ def test_experiment_times_cogvx_from_the_command_to_the_lora(tmp_path):
     assert report["cogvx_wall_s"] == cogvx["wall_s"] >= phases["preprocess_wall_s"] + phases["train_wall_s"]
     assert 0 < cogvx["lora_written_s"] <= cogvx["wall_s"] and cogvx["lora_tensors"] > 0
     assert phases["preprocess_loading_encoders_s"] > 0 and phases["train_steps_s"] > 0
+    assert 0 < phases["train_first_step_s"] < phases["train_wall_s"]
     assert cogvx["steps_done"] == 4 and cogvx["validated_at"] == [2, 4]
     # The seed was skipped: its fields are there, empty.
     assert report["seed"] is None and report["seed_wall_s"] is None and "ratio_seed_to_cogvx" not in report

@@ -69,18 +69,20 @@ class StandIn(types.ModuleType):
         """FA3's internal forward as cogvx's op calls it: [B, L, H, D] out and [B, H, L] log-sum-exp (fp32)."""
         assert q.stride(-1) == 1 and softmax_scale == q.shape[-1] ** -0.5
         _forward_op.calls += 1
-        scores = (q.transpose(1, 2).float() @ k.transpose(1, 2).float().transpose(-1, -2)) * softmax_scale
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-        return out.contiguous(), torch.logsumexp(scores, dim=-1), None, None  # FA3 writes a contiguous output
+        with torch.autocast(q.device.type, enabled=False):  # a kernel of its own: fp32 lse under autocast too
+            scores = (q.transpose(1, 2).float() @ k.transpose(1, 2).float().transpose(-1, -2)) * softmax_scale
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2).contiguous(), torch.logsumexp(scores, dim=-1), None, None  # FA3's is contiguous
 
     def _flash_attn_backward(self, dout, q, k, v, out, lse, dq, dk, dv, softmax_scale):
         """FA3's internal backward: softmax attention's gradients, in closed form from the forward's log-sum-exp,
         written into ``dq``, ``dk``, ``dv`` (an op's body runs below autograd: no recompute with autograd here)."""
         assert lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.dtype == torch.float32
         q, k, v, o, do = (t.transpose(1, 2).float() for t in (q, k, v, out, dout))  # [B, H, L, D]
-        p = torch.exp(q @ k.transpose(-1, -2) * softmax_scale - lse[..., None])  # the softmax, from lse
-        ds = p * (do @ v.transpose(-1, -2) - (do * o).sum(-1, keepdim=True))
-        grads = (ds @ k * softmax_scale, ds.transpose(-1, -2) @ q * softmax_scale, p.transpose(-1, -2) @ do)
+        with torch.autocast(q.device.type, enabled=False):
+            p = torch.exp(q @ k.transpose(-1, -2) * softmax_scale - lse[..., None])  # the softmax, from lse
+            ds = p * (do @ v.transpose(-1, -2) - (do * o).sum(-1, keepdim=True))
+            grads = (ds @ k * softmax_scale, ds.transpose(-1, -2) @ q * softmax_scale, p.transpose(-1, -2) @ do)
         for into, grad in zip((dq, dk, dv), grads, strict=True):
             into.copy_(grad.transpose(1, 2))
 

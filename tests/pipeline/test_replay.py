@@ -213,3 +213,20 @@ def test_the_run_folder_records_replay(tiny_cache, tmp_path):
     recorded = config[runs.ATTENTION_KERNELS]
     assert config["checkpointing"] == "offload" and recorded["fa3"].startswith("absent")
     assert recorded["replay"] == {"active": False, "host_bytes": 0, "pinned": False}
+
+
+def test_a_training_run_with_fa3_replays_and_records_it(stand_in: StandIn, tiny_cache, tmp_path, monkeypatch):
+    """The whole wiring, through the CLI: ``--checkpointing offload --attention fa3`` runs FA3's forward once per
+    block and step, and config.json says replay ran and what it holds. FA3 runs only on a Hopper GPU, so this
+    test alone lets the stand-in pass for one on the CPU."""
+    monkeypatch.setattr(attention, "_hopper", lambda device: True)
+    before = stand_in.calls
+    result = cli(
+        "train", "--shards", str(tiny_cache), "--output", str(tmp_path / "run"), "--max-steps", "2",
+        "--rank", "4", "--workers", "0", "--checkpoint-every", "0", "--checkpointing", "offload",
+        "--attention", "fa3",
+    )  # fmt: skip
+    assert result.code == 0, result.stdout[-2000:]
+    recorded = runs.read_config(tmp_path / "run")[runs.ATTENTION_KERNELS]
+    assert recorded["setting"] == "fa3" and recorded["replay"]["active"] and recorded["replay"]["host_bytes"] > 0
+    assert stand_in.calls - before == 2 * 2  # 2 steps, 2 blocks, once each

@@ -112,6 +112,8 @@ class AttentionReplay:
         return {"active": self.replayed > 0, "host_bytes": self.host_bytes(), "pinned": pinned}
 
     def product(self, visit: _Visit, q, k, v, compute) -> tuple[torch.Tensor, torch.Tensor]:
+        """In a forward pass: ``compute``'s outputs, their copy to the host started. In a recompute: the forward
+        pass's outputs where it kept them for these inputs, else ``compute``'s."""
         if visit.recompute:
             stored = self._stored(visit, q, k, v)
             return compute(q, k, v) if stored is None else self._replay(visit, stored, q.device)

@@ -1,19 +1,14 @@
 """The attention kernel lever (``pipeline/speed/attention.py``): SDPA exactly as diffusers calls it, FlashAttention-3
 wired in the right layout, refused in one line where it cannot run, and the setting reaching the model.
 
-No FlashAttention-3 build runs on a CPU: where a test needs one, ``_StandIn`` plays ``flash_attn_interface``. It is
-a layout and wiring test only: it computes PyTorch's SDPA in FA3's [batch, tokens, heads, head size] layout, as a
-custom op of FA3's name (``flash_attn_3::_flash_attn_forward``), so the transposes, the checkpointing policy, the
-compiled graph and the float8 scaling around it are checked, not FA3's kernels (bench/attention.py measures those).
+No FlashAttention-3 build runs on a CPU: where a test needs one, ``tests/helpers/flash.py``'s ``StandIn`` plays
+``flash_attn_interface`` (SDPA in FA3's layout: a layout and wiring test, not one of FA3's kernels).
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import re
-import sys
-import types
 from pathlib import Path
 
 import pytest
@@ -29,88 +24,14 @@ from cogvx.pipeline.speed import attention
 from cogvx.train.config import TrainConfig
 from cogvx.train.loop import run as train
 from tests.helpers.commands import cli
+from tests.helpers.flash import FA3_INSTALLED, StandIn, install_stand_in
 
-FA3_INSTALLED = importlib.util.find_spec(attention.FA3_MODULE) is not None
 needs_no_fa3 = pytest.mark.skipif(FA3_INSTALLED, reason="FlashAttention-3 is installed here: nothing to refuse")
 
 
-def _stand_in_forward_op():
-    """The stand-in's forward as a custom op named like FA3's (registered once per process), counting its calls."""
-    if hasattr(_stand_in_forward_op, "op"):
-        return _stand_in_forward_op.op
-
-    @torch.library.custom_op("flash_attn_3::_flash_attn_forward", mutates_args=())
-    def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        _stand_in_forward_op.calls += 1
-        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-
-    @forward.register_fake
-    def _(q, k, v):
-        return torch.empty_like(q)
-
-    def backward(ctx, grad):
-        q, k, v = (t.detach().requires_grad_(True) for t in ctx.saved_tensors)
-        with torch.enable_grad():
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
-            return torch.autograd.grad(out.transpose(1, 2), (q, k, v), grad)
-
-    forward.register_autograd(backward, setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs))
-    _stand_in_forward_op.op, _stand_in_forward_op.calls = forward, 0
-    return forward
-
-
-class _StandIn(types.ModuleType):
-    """``flash_attn_interface`` for a layout test: SDPA in [B, L, H, D]; float8 inputs are descaled first."""
-
-    def __init__(self):
-        super().__init__(attention.FA3_MODULE)
-        self.op, self.float8_calls = _stand_in_forward_op(), 0
-
-    def flash_attn_func(
-        self, q, k, v, softmax_scale=None, causal=False, q_descale=None, k_descale=None, v_descale=None
-    ):
-        assert q.stride(-1) == 1 and not causal and softmax_scale is None
-        if q.dtype == torch.float8_e4m3fn:
-            self.float8_calls += 1
-            q, k, v = (t.float() * s[:, None, :, None] for t, s in ((q, q_descale), (k, k_descale), (v, v_descale)))
-            return self.op(q, k, v).to(torch.bfloat16)
-        return self.op(q, k, v)
-
-    def _flash_attn_forward(self, q, k, v, softmax_scale=None):
-        """FA3's internal forward as cogvx's op calls it: [B, L, H, D] out and [B, H, L] log-sum-exp (fp32)."""
-        assert q.stride(-1) == 1 and softmax_scale == q.shape[-1] ** -0.5
-        _stand_in_forward_op.calls += 1
-        scores = (q.transpose(1, 2).float() @ k.transpose(1, 2).float().transpose(-1, -2)) * softmax_scale
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
-        return out.contiguous(), torch.logsumexp(scores, dim=-1), None, None  # FA3 writes a contiguous output
-
-    def _flash_attn_backward(self, dout, q, k, v, out, lse, dq, dk, dv, softmax_scale):
-        """FA3's internal backward: softmax attention's gradients, in closed form from the forward's log-sum-exp,
-        written into ``dq``, ``dk``, ``dv`` (an op's body runs below autograd: no recompute with autograd here)."""
-        assert lse.shape == (q.shape[0], q.shape[2], q.shape[1]) and lse.dtype == torch.float32
-        q, k, v, o, do = (t.transpose(1, 2).float() for t in (q, k, v, out, dout))  # [B, H, L, D]
-        p = torch.exp(q @ k.transpose(-1, -2) * softmax_scale - lse[..., None])  # the softmax, from lse
-        ds = p * (do @ v.transpose(-1, -2) - (do * o).sum(-1, keepdim=True))
-        grads = (ds @ k * softmax_scale, ds.transpose(-1, -2) @ q * softmax_scale, p.transpose(-1, -2) @ do)
-        for into, grad in zip((dq, dk, dv), grads, strict=True):
-            into.copy_(grad.transpose(1, 2))
-
-    @property
-    def calls(self) -> int:
-        return _stand_in_forward_op.calls
-
-
 @pytest.fixture
-def stand_in(monkeypatch) -> _StandIn:
-    if FA3_INSTALLED:
-        pytest.skip("FlashAttention-3 is installed here: its op name is taken")
-    # diffusers and transformers look for FA3 while importing their models (lazily, at first use): they import
-    # first, so that whatever order the tests run in, they never meet the stand-in (it has no import spec).
-    _tiny()
-    importlib.import_module("diffusers.loaders.peft")
-    module = _StandIn()
-    monkeypatch.setitem(sys.modules, attention.FA3_MODULE, module)
-    return module
+def stand_in(monkeypatch) -> StandIn:
+    return install_stand_in(monkeypatch)
 
 
 def _tiny(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -163,7 +84,7 @@ def test_the_sdpa_path_is_diffusers_attention_bit_for_bit(setting: str):
     assert _same(_loss_and_grads(transformer), reference)
 
 
-def test_fa3_gets_its_layout_and_its_forward_is_kept_by_selective_checkpointing(stand_in: _StandIn):
+def test_fa3_gets_its_layout_and_its_forward_is_kept_by_selective_checkpointing(stand_in: StandIn):
     """Through the stand-in (SDPA computed in FA3's layout) the model computes SDPA's numbers exactly, so q, k, v
     and the output are transposed right; ``selective`` keeps FA3's forward output, ``full`` recomputes it."""
     reference = _loss_and_grads(_tiny(torch.bfloat16), bf16=True)
@@ -178,7 +99,7 @@ def test_fa3_gets_its_layout_and_its_forward_is_kept_by_selective_checkpointing(
         assert stand_in.calls - before == forwards, mode
 
 
-def test_auto_times_both_kernels_once_per_shape_without_touching_the_run(stand_in: _StandIn):
+def test_auto_times_both_kernels_once_per_shape_without_touching_the_run(stand_in: StandIn):
     """``auto`` measures each (shape, dtype, gradients) once, on inputs of its own generator (the global random
     stream stays where it was), keeps a kernel for it and records what it chose."""
     kernels = attention.Attention(attention.AUTO, flash=stand_in.flash_attn_func)
@@ -199,7 +120,7 @@ def test_auto_times_both_kernels_once_per_shape_without_touching_the_run(stand_i
     assert torch.equal(kernels(q, k, v), F.scaled_dot_product_attention(q, k, v)) and len(kernels.chosen) == 1
 
 
-def test_fp8_attention_runs_only_forwards_without_gradients(stand_in: _StandIn):
+def test_fp8_attention_runs_only_forwards_without_gradients(stand_in: StandIn):
     """``--fp8-attention``: a no-grad forward (validation, the eval score) runs the float8 kernel, within a few
     percent of bf16 (per-head scaling); a training step's forward and backward stay bf16."""
     reference = _loss_and_grads(_tiny(torch.bfloat16), bf16=True)
@@ -214,7 +135,7 @@ def test_fp8_attention_runs_only_forwards_without_gradients(stand_in: _StandIn):
     assert fp8_loss.item() == pytest.approx(reference[0].item(), rel=0.05)
 
 
-def test_a_compiled_block_with_fa3_is_the_eager_one_without_graph_breaks(stand_in: _StandIn, monkeypatch):
+def test_a_compiled_block_with_fa3_is_the_eager_one_without_graph_breaks(stand_in: StandIn, monkeypatch):
     """``auto`` chooses before the compiled block runs (``primed``), so Dynamo traces FA3's custom op in one graph
     per block runner, and the captured graphs compute the eager numbers (run eagerly: ``aot_eager``)."""
     monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
@@ -242,7 +163,7 @@ def test_a_compiled_block_with_fa3_is_the_eager_one_without_graph_breaks(stand_i
             assert torch.allclose(got.float(), want.float(), rtol=1e-2, atol=1e-3)
 
 
-def test_fa3_off_hopper_is_refused_or_left_out(stand_in: _StandIn):
+def test_fa3_off_hopper_is_refused_or_left_out(stand_in: StandIn):
     """Installed but on a CPU (or a GPU other than Hopper): ``fa3`` and ``--fp8-attention`` are refused in one line
     naming the flag, ``auto`` runs SDPA and says why."""
     with pytest.raises(ConfigError, match=r"^--attention fa3 needs a Hopper GPU .*use --attention auto"):
@@ -282,7 +203,7 @@ def test_the_attention_setting_of_a_config_file_reaches_the_model(tiny_cache: Pa
     assert recorded["setting"] == "sdpa" and recorded["fa3"] == "not asked for"
 
 
-def test_the_eval_score_never_runs_float8_attention(stand_in: _StandIn):
+def test_the_eval_score_never_runs_float8_attention(stand_in: StandIn):
     """``--fp8-attention`` speeds up validation sampling only: the held-out score's forwards run the bf16 kernel,
     so runs with and without it score alike; after scoring, validation's forwards are float8 again."""
     from cogvx.train import evaluation
@@ -299,7 +220,7 @@ def test_the_eval_score_never_runs_float8_attention(stand_in: _StandIn):
     assert stand_in.float8_calls == 2  # one per block
 
 
-def test_fp8_attention_without_validation_is_refused_not_ignored(stand_in: _StandIn, tiny_cache, tmp_path):
+def test_fp8_attention_without_validation_is_refused_not_ignored(stand_in: StandIn, tiny_cache, tmp_path):
     """FlashAttention-3 importable (the stand-in): ``--fp8-attention`` on a run that samples no validation videos
     would change nothing, so the CLI refuses it in one line; with ``--validation-every`` it gets past the config."""
     result = cli("train", "--shards", str(tiny_cache), "--output", str(tmp_path / "run"), "--fp8-attention")

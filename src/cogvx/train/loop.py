@@ -240,11 +240,14 @@ class TrainingRun:
 
     def _record_kernels(self) -> None:
         """config.json again when ``--attention auto`` has chosen kernels for new shapes (the first step's,
-        the first validation's, the first eval score's): the run folder says which kernel ran."""
+        the first validation's, the first eval score's) or attention replay has started or grown its host
+        buffers (a larger shape): the run folder says which kernel ran and what replay holds."""
         if not self.main:
             return
         kernels = attention.installed(self.accelerator.unwrap_model(self.model))
-        if len(kernels.chosen) != len(self.recorded[runs.ATTENTION_KERNELS]["chosen"]):  # a choice is never undone
+        before = self.recorded[runs.ATTENTION_KERNELS]
+        # A choice is never undone, so counting them tells a new one; replay's record is a few numbers.
+        if len(kernels.chosen) != len(before["chosen"]) or kernels.replay.recorded() != before["replay"]:
             self.recorded[runs.ATTENTION_KERNELS] = kernels.recorded()
             runs.write_config(self.cfg.output, self.resolved | self.recorded, self.toml)
 

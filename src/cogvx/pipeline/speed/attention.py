@@ -33,6 +33,7 @@ import torch.nn.functional as F
 
 from cogvx.errors import ConfigError
 from cogvx.names import AUTO
+from cogvx.pipeline.speed import replay
 from cogvx.pipeline.speed.float8 import E4M3_MAX
 
 SDPA, FA3, FA3_FP8 = "sdpa", "fa3", "fa3-fp8"
@@ -66,9 +67,15 @@ def is_attention_kernel(op: Any) -> bool:
 # autograd.Function around an in-place backward op, which Dynamo fails to trace inside a compiled block with
 # gradients (measured on an H100: "RuntimeError when making fake tensor call" on its backward). One functional
 # op with a fake and a registered backward compiles as a single node, and selective checkpointing saves its outputs.
+# Its body runs eagerly, compiled block or not: there ``offload`` and ``swap`` replay the forward pass's outputs in
+# the recompute (``replay``).
 @torch.library.custom_op("cogvx::flash_attention_3", mutates_args=())
 def flash_attention_3_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """FA3's forward of [B, L, H, D] tensors (no mask, not causal): the output and the softmax's log-sum-exp."""
+    return replay.product(q, k, v, _fa3_forward)
+
+
+def _fa3_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     out, lse, *_ = importlib.import_module(FA3_MODULE)._flash_attn_forward(q, k, v, softmax_scale=q.shape[-1] ** -0.5)
     return out, lse
 
@@ -167,6 +174,8 @@ class Attention:
 
     ``flash`` is FA3's ``flash_attn_func`` (None: SDPA everywhere); ``for_device`` finds it. ``inference`` is
     set by the transformer's hooks (``install``) for a forward without gradients: only those may run float8.
+    ``replay`` keeps FA3's outputs of ``offload``'s and ``swap``'s forward pass for their recompute; their
+    forward pass, without gradients, takes the kernel chosen for training, so that both runs agree.
     """
 
     def __init__(self, setting: str = AUTO, fp8_forward: bool = False, flash: Callable[..., Any] | None = None):
@@ -178,6 +187,7 @@ class Attention:
         self.chosen: dict[Key, str] = {}  # auto's measured choices
         self.timings: dict[Key, dict[str, float]] = {}  # milliseconds per kernel, or the error that ruled it out
         self.inference = False
+        self.replay = replay.AttentionReplay()
 
     @classmethod
     def for_device(cls, setting: str, fp8_forward: bool, device: torch.device | str) -> Attention:
@@ -220,7 +230,7 @@ class Attention:
             return FA3_FP8
         if self.setting == FA3:
             return FA3
-        key = (tuple(query.shape), dtype, torch.is_grad_enabled())
+        key = (tuple(query.shape), dtype, torch.is_grad_enabled() or self.replay.forwarding)
         kernel = self.chosen.get(key)
         if kernel is not None:
             return kernel
@@ -230,7 +240,8 @@ class Attention:
 
     def prime(self, attn: torch.nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor) -> None:
         """Make ``auto``'s choice for the block's coming attention product (text and video tokens together),
-        outside any compiled region; with gradients on, for the forward without them too (``offload``'s)."""
+        outside any compiled region (``offload``'s and ``swap``'s forward pass, without gradients, takes the
+        training choice: ``kernel_for``)."""
         if self.flash is None or self.setting != AUTO:
             return
         heads = attn.heads
@@ -239,9 +250,8 @@ class Attention:
         dtype = _compute_dtype(hidden_states)
         if dtype not in (torch.bfloat16, torch.float16) or not fa3_head_size(shape[-1]):
             return
-        for grad in (True, False) if torch.is_grad_enabled() else (False,):
-            if (shape, dtype, grad) not in self.chosen:
-                self.measure((shape, dtype, grad), hidden_states.device)
+        if (shape, dtype, torch.is_grad_enabled()) not in self.chosen:
+            self.measure((shape, dtype, torch.is_grad_enabled()), hidden_states.device)
 
     def measure(self, key: Key, device: torch.device) -> str:
         """Time SDPA and FA3 on random inputs of ``key``'s shape and keep the faster (FA3 failing: SDPA).
@@ -257,6 +267,7 @@ class Attention:
         timings: dict[str, Any] = {}
         with (
             _disable_current_modes(),
+            replay.outside(),
             torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t),
             torch.autocast(device.type, enabled=False),
             torch.enable_grad() if grad else torch.no_grad(),
@@ -281,7 +292,8 @@ class Attention:
             out.backward(torch.ones_like(out))
 
     def recorded(self) -> dict[str, Any]:
-        """What ran, for the run folder's config.json: the setting, FA3's state, and auto's choice per shape."""
+        """What ran, for the run folder's config.json: the setting, FA3's state, auto's choice per shape, and
+        whether ``offload``'s or ``swap``'s recompute replayed FA3's outputs (and the host memory that holds)."""
         kernels = {
             f"{'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')} {'train' if grad else 'no-grad'}": {
                 "kernel": kernel,
@@ -289,7 +301,13 @@ class Attention:
             }
             for (shape, dtype, grad), kernel in self.chosen.items()
         }
-        return {"setting": self.setting, "fa3": self.fa3_note, "fp8_forward": self.fp8_forward, "chosen": kernels}
+        return {
+            "setting": self.setting,
+            "fa3": self.fa3_note,
+            "fp8_forward": self.fp8_forward,
+            "chosen": kernels,
+            "replay": self.replay.recorded(),
+        }
 
 
 def fa3_head_size(head_dim: int) -> bool:
@@ -415,6 +433,12 @@ def bf16_forwards(model: torch.nn.Module) -> Iterator[None]:
         yield
     finally:
         kernels.fp8_forward = True
+
+
+def replay_of(block: torch.nn.Module) -> replay.AttentionReplay | None:
+    """Where a block's FA3 outputs wait for its recompute (None: the block runs diffusers' own processor)."""
+    processor = getattr(block.attn1, "processor", None)
+    return processor.attention.replay if isinstance(processor, CogVideoXProcessor) else None
 
 
 def primed(runner: Callable[..., Any]) -> Callable[..., Any]:

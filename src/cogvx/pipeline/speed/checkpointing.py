@@ -12,6 +12,7 @@ This module is the only place that spells the modes' names: everything else look
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Callable
 from types import MappingProxyType
@@ -22,7 +23,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from cogvx.errors import ConfigError
 from cogvx.names import AUTO  # noqa: F401 (re-exported)
-from cogvx.pipeline.speed.attention import is_attention_kernel, primed
+from cogvx.pipeline.speed.attention import is_attention_kernel, primed, replay_of
 from cogvx.pipeline.speed.compiling import compile_runner
 
 if TYPE_CHECKING:
@@ -84,7 +85,12 @@ class Full(Mode):
 
 
 class Offload(Mode):
-    """Like ``full``, but the block inputs wait in pinned CPU memory instead of on the GPU."""
+    """Like ``full``, but the block inputs wait in pinned CPU memory instead of on the GPU.
+
+    Where the attention kernel is FlashAttention-3, its output and log-sum-exp wait in pinned CPU memory too
+    (``replay``: about 110 MB per block for 5b at 49x480x720, 4.7 GB in all) and the recompute replays them
+    instead of running attention's forward a second time; where SDPA runs, the whole block is recomputed.
+    """
 
     name = "offload"
     terms = {True: (-0.09, 39.26), False: (-0.09, 44.23)}  # as fitted: no block input stays on the GPU
@@ -94,8 +100,9 @@ class Offload(Mode):
 
 
 class Swap(Mode):
-    """Like ``offload``, and the frozen base weights of the blocks live in pinned CPU memory too (speed/swap.py):
-    the static part lacks them, less two blocks' worth of slots (``swap.swap_saving``)."""
+    """Like ``offload`` (FlashAttention-3's outputs replayed in the recompute, from pinned CPU memory, as there),
+    and the frozen base weights of the blocks live in pinned CPU memory too (speed/swap.py): the static part
+    lacks them, less two blocks' worth of slots (``swap.swap_saving``)."""
 
     name = "swap"
     # Compiled: fitted apart (bench/memory.py --fit-swap) to the compiled swap peaks of 2b, 5b, 5b-I2V, 1.5,
@@ -196,14 +203,17 @@ class _PinnedPool:
 
 
 class _OffloadedCheckpoint(torch.autograd.Function):
-    """Full recompute whose saved block input waits in pinned CPU memory between forward and backward."""
+    """Full recompute whose saved block input waits in pinned CPU memory between forward and backward; the
+    recompute replays the forward pass's FlashAttention-3 outputs instead of running its forward again (``replay``)."""
 
     @staticmethod
     def forward(ctx, run, block, pool, _force_grad, hidden, encoder, *rest):
         ctx.run, ctx.block, ctx.rest, ctx.device = run, block, rest, hidden.device
         ctx.hidden, ctx.copied = pool.stash(id(block), hidden)
         ctx.encoder = encoder.detach()
-        with torch.no_grad():
+        ctx.replay = replay_of(block)
+        keeping = ctx.replay.forward_pass(id(block)) if ctx.replay else contextlib.nullcontext()
+        with torch.no_grad(), keeping as ctx.ticket:
             out_hidden, out_encoder = run(block, hidden, encoder, *rest)
         return out_hidden, out_encoder
 
@@ -213,7 +223,9 @@ class _OffloadedCheckpoint(torch.autograd.Function):
             torch.cuda.current_stream().wait_event(ctx.copied)
         hidden = ctx.hidden.to(ctx.device, non_blocking=True).requires_grad_(True)
         encoder = ctx.encoder.requires_grad_(True)
-        with torch.enable_grad():
+        # Set here, on the autograd engine's thread, where the recompute runs.
+        replaying = ctx.replay.recompute(id(ctx.block), ctx.ticket) if ctx.replay else contextlib.nullcontext()
+        with torch.enable_grad(), replaying:
             out_hidden, out_encoder = ctx.run(ctx.block, hidden, encoder, *ctx.rest)
         torch.autograd.backward((out_hidden, out_encoder), (grad_hidden, grad_encoder))
         return None, None, None, None, hidden.grad, encoder.grad, *([None] * len(ctx.rest))

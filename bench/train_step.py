@@ -16,7 +16,9 @@ autocast, with or without diffusers' gradient checkpointing), written here. Ever
 (its shard loader with workers and pinned memory, ``Objective`` in fp32, fused AdamW, fp32 LoRA
 masters, bf16 autocast), with ``+``-joined options: a checkpointing mode (``full``, ``selective``,
 ``none``, ``offload``, ``swap``), ``compile``, ``fp8`` (fp8 storage of frozen base weights), ``fp8mm`` (their
-forward products in fp8 too) and ``adam8`` (bitsandbytes 8-bit AdamW). Timing: median of ``--steps`` steps
+forward products in fp8 too), ``adam8`` (bitsandbytes 8-bit AdamW), ``sdpa`` or ``fa3`` (``--attention``;
+cogvx's default, auto, otherwise) and ``noreplay`` (offload and swap run FA3's forward again in the recompute
+instead of replaying its outputs: the rows before replay). Timing: median of ``--steps`` steps
 after ``--warmup`` steps, CUDA events. ``--profile`` adds one profiled step per run: GPU kernel time split into
 attention, matrix products and the rest, and the share of the step the GPU was busy.
 """
@@ -24,6 +26,7 @@ attention, matrix products and the rest, and the share of the step the GPU was b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -40,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from cogvx.pipeline import levers, lora, memory  # noqa: E402
 from cogvx.pipeline.objective import Objective, pad_for_temporal_patch, rotary_embedding  # noqa: E402
+from cogvx.pipeline.speed import attention, replay  # noqa: E402
 from cogvx.pipeline.speed import checkpointing as modes  # noqa: E402
 from cogvx.pipeline.speed.float8 import fp8_saving  # noqa: E402
 from cogvx.pipeline.speed.swap import swap_saving  # noqa: E402
@@ -360,7 +364,10 @@ def run_one(spec: str, device: torch.device, warmup: int, steps: int, workdir: P
     result["lora_params"] = sum(p.numel() for p in step.params)
     result["base_params"] = base_params - result["lora_params"]
     result["lora_dtype"] = step.lora_dtype()
-    times, losses = timed(step, device, warmup, steps)
+    with _replay_off() if "noreplay" in variant.split("+") else contextlib.nullcontext():
+        times, losses = timed(step, device, warmup, steps)
+    if not variant.startswith("seed"):  # which kernel ran, and whether offload/swap replayed FA3's outputs
+        result["attention"] = attention.installed(transformer).recorded()
     result["s_per_step"] = statistics.median(times)
     result["step_times"] = times
     result["losses"] = losses
@@ -378,6 +385,17 @@ def run_one(spec: str, device: torch.device, warmup: int, steps: int, workdir: P
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return result
+
+
+@contextlib.contextmanager
+def _replay_off():
+    """The ``noreplay`` option: FA3's op computes in every recompute, as before replay (for its own row)."""
+    original = replay.product
+    replay.product = lambda q, k, v, compute: compute(q, k, v)
+    try:
+        yield
+    finally:
+        replay.product = original
 
 
 def environment(device: torch.device) -> dict:

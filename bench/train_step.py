@@ -358,7 +358,8 @@ def run_one(spec: str, device: torch.device, warmup: int, steps: int, workdir: P
         shape = (frames, height, width)
         step = CogvxStep(transformer, cfg, device, options, make_cache(folder, cfg, shape), folder, shape)
         result["checkpointing"] = step.checkpointing
-        result["probe_loss"], result["probe_grad_norm"] = step.probe(moments, embeds, image)
+        with _replay_off() if "noreplay" in options else contextlib.nullcontext():
+            result["probe_loss"], result["probe_grad_norm"] = step.probe(moments, embeds, image)
     if device.type == "cuda":  # what building on the device cached (swap moved most of it out) is not the step's
         torch.cuda.empty_cache()
     result["lora_params"] = sum(p.numel() for p in step.params)

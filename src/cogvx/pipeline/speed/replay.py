@@ -127,12 +127,16 @@ class AttentionReplay:
             entry = self.entries[visit.block] = _Entry(visit.ticket)
         out_view, lse_view = self._host_views(visit.block, len(entry.products), out, lse)
         if out.is_cuda:
+            # The copy reads clones of its own: inside a compiled block Inductor may hand the op's output buffers
+            # to later buffers of the graph directly, past the caching allocator (which record_stream informs),
+            # and overwrite them while the copy still reads (measured on an H100: wrong gradients, run to run).
+            out, lse = out.clone(), lse.clone()
             stream = self._side_stream(out.device)
             stream.wait_stream(torch.cuda.current_stream(out.device))
             with torch.cuda.stream(stream):
                 out_view.copy_(out, non_blocking=True)
                 lse_view.copy_(lse, non_blocking=True)
-            for t in (out, lse):  # their device memory stays alive until the copy has read it
+            for t in (out, lse):  # the clones' device memory stays alive until the copy has read it
                 t.record_stream(stream)
         else:
             out_view.copy_(out)

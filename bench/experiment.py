@@ -49,7 +49,10 @@ Settings chosen so both sides do the same work:
 The defaults (5b, 200 steps) need about half an hour of one H100 (an estimate from bench/results: steps of
 2.4 s for cogvx and 3.9 s seed-style in train_step_5b_h100.json, validations of 77 s and 99 s in
 validation_5b_h100.json). Where a command may run only minutes, run the sides apart on one ``--work`` folder
-(the model and the clips are reused when there) with ``--skip-seed`` and ``--skip-cogvx``, and fewer steps.
+(the model and the clips are reused when there) with ``--skip-seed`` and ``--skip-cogvx``, and fewer steps;
+``--merge SEED.json COGVX.json`` joins the two results. ``--project-steps N`` adds each side's wall at N steps:
+the measured wall plus the steps not run at that side's own measured rate (cogvx: its median step; the seed:
+its steps before the first validation over their time), the validations and everything else as measured.
 
 Phases: cogvx's preprocess and train walls (with preprocess's own encoder-loading time from its summary,
 and train's step and validation seconds from the run's metrics); the seed's, from the times its log lines
@@ -345,11 +348,68 @@ def table(report: dict) -> str:
         if "error" in result:
             rows.append(f"{side:<6} {'failed':>9}  {result['error']}")
             continue
-        phases = ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in result["phases"].items() if v is not None)
+        phases = ", ".join(
+            f"{k.removesuffix('_s')} {v:.1f}" for k, v in result.get("phases", {}).items() if v is not None
+        )
         rows.append(f"{side:<6} {result['wall_s']:>9.1f}  {phases}")
     if report.get("ratio_seed_to_cogvx"):
         rows.append(f"seed / cogvx: {report['ratio_seed_to_cogvx']:.2f}x")
+    if (projection := report.get("projection")) and projection.get("ratio_seed_to_cogvx"):
+        walls = f"cogvx {projection['cogvx_wall_s']:.1f} s, seed {projection['seed_wall_s']:.1f} s"
+        rows.append(f"projected to {projection['steps']} steps: {walls}, {projection['ratio_seed_to_cogvx']:.2f}x")
     return "\n".join(rows)
+
+
+def step_rates(report: dict) -> dict:
+    """Each side's seconds per training step, as measured in its own run: cogvx's median step (metrics.jsonl),
+    the seed's steps before its first validation over the time they took (from its progress lines)."""
+    rates = {}
+    if (cogvx := report.get("cogvx")) and "error" not in cogvx:
+        rates["cogvx"] = cogvx["step_s_median"]
+    if (seed := report.get("seed")) and "error" not in seed and seed["validated_at"]:
+        first = seed["validated_at"][0]
+        rates["seed"] = (first["began_s"] - seed["phases"]["training_started_s"]) / first["step"]
+    return rates
+
+
+def summarize(report: dict, project_steps: int | None) -> dict:
+    """The walls and their ratio; with ``project_steps``, each side's wall with the steps it did not run (that
+    many less ``steps``) added at its own measured rate: the same validations, more steps."""
+    report["cogvx_wall_s"] = report["cogvx"].get("wall_s") if report.get("cogvx") else None
+    report["seed_wall_s"] = report["seed"].get("wall_s") if report.get("seed") else None
+    if report["cogvx_wall_s"] and report["seed_wall_s"]:
+        report["ratio_seed_to_cogvx"] = report["seed_wall_s"] / report["cogvx_wall_s"]
+    if project_steps is not None:
+        more = project_steps - report["settings"]["steps"]
+        rates = step_rates(report)
+        report["projection"] = {"steps": project_steps, "s_per_step": rates} | {
+            f"{side}_wall_s": report[f"{side}_wall_s"] + more * rate
+            for side, rate in rates.items()
+            if report[f"{side}_wall_s"]
+        }
+        if {"cogvx_wall_s", "seed_wall_s"} <= set(report["projection"]):
+            projection = report["projection"]
+            projection["ratio_seed_to_cogvx"] = projection["seed_wall_s"] / projection["cogvx_wall_s"]
+    return report
+
+
+def merge(paths: list[Path]) -> dict:
+    """One report from the two sides run apart (``--skip-seed`` and ``--skip-cogvx``, same settings and card)."""
+    parts = [json.loads(path.read_text()) for path in paths]
+    for key in ("settings", "environment"):
+        mine = [{k: v for k, v in part[key].items() if k != "date"} for part in parts]
+        if mine[0] != mine[1]:
+            raise SystemExit(f"--merge: {paths[0]} and {paths[1]} differ in {key}: {mine[0]} vs {mine[1]}")
+    sides = {side: next((part[side] for part in parts if part.get(side)), None) for side in ("cogvx", "seed")}
+    if None in sides.values():
+        raise SystemExit(f"--merge: {paths[0]} and {paths[1]} must hold one side each (cogvx and seed)")
+    return {
+        "environment": parts[0]["environment"],
+        "command": " ".join(sys.argv),
+        "merged": [{"path": str(path), "command": part["command"]} for path, part in zip(paths, parts, strict=True)],
+        "settings": parts[0]["settings"],
+        **sides,
+    }
 
 
 def main() -> None:
@@ -366,8 +426,15 @@ def main() -> None:
     parser.add_argument("--seed-final-inference", action="store_true", help="let the seed sample after its LoRA")
     parser.add_argument("--clips-from", type=Path, help="clips made beforehand (make_clips needs imageio-ffmpeg)")
     parser.add_argument("--work", type=Path, help="work folder (model, clips, runs, logs); default: a temporary one")
+    parser.add_argument("--project-steps", type=int, help="add each side's wall at that many steps (its own rate)")
+    parser.add_argument("--merge", type=Path, nargs=2, help="join two results, one side each, into --out")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.merge:
+        report = summarize(merge(args.merge), args.project_steps)
+        args.out.write_text(json.dumps(report, indent=1))
+        print(table(report))
+        return
     if not args.skip_seed and (args.seed_script is None or not args.seed_script.is_file()):
         parser.error("--seed-script must name diffusers' train_cogvideox_lora.py (or pass --skip-seed)")
     cogvx_validation_every(args.validate_at, args.steps)  # a cadence cogvx cannot follow fails before any work
@@ -418,15 +485,11 @@ def main() -> None:
     if args.model != "tiny":
         evict(Path(model))
     report["cogvx"] = None if args.skip_cogvx else run_cogvx(args, model, clips, work, env)
-    report["cogvx_wall_s"] = report["cogvx"].get("wall_s") if report["cogvx"] else None
-    args.out.write_text(json.dumps(report, indent=1))
+    args.out.write_text(json.dumps(summarize(report | {"seed": None}, args.project_steps), indent=1))
     if args.model != "tiny":
         evict(Path(model))
     report["seed"] = None if args.skip_seed else run_seed(args, model, clips, work, env)
-    report["seed_wall_s"] = report["seed"].get("wall_s") if report["seed"] else None
-    if report["cogvx_wall_s"] and report["seed_wall_s"]:
-        report["ratio_seed_to_cogvx"] = report["seed_wall_s"] / report["cogvx_wall_s"]
-    args.out.write_text(json.dumps(report, indent=1))
+    args.out.write_text(json.dumps(summarize(report, args.project_steps), indent=1))
     print(table(report))
     if any("error" in (report.get(side) or {}) for side in ("cogvx", "seed")):
         sys.exit(1)

@@ -54,3 +54,39 @@ def test_the_seed_validates_at_the_epochs_closest_to_the_asked_steps(monkeypatch
     assert experiment.cogvx_validation_every([100, 200], 200) == 100
     with pytest.raises(SystemExit, match="every N steps"):
         experiment.cogvx_validation_every([100, 150], 200)
+
+
+def _side(tmp_path, name: str, side: dict, **settings) -> str:
+    report = {"environment": {"device": "card", "torch": "t", "date": name}, "command": f"experiment.py {name}"}
+    report |= {"settings": {"model": "5b", "steps": 34} | settings, "cogvx": None, "seed": None, **side}
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(report))
+    return str(path)
+
+
+def test_two_sides_run_apart_merge_and_project_at_each_sides_own_step_rate(tmp_path):
+    """``--merge`` joins a seed-only and a cogvx-only result; ``--project-steps`` adds the steps not run at each
+    side's own measured rate (the seed's: its steps before its first validation over their time)."""
+    seed = {"wall_s": 420.0, "phases": {"training_started_s": 70.0}, "validated_at": [{"step": 32, "began_s": 198.0}]}
+    cogvx = {"wall_s": 340.0, "step_s_median": 2.0}
+    out = tmp_path / "merged.json"
+    command = [sys.executable, str(BENCH / "experiment.py"), "--merge", _side(tmp_path, "a", {"seed": seed})]
+    command += [_side(tmp_path, "b", {"cogvx": cogvx}), "--project-steps", "200", "--out", str(out)]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert (report["seed_wall_s"], report["cogvx_wall_s"]) == (420.0, 340.0)
+    assert report["ratio_seed_to_cogvx"] == pytest.approx(420 / 340)
+    projection = report["projection"]
+    assert projection["s_per_step"] == {"cogvx": 2.0, "seed": pytest.approx(4.0)}
+    assert projection["seed_wall_s"] == pytest.approx(420 + 166 * 4.0)
+    assert projection["cogvx_wall_s"] == pytest.approx(340 + 166 * 2.0)
+    assert projection["ratio_seed_to_cogvx"] == pytest.approx(1084 / 672)
+    assert [m["command"] for m in report["merged"]] == ["experiment.py a", "experiment.py b"]
+    assert "projected to 200 steps" in done.stdout
+
+    # Sides of different runs (other settings) are refused, naming both files.
+    other = _side(tmp_path, "c", {"cogvx": cogvx}, steps=40)
+    command[4] = other
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "differ in settings" in refused.stderr and "c.json" in refused.stderr

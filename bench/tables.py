@@ -530,14 +530,14 @@ def table_launch_h100() -> str:
             f"| {command} | compile | compile cache | " + " | ".join(phases) + " |",
             "|---|---|---|" + "---|" * len(phases),
         ]
-        for r in load("launch_2b_h100.json")["rows"]:
+        for r in load("launch_2b_h100.json")["rows"] + load("launch_5b_h100.json")["rows"]:
             if r["command"] != command:
                 continue
-            offset = r["first_step_s"] - r["timeline"]["first_step"] if command == "train" else 0.0
+            # A row without its timeline (the 5b experiment's cold launch) has its first step only.
+            timeline = r.get("timeline") or {"first_step": r["first_step_s"]}
+            offset = r["first_step_s"] - timeline["first_step"] if command == "train" else 0.0
             # Phases added after a run was measured show as "-" in its row.
-            cells = " | ".join(
-                f"{r['timeline'][phase] + offset:.1f}" if phase in r["timeline"] else "-" for phase in phases
-            )
+            cells = " | ".join(f"{timeline[phase] + offset:.1f}" if phase in timeline else "-" for phase in phases)
             lines.append(
                 f"| {r['model']} {command} | {'yes' if r['compile'] else 'no'} | {r['compile_cache']} | {cells} |"
             )
@@ -769,6 +769,71 @@ def table_validation() -> str:
                 f"| `{name}` | {r['model']} | {recipe} | {r['seed_validation_s']:.1f} "
                 f"({r['seed_peak_allocated_gb']:.1f}) | {r['validation_s']:.1f} ({r['peak_allocated_gb']:.1f}) | "
                 f"**{r['speedup']:.2f}x** | {r['first_call_s']:.1f} | {r['latents_rel_diff']:.1e} |"
+            )
+    return "\n".join(lines)
+
+
+def table_experiment() -> str:
+    """bench/experiment.py, the sides run apart on one machine and merged: measured, and projected to 200 steps."""
+    r = load("experiment_5b_h100.json")
+    steps, projection = r["settings"]["steps"], r["projection"]
+    cogvx, seed = r["cogvx"]["phases"], r["seed"]["phases"]
+    rate = projection["s_per_step"]
+    seed_validations = [v for v in r["seed"]["validated_at"] if not v["after_lora"]]
+    # The seed's validations: from the first one's start to its LoRA, less the steps trained in between.
+    seed_validation_s = r["seed"]["wall_s"] - seed_validations[0]["began_s"]
+    seed_validation_s -= (steps - seed_validations[0]["step"]) * rate["seed"]
+    encoded = f"decoded at {seed['clips_decoded_s']:.1f}, encoded at {seed['clips_encoded_s']:.1f}"
+    rows = [
+        ("steps run", f"{steps}", f"{steps}"),
+        ("validated at step", ", ".join(map(str, r["cogvx"]["validated_at"])),
+         ", ".join(str(v["step"]) for v in seed_validations)),
+        ("training starts (s)", f"{cogvx['preprocess_wall_s']:.1f} (preprocess ends)",
+         f"{seed['training_started_s']:.1f} ({encoded})"),
+        ("train process: first step (s from its start)", f"{cogvx['train_first_step_s']:.1f}", "-"),
+        ("s per step", f"{rate['cogvx']:.3f} (median)", f"{rate['seed']:.3f} (steps before the first validation)"),
+        ("two validations (s)", f"{cogvx['train_validation_s']:.1f}",
+         f"{seed_validation_s:.1f} (first one's start to the LoRA, less the steps between)"),
+        (f"**wall, {steps} steps (s)**", f"**{r['cogvx_wall_s']:.1f}**", f"**{r['seed_wall_s']:.1f}**"),
+        (f"wall projected to {projection['steps']} steps (s)", f"{projection['cogvx_wall_s']:.1f}",
+         f"{projection['seed_wall_s']:.1f}"),
+    ]  # fmt: skip
+    lines = ["| 5b, 32 clips of 49x480x720, rank 128 | cogvx | seed script |", "|---|---|---|"]
+    lines += [f"| {label} | {a} | {b} |" for label, a, b in rows]
+    measured, projected = r["ratio_seed_to_cogvx"], projection["ratio_seed_to_cogvx"]
+    lines += ["", f"| | measured | projected to {projection['steps']} steps |", "|---|---|---|"]
+    lines.append(f"| seed wall / cogvx wall | **{measured:.2f}x** | **{projected:.2f}x** |")
+    return "\n".join(lines)
+
+
+def table_swap_replay() -> str:
+    return runs_against_seed("train_step_swap_replay_h100.json")
+
+
+def table_swap_replay_first() -> str:
+    return runs_against_seed("train_step_swap_replay_first_attempt_h100.json")
+
+
+def table_replay_gradients() -> str:
+    """The probe's gradient norm (fixed batch, before any update) of the runs that found and checked the replay bug."""
+    lines = ["| result file | run | probe loss | probe gradient norm | replayed |", "|---|---|---|---|---|"]
+    for name in (
+        "train_step_swap_replay_first_attempt_h100.json",
+        "train_step_replay_debug_h100.json",
+        "train_step_replay_check_h100.json",
+        "train_step_swap_replay_h100.json",
+    ):
+        for r in load(name)["results"]:
+            if "probe_grad_norm" not in r:
+                continue
+            replayed = (r.get("attention") or {}).get("replay", {}).get("active")
+            if "noreplay" in r["variant"]:
+                replayed = (
+                    "no (probe)" if name == "train_step_replay_check_h100.json" else "yes (probe), no (timed steps)"
+                )
+            lines.append(
+                f"| `{name}` | {r['run']} | {r['probe_loss']:.6f} | {r['probe_grad_norm']:.6f} | "
+                f"{'yes' if replayed is True else 'no' if replayed is False else replayed} |"
             )
     return "\n".join(lines)
 

@@ -333,6 +333,12 @@ def profile_step(step) -> dict:
 
 
 def run_one(spec: str, device: torch.device, warmup: int, steps: int, workdir: Path, profiled: bool = False) -> dict:
+    # noreplay holds for the whole run: probe, timed steps and profiled step alike.
+    with _replay_off() if "noreplay" in spec.split(":")[-1].split("+") else contextlib.nullcontext():
+        return _run_one(spec, device, warmup, steps, workdir, profiled)
+
+
+def _run_one(spec: str, device: torch.device, warmup: int, steps: int, workdir: Path, profiled: bool) -> dict:
     model, variant = spec.split(":")
     model, _, size = model.partition("@")
     cfg = load_config(model)
@@ -358,15 +364,13 @@ def run_one(spec: str, device: torch.device, warmup: int, steps: int, workdir: P
         shape = (frames, height, width)
         step = CogvxStep(transformer, cfg, device, options, make_cache(folder, cfg, shape), folder, shape)
         result["checkpointing"] = step.checkpointing
-        with _replay_off() if "noreplay" in options else contextlib.nullcontext():
-            result["probe_loss"], result["probe_grad_norm"] = step.probe(moments, embeds, image)
+        result["probe_loss"], result["probe_grad_norm"] = step.probe(moments, embeds, image)
     if device.type == "cuda":  # what building on the device cached (swap moved most of it out) is not the step's
         torch.cuda.empty_cache()
     result["lora_params"] = sum(p.numel() for p in step.params)
     result["base_params"] = base_params - result["lora_params"]
     result["lora_dtype"] = step.lora_dtype()
-    with _replay_off() if "noreplay" in variant.split("+") else contextlib.nullcontext():
-        times, losses = timed(step, device, warmup, steps)
+    times, losses = timed(step, device, warmup, steps)
     if not variant.startswith("seed"):  # which kernel ran, and whether offload/swap replayed FA3's outputs
         result["attention"] = attention.installed(transformer).recorded()
     result["s_per_step"] = statistics.median(times)

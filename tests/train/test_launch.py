@@ -7,6 +7,7 @@ the plain way, bit for bit. That the loader started early resumes the same strea
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -16,6 +17,7 @@ import torch
 from cogvx import runs
 from cogvx.pipeline import lora, memory, models
 from cogvx.pipeline.speed import float8, swap
+from cogvx.shards import Manifest
 
 
 def _train(*args: str) -> float:
@@ -39,6 +41,25 @@ def test_the_first_step_of_each_launch_records_its_timeline(tiny_cache, tmp_path
         seconds = list(launch.values())
         assert seconds == sorted(seconds)
         assert seconds[0] > 0 and seconds[-1] < lifetime
+
+
+def test_setup_reads_the_manifest_alone_so_a_damaged_shard_is_refused_by_the_stream(tiny_cache, tmp_path):
+    # Setup's cost must not grow with the cache: shards are hashed by the training stream when first drawn
+    # (docs/cache-format.md), so a run whose every shard is damaged gets past setup and the build first.
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache, cache)
+    for shard in Manifest.load(cache).shards:
+        (cache / shard.name).write_bytes(bytes(shard.bytes))  # the recorded size, none of the recorded bytes
+    done = subprocess.run(
+        [sys.executable, "-m", "cogvx", "train", "--shards", str(cache), "--output", str(tmp_path / "run")]
+        + ["--max-steps", "1", "--checkpointing", "auto", "--workers", "0"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "--checkpointing auto:" in done.stdout  # the build's plan, made after setup
+    assert "does not match the manifest" in done.stderr
 
 
 def _with_lora(transformer: torch.nn.Module) -> torch.nn.Module:

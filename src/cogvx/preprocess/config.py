@@ -80,7 +80,7 @@ class PreprocessConfig:
     compile_vae: bool | None = setting(
         None,
         "torch.compile the VAE encoder; compiled kernels are kept in ~/.cache/cogvx/torch-compile for later runs.",
-        rule="on with a GPU, off on a CPU",
+        rule="on a GPU when the clips to encode repay the compile, off on a CPU",
         decls=("--compile/--no-compile",),
     )
     workers: int = setting(2, "Video decoding processes per rank.", domain=integers(0, 256))

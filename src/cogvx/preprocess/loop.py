@@ -53,16 +53,24 @@ IMAGES_PER_CLIP = 8
 
 @dataclass(frozen=True)
 class Encoders:
-    """The VAE, and ``encode_text(texts) -> (embeds, truncated)`` with T5, on one device."""
+    """The VAE, and ``encode_text(texts) -> (embeds, truncated)`` with T5, on one device; ``compiled_stamp``:
+    the file to write once the compiled encoder has encoded (None: not compiled)."""
 
     vae: Any
     encode_text: Callable[[list[str]], tuple[torch.Tensor, list[bool]]]
+    compiled_stamp: Path | None = None
 
 
 def load_encoders(
-    cfg: PreprocessConfig, info: models.ModelInfo, device: torch.device, result: PreprocessResult
+    cfg: PreprocessConfig,
+    info: models.ModelInfo,
+    device: torch.device,
+    result: PreprocessResult,
+    spec: FrameSpec,
+    clips: int,
 ) -> Encoders:
-    """The VAE (tiled, sliced, compiled as ``cfg`` says) and T5 of ``info``'s model, on ``device``.
+    """The VAE (tiled, sliced, compiled as ``cfg`` says; left to cogvx, when compiling pays for the ``clips`` this
+    rank encodes at ``spec``'s largest bucket) and T5 of ``info``'s model, on ``device``.
 
     One after the other on this thread, while the decoding workers start: loading either while the other
     loads or runs is not safe, as both libraries' ``from_pretrained`` change process-wide state for a
@@ -74,10 +82,16 @@ def load_encoders(
         vae.enable_tiling()
     if cfg.vae_slicing:
         vae.enable_slicing()
-    if cfg.compile_vae if cfg.compile_vae is not None else device.type == "cuda":
-        # Faster than the plain encode (BENCHMARKS.md, section 9); the first run per shape compiles, later
-        # runs load the kernels from the persistent cache.
-        compiling.use_persistent_compile_cache()
+    # Faster than the plain encode (BENCHMARKS.md, section 9); the first run per shape compiles, later runs load
+    # the kernels from the persistent cache.
+    compiling.use_persistent_compile_cache()
+    shape = (max(spec.frame_buckets), *max(spec.resolutions, key=lambda size: size[0] * size[1]))
+    stamp = compiling.vae_compile_stamp(info.encoder_identity(), dtype, shape, device)
+    choice = compiling.vae_compile_choice(
+        cfg.compile_vae, device, clips, shape[0] * shape[1] * shape[2], stamp.is_file()
+    )
+    result.vae_compiled, result.vae_compile_why = choice.on, choice.why
+    if choice.on:
         compiling.compile_vae_encoder(vae)
     result.mark("vae")
     tokenizer, text_encoder = info.load_text_encoder(dtype, device)
@@ -87,7 +101,7 @@ def load_encoders(
         encoding = encode_prompts(tokenizer, text_encoder, texts, info.max_text_tokens)
         return encoding.embeds, encoding.truncated
 
-    return Encoders(vae, encode_text)
+    return Encoders(vae, encode_text, stamp if choice.on else None)
 
 
 def pick_device(name: str | None, ranks: Ranks) -> torch.device:

@@ -38,6 +38,9 @@ class PreprocessResult:
     dropped_shards: list[str] = field(default_factory=list)
     lost_sources: list[str] = field(default_factory=list)
     seconds: float = 0.0  # from the run's start ("imports") to its end
+    # The VAE's encoder compiled (``--compile``; by default when it pays for this rank's clips), and why.
+    vae_compiled: bool = False
+    vae_compile_why: str = ""
     # Seconds from the process's start (``started``) to each step of the run's start, in the order they
     # usually come: the run begins, its imports done ("imports"); the clips found, their captions read
     # ("clips_found"); the model's configs read ("configs"); the
@@ -213,6 +216,7 @@ def print_summary(result: PreprocessResult, output: Path | str) -> None:
         table.add_row(f"  bucket {bucket}", str(count))
     table.add_row("size on disk", f"{manifest.total_bytes / 2**20:.1f} MiB in {len(manifest.shards)} shards")
     table.add_row("time", _timing(result))
+    table.add_row("VAE encoder", f"{'compiled' if result.vae_compiled else 'not compiled'} ({result.vae_compile_why})")
     table.add_row("cache", store.display(output))
     Console(stderr=True).print(table)
 

@@ -132,7 +132,7 @@ def _run(cfg: PreprocessConfig, target: CacheTarget, ranks: Ranks, show_progress
         # The workers start decoding now, while the encoders load (seconds for T5's 4.8 B parameters).
         items = iter(clip_loader(mine, inputs.spec, cfg.workers, device))
         result.mark("loader")
-        encoders = load_encoders(cfg, inputs.info, device, result)
+        encoders = load_encoders(cfg, inputs.info, device, result, inputs.spec, len(mine))
         result.mark("encoders")
         if ranks.is_main and cfg.validation_prompts:
             target.save_validation_prompts(manifest, list(cfg.validation_prompts), encoders.encode_text)
@@ -164,6 +164,9 @@ def _run(cfg: PreprocessConfig, target: CacheTarget, ranks: Ranks, show_progress
                 clip_paths={clip.source: str(clip.path) for clip in inputs.clips},
             )
         result.mark("encoded")
+        if encoders.compiled_stamp is not None and result.encoded:  # the next run finds this shape compiled
+            encoders.compiled_stamp.parent.mkdir(parents=True, exist_ok=True)
+            encoders.compiled_stamp.touch()
         _close_cache(target, ranks, result, manifest)
     result.seconds = time.time() - began
     if ranks.is_main:

@@ -5,6 +5,7 @@ python bench/tables.py          # rewrites the blocks between <!-- table:NAME --
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
@@ -236,16 +237,18 @@ def runs_against_seed(name: str) -> str:
     return "\n".join(lines)
 
 
-def table_swap() -> str:
-    return runs_against_seed("train_step_swap_fixed_h200.json")
-
-
-def table_swap_first() -> str:
-    return runs_against_seed("train_step_swap_h200.json")
-
-
-def table_swap_reserved() -> str:
-    return runs_against_seed("train_step_swap_h200_rerun.json")
+# Tables of every run of one result file beside its seed-style step (``runs_against_seed``), by marker name.
+AGAINST_SEED = {
+    "swap": "train_step_swap_fixed_h200.json",
+    "swap_first": "train_step_swap_h200.json",
+    "swap_reserved": "train_step_swap_h200_rerun.json",
+    "cogvideox15_49": "train_step_15_49x480x720_h200.json",
+    "cogvideox15_81": "train_step_15_81x768x1360_h200.json",
+    "i2v_49": "train_step_i2v_49x480x720_h200.json",
+    "i2v_81": "train_step_15_81x768x1360_i2v_h200.json",
+    "swap_replay": "train_step_swap_replay_h100.json",
+    "swap_replay_first": "train_step_swap_replay_first_attempt_h100.json",
+}
 
 
 def table_swap_prediction() -> str:
@@ -266,22 +269,6 @@ def table_swap_prediction() -> str:
                 f"{predicted:.2f} | {predicted / measured - 1:+.1%} |"
             )
     return "\n".join(lines)
-
-
-def table_cogvideox15_49() -> str:
-    return runs_against_seed("train_step_15_49x480x720_h200.json")
-
-
-def table_cogvideox15_81() -> str:
-    return runs_against_seed("train_step_15_81x768x1360_h200.json")
-
-
-def table_i2v_49() -> str:
-    return runs_against_seed("train_step_i2v_49x480x720_h200.json")
-
-
-def table_i2v_81() -> str:
-    return runs_against_seed("train_step_15_81x768x1360_i2v_h200.json")
 
 
 def _side_by_side(header: str, left: dict, right: dict, rows: list[tuple[str, str]]) -> str:
@@ -806,14 +793,6 @@ def table_experiment() -> str:
     return "\n".join(lines)
 
 
-def table_swap_replay() -> str:
-    return runs_against_seed("train_step_swap_replay_h100.json")
-
-
-def table_swap_replay_first() -> str:
-    return runs_against_seed("train_step_swap_replay_first_attempt_h100.json")
-
-
 def table_replay_gradients() -> str:
     """The probe's gradient norm (fixed batch, before any update) of the runs that found and checked the replay bug."""
     lines = ["| result file | run | probe loss | probe gradient norm | replayed |", "|---|---|---|---|---|"]
@@ -848,7 +827,9 @@ def table_environment() -> str:
 
 def main() -> None:
     text = DOC.read_text()
-    for name, build in {k[6:]: v for k, v in globals().items() if k.startswith("table_")}.items():
+    builders = {k[6:]: v for k, v in globals().items() if k.startswith("table_")}
+    builders |= {name: functools.partial(runs_against_seed, result) for name, result in AGAINST_SEED.items()}
+    for name, build in builders.items():
         pattern = re.compile(rf"(<!-- table:{name} -->\n)(?:(?!<!-- table:).)*?(<!-- /table -->)", re.S)
         text, count = pattern.subn(lambda m, b=build: m.group(1) + b() + "\n" + m.group(2), text)
         if not count:

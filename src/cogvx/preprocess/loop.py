@@ -82,16 +82,14 @@ def load_encoders(
         vae.enable_tiling()
     if cfg.vae_slicing:
         vae.enable_slicing()
-    # Faster than the plain encode (BENCHMARKS.md, section 9); the first run per shape compiles, later runs load
-    # the kernels from the persistent cache.
-    compiling.use_persistent_compile_cache()
-    shape = (max(spec.frame_buckets), *max(spec.resolutions, key=lambda size: size[0] * size[1]))
-    stamp = compiling.vae_compile_stamp(info.encoder_identity(), dtype, shape, device)
-    choice = compiling.vae_compile_choice(
-        cfg.compile_vae, device, clips, shape[0] * shape[1] * shape[2], stamp.is_file()
-    )
+    frames, height, width = spec.largest_window
+    stamp = compiling.vae_compile_stamp(info.encoder_identity(), dtype, spec.largest_window, device)
+    choice = compiling.vae_compile_choice(cfg.compile_vae, device, clips, frames * height * width, stamp.is_file())
     result.vae_compiled, result.vae_compile_why = choice.on, choice.why
     if choice.on:
+        # Faster than the plain encode (BENCHMARKS.md, section 9); the first run per shape compiles, later runs
+        # load the kernels from the persistent cache.
+        compiling.use_persistent_compile_cache()
         compiling.compile_vae_encoder(vae)
     result.mark("vae")
     tokenizer, text_encoder = info.load_text_encoder(dtype, device)

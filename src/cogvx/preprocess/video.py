@@ -53,6 +53,11 @@ class FrameSpec:
     max_upscale: float  # skip clips that would have to be enlarged more than this
     frame_step: int  # usable frame counts are 1 + k * frame_step (4; 8 for CogVideoX 1.5: ModelInfo.frame_step)
 
+    @property
+    def largest_window(self) -> tuple[int, int, int]:
+        """(frames, height, width) of the largest window a clip can give: the most frames, the most pixels."""
+        return (max(self.frame_buckets), *max(self.resolutions, key=lambda size: size[0] * size[1]))
+
 
 @dataclass(frozen=True)
 class Plan:

@@ -381,6 +381,8 @@ def summarize(report: dict, project_steps: int | None) -> dict:
         report["ratio_seed_to_cogvx"] = report["seed_wall_s"] / report["cogvx_wall_s"]
     if project_steps is not None:
         more = project_steps - report["settings"]["steps"]
+        if more < 0:
+            raise SystemExit(f"--project-steps {project_steps}: fewer than the {report['settings']['steps']} run")
         rates = step_rates(report)
         report["projection"] = {"steps": project_steps, "s_per_step": rates} | {
             f"{side}_wall_s": report[f"{side}_wall_s"] + more * rate

@@ -85,6 +85,10 @@ def test_two_sides_run_apart_merge_and_project_at_each_sides_own_step_rate(tmp_p
     assert [m["command"] for m in report["merged"]] == ["experiment.py a", "experiment.py b"]
     assert "projected to 200 steps" in done.stdout
 
+    # A projection to fewer steps than were run is refused, not subtracted.
+    fewer = subprocess.run([*command[:-4], "--project-steps", "20", "--out", str(out)], capture_output=True, text=True)
+    assert fewer.returncode != 0 and "fewer than the 34 run" in fewer.stderr
+
     # Sides of different runs (other settings) are refused, naming both files.
     other = _side(tmp_path, "c", {"cogvx": cogvx}, steps=40)
     command[4] = other
